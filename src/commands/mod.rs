@@ -1,0 +1,5 @@
+//! What each subcommand does. `main.rs` parses arguments and calls these; tests may too.
+
+pub mod doctor;
+pub mod profile;
+pub mod sandbox_exec;

@@ -1,0 +1,507 @@
+//! corral.toml: found, parsed into the raw serde form (`raw.rs`), overridden from the
+//! environment (`env.rs`), then validated into [`Config`], the only form the rest of corral sees.
+//!
+//! Lookup: `--config PATH`, else `$CORRAL_CONFIG`, else `./corral.toml` if present, else the
+//! built-in defaults. Errors name the file and the full key path:
+//! `corral.toml: slm.model_allow_lists.agent_model_maps.code_generator: model 'x' not in global_models`.
+
+pub mod env;
+pub mod raw;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::catalog::{self, Catalog, CatalogFile};
+use crate::profile::{ProfileError, ProfileRegistry};
+use crate::sandbox::SandboxConfig;
+use raw::RawConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    pub request_timeout: Duration,
+    pub max_request_body_bytes: u64,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SlmConfig {
+    pub enabled: bool,
+    pub default_sandbox_profile: String,
+    pub allow_runtime_overrides: bool,
+    pub models: Catalog,
+    pub agent_model_maps: BTreeMap<String, Vec<String>>,
+    pub model_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggingConfig {
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (`None`: built-in defaults).
+    pub path: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub slm: SlmConfig,
+    pub logging: LoggingConfig,
+    pub sandbox: SandboxConfig,
+    pub profiles: ProfileRegistry,
+}
+
+/// Where to look for things; the CLI fills it from flags, tests from their own values.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub config: Option<PathBuf>,
+    pub profiles_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads from the process environment.
+    pub fn load(sources: &Sources) -> Result<Config> {
+        Self::load_with_env(sources, &|k| {
+            std::env::var(k).ok().filter(|v| !v.is_empty())
+        })
+    }
+
+    pub fn load_with_env(
+        sources: &Sources,
+        get: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config> {
+        let path = match (&sources.config, get("CORRAL_CONFIG")) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(p)) => Some(PathBuf::from(p)),
+            (None, None) => Some(PathBuf::from("corral.toml")).filter(|p| p.is_file()),
+        };
+        let (mut raw, file) = match &path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
+                    path: p.clone(),
+                    source,
+                })?;
+                let file = p.display().to_string();
+                let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    file: file.clone(),
+                    message: e.to_string(),
+                })?;
+                let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+                    .map_err(|e| ConfigError::Invalid {
+                        file: file.clone(),
+                        key: e.path().to_string(),
+                        message: e.into_inner().to_string(),
+                    })?;
+                (raw, file)
+            }
+            None => (RawConfig::default(), "<built-in defaults>".to_string()),
+        };
+        let applied = env::apply(&mut raw, get)?;
+        let profiles_dir = sources
+            .profiles_dir
+            .clone()
+            .or_else(|| get("CORRAL_PROFILES_DIR").map(PathBuf::from))
+            .or_else(|| {
+                path.as_ref()
+                    .and_then(|p| p.parent())
+                    .map(|d| {
+                        if d.as_os_str().is_empty() {
+                            Path::new(".")
+                        } else {
+                            d
+                        }
+                    })
+                    .map(|d| d.join("profiles"))
+                    .filter(|d| d.is_dir())
+            });
+        compile(raw, path, &file, profiles_dir.as_deref(), &applied, get)
+    }
+}
+
+fn compile(
+    raw: RawConfig,
+    path: Option<PathBuf>,
+    file: &str,
+    profiles_dir: Option<&Path>,
+    applied: &[(&'static str, String)],
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config> {
+    // A key overridden from the environment is named with its variable.
+    let key = |k: &str| match applied.iter().find(|(a, _)| *a == k) {
+        Some((_, var)) => format!("{k} (from {var})"),
+        None => k.to_string(),
+    };
+    let invalid = |k: &str, message: String| ConfigError::Invalid {
+        file: file.to_string(),
+        key: key(k),
+        message,
+    };
+
+    if raw.routing.is_some() {
+        return Err(invalid("routing", "this version of corral has no routing engine yet; remove the section rather than have it silently ignored".into()));
+    }
+    if raw.providers.is_some() {
+        return Err(invalid("providers", "this version of corral has no remote providers yet; remove the section rather than have it silently ignored".into()));
+    }
+
+    let bind: SocketAddr = raw.server.bind.parse().map_err(|_| {
+        invalid(
+            "server.bind",
+            format!("'{}' is not an address:port", raw.server.bind),
+        )
+    })?;
+    if raw.server.request_timeout_seconds == 0 {
+        return Err(invalid(
+            "server.request_timeout_seconds",
+            "must be > 0".into(),
+        ));
+    }
+    if raw.server.max_request_body_bytes == 0 {
+        return Err(invalid(
+            "server.max_request_body_bytes",
+            "must be > 0".into(),
+        ));
+    }
+
+    let format = match raw.logging.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(invalid(
+                "logging.format",
+                format!("must be 'text' or 'json', not '{other}'"),
+            ))
+        }
+    };
+    tracing_subscriber::EnvFilter::try_new(&raw.logging.level).map_err(|e| {
+        invalid(
+            "logging.level",
+            format!("'{}' is not a log filter: {e}", raw.logging.level),
+        )
+    })?;
+
+    if raw.sandbox.uid == 0 || raw.sandbox.gid == 0 {
+        return Err(invalid(
+            if raw.sandbox.uid == 0 {
+                "sandbox.uid"
+            } else {
+                "sandbox.gid"
+            },
+            "must not be 0: sandboxed programs never run as host root".into(),
+        ));
+    }
+
+    let profiles = ProfileRegistry::load(profiles_dir, &raw.slm.sandbox_profiles, path.as_deref())?;
+    // Every profile must be valid before anything starts, not when first used.
+    let names: Vec<String> = profiles.names().map(str::to_string).collect();
+    for name in &names {
+        profiles.resolve(name)?;
+    }
+    if profiles.resolve(&raw.slm.default_sandbox_profile).is_err() {
+        return Err(invalid(
+            "slm.default_sandbox_profile",
+            format!(
+                "no profile named '{}' (known: {})",
+                raw.slm.default_sandbox_profile,
+                names.join(", ")
+            ),
+        ));
+    }
+
+    let mut models = Catalog::default();
+    let builtin: CatalogFile = toml::from_str(catalog::BUILTIN_CATALOG).unwrap_or_default();
+    for m in builtin.models {
+        let _ = models.insert(m, "built-in models/catalog.toml".into());
+    }
+    if let Some(cat) = &raw.slm.catalog {
+        let text = std::fs::read_to_string(cat).map_err(|source| ConfigError::Io {
+            path: cat.clone(),
+            source,
+        })?;
+        let catfile = cat.display().to_string();
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: catfile.clone(),
+            message: e.to_string(),
+        })?;
+        let parsed: CatalogFile = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Invalid {
+                file: catfile.clone(),
+                key: e.path().to_string(),
+                message: e.into_inner().to_string(),
+            })?;
+        for (i, m) in parsed.models.into_iter().enumerate() {
+            let id = m.id.clone();
+            models
+                .insert(m, catfile.clone())
+                .map_err(|first| ConfigError::Invalid {
+                    file: catfile.clone(),
+                    key: format!("models[{i}].id"),
+                    message: format!("model '{id}' is already defined in {first}"),
+                })?;
+        }
+    }
+    for (i, m) in raw.slm.model_allow_lists.global_models.iter().enumerate() {
+        let k = format!("slm.model_allow_lists.global_models[{i}]");
+        validate_model(m, &k, &profiles, &raw.slm.default_sandbox_profile)
+            .map_err(|(sub, msg)| invalid(&format!("{k}{sub}"), msg))?;
+        models
+            .insert(m.clone(), file.to_string())
+            .map_err(|first| {
+                invalid(
+                    &format!("{k}.id"),
+                    format!("model '{}' is already defined in {first}", m.id),
+                )
+            })?;
+    }
+    for (agent, ids) in &raw.slm.model_allow_lists.agent_model_maps {
+        for id in ids {
+            if !models.contains(id) {
+                return Err(invalid(
+                    &format!("slm.model_allow_lists.agent_model_maps.{agent}"),
+                    format!(
+                        "model '{id}' not in global_models (known: {})",
+                        models.ids().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+
+    let model_dir = raw
+        .slm
+        .model_dir
+        .clone()
+        .unwrap_or_else(|| default_model_dir(get));
+    Ok(Config {
+        path,
+        server: ServerConfig {
+            bind,
+            request_timeout: Duration::from_secs(raw.server.request_timeout_seconds),
+            max_request_body_bytes: raw.server.max_request_body_bytes,
+            shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),
+        },
+        slm: SlmConfig {
+            enabled: raw.slm.enabled,
+            default_sandbox_profile: raw.slm.default_sandbox_profile,
+            allow_runtime_overrides: raw.slm.model_allow_lists.allow_runtime_overrides,
+            models,
+            agent_model_maps: raw.slm.model_allow_lists.agent_model_maps,
+            model_dir,
+        },
+        logging: LoggingConfig {
+            filter: raw.logging.level,
+            format,
+        },
+        sandbox: SandboxConfig {
+            uid: raw.sandbox.uid,
+            gid: raw.sandbox.gid,
+            state_dir: raw.sandbox.state_dir,
+        },
+        profiles,
+    })
+}
+
+/// Checks one model definition; errors are (key suffix, message).
+fn validate_model(
+    m: &catalog::ModelDef,
+    _key: &str,
+    profiles: &ProfileRegistry,
+    default_profile: &str,
+) -> std::result::Result<(), (String, String)> {
+    let ok_id = !m.id.is_empty()
+        && m.id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if !ok_id {
+        return Err((
+            ".id".into(),
+            format!(
+                "'{}' is not a valid model id (letters, digits, '-', '_', '.', ':')",
+                m.id
+            ),
+        ));
+    }
+    if let Some(sha) = &m.sha256 {
+        if !catalog::valid_sha256(sha) {
+            return Err((".sha256".into(), "must be 64 hexadecimal digits".into()));
+        }
+    }
+    let profile_name = m.sandbox_profile.as_deref().unwrap_or(default_profile);
+    let profile = profiles
+        .resolve(profile_name)
+        .map_err(|e| (".sandbox_profile".to_string(), e.to_string()))?;
+    if m.resource_requirements.min_memory_mb > profile.max_memory_mb {
+        return Err((
+            ".resource_requirements.min_memory_mb".into(),
+            format!(
+                "{} MiB exceeds profile '{}' max_memory_mb = {}",
+                m.resource_requirements.min_memory_mb, profile.name, profile.max_memory_mb
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `$XDG_DATA_HOME/corral/models`, else `~/.local/share/corral/models`, else `/var/lib/corral/models`.
+fn default_model_dir(get: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    if let Some(x) = get("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("corral/models");
+    }
+    if let Some(h) = get("HOME") {
+        return PathBuf::from(h).join(".local/share/corral/models");
+    }
+    PathBuf::from("/var/lib/corral/models")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml_text: &str, env: &[(&str, &str)]) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("corral.toml");
+        std::fs::write(&p, toml_text).unwrap();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        Config::load_with_env(
+            &Sources {
+                config: Some(p),
+                profiles_dir: None,
+            },
+            &move |k| env.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone()),
+        )
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = load("", &[]).unwrap();
+        assert!(c.slm.enabled);
+        assert_eq!(c.slm.default_sandbox_profile, "secure");
+        assert_eq!(c.server.bind.to_string(), "127.0.0.1:8080");
+        assert!(c.slm.models.contains(catalog::DEFAULT_MODEL));
+    }
+
+    #[test]
+    fn agent_map_to_unknown_model_names_file_and_key() {
+        let err = load(
+            "[slm.model_allow_lists.agent_model_maps]\ncode_generator = [\"x\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.ends_with("corral.toml: slm.model_allow_lists.agent_model_maps.code_generator: model 'x' not in global_models (known: smollm2-135m-instruct)"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_and_precedence() {
+        let c = load("[slm]\nenabled = true\n", &[("SLM_FIRST_ENABLED", "false")]).unwrap();
+        assert!(!c.slm.enabled);
+        let c = load(
+            "",
+            &[
+                ("SLM_FIRST_ENABLED", "false"),
+                ("CORRAL_SLM_ENABLED", "true"),
+            ],
+        )
+        .unwrap();
+        assert!(c.slm.enabled, "CORRAL_ wins over SLM_FIRST_");
+        let c = load(
+            "",
+            &[
+                ("SLM_FIRST_ALLOW_RUNTIME_OVERRIDES", "1"),
+                ("SLM_FIRST_DEFAULT_SANDBOX_PROFILE", "standard"),
+            ],
+        )
+        .unwrap();
+        assert!(c.slm.allow_runtime_overrides);
+        assert_eq!(c.slm.default_sandbox_profile, "standard");
+        let err = load("", &[("SLM_FIRST_DEFAULT_SANDBOX_PROFILE", "nope")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("slm.default_sandbox_profile (from SLM_FIRST_DEFAULT_SANDBOX_PROFILE): no profile named 'nope'"), "{err}");
+        let err = load("", &[("SLM_FIRST_ENABLED", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "environment variable SLM_FIRST_ENABLED: expected true or false, got 'maybe'"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_unowned_sections_are_errors() {
+        let err = load("[server]\nbnid = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server.bnid") && err.contains("unknown field"),
+            "{err}"
+        );
+        let err = load("[routing]\nenabled = true\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(": routing: "), "{err}");
+        let err = load("[sandbox]\nuid = 0\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("sandbox.uid: must not be 0"), "{err}");
+    }
+
+    #[test]
+    fn inline_profile_errors_and_model_requirements() {
+        let err = load(
+            "[slm.sandbox_profiles.tiny.resources]\nmax_memory_mb = 0\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("slm.sandbox_profiles.tiny.resources.max_memory_mb: must be > 0"),
+            "{err}"
+        );
+        let text = r#"
+[slm.sandbox_profiles.tiny.resources]
+max_memory_mb = 64
+[[slm.model_allow_lists.global_models]]
+id = "big"
+name = "Big"
+provider = { LocalFile = { file_path = "/models/big.gguf" } }
+sandbox_profile = "tiny"
+resource_requirements = { min_memory_mb = 4096 }
+"#;
+        let err = load(text, &[]).unwrap_err().to_string();
+        assert!(err.contains("global_models[0].resource_requirements.min_memory_mb: 4096 MiB exceeds profile 'tiny'"), "{err}");
+    }
+}

@@ -1,0 +1,45 @@
+//! corral: run small language models inside real Linux sandboxes, and run anything else in them
+//! too. The library does the work; `src/main.rs` is a thin command-line front end.
+//!
+//! - [`config`]: corral.toml, environment overrides, validation with key paths.
+//! - [`profile`]: named sandbox profiles (`profiles/*.toml`), lookup and validation.
+//! - [`sandbox`]: profile -> enforced child process (namespaces, mounts, Landlock, seccomp,
+//!   cgroups, capabilities, rlimits), and the host probe behind `corral doctor`.
+//! - [`catalog`]: model definitions and allow lists.
+//! - [`commands`]: what each CLI subcommand does, callable from tests.
+
+pub mod catalog;
+pub mod commands;
+pub mod config;
+pub mod profile;
+pub mod sandbox;
+
+/// Every error corral's library returns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileError),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Exit status for this error: 127 command not found, 126 not executable, 2 usage and
+    /// configuration errors, 125 any other failure to launch.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Sandbox(sandbox::SandboxError::CommandNotFound { .. }) => 127,
+            Error::Sandbox(sandbox::SandboxError::NotExecutable { .. }) => 126,
+            Error::Config(_) | Error::Profile(_) | Error::Usage(_) => 2,
+            _ => 125,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,193 @@
+//! The `corral` command line: parse arguments, load the config, call into the library.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use corral::commands::{doctor, profile, sandbox_exec};
+use corral::config::{Config, LogFormat, Sources};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "corral",
+    version,
+    about = "Run small language models, and any other program, inside real Linux sandboxes"
+)]
+struct Cli {
+    /// Config file (default: $CORRAL_CONFIG, then ./corral.toml, then built-in defaults)
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Directory of NAME.toml profiles (default: $CORRAL_PROFILES_DIR, then profiles/ beside the config)
+    #[arg(long, global = true, value_name = "DIR")]
+    profiles_dir: Option<PathBuf>,
+    /// Log filter, e.g. `debug` or `corral=trace` (overrides logging.level and $CORRAL_LOG)
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run programs inside a sandbox
+    #[command(subcommand)]
+    Sandbox(SandboxCmd),
+    /// Show what this host can enforce and whether each profile is enforceable here
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check or show sandbox profiles
+    #[command(subcommand)]
+    Profile(ProfileCmd),
+    /// Validate the configuration and print where it came from
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SandboxCmd {
+    /// Run CMD inside the sandbox a profile describes.
+    ///
+    /// Exit status: the command's own; 128+N when killed by signal N; 124 when the time limit
+    /// ended it; never 0 when a limit was hit (then 1); 125 when the sandbox could not be
+    /// set up, 126/127 when the command cannot be executed / is not found. A limit that ended
+    /// or constrained the command is named on stderr (`memory limit`, `pids limit`,
+    /// `time limit`, `seccomp`).
+    #[command(trailing_var_arg = true)]
+    Exec {
+        /// Profile name (secure, standard, gpu, or one of yours) or path to a profile .toml
+        /// (default: slm.default_sandbox_profile)
+        #[arg(long, short = 'p', value_name = "NAME|PATH")]
+        profile: Option<String>,
+        /// Extra environment variable for the command (the environment is otherwise clean)
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Working directory inside the sandbox (default: /tmp with temp files, else /)
+        #[arg(long, value_name = "DIR")]
+        cwd: Option<PathBuf>,
+        /// The command and its arguments
+        #[arg(required = true, value_name = "CMD")]
+        argv: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProfileCmd {
+    /// Validate profiles (all known ones when none is named)
+    Check { names: Vec<String> },
+    /// Print a profile as enforced: merged onto its base, with derived limits
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Load and validate the configuration and every profile it can see
+    Check,
+}
+
+fn init_logging(config: Option<&Config>, cli_filter: Option<&str>) {
+    let filter = cli_filter
+        .map(str::to_string)
+        .or_else(|| config.map(|c| c.logging.filter.clone()))
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.map(|c| c.logging.format) == Some(LogFormat::Json) {
+        builder.json().init();
+    } else {
+        builder.with_target(false).init();
+    }
+}
+
+fn run(cli: Cli) -> Result<i32, corral::Error> {
+    let config = match Config::load(&Sources {
+        config: cli.config.clone(),
+        profiles_dir: cli.profiles_dir.clone(),
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            init_logging(None, cli.log.as_deref());
+            return Err(e.into());
+        }
+    };
+    init_logging(Some(&config), cli.log.as_deref());
+    match cli.command {
+        Cmd::Sandbox(SandboxCmd::Exec {
+            profile,
+            env,
+            cwd,
+            argv,
+        }) => {
+            let env = env
+                .iter()
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) if !k.is_empty() => Ok((OsString::from(k), OsString::from(v))),
+                    _ => Err(corral::Error::Usage(format!(
+                        "--env '{kv}': expected KEY=VALUE"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            sandbox_exec::run(
+                &config,
+                &sandbox_exec::ExecArgs {
+                    profile,
+                    env,
+                    cwd,
+                    argv,
+                },
+            )
+        }
+        Cmd::Doctor { json } => doctor::run(&config, json),
+        Cmd::Profile(ProfileCmd::Check { names }) => profile::check(&config, &names),
+        Cmd::Profile(ProfileCmd::Show { name, json }) => profile::show(&config, &name, json),
+        Cmd::Config {
+            cmd: ConfigCmd::Check,
+        } => {
+            println!(
+                "config: {}",
+                config
+                    .path
+                    .as_ref()
+                    .map_or("<built-in defaults>".to_string(), |p| p
+                        .display()
+                        .to_string())
+            );
+            println!(
+                "profiles: {}",
+                config.profiles.names().collect::<Vec<_>>().join(", ")
+            );
+            println!(
+                "models: {}",
+                config.slm.models.ids().collect::<Vec<_>>().join(", ")
+            );
+            Ok(0)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("corral: error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The files a command needs to start: its ELF interpreter and shared libraries, found the way
+//! the dynamic loader finds them, without running anything (never `ldd` on an untrusted binary).
+//!
+//! The planner binds each of them read-only into the sandbox and gives exactly these files the
+//! Landlock execute right; read_paths never imply execute.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ElfError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not an ELF executable or script for this machine: {reason}")]
+    Format { path: PathBuf, reason: String },
+    #[error("{path}: needs shared library '{lib}', which is not in any library directory")]
+    MissingLibrary { path: PathBuf, lib: String },
+}
+
+/// `exe`, the interpreter of a `#!` script (one level), the ELF interpreter and every needed
+/// library, recursively. Paths are as the loader names them (possibly through symlinks).
+pub fn exec_closure(exe: &Path) -> Result<Vec<PathBuf>, ElfError> {
+    let mut out = vec![exe.to_path_buf()];
+    let head = read_head(exe)?;
+    let elf_root = if head.starts_with(b"#!") {
+        let line = head[2..].split(|b| *b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let interp = line.split_whitespace().next().unwrap_or_default();
+        if !interp.starts_with('/') {
+            return Err(ElfError::Format {
+                path: exe.into(),
+                reason: format!("script interpreter '{interp}' is not an absolute path"),
+            });
+        }
+        out.push(PathBuf::from(interp));
+        PathBuf::from(interp)
+    } else {
+        exe.to_path_buf()
+    };
+    let dirs = library_dirs();
+    let mut seen = BTreeSet::new();
+    let mut queue = vec![elf_root];
+    let mut machine = None;
+    while let Some(file) = queue.pop() {
+        let canon = fs::canonicalize(&file).map_err(|source| ElfError::Io {
+            path: file.clone(),
+            source,
+        })?;
+        if !seen.insert(canon.clone()) {
+            continue;
+        }
+        let bytes = fs::read(&canon).map_err(|source| ElfError::Io {
+            path: canon.clone(),
+            source,
+        })?;
+        let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| ElfError::Format {
+            path: file.clone(),
+            reason: e.to_string(),
+        })?;
+        let m = *machine.get_or_insert(elf.header.e_machine);
+        if elf.header.e_machine != m {
+            return Err(ElfError::Format {
+                path: file.clone(),
+                reason: "mixed machine types".into(),
+            });
+        }
+        if let Some(interp) = elf.interpreter {
+            let p = PathBuf::from(interp);
+            if !out.contains(&p) {
+                out.push(p.clone());
+                queue.push(p);
+            }
+        }
+        let origin = canon.parent().map(Path::to_path_buf).unwrap_or_default();
+        let expand = |s: &str| -> Vec<PathBuf> {
+            s.split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| {
+                    PathBuf::from(
+                        d.replace("$ORIGIN", &origin.to_string_lossy())
+                            .replace("${ORIGIN}", &origin.to_string_lossy()),
+                    )
+                })
+                .collect()
+        };
+        // DT_RPATH is ignored when DT_RUNPATH is present, as the loader does.
+        let mut search: Vec<PathBuf> = Vec::new();
+        if elf.runpaths.is_empty() {
+            elf.rpaths.iter().for_each(|r| search.extend(expand(r)));
+        }
+        elf.runpaths.iter().for_each(|r| search.extend(expand(r)));
+        search.extend(dirs.iter().cloned());
+        for lib in &elf.libraries {
+            let found = if lib.contains('/') {
+                Some(PathBuf::from(lib))
+            } else {
+                search
+                    .iter()
+                    .map(|d| d.join(lib))
+                    .find(|p| is_elf_for(p, m))
+            };
+            let Some(found) = found else {
+                return Err(ElfError::MissingLibrary {
+                    path: file.clone(),
+                    lib: (*lib).to_string(),
+                });
+            };
+            if !out.contains(&found) {
+                out.push(found.clone());
+            }
+            queue.push(found);
+        }
+    }
+    Ok(out)
+}
+
+fn read_head(p: &Path) -> Result<Vec<u8>, ElfError> {
+    use std::io::Read;
+    let mut f = fs::File::open(p).map_err(|source| ElfError::Io {
+        path: p.into(),
+        source,
+    })?;
+    let mut buf = vec![0u8; 256];
+    let n = f.read(&mut buf).map_err(|source| ElfError::Io {
+        path: p.into(),
+        source,
+    })?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn is_elf_for(p: &Path, machine: u16) -> bool {
+    let Ok(head) = read_head(p) else { return false };
+    head.len() >= 20
+        && head.starts_with(b"\x7fELF")
+        && u16::from_le_bytes([head[18], head[19]]) == machine
+}
+
+/// Library directories in loader order: /etc/ld.so.conf (with includes), then the defaults.
+fn library_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    read_ld_conf(Path::new("/etc/ld.so.conf"), &mut dirs, 0);
+    for d in [
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib/aarch64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/lib64",
+        "/usr/lib64",
+        "/lib",
+        "/usr/lib",
+    ] {
+        let p = PathBuf::from(d);
+        if !dirs.contains(&p) {
+            dirs.push(p);
+        }
+    }
+    dirs
+}
+
+fn read_ld_conf(path: &Path, dirs: &mut Vec<PathBuf>, depth: u32) {
+    if depth > 4 {
+        return;
+    }
+    let Ok(text) = fs::read_to_string(path) else {
+        return;
+    };
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if let Some(pattern) = line.strip_prefix("include ") {
+            let pattern = pattern.trim();
+            let (dir, suffix) = match pattern.rsplit_once('/') {
+                Some((d, f)) => (PathBuf::from(d), f.trim_start_matches('*').to_string()),
+                None => continue,
+            };
+            let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.to_string_lossy().ends_with(&suffix))
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            for f in files {
+                read_ld_conf(&f, dirs, depth + 1);
+            }
+        } else if line.starts_with('/') {
+            dirs.push(PathBuf::from(line));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_loader_and_libc_of_a_system_binary() {
+        let closure = exec_closure(Path::new("/bin/ls")).unwrap();
+        assert_eq!(closure[0], PathBuf::from("/bin/ls"));
+        assert!(
+            closure
+                .iter()
+                .any(|p| p.to_string_lossy().contains("ld-linux")),
+            "{closure:?}"
+        );
+        assert!(
+            closure
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| n == "libc.so.6")),
+            "{closure:?}"
+        );
+    }
+
+    #[test]
+    fn scripts_bring_their_interpreter() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("s.sh");
+        fs::write(&s, "#!/bin/sh\necho hi\n").unwrap();
+        let closure = exec_closure(&s).unwrap();
+        assert_eq!(closure[1], PathBuf::from("/bin/sh"));
+        let bad = dir.path().join("b.sh");
+        fs::write(&bad, "#!sh\n").unwrap();
+        assert!(matches!(exec_closure(&bad), Err(ElfError::Format { .. })));
+    }
+}

@@ -1,0 +1,493 @@
+//! Parent side of a launch: create the cgroup, clone into new namespaces, feed the child its
+//! uid/gid maps, learn whether `execve` succeeded, then supervise: wait with the time limit,
+//! kill the whole tree, read back which limit (if any) ended the program.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use super::cgroup::{self, Cgroup, Stats};
+use super::child::{self, ChildSpec, Stage};
+use super::host::HostSupport;
+use super::landlock;
+use super::plan::Plan;
+use super::{SandboxConfig, SandboxError};
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+static SWEEP: Once = Once::new();
+
+/// How the program ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// A limit that ended or constrained the program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitHit {
+    Time { limit: Duration },
+    Memory { limit_mb: u64 },
+    Pids { limit: u64, refused: u64 },
+    Seccomp,
+}
+
+impl LimitHit {
+    /// The one stderr line `corral sandbox exec` prints for this limit.
+    pub fn message(&self) -> String {
+        match self {
+            LimitHit::Time { limit } => format!("time limit: killed after {}s (process_limits.max_execution_time_seconds)", limit.as_secs()),
+            LimitHit::Memory { limit_mb } => format!("memory limit: the kernel OOM killer ended it at {limit_mb} MiB (resources.max_memory_mb)"),
+            LimitHit::Pids { limit, refused } => format!("pids limit: {refused} thread/process creation(s) refused at {limit} (process_limits.max_threads + max_child_processes)"),
+            LimitHit::Seccomp => "seccomp: killed by SIGSYS for a forbidden system call".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub exit: Exit,
+    pub limits: Vec<LimitHit>,
+    pub stats: Stats,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// The exit status corral itself returns: the command's own code, 128+N for signal N, 124
+    /// after the time limit, and never 0 when a limit was hit (then 1).
+    pub fn exit_code(&self) -> i32 {
+        if self
+            .limits
+            .iter()
+            .any(|l| matches!(l, LimitHit::Time { .. }))
+        {
+            return 124;
+        }
+        let code = match self.exit {
+            Exit::Code(c) => c,
+            Exit::Signal(s) => 128 + s,
+        };
+        if code == 0 && !self.limits.is_empty() {
+            1
+        } else {
+            code
+        }
+    }
+}
+
+/// A running sandboxed program. Dropping it kills the program and removes its cgroup.
+#[derive(Debug)]
+pub struct Sandbox {
+    pid: i32,
+    pidfd: OwnedFd,
+    cgroup: Option<Cgroup>,
+    started: Instant,
+    plan_time_limit: Duration,
+    memory_mb: u64,
+    pids_limit: u64,
+    time_limit_hit: bool,
+    outcome: Option<Outcome>,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(SandboxError::Os {
+            what: "pipe2",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: both fds are new and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn read_byte(fd: RawFd) -> Option<u8> {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: reads at most one byte into a stack variable.
+        let r = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
+        if r == 1 {
+            return Some(b);
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        return None;
+    }
+}
+
+fn write_byte(fd: RawFd, b: u8) -> bool {
+    // SAFETY: writes one byte from a stack variable.
+    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) == 1 }
+}
+
+/// The directory each child mounts its root tmpfs on (inside its own mount namespace, so one
+/// directory serves every concurrent launch and nothing is ever mounted on the host).
+fn root_dir(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
+    let root = cfg.state_dir.join("root");
+    std::fs::create_dir_all(&root).map_err(|source| SandboxError::Io {
+        path: root.clone(),
+        source,
+    })?;
+    Ok(root)
+}
+
+/// Starts `plan`. `stdio` replaces the child's fds 0, 1, 2 (None: inherit the supervisor's).
+pub fn spawn(
+    plan: &Plan,
+    cfg: &SandboxConfig,
+    host: &HostSupport,
+    stdio: [Option<OwnedFd>; 3],
+) -> Result<Sandbox, SandboxError> {
+    SWEEP.call_once(|| {
+        for dir in cgroup::sweep_stale(&host.cgroups) {
+            tracing::info!(cgroup = %dir.display(), "removed a stale sandbox cgroup left by a dead supervisor");
+        }
+    });
+    let root = root_dir(cfg)?;
+    let name = cgroup::sandbox_name(SEQ.fetch_add(1, Ordering::Relaxed));
+    let cg = Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?;
+    let ruleset = match &plan.landlock {
+        Some((handled, _)) => {
+            Some(
+                landlock::create_ruleset(*handled).map_err(|source| SandboxError::Os {
+                    what: "landlock_create_ruleset",
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    let (from_parent_r, from_parent_w) = pipe()?;
+    let (to_parent_r, to_parent_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+
+    let mut spec = ChildSpec::new(
+        plan,
+        &root,
+        ruleset.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        host.mount_setattr,
+    );
+    spec.from_parent = from_parent_r.as_raw_fd();
+    spec.to_parent = to_parent_w.as_raw_fd();
+    spec.err = err_w.as_raw_fd();
+    for (i, s) in stdio.iter().enumerate() {
+        spec.stdio[i] = s.as_ref().map_or(-1, |f| f.as_raw_fd());
+    }
+
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if plan.new_netns {
+        flags |= libc::CLONE_NEWNET;
+    }
+    // SAFETY: a raw clone with no new stack behaves like fork: the child gets a copy of this
+    // stack and runs only child::run, which makes async-signal-safe syscalls on `spec`.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(SandboxError::Os {
+            what: "clone",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly cloned child and spec is complete.
+        unsafe { child::run(&spec) }
+    }
+    let pid = pid as i32;
+    drop((from_parent_r, to_parent_w, err_w, ruleset, stdio));
+    // SAFETY: pidfd_open on our own child.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        let source = std::io::Error::last_os_error();
+        kill_reap(pid);
+        return Err(SandboxError::Os {
+            what: "pidfd_open",
+            source,
+        });
+    }
+    // SAFETY: new fd owned by nobody else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let sandbox = Sandbox {
+        pid,
+        pidfd,
+        cgroup: Some(cg),
+        started: Instant::now(),
+        plan_time_limit: plan.time_limit,
+        memory_mb: plan.memory_mb,
+        pids_limit: plan.pids_limit,
+        time_limit_hit: false,
+        outcome: None,
+    };
+    if let Some(cg) = &sandbox.cgroup {
+        cg.add(pid).map_err(SandboxError::Cgroup)?; // Drop kills and reaps the child
+    }
+    if !write_byte(from_parent_w.as_raw_fd(), b'g') {
+        return Err(child_failure(err_r.as_raw_fd(), plan));
+    }
+    if plan.new_userns {
+        if read_byte(to_parent_r.as_raw_fd()) != Some(b'u') {
+            return Err(child_failure(err_r.as_raw_fd(), plan));
+        }
+        write_id_maps(pid, plan.uid, plan.gid)?;
+        if !write_byte(from_parent_w.as_raw_fd(), b'm') {
+            return Err(child_failure(err_r.as_raw_fd(), plan));
+        }
+    }
+    // EOF on the error pipe: execve succeeded (the pipe is close-on-exec).
+    let mut msg = [0u8; 12];
+    // SAFETY: reads into a stack buffer of the given size.
+    let n = unsafe { libc::read(err_r.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+    if n > 0 {
+        return Err(decode_failure(&msg, n as usize, plan));
+    }
+    drop(from_parent_w);
+    tracing::debug!(pid, profile = %plan.profile, exe = %plan.exe.display(), "sandbox started");
+    Ok(sandbox)
+}
+
+fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    for (file, content) in [
+        ("uid_map", format!("{uid} {uid} 1\n")),
+        ("setgroups", "deny".to_string()),
+        ("gid_map", format!("{gid} {gid} 1\n")),
+    ] {
+        let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+        std::fs::write(&path, content).map_err(|source| SandboxError::Io { path, source })?;
+    }
+    Ok(())
+}
+
+fn child_failure(err_fd: RawFd, plan: &Plan) -> SandboxError {
+    let mut msg = [0u8; 12];
+    // SAFETY: reads into a stack buffer of the given size.
+    let n = unsafe { libc::read(err_fd, msg.as_mut_ptr().cast(), msg.len()) };
+    decode_failure(&msg, n.max(0) as usize, plan)
+}
+
+fn decode_failure(msg: &[u8; 12], n: usize, plan: &Plan) -> SandboxError {
+    if n < 12 {
+        return SandboxError::ChildDied;
+    }
+    let word = |i: usize| u32::from_ne_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);
+    let (stage, index, errno) = (word(0), word(4) as usize, word(8) as i32);
+    let source = std::io::Error::from_raw_os_error(errno);
+    let stage = Stage::from_u32(stage);
+    match stage {
+        Some(Stage::Execve) if errno == libc::ENOENT => SandboxError::CommandNotFound {
+            command: plan.exe.clone(),
+        },
+        Some(Stage::Execve) if errno == libc::EACCES => SandboxError::NotExecutable {
+            path: plan.exe.clone(),
+        },
+        _ => {
+            let detail = match stage {
+                Some(Stage::FsOp) => plan.fs_ops.get(index).map(|op| op.to_string()),
+                Some(Stage::LandlockRule) => plan
+                    .landlock
+                    .as_ref()
+                    .and_then(|(_, r)| r.get(index))
+                    .map(|(p, _)| p.display().to_string()),
+                _ => None,
+            };
+            SandboxError::Child {
+                stage: stage.map_or("an unknown step", Stage::describe).to_string(),
+                detail: detail.map(|d| format!(" ({d})")).unwrap_or_default(),
+                source,
+            }
+        }
+    }
+}
+
+fn kill_reap(pid: i32) {
+    // SAFETY: kill and waitpid on our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        let mut status = 0;
+        while libc::waitpid(pid, &mut status, 0) < 0
+            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+        {}
+    }
+}
+
+impl Sandbox {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Readable when the program has exited (for poll/epoll loops).
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Live cgroup accounting.
+    pub fn stats(&self) -> Stats {
+        self.cgroup.as_ref().map(Cgroup::stats).unwrap_or_default()
+    }
+
+    /// Sends `sig` to the program (pid 1 of its namespace: only signals it handles arrive,
+    /// except SIGKILL).
+    pub fn signal(&self, sig: i32) {
+        if self.outcome.is_none() {
+            // SAFETY: pidfd_send_signal on our own child's pidfd; no siginfo.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    self.pidfd.as_raw_fd(),
+                    sig,
+                    std::ptr::null::<u8>(),
+                    0,
+                )
+            };
+        }
+    }
+
+    /// Kills the whole tree (pid 1 of the namespace, then anything left in the cgroup).
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+        if let Some(cg) = &self.cgroup {
+            cg.kill_all();
+        }
+    }
+
+    /// Reaps the program if it has exited.
+    pub fn try_wait(&mut self) -> Result<Option<&Outcome>, SandboxError> {
+        if self.outcome.is_none() {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a stack status word.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+            if r < 0 {
+                return Err(SandboxError::Os {
+                    what: "waitpid",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            if r == 0 {
+                return Ok(None);
+            }
+            self.finish(status);
+        }
+        Ok(self.outcome.as_ref())
+    }
+
+    /// Waits until the program exits or `deadline` passes (then returns `None`).
+    pub fn wait_until(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<Option<&Outcome>, SandboxError> {
+        loop {
+            if self.try_wait()?.is_some() {
+                return Ok(self.outcome.as_ref());
+            }
+            let timeout = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+                }
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one pollfd we own.
+            let r = unsafe { libc::poll(&mut pfd, 1, timeout) };
+            if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return Err(SandboxError::Os {
+                    what: "poll",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+    }
+
+    /// Waits for the program with its profile's lifetime limit; past it, kills the whole tree.
+    pub fn wait(&mut self) -> Result<Outcome, SandboxError> {
+        let deadline = self.started + self.plan_time_limit;
+        if self.wait_until(Some(deadline))?.is_none() {
+            self.time_limit_hit = true;
+            self.kill();
+            self.wait_until(None)?;
+        }
+        self.outcome.clone().ok_or(SandboxError::ChildDied)
+    }
+
+    /// Marks the time limit as the reason the program ends, and kills it.
+    pub fn kill_for_time_limit(&mut self) {
+        self.time_limit_hit = true;
+        self.kill();
+    }
+
+    fn finish(&mut self, status: i32) {
+        let exit = if libc::WIFSIGNALED(status) {
+            Exit::Signal(libc::WTERMSIG(status))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(status))
+        };
+        // Anything the program left behind (children under max_child_processes) dies with it.
+        if let Some(cg) = &self.cgroup {
+            cg.kill_all();
+        }
+        let stats = self.stats();
+        let mut limits = Vec::new();
+        if self.time_limit_hit {
+            limits.push(LimitHit::Time {
+                limit: self.plan_time_limit,
+            });
+        }
+        if stats.oom_kills > 0 {
+            limits.push(LimitHit::Memory {
+                limit_mb: self.memory_mb,
+            });
+        }
+        if stats.pids_max_hits > 0 {
+            limits.push(LimitHit::Pids {
+                limit: self.pids_limit,
+                refused: stats.pids_max_hits,
+            });
+        }
+        if exit == Exit::Signal(libc::SIGSYS) {
+            limits.push(LimitHit::Seccomp);
+        }
+        self.outcome = Some(Outcome {
+            exit,
+            limits,
+            stats,
+            elapsed: self.started.elapsed(),
+        });
+        if let Some(mut cg) = self.cgroup.take() {
+            if let Err(e) = cg.remove() {
+                tracing::warn!(error = %e, "could not remove sandbox cgroup");
+            }
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.outcome.is_none() {
+            self.kill();
+            kill_reap(self.pid);
+        }
+        // self.cgroup (if still there) removes itself on drop.
+    }
+}

@@ -1,0 +1,899 @@
+//! Profile + command + host facts -> a [`Plan`]: everything the child will do, computed before
+//! `fork` (mount list, Landlock rules, seccomp program, cgroup limits, rlimits, environment), and
+//! the list of layers this host cannot enforce, which fails the launch unless the profile opted
+//! into best effort.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::cgroup::Limits;
+use super::host::HostSupport;
+use super::landlock::{self, Handled};
+use super::seccomp::{self, FilterSpec, SockFilter};
+use super::{elf, SandboxConfig, SandboxError};
+use crate::profile::schema::{Enforcement, GpuAccess, NetworkAccessMode};
+use crate::profile::Profile;
+
+/// What to run, and what beyond the profile it needs.
+#[derive(Debug, Clone, Default)]
+pub struct Command {
+    /// argv; `argv[0]` is resolved through PATH when it has no `/`.
+    pub argv: Vec<OsString>,
+    /// Variables added to the clean environment.
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory inside the sandbox (default `/tmp` with temp files, else `/`).
+    pub cwd: Option<PathBuf>,
+    /// Extra paths bound read-only (a runner's model files), beyond `read_paths`.
+    pub extra_read: Vec<PathBuf>,
+    /// Force an empty network namespace whatever the profile says (model runners).
+    pub force_no_network: bool,
+}
+
+/// A layer the host cannot enforce as the profile asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Degradation {
+    pub layer: String,
+    pub reason: String,
+    /// Another layer already enforces the same thing: reported, never fatal.
+    pub covered: bool,
+}
+
+impl fmt::Display for Degradation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.layer, self.reason)
+    }
+}
+
+/// One step of building the sandbox's root, in order. Paths are sandbox paths (`/usr/lib`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsOp {
+    Dir {
+        path: PathBuf,
+    },
+    Symlink {
+        path: PathBuf,
+        target: PathBuf,
+    },
+    /// Bind `src` (host) at `path`; a file bind first creates an empty file there.
+    Bind {
+        src: PathBuf,
+        path: PathBuf,
+        writable: bool,
+        is_dir: bool,
+        exec: bool,
+        dev: bool,
+        needs_mountpoint: bool,
+    },
+    Tmpfs {
+        path: PathBuf,
+        size_bytes: u64,
+        mode: u32,
+        readonly: bool,
+    },
+    Proc {
+        path: PathBuf,
+    },
+    /// Make the mount at `path` read-only (after populating it).
+    ReadOnly {
+        path: PathBuf,
+    },
+    /// Hide a directory under an empty, read-only, mode-0 tmpfs.
+    MaskDir {
+        path: PathBuf,
+    },
+    /// Hide a file (or socket, fifo, device) under the empty mode-0 file.
+    MaskFile {
+        path: PathBuf,
+    },
+}
+
+impl fmt::Display for FsOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FsOp::Dir { path } => write!(f, "mkdir {}", path.display()),
+            FsOp::Symlink { path, target } => {
+                write!(f, "symlink {} -> {}", path.display(), target.display())
+            }
+            FsOp::Bind { src, writable, .. } => write!(
+                f,
+                "bind {} ({})",
+                src.display(),
+                if *writable { "rw" } else { "ro" }
+            ),
+            FsOp::Tmpfs { path, .. } => write!(f, "tmpfs on {}", path.display()),
+            FsOp::Proc { path } => write!(f, "proc on {}", path.display()),
+            FsOp::ReadOnly { path } => write!(f, "remount {} read-only", path.display()),
+            FsOp::MaskDir { path } | FsOp::MaskFile { path } => {
+                write!(f, "mask {}", path.display())
+            }
+        }
+    }
+}
+
+/// Path of the empty, mode-0 file used to mask denied files.
+pub const MASK_FILE: &str = "/.corral-masked";
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub profile: String,
+    /// The command as execve will see it (a sandbox path, identical to the host path).
+    pub exe: PathBuf,
+    pub argv: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: PathBuf,
+    pub fs_ops: Vec<FsOp>,
+    pub landlock: Option<(Handled, Vec<(PathBuf, u64)>)>,
+    pub seccomp: Option<Vec<SockFilter>>,
+    pub seccomp_log: bool,
+    pub new_userns: bool,
+    pub new_netns: bool,
+    pub cgroup: Limits,
+    pub rlimits: Vec<(u32, u64)>,
+    pub nice: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub threads: u32,
+    pub time_limit: std::time::Duration,
+    pub memory_mb: u64,
+    pub pids_limit: u64,
+    pub degradations: Vec<Degradation>,
+}
+
+/// Host-side checks of a profile: the degradations it would suffer here (empty = fully
+/// enforceable). Shared by the planner and `corral doctor`.
+pub fn check_host(
+    profile: &Profile,
+    host: &HostSupport,
+    force_no_network: bool,
+) -> Vec<Degradation> {
+    let mut d = Vec::new();
+    let mut add = |layer: &str, reason: String, covered: bool| {
+        d.push(Degradation {
+            layer: layer.into(),
+            reason,
+            covered,
+        })
+    };
+    let network = if force_no_network {
+        NetworkAccessMode::None
+    } else {
+        profile.network
+    };
+    if !host.user_namespaces {
+        add(
+            "user namespace",
+            "user namespaces are disabled (user.max_user_namespaces = 0)".into(),
+            false,
+        );
+    }
+    if !host.seccomp {
+        add(
+            "seccomp",
+            "this kernel has no seccomp filter support with SECCOMP_RET_KILL_PROCESS".into(),
+            false,
+        );
+    }
+    match host.landlock_abi {
+        None => add(
+            "landlock",
+            "Landlock is not enabled in this kernel (add it to the lsm= boot parameter)".into(),
+            false,
+        ),
+        Some(abi) => {
+            if abi < 4 && network == NetworkAccessMode::None {
+                add("landlock network rules", format!("Landlock ABI {abi} < 4; the empty network namespace still blocks all traffic"), true);
+            }
+            if abi < 6 {
+                let covered = network != NetworkAccessMode::Full;
+                add(
+                    "landlock scopes",
+                    format!(
+                        "Landlock ABI {abi} < 6 cannot scope abstract UNIX sockets and signals{}",
+                        if covered {
+                            "; the network and pid namespaces still isolate them"
+                        } else {
+                            " and network Full shares the host's abstract sockets"
+                        }
+                    ),
+                    covered,
+                );
+            }
+        }
+    }
+    let cg = &host.cgroups;
+    if cg.memory.is_none() {
+        add(
+            "cgroup memory controller",
+            "not available to corral's cgroup (enable it, or delegate it on cgroup v2)".into(),
+            false,
+        );
+    }
+    if cg.cpu.is_none() {
+        add(
+            "cgroup cpu controller",
+            "not available to corral's cgroup".into(),
+            false,
+        );
+    }
+    if cg.pids.is_none() {
+        add(
+            "cgroup pids controller",
+            "not available to corral's cgroup".into(),
+            false,
+        );
+    }
+    if profile.max_io_bandwidth_mbps.is_some() && cg.io.is_none() {
+        add(
+            "io bandwidth",
+            "no io/blkio controller here: max_io_bandwidth_mbps is not enforced".into(),
+            true,
+        );
+    }
+    if !host.mount_setattr {
+        add(
+            "recursive read-only binds",
+            "no mount_setattr(2) (Linux < 5.12): read paths are bound without their submounts"
+                .into(),
+            true,
+        );
+    }
+    if network == NetworkAccessMode::Restricted {
+        add(
+            "network Restricted",
+            "the egress proxy for access_mode Restricted is not implemented yet; use None or Full"
+                .into(),
+            false,
+        );
+    }
+    if profile.gpu_access != GpuAccess::None {
+        add(
+            "gpu access",
+            "GPU device access is not implemented yet; use gpu_access = \"None\"".into(),
+            false,
+        );
+    }
+    d
+}
+
+/// Builds the plan, or fails naming each layer this host cannot enforce.
+pub fn plan(
+    profile: &Profile,
+    cmd: &Command,
+    host: &HostSupport,
+    cfg: &SandboxConfig,
+) -> Result<Plan, SandboxError> {
+    if !host.is_root {
+        return Err(SandboxError::NotRoot);
+    }
+    let degradations = check_host(profile, host, cmd.force_no_network);
+    let fatal: Vec<&Degradation> = degradations.iter().filter(|d| !d.covered).collect();
+    let unimplemented = fatal
+        .iter()
+        .any(|d| d.layer == "network Restricted" || d.layer == "gpu access");
+    if !fatal.is_empty() && (profile.enforcement == Enforcement::Strict || unimplemented) {
+        return Err(SandboxError::Unenforceable {
+            profile: profile.name.clone(),
+            layers: fatal.iter().map(|d| d.to_string()).collect(),
+        });
+    }
+    for d in &degradations {
+        if d.covered {
+            tracing::debug!(profile = %profile.name, layer = %d.layer, reason = %d.reason, "sandbox layer degraded (covered by another layer)");
+        } else {
+            tracing::warn!(profile = %profile.name, layer = %d.layer, reason = %d.reason, "sandbox layer NOT enforced (enforcement = best_effort)");
+        }
+    }
+    let skipped = |layer: &str| fatal.iter().any(|d| d.layer == layer);
+
+    let argv0 = cmd.argv.first().ok_or(SandboxError::EmptyCommand)?;
+    let exe = resolve_command(Path::new(argv0))?;
+    let closure = elf::exec_closure(&exe).map_err(SandboxError::Elf)?;
+    let network = if cmd.force_no_network {
+        NetworkAccessMode::None
+    } else {
+        profile.network
+    };
+
+    let mut tree = Tree::default();
+    let mut rules: Vec<(PathBuf, u64)> = vec![(PathBuf::from("/"), landlock::ACCESS_FS_READ_DIR)];
+    for p in &profile.read_paths {
+        if let Some((canon, is_dir)) = tree.mirror(p, false)? {
+            rules.push((
+                canon,
+                if is_dir {
+                    landlock::READ
+                } else {
+                    landlock::ACCESS_FS_READ_FILE
+                },
+            ));
+        }
+    }
+    for p in &profile.write_paths {
+        check_writable(p, cfg)?;
+        if let Some((canon, is_dir)) = tree.mirror(p, true)? {
+            rules.push((
+                canon,
+                if is_dir {
+                    landlock::WRITE
+                } else {
+                    landlock::WRITE & landlock::FILE_RIGHTS
+                },
+            ));
+        }
+    }
+    for p in &cmd.extra_read {
+        let (canon, is_dir) = tree.mirror(p, false)?.ok_or_else(|| SandboxError::Path {
+            path: p.clone(),
+            reason: "does not exist".into(),
+        })?;
+        rules.push((
+            canon,
+            if is_dir {
+                landlock::READ
+            } else {
+                landlock::ACCESS_FS_READ_FILE
+            },
+        ));
+    }
+    // The command, its interpreter and libraries: read-only, and the only executable files.
+    for p in &closure {
+        if let Some((canon, _)) = tree.mirror_exec(p)? {
+            rules.push((canon, landlock::EXEC));
+        }
+    }
+    if Path::new("/etc/ld.so.cache").exists() {
+        if let Some((canon, _)) = tree.mirror(Path::new("/etc/ld.so.cache"), false)? {
+            rules.push((canon, landlock::ACCESS_FS_READ_FILE));
+        }
+    }
+
+    let mut ops = tree.into_ops();
+    // System mounts: fresh /proc, minimal /dev, private /tmp.
+    ops.push(FsOp::Dir {
+        path: "/proc".into(),
+    });
+    ops.push(FsOp::Proc {
+        path: "/proc".into(),
+    });
+    for f in [
+        "kcore",
+        "keys",
+        "timer_list",
+        "sysrq-trigger",
+        "latency_stats",
+        "sched_debug",
+        "kallsyms",
+        "kpagecount",
+        "kpageflags",
+    ] {
+        if Path::new("/proc").join(f).exists() {
+            ops.push(FsOp::MaskFile {
+                path: Path::new("/proc").join(f),
+            });
+        }
+    }
+    for d in ["acpi", "scsi", "bus", "irq", "fs", "driver"] {
+        if Path::new("/proc").join(d).is_dir() {
+            ops.push(FsOp::MaskDir {
+                path: Path::new("/proc").join(d),
+            });
+        }
+    }
+    ops.push(FsOp::Bind {
+        src: "/proc/sys".into(),
+        path: "/proc/sys".into(),
+        writable: false,
+        is_dir: true,
+        exec: false,
+        dev: false,
+        needs_mountpoint: false,
+    });
+    rules.push(("/proc".into(), landlock::READ));
+    ops.push(FsOp::Dir {
+        path: "/dev".into(),
+    });
+    ops.push(FsOp::Tmpfs {
+        path: "/dev".into(),
+        size_bytes: 64 * 1024,
+        mode: 0o755,
+        readonly: false,
+    });
+    for node in ["null", "zero", "full", "random", "urandom"] {
+        let p = Path::new("/dev").join(node);
+        ops.push(FsOp::Bind {
+            src: p.clone(),
+            path: p.clone(),
+            writable: true,
+            is_dir: false,
+            exec: false,
+            dev: true,
+            needs_mountpoint: true,
+        });
+        rules.push((
+            p,
+            landlock::ACCESS_FS_READ_FILE | landlock::ACCESS_FS_WRITE_FILE,
+        ));
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        ops.push(FsOp::Symlink {
+            path: Path::new("/dev").join(name),
+            target: target.into(),
+        });
+    }
+    if profile.allow_temp_files {
+        let size = profile.max_disk_mb * 1024 * 1024;
+        ops.push(FsOp::Dir {
+            path: "/dev/shm".into(),
+        });
+        ops.push(FsOp::Tmpfs {
+            path: "/dev/shm".into(),
+            size_bytes: size,
+            mode: 0o1777,
+            readonly: false,
+        });
+        rules.push(("/dev/shm".into(), landlock::WRITE));
+        ops.push(FsOp::Dir {
+            path: "/tmp".into(),
+        });
+        ops.push(FsOp::Tmpfs {
+            path: "/tmp".into(),
+            size_bytes: size,
+            mode: 0o1777,
+            readonly: false,
+        });
+        rules.push(("/tmp".into(), landlock::WRITE));
+    }
+    ops.push(FsOp::ReadOnly {
+        path: "/dev".into(),
+    });
+    // Denied paths: masked wherever they are visible (inside a bound tree, or system mounts).
+    for d in &profile.denied_paths {
+        let visible = d.starts_with("/proc")
+            || d.starts_with("/dev")
+            || d.starts_with("/tmp")
+            || ops.iter().any(
+                |op| matches!(op, FsOp::Bind { path, is_dir: true, .. } if d.starts_with(path)),
+            );
+        if !visible {
+            continue;
+        }
+        let meta = if d.starts_with("/proc") || d.starts_with("/dev") || d.starts_with("/tmp") {
+            None
+        } else {
+            fs::symlink_metadata(d).ok()
+        };
+        match meta {
+            Some(m) if m.is_dir() => ops.push(FsOp::MaskDir { path: d.clone() }),
+            Some(_) => ops.push(FsOp::MaskFile { path: d.clone() }),
+            None if d.starts_with("/proc") || d.starts_with("/dev") || d.starts_with("/tmp") => {
+                // Inside the sandbox's own mounts: masked by what it is in the sandbox.
+                ops.push(
+                    if d == Path::new("/proc")
+                        || d == Path::new("/dev")
+                        || d == Path::new("/tmp")
+                        || d.starts_with("/proc/sys")
+                    {
+                        FsOp::MaskDir { path: d.clone() }
+                    } else {
+                        FsOp::MaskFile { path: d.clone() }
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    let abi = host.landlock_abi.unwrap_or(0);
+    let landlock = (!skipped("landlock") && abi > 0).then(|| {
+        let handled = Handled {
+            fs: landlock::fs_rights(abi),
+            net: if abi >= 4 && network == NetworkAccessMode::None {
+                landlock::ACCESS_NET_BIND_TCP | landlock::ACCESS_NET_CONNECT_TCP
+            } else {
+                0
+            },
+            scoped: if abi >= 6 {
+                landlock::SCOPE_ABSTRACT_UNIX_SOCKET | landlock::SCOPE_SIGNAL
+            } else {
+                0
+            },
+        };
+        let rules = rules
+            .into_iter()
+            .map(|(p, a)| (p, a & handled.fs))
+            .collect();
+        (handled, rules)
+    });
+    let seccomp = (!skipped("seccomp")).then(|| {
+        seccomp::compile(&FilterSpec {
+            strict: profile.strict_syscall_filtering,
+            extra: profile.allowed_syscalls.clone(),
+            allow_processes: profile.max_child_processes > 0,
+            denied_action: profile.seccomp_denied_action,
+        })
+    });
+
+    let threads = profile.thread_count();
+    let cwd = cmd.cwd.clone().unwrap_or_else(|| {
+        PathBuf::from(if profile.allow_temp_files {
+            "/tmp"
+        } else {
+            "/"
+        })
+    });
+    let mut env: Vec<(OsString, OsString)> = vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        (
+            "HOME".into(),
+            if profile.allow_temp_files {
+                "/tmp".into()
+            } else {
+                "/".into()
+            },
+        ),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("CORRAL_SANDBOX_PROFILE".into(), profile.name.clone().into()),
+        ("CORRAL_THREADS".into(), threads.to_string().into()),
+        ("RAYON_NUM_THREADS".into(), threads.to_string().into()),
+        ("CANDLE_NUM_THREADS".into(), threads.to_string().into()),
+        ("OMP_NUM_THREADS".into(), threads.to_string().into()),
+    ];
+    if profile.allow_temp_files {
+        env.push(("TMPDIR".into(), "/tmp".into()));
+    }
+    for (k, v) in &cmd.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+
+    let io = profile.max_io_bandwidth_mbps.and_then(|mbps| {
+        let devices = block_devices(
+            profile
+                .read_paths
+                .iter()
+                .chain(&profile.write_paths)
+                .chain(&cmd.extra_read)
+                .chain(std::iter::once(&exe)),
+        );
+        (!devices.is_empty()).then(|| (devices, mbps * 1_000_000 / 8))
+    });
+    let pids_limit = profile.pids_limit();
+    let cgroup = Limits {
+        memory_bytes: (!skipped("cgroup memory controller"))
+            .then_some(profile.max_memory_mb * 1024 * 1024),
+        cpu: (!skipped("cgroup cpu controller")).then(|| {
+            let period = 100_000u64;
+            (
+                (profile.max_cpu_cores * period as f64).round() as u64,
+                period,
+            )
+        }),
+        pids: (!skipped("cgroup pids controller")).then_some(pids_limit),
+        io,
+    };
+    let rlimits = vec![
+        (libc::RLIMIT_CORE, 0),
+        (libc::RLIMIT_FSIZE, profile.max_file_size_mb * 1024 * 1024),
+        (libc::RLIMIT_NOFILE, 4096),
+    ];
+
+    Ok(Plan {
+        profile: profile.name.clone(),
+        exe,
+        argv: cmd.argv.clone(),
+        env,
+        cwd,
+        fs_ops: ops,
+        landlock,
+        seccomp,
+        seccomp_log: profile.enable_audit_logging,
+        new_userns: !skipped("user namespace"),
+        new_netns: network != NetworkAccessMode::Full,
+        cgroup,
+        rlimits,
+        nice: profile.process_priority,
+        uid: cfg.uid,
+        gid: cfg.gid,
+        threads,
+        time_limit: profile.max_execution_time,
+        memory_mb: profile.max_memory_mb,
+        pids_limit,
+        degradations,
+    })
+}
+
+/// `argv[0]` -> absolute path of an executable regular file (PATH lookup when it has no `/`).
+pub fn resolve_command(arg0: &Path) -> Result<PathBuf, SandboxError> {
+    let candidates: Vec<PathBuf> = if arg0.to_string_lossy().contains('/') {
+        vec![std::path::absolute(arg0).unwrap_or_else(|_| arg0.to_path_buf())]
+    } else {
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path).map(|d| d.join(arg0)).collect()
+    };
+    for c in &candidates {
+        if let Ok(m) = fs::metadata(c) {
+            if m.is_file() && m.mode() & 0o111 != 0 {
+                return Ok(c.clone());
+            }
+            if m.is_file() {
+                return Err(SandboxError::NotExecutable { path: c.clone() });
+            }
+        }
+    }
+    Err(SandboxError::CommandNotFound {
+        command: arg0.to_path_buf(),
+    })
+}
+
+fn check_writable(p: &Path, cfg: &SandboxConfig) -> Result<(), SandboxError> {
+    let m = fs::metadata(p).map_err(|e| SandboxError::Path {
+        path: p.into(),
+        reason: format!("write path: {e}"),
+    })?;
+    let mode = m.mode();
+    let ok = (m.uid() == cfg.uid && mode & 0o200 != 0)
+        || (m.gid() == cfg.gid && mode & 0o020 != 0)
+        || mode & 0o002 != 0;
+    if !ok {
+        return Err(SandboxError::Path {
+            path: p.into(),
+            reason: format!(
+                "write path is not writable by the sandbox user {}:{} (owner {}:{}, mode {:o}); chown it to the sandbox user or make it group-writable for gid {}",
+                cfg.uid, cfg.gid, m.uid(), m.gid(), mode & 0o7777, cfg.gid
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Whole-disk block devices behind `paths` (throttling needs the disk, not a partition).
+fn block_devices<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    for p in paths {
+        let Ok(m) = fs::metadata(p) else { continue };
+        let dev = m.dev();
+        let (maj, min) = (libc::major(dev), libc::minor(dev));
+        if maj == 0 {
+            continue; // virtual file system (tmpfs, overlay): nothing to throttle
+        }
+        let sys = PathBuf::from(format!("/sys/dev/block/{maj}:{min}"));
+        let disk = if sys.join("partition").exists() {
+            fs::read_to_string(sys.join("../dev")).ok().and_then(|s| {
+                let (a, b) = s.trim().split_once(':')?;
+                Some((a.parse().ok()?, b.parse().ok()?))
+            })
+        } else if sys.exists() {
+            Some((maj, min))
+        } else {
+            None
+        };
+        if let Some(d) = disk {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+        }
+    }
+    out
+}
+
+/// The sandbox's root as a tree of sandbox paths, built by mirroring host paths (symlinks and
+/// all) so every path means the same inside as outside.
+#[derive(Debug, Default)]
+struct Tree {
+    nodes: BTreeMap<PathBuf, Node>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Node {
+    Symlink(PathBuf),
+    Bind {
+        writable: bool,
+        is_dir: bool,
+        exec: bool,
+    },
+}
+
+impl Tree {
+    /// Is `p` inside (or at) a bound directory?
+    fn covered(&self, p: &Path) -> Option<&Node> {
+        p.ancestors().find_map(|a| match self.nodes.get(a) {
+            Some(n @ Node::Bind { is_dir: true, .. }) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// Walks `p` on the host, recording the symlinks met on the way (outside bound trees) so
+    /// they exist in the sandbox too; returns the canonical path (`None` if `p` does not exist).
+    fn walk(&mut self, p: &Path) -> Result<Option<PathBuf>, SandboxError> {
+        use std::path::Component;
+        // Components still to walk, as a stack: the next one is last.
+        let mut pending: Vec<OsString> = Vec::new();
+        let push_all = |pending: &mut Vec<OsString>, path: &Path| {
+            for c in path.components().rev() {
+                match c {
+                    Component::Normal(n) => pending.push(n.to_os_string()),
+                    Component::ParentDir => pending.push("..".into()),
+                    _ => {}
+                }
+            }
+        };
+        push_all(&mut pending, p);
+        let mut cur = PathBuf::from("/");
+        let mut hops = 0;
+        while let Some(comp) = pending.pop() {
+            if comp == ".." {
+                cur.pop();
+                continue;
+            }
+            let next = cur.join(&comp);
+            let meta = match fs::symlink_metadata(&next) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(SandboxError::Path {
+                        path: p.into(),
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            if !meta.file_type().is_symlink() {
+                cur = next;
+                continue;
+            }
+            hops += 1;
+            if hops > 40 {
+                return Err(SandboxError::Path {
+                    path: p.into(),
+                    reason: "too many levels of symbolic links".into(),
+                });
+            }
+            let target = fs::read_link(&next).map_err(|e| SandboxError::Path {
+                path: next.clone(),
+                reason: e.to_string(),
+            })?;
+            if self.covered(&next).is_none() {
+                self.nodes
+                    .entry(next.clone())
+                    .or_insert_with(|| Node::Symlink(target.clone()));
+            }
+            if target.is_absolute() {
+                cur = PathBuf::from("/");
+            }
+            push_all(&mut pending, &target);
+        }
+        Ok(Some(cur))
+    }
+
+    fn mirror(
+        &mut self,
+        p: &Path,
+        writable: bool,
+    ) -> Result<Option<(PathBuf, bool)>, SandboxError> {
+        let Some(canon) = self.walk(p)? else {
+            if writable {
+                return Err(SandboxError::Path {
+                    path: p.into(),
+                    reason: "write path does not exist".into(),
+                });
+            }
+            tracing::debug!(path = %p.display(), "read path does not exist; skipped");
+            return Ok(None);
+        };
+        let is_dir = fs::metadata(&canon).map(|m| m.is_dir()).unwrap_or(false);
+        match self.covered(&canon) {
+            // Already visible through an enclosing bind of the same kind (or a writable one).
+            Some(Node::Bind { writable: w, .. }) if *w == writable || (*w && !writable) => {
+                if !writable && *w {
+                    // A read path inside a write path is bound read-only on top.
+                    self.nodes.insert(
+                        canon.clone(),
+                        Node::Bind {
+                            writable,
+                            is_dir,
+                            exec: false,
+                        },
+                    );
+                }
+            }
+            _ => {
+                self.nodes.insert(
+                    canon.clone(),
+                    Node::Bind {
+                        writable,
+                        is_dir,
+                        exec: false,
+                    },
+                );
+            }
+        }
+        Ok(Some((canon, is_dir)))
+    }
+
+    fn mirror_exec(&mut self, p: &Path) -> Result<Option<(PathBuf, bool)>, SandboxError> {
+        let Some(canon) = self.walk(p)? else {
+            return Err(SandboxError::Path {
+                path: p.into(),
+                reason: "needed to run the command but does not exist".into(),
+            });
+        };
+        match self.covered(&canon) {
+            Some(Node::Bind {
+                writable: false, ..
+            }) => {}
+            // Under a writable bind, or not visible: bind the file itself, read-only.
+            _ => {
+                self.nodes.insert(
+                    canon.clone(),
+                    Node::Bind {
+                        writable: false,
+                        is_dir: false,
+                        exec: true,
+                    },
+                );
+            }
+        }
+        Ok(Some((canon, false)))
+    }
+
+    fn into_ops(self) -> Vec<FsOp> {
+        let mut ops = Vec::new();
+        let mut made: Vec<PathBuf> = Vec::new();
+        // BTreeMap order puts parents before children.
+        for (path, node) in &self.nodes {
+            // Parent directories on the root tmpfs, unless inside a bind (they exist there).
+            let covering = path.parent().and_then(|parent| {
+                parent
+                    .ancestors()
+                    .find(|a| matches!(self.nodes.get(*a), Some(Node::Bind { is_dir: true, .. })))
+            });
+            if covering.is_none() {
+                let mut parents: Vec<&Path> = path
+                    .ancestors()
+                    .skip(1)
+                    .filter(|a| *a != Path::new("/"))
+                    .collect();
+                parents.reverse();
+                for parent in parents {
+                    if !made.iter().any(|m| m == parent)
+                        && !matches!(self.nodes.get(parent), Some(Node::Symlink(_)))
+                    {
+                        made.push(parent.to_path_buf());
+                        ops.push(FsOp::Dir {
+                            path: parent.to_path_buf(),
+                        });
+                    }
+                }
+            }
+            match node {
+                Node::Symlink(target) => ops.push(FsOp::Symlink {
+                    path: path.clone(),
+                    target: target.clone(),
+                }),
+                Node::Bind {
+                    writable,
+                    is_dir,
+                    exec,
+                } => ops.push(FsOp::Bind {
+                    src: path.clone(),
+                    path: path.clone(),
+                    writable: *writable,
+                    is_dir: *is_dir,
+                    exec: *exec,
+                    dev: false,
+                    needs_mountpoint: covering.is_none(),
+                }),
+            }
+        }
+        ops
+    }
+}

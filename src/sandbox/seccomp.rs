@@ -1,0 +1,446 @@
+//! seccomp-BPF programs built from the reviewed tables in `profiles/seccomp/`.
+//!
+//! The program is compiled in the supervisor before `fork` and only installed by the child.
+//! Layout, in order:
+//!
+//! 1. architecture check: anything but the native ABI is killed (no i386 `int 0x80` calls);
+//! 2. x32 check on x86_64: syscall numbers with `__X32_SYSCALL_BIT` are killed;
+//! 3. special cases that inspect arguments (clone flags, ioctl requests, socket families);
+//! 4. strict: `jeq nr, ret ALLOW` for each allowed call, then the default action (EPERM or kill);
+//!    deny-list: `jeq nr, ret DENY` for each denied call, then ALLOW.
+//!
+//! Each comparison is a `jeq` followed by its own `ret`, so no jump ever needs more than one
+//! instruction of offset and the program is valid whatever the table sizes.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use syscalls::Sysno;
+
+use crate::profile::schema::DeniedAction;
+
+const GENERIC: &str = include_str!("../../profiles/seccomp/generic.toml");
+const DENYLIST: &str = include_str!("../../profiles/seccomp/denylist.toml");
+
+// Classic BPF opcodes (linux/bpf_common.h).
+const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
+const BPF_JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
+const BPF_JGE_K: u16 = 0x05 | 0x30; // BPF_JMP | BPF_JGE | BPF_K
+const BPF_JSET_K: u16 = 0x05 | 0x40; // BPF_JMP | BPF_JSET | BPF_K
+const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
+
+// struct seccomp_data offsets.
+const OFF_NR: u32 = 0;
+const OFF_ARCH: u32 = 4;
+const fn off_arg_lo(i: u32) -> u32 {
+    16 + 8 * i // little-endian: low half first
+}
+
+pub const RET_ALLOW: u32 = 0x7fff_0000;
+pub const RET_KILL_PROCESS: u32 = 0x8000_0000;
+pub const fn ret_errno(errno: i32) -> u32 {
+    0x0005_0000 | (errno as u32 & 0xffff)
+}
+
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xc000_003e;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xc000_00b7;
+#[cfg(target_arch = "x86_64")]
+const X32_SYSCALL_BIT: Option<u32> = Some(0x4000_0000);
+#[cfg(target_arch = "aarch64")]
+const X32_SYSCALL_BIT: Option<u32> = None;
+
+const CLONE_THREAD: u32 = 0x0001_0000;
+/// Every CLONE_NEW* flag plus CLONE_NEWTIME (0x80).
+const CLONE_NS_FLAGS: u32 = 0x0002_0000 // NEWNS
+    | 0x0200_0000 // NEWCGROUP
+    | 0x0400_0000 // NEWUTS
+    | 0x0800_0000 // NEWIPC
+    | 0x1000_0000 // NEWUSER
+    | 0x2000_0000 // NEWPID
+    | 0x4000_0000 // NEWNET
+    | 0x0000_0080; // NEWTIME
+const TIOCSTI: u32 = 0x5412;
+const TIOCLINUX: u32 = 0x541c;
+const ALLOWED_FAMILIES: [u32; 4] = [
+    1,  /* UNIX */
+    2,  /* INET */
+    10, /* INET6 */
+    16, /* NETLINK */
+];
+
+/// One classic BPF instruction, laid out as `struct sock_filter`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SockFilter {
+    pub code: u16,
+    pub jt: u8,
+    pub jf: u8,
+    pub k: u32,
+}
+
+const fn stmt(code: u16, k: u32) -> SockFilter {
+    SockFilter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> SockFilter {
+    SockFilter { code, jt, jf, k }
+}
+
+#[derive(Debug)]
+struct Tables {
+    generic: Vec<(Sysno, String)>,
+    never: BTreeMap<Sysno, String>,
+    denied: BTreeMap<Sysno, String>,
+}
+
+fn parse_section(text: &str, section: &str) -> Vec<(Sysno, String)> {
+    let table: toml::Table = toml::from_str(text).unwrap_or_default();
+    let Some(toml::Value::Table(t)) = table.get(section) else {
+        return Vec::new();
+    };
+    t.iter()
+        .filter_map(|(name, why)| {
+            // Names the architecture lacks are skipped (documented in the table header).
+            Sysno::from_str(name)
+                .ok()
+                .map(|s| (s, why.as_str().unwrap_or_default().to_string()))
+        })
+        .collect()
+}
+
+fn tables() -> &'static Tables {
+    static T: OnceLock<Tables> = OnceLock::new();
+    T.get_or_init(|| Tables {
+        generic: parse_section(GENERIC, "syscalls"),
+        never: parse_section(DENYLIST, "never").into_iter().collect(),
+        denied: parse_section(DENYLIST, "denied").into_iter().collect(),
+    })
+}
+
+/// Why `sysno` may never be added to a profile's allow-list, if it may not.
+pub fn never_allowed(sysno: Sysno) -> Option<&'static str> {
+    tables().never.get(&sysno).map(String::as_str)
+}
+
+/// The generic base set with the reason for each entry (for `corral profile show`, docs, tests).
+pub fn generic_base() -> &'static [(Sysno, String)] {
+    &tables().generic
+}
+
+/// What the filter must express for one launch.
+#[derive(Debug, Clone)]
+pub struct FilterSpec {
+    /// Allow-list (true) or deny-list (false).
+    pub strict: bool,
+    /// Extra calls: added to the allow-list, or removed from the deny-list's `[denied]` part.
+    pub extra: Vec<Sysno>,
+    /// Whether processes may be created (`max_child_processes > 0`).
+    pub allow_processes: bool,
+    pub denied_action: DeniedAction,
+}
+
+/// Compiles `spec` into a BPF program ready for `seccomp(SECCOMP_SET_MODE_FILTER)`.
+pub fn compile(spec: &FilterSpec) -> Vec<SockFilter> {
+    let t = tables();
+    let deny = match spec.denied_action {
+        DeniedAction::Errno => ret_errno(libc::EPERM),
+        DeniedAction::Kill => RET_KILL_PROCESS,
+    };
+    let mut prog = vec![
+        stmt(BPF_LD_W_ABS, OFF_ARCH),
+        jump(BPF_JEQ_K, AUDIT_ARCH, 1, 0),
+        stmt(BPF_RET_K, RET_KILL_PROCESS),
+        stmt(BPF_LD_W_ABS, OFF_NR),
+    ];
+    if let Some(bit) = X32_SYSCALL_BIT {
+        prog.push(jump(BPF_JGE_K, bit, 0, 1));
+        prog.push(stmt(BPF_RET_K, RET_KILL_PROCESS));
+    }
+
+    // clone: namespace flags never; processes only when allowed.
+    let mut clone = vec![
+        stmt(BPF_LD_W_ABS, off_arg_lo(0)),
+        jump(BPF_JSET_K, CLONE_NS_FLAGS, 0, 1),
+        stmt(BPF_RET_K, deny),
+    ];
+    if spec.allow_processes {
+        clone.push(stmt(BPF_RET_K, RET_ALLOW));
+    } else {
+        clone.push(jump(BPF_JSET_K, CLONE_THREAD, 0, 1));
+        clone.push(stmt(BPF_RET_K, RET_ALLOW));
+        clone.push(stmt(BPF_RET_K, deny));
+    }
+    push_block(&mut prog, Sysno::clone, clone);
+    push_ret(&mut prog, Sysno::clone3, ret_errno(libc::ENOSYS));
+    for fork in ["fork", "vfork"] {
+        if let Ok(s) = Sysno::from_str(fork) {
+            push_ret(
+                &mut prog,
+                s,
+                if spec.allow_processes {
+                    RET_ALLOW
+                } else {
+                    deny
+                },
+            );
+        }
+    }
+    // ioctl: no terminal input injection.
+    push_block(
+        &mut prog,
+        Sysno::ioctl,
+        vec![
+            stmt(BPF_LD_W_ABS, off_arg_lo(1)),
+            jump(BPF_JEQ_K, TIOCSTI, 0, 1),
+            stmt(BPF_RET_K, deny),
+            jump(BPF_JEQ_K, TIOCLINUX, 0, 1),
+            stmt(BPF_RET_K, deny),
+            stmt(BPF_RET_K, RET_ALLOW),
+        ],
+    );
+    // socket families.
+    for call in [Sysno::socket, Sysno::socketpair] {
+        let mut b = vec![stmt(BPF_LD_W_ABS, off_arg_lo(0))];
+        for fam in ALLOWED_FAMILIES {
+            b.push(jump(BPF_JEQ_K, fam, 0, 1));
+            b.push(stmt(BPF_RET_K, RET_ALLOW));
+        }
+        b.push(stmt(BPF_RET_K, deny));
+        push_block(&mut prog, call, b);
+    }
+
+    let special = |s: Sysno| {
+        matches!(
+            s,
+            Sysno::clone | Sysno::clone3 | Sysno::ioctl | Sysno::socket | Sysno::socketpair
+        ) || ["fork", "vfork"].contains(&s.name())
+    };
+    if spec.strict {
+        let mut allowed: Vec<Sysno> = t.generic.iter().map(|(s, _)| *s).collect();
+        allowed.extend(
+            spec.extra
+                .iter()
+                .copied()
+                .filter(|s| !t.never.contains_key(s)),
+        );
+        allowed.sort();
+        allowed.dedup();
+        for s in allowed.into_iter().filter(|s| !special(*s)) {
+            push_ret(&mut prog, s, RET_ALLOW);
+        }
+        prog.push(stmt(BPF_RET_K, deny));
+    } else {
+        let mut denied: Vec<Sysno> = t.never.keys().copied().collect();
+        denied.extend(t.denied.keys().copied().filter(|s| !spec.extra.contains(s)));
+        denied.sort();
+        denied.dedup();
+        for s in denied.into_iter().filter(|s| !special(*s)) {
+            push_ret(&mut prog, s, deny);
+        }
+        prog.push(stmt(BPF_RET_K, RET_ALLOW));
+    }
+    prog
+}
+
+fn push_ret(prog: &mut Vec<SockFilter>, s: Sysno, ret: u32) {
+    prog.push(jump(BPF_JEQ_K, s.id() as u32, 0, 1));
+    prog.push(stmt(BPF_RET_K, ret));
+}
+
+/// `if nr == s { block }`; every path through `block` must end in a return.
+fn push_block(prog: &mut Vec<SockFilter>, s: Sysno, block: Vec<SockFilter>) {
+    debug_assert!(block.last().is_some_and(|i| i.code == BPF_RET_K));
+    let len = u8::try_from(block.len()).unwrap_or(u8::MAX);
+    prog.push(jump(BPF_JEQ_K, s.id() as u32, 0, len));
+    prog.extend(block);
+}
+
+/// Runs `prog` on one syscall the way the kernel would (for tests and `profile show`).
+pub fn evaluate(prog: &[SockFilter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
+    let mut data = [0u8; 64];
+    data[0..4].copy_from_slice(&nr.to_ne_bytes());
+    data[4..8].copy_from_slice(&arch.to_ne_bytes());
+    for (i, a) in args.iter().enumerate() {
+        data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_ne_bytes());
+    }
+    let mut acc: u32 = 0;
+    let mut pc = 0usize;
+    while let Some(ins) = prog.get(pc) {
+        match ins.code {
+            BPF_LD_W_ABS => {
+                let o = ins.k as usize;
+                acc = u32::from_ne_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
+                pc += 1;
+            }
+            BPF_RET_K => return ins.k,
+            code => {
+                let taken = match code {
+                    BPF_JEQ_K => acc == ins.k,
+                    BPF_JGE_K => acc >= ins.k,
+                    BPF_JSET_K => acc & ins.k != 0,
+                    _ => return RET_KILL_PROCESS,
+                };
+                pc += 1 + usize::from(if taken { ins.jt } else { ins.jf });
+            }
+        }
+    }
+    RET_KILL_PROCESS
+}
+
+/// The native audit architecture value the filter accepts.
+pub const fn native_arch() -> u32 {
+    AUDIT_ARCH
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(strict: bool, allow_processes: bool) -> FilterSpec {
+        FilterSpec {
+            strict,
+            extra: vec![],
+            allow_processes,
+            denied_action: DeniedAction::Errno,
+        }
+    }
+    fn run(prog: &[SockFilter], s: Sysno, args: [u64; 6]) -> u32 {
+        evaluate(prog, native_arch(), s.id() as u32, args)
+    }
+    const EPERM: u32 = ret_errno(libc::EPERM);
+
+    #[test]
+    fn every_table_name_is_a_real_syscall_here() {
+        for (text, section) in [
+            (GENERIC, "syscalls"),
+            (DENYLIST, "never"),
+            (DENYLIST, "denied"),
+        ] {
+            let table: toml::Table = toml::from_str(text).unwrap();
+            let t = table[section].as_table().unwrap();
+            for (name, why) in t {
+                assert!(!why.as_str().unwrap().is_empty(), "{name} has no reason");
+                #[cfg(target_arch = "x86_64")]
+                assert!(
+                    Sysno::from_str(name).is_ok() || name == "_sysctl" || name == "nfsservctl",
+                    "unknown syscall {name} in {section}"
+                );
+            }
+        }
+        let base: Vec<_> = generic_base().iter().map(|(s, _)| *s).collect();
+        for s in tables().never.keys() {
+            assert!(
+                !base.contains(s),
+                "{s} is both in the base set and never-allowed"
+            );
+        }
+    }
+
+    #[test]
+    fn strict_filter_allows_base_and_denies_the_rest() {
+        let p = compile(&spec(true, false));
+        assert_eq!(run(&p, Sysno::read, [0; 6]), RET_ALLOW);
+        assert_eq!(run(&p, Sysno::futex, [0; 6]), RET_ALLOW);
+        for s in [
+            Sysno::mount,
+            Sysno::ptrace,
+            Sysno::bpf,
+            Sysno::unshare,
+            Sysno::add_key,
+            Sysno::perf_event_open,
+            Sysno::init_module,
+        ] {
+            assert_eq!(run(&p, s, [0; 6]), EPERM, "{s}");
+        }
+        assert_eq!(run(&p, Sysno::clone3, [0; 6]), ret_errno(libc::ENOSYS));
+        // threads yes, processes no, namespaces never
+        assert_eq!(
+            run(&p, Sysno::clone, [0x003d_0f00, 0, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        assert_eq!(
+            run(&p, Sysno::clone, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(run(&p, Sysno::clone, [0x1001_0000, 0, 0, 0, 0, 0]), EPERM);
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(run(&p, Sysno::fork, [0; 6]), EPERM);
+            assert_eq!(
+                evaluate(&p, native_arch(), 0x4000_0000 | 39, [0; 6]),
+                RET_KILL_PROCESS,
+                "x32"
+            );
+        }
+        assert_eq!(
+            evaluate(&p, 0x4000_0003 /* i386 */, 0, [0; 6]),
+            RET_KILL_PROCESS
+        );
+        assert_eq!(
+            run(&p, Sysno::ioctl, [0, u64::from(TIOCSTI), 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(
+            run(&p, Sysno::ioctl, [0, 0x5401 /* TCGETS */, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        assert_eq!(
+            run(&p, Sysno::socket, [40 /* AF_VSOCK */, 1, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(run(&p, Sysno::socket, [1, 1, 0, 0, 0, 0]), RET_ALLOW);
+    }
+
+    #[test]
+    fn extras_and_processes_and_kill_action() {
+        let mut s = spec(true, true);
+        s.extra = vec![Sysno::personality, Sysno::mount];
+        s.denied_action = DeniedAction::Kill;
+        let p = compile(&s);
+        assert_eq!(run(&p, Sysno::personality, [0; 6]), RET_ALLOW);
+        assert_eq!(
+            run(&p, Sysno::mount, [0; 6]),
+            RET_KILL_PROCESS,
+            "never-allowed extras are ignored"
+        );
+        assert_eq!(
+            run(&p, Sysno::clone, [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
+        assert_eq!(
+            run(
+                &p,
+                Sysno::clone,
+                [0x1000_0000 | libc::SIGCHLD as u64, 0, 0, 0, 0, 0]
+            ),
+            RET_KILL_PROCESS
+        );
+    }
+
+    #[test]
+    fn denylist_filter_denies_dangerous_and_allows_the_rest() {
+        let mut s = spec(false, false);
+        s.extra = vec![Sysno::personality];
+        let p = compile(&s);
+        assert_eq!(run(&p, Sysno::read, [0; 6]), RET_ALLOW);
+        assert_eq!(run(&p, Sysno::mq_open, [0; 6]), RET_ALLOW);
+        assert_eq!(run(&p, Sysno::personality, [0; 6]), RET_ALLOW);
+        for sc in [
+            Sysno::mount,
+            Sysno::setns,
+            Sysno::kexec_load,
+            Sysno::io_uring_setup,
+            Sysno::keyctl,
+            Sysno::clock_settime,
+        ] {
+            assert_eq!(run(&p, sc, [0; 6]), EPERM, "{sc}");
+        }
+    }
+}
