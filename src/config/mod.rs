@@ -122,7 +122,7 @@ impl Config {
                     .map_err(|e| ConfigError::Invalid {
                         file: file.clone(),
                         key: e.path().to_string(),
-                        message: e.into_inner().to_string(),
+                        message: crate::profile::serde_message(e.into_inner()),
                     })?;
                 (raw, file)
             }
@@ -259,7 +259,7 @@ fn compile(
             .map_err(|e| ConfigError::Invalid {
                 file: catfile.clone(),
                 key: e.path().to_string(),
-                message: e.into_inner().to_string(),
+                message: crate::profile::serde_message(e.into_inner()),
             })?;
         for (i, m) in parsed.models.into_iter().enumerate() {
             let id = m.id.clone();

@@ -310,6 +310,16 @@ impl ProfileRegistry {
     }
 }
 
+/// A serde error's message without the location suffix toml adds (the key path says it).
+pub(crate) fn serde_message(e: toml::de::Error) -> String {
+    let m = e.message().to_string();
+    m.split("\nin `")
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn validate_name(name: &str) -> std::result::Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -419,5 +429,33 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn same_name_inline_and_in_directory_is_an_error_and_dir_overrides_builtin() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("fast.toml"),
+            "[resources]\nmax_cpu_cores = 1.0\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("secure.toml"),
+            "[resources]\nmax_memory_mb = 333\n",
+        )
+        .unwrap();
+        let reg = ProfileRegistry::load(Some(dir.path()), &BTreeMap::new(), None).unwrap();
+        assert_eq!(reg.resolve("fast").unwrap().max_cpu_cores, 1.0);
+        assert_eq!(
+            reg.resolve("secure").unwrap().max_memory_mb,
+            333,
+            "directory overrides the built-in"
+        );
+        let mut inline = BTreeMap::new();
+        inline.insert("fast".to_string(), toml::Table::new());
+        let err = ProfileRegistry::load(Some(dir.path()), &inline, Some(Path::new("c.toml")))
+            .unwrap_err();
+        assert!(matches!(err, ProfileError::Duplicate { .. }), "{err}");
+        assert!(err.to_string().contains("fast.toml"), "{err}");
     }
 }

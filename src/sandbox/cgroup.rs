@@ -649,7 +649,7 @@ mod tests {
             fs::read_to_string(own.join("corral/cgroup.subtree_control")).unwrap(),
             "+memory +cpu +pids"
         );
-        assert_eq!(cg.dirs(), &[dir.clone()]);
+        assert_eq!(cg.dirs(), std::slice::from_ref(&dir));
         // remove() must tolerate regular files a fake tree has; the real kernel has none.
         for f in ["memory.max", "cpu.max", "pids.max"] {
             fs::remove_file(dir.join(f)).unwrap();

@@ -728,11 +728,12 @@ unsafe fn fs_op(spec: &ChildSpec, op: &ChildOp) -> bool {
                 mountpoint,
             } => {
                 match mountpoint {
-                    Some(true) => {
-                        if libc::mkdir(dst.as_ptr(), 0o755) != 0 && errno() != libc::EEXIST {
-                            return false;
-                        }
+                    Some(true)
+                        if libc::mkdir(dst.as_ptr(), 0o755) != 0 && errno() != libc::EEXIST =>
+                    {
+                        return false;
                     }
+                    Some(true) => {}
                     Some(false) => {
                         let fd = libc::open(
                             dst.as_ptr(),

@@ -57,10 +57,11 @@ impl Default for SandboxConfig {
 pub enum SandboxError {
     #[error("the sandbox needs root on the host (to build namespaces, mounts and cgroups); run corral as root")]
     NotRoot,
-    #[error("profile '{profile}' cannot be enforced on this host: {}; fix the host, or set enforcement = \"best_effort\" in the profile to run without these layers", layers.join("; "))]
+    #[error("profile '{profile}' cannot be enforced on this host: {}; {hint}", layers.join("; "))]
     Unenforceable {
         profile: String,
         layers: Vec<String>,
+        hint: &'static str,
     },
     #[error("no command given")]
     EmptyCommand,

@@ -278,6 +278,11 @@ pub fn plan(
         return Err(SandboxError::Unenforceable {
             profile: profile.name.clone(),
             layers: fatal.iter().map(|d| d.to_string()).collect(),
+            hint: if unimplemented {
+                "change the profile"
+            } else {
+                "fix the host, or set enforcement = \"best_effort\" in the profile to run without these layers"
+            },
         });
     }
     for d in &degradations {
@@ -351,14 +356,69 @@ pub fn plan(
         }
     }
 
+    // System mounts join the same path-ordered tree, so a read or write path below /tmp is
+    // bound on top of the private /tmp rather than hidden by it.
+    tree.nodes.insert("/proc".into(), Node::Proc);
+    tree.nodes.insert(
+        "/proc/sys".into(),
+        Node::Bind {
+            writable: false,
+            is_dir: true,
+            exec: false,
+            dev: false,
+        },
+    );
+    rules.push(("/proc".into(), landlock::READ));
+    tree.nodes.insert(
+        "/dev".into(),
+        Node::Tmpfs {
+            size_bytes: 64 * 1024,
+            mode: 0o755,
+        },
+    );
+    for node in ["null", "zero", "full", "random", "urandom"] {
+        let p = Path::new("/dev").join(node);
+        tree.nodes.insert(
+            p.clone(),
+            Node::Bind {
+                writable: true,
+                is_dir: false,
+                exec: false,
+                dev: true,
+            },
+        );
+        rules.push((
+            p,
+            landlock::ACCESS_FS_READ_FILE | landlock::ACCESS_FS_WRITE_FILE,
+        ));
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        tree.nodes
+            .insert(Path::new("/dev").join(name), Node::Symlink(target.into()));
+    }
+    if profile.allow_temp_files {
+        let size_bytes = profile.max_disk_mb * 1024 * 1024;
+        for dir in ["/dev/shm", "/tmp"] {
+            tree.nodes.insert(
+                dir.into(),
+                Node::Tmpfs {
+                    size_bytes,
+                    mode: 0o1777,
+                },
+            );
+            rules.push((dir.into(), landlock::WRITE));
+        }
+    }
     let mut ops = tree.into_ops();
-    // System mounts: fresh /proc, minimal /dev, private /tmp.
-    ops.push(FsOp::Dir {
-        path: "/proc".into(),
+    ops.push(FsOp::ReadOnly {
+        path: "/dev".into(),
     });
-    ops.push(FsOp::Proc {
-        path: "/proc".into(),
-    });
+    // Kernel interfaces a sandbox has no business reading, hidden as Docker does.
     for f in [
         "kcore",
         "keys",
@@ -383,112 +443,20 @@ pub fn plan(
             });
         }
     }
-    ops.push(FsOp::Bind {
-        src: "/proc/sys".into(),
-        path: "/proc/sys".into(),
-        writable: false,
-        is_dir: true,
-        exec: false,
-        dev: false,
-        needs_mountpoint: false,
-    });
-    rules.push(("/proc".into(), landlock::READ));
-    ops.push(FsOp::Dir {
-        path: "/dev".into(),
-    });
-    ops.push(FsOp::Tmpfs {
-        path: "/dev".into(),
-        size_bytes: 64 * 1024,
-        mode: 0o755,
-        readonly: false,
-    });
-    for node in ["null", "zero", "full", "random", "urandom"] {
-        let p = Path::new("/dev").join(node);
-        ops.push(FsOp::Bind {
-            src: p.clone(),
-            path: p.clone(),
-            writable: true,
-            is_dir: false,
-            exec: false,
-            dev: true,
-            needs_mountpoint: true,
-        });
-        rules.push((
-            p,
-            landlock::ACCESS_FS_READ_FILE | landlock::ACCESS_FS_WRITE_FILE,
-        ));
-    }
-    for (name, target) in [
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
-        ops.push(FsOp::Symlink {
-            path: Path::new("/dev").join(name),
-            target: target.into(),
-        });
-    }
-    if profile.allow_temp_files {
-        let size = profile.max_disk_mb * 1024 * 1024;
-        ops.push(FsOp::Dir {
-            path: "/dev/shm".into(),
-        });
-        ops.push(FsOp::Tmpfs {
-            path: "/dev/shm".into(),
-            size_bytes: size,
-            mode: 0o1777,
-            readonly: false,
-        });
-        rules.push(("/dev/shm".into(), landlock::WRITE));
-        ops.push(FsOp::Dir {
-            path: "/tmp".into(),
-        });
-        ops.push(FsOp::Tmpfs {
-            path: "/tmp".into(),
-            size_bytes: size,
-            mode: 0o1777,
-            readonly: false,
-        });
-        rules.push(("/tmp".into(), landlock::WRITE));
-    }
-    ops.push(FsOp::ReadOnly {
-        path: "/dev".into(),
-    });
-    // Denied paths: masked wherever they are visible (inside a bound tree, or system mounts).
+    // Denied paths: masked wherever they are visible in the sandbox (inside a bound tree, or in
+    // its own /proc, /dev or /tmp); elsewhere they are not in the sandbox at all.
     for d in &profile.denied_paths {
-        let visible = d.starts_with("/proc")
-            || d.starts_with("/dev")
-            || d.starts_with("/tmp")
-            || ops.iter().any(
-                |op| matches!(op, FsOp::Bind { path, is_dir: true, .. } if d.starts_with(path)),
-            );
-        if !visible {
+        let under_bind = ops
+            .iter()
+            .any(|op| matches!(op, FsOp::Bind { path, .. } if d.starts_with(path)));
+        let system = d.starts_with("/proc") || d.starts_with("/dev") || d == Path::new("/tmp");
+        if !under_bind && !system {
             continue;
         }
-        let meta = if d.starts_with("/proc") || d.starts_with("/dev") || d.starts_with("/tmp") {
-            None
-        } else {
-            fs::symlink_metadata(d).ok()
-        };
-        match meta {
-            Some(m) if m.is_dir() => ops.push(FsOp::MaskDir { path: d.clone() }),
-            Some(_) => ops.push(FsOp::MaskFile { path: d.clone() }),
-            None if d.starts_with("/proc") || d.starts_with("/dev") || d.starts_with("/tmp") => {
-                // Inside the sandbox's own mounts: masked by what it is in the sandbox.
-                ops.push(
-                    if d == Path::new("/proc")
-                        || d == Path::new("/dev")
-                        || d == Path::new("/tmp")
-                        || d.starts_with("/proc/sys")
-                    {
-                        FsOp::MaskDir { path: d.clone() }
-                    } else {
-                        FsOp::MaskFile { path: d.clone() }
-                    },
-                );
-            }
-            None => {}
+        match fs::symlink_metadata(d) {
+            Ok(m) if m.is_dir() => ops.push(FsOp::MaskDir { path: d.clone() }),
+            Ok(_) => ops.push(FsOp::MaskFile { path: d.clone() }),
+            Err(_) => {} // absent: nothing to hide
         }
     }
 
@@ -700,7 +668,13 @@ enum Node {
         writable: bool,
         is_dir: bool,
         exec: bool,
+        dev: bool,
     },
+    Tmpfs {
+        size_bytes: u64,
+        mode: u32,
+    },
+    Proc,
 }
 
 impl Tree {
@@ -801,6 +775,7 @@ impl Tree {
                             writable,
                             is_dir,
                             exec: false,
+                            dev: false,
                         },
                     );
                 }
@@ -812,6 +787,7 @@ impl Tree {
                         writable,
                         is_dir,
                         exec: false,
+                        dev: false,
                     },
                 );
             }
@@ -838,6 +814,7 @@ impl Tree {
                         writable: false,
                         is_dir: false,
                         exec: true,
+                        dev: false,
                     },
                 );
             }
@@ -879,21 +856,144 @@ impl Tree {
                     path: path.clone(),
                     target: target.clone(),
                 }),
+                Node::Tmpfs { size_bytes, mode } => {
+                    ops.push(FsOp::Dir { path: path.clone() });
+                    ops.push(FsOp::Tmpfs {
+                        path: path.clone(),
+                        size_bytes: *size_bytes,
+                        mode: *mode,
+                        readonly: false,
+                    });
+                }
+                Node::Proc => {
+                    ops.push(FsOp::Dir { path: path.clone() });
+                    ops.push(FsOp::Proc { path: path.clone() });
+                }
                 Node::Bind {
                     writable,
                     is_dir,
                     exec,
+                    dev,
                 } => ops.push(FsOp::Bind {
                     src: path.clone(),
                     path: path.clone(),
                     writable: *writable,
                     is_dir: *is_dir,
                     exec: *exec,
-                    dev: false,
+                    dev: *dev,
                     needs_mountpoint: covering.is_none(),
                 }),
             }
         }
         ops
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::ProfileRegistry;
+
+    fn host() -> HostSupport {
+        let mut h = HostSupport::probe();
+        h.is_root = true;
+        h.landlock_abi = Some(7);
+        h.seccomp = true;
+        h.user_namespaces = true;
+        let v1 = |p: &str| {
+            Some(super::super::cgroup::Hierarchy {
+                version: super::super::cgroup::Version::V1,
+                own_dir: p.into(),
+            })
+        };
+        h.cgroups.memory = v1("/sys/fs/cgroup/memory");
+        h.cgroups.cpu = v1("/sys/fs/cgroup/cpu");
+        h.cgroups.pids = v1("/sys/fs/cgroup/pids");
+        h
+    }
+
+    fn cmd() -> Command {
+        Command {
+            argv: vec!["/bin/true".into()],
+            ..Command::default()
+        }
+    }
+
+    #[test]
+    fn missing_layers_fail_closed_unless_best_effort() {
+        let reg = ProfileRegistry::builtin();
+        let secure = reg.resolve("secure").unwrap();
+        let mut h = host();
+        h.landlock_abi = None;
+        h.cgroups.memory = None;
+        let err = plan(&secure, &cmd(), &h, &SandboxConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("landlock: ") && err.contains("cgroup memory controller"),
+            "{err}"
+        );
+
+        let mut lenient = secure.clone();
+        lenient.enforcement = Enforcement::BestEffort;
+        let p = plan(&lenient, &cmd(), &h, &SandboxConfig::default()).unwrap();
+        assert!(p.landlock.is_none(), "skipped layer");
+        assert!(p.cgroup.memory_bytes.is_none());
+        assert!(p.seccomp.is_some(), "layers the host has stay on");
+        assert!(p
+            .degradations
+            .iter()
+            .any(|d| d.layer == "landlock" && !d.covered));
+    }
+
+    #[test]
+    fn old_landlock_is_covered_by_namespaces_except_for_full_network() {
+        let reg = ProfileRegistry::builtin();
+        let secure = reg.resolve("secure").unwrap();
+        let mut h = host();
+        h.landlock_abi = Some(3);
+        let p = plan(&secure, &cmd(), &h, &SandboxConfig::default()).unwrap();
+        assert!(
+            p.degradations.iter().all(|d| d.covered),
+            "{:?}",
+            p.degradations
+        );
+        let mut full = secure.clone();
+        full.network = NetworkAccessMode::Full;
+        let err = plan(&full, &cmd(), &h, &SandboxConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("landlock scopes"), "{err}");
+    }
+
+    #[test]
+    fn plan_binds_the_command_closure_and_nothing_executable_else() {
+        let reg = ProfileRegistry::builtin();
+        let secure = reg.resolve("secure").unwrap();
+        let p = plan(&secure, &cmd(), &host(), &SandboxConfig::default()).unwrap();
+        let (handled, rules) = p.landlock.clone().unwrap();
+        assert_ne!(handled.scoped, 0);
+        let exec: Vec<&PathBuf> = rules
+            .iter()
+            .filter(|(_, a)| a & landlock::ACCESS_FS_EXECUTE != 0)
+            .map(|(p, _)| p)
+            .collect();
+        assert!(exec.iter().any(|p| p.ends_with("true")), "{exec:?}");
+        assert!(
+            exec.iter().any(|p| p.to_string_lossy().contains("libc.so")),
+            "{exec:?}"
+        );
+        assert!(
+            exec.iter().all(|p| p.is_file()),
+            "execute only on files: {exec:?}"
+        );
+        // The private /tmp comes before anything bound below it.
+        let tmp = p
+            .fs_ops
+            .iter()
+            .position(|o| matches!(o, FsOp::Tmpfs { path, .. } if path == Path::new("/tmp")));
+        assert!(tmp.is_some());
+        assert_eq!(p.cgroup.pids, Some(32));
+        assert_eq!(p.cgroup.cpu, Some((200_000, 100_000)));
     }
 }

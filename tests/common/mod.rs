@@ -1,0 +1,154 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Helpers shared by the integration tests: the binaries under test, scratch trees the sandbox
+//! user can use, profile files, and running `corral sandbox exec`.
+#![allow(dead_code)]
+
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub const SANDBOX_UID: u32 = 61_000;
+
+pub fn corral() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_corral"))
+}
+
+/// The escape probe, built by `cargo test` as the example `escape-probe`.
+pub fn probe() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/examples/escape-probe
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("examples/escape-probe");
+    assert!(
+        p.exists(),
+        "escape probe not built at {} (cargo test builds examples)",
+        p.display()
+    );
+    p
+}
+
+/// A scratch tree: `ro/` (readable, with `ro/file` and a denied `ro/secret/`), `rw/` (owned by
+/// the sandbox user), and the outside (`outside.txt`), all reachable by the sandbox user.
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix("corral-test-")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path();
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(root.join("ro/secret")).unwrap();
+        std::fs::create_dir_all(root.join("ro/sub")).unwrap();
+        std::fs::write(root.join("ro/file"), "readable\n").unwrap();
+        std::fs::write(root.join("ro/secret/key"), "top secret\n").unwrap();
+        std::fs::write(root.join("outside.txt"), "outside\n").unwrap();
+        std::fs::create_dir(root.join("rw")).unwrap();
+        chown(root.join("rw"), Some(SANDBOX_UID), Some(SANDBOX_UID)).unwrap();
+        for p in ["ro", "ro/secret", "ro/sub"] {
+            std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        for p in ["ro/file", "ro/secret/key", "outside.txt"] {
+            std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        Scratch { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes a profile file (merged onto `secure` by corral) and returns its path.
+    pub fn profile(&self, name: &str, toml: &str) -> PathBuf {
+        let p = self.path(&format!("{name}.toml"));
+        std::fs::write(&p, toml).unwrap();
+        p
+    }
+
+    /// The standard escape-test profile: secure, plus the scratch ro/rw trees and /usr.
+    pub fn escape_profile(&self) -> PathBuf {
+        let root = self.dir.path().display();
+        self.profile(
+            "escape",
+            &format!(
+                r#"
+[resources]
+max_memory_mb = 128
+[filesystem]
+read_paths = ["{root}/ro", "/usr"]
+write_paths = ["{root}/rw"]
+denied_paths = ["{root}/ro/secret"]
+[process_limits]
+max_execution_time_seconds = 20
+max_threads = 16
+"#
+            ),
+        )
+    }
+}
+
+/// `corral sandbox exec --profile PROFILE -- ARGS...` with a clean config (no ./corral.toml).
+pub fn exec(profile: &Path, args: &[&str]) -> Output {
+    Command::new(corral())
+        .arg("--config")
+        .arg(empty_config())
+        .args(["sandbox", "exec", "--profile"])
+        .arg(profile)
+        .arg("--")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corral")
+}
+
+/// An empty corral.toml (so a developer's ./corral.toml or $CORRAL_CONFIG cannot interfere).
+pub fn empty_config() -> PathBuf {
+    let p = std::env::temp_dir().join("corral-test-empty.toml");
+    if !p.exists() {
+        std::fs::write(&p, "").unwrap();
+    }
+    p
+}
+
+/// One probe attempt: runs `escape-probe CHECK ARGS` in the sandbox and parses its JSON line.
+pub fn probe_check(profile: &Path, check: &[&str]) -> (serde_json::Value, Output) {
+    let probe = probe();
+    let mut args = vec![probe.to_str().unwrap()];
+    args.extend_from_slice(check);
+    let out = exec(profile, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let v = serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "probe {check:?}: no JSON ({e}); status {:?}\nstdout: {stdout}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (v, out)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Directories of sandbox cgroups (`<hierarchy>/<own>/corral/*`) on this host.
+pub fn sandbox_cgroups() -> Vec<PathBuf> {
+    let host = corral::sandbox::cgroup::CgroupHost::detect();
+    let mut out = Vec::new();
+    for h in [&host.memory, &host.cpu, &host.pids, &host.io]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(rd) = std::fs::read_dir(h.own_dir.join("corral")) {
+            out.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+    }
+    out
+}
