@@ -161,6 +161,10 @@ impl ProfileRegistry {
                 );
             }
         }
+        // The directory overrides built-ins; inline profiles come last (and may not collide).
+        for (name, entry) in &from_dir {
+            reg.entries.insert(name.clone(), entry.clone());
+        }
         let config_path = config_path
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("corral.toml"));
@@ -187,9 +191,6 @@ impl ProfileRegistry {
                     table: table.clone(),
                 },
             );
-        }
-        for (name, entry) in from_dir {
-            reg.entries.entry(name).or_insert(entry);
         }
         Ok(reg)
     }
