@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
-# Build corral and show what it does on this host: what can be enforced, then a program run
-# inside the `secure` sandbox.
+# Build corral, fetch the default model if absent, and answer a prompt with SmolLM2 running in
+# the `secure` sandbox. Pass your own prompt as arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --bin corral
-corral=./target/release/corral
-"$corral" doctor || true
-echo
-echo "\$ corral sandbox exec --profile secure -- /usr/bin/id"
-"$corral" sandbox exec --profile secure -- /usr/bin/id
-echo "\$ corral sandbox exec --profile secure -- /bin/ls /"
-"$corral" sandbox exec --profile secure -- /bin/ls /
+cargo build --release --bin corral --bin corral-runner
+scripts/fetch-model.sh
+prompt=${*:-"What are the three primary colors?"}
+./target/release/corral run "$prompt"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: installs what it needs, then runs every test in
-# the release profile (the same profile as the binaries, so dependencies build once).
+# The whole test suite, from a fresh machine: builds everything once in the release profile
+# (the binaries and the tests share it, so dependencies build once), fetches the default model if
+# absent (the runner tests need the real weights and fail without them), then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,4 +10,6 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+cargo build --release --workspace --all-targets
+scripts/fetch-model.sh
 cargo test --release --workspace --all-targets "$@"

@@ -6,13 +6,17 @@
 //! - [`sandbox`]: profile -> enforced child process (namespaces, mounts, Landlock, seccomp,
 //!   cgroups, capabilities, rlimits), and the host probe behind `corral doctor`.
 //! - [`catalog`]: model definitions and allow lists.
+//! - [`slm`]: model files and the supervisor's side of a sandboxed `corral-runner`.
+//! - [`confidence`]: scores in [0, 1] from per-token log-probabilities.
 //! - [`commands`]: what each CLI subcommand does, callable from tests.
 
 pub mod catalog;
 pub mod commands;
+pub mod confidence;
 pub mod config;
 pub mod profile;
 pub mod sandbox;
+pub mod slm;
 
 /// Every error corral's library returns.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +27,8 @@ pub enum Error {
     Profile(#[from] profile::ProfileError),
     #[error(transparent)]
     Sandbox(#[from] sandbox::SandboxError),
+    #[error(transparent)]
+    Runner(#[from] slm::runner::RunnerError),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -35,6 +41,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Sandbox(sandbox::SandboxError::CommandNotFound { .. }) => 127,
+            Error::Runner(_) => 1,
             Error::Sandbox(sandbox::SandboxError::NotExecutable { .. }) => 126,
             Error::Config(_) | Error::Profile(_) | Error::Usage(_) => 2,
             _ => 125,

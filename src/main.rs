@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use corral::commands::{doctor, profile, sandbox_exec};
+use corral::commands::{doctor, models, profile, run as run_cmd, sandbox_exec};
 use corral::config::{Config, LogFormat, Sources};
 
 #[derive(Debug, Parser)]
@@ -30,6 +30,38 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Answer a prompt with a local model running in its sandbox (streams the answer; a summary
+    /// line with model, profile, tokens, timings and confidence goes to stderr)
+    Run {
+        /// Model id from the catalog (default: smollm2-135m-instruct)
+        #[arg(long, short = 'm', value_name = "ID")]
+        model: Option<String>,
+        /// Sandbox profile name or path (default: the model's, else slm.default_sandbox_profile)
+        #[arg(long, short = 'p', value_name = "NAME|PATH")]
+        profile: Option<String>,
+        /// Sampling temperature; 0 is greedy
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling threshold
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Seed for sampling
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Most tokens to generate
+        #[arg(long, default_value_t = 256)]
+        max_tokens: u32,
+        /// A system message
+        #[arg(long)]
+        system: Option<String>,
+        /// Print one JSON object (text, model, profile, confidence, usage, timings, finish_reason)
+        #[arg(long)]
+        json: bool,
+        prompt: String,
+    },
+    /// List or fetch models of the catalog
+    #[command(subcommand)]
+    Models(ModelsCmd),
     /// Run programs inside a sandbox
     #[command(subcommand)]
     Sandbox(SandboxCmd),
@@ -73,6 +105,14 @@ enum SandboxCmd {
         #[arg(required = true, value_name = "CMD")]
         argv: Vec<OsString>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCmd {
+    /// Catalog models and whether their files are present
+    List,
+    /// Download a model from the Hugging Face hub and verify its sha256
+    Pull { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,6 +189,32 @@ fn run(cli: Cli) -> Result<i32, corral::Error> {
             )
         }
         Cmd::Doctor { json } => doctor::run(&config, json),
+        Cmd::Run {
+            model,
+            profile,
+            temperature,
+            top_p,
+            seed,
+            max_tokens,
+            system,
+            json,
+            prompt,
+        } => run_cmd::run(
+            &config,
+            &run_cmd::RunArgs {
+                model,
+                profile,
+                temperature,
+                top_p,
+                seed,
+                max_tokens,
+                system,
+                json,
+                prompt,
+            },
+        ),
+        Cmd::Models(ModelsCmd::List) => models::list(&config),
+        Cmd::Models(ModelsCmd::Pull { id }) => models::pull(&config, &id),
         Cmd::Profile(ProfileCmd::Check { names }) => profile::check(&config, &names),
         Cmd::Profile(ProfileCmd::Show { name, json }) => profile::show(&config, &name, json),
         Cmd::Config {

@@ -248,10 +248,7 @@ fn nothing_left_behind_and_stale_cgroups_swept() {
         },
         "the orphaned sandbox to die",
     );
-    assert!(
-        dirs.iter().any(|d| d.exists()),
-        "expected a stale cgroup to sweep"
-    );
+    // The next launch (ours below, or one from a test running in parallel) sweeps it.
     let out = exec(&p, &["/bin/true"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(

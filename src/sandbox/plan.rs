@@ -31,6 +31,10 @@ pub struct Command {
     pub extra_read: Vec<PathBuf>,
     /// Force an empty network namespace whatever the profile says (model runners).
     pub force_no_network: bool,
+    /// The reviewed allow-list strict profiles start from.
+    pub seccomp_base: seccomp::Base,
+    /// Calls the program needs beyond its base set (never those of the `[never]` table).
+    pub extra_syscalls: Vec<syscalls::Sysno>,
 }
 
 /// A layer the host cannot enforce as the profile asks.
@@ -482,9 +486,12 @@ pub fn plan(
         (handled, rules)
     });
     let seccomp = (!skipped("seccomp")).then(|| {
+        let mut extra = profile.allowed_syscalls.clone();
+        extra.extend(cmd.extra_syscalls.iter().copied());
         seccomp::compile(&FilterSpec {
+            base: cmd.seccomp_base,
             strict: profile.strict_syscall_filtering,
-            extra: profile.allowed_syscalls.clone(),
+            extra,
             allow_processes: profile.max_child_processes > 0,
             denied_action: profile.seccomp_denied_action,
         })

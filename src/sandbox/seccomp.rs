@@ -21,6 +21,7 @@ use syscalls::Sysno;
 use crate::profile::schema::DeniedAction;
 
 const GENERIC: &str = include_str!("../../profiles/seccomp/generic.toml");
+const RUNNER: &str = include_str!("../../profiles/seccomp/runner.toml");
 const DENYLIST: &str = include_str!("../../profiles/seccomp/denylist.toml");
 
 // Classic BPF opcodes (linux/bpf_common.h).
@@ -96,6 +97,7 @@ const fn jump(code: u16, k: u32, jt: u8, jf: u8) -> SockFilter {
 #[derive(Debug)]
 struct Tables {
     generic: Vec<(Sysno, String)>,
+    runner: Vec<(Sysno, String)>,
     never: BTreeMap<Sysno, String>,
     denied: BTreeMap<Sysno, String>,
 }
@@ -119,6 +121,7 @@ fn tables() -> &'static Tables {
     static T: OnceLock<Tables> = OnceLock::new();
     T.get_or_init(|| Tables {
         generic: parse_section(GENERIC, "syscalls"),
+        runner: parse_section(RUNNER, "syscalls"),
         never: parse_section(DENYLIST, "never").into_iter().collect(),
         denied: parse_section(DENYLIST, "denied").into_iter().collect(),
     })
@@ -134,9 +137,20 @@ pub fn generic_base() -> &'static [(Sysno, String)] {
     &tables().generic
 }
 
+/// Which reviewed allow-list a strict filter starts from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Base {
+    /// `generic.toml`: ordinary programs.
+    #[default]
+    Generic,
+    /// `runner.toml`: corral-runner, the model worker.
+    Runner,
+}
+
 /// What the filter must express for one launch.
 #[derive(Debug, Clone)]
 pub struct FilterSpec {
+    pub base: Base,
     /// Allow-list (true) or deny-list (false).
     pub strict: bool,
     /// Extra calls: added to the allow-list, or removed from the deny-list's `[denied]` part.
@@ -205,8 +219,12 @@ pub fn compile(spec: &FilterSpec) -> Vec<SockFilter> {
             stmt(BPF_RET_K, RET_ALLOW),
         ],
     );
-    // socket families.
+    // socket families (a runner gets no sockets at all).
     for call in [Sysno::socket, Sysno::socketpair] {
+        if spec.strict && spec.base == Base::Runner {
+            push_ret(&mut prog, call, deny);
+            continue;
+        }
         let mut b = vec![stmt(BPF_LD_W_ABS, off_arg_lo(0))];
         for fam in ALLOWED_FAMILIES {
             b.push(jump(BPF_JEQ_K, fam, 0, 1));
@@ -223,7 +241,11 @@ pub fn compile(spec: &FilterSpec) -> Vec<SockFilter> {
         ) || ["fork", "vfork"].contains(&s.name())
     };
     if spec.strict {
-        let mut allowed: Vec<Sysno> = t.generic.iter().map(|(s, _)| *s).collect();
+        let base = match spec.base {
+            Base::Generic => &t.generic,
+            Base::Runner => &t.runner,
+        };
+        let mut allowed: Vec<Sysno> = base.iter().map(|(s, _)| *s).collect();
         allowed.extend(
             spec.extra
                 .iter()
@@ -305,6 +327,7 @@ mod tests {
 
     fn spec(strict: bool, allow_processes: bool) -> FilterSpec {
         FilterSpec {
+            base: Base::Generic,
             strict,
             extra: vec![],
             allow_processes,
@@ -441,6 +464,33 @@ mod tests {
             Sysno::clock_settime,
         ] {
             assert_eq!(run(&p, sc, [0; 6]), EPERM, "{sc}");
+        }
+    }
+
+    #[test]
+    fn runner_filter_has_no_network_and_no_file_changes() {
+        let p = compile(&FilterSpec {
+            base: Base::Runner,
+            ..spec(true, false)
+        });
+        for s in [
+            Sysno::socket,
+            Sysno::connect,
+            Sysno::unlink,
+            Sysno::mkdir,
+            Sysno::rename,
+            Sysno::kill,
+            Sysno::execveat,
+        ] {
+            assert_eq!(run(&p, s, [1, 1, 0, 0, 0, 0]), EPERM, "{s}");
+        }
+        for s in [
+            Sysno::read,
+            Sysno::futex,
+            Sysno::openat,
+            Sysno::landlock_restrict_self,
+        ] {
+            assert_eq!(run(&p, s, [0; 6]), RET_ALLOW, "{s}");
         }
     }
 }

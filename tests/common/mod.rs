@@ -152,3 +152,31 @@ pub fn sandbox_cgroups() -> Vec<PathBuf> {
     }
     out
 }
+
+/// The default model's file. Missing weights fail the test (CI fetches them first).
+pub fn model_file() -> PathBuf {
+    let dir = std::env::var_os("CORRAL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = std::env::var_os("XDG_DATA_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".local/share")
+                });
+            base.join("corral/models")
+        });
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "the SmolLM2 weights are missing at {}: run scripts/fetch-model.sh (tests that need them fail rather than skip)", p.display());
+    p
+}
+
+/// `corral ARGS...` with a clean config.
+pub fn corral_with(args: &[&str]) -> Output {
+    Command::new(corral())
+        .arg("--config")
+        .arg(empty_config())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run corral")
+}

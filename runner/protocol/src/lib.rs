@@ -1,0 +1,285 @@
+//! The frames the corral supervisor and a sandboxed `corral-runner` exchange over the runner's
+//! stdin and stdout (stderr carries the runner's logs).
+//!
+//! A frame is a little-endian `u32` byte length followed by that many bytes of JSON. The runner
+//! sends [`Response::Ready`] once its model is loaded, then answers [`Request`]s one after
+//! another. Each side caps the frames it accepts; the supervisor treats everything the runner
+//! sends as untrusted (sizes, token ids, UTF-8, timing). See `docs/runner-protocol.md`.
+#![forbid(unsafe_code)]
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request frame a runner accepts.
+pub const MAX_REQUEST_FRAME: u32 = 8 * 1024 * 1024;
+/// Largest response frame the supervisor accepts.
+pub const MAX_RESPONSE_FRAME: u32 = 16 * 1024 * 1024;
+/// Most alternatives per token (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    Generate(GenerateRequest),
+    /// Stop request `id` (if it is running) with finish reason `cancelled`.
+    Cancel {
+        id: u64,
+    },
+    /// Token ids of `text` (special tokens are parsed when `special`).
+    Tokenize {
+        id: u64,
+        text: String,
+        special: bool,
+    },
+    /// Exit cleanly.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub id: u64,
+    pub input: Input,
+    #[serde(default)]
+    pub sampling: Sampling,
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Alternatives reported per token (0..=20).
+    #[serde(default)]
+    pub top_logprobs: u32,
+    /// Send a [`Response::Token`] per token; otherwise the tokens come with `Done`.
+    #[serde(default = "yes")]
+    pub stream: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Input {
+    /// Rendered with the model's chat template.
+    Messages(Vec<ChatMessage>),
+    /// Used as is (with the model's BOS token when it wants one).
+    Prompt(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// 1.0 = none.
+    #[serde(default = "one")]
+    pub repetition_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at.
+    #[serde(default = "last_n")]
+    pub repeat_last_n: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+fn last_n() -> u32 {
+    64
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Ready(Ready),
+    Token { id: u64, token: TokenInfo },
+    Done(Done),
+    Tokens { id: u64, ids: Vec<u32> },
+    Error { id: Option<u64>, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ready {
+    pub architecture: String,
+    pub quantization: String,
+    pub vocab_size: u32,
+    pub context_length: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub has_chat_template: bool,
+    pub threads: u32,
+    pub load_ms: f64,
+}
+
+/// One generated token, with log-probabilities from the raw distribution (log-softmax of the
+/// logits at temperature 1, before penalties and truncation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub token_id: u32,
+    /// The token's raw bytes (may be part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Text this token completes (the concatenation of all `text` is the output).
+    pub text: String,
+    pub logprob: f32,
+    /// Entropy (nats) of the full distribution at this step.
+    pub entropy: f32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token_id: u32,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context window.
+    Length,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    pub id: u64,
+    pub finish_reason: FinishReason,
+    pub text: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub prefill_ms: f64,
+    /// Request received -> first token sampled.
+    pub ttft_ms: f64,
+    pub decode_tokens_per_s: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenInfo>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {size} bytes exceeds the limit of {limit}")]
+    TooLarge { size: u32, limit: u32 },
+    #[error("stream ended inside a frame")]
+    Truncated,
+    #[error("malformed frame: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Writes one frame and flushes.
+pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(msg)?;
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
+        size: u32::MAX,
+        limit: u32::MAX,
+    })?;
+    w.write_all(&len.to_le_bytes())?;
+    w.write_all(&body)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame; `Ok(None)` on a clean end of stream between frames.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(
+    r: &mut impl Read,
+    limit: u32,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let size = u32::from_le_bytes(len);
+    if size > limit {
+        return Err(FrameError::TooLarge { size, limit });
+    }
+    let mut body = vec![0u8; size as usize];
+    r.read_exact(&mut body).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(Some(serde_json::from_slice(&body)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_limits_hold() {
+        let req = Request::Generate(GenerateRequest {
+            id: 7,
+            input: Input::Messages(vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }]),
+            sampling: Sampling::default(),
+            max_tokens: 16,
+            stop: vec!["\n".into()],
+            top_logprobs: 2,
+            stream: true,
+        });
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &req).unwrap();
+        write_frame(&mut buf, &Request::Shutdown).unwrap();
+        let mut r = &buf[..];
+        assert_eq!(
+            read_frame::<Request>(&mut r, MAX_REQUEST_FRAME).unwrap(),
+            Some(req)
+        );
+        assert_eq!(
+            read_frame::<Request>(&mut r, MAX_REQUEST_FRAME).unwrap(),
+            Some(Request::Shutdown)
+        );
+        assert!(read_frame::<Request>(&mut r, MAX_REQUEST_FRAME)
+            .unwrap()
+            .is_none());
+
+        let mut big = Vec::new();
+        big.extend_from_slice(&(MAX_RESPONSE_FRAME + 1).to_le_bytes());
+        assert!(matches!(
+            read_frame::<Response>(&mut &big[..], MAX_RESPONSE_FRAME),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let cut = &buf[..6];
+        assert!(matches!(
+            read_frame::<Request>(&mut &cut[..], MAX_REQUEST_FRAME),
+            Err(FrameError::Truncated)
+        ));
+    }
+}

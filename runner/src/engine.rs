@@ -1,0 +1,206 @@
+//! One model, one request at a time: prompt -> tokens -> prefill -> sample/decode loop, with
+//! per-token log-probabilities, stop sequences held back until they cannot match, cancellation
+//! between tokens, and timings.
+
+use std::time::Instant;
+
+use corral_protocol::{
+    Done, FinishReason, GenerateRequest, Input, TokenInfo, TopLogprob, MAX_TOP_LOGPROBS,
+};
+
+use crate::model::Model;
+use crate::sampler::{self, Rng};
+use crate::template::ChatTemplate;
+use crate::tokenizer::{Tokenizer, Utf8Stream};
+
+pub struct Engine {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+/// What the generation loop asks of its caller between tokens.
+pub trait Sink {
+    /// A token is ready (only called for streamed requests).
+    fn token(&mut self, id: u64, token: &TokenInfo) -> std::io::Result<()>;
+    /// Should the request stop now?
+    fn cancelled(&mut self, id: u64) -> bool;
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of some stop string: text
+/// that must be held back because a stop sequence may be starting there.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if text.ends_with(&s[..i]) {
+                hold = hold.max(i);
+            }
+        }
+    }
+    hold
+}
+
+/// The largest char boundary of `s` at or before `i`.
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+impl Engine {
+    pub fn prompt_tokens(&self, input: &Input) -> anyhow::Result<Vec<u32>> {
+        Ok(match input {
+            Input::Messages(m) => {
+                let text = self
+                    .template
+                    .render(m)
+                    .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
+                self.tokenizer.encode(&text, true, true)
+            }
+            Input::Prompt(p) => self.tokenizer.encode(p, true, true),
+        })
+    }
+
+    pub fn generate(&mut self, req: &GenerateRequest, sink: &mut dyn Sink) -> anyhow::Result<Done> {
+        let received = Instant::now();
+        let prompt = self.prompt_tokens(&req.input)?;
+        let ctx = self.model.context_length;
+        if prompt.is_empty() {
+            anyhow::bail!("the prompt is empty");
+        }
+        if prompt.len() >= ctx {
+            anyhow::bail!(
+                "the prompt has {} tokens; the model's context holds {ctx}",
+                prompt.len()
+            );
+        }
+        let top_n = req.top_logprobs.min(MAX_TOP_LOGPROBS) as usize;
+        let max_new = (req.max_tokens as usize).min(ctx - prompt.len());
+        let mut rng = req.sampling.seed.map_or_else(Rng::from_entropy, Rng::new);
+        let mut history = prompt.clone();
+        let mut utf8 = Utf8Stream::default();
+        let mut text = String::new();
+        let mut emitted = 0usize;
+        let mut tokens = Vec::new();
+        let mut finish = FinishReason::Length;
+
+        let t0 = Instant::now();
+        let mut logits = self.model.forward(&prompt, 0)?;
+        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut ttft_ms = 0.0;
+        let decode_start = Instant::now();
+        let mut generated = 0usize;
+        while generated < max_new {
+            if sink.cancelled(req.id) {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            let stats = sampler::raw_stats(&logits, top_n);
+            let raw = logits.clone();
+            let next = sampler::sample(&mut logits, &req.sampling, &history, &mut rng);
+            if generated == 0 {
+                ttft_ms = received.elapsed().as_secs_f64() * 1e3;
+            }
+            generated += 1;
+            if self.tokenizer.eos.contains(&next) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            history.push(next);
+            let raw_lp = raw[next as usize] - stats.log_z;
+            let bytes = self.tokenizer.token_bytes(next).to_vec();
+            text.push_str(&utf8.push(&bytes));
+            let mut stop_at = None;
+            for s in &req.stop {
+                let from = floor_boundary(&text, emitted.saturating_sub(s.len()));
+                if let Some(i) = text[from..].find(s.as_str()) {
+                    let at = from + i;
+                    stop_at = Some(stop_at.map_or(at, |x: usize| x.min(at)));
+                }
+            }
+            if let Some(at) = stop_at {
+                text.truncate(at);
+            }
+            let safe = if stop_at.is_some() {
+                text.len()
+            } else {
+                floor_boundary(&text, text.len() - held_back(&text, &req.stop))
+            };
+            let delta = text
+                .get(emitted..safe.max(emitted))
+                .unwrap_or_default()
+                .to_string();
+            emitted = safe.max(emitted);
+            let info = TokenInfo {
+                token_id: next,
+                bytes: bytes.clone(),
+                text: delta,
+                logprob: raw_lp,
+                entropy: stats.entropy,
+                top: stats
+                    .top
+                    .iter()
+                    .take(top_n)
+                    .map(|(id, lp)| TopLogprob {
+                        token_id: *id,
+                        bytes: self.tokenizer.token_bytes(*id).to_vec(),
+                        logprob: *lp,
+                    })
+                    .collect(),
+            };
+            if req.stream {
+                sink.token(req.id, &info)?;
+            }
+            tokens.push(info);
+            if stop_at.is_some() {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if generated < max_new {
+                logits = self.model.forward(&[next], history.len() - 1)?;
+            }
+        }
+        // Whatever was held back for a stop sequence that never came is part of the answer.
+        text.push_str(&utf8.finish());
+        let decode_s = decode_start.elapsed().as_secs_f64();
+        let completion = tokens.len();
+        Ok(Done {
+            id: req.id,
+            finish_reason: finish,
+            text,
+            prompt_tokens: prompt.len() as u32,
+            completion_tokens: completion as u32,
+            prefill_ms,
+            ttft_ms,
+            decode_tokens_per_s: if completion > 1 && decode_s > 0.0 {
+                (completion - 1) as f64 / decode_s
+            } else {
+                0.0
+            },
+            tokens: if req.stream { Vec::new() } else { tokens },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_back;
+
+    #[test]
+    fn holds_back_possible_stop_prefixes() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        assert_eq!(held_back("abc\n", &stops), 1);
+        assert_eq!(held_back("abcEN", &stops), 2);
+        assert_eq!(held_back("abc", &stops), 0);
+    }
+}

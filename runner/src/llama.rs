@@ -1,0 +1,359 @@
+//! corral's own forward pass for llama-family GGUF models (SmolLM2, Llama, TinyLlama, Mistral).
+//!
+//! Weight products for Q4_1 and Q8_0 use corral's own kernels (`kernels.rs`) with ggml's
+//! arithmetic (Candle's quantized matmul drifts further from it), other types Candle's; everything
+//! between them is plain Rust with the numerics of llama.cpp's CPU path, so greedy decoding
+//! agrees with it token for token:
+//!
+//! - RMS norm accumulates the sum of squares in f64;
+//! - rotary embeddings rotate adjacent pairs, with angles advanced by repeated f32
+//!   multiplication;
+//! - the KV cache holds f16; queries are rounded to f16 before `q·k`, and the softmax weights to
+//!   f16 before they multiply `v` (llama.cpp's `mul_mat` converts its f32 operand to the cache's
+//!   type); dot products accumulate in f32;
+//! - the softmax accumulates its sum in f64.
+//!
+//! Running the glue ourselves also avoids Candle's per-operation overhead (allocation and thread
+//! dispatch for each of ~20 small operations per layer), which dominated decode time.
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use half::f16;
+
+use crate::kernels::{QMat, WType};
+
+/// A weight matrix: our own kernels for Q4_1 and Q8_0 (ggml's arithmetic), Candle's for the rest.
+enum Mat {
+    Own(QMat),
+    Candle(QMatMul),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    pub n_layer: usize,
+    pub freq_base: f32,
+    pub eps: f32,
+    pub max_seq: usize,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Mat,
+    wk: Mat,
+    wv: Mat,
+    wo: Mat,
+    ffn_norm: Vec<f32>,
+    w_gate: Mat,
+    w_up: Mat,
+    w_down: Mat,
+}
+
+pub struct Llama {
+    cfg: Config,
+    embd: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    output: Mat,
+    /// Per layer: `[position][kv_head * head_dim]`, grown as the sequence grows. Values are
+    /// rounded to f16 (llama.cpp's cache type) but kept as f32, so reading them costs nothing.
+    k_cache: Vec<Vec<f32>>,
+    v_cache: Vec<Vec<f32>>,
+    device: Device,
+}
+
+fn vec_of(t: &QTensor) -> candle_core::Result<Vec<f32>> {
+    t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
+}
+
+impl Llama {
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        device: &Device,
+        max_seq: usize,
+    ) -> anyhow::Result<Llama> {
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "llama".into());
+        let md_u = |k: &str| -> anyhow::Result<usize> {
+            let v = ct
+                .metadata
+                .get(&format!("{arch}.{k}"))
+                .ok_or_else(|| anyhow::anyhow!("GGUF metadata {arch}.{k} is missing"))?;
+            Ok(v.to_u64().or_else(|_| v.to_u32().map(u64::from))? as usize)
+        };
+        let md_f = |k: &str| {
+            ct.metadata
+                .get(&format!("{arch}.{k}"))
+                .and_then(|v| v.to_f32().ok())
+        };
+        let n_embd = md_u("embedding_length")?;
+        let n_head = md_u("attention.head_count")?;
+        let n_head_kv = md_u("attention.head_count_kv").unwrap_or(n_head);
+        let n_layer = md_u("block_count")?;
+        if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+            anyhow::bail!(
+                "inconsistent attention shape: {n_embd} dims, {n_head} heads, {n_head_kv} kv heads"
+            );
+        }
+        let head_dim = n_embd / n_head;
+        let n_rot = md_u("rope.dimension_count").unwrap_or(head_dim);
+        if n_rot > head_dim || n_rot % 2 != 0 {
+            anyhow::bail!("rope dimension {n_rot} does not fit head dimension {head_dim}");
+        }
+        let cfg = Config {
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_rot,
+            n_layer,
+            freq_base: md_f("rope.freq_base").unwrap_or(10_000.0),
+            eps: md_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            max_seq,
+        };
+        let mut get = |name: &str| -> anyhow::Result<QTensor> {
+            ct.tensor(r, name, &Device::Cpu)
+                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+        };
+        let f32_weights = std::env::var_os("CORRAL_DEBUG_F32_WEIGHTS").is_some();
+        let mm = |t: QTensor| -> anyhow::Result<Mat> {
+            if f32_weights {
+                return Ok(Mat::Candle(QMatMul::Tensor(t.dequantize(&Device::Cpu)?)));
+            }
+            let (rows, cols) = t.shape().dims2()?;
+            let own = match t.dtype() {
+                GgmlDType::Q4_1 => Some(WType::Q4_1),
+                GgmlDType::Q8_0 => Some(WType::Q8_0),
+                _ => None,
+            };
+            Ok(match own {
+                Some(w) => Mat::Own(QMat::new(w, rows, cols, t.data()?.to_vec())?),
+                None => Mat::Candle(QMatMul::from_qtensor(t)?),
+            })
+        };
+        let embd_q = get("token_embd.weight")?;
+        let embd = vec_of(&embd_q)?;
+        let vocab = embd.len() / n_embd;
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: vec_of(&get(&format!("{p}.attn_norm.weight"))?)?,
+                wq: mm(get(&format!("{p}.attn_q.weight"))?)?,
+                wk: mm(get(&format!("{p}.attn_k.weight"))?)?,
+                wv: mm(get(&format!("{p}.attn_v.weight"))?)?,
+                wo: mm(get(&format!("{p}.attn_output.weight"))?)?,
+                ffn_norm: vec_of(&get(&format!("{p}.ffn_norm.weight"))?)?,
+                w_gate: mm(get(&format!("{p}.ffn_gate.weight"))?)?,
+                w_up: mm(get(&format!("{p}.ffn_up.weight"))?)?,
+                w_down: mm(get(&format!("{p}.ffn_down.weight"))?)?,
+            });
+            if layers[i].attn_norm.len() != n_embd {
+                anyhow::bail!(
+                    "blk.{i}.attn_norm has {} values, expected {n_embd}",
+                    layers[i].attn_norm.len()
+                );
+            }
+        }
+        let norm = vec_of(&get("output_norm.weight")?)?;
+        // Tied embeddings: no output.weight, the token embedding doubles as the output matrix.
+        let output = if ct.tensor_infos.contains_key("output.weight") {
+            mm(get("output.weight")?)?
+        } else {
+            mm(embd_q)?
+        };
+        if vocab == 0 || norm.len() != n_embd {
+            anyhow::bail!("inconsistent embedding shapes");
+        }
+        Ok(Llama {
+            k_cache: vec![Vec::new(); n_layer],
+            v_cache: vec![Vec::new(); n_layer],
+            cfg,
+            embd,
+            layers,
+            norm,
+            output,
+            device: device.clone(),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embd.len() / self.cfg.n_embd
+    }
+
+    fn matmul(&self, w: &Mat, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        match w {
+            Mat::Own(m) => Ok(m.matmul(x, rows)),
+            Mat::Candle(m) => {
+                let cols = x.len() / rows;
+                let t = Tensor::from_slice(x, (rows, cols), &self.device)?;
+                m.forward(&t)?.flatten_all()?.to_vec1()
+            }
+        }
+    }
+
+    /// Logits of the last of `tokens`, placed at positions `pos..`; `pos == 0` starts over.
+    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> anyhow::Result<Vec<f32>> {
+        let c = self.cfg.clone();
+        let seq = tokens.len();
+        if pos + seq > c.max_seq {
+            anyhow::bail!(
+                "position {} exceeds the context of {}",
+                pos + seq,
+                c.max_seq
+            );
+        }
+        let kv_dim = c.n_head_kv * c.head_dim;
+        for l in 0..c.n_layer {
+            self.k_cache[l].resize(pos * kv_dim, 0.0);
+            self.v_cache[l].resize(pos * kv_dim, 0.0);
+        }
+        let vocab = self.vocab_size();
+        let mut x = vec![0f32; seq * c.n_embd];
+        for (i, &t) in tokens.iter().enumerate() {
+            let t = t as usize;
+            if t >= vocab {
+                anyhow::bail!("token id {t} outside the vocabulary");
+            }
+            x[i * c.n_embd..(i + 1) * c.n_embd]
+                .copy_from_slice(&self.embd[t * c.n_embd..(t + 1) * c.n_embd]);
+        }
+        // Rotary angles for each position: theta_k = pos * base^(-2k/n_rot), by repeated f32
+        // multiplication as ggml computes them.
+        let theta_scale = c.freq_base.powf(-2.0 / c.n_rot as f32);
+        let mut cos_sin = vec![(0f32, 0f32); seq * c.n_rot / 2];
+        for i in 0..seq {
+            let mut theta = (pos + i) as f32;
+            for k in 0..c.n_rot / 2 {
+                cos_sin[i * c.n_rot / 2 + k] = (theta.cos(), theta.sin());
+                theta *= theta_scale;
+            }
+        }
+        let group = c.n_head / c.n_head_kv;
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        for l in 0..c.n_layer {
+            let layer = &self.layers[l];
+            let h = rms_norm(&x, &layer.attn_norm, c.eps);
+            let mut q = self.matmul(&layer.wq, &h, seq)?;
+            let mut k = self.matmul(&layer.wk, &h, seq)?;
+            let v = self.matmul(&layer.wv, &h, seq)?;
+            rope(&mut q, c.n_head, c.head_dim, c.n_rot, &cos_sin);
+            rope(&mut k, c.n_head_kv, c.head_dim, c.n_rot, &cos_sin);
+            self.k_cache[l].extend(k.iter().map(|v| f16::from_f32(*v).to_f32()));
+            self.v_cache[l].extend(v.iter().map(|v| f16::from_f32(*v).to_f32()));
+            let kc = &self.k_cache[l];
+            let vc = &self.v_cache[l];
+            let mut att = vec![0f32; seq * c.n_embd];
+            let mut scores = vec![0f32; pos + seq];
+            let mut q16 = vec![0f32; c.head_dim];
+            for i in 0..seq {
+                let n_ctx = pos + i + 1; // causal: this position sees itself and everything before
+                for hh in 0..c.n_head {
+                    let kvh = hh / group;
+                    let qrow = &q[(i * c.n_head + hh) * c.head_dim..][..c.head_dim];
+                    for (d, qv) in q16.iter_mut().zip(qrow) {
+                        *d = f16::from_f32(*qv).to_f32();
+                    }
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores[..n_ctx].iter_mut().enumerate() {
+                        let krow = &kc[j * kv_dim + kvh * c.head_dim..][..c.head_dim];
+                        let mut dot = 0f32;
+                        for d in 0..c.head_dim {
+                            dot += q16[d] * krow[d];
+                        }
+                        *s = dot * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f64;
+                    for s in scores[..n_ctx].iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += f64::from(*s);
+                    }
+                    let inv = (1.0 / sum) as f32;
+                    let out = &mut att[(i * c.n_head + hh) * c.head_dim..][..c.head_dim];
+                    for (j, s) in scores[..n_ctx].iter().enumerate() {
+                        let p = f16::from_f32(*s * inv).to_f32();
+                        let vrow = &vc[j * kv_dim + kvh * c.head_dim..][..c.head_dim];
+                        for d in 0..c.head_dim {
+                            out[d] += p * vrow[d];
+                        }
+                    }
+                }
+            }
+            let o = self.matmul(&layer.wo, &att, seq)?;
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let h = rms_norm(&x, &layer.ffn_norm, c.eps);
+            let g = self.matmul(&layer.w_gate, &h, seq)?;
+            let u = self.matmul(&layer.w_up, &h, seq)?;
+            let act: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let d = self.matmul(&layer.w_down, &act, seq)?;
+            x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+        }
+        let last = &x[(seq - 1) * c.n_embd..];
+        let h = rms_norm(last, &self.norm, c.eps);
+        Ok(self.matmul(&self.output, &h, 1)?)
+    }
+}
+
+/// Row-wise RMS norm times `w`; the sum of squares accumulates in f64 as in ggml.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut out = vec![0f32; x.len()];
+    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum: f64 = row.iter().map(|v| f64::from(*v * *v)).sum();
+        let mean = (sum / n as f64) as f32;
+        let s = 1.0 / (mean + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+            *o = v * s * w;
+        }
+    }
+    out
+}
+
+/// Rotates adjacent pairs (x[2k], x[2k+1]) of the first `n_rot` dims of each head.
+fn rope(x: &mut [f32], n_head: usize, head_dim: usize, n_rot: usize, cos_sin: &[(f32, f32)]) {
+    let half = n_rot / 2;
+    for (r, row) in x.chunks_exact_mut(n_head * head_dim).enumerate() {
+        let cs = &cos_sin[r * half..(r + 1) * half];
+        for head in row.chunks_exact_mut(head_dim) {
+            for (k, (c, s)) in cs.iter().enumerate() {
+                let (a, b) = (head[2 * k], head[2 * k + 1]);
+                head[2 * k] = a * c - b * s;
+                head[2 * k + 1] = a * s + b * c;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_and_rope_basics() {
+        let out = rms_norm(&[3.0, 4.0], &[1.0, 2.0], 0.0);
+        let s = 1.0 / (12.5f32).sqrt();
+        assert!((out[0] - 3.0 * s).abs() < 1e-6 && (out[1] - 8.0 * s).abs() < 1e-6);
+        // position 0 leaves vectors unchanged; rotation preserves the norm
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        rope(&mut x, 1, 4, 4, &[(1.0, 0.0), (1.0, 0.0)]);
+        assert_eq!(x, vec![1.0, 2.0, 3.0, 4.0]);
+        let (c, s) = (0.3f32.cos(), 0.3f32.sin());
+        rope(&mut x, 1, 4, 2, &[(c, s)]);
+        assert!(((x[0] * x[0] + x[1] * x[1]) - 5.0).abs() < 1e-5);
+        assert_eq!(&x[2..], &[3.0, 4.0], "dims past n_rot are untouched");
+    }
+}

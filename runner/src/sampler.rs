@@ -1,0 +1,213 @@
+//! Log-probabilities, entropy and sampling over one step's logits.
+//!
+//! What is reported (the token's log-probability, its top alternatives, the entropy) comes from
+//! the raw distribution: log-softmax of the logits at temperature 1, before the repetition
+//! penalty, temperature, top-k and top-p. What is sampled comes from the adjusted one. So the
+//! numbers the confidence score uses do not move with sampling settings.
+
+use corral_protocol::Sampling;
+
+/// Statistics of the raw distribution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawStats {
+    /// log Σ exp(logit)
+    pub log_z: f32,
+    /// Entropy in nats over the full vocabulary.
+    pub entropy: f32,
+    /// The `n` most likely tokens with their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+pub fn raw_stats(logits: &[f32], n: usize) -> RawStats {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    let mut weighted = 0f64;
+    for &l in logits {
+        let e = f64::from(l - max).exp();
+        sum += e;
+        weighted += e * f64::from(l - max);
+    }
+    let log_z = max + sum.ln() as f32;
+    // H = log Z' - E[l - max], with Z' the sum of exp(l - max)
+    let entropy = (sum.ln() - weighted / sum).max(0.0) as f32;
+    let top = if n == 0 {
+        Vec::new()
+    } else {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = n.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |a, b| {
+            logits[*b as usize].total_cmp(&logits[*a as usize])
+        });
+        idx.truncate(k);
+        idx.sort_by(|a, b| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        });
+        idx.into_iter()
+            .map(|i| (i, logits[i as usize] - log_z))
+            .collect()
+    };
+    RawStats {
+        log_z,
+        entropy,
+        top,
+    }
+}
+
+/// SplitMix64: small, fast, seedable; good enough for sampling.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// Seeded from the kernel (getrandom is allowed by the runner's seccomp filter).
+    pub fn from_entropy() -> Rng {
+        let mut b = [0u8; 8];
+        // SAFETY: getrandom fills the 8-byte buffer we own.
+        unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        Rng(u64::from_ne_bytes(b))
+    }
+
+    pub fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token. `logits` is consumed (penalties are applied in place).
+pub fn sample(logits: &mut [f32], s: &Sampling, history: &[u32], rng: &mut Rng) -> u32 {
+    if s.repetition_penalty != 1.0 && s.repetition_penalty > 0.0 {
+        let start = history.len().saturating_sub(s.repeat_last_n as usize);
+        let mut seen = std::collections::HashSet::new();
+        for &t in &history[start..] {
+            if seen.insert(t) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / s.repetition_penalty
+                    } else {
+                        *l * s.repetition_penalty
+                    };
+                }
+            }
+        }
+    }
+    if s.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, *l / s.temperature))
+        .collect();
+    cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if let Some(k) = s.top_k.filter(|k| *k > 0) {
+        cand.truncate(k as usize);
+    }
+    let max = cand.first().map_or(0.0, |c| c.1);
+    let mut probs: Vec<f64> = cand.iter().map(|c| f64::from(c.1 - max).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(p) = s.top_p.filter(|p| *p > 0.0 && *p < 1.0) {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (i, q) in probs.iter().enumerate() {
+            acc += q;
+            if acc >= f64::from(p) {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let t: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= t);
+    }
+    let r = rng.next_f64();
+    let mut acc = 0.0;
+    for (i, q) in probs.iter().enumerate() {
+        acc += q;
+        if r < acc {
+            return cand[i].0;
+        }
+    }
+    cand[probs.len().saturating_sub(1)].0
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, l) in logits.iter().enumerate() {
+        if *l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_stats_are_a_proper_distribution() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let s = raw_stats(&logits, 2);
+        let p: Vec<f32> = logits.iter().map(|l| (l - s.log_z).exp()).collect();
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        let h: f32 = -p.iter().map(|q| q * q.ln()).sum::<f32>();
+        assert!((h - s.entropy).abs() < 1e-4);
+        assert_eq!(s.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1]);
+        assert!((s.top[0].1 - p[0].ln()).abs() < 1e-5);
+        let uniform = raw_stats(&[0.0; 8], 0);
+        assert!((uniform.entropy - 8f32.ln()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn sampling_respects_greedy_seed_topk_and_penalty() {
+        let base = Sampling::default();
+        let mut rng = Rng::new(1);
+        assert_eq!(sample(&mut [0.1, 3.0, 0.2], &base, &[], &mut rng), 1);
+        let penal = Sampling {
+            repetition_penalty: 10.0,
+            ..base.clone()
+        };
+        assert_eq!(
+            sample(&mut [0.1, 3.0, 0.2], &penal, &[1], &mut rng),
+            2,
+            "penalty pushes the repeated token down"
+        );
+        let hot = Sampling {
+            temperature: 1.0,
+            top_k: Some(1),
+            ..base.clone()
+        };
+        for _ in 0..20 {
+            assert_eq!(sample(&mut [0.0, 0.5, 0.4], &hot, &[], &mut rng), 1);
+        }
+        let t = Sampling {
+            temperature: 1.0,
+            seed: Some(3),
+            ..base
+        };
+        let a: Vec<u32> = {
+            let mut r = Rng::new(3);
+            (0..10)
+                .map(|_| sample(&mut [0.0; 5], &t, &[], &mut r))
+                .collect()
+        };
+        let b: Vec<u32> = {
+            let mut r = Rng::new(3);
+            (0..10)
+                .map(|_| sample(&mut [0.0; 5], &t, &[], &mut r))
+                .collect()
+        };
+        assert_eq!(a, b, "same seed, same tokens");
+        assert!(a.iter().any(|x| *x != a[0]), "uniform sampling varies");
+    }
+}

@@ -1,0 +1,515 @@
+//! Tokenizers built from a GGUF file's own metadata, following llama.cpp's behaviour so token ids
+//! match it exactly:
+//!
+//! - `tokenizer.ggml.model = "gpt2"`: byte-level BPE with `tokenizer.ggml.merges`, after the
+//!   pre-tokenizer regexes named by `tokenizer.ggml.pre` (applied in sequence; text between
+//!   matches is kept as its own piece, as llama.cpp does);
+//! - `tokenizer.ggml.model = "llama"`: SentencePiece-style merging by `tokenizer.ggml.scores`,
+//!   with `<0xXX>` byte fallback and the `▁` space marker.
+//!
+//! Control tokens (`<|im_start|>`) are recognised in the text only when asked (`special`);
+//! user-defined tokens always are. Decoding drops control tokens.
+
+use std::collections::HashMap;
+
+use fancy_regex::Regex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("GGUF metadata '{0}' is missing or has the wrong type")]
+    Metadata(&'static str),
+    #[error("unsupported tokenizer model '{0}' (gpt2 and llama are supported)")]
+    Model(String),
+    #[error("unsupported pre-tokenizer '{0}'")]
+    Pre(String),
+    #[error("invalid pre-tokenizer regex: {0}")]
+    Regex(String),
+}
+
+const TYPE_NORMAL: i32 = 1;
+const TYPE_UNKNOWN: i32 = 2;
+const TYPE_CONTROL: i32 = 3;
+const TYPE_USER_DEFINED: i32 = 4;
+const TYPE_BYTE: i32 = 6;
+
+/// What the GGUF says about its tokenizer.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerSpec {
+    pub model: String,
+    pub pre: Option<String>,
+    pub tokens: Vec<String>,
+    pub token_types: Vec<i32>,
+    pub merges: Vec<String>,
+    pub scores: Vec<f32>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub eot: Option<u32>,
+    pub add_bos: Option<bool>,
+    pub add_space_prefix: Option<bool>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Bpe {
+        ranks: HashMap<(u32, u32), (u32, u32)>,
+        pre: Vec<Regex>,
+    },
+    Spm {
+        scores: Vec<f32>,
+        byte_tokens: Box<[Option<u32>; 256]>,
+        add_space_prefix: bool,
+    },
+}
+
+#[derive(Debug)]
+pub struct Tokenizer {
+    kind: Kind,
+    /// Decoded bytes of each token (control tokens decode to nothing).
+    bytes: Vec<Vec<u8>>,
+    /// Token text as stored in the GGUF -> id.
+    vocab: HashMap<String, u32>,
+    /// Control and user-defined tokens, longest first.
+    specials: Vec<(String, u32, bool)>,
+    pub bos: Option<u32>,
+    pub add_bos: bool,
+    /// Tokens that end generation (EOS, EOT).
+    pub eos: Vec<u32>,
+}
+
+/// GPT-2's byte <-> printable-unicode table.
+fn byte_to_unicode() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..=255u32 {
+        let printable =
+            (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).unwrap_or('?')
+        } else {
+            n += 1;
+            char::from_u32(255 + n).unwrap_or('?')
+        };
+    }
+    table
+}
+
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The regex sequence llama.cpp uses for a `tokenizer.ggml.pre` name.
+fn pre_regexes(pre: &str) -> Result<Vec<&'static str>, TokenizerError> {
+    Ok(match pre {
+        "smollm" | "starcoder" | "refact" | "codeshell" => vec![r"\p{N}", GPT2],
+        "gpt-2" | "gpt2" | "phi-2" | "jais" | "mpt" | "olmo" | "stablelm2" => vec![GPT2],
+        "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" | "dbrx" => vec![LLAMA3],
+        "qwen2" | "deepseek-r1-qwen" => vec![QWEN2],
+        "default" => vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"],
+        other => return Err(TokenizerError::Pre(other.to_string())),
+    })
+}
+
+impl Tokenizer {
+    pub fn new(spec: TokenizerSpec) -> Result<Tokenizer, TokenizerError> {
+        let n = spec.tokens.len();
+        if n == 0 {
+            return Err(TokenizerError::Metadata("tokenizer.ggml.tokens"));
+        }
+        let types = if spec.token_types.len() == n {
+            spec.token_types.clone()
+        } else {
+            vec![TYPE_NORMAL; n]
+        };
+        let vocab: HashMap<String, u32> = spec
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let mut specials: Vec<(String, u32, bool)> = spec
+            .tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| matches!(types[*i], TYPE_CONTROL | TYPE_USER_DEFINED) && !t.is_empty())
+            .map(|(i, t)| (t.clone(), i as u32, types[i] == TYPE_CONTROL))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+
+        let (kind, bytes) = match spec.model.as_str() {
+            "gpt2" => {
+                let table = byte_to_unicode();
+                let mut inverse: HashMap<char, u8> = HashMap::new();
+                for (b, c) in table.iter().enumerate() {
+                    inverse.insert(*c, b as u8);
+                }
+                let bytes = spec
+                    .tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| match types[i] {
+                        TYPE_CONTROL => Vec::new(),
+                        TYPE_USER_DEFINED => t.as_bytes().to_vec(),
+                        _ => t
+                            .chars()
+                            .map(|c| inverse.get(&c).copied().unwrap_or(b'?'))
+                            .collect(),
+                    })
+                    .collect();
+                let mut ranks = HashMap::with_capacity(spec.merges.len());
+                for (rank, m) in spec.merges.iter().enumerate() {
+                    let Some((a, b)) = m.split_once(' ') else {
+                        continue;
+                    };
+                    let (Some(&ia), Some(&ib), Some(&im)) =
+                        (vocab.get(a), vocab.get(b), vocab.get(&format!("{a}{b}")))
+                    else {
+                        continue;
+                    };
+                    ranks.entry((ia, ib)).or_insert((rank as u32, im));
+                }
+                let pre_name = spec.pre.clone().unwrap_or_else(|| "default".into());
+                let pre = pre_regexes(&pre_name)?
+                    .into_iter()
+                    .map(|r| Regex::new(r).map_err(|e| TokenizerError::Regex(e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (Kind::Bpe { ranks, pre }, bytes)
+            }
+            "llama" => {
+                let mut byte_tokens = [None; 256];
+                let bytes = spec
+                    .tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| match types[i] {
+                        TYPE_CONTROL | TYPE_UNKNOWN => Vec::new(),
+                        TYPE_BYTE => {
+                            let b = t
+                                .strip_prefix("<0x")
+                                .and_then(|h| h.strip_suffix('>'))
+                                .and_then(|h| u8::from_str_radix(h, 16).ok());
+                            match b {
+                                Some(b) => {
+                                    byte_tokens[b as usize] = Some(i as u32);
+                                    vec![b]
+                                }
+                                None => t.as_bytes().to_vec(),
+                            }
+                        }
+                        _ => t.replace('\u{2581}', " ").into_bytes(),
+                    })
+                    .collect();
+                let scores = if spec.scores.len() == n {
+                    spec.scores.clone()
+                } else {
+                    vec![0.0; n]
+                };
+                (
+                    Kind::Spm {
+                        scores,
+                        byte_tokens: Box::new(byte_tokens),
+                        add_space_prefix: spec.add_space_prefix.unwrap_or(true),
+                    },
+                    bytes,
+                )
+            }
+            other => return Err(TokenizerError::Model(other.to_string())),
+        };
+        let mut eos: Vec<u32> = spec.eos.into_iter().chain(spec.eot).collect();
+        // Chat models end turns with their own marker; llama.cpp treats these as end of generation.
+        for t in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end|>",
+            "<|endoftext|>",
+            "<end_of_turn>",
+        ] {
+            if let Some(&id) = vocab.get(t) {
+                if types[id as usize] == TYPE_CONTROL && !eos.contains(&id) {
+                    eos.push(id);
+                }
+            }
+        }
+        let add_bos = spec.add_bos.unwrap_or(spec.model == "llama");
+        Ok(Tokenizer {
+            kind,
+            bytes,
+            vocab,
+            specials,
+            bos: spec.bos,
+            add_bos,
+            eos,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.vocab.get(text).copied()
+    }
+
+    /// Raw bytes of a token (empty for control tokens).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Token ids of `text`. `special`: recognise control tokens in the text. `add_bos`: prepend
+    /// BOS when the model wants one.
+    pub fn encode(&self, text: &str, special: bool, add_bos: bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        if add_bos && self.add_bos {
+            if let Some(b) = self.bos {
+                out.push(b);
+            }
+        }
+        let mut first_text = true;
+        for (piece, token) in self.partition(text, special) {
+            match token {
+                Some(id) => out.push(id),
+                None => {
+                    self.encode_text(piece, first_text, &mut out);
+                    first_text = false;
+                }
+            }
+        }
+        out
+    }
+
+    /// Splits `text` into special tokens and the text between them.
+    fn partition<'a>(&self, text: &'a str, special: bool) -> Vec<(&'a str, Option<u32>)> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        let mut plain_start = 0usize;
+        let mut pos = 0usize;
+        while pos < rest.len() {
+            let hit = self.specials.iter().find(|(s, _, control)| {
+                (special || !control) && rest[pos..].starts_with(s.as_str())
+            });
+            match hit {
+                Some((s, id, _)) => {
+                    if pos > plain_start {
+                        out.push((&rest[plain_start..pos], None));
+                    }
+                    out.push((&rest[pos..pos + s.len()], Some(*id)));
+                    rest = &rest[pos + s.len()..];
+                    pos = 0;
+                    plain_start = 0;
+                }
+                None => pos += rest[pos..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        if plain_start < rest.len() {
+            out.push((&rest[plain_start..], None));
+        }
+        out
+    }
+
+    fn encode_text(&self, text: &str, first: bool, out: &mut Vec<u32>) {
+        match &self.kind {
+            Kind::Bpe { ranks, pre } => {
+                let table = byte_to_unicode();
+                let mut pieces = vec![text.to_string()];
+                for re in pre {
+                    let mut next = Vec::new();
+                    for p in &pieces {
+                        split_keep(re, p, &mut next);
+                    }
+                    pieces = next;
+                }
+                for p in pieces {
+                    let mapped: String = p.bytes().map(|b| table[b as usize]).collect();
+                    if let Some(&id) = self.vocab.get(&mapped) {
+                        out.push(id);
+                        continue;
+                    }
+                    let mut syms: Vec<u32> = Vec::with_capacity(mapped.len());
+                    for c in mapped.chars() {
+                        let mut buf = [0u8; 4];
+                        if let Some(&id) = self.vocab.get(c.encode_utf8(&mut buf) as &str) {
+                            syms.push(id);
+                        }
+                    }
+                    bpe_merge(&mut syms, ranks);
+                    out.extend(syms);
+                }
+            }
+            Kind::Spm {
+                scores,
+                byte_tokens,
+                add_space_prefix,
+            } => {
+                let mut s = String::with_capacity(text.len() + 3);
+                if *add_space_prefix && first {
+                    s.push('\u{2581}');
+                }
+                s.push_str(&text.replace(' ', "\u{2581}"));
+                self.spm(&s, scores, byte_tokens, out);
+            }
+        }
+    }
+
+    /// llama.cpp's SentencePiece merge: repeatedly merge the adjacent pair whose merged text is
+    /// the highest-scoring token (leftmost first on ties).
+    fn spm(&self, s: &str, scores: &[f32], byte_tokens: &[Option<u32>; 256], out: &mut Vec<u32>) {
+        let mut syms: Vec<String> = s.chars().map(String::from).collect();
+        loop {
+            let mut best: Option<(f32, usize)> = None;
+            for i in 0..syms.len().saturating_sub(1) {
+                let merged = format!("{}{}", syms[i], syms[i + 1]);
+                if let Some(&id) = self.vocab.get(&merged) {
+                    let sc = scores[id as usize];
+                    if best.is_none_or(|(b, _)| sc > b) {
+                        best = Some((sc, i));
+                    }
+                }
+            }
+            let Some((_, i)) = best else { break };
+            let right = syms.remove(i + 1);
+            syms[i].push_str(&right);
+        }
+        for sym in syms {
+            match self.vocab.get(&sym) {
+                Some(&id) => out.push(id),
+                None => out.extend(sym.bytes().filter_map(|b| byte_tokens[b as usize])),
+            }
+        }
+    }
+
+    /// Bytes of a token sequence (control tokens dropped).
+    #[cfg(test)]
+    pub fn decode_bytes(&self, ids: &[u32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &id in ids {
+            out.extend_from_slice(self.token_bytes(id));
+        }
+        out
+    }
+}
+
+/// Splits `text` by `re`: every match and every stretch between matches becomes a piece.
+fn split_keep(re: &Regex, text: &str, out: &mut Vec<String>) {
+    let mut last = 0;
+    for m in re.find_iter(text).flatten() {
+        if m.start() > last {
+            out.push(text[last..m.start()].to_string());
+        }
+        if m.end() > m.start() {
+            out.push(m.as_str().to_string());
+        }
+        last = m.end();
+    }
+    if last < text.len() {
+        out.push(text[last..].to_string());
+    }
+}
+
+/// Byte-level BPE: merge the adjacent pair with the lowest merge rank until none is left.
+fn bpe_merge(syms: &mut Vec<u32>, ranks: &HashMap<(u32, u32), (u32, u32)>) {
+    loop {
+        let mut best: Option<(u32, usize, u32)> = None;
+        for i in 0..syms.len().saturating_sub(1) {
+            if let Some(&(rank, merged)) = ranks.get(&(syms[i], syms[i + 1])) {
+                if best.is_none_or(|(r, _, _)| rank < r) {
+                    best = Some((rank, i, merged));
+                }
+            }
+        }
+        let Some((_, i, merged)) = best else { break };
+        syms[i] = merged;
+        syms.remove(i + 1);
+    }
+}
+
+/// Turns a stream of token bytes into complete UTF-8 text, holding back incomplete characters.
+#[derive(Debug, Default)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Adds bytes; returns the text they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(_) => self.pending.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            // An invalid sequence (not just an incomplete one): replace it and move on.
+            Err(e) => e.valid_up_to() + e.error_len().unwrap_or(1),
+        };
+        let done: Vec<u8> = self.pending.drain(..valid).collect();
+        String::from_utf8_lossy(&done).into_owned()
+    }
+
+    /// Whatever is left (an incomplete character at the end), lossily.
+    pub fn finish(&mut self) -> String {
+        let rest = std::mem::take(&mut self.pending);
+        String::from_utf8_lossy(&rest).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_bpe() -> Tokenizer {
+        let table = byte_to_unicode();
+        let mut tokens: Vec<String> = vec!["<|im_start|>".into(), "<|im_end|>".into()];
+        let mut types = vec![TYPE_CONTROL, TYPE_CONTROL];
+        for b in 0..=255u8 {
+            tokens.push(table[b as usize].to_string());
+            types.push(TYPE_NORMAL);
+        }
+        for t in ["he", "ll", "hell", "hello", "Ġw", "Ġwo"] {
+            tokens.push(t.into());
+            types.push(TYPE_NORMAL);
+        }
+        Tokenizer::new(TokenizerSpec {
+            model: "gpt2".into(),
+            pre: Some("smollm".into()),
+            tokens,
+            token_types: types,
+            merges: vec![
+                "h e".into(),
+                "l l".into(),
+                "he ll".into(),
+                "hell o".into(),
+                "Ġ w".into(),
+                "Ġw o".into(),
+            ],
+            eos: Some(1),
+            ..TokenizerSpec::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn bpe_merges_by_rank_and_specials_only_when_asked() {
+        let t = tiny_bpe();
+        let hello = t.token_id("hello").unwrap();
+        let wo = t.token_id("Ġwo").unwrap();
+        assert_eq!(t.encode("hello wo", false, false), vec![hello, wo]);
+        let with = t.encode("<|im_start|>hello", true, false);
+        assert_eq!(with, vec![0, hello]);
+        let without = t.encode("<|im_start|>hello", false, false);
+        assert_ne!(
+            without[0], 0,
+            "control tokens are plain text unless special"
+        );
+        assert_eq!(String::from_utf8(t.decode_bytes(&with)).unwrap(), "hello");
+        // digits are split one by one by the smollm pre-tokenizer
+        let d = t.encode("12", false, false);
+        assert_eq!(d.len(), 2);
+        assert!(t.eos.contains(&1));
+    }
+
+    #[test]
+    fn utf8_stream_holds_back_partial_characters() {
+        let mut s = Utf8Stream::default();
+        let e = "é".as_bytes();
+        assert_eq!(s.push(&e[..1]), "");
+        assert_eq!(s.push(&e[1..]), "é");
+        assert_eq!(s.push(b"ok"), "ok");
+        assert_eq!(s.push(&[0xff, b'a']), "\u{fffd}a");
+    }
+}

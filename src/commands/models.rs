@@ -1,0 +1,20 @@
+//! `corral models list` and `corral models pull`.
+
+use crate::config::Config;
+use crate::slm::models;
+
+pub fn list(config: &Config) -> crate::Result<i32> {
+    for m in config.slm.models.iter() {
+        let path = models::model_path(config, m);
+        let state = if path.is_file() { "present" } else { "absent" };
+        println!("{:<28} {:<8} {}  ({})", m.id, state, path.display(), m.name);
+    }
+    Ok(0)
+}
+
+pub fn pull(config: &Config, id: &str) -> crate::Result<i32> {
+    let m = models::lookup(config, id).map_err(|e| crate::Error::Usage(e.to_string()))?;
+    let path = models::pull(config, m, true).map_err(|e| crate::Error::Usage(e.to_string()))?;
+    println!("{}", path.display());
+    Ok(0)
+}

@@ -1,0 +1,150 @@
+//! `corral run`: answer one prompt with a local model in its sandbox, streaming the answer.
+
+use std::io::Write;
+use std::time::Instant;
+
+use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling};
+use serde_json::json;
+
+use crate::catalog::DEFAULT_MODEL;
+use crate::confidence::{self, TokenStat};
+use crate::config::Config;
+use crate::sandbox::HostSupport;
+use crate::slm::models;
+use crate::slm::runner::{runner_binary, Runner, RunnerSpec};
+
+#[derive(Debug, Clone)]
+pub struct RunArgs {
+    pub model: Option<String>,
+    pub profile: Option<String>,
+    pub temperature: f32,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub max_tokens: u32,
+    pub system: Option<String>,
+    pub json: bool,
+    pub prompt: String,
+}
+
+pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
+    let id = args
+        .model
+        .clone()
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let model = models::lookup(config, &id).map_err(|e| crate::Error::Usage(e.to_string()))?;
+    let path = models::require(config, model).map_err(|e| crate::Error::Usage(e.to_string()))?;
+    let profile_name = args
+        .profile
+        .clone()
+        .or_else(|| model.sandbox_profile.clone())
+        .unwrap_or_else(|| config.slm.default_sandbox_profile.clone());
+    let profile = config.profiles.resolve(&profile_name)?;
+    let host = HostSupport::probe();
+    let spec = RunnerSpec {
+        model_path: path,
+        sha256: model.sha256.clone(),
+        binary: runner_binary(),
+        requantize: true,
+    };
+
+    let t0 = Instant::now();
+    let mut runner = Runner::start(&spec, &profile, &config.sandbox, &host)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: s.clone(),
+        });
+    }
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content: args.prompt.clone(),
+    });
+    let req = GenerateRequest {
+        id: 0,
+        input: Input::Messages(messages),
+        sampling: Sampling {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+            ..Sampling::default()
+        },
+        max_tokens: args.max_tokens,
+        stop: vec![],
+        top_logprobs: 0,
+        stream: true,
+    };
+    let mut stats = Vec::new();
+    let mut stdout = std::io::stdout();
+    let mut streamed = String::new();
+    let result = runner.generate(req, &mut |t| {
+        stats.push(TokenStat {
+            logprob: t.logprob,
+            entropy: t.entropy,
+        });
+        if !args.json {
+            streamed.push_str(&t.text);
+            let _ = stdout.write_all(t.text.as_bytes());
+            let _ = stdout.flush();
+        }
+    });
+    let done = match result {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = runner.shutdown();
+            return Err(crate::Error::Runner(e));
+        }
+    };
+    if !args.json {
+        // Text held back for stop sequences arrives with the final frame.
+        let _ = stdout.write_all(&done.text.as_bytes()[streamed.len().min(done.text.len())..]);
+        let _ = writeln!(stdout);
+    }
+    let ready = runner.ready.clone();
+    let startup = runner.startup;
+    let outcome = runner.shutdown();
+    if let Some(o) = &outcome {
+        for l in &o.limits {
+            eprintln!("corral: {}", l.message());
+        }
+    }
+    let method = confidence::DEFAULT_METHOD;
+    let score = confidence::score(&stats, method);
+    let all: serde_json::Map<String, serde_json::Value> = confidence::all_scores(&stats)
+        .into_iter()
+        .map(|(m, s)| (m.name().to_string(), json!(s)))
+        .collect();
+    if args.json {
+        let v = json!({
+            "text": done.text,
+            "model": id,
+            "profile": profile.name,
+            "confidence": {"score": score, "method": method.name(), "scores": all},
+            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
+            "timings": {
+                "load_ms": ready.load_ms,
+                "startup_ms": startup.as_secs_f64() * 1e3,
+                "prefill_ms": done.prefill_ms,
+                "ttft_ms": done.ttft_ms,
+                "decode_tokens_per_s": done.decode_tokens_per_s,
+                "total_ms": t0.elapsed().as_secs_f64() * 1e3,
+            },
+            "finish_reason": done.finish_reason,
+            "runner": {"architecture": ready.architecture, "quantization": ready.quantization, "threads": ready.threads},
+        });
+        println!("{v}");
+    } else {
+        eprintln!(
+            "corral: {id} · profile {} · {} prompt + {} tokens · load {:.0} ms · ttft {:.0} ms · {:.1} tok/s · confidence {} ({})",
+            profile.name,
+            done.prompt_tokens,
+            done.completion_tokens,
+            ready.load_ms,
+            done.ttft_ms,
+            done.decode_tokens_per_s,
+            score.map_or("n/a".to_string(), |s| format!("{s:.3}")),
+            method.name()
+        );
+    }
+    Ok(0)
+}

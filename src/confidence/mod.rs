@@ -1,0 +1,185 @@
+//! Confidence of an answer from its per-token log-probabilities and entropies, as a score in
+//! [0, 1]. Which method and threshold apply is the routing configuration's choice;
+//! `docs/confidence.md` explains each method and reports how well each predicts correctness.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// exp(mean log p): the geometric-mean probability of the chosen tokens.
+    GeometricMean,
+    /// exp(10th-percentile log p): how likely the least likely tenth of the tokens were.
+    LowPercentile,
+    /// exp(min log p): the single least likely token.
+    Minimum,
+    /// exp(-mean entropy): how peaked the distributions were, whatever was chosen.
+    Entropy,
+}
+
+impl Method {
+    pub const ALL: [Method; 4] = [
+        Method::GeometricMean,
+        Method::LowPercentile,
+        Method::Minimum,
+        Method::Entropy,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::GeometricMean => "geometric_mean",
+            Method::LowPercentile => "low_percentile",
+            Method::Minimum => "minimum",
+            Method::Entropy => "entropy",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// The default method, chosen from the evaluation in docs/confidence.md.
+pub const DEFAULT_METHOD: Method = Method::GeometricMean;
+
+/// One generated token's numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenStat {
+    pub logprob: f32,
+    pub entropy: f32,
+}
+
+/// The score of `tokens` under `method`; `None` for an empty answer (no evidence either way).
+pub fn score(tokens: &[TokenStat], method: Method) -> Option<f64> {
+    if tokens.is_empty() {
+        return None;
+    }
+    let n = tokens.len() as f64;
+    let lp: Vec<f64> = tokens
+        .iter()
+        .map(|t| f64::from(t.logprob).min(0.0))
+        .collect();
+    let s = match method {
+        Method::GeometricMean => (lp.iter().sum::<f64>() / n).exp(),
+        Method::LowPercentile => {
+            let mut v = lp.clone();
+            v.sort_by(f64::total_cmp);
+            let idx = ((v.len() - 1) as f64 * 0.10).floor() as usize;
+            v[idx].exp()
+        }
+        Method::Minimum => lp.iter().copied().fold(0.0, f64::min).exp(),
+        Method::Entropy => (-(tokens
+            .iter()
+            .map(|t| f64::from(t.entropy).max(0.0))
+            .sum::<f64>()
+            / n))
+            .exp(),
+    };
+    Some(s.clamp(0.0, 1.0))
+}
+
+/// Every method's score, for reports and `--json`.
+pub fn all_scores(tokens: &[TokenStat]) -> Vec<(Method, Option<f64>)> {
+    Method::ALL
+        .into_iter()
+        .map(|m| (m, score(tokens, m)))
+        .collect()
+}
+
+/// Area under the ROC curve of `scores` predicting `labels` (true = correct): the probability
+/// that a random correct answer scores above a random wrong one (ties count half).
+pub fn auroc(scores: &[f64], labels: &[bool]) -> Option<f64> {
+    let pos: Vec<f64> = scores
+        .iter()
+        .zip(labels)
+        .filter(|(_, l)| **l)
+        .map(|(s, _)| *s)
+        .collect();
+    let neg: Vec<f64> = scores
+        .iter()
+        .zip(labels)
+        .filter(|(_, l)| !**l)
+        .map(|(s, _)| *s)
+        .collect();
+    if pos.is_empty() || neg.is_empty() {
+        return None;
+    }
+    let mut wins = 0.0;
+    for p in &pos {
+        for q in &neg {
+            wins += if p > q {
+                1.0
+            } else if p == q {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    Some(wins / (pos.len() * neg.len()) as f64)
+}
+
+/// Accuracy of the `fraction` most confident answers.
+pub fn accuracy_of_top(scores: &[f64], labels: &[bool], fraction: f64) -> Option<f64> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|a, b| scores[*b].total_cmp(&scores[*a]));
+    let k = ((scores.len() as f64) * fraction).round().max(1.0) as usize;
+    let top = &idx[..k.min(idx.len())];
+    if top.is_empty() {
+        return None;
+    }
+    Some(top.iter().filter(|i| labels[**i]).count() as f64 / top.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(lp: f32, h: f32) -> TokenStat {
+        TokenStat {
+            logprob: lp,
+            entropy: h,
+        }
+    }
+
+    #[test]
+    fn scores_are_probabilities_and_order_sensibly() {
+        let sure = [t(-0.01, 0.05), t(-0.02, 0.1)];
+        let unsure = [t(-0.01, 0.05), t(-3.0, 2.5)];
+        for m in Method::ALL {
+            let a = score(&sure, m).unwrap();
+            let b = score(&unsure, m).unwrap();
+            assert!((0.0..=1.0).contains(&a) && (0.0..=1.0).contains(&b));
+            assert!(a > b, "{m:?}: {a} <= {b}");
+        }
+        assert!(
+            (score(&[t(-1.0, 0.0), t(-3.0, 0.0)], Method::GeometricMean).unwrap()
+                - (-2.0f64).exp())
+            .abs()
+                < 1e-9
+        );
+        assert!(
+            (score(&[t(-1.0, 0.0), t(-3.0, 0.0)], Method::Minimum).unwrap() - (-3.0f64).exp())
+                .abs()
+                < 1e-9
+        );
+        assert_eq!(score(&[], Method::Entropy), None);
+    }
+
+    #[test]
+    fn auroc_and_top_accuracy() {
+        assert_eq!(
+            auroc(&[0.9, 0.8, 0.1, 0.2], &[true, true, false, false]),
+            Some(1.0)
+        );
+        assert_eq!(
+            auroc(&[0.1, 0.2, 0.9, 0.8], &[true, true, false, false]),
+            Some(0.0)
+        );
+        assert_eq!(auroc(&[0.5, 0.5], &[true, false]), Some(0.5));
+        assert_eq!(
+            accuracy_of_top(&[0.9, 0.1, 0.8, 0.2], &[true, false, false, true], 0.5),
+            Some(0.5)
+        );
+    }
+}

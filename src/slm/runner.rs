@@ -1,0 +1,431 @@
+//! A `corral-runner` process inside its sandbox, seen from the supervisor.
+//!
+//! The runner always gets an empty network namespace (whatever the profile says), read-only
+//! access to its model file and binary, the runner seccomp allow-list under strict profiles, and
+//! the profile's memory/CPU/pids limits. Each request is bounded by the profile's
+//! `max_execution_time_seconds`: past it the runner is killed. Everything the runner sends is
+//! validated: frame size, token ids against the vocabulary, log-probabilities and entropies in
+//! range, streamed text consistent with the final text.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use corral_protocol::{
+    write_frame, Done, GenerateRequest, Ready, Request, Response, TokenInfo, MAX_RESPONSE_FRAME,
+    MAX_TOP_LOGPROBS,
+};
+use syscalls::Sysno;
+
+use crate::profile::Profile;
+use crate::sandbox::{
+    self, launch, plan, seccomp, HostSupport, Outcome, Sandbox, SandboxConfig, SandboxError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("the runner broke the protocol: {0}")]
+    Protocol(String),
+    #[error("time limit: the runner took longer than {0:?} (process_limits.max_execution_time_seconds) and was killed")]
+    TimeLimit(Duration),
+    #[error("the runner died{}", describe(.0))]
+    Died(Option<Outcome>),
+    #[error("the runner refused the request: {0}")]
+    Refused(String),
+    #[error("runner i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn describe(o: &Option<Outcome>) -> String {
+    match o {
+        None => String::new(),
+        Some(o) => {
+            let mut s = match o.exit {
+                sandbox::Exit::Code(c) => format!(" (exit status {c})"),
+                sandbox::Exit::Signal(n) => format!(" (killed by signal {n})"),
+            };
+            for l in &o.limits {
+                s.push_str(": ");
+                s.push_str(&l.message());
+            }
+            s
+        }
+    }
+}
+
+pub type Result<T, E = RunnerError> = std::result::Result<T, E>;
+
+/// Where the `corral-runner` binary is: `$CORRAL_RUNNER`, else beside the running executable.
+pub fn runner_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CORRAL_RUNNER") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Integration tests run from target/<profile>/deps.
+    let beside = dir.join("corral-runner");
+    if beside.exists() {
+        return beside;
+    }
+    dir.parent()
+        .map(|d| d.join("corral-runner"))
+        .filter(|p| p.exists())
+        .unwrap_or(beside)
+}
+
+/// Options for starting a runner.
+#[derive(Debug, Clone)]
+pub struct RunnerSpec {
+    pub model_path: PathBuf,
+    pub sha256: Option<String>,
+    pub binary: PathBuf,
+    /// Requantize slow quantization types at load (default true).
+    pub requantize: bool,
+}
+
+/// Reads frames from a pipe with a deadline.
+#[derive(Debug)]
+struct FrameReader {
+    file: File,
+    buf: Vec<u8>,
+}
+
+enum Read_ {
+    Frame(Response),
+    Eof,
+    Timeout,
+}
+
+impl FrameReader {
+    fn next(&mut self, deadline: Instant) -> Result<Read_> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+                if len > MAX_RESPONSE_FRAME {
+                    return Err(RunnerError::Protocol(format!(
+                        "frame of {len} bytes exceeds the {MAX_RESPONSE_FRAME}-byte limit"
+                    )));
+                }
+                let total = 4 + len as usize;
+                if self.buf.len() >= total {
+                    let msg = serde_json::from_slice(&self.buf[4..total])
+                        .map_err(|e| RunnerError::Protocol(format!("malformed frame: {e}")))?;
+                    self.buf.drain(..total);
+                    return Ok(Read_::Frame(msg));
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Read_::Timeout);
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: poll on one pollfd we own.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            if r == 0 {
+                return Ok(Read_::Timeout);
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.file.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(if self.buf.is_empty() {
+                    Read_::Eof
+                } else {
+                    return Err(RunnerError::Protocol("stream ended inside a frame".into()));
+                });
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A started runner with its model loaded.
+#[derive(Debug)]
+pub struct Runner {
+    sandbox: Sandbox,
+    stdin: File,
+    reader: FrameReader,
+    pub ready: Ready,
+    pub profile: String,
+    time_limit: Duration,
+    next_id: u64,
+    /// Spawn to Ready, as the supervisor saw it.
+    pub startup: Duration,
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two new fds into our array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are new and ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+impl Runner {
+    /// Starts the runner for `spec` under `profile` and waits for its model to load.
+    pub fn start(
+        spec: &RunnerSpec,
+        profile: &Profile,
+        cfg: &SandboxConfig,
+        host: &HostSupport,
+    ) -> Result<Runner> {
+        let started = Instant::now();
+        let mut argv: Vec<std::ffi::OsString> = vec![
+            spec.binary.clone().into(),
+            "--model".into(),
+            spec.model_path.clone().into(),
+        ];
+        if let Some(sha) = &spec.sha256 {
+            argv.push("--sha256".into());
+            argv.push(sha.into());
+        }
+        if !spec.requantize {
+            argv.push("--keep-quantization".into());
+        }
+        let cmd = plan::Command {
+            argv,
+            env: vec![],
+            cwd: Some("/".into()),
+            extra_read: vec![spec.model_path.clone()],
+            force_no_network: true,
+            seccomp_base: seccomp::Base::Runner,
+            extra_syscalls: vec![
+                Sysno::landlock_create_ruleset,
+                Sysno::landlock_restrict_self,
+            ],
+        };
+        let p = plan::plan(profile, &cmd, host, cfg)?;
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let sandbox = launch::spawn(&p, cfg, host, [Some(in_r), Some(out_w), None])?;
+        let mut runner = Runner {
+            sandbox,
+            stdin: File::from(in_w),
+            reader: FrameReader {
+                file: File::from(out_r),
+                buf: Vec::new(),
+            },
+            ready: Ready {
+                architecture: String::new(),
+                quantization: String::new(),
+                vocab_size: 0,
+                context_length: 0,
+                eos_token_ids: vec![],
+                has_chat_template: false,
+                threads: 0,
+                load_ms: 0.0,
+            },
+            profile: profile.name.clone(),
+            time_limit: profile.max_execution_time,
+            next_id: 1,
+            startup: Duration::ZERO,
+        };
+        match runner.read(started + runner.time_limit)? {
+            Response::Ready(r) => {
+                if r.vocab_size == 0 || r.context_length == 0 {
+                    return Err(RunnerError::Protocol(
+                        "ready frame with an empty vocabulary or context".into(),
+                    ));
+                }
+                runner.ready = r;
+            }
+            Response::Error { message, .. } => return Err(RunnerError::Refused(message)),
+            other => {
+                return Err(RunnerError::Protocol(format!(
+                    "expected ready, got {other:?}"
+                )))
+            }
+        }
+        runner.startup = started.elapsed();
+        Ok(runner)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.sandbox.pid()
+    }
+
+    /// Reads the next frame before `deadline`; on timeout kills the runner.
+    fn read(&mut self, deadline: Instant) -> Result<Response> {
+        match self.reader.next(deadline)? {
+            Read_::Frame(r) => Ok(r),
+            Read_::Timeout => {
+                self.sandbox.kill_for_time_limit();
+                let _ = self.sandbox.wait_until(None);
+                Err(RunnerError::TimeLimit(self.time_limit))
+            }
+            Read_::Eof => {
+                let outcome = self
+                    .sandbox
+                    .wait_until(Some(Instant::now() + Duration::from_secs(5)))
+                    .ok()
+                    .flatten()
+                    .cloned();
+                Err(RunnerError::Died(outcome))
+            }
+        }
+    }
+
+    /// Runs one request; `on_token` sees each validated token as it arrives.
+    pub fn generate(
+        &mut self,
+        mut req: GenerateRequest,
+        on_token: &mut dyn FnMut(&TokenInfo),
+    ) -> Result<Done> {
+        req.id = self.next_id;
+        self.next_id += 1;
+        let top_n = req.top_logprobs.min(MAX_TOP_LOGPROBS);
+        req.top_logprobs = top_n;
+        let deadline = Instant::now() + self.time_limit;
+        write_frame(&mut self.stdin, &Request::Generate(req.clone()))
+            .map_err(|e| RunnerError::Protocol(e.to_string()))?;
+        let mut streamed = String::new();
+        let mut count = 0u32;
+        loop {
+            match self.read(deadline)? {
+                Response::Token { id, token } => {
+                    if id != req.id || !req.stream {
+                        return Err(RunnerError::Protocol(format!(
+                            "token for request {id}, expected {}",
+                            req.id
+                        )));
+                    }
+                    self.check_token(&token, top_n)?;
+                    count += 1;
+                    if count > req.max_tokens {
+                        return Err(RunnerError::Protocol("more tokens than max_tokens".into()));
+                    }
+                    streamed.push_str(&token.text);
+                    on_token(&token);
+                }
+                Response::Done(done) => {
+                    if done.id != req.id {
+                        return Err(RunnerError::Protocol(format!(
+                            "done for request {}, expected {}",
+                            done.id, req.id
+                        )));
+                    }
+                    for t in &done.tokens {
+                        self.check_token(t, top_n)?;
+                    }
+                    let n = if req.stream {
+                        count
+                    } else {
+                        done.tokens.len() as u32
+                    };
+                    if done.completion_tokens != n || n > req.max_tokens {
+                        return Err(RunnerError::Protocol(format!(
+                            "done reports {} tokens, {n} were sent",
+                            done.completion_tokens
+                        )));
+                    }
+                    if !done.text.starts_with(&streamed) {
+                        return Err(RunnerError::Protocol(
+                            "final text does not extend the streamed text".into(),
+                        ));
+                    }
+                    if !(done.prefill_ms.is_finite()
+                        && done.ttft_ms.is_finite()
+                        && done.decode_tokens_per_s.is_finite())
+                    {
+                        return Err(RunnerError::Protocol("non-finite timings".into()));
+                    }
+                    return Ok(done);
+                }
+                Response::Error { message, .. } => return Err(RunnerError::Refused(message)),
+                other => return Err(RunnerError::Protocol(format!("unexpected frame {other:?}"))),
+            }
+        }
+    }
+
+    /// The runner's tokenization of `text` (for parity tests and prompt accounting).
+    pub fn tokenize(&mut self, text: &str, special: bool) -> Result<Vec<u32>> {
+        let id = self.next_id;
+        self.next_id += 1;
+        write_frame(
+            &mut self.stdin,
+            &Request::Tokenize {
+                id,
+                text: text.to_string(),
+                special,
+            },
+        )
+        .map_err(|e| RunnerError::Protocol(e.to_string()))?;
+        match self.read(Instant::now() + self.time_limit)? {
+            Response::Tokens { id: got, ids } if got == id => {
+                if ids.iter().any(|t| *t >= self.ready.vocab_size) {
+                    return Err(RunnerError::Protocol(
+                        "token id outside the vocabulary".into(),
+                    ));
+                }
+                Ok(ids)
+            }
+            other => Err(RunnerError::Protocol(format!(
+                "expected tokens for request {id}, got {other:?}"
+            ))),
+        }
+    }
+
+    fn check_token(&self, t: &TokenInfo, top_n: u32) -> Result<()> {
+        let v = self.ready.vocab_size;
+        let bad = |what: &str| {
+            Err(RunnerError::Protocol(format!(
+                "token {}: {what}",
+                t.token_id
+            )))
+        };
+        if t.token_id >= v {
+            return bad("id outside the vocabulary");
+        }
+        if t.bytes.len() > 1024 || t.text.len() > 4096 {
+            return bad("oversized token");
+        }
+        if !(t.logprob.is_finite() && t.logprob <= 1e-3) {
+            return bad("log-probability out of range");
+        }
+        let max_h = (v as f32).ln() + 1e-2;
+        if !(t.entropy.is_finite() && t.entropy >= -1e-3 && t.entropy <= max_h) {
+            return bad("entropy out of range");
+        }
+        if t.top.len() > top_n as usize
+            || t.top
+                .iter()
+                .any(|a| a.token_id >= v || !(a.logprob.is_finite() && a.logprob <= 1e-3))
+        {
+            return bad("bad top_logprobs");
+        }
+        Ok(())
+    }
+
+    /// Asks the runner to exit and reaps it; the outcome says how it ended.
+    pub fn shutdown(mut self) -> Option<Outcome> {
+        let _ = write_frame(&mut self.stdin, &Request::Shutdown);
+        let _ = self.stdin.flush();
+        match self
+            .sandbox
+            .wait_until(Some(Instant::now() + Duration::from_secs(5)))
+        {
+            Ok(Some(o)) => Some(o.clone()),
+            _ => {
+                self.sandbox.kill();
+                self.sandbox.wait_until(None).ok().flatten().cloned()
+            }
+        }
+    }
+}
