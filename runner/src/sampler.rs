@@ -174,7 +174,7 @@ mod tests {
         let mut rng = Rng::new(1);
         assert_eq!(sample(&mut [0.1, 3.0, 0.2], &base, &[], &mut rng), 1);
         let penal = Sampling {
-            repetition_penalty: 10.0,
+            repetition_penalty: 20.0,
             ..base.clone()
         };
         assert_eq!(

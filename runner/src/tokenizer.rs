@@ -431,14 +431,29 @@ impl Utf8Stream {
     /// Adds bytes; returns the text they complete.
     pub fn push(&mut self, bytes: &[u8]) -> String {
         self.pending.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(_) => self.pending.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            // An invalid sequence (not just an incomplete one): replace it and move on.
-            Err(e) => e.valid_up_to() + e.error_len().unwrap_or(1),
-        };
-        let done: Vec<u8> = self.pending.drain(..valid).collect();
-        String::from_utf8_lossy(&done).into_owned()
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                // Incomplete character at the end: keep it for the next token.
+                Err(e) if e.error_len().is_none() => {
+                    let valid = e.valid_up_to();
+                    out.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
+                    self.pending.drain(..valid);
+                    return out;
+                }
+                // An invalid sequence: replace it and go on with the rest.
+                Err(e) => {
+                    let cut = e.valid_up_to() + e.error_len().unwrap_or(1);
+                    out.push_str(&String::from_utf8_lossy(&self.pending[..cut]));
+                    self.pending.drain(..cut);
+                }
+            }
+        }
     }
 
     /// Whatever is left (an incomplete character at the end), lossily.
