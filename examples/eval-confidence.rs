@@ -118,13 +118,16 @@ fn correct(answer: &str, q: &Q) -> bool {
             }
         });
     }
-    // the first number in the answer
-    let num: String = a
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit() && *c != '-')
-        .take_while(|c| c.is_ascii_digit() || *c == '-')
+    // The last number in the answer ("8 + 7 = 15" answers 15).
+    let numbers: Vec<&str> = a
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
         .collect();
-    num == q.answers[0]
+    numbers
+        .last()
+        .is_some_and(|n| *n == q.answers[0].trim_start_matches('-'))
+        && (q.answers[0].starts_with('-')
+            == a.contains(&format!("-{}", q.answers[0].trim_start_matches('-'))))
 }
 
 fn main() {
@@ -156,6 +159,7 @@ fn main() {
             stop: vec!["\n".into()],
             top_logprobs: 0,
             stream: false,
+            ignore_eos: false,
         };
         let done = runner.generate(req, &mut |_| {}).expect("generate");
         let stats: Vec<TokenStat> = done

@@ -57,6 +57,9 @@ enum Cmd {
         /// Print one JSON object (text, model, profile, confidence, usage, timings, finish_reason)
         #[arg(long)]
         json: bool,
+        /// Generate exactly --max-tokens, past end-of-sequence (for benchmarks)
+        #[arg(long, hide = true)]
+        ignore_eos: bool,
         prompt: String,
     },
     /// List or fetch models of the catalog
@@ -198,6 +201,7 @@ fn run(cli: Cli) -> Result<i32, corral::Error> {
             max_tokens,
             system,
             json,
+            ignore_eos,
             prompt,
         } => run_cmd::run(
             &config,
@@ -210,6 +214,7 @@ fn run(cli: Cli) -> Result<i32, corral::Error> {
                 max_tokens,
                 system,
                 json,
+                ignore_eos,
                 prompt,
             },
         ),

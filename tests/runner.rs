@@ -42,6 +42,7 @@ fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
         stop: vec![],
         top_logprobs: 0,
         stream: false,
+        ignore_eos: false,
     }
 }
 

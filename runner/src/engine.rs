@@ -112,7 +112,7 @@ impl Engine {
                 ttft_ms = received.elapsed().as_secs_f64() * 1e3;
             }
             generated += 1;
-            if self.tokenizer.eos.contains(&next) {
+            if !req.ignore_eos && self.tokenizer.eos.contains(&next) {
                 finish = FinishReason::Stop;
                 break;
             }

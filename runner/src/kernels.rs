@@ -44,7 +44,7 @@ struct ABlock {
 }
 
 impl QMat {
-    pub fn new(wtype: WType, rows: usize, cols: usize, data: Vec<u8>) -> anyhow::Result<QMat> {
+    pub fn new(wtype: WType, rows: usize, cols: usize, data: &[u8]) -> anyhow::Result<QMat> {
         let per = match wtype {
             WType::Q4_1 => Q4_1_BYTES,
             WType::Q8_0 => Q8_0_BYTES,
@@ -74,6 +74,28 @@ impl QMat {
             m,
             q,
         })
+    }
+
+    /// Row `r` dequantized (an embedding lookup).
+    pub fn row_f32(&self, r: usize) -> Vec<f32> {
+        let w = self.row(r);
+        let mut out = Vec::with_capacity(self.cols);
+        for b in 0..self.cols / QK {
+            match self.wtype {
+                WType::Q4_1 => {
+                    let nib = &w.q[b * 16..(b + 1) * 16];
+                    let (d, m) = (w.d[b], w.m[b]);
+                    out.extend(nib.iter().map(|n| f32::from(n & 0x0f) * d + m));
+                    out.extend(nib.iter().map(|n| f32::from(n >> 4) * d + m));
+                }
+                WType::Q8_0 => out.extend(
+                    w.q[b * QK..(b + 1) * QK]
+                        .iter()
+                        .map(|q| f32::from(*q as i8) * w.d[b]),
+                ),
+            }
+        }
+        out
     }
 
     fn qbytes(&self) -> usize {
@@ -107,24 +129,34 @@ impl QMat {
             .collect();
         let mut out = vec![0f32; n * self.rows];
         let avx2 = has_avx2();
-        // out is laid out [n][rows]; compute per output row r, for every input row.
-        let chunk = 16usize;
+        // Few, large tasks: waking a pool thread costs more than a small matrix's whole product.
+        let threads = rayon::current_num_threads().max(1);
+        let work = self.rows * self.cols * n;
+        let tasks = if work < 400_000 { 1 } else { threads * 2 };
+        let chunk = self.rows.div_ceil(tasks).max(1);
         let mut cols_out: Vec<f32> = vec![0f32; self.rows * n];
-        cols_out
-            .par_chunks_mut(chunk * n)
-            .enumerate()
-            .for_each(|(ci, dst)| {
-                for (k, slot) in dst.chunks_mut(n).enumerate() {
-                    let r = ci * chunk + k;
-                    let w = self.row(r);
-                    for (i, a) in acts.iter().enumerate() {
-                        slot[i] = match self.wtype {
-                            WType::Q4_1 => dot_q4_1(&w, a, avx2),
-                            WType::Q8_0 => dot_q8_0(&w, a, avx2),
-                        };
-                    }
+        let compute = |ci: usize, dst: &mut [f32]| {
+            for (k, slot) in dst.chunks_mut(n).enumerate() {
+                let w = self.row(ci * chunk + k);
+                for (i, a) in acts.iter().enumerate() {
+                    slot[i] = match self.wtype {
+                        WType::Q4_1 => dot_q4_1(&w, a, avx2),
+                        WType::Q8_0 => dot_q8_0(&w, a, avx2),
+                    };
                 }
-            });
+            }
+        };
+        if tasks == 1 {
+            compute(0, &mut cols_out);
+        } else {
+            cols_out
+                .par_chunks_mut(chunk * n)
+                .enumerate()
+                .for_each(|(ci, dst)| compute(ci, dst));
+        }
+        if n == 1 {
+            return cols_out;
+        }
         for r in 0..self.rows {
             for i in 0..n {
                 out[i * self.rows + r] = cols_out[r * n + i];
@@ -154,6 +186,15 @@ fn has_avx2() -> bool {
 
 /// ggml's `quantize_row_q8_1` (the `s` term is used by Q4_1 only).
 fn quantize_row(x: &[f32]) -> Vec<ABlock> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { avx2::quantize_row(x) };
+    }
+    quantize_row_scalar(x)
+}
+
+fn quantize_row_scalar(x: &[f32]) -> Vec<ABlock> {
     x.chunks_exact(QK)
         .map(|b| {
             let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -228,7 +269,60 @@ fn dot_q8_0(w: &Row<'_>, a: &[ABlock], avx2: bool) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{ABlock, Row, QK};
+    use half::f16;
     use std::arch::x86_64::*;
+
+    /// `quantize_row_scalar` with the rounding done by `vroundps` (nearest, ties to even).
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_row(x: &[f32]) -> Vec<ABlock> {
+        let mut out = Vec::with_capacity(x.len() / QK);
+        let sign = _mm256_set1_ps(-0.0);
+        for b in x.chunks_exact(QK) {
+            // SAFETY: b has 32 floats: four loads of 8.
+            let v = unsafe {
+                [
+                    _mm256_loadu_ps(b.as_ptr()),
+                    _mm256_loadu_ps(b.as_ptr().add(8)),
+                    _mm256_loadu_ps(b.as_ptr().add(16)),
+                    _mm256_loadu_ps(b.as_ptr().add(24)),
+                ]
+            };
+            let mut m = _mm256_andnot_ps(sign, v[0]);
+            for vv in &v[1..] {
+                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vv));
+            }
+            let mut lanes = [0f32; 8];
+            // SAFETY: lanes holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+            let amax = lanes.iter().fold(0f32, |a, l| a.max(*l));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let mut q = [0i8; QK];
+            let mut sum = 0i32;
+            for (k, vv) in v.iter().enumerate() {
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm256_mul_ps(*vv, id),
+                );
+                let i = _mm256_cvtps_epi32(r);
+                let mut ints = [0i32; 8];
+                // SAFETY: ints holds 8 i32.
+                unsafe { _mm256_storeu_si256(ints.as_mut_ptr().cast(), i) };
+                for (j, iv) in ints.iter().enumerate() {
+                    q[k * 8 + j] = *iv as i8;
+                    sum += iv;
+                }
+            }
+            out.push(ABlock {
+                d: f16::from_f32(d).to_f32(),
+                s: f16::from_f32(sum as f32 * d).to_f32(),
+                q,
+            });
+        }
+        out
+    }
 
     /// Horizontal sum of 8 f32 lanes.
     #[target_feature(enable = "avx2,fma")]
@@ -323,7 +417,13 @@ mod tests {
         let q =
             QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &dev).unwrap(), dtype).unwrap();
         let exact = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
-        let m = QMat::new(wtype, rows, cols, q.data().unwrap().to_vec()).unwrap();
+        let m = QMat::new(wtype, rows, cols, &q.data().unwrap()).unwrap();
+        for r in [0, rows / 2, rows - 1] {
+            let row = m.row_f32(r);
+            for (a, b) in row.iter().zip(&exact[r]) {
+                assert!((a - b).abs() < 1e-6, "row {r}: {a} vs {b}");
+            }
+        }
         let got = m.matmul(&x, 2);
         for i in 0..2 {
             for r in 0..rows {
@@ -339,8 +439,12 @@ mod tests {
                 );
             }
         }
-        // The scalar and AVX2 paths compute the same sums.
+        // The scalar and AVX2 paths quantize and compute alike.
         let acts = quantize_row(&x[..cols]);
+        let scalar = quantize_row_scalar(&x[..cols]);
+        for (a, b) in acts.iter().zip(&scalar) {
+            assert_eq!((a.q, a.d, a.s), (b.q, b.d, b.s));
+        }
         for r in 0..rows {
             let row = m.row(r);
             let (a, b) = match wtype {

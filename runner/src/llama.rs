@@ -53,9 +53,17 @@ struct Layer {
     w_down: Mat,
 }
 
+/// The token embedding: a quantized table dequantized row by row (llama.cpp's `get_rows`), or
+/// a plain f32 table for other types.
+enum Embedding {
+    Quant(QMat),
+    F32(Vec<f32>),
+}
+
 pub struct Llama {
     cfg: Config,
-    embd: Vec<f32>,
+    embd: Embedding,
+    vocab: usize,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Mat,
@@ -73,6 +81,7 @@ fn vec_of(t: &QTensor) -> candle_core::Result<Vec<f32>> {
 impl Llama {
     pub fn from_gguf<R: std::io::Read + std::io::Seek>(
         ct: &gguf_file::Content,
+        bytes: &[u8],
         r: &mut R,
         device: &Device,
         max_seq: usize,
@@ -120,42 +129,72 @@ impl Llama {
             eps: md_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             max_seq,
         };
-        let mut get = |name: &str| -> anyhow::Result<QTensor> {
+        let f32_weights = std::env::var_os("CORRAL_DEBUG_F32_WEIGHTS").is_some();
+        let own = |name: &str| -> anyhow::Result<Option<QMat>> {
+            let info = ct
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("tensor {name} is missing"))?;
+            let w = match info.ggml_dtype {
+                GgmlDType::Q4_1 => WType::Q4_1,
+                GgmlDType::Q8_0 => WType::Q8_0,
+                _ => return Ok(None),
+            };
+            if f32_weights {
+                return Ok(None);
+            }
+            let (rows, cols) = info.shape.dims2()?;
+            let size = rows * cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let start = usize::try_from(ct.tensor_data_offset + info.offset)?;
+            let data = bytes
+                .get(start..start + size)
+                .ok_or_else(|| anyhow::anyhow!("tensor {name} lies outside the file"))?;
+            Ok(Some(QMat::new(w, rows, cols, data)?))
+        };
+        fn get<R: std::io::Read + std::io::Seek>(
+            ct: &gguf_file::Content,
+            r: &mut R,
+            name: &str,
+        ) -> anyhow::Result<QTensor> {
             ct.tensor(r, name, &Device::Cpu)
                 .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
-        };
-        let f32_weights = std::env::var_os("CORRAL_DEBUG_F32_WEIGHTS").is_some();
-        let mm = |t: QTensor| -> anyhow::Result<Mat> {
+        }
+        let mm = |r: &mut R, name: &str| -> anyhow::Result<Mat> {
+            if let Some(m) = own(name)? {
+                return Ok(Mat::Own(m));
+            }
+            let t = get(ct, r, name)?;
             if f32_weights {
                 return Ok(Mat::Candle(QMatMul::Tensor(t.dequantize(&Device::Cpu)?)));
             }
-            let (rows, cols) = t.shape().dims2()?;
-            let own = match t.dtype() {
-                GgmlDType::Q4_1 => Some(WType::Q4_1),
-                GgmlDType::Q8_0 => Some(WType::Q8_0),
-                _ => None,
-            };
-            Ok(match own {
-                Some(w) => Mat::Own(QMat::new(w, rows, cols, t.data()?.to_vec())?),
-                None => Mat::Candle(QMatMul::from_qtensor(t)?),
-            })
+            Ok(Mat::Candle(QMatMul::from_qtensor(t)?))
         };
-        let embd_q = get("token_embd.weight")?;
-        let embd = vec_of(&embd_q)?;
-        let vocab = embd.len() / n_embd;
+        let norm_vec =
+            |r: &mut R, name: &str| -> anyhow::Result<Vec<f32>> { Ok(vec_of(&get(ct, r, name)?)?) };
+        let (embd, vocab) = match own("token_embd.weight")? {
+            Some(m) => {
+                let v = m.rows;
+                (Embedding::Quant(m), v)
+            }
+            None => {
+                let t = vec_of(&get(ct, r, "token_embd.weight")?)?;
+                let v = t.len() / n_embd;
+                (Embedding::F32(t), v)
+            }
+        };
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let p = format!("blk.{i}");
             layers.push(Layer {
-                attn_norm: vec_of(&get(&format!("{p}.attn_norm.weight"))?)?,
-                wq: mm(get(&format!("{p}.attn_q.weight"))?)?,
-                wk: mm(get(&format!("{p}.attn_k.weight"))?)?,
-                wv: mm(get(&format!("{p}.attn_v.weight"))?)?,
-                wo: mm(get(&format!("{p}.attn_output.weight"))?)?,
-                ffn_norm: vec_of(&get(&format!("{p}.ffn_norm.weight"))?)?,
-                w_gate: mm(get(&format!("{p}.ffn_gate.weight"))?)?,
-                w_up: mm(get(&format!("{p}.ffn_up.weight"))?)?,
-                w_down: mm(get(&format!("{p}.ffn_down.weight"))?)?,
+                attn_norm: norm_vec(r, &format!("{p}.attn_norm.weight"))?,
+                wq: mm(r, &format!("{p}.attn_q.weight"))?,
+                wk: mm(r, &format!("{p}.attn_k.weight"))?,
+                wv: mm(r, &format!("{p}.attn_v.weight"))?,
+                wo: mm(r, &format!("{p}.attn_output.weight"))?,
+                ffn_norm: norm_vec(r, &format!("{p}.ffn_norm.weight"))?,
+                w_gate: mm(r, &format!("{p}.ffn_gate.weight"))?,
+                w_up: mm(r, &format!("{p}.ffn_up.weight"))?,
+                w_down: mm(r, &format!("{p}.ffn_down.weight"))?,
             });
             if layers[i].attn_norm.len() != n_embd {
                 anyhow::bail!(
@@ -164,13 +203,16 @@ impl Llama {
                 );
             }
         }
-        let norm = vec_of(&get("output_norm.weight")?)?;
+        let norm = norm_vec(r, "output_norm.weight")?;
         // Tied embeddings: no output.weight, the token embedding doubles as the output matrix.
-        let output = if ct.tensor_infos.contains_key("output.weight") {
-            mm(get("output.weight")?)?
-        } else {
-            mm(embd_q)?
-        };
+        let output = mm(
+            r,
+            if ct.tensor_infos.contains_key("output.weight") {
+                "output.weight"
+            } else {
+                "token_embd.weight"
+            },
+        )?;
         if vocab == 0 || norm.len() != n_embd {
             anyhow::bail!("inconsistent embedding shapes");
         }
@@ -179,6 +221,7 @@ impl Llama {
             v_cache: vec![Vec::new(); n_layer],
             cfg,
             embd,
+            vocab,
             layers,
             norm,
             output,
@@ -187,7 +230,7 @@ impl Llama {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.embd.len() / self.cfg.n_embd
+        self.vocab
     }
 
     fn matmul(&self, w: &Mat, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
@@ -224,8 +267,11 @@ impl Llama {
             if t >= vocab {
                 anyhow::bail!("token id {t} outside the vocabulary");
             }
-            x[i * c.n_embd..(i + 1) * c.n_embd]
-                .copy_from_slice(&self.embd[t * c.n_embd..(t + 1) * c.n_embd]);
+            let dst = &mut x[i * c.n_embd..(i + 1) * c.n_embd];
+            match &self.embd {
+                Embedding::Quant(m) => dst.copy_from_slice(&m.row_f32(t)),
+                Embedding::F32(e) => dst.copy_from_slice(&e[t * c.n_embd..(t + 1) * c.n_embd]),
+            }
         }
         // Rotary angles for each position: theta_k = pos * base^(-2k/n_rot), by repeated f32
         // multiplication as ggml computes them.

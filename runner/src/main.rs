@@ -106,6 +106,14 @@ fn run() -> anyhow::Result<()> {
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
 
     // Read the file once: hash it, then parse it from memory.
+    let phase = |name: &str| {
+        if std::env::var_os("CORRAL_RUNNER_TIMINGS").is_some() {
+            eprintln!(
+                "corral-runner: {name} at {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    };
     let bytes = std::fs::read(&args.model).with_context(|| format!("{}", args.model.display()))?;
     if let Some(expected) = &args.sha256 {
         let got: String = Sha256::digest(&bytes)
@@ -119,10 +127,14 @@ fn run() -> anyhow::Result<()> {
             );
         }
     }
+    phase("sha256");
     let device = candle_core::Device::Cpu;
+    phase("read");
     let (model, meta) = model::Model::load_gguf(&args.model, &bytes, args.requantize, &device)?;
     drop(bytes);
+    phase("weights");
     let tok = tokenizer::Tokenizer::new(meta.tokenizer)?;
+    phase("tokenizer");
     let name = |id: Option<u32>| {
         id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
             .unwrap_or_default()

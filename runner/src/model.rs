@@ -143,7 +143,8 @@ impl Model {
                 build(
                     &architecture,
                     ct2,
-                    &mut Cursor::new(data),
+                    &data,
+                    &mut Cursor::new(&data),
                     device,
                     context_length,
                 )?,
@@ -151,7 +152,7 @@ impl Model {
             )
         } else {
             (
-                build(&architecture, ct, &mut file, device, context_length)?,
+                build(&architecture, ct, bytes, &mut file, device, context_length)?,
                 quantization,
             )
         };
@@ -186,12 +187,13 @@ impl Model {
 fn build<R: Read + Seek>(
     arch: &str,
     ct: gguf_file::Content,
+    bytes: &[u8],
     r: &mut R,
     device: &Device,
     max_seq: usize,
 ) -> anyhow::Result<Weights> {
     Ok(match arch {
-        "llama" | "mistral" => Weights::Llama(crate::llama::Llama::from_gguf(&ct, r, device, max_seq)?),
+        "llama" | "mistral" => Weights::Llama(crate::llama::Llama::from_gguf(&ct, bytes, r, device, max_seq)?),
         "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, r, device)?),
         "phi3" => Weights::Phi3(quantized_phi3::ModelWeights::from_gguf(false, ct, r, device)?),
         other => anyhow::bail!("unsupported GGUF architecture '{other}' (llama, mistral, qwen2 and phi3 are supported)"),

@@ -23,6 +23,7 @@ pub struct RunArgs {
     pub max_tokens: u32,
     pub system: Option<String>,
     pub json: bool,
+    pub ignore_eos: bool,
     pub prompt: String,
 }
 
@@ -73,6 +74,7 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
         stop: vec![],
         top_logprobs: 0,
         stream: true,
+        ignore_eos: args.ignore_eos,
     };
     let mut stats = Vec::new();
     let mut stdout = std::io::stdout();

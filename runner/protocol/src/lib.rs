@@ -51,6 +51,9 @@ pub struct GenerateRequest {
     /// Send a [`Response::Token`] per token; otherwise the tokens come with `Done`.
     #[serde(default = "yes")]
     pub stream: bool,
+    /// Keep generating past end-of-sequence tokens (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 fn yes() -> bool {
@@ -253,6 +256,7 @@ mod tests {
             stop: vec!["\n".into()],
             top_logprobs: 2,
             stream: true,
+            ignore_eos: false,
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();

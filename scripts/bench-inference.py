@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Inference benchmark, same machine, same run, same GGUF, greedy, 2 threads:
+llama.cpp (PyPI llama-cpp-python) versus corral's runner unsandboxed versus corral sandboxed
+(`corral run` under the secure profile). Prints decode tok/s, prefill tok/s, time to first token,
+runner spawn + load, and the ratios. Run through scripts/bench-inference.sh."""
+import json, os, statistics, struct, subprocess, sys, time
+
+MODEL = os.path.expanduser(os.environ.get("CORRAL_BENCH_MODEL", "~/.local/share/corral/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+CORRAL = os.path.join(ROOT, "target/release/corral")
+RUNNER = os.path.join(ROOT, "target/release/corral-runner")
+N = 128
+REPS = int(os.environ.get("REPS", "3"))
+USER = "Write a long story about a dragon who learns to paint."
+PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+          f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def llama_cpp():
+    from llama_cpp import Llama
+    t0 = time.perf_counter()
+    llm = Llama(model_path=MODEL, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
+    load = time.perf_counter() - t0
+    ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
+    out = []
+    for _ in range(REPS):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tok = llm.sample(temp=0.0, top_k=1)
+        t1 = time.perf_counter()
+        for _ in range(N - 1):
+            llm.eval([tok])
+            tok = llm.sample(temp=0.0, top_k=1)
+        t2 = time.perf_counter()
+        out.append({"prefill_tps": len(ids) / (t1 - t0), "ttft_ms": (t1 - t0) * 1e3, "decode_tps": (N - 1) / (t2 - t1)})
+    return {"load_ms": load * 1e3, "prompt_tokens": len(ids), **median(out)}
+
+
+def frame(p, obj):
+    b = json.dumps(obj).encode()
+    p.stdin.write(struct.pack("<I", len(b)) + b)
+    p.stdin.flush()
+
+
+def read(p):
+    n = struct.unpack("<I", p.stdout.read(4))[0]
+    return json.loads(p.stdout.read(n))
+
+
+def corral_unsandboxed():
+    t0 = time.perf_counter()
+    p = subprocess.Popen([RUNNER, "--model", MODEL, "--no-tighten", "--threads", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    ready = read(p)
+    load = time.perf_counter() - t0
+    out = []
+    for _ in range(REPS):
+        frame(p, {"type": "generate", "id": 1, "input": {"prompt": PROMPT}, "max_tokens": N, "stream": False, "ignore_eos": True})
+        d = read(p)
+        out.append({"prefill_tps": d["prompt_tokens"] / (d["prefill_ms"] / 1e3), "ttft_ms": d["ttft_ms"], "decode_tps": d["decode_tokens_per_s"]})
+    frame(p, {"type": "shutdown"})
+    p.wait()
+    return {"load_ms": load * 1e3, "runner_load_ms": ready["load_ms"], **median(out)}
+
+
+def corral_sandboxed():
+    out, loads = [], []
+    for _ in range(REPS):
+        r = subprocess.run([CORRAL, "run", "--json", "--ignore-eos", "--max-tokens", str(N), USER], capture_output=True, check=True)
+        v = json.loads(r.stdout)
+        t = v["timings"]
+        loads.append(t["startup_ms"])
+        out.append({"prefill_tps": v["usage"]["prompt_tokens"] / (t["prefill_ms"] / 1e3), "ttft_ms": t["ttft_ms"], "decode_tps": t["decode_tokens_per_s"]})
+    return {"load_ms": statistics.median(loads), **median(out)}
+
+
+def median(rows):
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def main():
+    res = {"llama.cpp": llama_cpp(), "corral (unsandboxed)": corral_unsandboxed(), "corral (sandboxed, secure)": corral_sandboxed()}
+    print(f"{'':28} {'decode tok/s':>12} {'prefill tok/s':>13} {'ttft ms':>8} {'spawn+load ms':>14}")
+    for k, v in res.items():
+        print(f"{k:28} {v['decode_tps']:12.1f} {v['prefill_tps']:13.1f} {v['ttft_ms']:8.1f} {v['load_ms']:14.1f}")
+    l, u, s = res["llama.cpp"], res["corral (unsandboxed)"], res["corral (sandboxed, secure)"]
+    print(f"\ndecode: corral/llama.cpp = {u['decode_tps'] / l['decode_tps']:.2f}x (sandboxed {s['decode_tps'] / l['decode_tps']:.2f}x)")
+    print(f"prefill: corral/llama.cpp = {u['prefill_tps'] / l['prefill_tps']:.2f}x")
+    print(f"sandbox overhead on decode: {100 * (1 - s['decode_tps'] / u['decode_tps']):.1f}%")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

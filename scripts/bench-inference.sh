@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Inference benchmark against llama.cpp on the same GGUF, in the same run (see
+# scripts/bench-inference.py). Installs llama-cpp-python (built from source: several minutes
+# the first time) when missing. Needs root for the sandboxed runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -c "import llama_cpp" 2>/dev/null || python3 -m pip install --quiet "llama-cpp-python==0.3.36"
+cargo build --release --bin corral --bin corral-runner
+scripts/fetch-model.sh >/dev/null
+python3 scripts/bench-inference.py
