@@ -6,6 +6,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,22 +54,18 @@ pub fn exec_closure(exe: &Path) -> Result<Vec<PathBuf>, ElfError> {
         if !seen.insert(canon.clone()) {
             continue;
         }
-        let bytes = fs::read(&canon).map_err(|source| ElfError::Io {
-            path: canon.clone(),
-            source,
-        })?;
-        let elf = goblin::elf::Elf::parse(&bytes).map_err(|e| ElfError::Format {
+        let elf = DynInfo::read(&canon).map_err(|reason| ElfError::Format {
             path: file.clone(),
-            reason: e.to_string(),
+            reason,
         })?;
-        let m = *machine.get_or_insert(elf.header.e_machine);
-        if elf.header.e_machine != m {
+        let m = *machine.get_or_insert(elf.machine);
+        if elf.machine != m {
             return Err(ElfError::Format {
                 path: file.clone(),
                 reason: "mixed machine types".into(),
             });
         }
-        if let Some(interp) = elf.interpreter {
+        if let Some(interp) = &elf.interpreter {
             let p = PathBuf::from(interp);
             if !out.contains(&p) {
                 out.push(p.clone());
@@ -116,6 +113,129 @@ pub fn exec_closure(exe: &Path) -> Result<Vec<PathBuf>, ElfError> {
         }
     }
     Ok(out)
+}
+
+/// What the loader needs from an ELF file, read with a few `pread`s: the machine, the
+/// interpreter, and the dynamic section's needed libraries and search paths. Only 64-bit
+/// little-endian files (x86_64, aarch64), which is what corral runs on.
+#[derive(Debug, Default)]
+struct DynInfo {
+    machine: u16,
+    interpreter: Option<String>,
+    libraries: Vec<String>,
+    rpaths: Vec<String>,
+    runpaths: Vec<String>,
+}
+
+const PT_LOAD: u32 = 1;
+const PT_DYNAMIC: u32 = 2;
+const PT_INTERP: u32 = 3;
+const DT_NEEDED: u64 = 1;
+const DT_STRTAB: u64 = 5;
+const DT_STRSZ: u64 = 10;
+const DT_RPATH: u64 = 15;
+const DT_RUNPATH: u64 = 29;
+
+impl DynInfo {
+    fn read(path: &Path) -> Result<DynInfo, String> {
+        let f = fs::File::open(path).map_err(|e| e.to_string())?;
+        let at = |off: u64, len: usize| -> Result<Vec<u8>, String> {
+            if len > 64 << 20 {
+                return Err("oversized ELF structure".into());
+            }
+            let mut b = vec![0u8; len];
+            f.read_exact_at(&mut b, off)
+                .map_err(|e| format!("truncated ELF file: {e}"))?;
+            Ok(b)
+        };
+        let h = at(0, 64)?;
+        if &h[..4] != b"\x7fELF" {
+            return Err("not an ELF file".into());
+        }
+        if h[4] != 2 || h[5] != 1 {
+            return Err("not a 64-bit little-endian ELF file".into());
+        }
+        let u16_ = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_ = |b: &[u8], o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_ = |b: &[u8], o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let machine = u16_(&h, 18);
+        let (phoff, phentsize, phnum) = (
+            u64_(&h, 32),
+            usize::from(u16_(&h, 54)),
+            usize::from(u16_(&h, 56)),
+        );
+        if phentsize < 56 {
+            return Err("bad program header size".into());
+        }
+        let ph = at(phoff, phentsize * phnum)?;
+        let mut info = DynInfo {
+            machine,
+            ..DynInfo::default()
+        };
+        let mut loads = Vec::new();
+        let mut dynamic = None;
+        for i in 0..phnum {
+            let p = &ph[i * phentsize..];
+            let (ty, off, vaddr, filesz) = (u32_(p, 0), u64_(p, 8), u64_(p, 16), u64_(p, 32));
+            match ty {
+                PT_LOAD => loads.push((vaddr, off, filesz)),
+                PT_DYNAMIC => dynamic = Some((off, filesz)),
+                PT_INTERP => {
+                    let s = at(off, usize::try_from(filesz).map_err(|e| e.to_string())?)?;
+                    info.interpreter = Some(
+                        String::from_utf8_lossy(s.split(|b| *b == 0).next().unwrap_or_default())
+                            .into_owned(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        let Some((doff, dsize)) = dynamic else {
+            return Ok(info);
+        }; // static executable
+        let d = at(doff, usize::try_from(dsize).map_err(|e| e.to_string())?)?;
+        let (mut strtab, mut strsz) = (None, 0u64);
+        let mut entries = Vec::new();
+        for e in d.chunks_exact(16) {
+            let (tag, val) = (u64_(e, 0), u64_(e, 8));
+            match tag {
+                0 => break,
+                DT_STRTAB => strtab = Some(val),
+                DT_STRSZ => strsz = val,
+                DT_NEEDED | DT_RPATH | DT_RUNPATH => entries.push((tag, val)),
+                _ => {}
+            }
+        }
+        let Some(strtab) = strtab else {
+            return Ok(info);
+        };
+        // The string table is named by address: find the loaded segment holding it.
+        let (vaddr, off, _) = loads
+            .iter()
+            .find(|(v, _, sz)| strtab >= *v && strtab < v + sz)
+            .ok_or("string table outside the loaded segments")?;
+        let strings = at(
+            strtab - vaddr + off,
+            usize::try_from(strsz).map_err(|e| e.to_string())?,
+        )?;
+        let name = |o: u64| -> String {
+            let o = usize::try_from(o).unwrap_or(usize::MAX).min(strings.len());
+            String::from_utf8_lossy(strings[o..].split(|b| *b == 0).next().unwrap_or_default())
+                .into_owned()
+        };
+        for (tag, val) in entries {
+            match tag {
+                DT_NEEDED => info.libraries.push(name(val)),
+                DT_RPATH => info.rpaths.push(name(val)),
+                _ => info.runpaths.push(name(val)),
+            }
+        }
+        Ok(info)
+    }
 }
 
 fn read_head(p: &Path) -> Result<Vec<u8>, ElfError> {

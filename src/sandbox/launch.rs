@@ -147,9 +147,11 @@ pub fn spawn(
             tracing::info!(cgroup = %dir.display(), "removed a stale sandbox cgroup left by a dead supervisor");
         }
     });
+    let t_start = Instant::now();
     let root = root_dir(cfg)?;
     let name = cgroup::sandbox_name(SEQ.fetch_add(1, Ordering::Relaxed));
     let cg = Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?;
+    let t_cgroup = Instant::now();
     let ruleset = match &plan.landlock {
         Some((handled, _)) => {
             Some(
@@ -206,6 +208,7 @@ pub fn spawn(
         unsafe { child::run(&spec) }
     }
     let pid = pid as i32;
+    let t_clone = Instant::now();
     drop((from_parent_r, to_parent_w, err_w, ruleset, stdio));
     // SAFETY: pidfd_open on our own child.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -236,6 +239,7 @@ pub fn spawn(
     if !write_byte(from_parent_w.as_raw_fd(), b'g') {
         return Err(child_failure(err_r.as_raw_fd(), plan));
     }
+    let t_placed = Instant::now();
     if plan.new_userns {
         if read_byte(to_parent_r.as_raw_fd()) != Some(b'u') {
             return Err(child_failure(err_r.as_raw_fd(), plan));
@@ -253,7 +257,18 @@ pub fn spawn(
         return Err(decode_failure(&msg, n as usize, plan));
     }
     drop(from_parent_w);
-    tracing::debug!(pid, profile = %plan.profile, exe = %plan.exe.display(), "sandbox started");
+    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+    let t_exec = Instant::now();
+    tracing::debug!(
+        pid,
+        profile = %plan.profile,
+        exe = %plan.exe.display(),
+        cgroup_ms = ms(t_start, t_cgroup),
+        clone_ms = ms(t_cgroup, t_clone),
+        cgroup_join_ms = ms(t_clone, t_placed),
+        setup_and_exec_ms = ms(t_placed, t_exec),
+        "sandbox started"
+    );
     Ok(sandbox)
 }
 
