@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Sandbox launch cost: `/bin/true` under the built-in `secure` profile, through the library
 //! (plan, cgroups, clone, mounts, Landlock, seccomp, exec, wait, cleanup), with a per-phase
 //! breakdown. The comparison with bubblewrap is `scripts/bench-sandbox.sh`.
