@@ -324,3 +324,71 @@ fn doctor_and_profile_show() {
         "{text}"
     );
 }
+
+#[test]
+fn denied_paths_hold_whatever_the_spelling() {
+    let s = Scratch::new();
+    let root = s.dir.path();
+    std::os::unix::fs::symlink(root.join("ro"), root.join("alias")).unwrap();
+    // Read through the real path, deny through a symlinked spelling.
+    let p = s.profile(
+        "alias",
+        &format!(
+            "[filesystem]\nread_paths = [\"{0}/ro\"]\ndenied_paths = [\"{0}/alias/secret\"]\n",
+            root.display()
+        ),
+    );
+    let (v, _) = probe_check(&p, &["read", &format!("{}/ro/secret/key", root.display())]);
+    assert_eq!(v["ok"], false, "{v}");
+    // A read path inside a denied tree (reached through another spelling) is hidden too.
+    let p = s.profile(
+        "inside",
+        &format!("[filesystem]\nread_paths = [\"{0}/ro/sub\", \"{0}/ro\"]\ndenied_paths = [\"{0}/alias/sub\"]\n", root.display()),
+    );
+    std::fs::write(s.path("ro/sub/f"), "x").unwrap();
+    let (v, _) = probe_check(&p, &["read", &format!("{}/ro/sub/f", root.display())]);
+    assert_eq!(v["ok"], false, "{v}");
+}
+
+#[test]
+fn symlinks_planted_in_write_paths_are_not_followed() {
+    let s = Scratch::new();
+    let root = s.dir.path();
+    std::os::unix::fs::symlink("/root", root.join("rw/data")).unwrap();
+    let p = s.profile(
+        "planted",
+        &format!(
+            "[filesystem]\nwrite_paths = [\"{0}/rw\"]\nread_paths = [\"{0}/rw/data\"]\n",
+            root.display()
+        ),
+    );
+    let out = exec(&p, &["/bin/true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("symbolic link inside write path"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_fifo_named_as_interpreter_does_not_stall_the_supervisor() {
+    let s = Scratch::new();
+    let fifo = s.path("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path in our scratch directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let script = s.path("script.sh");
+    std::fs::write(&script, format!("#!{}\n", fifo.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let p = s.profile("plain", "");
+    let start = Instant::now();
+    let out = exec(&p, &[script.to_str().unwrap()]);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -73,6 +73,8 @@ impl Engine {
 
     pub fn generate(&mut self, req: &GenerateRequest, sink: &mut dyn Sink) -> anyhow::Result<Done> {
         let received = Instant::now();
+        // An empty stop string would end every answer at once: ignore it.
+        let stops: Vec<String> = req.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
         let prompt = self.prompt_tokens(&req.input)?;
         let ctx = self.model.context_length;
         if prompt.is_empty() {
@@ -93,6 +95,7 @@ impl Engine {
         let mut emitted = 0usize;
         let mut tokens = Vec::new();
         let mut finish = FinishReason::Length;
+        let mut cut_by_stop = false;
 
         let t0 = Instant::now();
         let mut logits = self.model.forward(&prompt, 0)?;
@@ -121,7 +124,7 @@ impl Engine {
             let bytes = self.tokenizer.token_bytes(next).to_vec();
             text.push_str(&utf8.push(&bytes));
             let mut stop_at = None;
-            for s in &req.stop {
+            for s in &stops {
                 let from = floor_boundary(&text, emitted.saturating_sub(s.len()));
                 if let Some(i) = text[from..].find(s.as_str()) {
                     let at = from + i;
@@ -134,7 +137,7 @@ impl Engine {
             let safe = if stop_at.is_some() {
                 text.len()
             } else {
-                floor_boundary(&text, text.len() - held_back(&text, &req.stop))
+                floor_boundary(&text, text.len() - held_back(&text, &stops))
             };
             let delta = text
                 .get(emitted..safe.max(emitted))
@@ -163,6 +166,7 @@ impl Engine {
             }
             tokens.push(info);
             if stop_at.is_some() {
+                cut_by_stop = true;
                 finish = FinishReason::Stop;
                 break;
             }
@@ -170,8 +174,11 @@ impl Engine {
                 logits = self.model.forward(&[next], history.len() - 1)?;
             }
         }
-        // Whatever was held back for a stop sequence that never came is part of the answer.
-        text.push_str(&utf8.finish());
+        // An incomplete character left at the end is part of the answer, unless a stop sequence
+        // cut the text before it.
+        if !cut_by_stop {
+            text.push_str(&utf8.finish());
+        }
         let decode_s = decode_start.elapsed().as_secs_f64();
         let completion = tokens.len();
         Ok(Done {

@@ -120,6 +120,69 @@ impl QMat {
         }
     }
 
+    /// Several matrices with the same input width applied to the same `x` (Q, K and V; gate and
+    /// up): one activation quantization and one parallel region instead of one each.
+    pub fn matmul_many(mats: &[&QMat], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let cols = mats[0].cols;
+        debug_assert!(mats.iter().all(|m| m.cols == cols));
+        let acts: Vec<Vec<ABlock>> = x.chunks_exact(cols).take(n).map(quantize_row).collect();
+        let total: usize = mats.iter().map(|m| m.rows).sum();
+        let starts: Vec<usize> = mats
+            .iter()
+            .scan(0, |acc, m| {
+                let s = *acc;
+                *acc += m.rows;
+                Some(s)
+            })
+            .collect();
+        let avx2 = has_avx2();
+        let threads = rayon::current_num_threads().max(1);
+        let tasks = if total * cols * n < 400_000 {
+            1
+        } else {
+            threads * 2
+        };
+        let chunk = total.div_ceil(tasks).max(1);
+        let mut all = vec![0f32; total * n];
+        let compute = |ci: usize, dst: &mut [f32]| {
+            for (k, slot) in dst.chunks_mut(n).enumerate() {
+                let g = ci * chunk + k;
+                let mi = starts.iter().rposition(|s| *s <= g).unwrap_or(0);
+                let m = mats[mi];
+                let w = m.row(g - starts[mi]);
+                for (i, a) in acts.iter().enumerate() {
+                    slot[i] = match m.wtype {
+                        WType::Q4_1 => dot_q4_1(&w, a, avx2),
+                        WType::Q8_0 => dot_q8_0(&w, a, avx2),
+                    };
+                }
+            }
+        };
+        if tasks == 1 {
+            compute(0, &mut all);
+        } else {
+            all.par_chunks_mut(chunk * n)
+                .enumerate()
+                .for_each(|(ci, dst)| compute(ci, dst));
+        }
+        mats.iter()
+            .zip(&starts)
+            .map(|(m, s)| {
+                let part = &all[s * n..(s + m.rows) * n];
+                if n == 1 {
+                    return part.to_vec();
+                }
+                let mut out = vec![0f32; n * m.rows];
+                for r in 0..m.rows {
+                    for i in 0..n {
+                        out[i * m.rows + r] = part[r * n + i];
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+
     /// `x` holds `n` rows of `cols` values; returns `n` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         let acts: Vec<Vec<ABlock>> = x
@@ -459,6 +522,27 @@ mod tests {
             };
             assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn fused_products_equal_separate_ones() {
+        let dev = Device::Cpu;
+        let mk = |rows: usize, seed: usize| {
+            let w: Vec<f32> = (0..rows * 64)
+                .map(|i| (i * seed % 1009) as f32 / 504.0 - 1.0)
+                .collect();
+            let q = QTensor::quantize(
+                &Tensor::from_vec(w, (rows, 64), &dev).unwrap(),
+                GgmlDType::Q4_1,
+            )
+            .unwrap();
+            QMat::new(WType::Q4_1, rows, 64, &q.data().unwrap()).unwrap()
+        };
+        let (a, b) = (mk(40, 7), mk(24, 13));
+        let x: Vec<f32> = (0..3 * 64).map(|i| (i as f32).sin()).collect();
+        let fused = QMat::matmul_many(&[&a, &b], &x, 3);
+        assert_eq!(fused[0], a.matmul(&x, 3));
+        assert_eq!(fused[1], b.matmul(&x, 3));
     }
 
     #[test]

@@ -182,6 +182,51 @@ impl Llama {
                 (Embedding::F32(t), v)
             }
         };
+        // A malformed file must fail here, not panic at the first request: check every shape.
+        if n_embd == 0 || vocab == 0 {
+            anyhow::bail!("empty embedding");
+        }
+        let kv_dim = n_head_kv * head_dim;
+        let n_ff = ct
+            .tensor_infos
+            .get("blk.0.ffn_gate.weight")
+            .and_then(|t| t.shape.dims2().ok())
+            .map(|(r, _)| r)
+            .unwrap_or(0);
+        let shape = |name: &str, rows: usize, cols: usize| -> anyhow::Result<()> {
+            let info = ct
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("tensor {name} is missing"))?;
+            let dims = info.shape.dims();
+            let ok = match dims {
+                [c] => rows == 1 && *c == cols,
+                [r, c] => *r == rows && *c == cols,
+                _ => false,
+            };
+            if ok {
+                Ok(())
+            } else {
+                anyhow::bail!("tensor {name} has shape {dims:?}, expected [{rows}, {cols}]")
+            }
+        };
+        for i in 0..n_layer {
+            let p = format!("blk.{i}");
+            shape(&format!("{p}.attn_norm.weight"), 1, n_embd)?;
+            shape(&format!("{p}.ffn_norm.weight"), 1, n_embd)?;
+            shape(&format!("{p}.attn_q.weight"), n_embd, n_embd)?;
+            shape(&format!("{p}.attn_k.weight"), kv_dim, n_embd)?;
+            shape(&format!("{p}.attn_v.weight"), kv_dim, n_embd)?;
+            shape(&format!("{p}.attn_output.weight"), n_embd, n_embd)?;
+            shape(&format!("{p}.ffn_gate.weight"), n_ff, n_embd)?;
+            shape(&format!("{p}.ffn_up.weight"), n_ff, n_embd)?;
+            shape(&format!("{p}.ffn_down.weight"), n_embd, n_ff)?;
+        }
+        shape("output_norm.weight", 1, n_embd)?;
+        shape("token_embd.weight", vocab, n_embd)?;
+        if ct.tensor_infos.contains_key("output.weight") {
+            shape("output.weight", vocab, n_embd)?;
+        }
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let p = format!("blk.{i}");
@@ -231,6 +276,23 @@ impl Llama {
 
     pub fn vocab_size(&self) -> usize {
         self.vocab
+    }
+
+    /// Several products of the same input, fused when our own kernels compute them all.
+    fn matmul_many(
+        &self,
+        ws: &[&Mat],
+        x: &[f32],
+        rows: usize,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let own: Option<Vec<&QMat>> = ws
+            .iter()
+            .map(|w| if let Mat::Own(m) = w { Some(m) } else { None })
+            .collect();
+        match own {
+            Some(ms) => Ok(QMat::matmul_many(&ms, x, rows)),
+            None => ws.iter().map(|w| self.matmul(w, x, rows)).collect(),
+        }
     }
 
     fn matmul(&self, w: &Mat, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
@@ -289,9 +351,12 @@ impl Llama {
         for l in 0..c.n_layer {
             let layer = &self.layers[l];
             let h = rms_norm(&x, &layer.attn_norm, c.eps);
-            let mut q = self.matmul(&layer.wq, &h, seq)?;
-            let mut k = self.matmul(&layer.wk, &h, seq)?;
-            let v = self.matmul(&layer.wv, &h, seq)?;
+            let mut qkv = self
+                .matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &h, seq)?
+                .into_iter();
+            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+                anyhow::bail!("attention projections missing");
+            };
             rope(&mut q, c.n_head, c.head_dim, c.n_rot, &cos_sin);
             rope(&mut k, c.n_head_kv, c.head_dim, c.n_rot, &cos_sin);
             self.k_cache[l].extend(k.iter().map(|v| f16::from_f32(*v).to_f32()));
@@ -338,8 +403,12 @@ impl Llama {
             let o = self.matmul(&layer.wo, &att, seq)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &layer.ffn_norm, c.eps);
-            let g = self.matmul(&layer.w_gate, &h, seq)?;
-            let u = self.matmul(&layer.w_up, &h, seq)?;
+            let mut gu = self
+                .matmul_many(&[&layer.w_gate, &layer.w_up], &h, seq)?
+                .into_iter();
+            let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
+                anyhow::bail!("feed-forward projections missing");
+            };
             let act: Vec<f32> = g
                 .iter()
                 .zip(&u)

@@ -27,6 +27,20 @@ pub struct RunArgs {
     pub prompt: String,
 }
 
+/// Model output is untrusted: escape control characters (ESC sequences could rewrite the
+/// terminal, set its title or write the clipboard) except newline and tab.
+pub fn terminal_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if (c.is_control() && c != '\n' && c != '\t') || ('\u{80}'..='\u{9f}').contains(&c) {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
     let id = args
         .model
@@ -86,7 +100,7 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
         });
         if !args.json {
             streamed.push_str(&t.text);
-            let _ = stdout.write_all(t.text.as_bytes());
+            let _ = stdout.write_all(terminal_safe(&t.text).as_bytes());
             let _ = stdout.flush();
         }
     });
@@ -99,7 +113,8 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
     };
     if !args.json {
         // Text held back for stop sequences arrives with the final frame.
-        let _ = stdout.write_all(&done.text.as_bytes()[streamed.len().min(done.text.len())..]);
+        let rest = done.text.get(streamed.len()..).unwrap_or_default();
+        let _ = stdout.write_all(terminal_safe(rest).as_bytes());
         let _ = writeln!(stdout);
     }
     let ready = runner.ready.clone();
@@ -149,4 +164,15 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
         );
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_do_not_reach_the_terminal() {
+        assert_eq!(
+            super::terminal_safe("a\x1b]52;c;aGk=\x07b\n\tc\u{9b}"),
+            "a\u{fffd}]52;c;aGk=\u{fffd}b\n\tc\u{fffd}"
+        );
+    }
 }

@@ -101,7 +101,12 @@ impl CgroupHost {
             match *fstype {
                 "cgroup2" => {
                     let Some(own) = &own_v2 else { continue };
-                    let dir = join_rel(Path::new(&mnt), root, own);
+                    let mut dir = join_rel(Path::new(&mnt), root, own);
+                    // A supervisor already moved to its leaf by an earlier run uses the parent, so
+                    // repeated runs do not nest one level deeper each time.
+                    if dir.file_name().is_some_and(|n| n == V2_LEAF) {
+                        dir.pop();
+                    }
                     host.v2_mount.get_or_insert_with(|| PathBuf::from(&mnt));
                     let ctrls = read(&dir.join("cgroup.controllers")).unwrap_or_default();
                     let h = Hierarchy {

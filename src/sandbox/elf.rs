@@ -138,7 +138,7 @@ const DT_RUNPATH: u64 = 29;
 
 impl DynInfo {
     fn read(path: &Path) -> Result<DynInfo, String> {
-        let f = fs::File::open(path).map_err(|e| e.to_string())?;
+        let f = open_regular(path).map_err(|e| e.to_string())?;
         let at = |off: u64, len: usize| -> Result<Vec<u8>, String> {
             if len > 64 << 20 {
                 return Err("oversized ELF structure".into());
@@ -216,10 +216,13 @@ impl DynInfo {
         // The string table is named by address: find the loaded segment holding it.
         let (vaddr, off, _) = loads
             .iter()
-            .find(|(v, _, sz)| strtab >= *v && strtab < v + sz)
+            .find(|(v, _, sz)| strtab >= *v && v.checked_add(*sz).is_some_and(|end| strtab < end))
             .ok_or("string table outside the loaded segments")?;
+        let table_off = (strtab - vaddr)
+            .checked_add(*off)
+            .ok_or("string table offset overflows")?;
         let strings = at(
-            strtab - vaddr + off,
+            table_off,
             usize::try_from(strsz).map_err(|e| e.to_string())?,
         )?;
         let name = |o: u64| -> String {
@@ -238,9 +241,26 @@ impl DynInfo {
     }
 }
 
+/// Opens `p` for reading only if it is a regular file, without blocking (a FIFO or device named
+/// by an untrusted binary's headers must not stall or poke the supervisor).
+fn open_regular(p: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 fn read_head(p: &Path) -> Result<Vec<u8>, ElfError> {
     use std::io::Read;
-    let mut f = fs::File::open(p).map_err(|source| ElfError::Io {
+    let mut f = open_regular(p).map_err(|source| ElfError::Io {
         path: p.into(),
         source,
     })?;

@@ -308,6 +308,12 @@ pub fn plan(
     };
 
     let mut tree = Tree::default();
+    for w in &profile.write_paths {
+        tree.writable.push(w.clone());
+        if let Ok(c) = fs::canonicalize(w) {
+            tree.writable.push(c);
+        }
+    }
     let mut rules: Vec<(PathBuf, u64)> = vec![(PathBuf::from("/"), landlock::ACCESS_FS_READ_DIR)];
     for p in &profile.read_paths {
         if let Some((canon, is_dir)) = tree.mirror(p, false)? {
@@ -449,18 +455,41 @@ pub fn plan(
     }
     // Denied paths: masked wherever they are visible in the sandbox (inside a bound tree, or in
     // its own /proc, /dev or /tmp); elsewhere they are not in the sandbox at all.
+    // Denied paths: masked wherever they are visible in the sandbox. They are compared as
+    // resolved paths (a symlinked spelling such as /home -> /var/home must not slip past), and a
+    // bind inside a denied path is hidden too (masks are mounted after every bind).
     for d in &profile.denied_paths {
-        let under_bind = ops
-            .iter()
-            .any(|op| matches!(op, FsOp::Bind { path, .. } if d.starts_with(path)));
         let system = d.starts_with("/proc") || d.starts_with("/dev") || d == Path::new("/tmp");
-        if !under_bind && !system {
+        let resolved = if system {
+            Some(d.clone())
+        } else {
+            fs::canonicalize(d).ok()
+        };
+        let Some(r) = resolved else {
+            // Absent: nothing to hide, unless it lies in a tree the sandbox can write to, where
+            // it may have been moved away by an earlier run: refuse rather than guess.
+            if profile.write_paths.iter().any(|w| d.starts_with(w)) {
+                return Err(SandboxError::Path {
+                    path: d.clone(),
+                    reason: "denied path inside a write path no longer exists; it may have been moved by a sandboxed program".into(),
+                });
+            }
+            continue;
+        };
+        let visible = system || ops.iter().any(|op| matches!(op, FsOp::Bind { path, .. } if r.starts_with(path) || path.starts_with(&r)));
+        if !visible {
             continue;
         }
-        match fs::symlink_metadata(d) {
-            Ok(m) if m.is_dir() => ops.push(FsOp::MaskDir { path: d.clone() }),
-            Ok(_) => ops.push(FsOp::MaskFile { path: d.clone() }),
-            Err(_) => {} // absent: nothing to hide
+        match fs::symlink_metadata(&r) {
+            Ok(m) if m.is_dir() => ops.push(FsOp::MaskDir { path: r }),
+            Ok(_) => ops.push(FsOp::MaskFile { path: r }),
+            Err(_) if system => {}
+            Err(e) => {
+                return Err(SandboxError::Path {
+                    path: d.clone(),
+                    reason: format!("denied path: {e}"),
+                })
+            }
         }
     }
 
@@ -666,6 +695,8 @@ fn block_devices<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> Vec<(u32, u32)
 #[derive(Debug, Default)]
 struct Tree {
     nodes: BTreeMap<PathBuf, Node>,
+    /// The profile's write paths (as written and resolved): symlinks below them are refused.
+    writable: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -742,6 +773,21 @@ impl Tree {
                 path: next.clone(),
                 reason: e.to_string(),
             })?;
+            // A symlink inside a tree a sandbox can write to may have been planted by an earlier
+            // run to widen this one: never follow it.
+            if self
+                .writable
+                .iter()
+                .any(|w| next.starts_with(w) && next != *w)
+            {
+                return Err(SandboxError::Path {
+                    path: p.into(),
+                    reason: format!(
+                        "{} is a symbolic link inside write path; refusing to follow it",
+                        next.display()
+                    ),
+                });
+            }
             if self.covered(&next).is_none() {
                 self.nodes
                     .entry(next.clone())

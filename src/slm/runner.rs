@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use corral_protocol::{
-    write_frame, Done, GenerateRequest, Ready, Request, Response, TokenInfo, MAX_RESPONSE_FRAME,
-    MAX_TOP_LOGPROBS,
+    Done, GenerateRequest, Ready, Request, Response, TokenInfo, MAX_REQUEST_FRAME,
+    MAX_RESPONSE_FRAME, MAX_TOP_LOGPROBS,
 };
 use syscalls::Sysno;
 
@@ -215,6 +215,10 @@ impl Runner {
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;
         let sandbox = launch::spawn(&p, cfg, host, [Some(in_r), Some(out_w), None])?;
+        // Writes to the runner are bounded by the same deadline as reads: a runner that stops
+        // reading must not block the supervisor.
+        // SAFETY: fcntl on the pipe fd we own.
+        unsafe { libc::fcntl(in_w.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         let mut runner = Runner {
             sandbox,
             stdin: File::from(in_w),
@@ -261,6 +265,56 @@ impl Runner {
         self.sandbox.pid()
     }
 
+    /// Sends one request frame before `deadline`; past it, kills the runner.
+    fn send(&mut self, req: &Request, deadline: Instant) -> Result<()> {
+        let body = serde_json::to_vec(req).map_err(|e| RunnerError::Protocol(e.to_string()))?;
+        let len = u32::try_from(body.len())
+            .ok()
+            .filter(|l| *l <= MAX_REQUEST_FRAME)
+            .ok_or_else(|| {
+                RunnerError::Refused(format!(
+                    "request of {} bytes exceeds the {MAX_REQUEST_FRAME}-byte frame limit",
+                    body.len()
+                ))
+            })?;
+        let mut frame = len.to_le_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        let mut off = 0;
+        while off < frame.len() {
+            match self.stdin.write(&frame[off..]) {
+                Ok(0) => return Err(RunnerError::Died(None)),
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let mut pfd = libc::pollfd {
+                        fd: self.stdin.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                    let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+                    // SAFETY: poll on one pollfd we own.
+                    if left.is_zero() || unsafe { libc::poll(&mut pfd, 1, ms) } == 0 {
+                        self.sandbox.kill_for_time_limit();
+                        let _ = self.sandbox.wait_until(None);
+                        return Err(RunnerError::TimeLimit(self.time_limit));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    let outcome = self
+                        .sandbox
+                        .wait_until(Some(Instant::now() + Duration::from_secs(5)))
+                        .ok()
+                        .flatten()
+                        .cloned();
+                    return Err(RunnerError::Died(outcome));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Reads the next frame before `deadline`; on timeout kills the runner.
     fn read(&mut self, deadline: Instant) -> Result<Response> {
         match self.reader.next(deadline)? {
@@ -293,8 +347,7 @@ impl Runner {
         let top_n = req.top_logprobs.min(MAX_TOP_LOGPROBS);
         req.top_logprobs = top_n;
         let deadline = Instant::now() + self.time_limit;
-        write_frame(&mut self.stdin, &Request::Generate(req.clone()))
-            .map_err(|e| RunnerError::Protocol(e.to_string()))?;
+        self.send(&Request::Generate(req.clone()), deadline)?;
         let mut streamed = String::new();
         let mut count = 0u32;
         loop {
@@ -358,16 +411,16 @@ impl Runner {
     pub fn tokenize(&mut self, text: &str, special: bool) -> Result<Vec<u32>> {
         let id = self.next_id;
         self.next_id += 1;
-        write_frame(
-            &mut self.stdin,
+        let deadline = Instant::now() + self.time_limit;
+        self.send(
             &Request::Tokenize {
                 id,
                 text: text.to_string(),
                 special,
             },
-        )
-        .map_err(|e| RunnerError::Protocol(e.to_string()))?;
-        match self.read(Instant::now() + self.time_limit)? {
+            deadline,
+        )?;
+        match self.read(deadline)? {
             Response::Tokens { id: got, ids } if got == id => {
                 if ids.iter().any(|t| *t >= self.ready.vocab_size) {
                     return Err(RunnerError::Protocol(
@@ -415,8 +468,7 @@ impl Runner {
 
     /// Asks the runner to exit and reaps it; the outcome says how it ended.
     pub fn shutdown(mut self) -> Option<Outcome> {
-        let _ = write_frame(&mut self.stdin, &Request::Shutdown);
-        let _ = self.stdin.flush();
+        let _ = self.send(&Request::Shutdown, Instant::now() + Duration::from_secs(2));
         match self
             .sandbox
             .wait_until(Some(Instant::now() + Duration::from_secs(5)))
