@@ -32,36 +32,7 @@ struct Cli {
 enum Cmd {
     /// Answer a prompt with a local model running in its sandbox (streams the answer; a summary
     /// line with model, profile, tokens, timings and confidence goes to stderr)
-    Run {
-        /// Model id from the catalog (default: smollm2-135m-instruct)
-        #[arg(long, short = 'm', value_name = "ID")]
-        model: Option<String>,
-        /// Sandbox profile name or path (default: the model's, else slm.default_sandbox_profile)
-        #[arg(long, short = 'p', value_name = "NAME|PATH")]
-        profile: Option<String>,
-        /// Sampling temperature; 0 is greedy
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Nucleus sampling threshold
-        #[arg(long)]
-        top_p: Option<f32>,
-        /// Seed for sampling
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Most tokens to generate
-        #[arg(long, default_value_t = 256)]
-        max_tokens: u32,
-        /// A system message
-        #[arg(long)]
-        system: Option<String>,
-        /// Print one JSON object (text, model, profile, confidence, usage, timings, finish_reason)
-        #[arg(long)]
-        json: bool,
-        /// Generate exactly --max-tokens, past end-of-sequence (for benchmarks)
-        #[arg(long, hide = true)]
-        ignore_eos: bool,
-        prompt: String,
-    },
+    Run(run_cmd::RunArgs),
     /// List or fetch models of the catalog
     #[command(subcommand)]
     Models(ModelsCmd),
@@ -192,32 +163,7 @@ fn run(cli: Cli) -> Result<i32, corral::Error> {
             )
         }
         Cmd::Doctor { json } => doctor::run(&config, json),
-        Cmd::Run {
-            model,
-            profile,
-            temperature,
-            top_p,
-            seed,
-            max_tokens,
-            system,
-            json,
-            ignore_eos,
-            prompt,
-        } => run_cmd::run(
-            &config,
-            &run_cmd::RunArgs {
-                model,
-                profile,
-                temperature,
-                top_p,
-                seed,
-                max_tokens,
-                system,
-                json,
-                ignore_eos,
-                prompt,
-            },
-        ),
+        Cmd::Run(args) => run_cmd::run(&config, &args),
         Cmd::Models(ModelsCmd::List) => models::list(&config),
         Cmd::Models(ModelsCmd::Pull { id }) => models::pull(&config, &id),
         Cmd::Profile(ProfileCmd::Check { names }) => profile::check(&config, &names),

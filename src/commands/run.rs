@@ -13,17 +13,37 @@ use crate::sandbox::HostSupport;
 use crate::slm::models;
 use crate::slm::runner::{runner_binary, Runner, RunnerSpec};
 
-#[derive(Debug, Clone)]
+/// `corral run`'s arguments (also its command-line definition).
+#[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
+    /// Model id from the catalog (default: smollm2-135m-instruct)
+    #[arg(long, short = 'm', value_name = "ID")]
     pub model: Option<String>,
+    /// Sandbox profile name or path (default: the model's, else slm.default_sandbox_profile)
+    #[arg(long, short = 'p', value_name = "NAME|PATH")]
     pub profile: Option<String>,
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Nucleus sampling threshold
+    #[arg(long)]
     pub top_p: Option<f32>,
+    /// Seed for sampling
+    #[arg(long)]
     pub seed: Option<u64>,
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 256)]
     pub max_tokens: u32,
+    /// A system message
+    #[arg(long)]
     pub system: Option<String>,
+    /// Print one JSON object (text, model, profile, confidence, usage, timings, finish_reason)
+    #[arg(long)]
     pub json: bool,
+    /// Generate exactly --max-tokens, past end-of-sequence (for benchmarks)
+    #[arg(long, hide = true)]
     pub ignore_eos: bool,
+    /// The prompt, sent as a user message through the model's chat template
     pub prompt: String,
 }
 

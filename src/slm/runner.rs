@@ -295,20 +295,10 @@ impl Runner {
                     let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
                     // SAFETY: poll on one pollfd we own.
                     if left.is_zero() || unsafe { libc::poll(&mut pfd, 1, ms) } == 0 {
-                        self.sandbox.kill_for_time_limit();
-                        let _ = self.sandbox.wait_until(None);
-                        return Err(RunnerError::TimeLimit(self.time_limit));
+                        return Err(self.overran());
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                    let outcome = self
-                        .sandbox
-                        .wait_until(Some(Instant::now() + Duration::from_secs(5)))
-                        .ok()
-                        .flatten()
-                        .cloned();
-                    return Err(RunnerError::Died(outcome));
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Err(self.died()),
                 Err(e) => return Err(e.into()),
             }
         }
@@ -319,21 +309,28 @@ impl Runner {
     fn read(&mut self, deadline: Instant) -> Result<Response> {
         match self.reader.next(deadline)? {
             Read_::Frame(r) => Ok(r),
-            Read_::Timeout => {
-                self.sandbox.kill_for_time_limit();
-                let _ = self.sandbox.wait_until(None);
-                Err(RunnerError::TimeLimit(self.time_limit))
-            }
-            Read_::Eof => {
-                let outcome = self
-                    .sandbox
-                    .wait_until(Some(Instant::now() + Duration::from_secs(5)))
-                    .ok()
-                    .flatten()
-                    .cloned();
-                Err(RunnerError::Died(outcome))
-            }
+            Read_::Timeout => Err(self.overran()),
+            Read_::Eof => Err(self.died()),
         }
+    }
+
+    /// The request ran past the time limit: kill the runner and say so.
+    fn overran(&mut self) -> RunnerError {
+        self.sandbox.kill_for_time_limit();
+        let _ = self.sandbox.wait_until(None);
+        RunnerError::TimeLimit(self.time_limit)
+    }
+
+    /// The runner closed its end: reap it and report how it ended.
+    fn died(&mut self) -> RunnerError {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        RunnerError::Died(
+            self.sandbox
+                .wait_until(Some(deadline))
+                .ok()
+                .flatten()
+                .cloned(),
+        )
     }
 
     /// Runs one request; `on_token` sees each validated token as it arrives.
