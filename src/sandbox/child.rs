@@ -761,7 +761,13 @@ unsafe fn fs_op(spec: &ChildSpec, op: &ChildOp) -> bool {
                     fd_path(sfd, &mut sb),
                     fd_path(dfd, &mut db),
                     std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REC,
+                    // Recursive only where mount_setattr can make every submount read-only too;
+                    // without it, a submount would keep its own (writable) flags.
+                    if spec.mount_setattr {
+                        libc::MS_BIND | libc::MS_REC
+                    } else {
+                        libc::MS_BIND
+                    },
                     std::ptr::null(),
                 );
                 libc::close(sfd);
