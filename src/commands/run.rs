@@ -167,7 +167,13 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
                 "total_ms": t0.elapsed().as_secs_f64() * 1e3,
             },
             "finish_reason": done.finish_reason,
-            "runner": {"architecture": ready.architecture, "quantization": ready.quantization, "threads": ready.threads},
+            "runner": {
+                "architecture": ready.architecture,
+                "quantization": ready.quantization,
+                "threads": ready.threads,
+                "memory_peak_mb": outcome.as_ref().and_then(|o| o.stats.memory_peak_bytes).map(|b| b / (1024 * 1024)),
+                "cpu_ms": outcome.as_ref().and_then(|o| o.stats.cpu_usage_ns).map(|n| n / 1_000_000),
+            },
         });
         println!("{v}");
     } else {
