@@ -352,23 +352,14 @@ impl Tokenizer {
     /// llama.cpp's SentencePiece merge: repeatedly merge the adjacent pair whose merged text is
     /// the highest-scoring token (leftmost first on ties).
     fn spm(&self, s: &str, scores: &[f32], byte_tokens: &[Option<u32>; 256], out: &mut Vec<u32>) {
-        let mut syms: Vec<String> = s.chars().map(String::from).collect();
-        loop {
-            let mut best: Option<(f32, usize)> = None;
-            for i in 0..syms.len().saturating_sub(1) {
-                let merged = format!("{}{}", syms[i], syms[i + 1]);
-                if let Some(&id) = self.vocab.get(&merged) {
-                    let sc = scores[id as usize];
-                    if best.is_none_or(|(b, _)| sc > b) {
-                        best = Some((sc, i));
-                    }
-                }
-            }
-            let Some((_, i)) = best else { break };
-            let right = syms.remove(i + 1);
-            syms[i].push_str(&right);
-        }
-        for sym in syms {
+        let syms: Vec<String> = s.chars().map(String::from).collect();
+        let merged = merge_best_first(syms, |a: &String, b: &String| {
+            let m = format!("{a}{b}");
+            let id = *self.vocab.get(&m)?;
+            // Highest score first: invert the float's total order into an ascending key.
+            Some((u32::MAX - ordered_f32(scores[id as usize]), m))
+        });
+        for sym in merged {
             match self.vocab.get(&sym) {
                 Some(&id) => out.push(id),
                 None => out.extend(sym.bytes().filter_map(|b| byte_tokens[b as usize])),
@@ -406,19 +397,84 @@ fn split_keep(re: &Regex, text: &str, out: &mut Vec<String>) {
 
 /// Byte-level BPE: merge the adjacent pair with the lowest merge rank until none is left.
 fn bpe_merge(syms: &mut Vec<u32>, ranks: &HashMap<(u32, u32), (u32, u32)>) {
-    loop {
-        let mut best: Option<(u32, usize, u32)> = None;
-        for i in 0..syms.len().saturating_sub(1) {
-            if let Some(&(rank, merged)) = ranks.get(&(syms[i], syms[i + 1])) {
-                if best.is_none_or(|(r, _, _)| rank < r) {
-                    best = Some((rank, i, merged));
-                }
+    let merged = merge_best_first(std::mem::take(syms), |a: &u32, b: &u32| {
+        ranks.get(&(*a, *b)).map(|&(rank, m)| (rank, m))
+    });
+    *syms = merged;
+}
+
+/// A float's total order as an unsigned integer (ascending with the float).
+fn ordered_f32(f: f32) -> u32 {
+    let b = f.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+/// Merges adjacent symbols best first until no pair merges: `pair(a, b)` gives the merge's
+/// priority (lower first; ties go to the leftmost pair) and the merged symbol. A heap with lazy
+/// invalidation over a linked list of symbols, as llama.cpp does: O(n log n) rather than
+/// rescanning every pair after each merge, which an untrusted prompt with one long run of letters
+/// could turn into minutes of work.
+fn merge_best_first<T, K: Ord + Copy>(
+    syms: Vec<T>,
+    pair: impl Fn(&T, &T) -> Option<(K, T)>,
+) -> Vec<T> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let n = syms.len();
+    if n < 2 {
+        return syms;
+    }
+    const NONE: usize = usize::MAX;
+    let mut syms: Vec<Option<T>> = syms.into_iter().map(Some).collect();
+    let mut next: Vec<usize> = (1..=n).map(|i| if i == n { NONE } else { i }).collect();
+    let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
+    // A symbol's version changes whenever it is replaced, invalidating older heap entries.
+    let mut ver = vec![0u32; n];
+    let mut heap: BinaryHeap<Reverse<(K, usize, usize, u32, u32)>> = BinaryHeap::new();
+    let push = |heap: &mut BinaryHeap<Reverse<(K, usize, usize, u32, u32)>>,
+                syms: &[Option<T>],
+                ver: &[u32],
+                i: usize,
+                j: usize| {
+        if let (Some(a), Some(b)) = (&syms[i], &syms[j]) {
+            if let Some((k, _)) = pair(a, b) {
+                heap.push(Reverse((k, i, j, ver[i], ver[j])));
             }
         }
-        let Some((_, i, merged)) = best else { break };
-        syms[i] = merged;
-        syms.remove(i + 1);
+    };
+    for i in 0..n - 1 {
+        push(&mut heap, &syms, &ver, i, i + 1);
     }
+    while let Some(Reverse((_, i, j, vi, vj))) = heap.pop() {
+        if ver[i] != vi || ver[j] != vj || next[i] != j {
+            continue;
+        }
+        let (Some(a), Some(b)) = (&syms[i], &syms[j]) else {
+            continue;
+        };
+        let Some((_, merged)) = pair(a, b) else {
+            continue;
+        };
+        syms[i] = Some(merged);
+        syms[j] = None;
+        ver[i] += 1;
+        ver[j] += 1;
+        next[i] = next[j];
+        if next[j] != NONE {
+            prev[next[j]] = i;
+        }
+        if prev[i] != NONE {
+            push(&mut heap, &syms, &ver, prev[i], i);
+        }
+        if next[i] != NONE {
+            push(&mut heap, &syms, &ver, i, next[i]);
+        }
+    }
+    syms.into_iter().flatten().collect()
 }
 
 /// Turns a stream of token bytes into complete UTF-8 text, holding back incomplete characters.
@@ -516,6 +572,68 @@ mod tests {
         let d = t.encode("12", false, false);
         assert_eq!(d.len(), 2);
         assert!(t.eos.contains(&1));
+    }
+
+    /// The obvious quadratic merge, as a reference for the heap version.
+    fn naive<T: Clone, K: Ord + Copy>(
+        mut syms: Vec<T>,
+        pair: impl Fn(&T, &T) -> Option<(K, T)>,
+    ) -> Vec<T> {
+        loop {
+            let mut best: Option<(K, usize, T)> = None;
+            for i in 0..syms.len().saturating_sub(1) {
+                if let Some((k, m)) = pair(&syms[i], &syms[i + 1]) {
+                    if best.as_ref().is_none_or(|(b, _, _)| k < *b) {
+                        best = Some((k, i, m));
+                    }
+                }
+            }
+            let Some((_, i, m)) = best else { return syms };
+            syms[i] = m;
+            syms.remove(i + 1);
+        }
+    }
+
+    #[test]
+    fn heap_merge_equals_the_naive_merge() {
+        // Scores over short strings, with ties, including merges that only exist as parts.
+        let score = |s: &str| -> Option<u32> {
+            match s {
+                "ab" | "ba" => Some(3),
+                "aa" => Some(2),
+                "abab" | "aab" => Some(1),
+                "bb" => Some(3),
+                "abba" => Some(0),
+                _ => None,
+            }
+        };
+        let pair = |a: &String, b: &String| {
+            let m = format!("{a}{b}");
+            score(&m).map(|k| (k, m))
+        };
+        let mut seed = 7u64;
+        for len in 0..40 {
+            for _ in 0..20 {
+                let s: Vec<String> = (0..len)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        if (seed >> 33) % 2 == 0 {
+                            "a".to_string()
+                        } else {
+                            "b".to_string()
+                        }
+                    })
+                    .collect();
+                assert_eq!(merge_best_first(s.clone(), pair), naive(s, pair));
+            }
+        }
+        // and a long run is fast
+        let long: Vec<String> = (0..200_000)
+            .map(|i| if i % 2 == 0 { "a".into() } else { "b".into() })
+            .collect();
+        let t = std::time::Instant::now();
+        let _ = merge_best_first(long, pair);
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]
