@@ -418,6 +418,9 @@ fn ordered_f32(f: f32) -> u32 {
 /// invalidation over a linked list of symbols, as llama.cpp does: O(n log n) rather than
 /// rescanning every pair after each merge, which an untrusted prompt with one long run of letters
 /// could turn into minutes of work.
+/// A pending merge: (priority, left index, right index, left version, right version).
+type Pending<K> = std::cmp::Reverse<(K, usize, usize, u32, u32)>;
+
 fn merge_best_first<T, K: Ord + Copy>(
     syms: Vec<T>,
     pair: impl Fn(&T, &T) -> Option<(K, T)>,
@@ -434,18 +437,15 @@ fn merge_best_first<T, K: Ord + Copy>(
     let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { NONE } else { i - 1 }).collect();
     // A symbol's version changes whenever it is replaced, invalidating older heap entries.
     let mut ver = vec![0u32; n];
-    let mut heap: BinaryHeap<Reverse<(K, usize, usize, u32, u32)>> = BinaryHeap::new();
-    let push = |heap: &mut BinaryHeap<Reverse<(K, usize, usize, u32, u32)>>,
-                syms: &[Option<T>],
-                ver: &[u32],
-                i: usize,
-                j: usize| {
-        if let (Some(a), Some(b)) = (&syms[i], &syms[j]) {
-            if let Some((k, _)) = pair(a, b) {
-                heap.push(Reverse((k, i, j, ver[i], ver[j])));
+    let mut heap: BinaryHeap<Pending<K>> = BinaryHeap::new();
+    let push =
+        |heap: &mut BinaryHeap<Pending<K>>, syms: &[Option<T>], ver: &[u32], i: usize, j: usize| {
+            if let (Some(a), Some(b)) = (&syms[i], &syms[j]) {
+                if let Some((k, _)) = pair(a, b) {
+                    heap.push(Reverse((k, i, j, ver[i], ver[j])));
+                }
             }
-        }
-    };
+        };
     for i in 0..n - 1 {
         push(&mut heap, &syms, &ver, i, i + 1);
     }
