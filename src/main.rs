@@ -59,8 +59,9 @@ enum SandboxCmd {
     /// Run CMD inside the sandbox a profile describes.
     ///
     /// Exit status: the command's own; 128+N when killed by signal N; 124 when the time limit
-    /// ended it; never 0 when a limit was hit (then 1); 125 when the sandbox could not be
-    /// set up, 126/127 when the command cannot be executed / is not found. A limit that ended
+    /// ended it; never 0 when a limit was hit (then 1); 2 for a bad profile or configuration;
+    /// 125 when the sandbox could not be set up, 126/127 when the command cannot be executed /
+    /// is not found. A limit that ended
     /// or constrained the command is named on stderr (`memory limit`, `pids limit`,
     /// `time limit`, `seccomp`).
     #[command(trailing_var_arg = true)]
