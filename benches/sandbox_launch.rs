@@ -11,15 +11,25 @@ use corral::profile::ProfileRegistry;
 use corral::sandbox::{launch, plan, HostSupport, SandboxConfig};
 use criterion::{criterion_group, criterion_main, Criterion};
 
-fn phases(n: usize) {
-    let reg = ProfileRegistry::builtin();
-    let profile = reg.resolve("secure").expect("secure profile");
-    let host = HostSupport::probe();
-    let cfg = SandboxConfig::default();
+/// `/bin/true` under the built-in secure profile on this host.
+fn setup() -> (
+    corral::profile::Profile,
+    HostSupport,
+    SandboxConfig,
+    plan::Command,
+) {
+    let profile = ProfileRegistry::builtin()
+        .resolve("secure")
+        .expect("secure profile");
     let cmd = plan::Command {
         argv: vec!["/bin/true".into()],
         ..plan::Command::default()
     };
+    (profile, HostSupport::probe(), SandboxConfig::default(), cmd)
+}
+
+fn phases(n: usize) {
+    let (profile, host, cfg, cmd) = setup();
     let mut t = [Duration::ZERO; 4];
     for _ in 0..n {
         let t0 = Instant::now();
@@ -44,14 +54,7 @@ fn phases(n: usize) {
 
 fn bench(c: &mut Criterion) {
     phases(50);
-    let reg = ProfileRegistry::builtin();
-    let profile = reg.resolve("secure").expect("secure profile");
-    let host = HostSupport::probe();
-    let cfg = SandboxConfig::default();
-    let cmd = plan::Command {
-        argv: vec!["/bin/true".into()],
-        ..plan::Command::default()
-    };
+    let (profile, host, cfg, cmd) = setup();
     let mut g = c.benchmark_group("sandbox");
     g.sample_size(50);
     g.bench_function("plan secure /bin/true", |b| {

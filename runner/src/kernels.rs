@@ -185,47 +185,7 @@ impl QMat {
 
     /// `x` holds `n` rows of `cols` values; returns `n` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let acts: Vec<Vec<ABlock>> = x
-            .chunks_exact(self.cols)
-            .take(n)
-            .map(quantize_row)
-            .collect();
-        let mut out = vec![0f32; n * self.rows];
-        let avx2 = has_avx2();
-        // Few, large tasks: waking a pool thread costs more than a small matrix's whole product.
-        let threads = rayon::current_num_threads().max(1);
-        let work = self.rows * self.cols * n;
-        let tasks = if work < 400_000 { 1 } else { threads * 2 };
-        let chunk = self.rows.div_ceil(tasks).max(1);
-        let mut cols_out: Vec<f32> = vec![0f32; self.rows * n];
-        let compute = |ci: usize, dst: &mut [f32]| {
-            for (k, slot) in dst.chunks_mut(n).enumerate() {
-                let w = self.row(ci * chunk + k);
-                for (i, a) in acts.iter().enumerate() {
-                    slot[i] = match self.wtype {
-                        WType::Q4_1 => dot_q4_1(&w, a, avx2),
-                        WType::Q8_0 => dot_q8_0(&w, a, avx2),
-                    };
-                }
-            }
-        };
-        if tasks == 1 {
-            compute(0, &mut cols_out);
-        } else {
-            cols_out
-                .par_chunks_mut(chunk * n)
-                .enumerate()
-                .for_each(|(ci, dst)| compute(ci, dst));
-        }
-        if n == 1 {
-            return cols_out;
-        }
-        for r in 0..self.rows {
-            for i in 0..n {
-                out[i * self.rows + r] = cols_out[r * n + i];
-            }
-        }
-        out
+        QMat::matmul_many(&[self], x, n).pop().unwrap_or_default()
     }
 }
 
