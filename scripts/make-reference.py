@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Produce tests/fixtures/smollm2-reference.json with llama.cpp (PyPI llama-cpp-python) on the
-same GGUF corral runs: for each prompt, the token ids of the rendered chat prompt and the first
-16 greedily generated token ids. The fixture is committed so CI need not build llama.cpp.
+same GGUF corral runs: for each prompt, the token ids of the rendered chat prompt, the first
+16 greedily generated token ids and the log-probability llama.cpp gives each of them (log-softmax
+of its logits, in f64). The fixture is committed so CI need not build llama.cpp.
 
     pip install llama-cpp-python==0.3.36
     scripts/make-reference.py [MODEL.gguf]
 """
 import json, os, sys
+
+import numpy as np
 
 from llama_cpp import Llama
 
@@ -51,15 +54,20 @@ def main():
         ids = llm.tokenize(text.encode(), add_bos=False, special=True)
         llm.reset()
         llm.eval(ids)
-        gen = []
+        gen, logprobs = [], []
         for _ in range(16):
             tok = llm.sample(temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0)
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+            z = logits.astype(np.float64)
+            z = z - z.max()
+            logprobs.append(float(z[tok] - np.log(np.exp(z).sum())))
             gen.append(int(tok))
             if tok == llm.token_eos() or tok == 2:
                 break
             llm.eval([tok])
         plain = llm.tokenize(p.encode(), add_bos=False, special=False)
-        out["cases"].append({"user": p, "prompt": text, "prompt_ids": ids, "plain_ids": plain, "greedy_ids": gen})
+        out["cases"].append({"user": p, "prompt": text, "prompt_ids": ids, "plain_ids": plain, "greedy_ids": gen,
+                             "greedy_logprobs": logprobs})
     path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "smollm2-reference.json")
     with open(path, "w") as f:
         json.dump(out, f, ensure_ascii=False, indent=1)

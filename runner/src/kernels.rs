@@ -49,7 +49,7 @@ impl QMat {
             WType::Q4_1 => Q4_1_BYTES,
             WType::Q8_0 => Q8_0_BYTES,
         };
-        if cols % QK != 0 || data.len() != rows * cols / QK * per {
+        if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * per {
             anyhow::bail!("quantized matrix {rows}x{cols} has {} bytes", data.len());
         }
         let blocks = rows * cols / QK;

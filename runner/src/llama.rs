@@ -2,16 +2,19 @@
 //!
 //! Weight products for Q4_1 and Q8_0 use corral's own kernels (`kernels.rs`) with ggml's
 //! arithmetic (Candle's quantized matmul drifts further from it), other types Candle's; everything
-//! between them is plain Rust with the numerics of llama.cpp's CPU path, so greedy decoding
-//! agrees with it token for token:
+//! between them is plain Rust that reproduces the float arithmetic of llama.cpp's x86 CPU path
+//! operation for operation (`ggml_math.rs`), so that greedy decoding agrees with it token for
+//! token and the log-probabilities to the last bits (`scripts/make-reference.py`, the parity test):
 //!
 //! - RMS norm accumulates the sum of squares in f64;
 //! - rotary embeddings rotate adjacent pairs, with angles advanced by repeated f32
-//!   multiplication;
+//!   multiplication and the rotation in the fused multiply-adds GCC emits for ggml;
 //! - the KV cache holds f16; queries are rounded to f16 before `q·k`, and the softmax weights to
 //!   f16 before they multiply `v` (llama.cpp's `mul_mat` converts its f32 operand to the cache's
-//!   type); dot products accumulate in f32;
-//! - the softmax accumulates its sum in f64.
+//!   type); both products sum in the order of ggml's f16 dot product when one row is decoded and
+//!   of tinyBLAS when a prompt is prefilled;
+//! - the softmax and SiLU use ggml's vectorized `expf`; the softmax sums groups of eight in f32
+//!   and those in f64.
 //!
 //! Running the glue ourselves also avoids Candle's per-operation overhead (allocation and thread
 //! dispatch for each of ~20 small operations per layer), which dominated decode time.
@@ -20,6 +23,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use half::f16;
 
+use crate::ggml_math::{self, ColumnDot, Order};
 use crate::kernels::{QMat, WType};
 
 /// A weight matrix: our own kernels for Q4_1 and Q8_0 (ggml's arithmetic), Candle's for the rest.
@@ -357,49 +361,42 @@ impl Llama {
             let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 anyhow::bail!("attention projections missing");
             };
-            rope(&mut q, c.n_head, c.head_dim, c.n_rot, &cos_sin);
-            rope(&mut k, c.n_head_kv, c.head_dim, c.n_rot, &cos_sin);
+            ggml_math::with_fma(|| {
+                rope(&mut q, c.n_head, c.head_dim, c.n_rot, &cos_sin);
+                rope(&mut k, c.n_head_kv, c.head_dim, c.n_rot, &cos_sin);
+            });
             self.k_cache[l].extend(k.iter().map(|v| f16::from_f32(*v).to_f32()));
             self.v_cache[l].extend(v.iter().map(|v| f16::from_f32(*v).to_f32()));
             let kc = &self.k_cache[l];
             let vc = &self.v_cache[l];
             let mut att = vec![0f32; seq * c.n_embd];
-            let mut scores = vec![0f32; pos + seq];
-            let mut q16 = vec![0f32; c.head_dim];
-            for i in 0..seq {
-                let n_ctx = pos + i + 1; // causal: this position sees itself and everything before
-                for hh in 0..c.n_head {
-                    let kvh = hh / group;
-                    let qrow = &q[(i * c.n_head + hh) * c.head_dim..][..c.head_dim];
-                    for (d, qv) in q16.iter_mut().zip(qrow) {
-                        *d = f16::from_f32(*qv).to_f32();
-                    }
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores[..n_ctx].iter_mut().enumerate() {
-                        let krow = &kc[j * kv_dim + kvh * c.head_dim..][..c.head_dim];
-                        let mut dot = 0f32;
-                        for d in 0..c.head_dim {
-                            dot += q16[d] * krow[d];
+            let order = Order::for_rows(seq);
+            ggml_math::with_fma(|| {
+                let mut scores = vec![0f32; pos + seq];
+                let mut q16 = vec![0f32; c.head_dim];
+                let mut scratch = vec![0f32; 32 * c.head_dim];
+                for i in 0..seq {
+                    let n_ctx = pos + i + 1; // causal: this position sees itself and all before
+                    for hh in 0..c.n_head {
+                        let kvh = hh / group;
+                        let qrow = &q[(i * c.n_head + hh) * c.head_dim..][..c.head_dim];
+                        for (d, qv) in q16.iter_mut().zip(qrow) {
+                            *d = f16::from_f32(*qv).to_f32();
                         }
-                        *s = dot * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f64;
-                    for s in scores[..n_ctx].iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += f64::from(*s);
-                    }
-                    let inv = (1.0 / sum) as f32;
-                    let out = &mut att[(i * c.n_head + hh) * c.head_dim..][..c.head_dim];
-                    for (j, s) in scores[..n_ctx].iter().enumerate() {
-                        let p = f16::from_f32(*s * inv).to_f32();
-                        let vrow = &vc[j * kv_dim + kvh * c.head_dim..][..c.head_dim];
-                        for d in 0..c.head_dim {
-                            out[d] += p * vrow[d];
+                        for (j, s) in scores[..n_ctx].iter_mut().enumerate() {
+                            let krow = &kc[j * kv_dim + kvh * c.head_dim..][..c.head_dim];
+                            *s = ggml_math::dot(krow, &q16, order) * scale;
                         }
+                        ggml_math::softmax(&mut scores[..n_ctx]);
+                        let mut acc = ColumnDot::new(&mut scratch, c.head_dim, order);
+                        for (j, s) in scores[..n_ctx].iter().enumerate() {
+                            let p = f16::from_f32(*s).to_f32();
+                            acc.add(j, p, &vc[j * kv_dim + kvh * c.head_dim..][..c.head_dim]);
+                        }
+                        acc.finish(&mut att[(i * c.n_head + hh) * c.head_dim..][..c.head_dim]);
                     }
                 }
-            }
+            });
             let o = self.matmul(&layer.wo, &att, seq)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &layer.ffn_norm, c.eps);
@@ -409,11 +406,12 @@ impl Llama {
             let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
                 anyhow::bail!("feed-forward projections missing");
             };
-            let act: Vec<f32> = g
-                .iter()
-                .zip(&u)
-                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                .collect();
+            let mut act = g;
+            ggml_math::with_fma(|| {
+                for (a, u) in act.iter_mut().zip(&u) {
+                    *a = ggml_math::silu(*a) * u;
+                }
+            });
             let d = self.matmul(&layer.w_down, &act, seq)?;
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
@@ -446,8 +444,10 @@ fn rope(x: &mut [f32], n_head: usize, head_dim: usize, n_rot: usize, cos_sin: &[
         for head in row.chunks_exact_mut(head_dim) {
             for (k, (c, s)) in cs.iter().enumerate() {
                 let (a, b) = (head[2 * k], head[2 * k + 1]);
-                head[2 * k] = a * c - b * s;
-                head[2 * k + 1] = a * s + b * c;
+                // the fused multiply-adds GCC makes of ggml's `x0*cos - x1*sin` and
+                // `x0*sin + x1*cos` (found by comparing activations bit for bit)
+                head[2 * k] = a.mul_add(*c, -(b * s));
+                head[2 * k + 1] = a.mul_add(*s, b * c);
             }
         }
     }

@@ -4,6 +4,7 @@
 //! `corral-runner --model PATH --sha256 HEX [--threads N] [--keep-quantization] [--no-tighten]`
 
 mod engine;
+mod ggml_math;
 mod harden;
 mod kernels;
 mod llama;

@@ -255,7 +255,7 @@ fn requantized(
         let src = bytes
             .get(start..start + size)
             .ok_or_else(|| anyhow::anyhow!("tensor {name} lies outside the file"))?;
-        while data.len() % 32 != 0 {
+        while !data.len().is_multiple_of(32) {
             data.push(0);
         }
         let offset = data.len() as u64;

@@ -617,7 +617,7 @@ mod tests {
                 let s: Vec<String> = (0..len)
                     .map(|_| {
                         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-                        if (seed >> 33) % 2 == 0 {
+                        if (seed >> 33).is_multiple_of(2) {
                             "a".to_string()
                         } else {
                             "b".to_string()
