@@ -2,10 +2,12 @@
 //! Started by the supervisor inside a sandbox; never touches the network.
 //!
 //! `corral-runner --model PATH --sha256 HEX [--threads N] [--keep-quantization] [--no-tighten]`
+//! (PATH: a GGUF file, or a safetensors checkpoint directory)
 
 mod engine;
 mod ggml_math;
 mod harden;
+mod hf;
 mod kernels;
 mod llama;
 mod model;
@@ -20,10 +22,10 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use corral_protocol::digest;
 use corral_protocol::{
     read_frame, write_frame, Ready, Request, Response, TokenInfo, MAX_REQUEST_FRAME,
 };
-use sha2::{Digest, Sha256};
 
 struct Args {
     model: PathBuf,
@@ -90,6 +92,67 @@ impl<W: Write> engine::Sink for StdoutSink<'_, W> {
     }
 }
 
+fn check_digest(path: &std::path::Path, got: &str, expected: &str) -> anyhow::Result<()> {
+    if !got.eq_ignore_ascii_case(expected) {
+        bail!(
+            "{}: sha256 {got} does not match the catalog's {expected}",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// A safetensors checkpoint directory: every file the digest covers is read once, hashed, and
+/// the digest checked before any of it is used; each weight file's bytes are freed as soon as
+/// its tensors are parsed (the runner's memory limit must hold the f32 weights, not copies).
+fn load_checkpoint_dir(
+    dir: &std::path::Path,
+    expected: Option<&str>,
+    device: &candle_core::Device,
+) -> anyhow::Result<(model::Model, model::ModelMeta)> {
+    let files = digest::model_dir_files(dir)?;
+    let mut hashes = Vec::new();
+    let mut json = std::collections::HashMap::new();
+    let mut tensors = std::collections::HashMap::new();
+    for f in &files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let bytes = std::fs::read(f).with_context(|| format!("{}", f.display()))?;
+        hashes.push((name.clone(), digest::sha256_hex(&bytes)));
+        if name.ends_with(".safetensors") {
+            let ts = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+                .with_context(|| format!("{}", f.display()))?;
+            tensors.extend(ts);
+        } else {
+            let text =
+                String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8", f.display()))?;
+            json.insert(name, text);
+        }
+    }
+    if let Some(expected) = expected {
+        check_digest(dir, &digest::manifest_digest(&hashes), expected)?;
+    }
+    let text = |n: &str| json.get(n).map(String::as_str);
+    let config: serde_json::Value = serde_json::from_str(text("config.json").unwrap_or("{}"))
+        .with_context(|| format!("{}/config.json", dir.display()))?;
+    let (tokenizer, chat_template) = hf::tokenizer(
+        text("tokenizer.json").unwrap_or("{}"),
+        text("tokenizer_config.json"),
+        &config,
+    )
+    .with_context(|| format!("{}", dir.display()))?;
+    let model = model::Model::load_safetensors(dir, &config, tensors, device)?;
+    Ok((
+        model,
+        model::ModelMeta {
+            tokenizer,
+            chat_template,
+        },
+    ))
+}
+
 fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let args = parse_args()?;
@@ -115,24 +178,19 @@ fn run() -> anyhow::Result<()> {
             );
         }
     };
-    let bytes = std::fs::read(&args.model).with_context(|| format!("{}", args.model.display()))?;
-    if let Some(expected) = &args.sha256 {
-        let got: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if !got.eq_ignore_ascii_case(expected) {
-            bail!(
-                "{}: sha256 {got} does not match the catalog's {expected}",
-                args.model.display()
-            );
-        }
-    }
-    phase("sha256");
     let device = candle_core::Device::Cpu;
-    phase("read");
-    let (model, meta) = model::Model::load_gguf(&args.model, &bytes, args.requantize, &device)?;
-    drop(bytes);
+    let (model, meta) = if args.model.is_dir() {
+        load_checkpoint_dir(&args.model, args.sha256.as_deref(), &device)?
+    } else {
+        let bytes =
+            std::fs::read(&args.model).with_context(|| format!("{}", args.model.display()))?;
+        phase("read");
+        if let Some(expected) = &args.sha256 {
+            check_digest(&args.model, &digest::sha256_hex(&bytes), expected)?;
+        }
+        phase("sha256");
+        model::Model::load_gguf(&args.model, &bytes, args.requantize, &device)?
+    };
     phase("weights");
     let tok = tokenizer::Tokenizer::new(meta.tokenizer)?;
     phase("tokenizer");
@@ -229,6 +287,16 @@ fn run() -> anyhow::Result<()> {
 fn main() {
     if let Err(e) = run() {
         eprintln!("corral-runner: {e:#}");
+        // Tell the supervisor why (it reads frames, not our stderr); it may already be gone.
+        let mut out = std::io::stdout().lock();
+        let _ = write_frame(
+            &mut out,
+            &Response::Error {
+                id: None,
+                message: format!("{e:#}"),
+            },
+        );
+        let _ = out.flush();
         std::process::exit(1);
     }
 }

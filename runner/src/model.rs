@@ -10,8 +10,8 @@ use std::io::{Cursor, Read, Seek};
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType};
-use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_phi3, quantized_qwen2};
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::{llama, phi3, quantized_phi3, quantized_qwen2, qwen2};
 
 use crate::tokenizer::TokenizerSpec;
 
@@ -22,6 +22,14 @@ enum Weights {
     Llama(crate::llama::Llama),
     Qwen2(quantized_qwen2::ModelWeights),
     Phi3(quantized_phi3::ModelWeights),
+    /// Safetensors checkpoints, computed in f32 by Candle's models.
+    SafeLlama {
+        model: llama::Llama,
+        config: llama::Config,
+        cache: llama::Cache,
+    },
+    SafeQwen2(qwen2::ModelForCausalLM),
+    SafePhi3(phi3::Model),
 }
 
 pub struct Model {
@@ -41,9 +49,9 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// What the GGUF says besides the weights.
+/// What the model file says besides the weights (GGUF metadata, or a checkpoint's JSON files).
 #[derive(Debug)]
-pub struct GgufMeta {
+pub struct ModelMeta {
     pub tokenizer: TokenizerSpec,
     pub chat_template: Option<String>,
 }
@@ -84,6 +92,7 @@ fn tokenizer_spec(ct: &gguf_file::Content) -> TokenizerSpec {
     TokenizerSpec {
         model: md_str(ct, "tokenizer.ggml.model").unwrap_or_default(),
         pre: md_str(ct, "tokenizer.ggml.pre"),
+        pre_patterns: Vec::new(),
         tokens: md_strings(ct, "tokenizer.ggml.tokens"),
         token_types: arr("tokenizer.ggml.token_type")
             .map(|a| a.iter().filter_map(|x| x.to_i32().ok()).collect())
@@ -107,12 +116,12 @@ impl Model {
         bytes: &[u8],
         requantize: bool,
         device: &Device,
-    ) -> anyhow::Result<(Model, GgufMeta)> {
+    ) -> anyhow::Result<(Model, ModelMeta)> {
         let mut file = Cursor::new(bytes);
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
         let architecture = md_str(&ct, "general.architecture").unwrap_or_default();
-        let meta = GgufMeta {
+        let meta = ModelMeta {
             tokenizer: tokenizer_spec(&ct),
             chat_template: md_str(&ct, "tokenizer.chat_template"),
         };
@@ -176,11 +185,106 @@ impl Model {
             Weights::Llama(m) => return m.forward(tokens, pos),
             Weights::Qwen2(m) => m.forward(&input, pos)?,
             Weights::Phi3(m) => m.forward(&input, pos)?,
+            Weights::SafeLlama {
+                model,
+                config,
+                cache,
+            } => {
+                if pos == 0 {
+                    *cache = llama::Cache::new(true, DType::F32, config, &self.device)?;
+                }
+                model.forward(&input, pos, cache)?
+            }
+            Weights::SafeQwen2(m) => {
+                if pos == 0 {
+                    m.clear_kv_cache();
+                }
+                m.forward(&input, pos)?
+            }
+            Weights::SafePhi3(m) => {
+                if pos == 0 {
+                    m.clear_kv_cache();
+                }
+                m.forward(&input, pos)?
+            }
         };
+        // The last position's logits, whatever leading dimensions the model keeps.
+        let logits = logits.to_dtype(DType::F32)?.flatten_all()?;
+        let n = logits.dim(0)?;
+        let vocab = self.vocab_size().unwrap_or(n);
         Ok(logits
-            .squeeze(0)?
-            .to_dtype(candle_core::DType::F32)?
+            .narrow(0, n - vocab.min(n), vocab.min(n))?
             .to_vec1()?)
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        match &self.weights {
+            Weights::Llama(m) => Some(m.vocab_size()),
+            Weights::SafeLlama { config, .. } => Some(config.vocab_size),
+            _ => None,
+        }
+    }
+
+    /// Loads a safetensors checkpoint: `config` is `config.json`, `tensors` the contents of every
+    /// `*.safetensors` file (already verified by the caller). Weights are computed in f32.
+    pub fn load_safetensors(
+        dir: &Path,
+        config: &serde_json::Value,
+        tensors: std::collections::HashMap<String, Tensor>,
+        device: &Device,
+    ) -> anyhow::Result<Model> {
+        let arch = config["model_type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let mut dtypes: Vec<String> = tensors
+            .values()
+            .map(|t| format!("{:?}", t.dtype()))
+            .collect();
+        dtypes.sort();
+        dtypes.dedup();
+        let quantization = format!("{} -> F32", dtypes.join("+"));
+        let bad = |e: serde_json::Error| anyhow::anyhow!("{}/config.json: {e}", dir.display());
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
+        let (weights, ctx) = match arch.as_str() {
+            "llama" | "mistral" => {
+                let raw: llama::LlamaConfig =
+                    serde_json::from_value(config.clone()).map_err(bad)?;
+                let ctx = raw.max_position_embeddings;
+                let config = raw.into_config(false);
+                let model = llama::Llama::load(vb, &config)?;
+                let cache = llama::Cache::new(true, DType::F32, &config, device)?;
+                (
+                    Weights::SafeLlama {
+                        model,
+                        config,
+                        cache,
+                    },
+                    ctx,
+                )
+            }
+            "qwen2" => {
+                let c: qwen2::Config = serde_json::from_value(config.clone()).map_err(bad)?;
+                let ctx = c.max_position_embeddings;
+                (Weights::SafeQwen2(qwen2::ModelForCausalLM::new(&c, vb)?), ctx)
+            }
+            "phi3" => {
+                let c: phi3::Config = serde_json::from_value(config.clone()).map_err(bad)?;
+                let ctx = c.max_position_embeddings;
+                (Weights::SafePhi3(phi3::Model::new(&c, vb)?), ctx)
+            }
+            other => anyhow::bail!(
+                "{}/config.json: model_type {other:?} is not supported (llama, mistral, qwen2 and phi3 are)",
+                dir.display()
+            ),
+        };
+        Ok(Model {
+            weights,
+            architecture: arch,
+            context_length: ctx.min(MAX_CONTEXT),
+            quantization,
+            device: device.clone(),
+        })
     }
 }
 

@@ -26,17 +26,20 @@ pub enum TokenizerError {
     Regex(String),
 }
 
-const TYPE_NORMAL: i32 = 1;
-const TYPE_UNKNOWN: i32 = 2;
-const TYPE_CONTROL: i32 = 3;
-const TYPE_USER_DEFINED: i32 = 4;
-const TYPE_BYTE: i32 = 6;
+pub(crate) const TYPE_NORMAL: i32 = 1;
+pub(crate) const TYPE_UNKNOWN: i32 = 2;
+pub(crate) const TYPE_CONTROL: i32 = 3;
+pub(crate) const TYPE_USER_DEFINED: i32 = 4;
+pub(crate) const TYPE_BYTE: i32 = 6;
 
 /// What the GGUF says about its tokenizer.
 #[derive(Debug, Clone, Default)]
 pub struct TokenizerSpec {
     pub model: String,
     pub pre: Option<String>,
+    /// Pre-tokenizer regexes given directly (a `tokenizer.json`); when empty, the ones llama.cpp
+    /// uses for `pre` apply.
+    pub pre_patterns: Vec<String>,
     pub tokens: Vec<String>,
     pub token_types: Vec<i32>,
     pub merges: Vec<String>,
@@ -93,7 +96,8 @@ fn byte_to_unicode() -> [char; 256] {
     table
 }
 
-const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+pub(crate) const GPT2: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -167,9 +171,17 @@ impl Tokenizer {
                     };
                     ranks.entry((ia, ib)).or_insert((rank as u32, im));
                 }
-                let pre_name = spec.pre.clone().unwrap_or_else(|| "default".into());
-                let pre = pre_regexes(&pre_name)?
-                    .into_iter()
+                let patterns: Vec<String> = if spec.pre_patterns.is_empty() {
+                    let pre_name = spec.pre.clone().unwrap_or_else(|| "default".into());
+                    pre_regexes(&pre_name)?
+                        .into_iter()
+                        .map(String::from)
+                        .collect()
+                } else {
+                    spec.pre_patterns.clone()
+                };
+                let pre = patterns
+                    .iter()
                     .map(|r| Regex::new(r).map_err(|e| TokenizerError::Regex(e.to_string())))
                     .collect::<Result<Vec<_>, _>>()?;
                 (Kind::Bpe { ranks, pre }, bytes)

@@ -1,10 +1,7 @@
 //! Model files: where a catalog model lives on disk, fetching it from the Hugging Face hub, and
 //! checking its sha256 (the runner checks it again at every load, inside its sandbox).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 use crate::catalog::{ModelDef, ModelProvider};
 use crate::config::Config;
@@ -64,10 +61,10 @@ pub fn model_path(config: &Config, m: &ModelDef) -> PathBuf {
     }
 }
 
-/// The model's file, which must exist.
+/// The model's file (GGUF) or directory (safetensors), which must exist.
 pub fn require(config: &Config, m: &ModelDef) -> Result<PathBuf, ModelError> {
     let p = model_path(config, m);
-    if p.is_file() {
+    if p.is_file() || p.is_dir() {
         Ok(p)
     } else {
         Err(ModelError::Missing {
@@ -77,25 +74,13 @@ pub fn require(config: &Config, m: &ModelDef) -> Result<PathBuf, ModelError> {
     }
 }
 
+/// The model's digest: the sha256 of a file, or of a safetensors directory's manifest (see
+/// `corral_protocol::digest`; the runner computes the same at every load).
 pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let io = |source| ModelError::Io {
+    corral_protocol::digest::model_digest(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    })
 }
 
 pub fn verify(path: &Path, expected: &str) -> Result<(), ModelError> {

@@ -36,6 +36,8 @@ pub enum RunnerError {
     Died(Option<Outcome>),
     #[error("the runner refused the request: {0}")]
     Refused(String),
+    #[error("the runner could not load the model: {0}")]
+    Load(String),
     #[error("runner i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -250,7 +252,7 @@ impl Runner {
                 }
                 runner.ready = r;
             }
-            Response::Error { message, .. } => return Err(RunnerError::Refused(message)),
+            Response::Error { message, .. } => return Err(RunnerError::Load(message)),
             other => {
                 return Err(RunnerError::Protocol(format!(
                     "expected ready, got {other:?}"

@@ -11,6 +11,8 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+pub mod digest;
+
 /// Largest request frame a runner accepts.
 pub const MAX_REQUEST_FRAME: u32 = 8 * 1024 * 1024;
 /// Largest response frame the supervisor accepts.
