@@ -8,13 +8,20 @@
 //! - [`catalog`]: model definitions and allow lists.
 //! - [`slm`]: model files and the supervisor's side of a sandboxed `corral-runner`.
 //! - [`confidence`]: scores in [0, 1] from per-token log-probabilities.
+//! - [`guardrails`]: PII detection/masking and prompt-injection detection.
+//! - [`providers`]: remote LLM providers (OpenAI-compatible, Anthropic) with retries, circuit
+//!   breakers and fallback chains.
+//! - [`routing`]: task classification, policy rules and the route decision.
 //! - [`commands`]: what each CLI subcommand does, callable from tests.
 
 pub mod catalog;
 pub mod commands;
 pub mod confidence;
 pub mod config;
+pub mod guardrails;
 pub mod profile;
+pub mod providers;
+pub mod routing;
 pub mod sandbox;
 pub mod slm;
 

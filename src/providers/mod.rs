@@ -1,0 +1,1 @@
+//! Remote LLM providers: OpenAI-compatible chat completions and Anthropic Messages.

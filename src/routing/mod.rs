@@ -1,0 +1,1 @@
+//! Task classification, policy rules and the route decision.
