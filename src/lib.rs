@@ -39,6 +39,8 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
+    Provider(#[from] providers::ChainError),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
@@ -48,7 +50,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Sandbox(sandbox::SandboxError::CommandNotFound { .. }) => 127,
-            Error::Runner(_) => 1,
+            Error::Runner(_) | Error::Provider(_) => 1,
             Error::Sandbox(sandbox::SandboxError::NotExecutable { .. }) => 126,
             Error::Config(_) | Error::Profile(_) | Error::Usage(_) => 2,
             _ => 125,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use corral::commands::{doctor, models, profile, run as run_cmd, sandbox_exec};
+use corral::commands::{doctor, models, profile, route as route_cmd, run as run_cmd, sandbox_exec};
 use corral::config::{Config, LogFormat, Sources};
 
 #[derive(Debug, Parser)]
@@ -33,6 +33,9 @@ enum Cmd {
     /// Answer a prompt with a local model running in its sandbox (streams the answer; a summary
     /// line with model, profile, tokens, timings and confidence goes to stderr)
     Run(run_cmd::RunArgs),
+    /// Show the route a prompt would take (SLM, LLM chain or refusal) and why, without running
+    /// anything
+    Route(route_cmd::RouteArgs),
     /// List or fetch models of the catalog
     #[command(subcommand)]
     Models(ModelsCmd),
@@ -165,6 +168,7 @@ fn run(cli: Cli) -> Result<i32, corral::Error> {
         }
         Cmd::Doctor { json } => doctor::run(&config, json),
         Cmd::Run(args) => run_cmd::run(&config, &args),
+        Cmd::Route(args) => route_cmd::route(&config, &args),
         Cmd::Models(ModelsCmd::List) => models::list(&config),
         Cmd::Models(ModelsCmd::Pull { id }) => models::pull(&config, &id),
         Cmd::Profile(ProfileCmd::Check { names }) => profile::check(&config, &names),

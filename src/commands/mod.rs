@@ -3,5 +3,6 @@
 pub mod doctor;
 pub mod models;
 pub mod profile;
+pub mod route;
 pub mod run;
 pub mod sandbox_exec;

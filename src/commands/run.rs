@@ -1,4 +1,10 @@
-//! `corral run`: answer one prompt with a local model in its sandbox, streaming the answer.
+//! `corral run`: answer one prompt the way routing decides: a local model in its sandbox
+//! (streamed), escalated to the remote chain when its confidence is below the threshold, straight
+//! to the chain when a policy requires it, or refused.
+//!
+//! Streaming and escalation: when an SLM answer may still be escalated (a fallback chain exists
+//! and `routing.llm_fallback.on_low_confidence` is on), the answer is held until its score is
+//! known, so the terminal never shows an answer that is then replaced; otherwise it streams.
 
 use std::io::Write;
 use std::time::Instant;
@@ -6,9 +12,11 @@ use std::time::Instant;
 use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling};
 use serde_json::json;
 
-use crate::catalog::DEFAULT_MODEL;
+use crate::commands::route::{describe, CallerArgs};
 use crate::confidence::{self, TokenStat};
 use crate::config::Config;
+use crate::providers::{Chain, ChatRequest, ChatResponse, Message, Provider};
+use crate::routing::{RouteDecision, Selection};
 use crate::sandbox::HostSupport;
 use crate::slm::models;
 use crate::slm::runner::{runner_binary, Runner, RunnerSpec};
@@ -16,7 +24,8 @@ use crate::slm::runner::{runner_binary, Runner, RunnerSpec};
 /// `corral run`'s arguments (also its command-line definition).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Model id from the catalog (default: smollm2-135m-instruct)
+    /// Model id from the catalog (default: the one routing picks, normally smollm2-135m-instruct);
+    /// still subject to the caller's allow list
     #[arg(long, short = 'm', value_name = "ID")]
     pub model: Option<String>,
     /// Sandbox profile name or path (default: the model's, else slm.default_sandbox_profile)
@@ -43,6 +52,8 @@ pub struct RunArgs {
     /// Generate exactly --max-tokens, past end-of-sequence (for benchmarks)
     #[arg(long, hide = true)]
     pub ignore_eos: bool,
+    #[command(flatten)]
+    pub caller: CallerArgs,
     /// The prompt, sent as a user message through the model's chat template
     pub prompt: String,
 }
@@ -61,19 +72,69 @@ pub fn terminal_safe(s: &str) -> String {
         .collect()
 }
 
-pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
-    let id = args
-        .model
-        .clone()
-        .unwrap_or_else(|| DEFAULT_MODEL.to_string());
-    let model = models::lookup(config, &id).map_err(|e| crate::Error::Usage(e.to_string()))?;
+/// Exit status of `corral run` when a policy or guardrail refuses the request.
+pub const EXIT_DENIED: i32 = 3;
+
+/// What the SLM produced.
+struct SlmAnswer {
+    text: String,
+    score: Option<f64>,
+    all_scores: serde_json::Map<String, serde_json::Value>,
+    done: corral_protocol::Done,
+    ready: corral_protocol::Ready,
+    startup_ms: f64,
+    outcome: Option<crate::sandbox::Outcome>,
+}
+
+fn messages(args: &RunArgs, prompt: &str) -> Vec<Message> {
+    let mut m = Vec::new();
+    if let Some(s) = &args.system {
+        m.push(Message::new("system", s.clone()));
+    }
+    m.push(Message::new("user", prompt));
+    m
+}
+
+fn call_chain(
+    config: &Config,
+    providers: &[String],
+    args: &RunArgs,
+    d: &RouteDecision,
+) -> crate::Result<ChatResponse> {
+    let chain = Chain::new(
+        providers
+            .iter()
+            .filter_map(|n| {
+                config
+                    .providers
+                    .get(n)
+                    .map(|c| std::sync::Arc::new(Provider::new(n, c.clone())))
+            })
+            .collect(),
+    );
+    let prompt = d.remote_prompt.as_deref().unwrap_or(&args.prompt);
+    let req = ChatRequest {
+        messages: messages(args, prompt),
+        max_tokens: Some(args.max_tokens),
+        temperature: Some(args.temperature),
+        top_p: args.top_p,
+        stop: vec![],
+        logprobs: true,
+        user: args.caller.agent.clone(),
+    };
+    chain.complete(&req).map_err(crate::Error::from)
+}
+
+fn run_slm(
+    config: &Config,
+    args: &RunArgs,
+    model_id: &str,
+    profile_name: &str,
+    stream: bool,
+) -> crate::Result<SlmAnswer> {
+    let model = models::lookup(config, model_id).map_err(|e| crate::Error::Usage(e.to_string()))?;
     let path = models::require(config, model).map_err(|e| crate::Error::Usage(e.to_string()))?;
-    let profile_name = args
-        .profile
-        .clone()
-        .or_else(|| model.sandbox_profile.clone())
-        .unwrap_or_else(|| config.slm.default_sandbox_profile.clone());
-    let profile = config.profiles.resolve(&profile_name)?;
+    let profile = config.profiles.resolve(profile_name)?;
     let host = HostSupport::probe();
     let spec = RunnerSpec {
         model_path: path,
@@ -81,23 +142,21 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
         binary: runner_binary(),
         requantize: true,
     };
-
-    let t0 = Instant::now();
     let mut runner = Runner::start(&spec, &profile, &config.sandbox, &host)?;
-    let mut messages = Vec::new();
+    let mut msgs = Vec::new();
     if let Some(s) = &args.system {
-        messages.push(ChatMessage {
+        msgs.push(ChatMessage {
             role: "system".into(),
             content: s.clone(),
         });
     }
-    messages.push(ChatMessage {
+    msgs.push(ChatMessage {
         role: "user".into(),
         content: args.prompt.clone(),
     });
     let req = GenerateRequest {
         id: 0,
-        input: Input::Messages(messages),
+        input: Input::Messages(msgs),
         sampling: Sampling {
             temperature: args.temperature,
             top_p: args.top_p,
@@ -118,7 +177,7 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
             logprob: t.logprob,
             entropy: t.entropy,
         });
-        if !args.json {
+        if stream {
             streamed.push_str(&t.text);
             let _ = stdout.write_all(terminal_safe(&t.text).as_bytes());
             let _ = stdout.flush();
@@ -131,65 +190,206 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
             return Err(crate::Error::Runner(e));
         }
     };
-    if !args.json {
+    if stream {
         // Text held back for stop sequences arrives with the final frame.
         let rest = done.text.get(streamed.len()..).unwrap_or_default();
         let _ = stdout.write_all(terminal_safe(rest).as_bytes());
         let _ = writeln!(stdout);
     }
     let ready = runner.ready.clone();
-    let startup = runner.startup;
+    let startup_ms = runner.startup.as_secs_f64() * 1e3;
     let outcome = runner.shutdown();
     if let Some(o) = &outcome {
         for l in &o.limits {
             eprintln!("corral: {}", l.message());
         }
     }
-    let method = confidence::DEFAULT_METHOD;
-    let score = confidence::score(&stats, method);
-    let all: serde_json::Map<String, serde_json::Value> = confidence::all_scores(&stats)
-        .into_iter()
-        .map(|(m, s)| (m.name().to_string(), json!(s)))
-        .collect();
+    Ok(SlmAnswer {
+        text: done.text.clone(),
+        score: confidence::score(&stats, config.routing.method),
+        all_scores: confidence::all_scores(&stats)
+            .into_iter()
+            .map(|(m, s)| (m.name().to_string(), json!(s)))
+            .collect(),
+        done,
+        ready,
+        startup_ms,
+        outcome,
+    })
+}
+
+fn slm_json(a: &SlmAnswer, model: &str, profile: &str, method: &str) -> serde_json::Value {
+    let o = a.outcome.as_ref();
+    json!({
+        "text": a.done.text,
+        "model": model,
+        "profile": profile,
+        "confidence": {"score": a.score, "method": method, "scores": a.all_scores},
+        "usage": {"prompt_tokens": a.done.prompt_tokens, "completion_tokens": a.done.completion_tokens},
+        "timings": {
+            "load_ms": a.ready.load_ms,
+            "startup_ms": a.startup_ms,
+            "prefill_ms": a.done.prefill_ms,
+            "ttft_ms": a.done.ttft_ms,
+            "decode_tokens_per_s": a.done.decode_tokens_per_s,
+        },
+        "finish_reason": a.done.finish_reason,
+        "runner": {
+            "architecture": a.ready.architecture,
+            "quantization": a.ready.quantization,
+            "threads": a.ready.threads,
+            "memory_peak_mb": o.and_then(|o| o.stats.memory_peak_bytes).map(|b| b / (1024 * 1024)),
+            "cpu_ms": o.and_then(|o| o.stats.cpu_usage_ns).map(|n| n / 1_000_000),
+        },
+    })
+}
+
+fn route_json(d: &RouteDecision) -> serde_json::Value {
+    json!({
+        "selection": d.selection,
+        "task": d.task.task,
+        "complexity": d.task.complexity,
+        "policies_applied": d.policies_applied,
+        "confidence_required": d.confidence_required,
+        "fallback_available": d.fallback_available,
+    })
+}
+
+/// Prints a remote answer; `escalation` says why it replaced the SLM's, `slm` what that was.
+fn print_llm(
+    config: &Config,
+    args: &RunArgs,
+    d: &RouteDecision,
+    r: &ChatResponse,
+    escalation: Option<&str>,
+    slm: Option<serde_json::Value>,
+    t0: Instant,
+) {
+    let method = config.routing.method;
+    let score = r.token_logprobs.as_ref().and_then(|lps| {
+        let stats: Vec<TokenStat> = lps
+            .iter()
+            .map(|l| TokenStat {
+                logprob: *l,
+                entropy: 0.0,
+            })
+            .collect();
+        confidence::score(&stats, method)
+    });
     if args.json {
-        let v = json!({
-            "text": done.text,
-            "model": id,
-            "profile": profile.name,
-            "confidence": {"score": score, "method": method.name(), "scores": all},
-            "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens},
-            "timings": {
-                "load_ms": ready.load_ms,
-                "startup_ms": startup.as_secs_f64() * 1e3,
-                "prefill_ms": done.prefill_ms,
-                "ttft_ms": done.ttft_ms,
-                "decode_tokens_per_s": done.decode_tokens_per_s,
-                "total_ms": t0.elapsed().as_secs_f64() * 1e3,
-            },
-            "finish_reason": done.finish_reason,
-            "runner": {
-                "architecture": ready.architecture,
-                "quantization": ready.quantization,
-                "threads": ready.threads,
-                "memory_peak_mb": outcome.as_ref().and_then(|o| o.stats.memory_peak_bytes).map(|b| b / (1024 * 1024)),
-                "cpu_ms": outcome.as_ref().and_then(|o| o.stats.cpu_usage_ns).map(|n| n / 1_000_000),
-            },
-        });
-        println!("{v}");
+        println!(
+            "{}",
+            json!({
+                "text": r.text,
+                "model": r.model,
+                "provider": r.provider,
+                "route": route_json(d),
+                "escalated": escalation.is_some(),
+                "escalation_reason": escalation,
+                "confidence": {"score": score, "method": method.name()},
+                "usage": r.usage,
+                "timings": {"latency_ms": r.latency_ms, "total_ms": t0.elapsed().as_secs_f64() * 1e3},
+                "attempts": r.attempts,
+                "finish_reason": r.finish_reason,
+                "slm": slm,
+            })
+        );
     } else {
+        println!("{}", terminal_safe(&r.text));
         eprintln!(
-            "corral: {id} · profile {} · {} prompt + {} tokens · load {:.0} ms · ttft {:.0} ms · {:.1} tok/s · confidence {} ({})",
-            profile.name,
-            done.prompt_tokens,
-            done.completion_tokens,
-            ready.load_ms,
-            done.ttft_ms,
-            done.decode_tokens_per_s,
+            "corral: llm {} ({}){} · {} prompt + {} tokens · {:.0} ms · {} attempt(s) · confidence {}",
+            r.provider,
+            r.model,
+            escalation.map_or(String::new(), |e| format!(" · escalated: {e}")),
+            r.usage.prompt_tokens,
+            r.usage.completion_tokens,
+            r.latency_ms,
+            r.attempts,
             score.map_or("n/a".to_string(), |s| format!("{s:.3}")),
-            method.name()
         );
     }
-    Ok(0)
+}
+
+pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
+    let t0 = Instant::now();
+    let ctx = args.caller.context(&args.prompt)?;
+    let d = config.routing.decide(&ctx);
+    let method = config.routing.method;
+    match &d.selection {
+        Selection::Deny { reason } => {
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"route": route_json(&d), "denied": reason, "reasoning": d.reasoning})
+                );
+            }
+            eprintln!("corral: refused by policy: {reason}");
+            Ok(EXIT_DENIED)
+        }
+        Selection::Llm { providers } => {
+            let r = call_chain(config, providers, args, &d)?;
+            print_llm(config, args, &d, &r, None, None, t0);
+            Ok(0)
+        }
+        Selection::Slm { model, profile } => {
+            let model = args.model.clone().unwrap_or_else(|| model.clone());
+            config
+                .routing
+                .allowed(args.caller.agent.as_deref(), &model)
+                .map_err(crate::Error::Usage)?;
+            let profile = args.profile.clone().unwrap_or_else(|| profile.clone());
+            let need = d.confidence_required.unwrap_or(0.0);
+            let may_escalate =
+                d.fallback_available && config.routing.on_low_confidence && need > 0.0;
+            let answer = match run_slm(config, args, &model, &profile, !args.json && !may_escalate)
+            {
+                Ok(a) => a,
+                Err(e) if d.fallback_available && config.routing.on_slm_failure => {
+                    let why = format!("the SLM failed: {e}");
+                    eprintln!("corral: {why}; escalating");
+                    let r = call_chain(config, &config.routing.fallback, args, &d)?;
+                    print_llm(config, args, &d, &r, Some(&why), None, t0);
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            };
+            let low = answer.score.is_none_or(|s| s < f64::from(need));
+            if may_escalate && low {
+                let why = format!(
+                    "confidence {} < {need} ({})",
+                    answer.score.map_or("n/a".into(), |s| format!("{s:.3}")),
+                    method.name()
+                );
+                let r = call_chain(config, &config.routing.fallback, args, &d)?;
+                let slm = slm_json(&answer, &model, &profile, method.name());
+                print_llm(config, args, &d, &r, Some(&why), Some(slm), t0);
+                return Ok(0);
+            }
+            if args.json {
+                let mut v = slm_json(&answer, &model, &profile, method.name());
+                v["route"] = route_json(&d);
+                v["escalated"] = json!(false);
+                v["timings"]["total_ms"] = json!(t0.elapsed().as_secs_f64() * 1e3);
+                println!("{v}");
+            } else {
+                if may_escalate {
+                    println!("{}", terminal_safe(&answer.text));
+                }
+                eprintln!(
+                    "corral: {model} · profile {profile} · {} prompt + {} tokens · load {:.0} ms · ttft {:.0} ms · {:.1} tok/s · confidence {} ({}) · {}",
+                    answer.done.prompt_tokens,
+                    answer.done.completion_tokens,
+                    answer.ready.load_ms,
+                    answer.done.ttft_ms,
+                    answer.done.decode_tokens_per_s,
+                    answer.score.map_or("n/a".to_string(), |s| format!("{s:.3}")),
+                    method.name(),
+                    describe(&d),
+                );
+            }
+            Ok(0)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -81,6 +81,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub sandbox: SandboxConfig,
     pub profiles: ProfileRegistry,
+    pub routing: crate::routing::Router,
+    pub providers: BTreeMap<String, crate::providers::ProviderConfig>,
 }
 
 /// Where to look for things; the CLI fills it from flags, tests from their own values.
@@ -168,13 +170,6 @@ fn compile(
         key: key(k),
         message,
     };
-
-    if raw.routing.is_some() {
-        return Err(invalid("routing", "this version of corral has no routing engine yet; remove the section rather than have it silently ignored".into()));
-    }
-    if raw.providers.is_some() {
-        return Err(invalid("providers", "this version of corral has no remote providers yet; remove the section rather than have it silently ignored".into()));
-    }
 
     let bind: SocketAddr = raw.server.bind.parse().map_err(|_| {
         invalid(
@@ -299,6 +294,25 @@ fn compile(
         }
     }
 
+    for (name, p) in &raw.providers {
+        p.validate(name).map_err(|m| match m.split_once(": ") {
+            Some((k, msg)) if k.starts_with("providers.") => invalid(k, msg.to_string()),
+            _ => invalid(&format!("providers.{name}"), m.clone()),
+        })?;
+    }
+    let router = crate::routing::Router::compile(
+        &raw.routing,
+        crate::routing::Context {
+            catalog: &models,
+            providers: &raw.providers,
+            profile_exists: &|p| profiles.resolve(p).is_ok(),
+            default_profile: &raw.slm.default_sandbox_profile,
+            slm_enabled: raw.slm.enabled,
+            agent_model_maps: &raw.slm.model_allow_lists.agent_model_maps,
+        },
+    )
+    .map_err(|(k, m)| invalid(&k, m))?;
+
     let model_dir = raw
         .slm
         .model_dir
@@ -324,6 +338,8 @@ fn compile(
             filter: raw.logging.level,
             format,
         },
+        routing: router,
+        providers: raw.providers,
         sandbox: SandboxConfig {
             uid: raw.sandbox.uid,
             gid: raw.sandbox.gid,
@@ -463,7 +479,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_and_unowned_sections_are_errors() {
+    fn unknown_keys_and_routing_errors_name_the_key() {
         let err = load("[server]\nbnid = \"x\"\n", &[])
             .unwrap_err()
             .to_string();
@@ -471,10 +487,23 @@ mod tests {
             err.contains("server.bnid") && err.contains("unknown field"),
             "{err}"
         );
-        let err = load("[routing]\nenabled = true\n", &[])
+        let err = load("[routing]\nenabeld = true\n", &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains(": routing: "), "{err}");
+        assert!(err.contains(": routing.enabeld: "), "{err}");
+        let err = load("[routing.llm_fallback]\nproviders = [\"openai\"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("routing.llm_fallback.providers[0]: no provider 'openai'"),
+            "{err}"
+        );
+        let c = load(
+            "[providers.local]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n[routing.llm_fallback]\nproviders = [\"local\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.routing.fallback, vec!["local".to_string()]);
         let err = load("[sandbox]\nuid = 0\n", &[]).unwrap_err().to_string();
         assert!(err.contains("sandbox.uid: must not be 0"), "{err}");
     }

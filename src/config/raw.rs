@@ -15,10 +15,11 @@ pub struct RawConfig {
     pub slm: RawSlm,
     pub logging: RawLogging,
     pub sandbox: RawSandbox,
-    /// Owned by the routing subsystem, which this version does not have yet: refused when
-    /// present rather than silently ignored.
-    pub routing: Option<toml::Value>,
-    pub providers: Option<toml::Value>,
+    /// Policies, classification, thresholds, guardrails (see `crate::routing`).
+    pub routing: crate::routing::RawRouting,
+    /// Remote LLM providers by name (see `crate::providers`). API keys come from the
+    /// environment variables they name, never from this file.
+    pub providers: BTreeMap<String, crate::providers::ProviderConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,0 +1,852 @@
+//! Remote providers over real HTTP on loopback: each test starts a tiny HTTP/1.1 server that
+//! records the requests it receives and answers with a scripted sequence of replies, then checks
+//! what corral sent, what it made of the answers, and when it retried, gave up, or stopped
+//! calling.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use corral::providers::{
+    BreakerState, Chain, ChatRequest, Message, Provider, ProviderConfig, ProviderError,
+    ProviderKind,
+};
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------------------------
+// The loopback server.
+
+/// One scripted answer.
+#[derive(Debug, Clone)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+    /// How long the server waits before answering.
+    delay: Duration,
+}
+
+impl Reply {
+    fn json(status: u16, body: Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    fn delayed(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+}
+
+/// One request as the server received it; header names lowercased.
+#[derive(Debug, Clone)]
+struct Recorded {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Recorded {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).expect("request body is JSON")
+    }
+}
+
+struct Server {
+    /// `http://127.0.0.1:PORT`
+    url: String,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+impl Server {
+    /// Listens on an ephemeral loopback port and answers the n-th request with `script[n]`
+    /// (a 500 saying so once the script is used up). Each connection gets its own thread so a
+    /// delayed reply does not hold up the next request.
+    fn start(script: Vec<Reply>) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(Mutex::new(VecDeque::from(script)));
+        let recorded = Arc::clone(&requests);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let recorded = Arc::clone(&recorded);
+                let script = Arc::clone(&script);
+                thread::spawn(move || serve_one(stream, &recorded, &script));
+            }
+        });
+        Server { url, requests }
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// Waits (at most 2 s) until `n` requests have arrived: a client that gave up on a slow
+    /// reply may return before the server thread has finished recording.
+    fn wait_for(&self, n: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.count() < n && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.count()
+    }
+}
+
+fn serve_one(stream: TcpStream, recorded: &Mutex<Vec<Recorded>>, script: &Mutex<VecDeque<Reply>>) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_string();
+    let path = parts.next().unwrap_or_default().to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = h.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    recorded.lock().unwrap().push(Recorded {
+        method,
+        path,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    });
+    let reply = script.lock().unwrap().pop_front().unwrap_or_else(|| {
+        Reply::json(
+            500,
+            json!({"error": {"message": "test server: no scripted reply left"}}),
+        )
+    });
+    thread::sleep(reply.delay);
+    let mut out = format!("HTTP/1.1 {} Scripted\r\n", reply.status);
+    for (name, value) in &reply.headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n{}",
+        reply.body.len(),
+        reply.body
+    ));
+    // The client may have given up (timeout tests): a failed write is expected then.
+    let mut stream = stream;
+    let _ = stream.write_all(out.as_bytes());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures.
+
+/// A config for `server` with test-sized timings: 2 s timeout, 2 retries, 1 ms backoff.
+fn config(kind: ProviderKind, server: &Server) -> ProviderConfig {
+    let base_url = match kind {
+        ProviderKind::Openai => format!("{}/v1", server.url),
+        ProviderKind::Anthropic => server.url.clone(),
+    };
+    let mut cfg = ProviderConfig::new(kind, base_url, "test-model");
+    cfg.timeout_ms = 2000;
+    cfg.backoff_ms = 1;
+    cfg
+}
+
+/// Sets a process-unique environment variable to `value` and returns its name.
+fn key_env(test: &str, value: &str) -> String {
+    let name = format!(
+        "CORRAL_TEST_KEY_{}_{}",
+        test.to_uppercase(),
+        std::process::id()
+    );
+    std::env::set_var(&name, value);
+    name
+}
+
+fn ask(prompt: &str) -> ChatRequest {
+    ChatRequest {
+        messages: vec![Message::new("user", prompt)],
+        ..ChatRequest::default()
+    }
+}
+
+fn openai_ok(text: &str) -> Reply {
+    Reply::json(
+        200,
+        json!({
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "gpt-test-2025",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop"
+            }],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+        }),
+    )
+}
+
+fn anthropic_ok(text: &str) -> Reply {
+    Reply::json(
+        200,
+        json!({
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-test",
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 5, "output_tokens": 1}
+        }),
+    )
+}
+
+fn openai_error(status: u16, message: &str) -> Reply {
+    Reply::json(
+        status,
+        json!({"error": {"message": message, "type": "server_error", "code": null}}),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wire formats.
+
+#[test]
+fn openai_request_carries_key_model_and_messages_and_logprobs_come_back() {
+    let server = Server::start(vec![Reply::json(
+        200,
+        json!({
+            "model": "gpt-test-2025",
+            "choices": [{
+                "message": {"role": "assistant", "content": "Paris."},
+                "finish_reason": "length",
+                "logprobs": {"content": [
+                    {"token": "Paris", "logprob": -0.125, "bytes": [80], "top_logprobs": []},
+                    {"token": ".", "logprob": -2.5, "bytes": [46], "top_logprobs": []}
+                ]}
+            }],
+            "usage": {"prompt_tokens": 21, "completion_tokens": 2}
+        }),
+    )]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.api_key_env = Some(key_env("openai_ok", "sk-test-123"));
+    let provider = Provider::new("oa", cfg);
+    let req = ChatRequest {
+        messages: vec![
+            Message::new("system", "Answer briefly."),
+            Message::new("user", "Capital of France?"),
+        ],
+        max_tokens: Some(2),
+        temperature: Some(0.5),
+        stop: vec!["\n".into()],
+        logprobs: true,
+        user: Some("agent-7".into()),
+        ..ChatRequest::default()
+    };
+
+    let r = provider.complete(&req).unwrap();
+
+    assert_eq!(r.provider, "oa");
+    assert_eq!(r.model, "gpt-test-2025");
+    assert_eq!(r.text, "Paris.");
+    assert_eq!(r.finish_reason, "length");
+    assert_eq!(r.usage.prompt_tokens, 21);
+    assert_eq!(r.usage.completion_tokens, 2);
+    assert_eq!(r.token_logprobs, Some(vec![-0.125, -2.5]));
+    assert_eq!(r.attempts, 1);
+    assert!(r.latency_ms > 0.0);
+
+    let sent = server.requests();
+    assert_eq!(sent.len(), 1);
+    let s = &sent[0];
+    assert_eq!(s.method, "POST");
+    assert_eq!(s.path, "/v1/chat/completions");
+    assert_eq!(s.header("authorization"), Some("Bearer sk-test-123"));
+    assert_eq!(s.header("content-type"), Some("application/json"));
+    assert_eq!(
+        s.json(),
+        json!({
+            "model": "test-model",
+            "messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Capital of France?"}
+            ],
+            "max_tokens": 2,
+            "temperature": 0.5,
+            "stop": ["\n"],
+            "user": "agent-7",
+            "logprobs": true,
+            "top_logprobs": 0
+        })
+    );
+}
+
+#[test]
+fn a_local_openai_server_gets_no_authorization_and_the_default_max_tokens() {
+    let server = Server::start(vec![Reply::json(
+        200,
+        json!({"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}),
+    )]);
+    let provider = Provider::new("local", config(ProviderKind::Openai, &server));
+
+    let r = provider.complete(&ask("hello")).unwrap();
+
+    // No usage and no model in the answer: zeros and the configured model.
+    assert_eq!(r.text, "hi");
+    assert_eq!(r.model, "test-model");
+    assert_eq!((r.usage.prompt_tokens, r.usage.completion_tokens), (0, 0));
+    assert_eq!(r.token_logprobs, None);
+    let s = &server.requests()[0];
+    assert_eq!(s.header("authorization"), None);
+    let body = s.json();
+    assert_eq!(body["max_tokens"], 1024);
+    assert!(body.get("logprobs").is_none(), "{body}");
+    assert!(body.get("stop").is_none(), "{body}");
+}
+
+#[test]
+fn anthropic_request_hoists_system_and_sends_its_headers() {
+    let server = Server::start(vec![Reply::json(
+        200,
+        json!({
+            "id": "msg_01",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-test-20250101",
+            "content": [
+                {"type": "text", "text": "Bonjour"},
+                {"type": "tool_use", "id": "t1", "name": "noop", "input": {}},
+                {"type": "text", "text": " le monde"}
+            ],
+            "stop_reason": "max_tokens",
+            "stop_sequence": null,
+            "usage": {"input_tokens": 14, "output_tokens": 3}
+        }),
+    )]);
+    let mut cfg = config(ProviderKind::Anthropic, &server);
+    cfg.api_key_env = Some(key_env("anthropic_ok", "sk-ant-test"));
+    let provider = Provider::new("claude", cfg);
+    let req = ChatRequest {
+        messages: vec![
+            Message::new("system", "You translate."),
+            Message::new("user", "Hello world"),
+            Message::new("assistant", "Into which language?"),
+            Message::new("system", "Always French."),
+            Message::new("user", "French"),
+        ],
+        stop: vec!["END".into()],
+        logprobs: true,
+        ..ChatRequest::default()
+    };
+
+    let r = provider.complete(&req).unwrap();
+
+    assert_eq!(r.provider, "claude");
+    assert_eq!(r.model, "claude-test-20250101");
+    assert_eq!(r.text, "Bonjour le monde");
+    assert_eq!(r.finish_reason, "length");
+    assert_eq!(r.usage.prompt_tokens, 14);
+    assert_eq!(r.usage.completion_tokens, 3);
+    assert_eq!(r.token_logprobs, None, "Anthropic has no logprobs");
+
+    let s = &server.requests()[0];
+    assert_eq!(s.path, "/v1/messages");
+    assert_eq!(s.header("x-api-key"), Some("sk-ant-test"));
+    assert_eq!(s.header("anthropic-version"), Some("2023-06-01"));
+    assert_eq!(s.header("content-type"), Some("application/json"));
+    assert_eq!(s.header("authorization"), None);
+    assert_eq!(
+        s.json(),
+        json!({
+            "model": "test-model",
+            "max_tokens": 1024,
+            "system": "You translate.\n\nAlways French.",
+            "messages": [
+                {"role": "user", "content": "Hello world"},
+                {"role": "assistant", "content": "Into which language?"},
+                {"role": "user", "content": "French"}
+            ],
+            "stop_sequences": ["END"]
+        })
+    );
+}
+
+#[test]
+fn a_success_status_with_garbage_is_an_unreadable_response() {
+    let server = Server::start(vec![Reply {
+        status: 200,
+        headers: vec![("content-type".into(), "text/html".into())],
+        body: "<html>login page</html>".into(),
+        delay: Duration::ZERO,
+    }]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+
+    let err = provider.complete(&ask("hi")).unwrap_err();
+
+    assert!(matches!(err, ProviderError::BadResponse { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.starts_with("provider oa: unreadable response: "),
+        "{message}"
+    );
+    assert!(message.contains("<html>login page"), "{message}");
+    assert_eq!(server.count(), 1, "a garbled answer is not retried");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retries.
+
+#[test]
+fn a_429_with_retry_after_zero_is_retried_once_then_succeeds() {
+    let server = Server::start(vec![
+        openai_error(429, "Rate limit reached").header("retry-after", "0"),
+        openai_ok("done"),
+    ]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+
+    let r = provider.complete(&ask("hi")).unwrap();
+
+    assert_eq!(r.text, "done");
+    assert_eq!(r.attempts, 2);
+    assert_eq!(server.count(), 2);
+    assert_eq!(provider.breaker_state(), BreakerState::Closed);
+}
+
+#[test]
+fn retry_after_seconds_are_waited_out() {
+    let server = Server::start(vec![
+        openai_error(429, "slow down").header("retry-after", "1"),
+        openai_ok("done"),
+    ]);
+    // The backoff alone would wait at most 1 ms.
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+
+    let t0 = Instant::now();
+    let r = provider.complete(&ask("hi")).unwrap();
+
+    assert_eq!(r.attempts, 2);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1000),
+        "retried after {:?}",
+        t0.elapsed()
+    );
+    assert!(r.latency_ms >= 1000.0, "latency {}", r.latency_ms);
+}
+
+#[test]
+fn server_errors_500_and_529_are_retried() {
+    let server = Server::start(vec![
+        openai_error(500, "internal error"),
+        Reply::json(
+            529,
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ),
+        anthropic_ok("finally"),
+    ]);
+    let provider = Provider::new("claude", config(ProviderKind::Anthropic, &server));
+
+    let r = provider.complete(&ask("hi")).unwrap();
+
+    assert_eq!(r.text, "finally");
+    assert_eq!(r.finish_reason, "stop");
+    assert_eq!(r.attempts, 3);
+    assert_eq!(server.count(), 3);
+}
+
+#[test]
+fn retries_stop_at_max_retries_and_report_the_last_status() {
+    let server = Server::start(vec![
+        openai_error(503, "down 1"),
+        openai_error(503, "down 2"),
+        openai_error(502, "down 3"),
+        openai_ok("too late"),
+    ]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+
+    let err = provider.complete(&ask("hi")).unwrap_err();
+
+    assert_eq!(err.to_string(), "provider oa: http status 502: down 3");
+    assert!(err.retryable());
+    assert_eq!(
+        server.count(),
+        3,
+        "first attempt and max_retries = 2 retries"
+    );
+}
+
+#[test]
+fn a_400_is_not_retried_and_reports_the_providers_message() {
+    let server = Server::start(vec![
+        Reply::json(
+            400,
+            json!({"error": {
+                "message": "'messages' must contain at least one message",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": null
+            }}),
+        ),
+        openai_ok("never sent"),
+    ]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+
+    let err = provider.complete(&ChatRequest::default()).unwrap_err();
+
+    assert_eq!(
+        err.to_string(),
+        "provider oa: http status 400: 'messages' must contain at least one message"
+    );
+    assert_eq!(err.provider(), "oa");
+    assert!(!err.retryable());
+    assert_eq!(server.count(), 1);
+}
+
+#[test]
+fn caller_errors_do_not_open_the_circuit() {
+    let server = Server::start(vec![
+        openai_error(401, "Incorrect API key provided"),
+        openai_error(401, "Incorrect API key provided"),
+        openai_ok("ok"),
+    ]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.breaker_failures = 1;
+    let provider = Provider::new("oa", cfg);
+
+    for _ in 0..2 {
+        let err = provider.complete(&ask("hi")).unwrap_err();
+        assert_eq!(err.status(), Some(401));
+    }
+    assert_eq!(provider.breaker_state(), BreakerState::Closed);
+    assert_eq!(provider.complete(&ask("hi")).unwrap().text, "ok");
+    assert_eq!(server.count(), 3);
+}
+
+#[test]
+fn a_slow_provider_times_out_at_timeout_ms_and_is_retried() {
+    let server = Server::start(vec![
+        openai_ok("late").delayed(Duration::from_secs(3)),
+        openai_ok("late").delayed(Duration::from_secs(3)),
+    ]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.timeout_ms = 100;
+    cfg.max_retries = 1;
+    let provider = Provider::new("slow", cfg);
+
+    let t0 = Instant::now();
+    let err = provider.complete(&ask("hi")).unwrap_err();
+    let elapsed = t0.elapsed();
+
+    assert!(
+        matches!(err, ProviderError::Timeout { ref provider, ms: 100 } if provider == "slow"),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), "provider slow: timed out after 100 ms");
+    assert!(
+        elapsed < Duration::from_millis(1500),
+        "gave up after {elapsed:?}, not after two 100 ms attempts"
+    );
+    assert_eq!(server.wait_for(2), 2, "a timeout is retried");
+}
+
+#[test]
+fn a_refused_connection_is_a_transport_error() {
+    // Bind then drop a listener: nothing listens on that port any more.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = ProviderConfig::new(
+        ProviderKind::Openai,
+        format!("http://127.0.0.1:{port}/v1"),
+        "m",
+    );
+    cfg.max_retries = 1;
+    cfg.backoff_ms = 1;
+    let provider = Provider::new("gone", cfg);
+
+    let err = provider.complete(&ask("hi")).unwrap_err();
+
+    assert!(matches!(err, ProviderError::Transport { .. }), "{err:?}");
+    assert!(err.to_string().starts_with("provider gone: "), "{err}");
+    assert!(err.retryable());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Circuit breaker.
+
+#[test]
+fn the_breaker_opens_stops_calling_then_a_half_open_trial_closes_it() {
+    let server = Server::start(vec![
+        openai_error(500, "boom"),
+        openai_error(500, "boom"),
+        openai_ok("recovered"),
+        openai_ok("business as usual"),
+    ]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.max_retries = 0;
+    cfg.breaker_failures = 2;
+    cfg.breaker_cooldown_ms = 300;
+    let provider = Provider::new("oa", cfg);
+
+    for _ in 0..2 {
+        assert_eq!(
+            provider.complete(&ask("hi")).unwrap_err().status(),
+            Some(500)
+        );
+    }
+    assert!(matches!(
+        provider.breaker_state(),
+        BreakerState::Open { retry_in_ms } if retry_in_ms <= 300
+    ));
+
+    // While open: refused without a request.
+    let err = provider.complete(&ask("hi")).unwrap_err();
+    match &err {
+        ProviderError::CircuitOpen {
+            provider,
+            failures,
+            retry_in_ms,
+        } => {
+            assert_eq!(provider, "oa");
+            assert_eq!(*failures, 2);
+            assert!(*retry_in_ms <= 300, "{retry_in_ms}");
+        }
+        other => panic!("expected CircuitOpen, got {other:?}"),
+    }
+    assert!(err
+        .to_string()
+        .contains("circuit open after 2 consecutive failures"));
+    assert!(!err.retryable());
+    assert_eq!(server.count(), 2, "no request while the circuit is open");
+
+    // After the cooldown one trial goes through, succeeds, and closes the circuit.
+    thread::sleep(Duration::from_millis(350));
+    assert_eq!(provider.breaker_state(), BreakerState::HalfOpen);
+    assert_eq!(provider.complete(&ask("hi")).unwrap().text, "recovered");
+    assert_eq!(provider.breaker_state(), BreakerState::Closed);
+    assert_eq!(
+        provider.complete(&ask("hi")).unwrap().text,
+        "business as usual"
+    );
+    assert_eq!(server.count(), 4);
+}
+
+#[test]
+fn a_failed_half_open_trial_is_one_attempt_and_reopens_the_circuit() {
+    let server = Server::start(vec![
+        openai_error(503, "down"),
+        openai_error(503, "still down"),
+        openai_ok("never reached"),
+    ]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.max_retries = 0;
+    cfg.breaker_failures = 1;
+    cfg.breaker_cooldown_ms = 200;
+    let provider = Provider::new("oa", cfg);
+    provider.complete(&ask("hi")).unwrap_err();
+    thread::sleep(Duration::from_millis(250));
+
+    let err = provider.complete(&ask("hi")).unwrap_err();
+    assert_eq!(err.status(), Some(503));
+    assert!(
+        matches!(provider.breaker_state(), BreakerState::Open { .. }),
+        "{:?}",
+        provider.breaker_state()
+    );
+    assert!(matches!(
+        provider.complete(&ask("hi")).unwrap_err(),
+        ProviderError::CircuitOpen { failures: 2, .. }
+    ));
+    assert_eq!(server.count(), 2);
+}
+
+#[test]
+fn a_half_open_trial_is_not_retried() {
+    let server = Server::start(vec![
+        openai_error(500, "down"),
+        openai_error(500, "down"),
+        openai_error(500, "down"),
+        openai_error(500, "trial fails"),
+        openai_ok("a retry of the trial would get this"),
+    ]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.max_retries = 2;
+    cfg.breaker_failures = 1;
+    cfg.breaker_cooldown_ms = 200;
+    let provider = Provider::new("oa", cfg);
+    // First request: 3 attempts, one breaker failure, circuit opens.
+    provider.complete(&ask("hi")).unwrap_err();
+    assert_eq!(server.count(), 3);
+    assert!(matches!(
+        provider.breaker_state(),
+        BreakerState::Open { .. }
+    ));
+    thread::sleep(Duration::from_millis(250));
+
+    let err = provider.complete(&ask("hi")).unwrap_err();
+
+    assert_eq!(err.to_string(), "provider oa: http status 500: trial fails");
+    assert_eq!(server.count(), 4, "the trial is a single attempt");
+    assert!(matches!(
+        provider.breaker_state(),
+        BreakerState::Open { .. }
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fallback chains and keys.
+
+#[test]
+fn the_chain_falls_back_to_the_second_provider() {
+    let first = Server::start(vec![openai_error(500, "primary down")]);
+    let second = Server::start(vec![anthropic_ok("from the backup")]);
+    let mut a = config(ProviderKind::Openai, &first);
+    a.max_retries = 0;
+    let chain = Chain::new(vec![
+        Arc::new(Provider::new("primary", a)),
+        Arc::new(Provider::new(
+            "backup",
+            config(ProviderKind::Anthropic, &second),
+        )),
+    ]);
+
+    let r = chain.complete(&ask("hi")).unwrap();
+
+    assert_eq!(r.provider, "backup");
+    assert_eq!(r.text, "from the backup");
+    assert_eq!(first.count(), 1);
+    assert_eq!(second.count(), 1);
+}
+
+#[test]
+fn the_chain_skips_a_provider_whose_circuit_is_open() {
+    let first = Server::start(vec![openai_error(500, "primary down")]);
+    let second = Server::start(vec![openai_ok("one"), openai_ok("two")]);
+    let mut a = config(ProviderKind::Openai, &first);
+    a.max_retries = 0;
+    a.breaker_failures = 1;
+    let primary = Arc::new(Provider::new("primary", a));
+    let chain = Chain::new(vec![
+        Arc::clone(&primary),
+        Arc::new(Provider::new(
+            "backup",
+            config(ProviderKind::Openai, &second),
+        )),
+    ]);
+
+    assert_eq!(chain.complete(&ask("hi")).unwrap().text, "one");
+    assert!(matches!(primary.breaker_state(), BreakerState::Open { .. }));
+    assert_eq!(chain.complete(&ask("hi")).unwrap().text, "two");
+
+    assert_eq!(first.count(), 1, "the open circuit was not called again");
+    assert_eq!(second.count(), 2);
+}
+
+#[test]
+fn when_every_provider_fails_the_chain_reports_each() {
+    let first = Server::start(vec![openai_error(500, "primary down")]);
+    let second = Server::start(vec![openai_error(404, "model not found")]);
+    let mut a = config(ProviderKind::Openai, &first);
+    a.max_retries = 0;
+    let chain = Chain::new(vec![
+        Arc::new(Provider::new("primary", a)),
+        Arc::new(Provider::new(
+            "backup",
+            config(ProviderKind::Openai, &second),
+        )),
+    ]);
+
+    let err = chain.complete(&ask("hi")).unwrap_err();
+
+    assert_eq!(err.errors.len(), 2);
+    assert_eq!(
+        err.to_string(),
+        "every provider failed: provider primary: http status 500: primary down; \
+         provider backup: http status 404: model not found"
+    );
+}
+
+#[test]
+fn a_missing_key_variable_is_named_and_nothing_is_sent() {
+    let server = Server::start(vec![openai_ok("never")]);
+    let env = format!("CORRAL_TEST_UNSET_KEY_{}", std::process::id());
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.api_key_env = Some(env.clone());
+    let provider = Provider::new("openai", cfg);
+
+    let err = provider.complete(&ask("hi")).unwrap_err();
+
+    assert!(
+        matches!(&err, ProviderError::MissingKey { env: e, .. } if *e == env),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "provider openai: environment variable {env} (providers.openai.api_key_env) is not set"
+        )
+    );
+    assert_eq!(server.count(), 0);
+    assert_eq!(provider.breaker_state(), BreakerState::Closed);
+}
+
+#[test]
+fn providers_are_shared_between_threads() {
+    let server = Server::start((0..8).map(|i| openai_ok(&format!("answer {i}"))).collect());
+    let provider = Arc::new(Provider::new("oa", config(ProviderKind::Openai, &server)));
+
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let p = Arc::clone(&provider);
+            thread::spawn(move || p.complete(&ask("hi")).map(|r| r.text))
+        })
+        .collect();
+    let mut answers: Vec<String> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    answers.sort();
+
+    let expected: Vec<String> = (0..8).map(|i| format!("answer {i}")).collect();
+    assert_eq!(answers, expected);
+    assert_eq!(server.count(), 8);
+}
