@@ -6,6 +6,7 @@
 
 use corral::confidence::{self, Method, TokenStat};
 use corral::config::{Config, Sources};
+use corral::routing::calibrate::{calibrate, Sample};
 use corral::sandbox::HostSupport;
 use corral::slm::models;
 use corral::slm::runner::{runner_binary, Runner, RunnerSpec};
@@ -208,5 +209,52 @@ fn main() {
             f(confidence::accuracy_of_top(&scores[i], &labels, 0.3)),
             f(confidence::accuracy_of_top(&scores[i], &labels, 0.5)),
         );
+    }
+
+    // Threshold calibration (src/routing/calibrate.rs), validated by 2-fold cross-validation on
+    // this set: calibrate on half the questions, measure the other half, and swap.
+    let gm = Method::ALL
+        .iter()
+        .position(|m| *m == confidence::DEFAULT_METHOD)
+        .unwrap_or(0);
+    println!("\n| target accuracy | fold | threshold | held-out accepted | held-out accuracy |");
+    println!("| --- | --- | --- | --- | --- |");
+    for target in [0.5, 0.6, 0.7, 0.8] {
+        for fold in 0..2 {
+            let part = |keep: usize| -> Vec<Sample> {
+                (0..labels.len())
+                    .filter(|i| i % 2 == keep)
+                    .map(|i| Sample {
+                        score: scores[gm][i],
+                        correct: labels[i],
+                    })
+                    .collect()
+            };
+            let (train, test) = (part(fold), part(1 - fold));
+            let c = calibrate(&train, target, 10);
+            let (acc, n) = match c.threshold {
+                Some(t) => {
+                    let kept: Vec<&Sample> = test.iter().filter(|s| s.score >= t).collect();
+                    let ok = kept.iter().filter(|s| s.correct).count();
+                    (
+                        if kept.is_empty() {
+                            "n/a".to_string()
+                        } else {
+                            format!("{:.3}", ok as f64 / kept.len() as f64)
+                        },
+                        format!("{}/{}", kept.len(), test.len()),
+                    )
+                }
+                None => (
+                    "everything escalated".to_string(),
+                    format!("0/{}", test.len()),
+                ),
+            };
+            println!(
+                "| {target} | {fold} | {} | {n} | {acc} |",
+                c.threshold
+                    .map_or("none".to_string(), |t| format!("{t:.3}"))
+            );
+        }
     }
 }

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh >/dev/null
-cargo build --release --workspace --examples
+cargo build --release --workspace --all-targets   # same features as the tests: no rebuild
 ./target/release/examples/eval-confidence "$@"

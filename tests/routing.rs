@@ -197,6 +197,20 @@ fn low_confidence_escalates_and_high_confidence_does_not() {
     assert_eq!(v["model"], "smollm2-135m-instruct");
     assert_eq!(v["route"]["selection"]["kind"], "slm");
     assert_eq!(oa.seen.lock().unwrap().len(), 1, "no second remote call");
+
+    // An audit rate of 1 escalates even accepted answers, and says so.
+    let audit = format!("{lax}audit_rate = 1.0\n");
+    let v = json(&corral_cfg(
+        tmp.path(),
+        &audit,
+        &["run", "--json", "--max-tokens", "8", "Say hello."],
+    ));
+    assert_eq!(v["escalated"], true, "{v}");
+    assert!(
+        v["escalation_reason"].as_str().unwrap().contains("audit"),
+        "{v}"
+    );
+    assert_eq!(oa.seen.lock().unwrap().len(), 2);
 }
 
 #[test]
@@ -301,6 +315,31 @@ fn deny_refuses_and_route_explains_without_running() {
         text.contains("policy no-ci skipped: agent 'web' does not match 'ci-*'"),
         "{text}"
     );
+
+    // Scoped policies: the attachment trace says what applied to whom.
+    let scoped = format!(
+        "{cfg}[[routing.attachments]]\nid = \"research\"\nscope = {{ team = \"research-*\" }}\nguardrails = {{ add = {{ pii = \"block\" }} }}\n\
+         [[routing.attachments]]\nid = \"red\"\nscope = {{ team = \"research-red\" }}\nguardrails = {{ remove = [\"pii\"] }}\n"
+    );
+    let email = "Write to jane@example.com";
+    let out = corral_cfg(
+        tmp.path(),
+        &scoped,
+        &["run", "--team", "research-blue", email],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = corral_cfg(
+        tmp.path(),
+        &scoped,
+        &["route", "--explain", "--team", "research-red", email],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("attachment research applies: +pii=block"),
+        "{text}"
+    );
+    assert!(text.contains("attachment red applies: -pii"), "{text}");
+    assert!(text.contains("route: slm"), "{text}");
 
     // A configuration mistake names the file and key.
     let out = corral_cfg(

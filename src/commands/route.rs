@@ -26,7 +26,8 @@ pub struct CallerArgs {
 }
 
 impl CallerArgs {
-    pub fn context(&self, prompt: &str) -> crate::Result<RequestContext> {
+    /// The request context for `prompt`; `model` is the model the caller asked for, if any.
+    pub fn context(&self, prompt: &str, model: Option<&str>) -> crate::Result<RequestContext> {
         let mut metadata = std::collections::BTreeMap::new();
         for kv in &self.metadata {
             let (k, v) = kv.split_once('=').ok_or_else(|| {
@@ -40,6 +41,7 @@ impl CallerArgs {
             agent: self.agent.clone(),
             team: self.team.clone(),
             key_alias: self.key_alias.clone(),
+            requested_model: model.map(String::from),
             metadata,
             required_capabilities: vec![],
             minute_of_day: None,
@@ -57,6 +59,9 @@ pub struct RouteArgs {
     pub json: bool,
     #[command(flatten)]
     pub caller: CallerArgs,
+    /// The model the request asks for (scoped policies may match on it)
+    #[arg(long, value_name = "ID")]
+    pub model: Option<String>,
     /// The prompt to route
     pub prompt: String,
 }
@@ -74,8 +79,8 @@ pub fn describe(d: &RouteDecision) -> String {
 }
 
 pub fn route(config: &Config, args: &RouteArgs) -> crate::Result<i32> {
-    let ctx = args.caller.context(&args.prompt)?;
-    let d = config.routing.decide(&ctx);
+    let ctx = args.caller.context(&args.prompt, args.model.as_deref())?;
+    let d = config.routing.explain(&ctx);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
         return Ok(0);

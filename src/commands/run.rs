@@ -312,7 +312,7 @@ fn print_llm(
 
 pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
     let t0 = Instant::now();
-    let ctx = args.caller.context(&args.prompt)?;
+    let ctx = args.caller.context(&args.prompt, args.model.as_deref())?;
     let d = config.routing.decide(&ctx);
     let method = config.routing.method;
     match &d.selection {
@@ -339,8 +339,11 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
                 .map_err(crate::Error::Usage)?;
             let profile = args.profile.clone().unwrap_or_else(|| profile.clone());
             let need = d.confidence_required.unwrap_or(0.0);
-            let may_escalate =
+            let escalate_low =
                 d.fallback_available && config.routing.on_low_confidence && need > 0.0;
+            // Held back (not streamed) while it may still be replaced.
+            let may_escalate =
+                escalate_low || (d.fallback_available && config.routing.audit_rate > 0.0);
             let answer = match run_slm(config, args, &model, &profile, !args.json && !may_escalate)
             {
                 Ok(a) => a,
@@ -354,12 +357,17 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
                 Err(e) => return Err(e),
             };
             let low = answer.score.is_none_or(|s| s < f64::from(need));
-            if may_escalate && low {
-                let why = format!(
-                    "confidence {} < {need} ({})",
-                    answer.score.map_or("n/a".into(), |s| format!("{s:.3}")),
-                    method.name()
-                );
+            let audit = !low && d.fallback_available && config.routing.audit_draw();
+            if (escalate_low && low) || audit {
+                let why = if audit {
+                    "audit sample (routing.confidence_thresholds.audit_rate)".to_string()
+                } else {
+                    format!(
+                        "confidence {} < {need} ({})",
+                        answer.score.map_or("n/a".into(), |s| format!("{s:.3}")),
+                        method.name()
+                    )
+                };
                 let r = call_chain(config, &config.routing.fallback, args, &d)?;
                 let slm = slm_json(&answer, &model, &profile, method.name());
                 print_llm(config, args, &d, &r, Some(&why), Some(slm), t0);

@@ -2,6 +2,8 @@
 //!
 //! - `task.rs`: task classification (hint, keyword/regex rules with weights) and complexity.
 //! - `rules.rs`: policy rules (conditions, actions, priority order) and wildcard matching.
+//! - `scope.rs`: attachments of policies and guardrail changes to teams, key aliases and
+//!   requested models, and how several of them combine.
 //! - this file: the `[routing]` configuration, its validation, and [`Router::decide`], which
 //!   turns a request into a [`RouteDecision`] with the trace of every rule it looked at.
 //!
@@ -11,7 +13,9 @@
 //! model not on the caller's list is never used, whatever a rule says) → the confidence the SLM
 //! answer needs before it is accepted.
 
+pub mod calibrate;
 pub mod rules;
+pub mod scope;
 pub mod task;
 
 use std::collections::BTreeMap;
@@ -38,6 +42,8 @@ pub struct RawRouting {
     pub slm_preferences: RawSlmPreferences,
     pub llm_fallback: RawLlmFallback,
     pub guardrails: RawGuardrails,
+    /// Scoped policies (see `scope.rs` for how they combine).
+    pub attachments: Vec<scope::RawAttachment>,
 }
 
 impl Default for RawRouting {
@@ -51,6 +57,7 @@ impl Default for RawRouting {
             slm_preferences: RawSlmPreferences::default(),
             llm_fallback: RawLlmFallback::default(),
             guardrails: RawGuardrails::default(),
+            attachments: vec![],
         }
     }
 }
@@ -64,6 +71,9 @@ pub struct RawThresholds {
     pub method: String,
     /// Per task type.
     pub by_task: BTreeMap<TaskType, f32>,
+    /// Share (0..=1) of *accepted* SLM answers escalated anyway, so that the accuracy of accepted
+    /// answers stays measurable (compare them with the remote answer).
+    pub audit_rate: f64,
 }
 
 impl Default for RawThresholds {
@@ -72,6 +82,7 @@ impl Default for RawThresholds {
             default: 0.5,
             method: crate::confidence::DEFAULT_METHOD.name().to_string(),
             by_task: BTreeMap::new(),
+            audit_rate: 0.0,
         }
     }
 }
@@ -192,11 +203,18 @@ pub struct Router {
     pub fallback: Vec<String>,
     pub on_low_confidence: bool,
     pub on_slm_failure: bool,
+    pub audit_rate: f64,
     slm_enabled: bool,
     catalog_profiles: BTreeMap<String, Option<String>>,
     agent_model_maps: BTreeMap<String, Vec<String>>,
-    pii: Option<(GuardrailAction, PiiDetector)>,
-    injection: Option<(GuardrailAction, f32, InjectionDetector)>,
+    /// Rules no attachment references (indices into `rules`, which is in evaluation order).
+    global_rules: Vec<usize>,
+    attachments: Vec<scope::Attachment>,
+    /// Global guardrails by name (`pii`, `prompt_injection`).
+    guardrails: BTreeMap<String, GuardrailAction>,
+    pii: Option<PiiDetector>,
+    injection: Option<InjectionDetector>,
+    injection_threshold: f32,
 }
 
 /// What compiling the section needs from the rest of the configuration.
@@ -262,6 +280,19 @@ impl Router {
             "routing.confidence_thresholds.default".into(),
             raw.confidence_thresholds.default,
         )?;
+        let audit = raw.confidence_thresholds.audit_rate;
+        if !(0.0..=1.0).contains(&audit) {
+            return e(
+                "routing.confidence_thresholds.audit_rate",
+                format!("{audit} is not within 0..=1"),
+            );
+        }
+        if audit > 0.0 && raw.llm_fallback.providers.is_empty() {
+            return e(
+                "routing.confidence_thresholds.audit_rate",
+                "audits escalate to routing.llm_fallback.providers, which is empty".into(),
+            );
+        }
         for (t, v) in &raw.confidence_thresholds.by_task {
             unit(format!("routing.confidence_thresholds.by_task.{t}"), *v)?;
             if !known_task(t) {
@@ -369,6 +400,37 @@ impl Router {
             compiled.push(rule);
         }
         rules::sort(&mut compiled);
+        let index: BTreeMap<&str, usize> = compiled
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), i))
+            .collect();
+        let mut attachments = Vec::new();
+        let mut att_ids = std::collections::BTreeSet::new();
+        for (i, a) in raw.attachments.iter().enumerate() {
+            let key = format!("routing.attachments[{i}]");
+            if !att_ids.insert(a.id.clone()) {
+                return e(
+                    &format!("{key}.id"),
+                    format!("duplicate attachment id '{}'", a.id),
+                );
+            }
+            attachments.push(scope::Attachment::compile(a, &key, &|p| {
+                index.get(p).copied()
+            })?);
+        }
+        scope::sort(&mut attachments);
+        let scoped: std::collections::BTreeSet<&str> = raw
+            .attachments
+            .iter()
+            .flat_map(|a| a.policies.iter().map(String::as_str))
+            .collect();
+        let global_rules: Vec<usize> = compiled
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !scoped.contains(r.id.as_str()))
+            .map(|(i, _)| i)
+            .collect();
         let default_action = raw.default_action.clone().unwrap_or(if cx.slm_enabled {
             Action::PreferSlm {
                 min_confidence: None,
@@ -397,11 +459,23 @@ impl Router {
             "routing.guardrails.injection_threshold".into(),
             g.injection_threshold,
         )?;
-        if g.pii.is_some() && g.pii_kinds.is_empty() {
+        let adds = |name: &str| {
+            raw.attachments
+                .iter()
+                .any(|a| a.guardrails.add.contains_key(name))
+        };
+        if (g.pii.is_some() || adds("pii")) && g.pii_kinds.is_empty() {
             return e(
                 "routing.guardrails.pii_kinds",
                 "empty: nothing to detect".into(),
             );
+        }
+        let mut guardrails = BTreeMap::new();
+        if let Some(a) = g.pii {
+            guardrails.insert("pii".to_string(), a);
+        }
+        if let Some(a) = g.prompt_injection {
+            guardrails.insert("prompt_injection".to_string(), a);
         }
         Ok(Router {
             enabled: raw.enabled,
@@ -417,6 +491,7 @@ impl Router {
             fallback: raw.llm_fallback.providers.clone(),
             on_low_confidence: raw.llm_fallback.on_low_confidence,
             on_slm_failure: raw.llm_fallback.on_slm_failure,
+            audit_rate: raw.confidence_thresholds.audit_rate,
             slm_enabled: cx.slm_enabled,
             catalog_profiles: cx
                 .catalog
@@ -424,11 +499,38 @@ impl Router {
                 .map(|m| (m.id.clone(), m.sandbox_profile.clone()))
                 .collect(),
             agent_model_maps: cx.agent_model_maps.clone(),
-            pii: g.pii.map(|a| (a, PiiDetector::new(&g.pii_kinds))),
-            injection: g
-                .prompt_injection
-                .map(|a| (a, g.injection_threshold, InjectionDetector::new())),
+            global_rules,
+            attachments,
+            pii: (g.pii.is_some() || adds("pii")).then(|| PiiDetector::new(&g.pii_kinds)),
+            injection: (g.prompt_injection.is_some() || adds("prompt_injection"))
+                .then(InjectionDetector::new),
+            injection_threshold: g.injection_threshold,
+            guardrails,
         })
+    }
+
+    /// Whether this accepted answer is drawn for an audit (probability `audit_rate`).
+    pub fn audit_draw(&self) -> bool {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static STATE: AtomicU64 = AtomicU64::new(0);
+        if self.audit_rate <= 0.0 {
+            return false;
+        }
+        if self.audit_rate >= 1.0 {
+            return true;
+        }
+        let mut x = STATE.load(Ordering::Relaxed);
+        if x == 0 {
+            x = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0x9e37_79b9_7f4a_7c15, |d| d.as_nanos() as u64)
+                | 1;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        STATE.store(x, Ordering::Relaxed);
+        ((x >> 11) as f64 / (1u64 << 53) as f64) < self.audit_rate
     }
 
     /// The confidence an SLM answer to `task` needs.
@@ -456,14 +558,25 @@ impl Router {
         }
     }
 
-    /// Decides the route for `req`. Pure: no I/O.
+    /// Decides the route for `req`. Pure: no I/O. The reasoning names the steps that decided;
+    /// [`Router::explain`] also lists every policy skipped and why.
     pub fn decide(&self, req: &RequestContext) -> RouteDecision {
+        self.decide_inner(req, false)
+    }
+
+    /// [`Router::decide`] with the full trace (slower: one line per policy looked at).
+    pub fn explain(&self, req: &RequestContext) -> RouteDecision {
+        self.decide_inner(req, true)
+    }
+
+    fn decide_inner(&self, req: &RequestContext, explain: bool) -> RouteDecision {
         let mut reasoning = Vec::new();
         let mut applied = Vec::new();
         let class = self
             .classifier
             .classify(&req.prompt, req.task_hint.as_ref());
         let fallback_available = !self.fallback.is_empty();
+        let prompt_chars = req.prompt.chars().count();
         let deny =
             |reason: String, reasoning: Vec<String>, applied: Vec<String>, class| RouteDecision {
                 selection: Selection::Deny { reason },
@@ -475,7 +588,33 @@ impl Router {
                 remote_prompt: None,
             };
 
-        if let Some((action, threshold, det)) = &self.injection {
+        // Which policies and guardrails apply to this caller (attachments, see scope.rs).
+        let resolved;
+        let (rule_ix, guardrails): (&[usize], &BTreeMap<String, GuardrailAction>) =
+            if self.attachments.is_empty() {
+                (&self.global_rules, &self.guardrails)
+            } else {
+                resolved = scope::resolve(
+                    &self.attachments,
+                    &self.global_rules,
+                    &self.guardrails,
+                    &|i| i,
+                    req,
+                );
+                for t in &resolved.trace {
+                    reasoning.push(t.clone());
+                    applied.push(format!(
+                        "attachment:{}",
+                        t.split_whitespace().nth(1).unwrap_or_default()
+                    ));
+                }
+                (&resolved.rules, &resolved.guardrails)
+            };
+        let injection = guardrails
+            .get("prompt_injection")
+            .zip(self.injection.as_ref());
+        if let Some((action, det)) = injection {
+            let threshold = &self.injection_threshold;
             let v = det.check(&req.prompt);
             if v.score >= *threshold {
                 let line = format!(
@@ -496,7 +635,7 @@ impl Router {
             }
         }
         let mut remote_prompt = None;
-        if let Some((action, det)) = &self.pii {
+        if let Some((action, det)) = guardrails.get("pii").zip(self.pii.as_ref()) {
             let (masked, found) = det.mask(&req.prompt);
             if !found.is_empty() {
                 let mut kinds: Vec<&str> = found.iter().map(|f| f.kind.label()).collect();
@@ -541,15 +680,18 @@ impl Router {
             (a, "routing.enabled=false".to_string())
         } else {
             let mut chosen = None;
-            for r in &self.rules {
-                match r.check(req, &class) {
+            for r in rule_ix.iter().filter_map(|i| self.rules.get(*i)) {
+                match r.check(req, &class, prompt_chars) {
                     Ok(()) => {
                         reasoning
                             .push(format!("policy {} (priority {}) applies", r.id, r.priority));
                         chosen = Some((r.action.clone(), format!("policy:{}", r.id)));
                         break;
                     }
-                    Err(why) => reasoning.push(format!("policy {} skipped: {why}", r.id)),
+                    Err(why) if explain => {
+                        reasoning.push(format!("policy {} skipped: {why}", r.id))
+                    }
+                    Err(_) => {}
                 }
             }
             chosen.unwrap_or_else(|| {
@@ -719,7 +861,13 @@ mod tests {
         night.agent = Some("batch-7".into());
         night.minute_of_day = Some(23 * 60);
         assert!(matches!(r.decide(&night).selection, Selection::Deny { .. }));
-        assert!(d.reasoning.iter().any(|l| l.contains("skipped")));
+        // Only the explain view lists the policies that did not apply.
+        assert!(!d.reasoning.iter().any(|l| l.contains("skipped")));
+        let e = r.explain(&req("Translate 'cat' into French"));
+        assert!(e.reasoning.iter().any(
+            |l| l == "policy code-to-llm skipped: task Translation not in [\"CodeGeneration\"]"
+        ));
+        assert_eq!(e.selection, d.selection);
     }
 
     #[test]

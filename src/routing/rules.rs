@@ -105,6 +105,8 @@ pub struct RequestContext {
     pub agent: Option<String>,
     pub team: Option<String>,
     pub key_alias: Option<String>,
+    /// The model the request asked for (the API's `model`, `--model`), for attachments.
+    pub requested_model: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub required_capabilities: Vec<Capability>,
     /// Minutes since UTC midnight (the clock, unless a test sets it).
@@ -259,37 +261,36 @@ impl Rule {
         })
     }
 
-    /// `Ok(())` when the rule applies, else the first reason it does not.
-    pub fn check(&self, req: &RequestContext, class: &Classification) -> Result<(), String> {
+    /// `Ok(())` when the rule applies, else the first reason it does not (formatted only when
+    /// displayed: the hot path allocates nothing). `prompt_chars` is the prompt's length in
+    /// characters, counted once per request.
+    pub fn check<'a>(
+        &'a self,
+        req: &'a RequestContext,
+        class: &'a Classification,
+        prompt_chars: usize,
+    ) -> Result<(), Skip<'a>> {
         if !self.task_types.is_empty() && !self.task_types.contains(&class.task) {
-            return Err(format!(
-                "task {} not in {:?}",
-                class.task,
-                names(&self.task_types)
-            ));
+            return Err(Skip::TaskNotIn(&class.task, &self.task_types));
         }
         if let Some(t) = &self.task_type {
             if *t != class.task {
-                return Err(format!("task {} != {t}", class.task));
+                return Err(Skip::TaskNot(&class.task, t));
             }
         }
         if let Some(levels) = &self.complexity {
             if !levels.contains(&class.complexity) {
-                return Err(format!(
-                    "complexity {:?} not in {levels:?}",
-                    class.complexity
-                ));
+                return Err(Skip::Complexity(class.complexity, levels));
             }
         }
         if let Some((lo, hi)) = self.content_length {
-            let n = req.prompt.chars().count();
-            if n < lo || n > hi {
-                return Err(format!("length {n} outside {lo}..={hi}"));
+            if prompt_chars < lo || prompt_chars > hi {
+                return Err(Skip::Length(prompt_chars, lo, hi));
             }
         }
         if let Some(caps) = &self.capabilities {
             if let Some(c) = caps.iter().find(|c| !req.required_capabilities.contains(c)) {
-                return Err(format!("request does not require {c:?}"));
+                return Err(Skip::Capability(*c));
             }
         }
         if let Some((s, e)) = self.time_of_day {
@@ -300,11 +301,7 @@ impl Rule {
                 now >= s || now < e
             };
             if !inside {
-                return Err(format!(
-                    "time {:02}:{:02} UTC outside the window",
-                    now / 60,
-                    now % 60
-                ));
+                return Err(Skip::Time(now));
             }
         }
         for (name, pat, val) in [
@@ -315,19 +312,56 @@ impl Rule {
             if let Some(p) = pat {
                 match val {
                     Some(v) if wildcard(p, v) => {}
-                    Some(v) => return Err(format!("{name} '{v}' does not match '{p}'")),
-                    None => return Err(format!("no {name}")),
+                    Some(v) => return Err(Skip::NoMatch(name, v, p)),
+                    None => return Err(Skip::Missing(name)),
                 }
             }
         }
         for (k, p) in &self.metadata {
             match req.metadata.get(k) {
                 Some(v) if wildcard(p, v) => {}
-                Some(v) => return Err(format!("metadata {k}='{v}' does not match '{p}'")),
-                None => return Err(format!("no metadata {k}")),
+                Some(v) => return Err(Skip::MetadataNoMatch(k, v, p)),
+                None => return Err(Skip::MetadataMissing(k)),
             }
         }
         Ok(())
+    }
+}
+
+/// Why a rule did not apply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Skip<'a> {
+    TaskNotIn(&'a TaskType, &'a [TaskType]),
+    TaskNot(&'a TaskType, &'a TaskType),
+    Complexity(Complexity, &'a [Complexity]),
+    Length(usize, usize, usize),
+    Capability(Capability),
+    Time(u32),
+    NoMatch(&'static str, &'a str, &'a str),
+    Missing(&'static str),
+    MetadataNoMatch(&'a str, &'a str, &'a str),
+    MetadataMissing(&'a str),
+}
+
+impl std::fmt::Display for Skip<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::TaskNotIn(t, ts) => write!(f, "task {t} not in {:?}", names(ts)),
+            Skip::TaskNot(t, want) => write!(f, "task {t} != {want}"),
+            Skip::Complexity(c, levels) => write!(f, "complexity {c:?} not in {levels:?}"),
+            Skip::Length(n, lo, hi) => write!(f, "length {n} outside {lo}..={hi}"),
+            Skip::Capability(c) => write!(f, "request does not require {c:?}"),
+            Skip::Time(now) => write!(
+                f,
+                "time {:02}:{:02} UTC outside the window",
+                now / 60,
+                now % 60
+            ),
+            Skip::NoMatch(name, v, p) => write!(f, "{name} '{v}' does not match '{p}'"),
+            Skip::Missing(name) => write!(f, "no {name}"),
+            Skip::MetadataNoMatch(k, v, p) => write!(f, "metadata {k}='{v}' does not match '{p}'"),
+            Skip::MetadataMissing(k) => write!(f, "no metadata {k}"),
+        }
     }
 }
 
@@ -345,15 +379,24 @@ pub fn minute_of_day_utc() -> u32 {
 
 /// Glob match: `*` matches any run of characters (including none), `?` exactly one.
 pub fn wildcard(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
+    if pattern.is_ascii() && text.is_ascii() {
+        glob(pattern.as_bytes(), text.as_bytes())
+    } else {
+        let p: Vec<char> = pattern.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        glob(&p, &t)
+    }
+}
+
+/// Iterative glob with backtracking to the last `*` (linear in practice, no recursion).
+fn glob<T: PartialEq + Copy + IsWild>(p: &[T], t: &[T]) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+        if pi < p.len() && (p[pi].is_one() || p[pi] == t[ti]) {
             pi += 1;
             ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
+        } else if pi < p.len() && p[pi].is_any() {
             star = Some((pi, ti));
             pi += 1;
         } else if let Some((sp, st)) = star {
@@ -364,7 +407,30 @@ pub fn wildcard(pattern: &str, text: &str) -> bool {
             return false;
         }
     }
-    p[pi..].iter().all(|c| *c == '*')
+    p[pi..].iter().all(|c| c.is_any())
+}
+
+trait IsWild {
+    fn is_any(&self) -> bool;
+    fn is_one(&self) -> bool;
+}
+
+impl IsWild for u8 {
+    fn is_any(&self) -> bool {
+        *self == b'*'
+    }
+    fn is_one(&self) -> bool {
+        *self == b'?'
+    }
+}
+
+impl IsWild for char {
+    fn is_any(&self) -> bool {
+        *self == '*'
+    }
+    fn is_one(&self) -> bool {
+        *self == '?'
+    }
 }
 
 /// Sorts rules into evaluation order: priority descending, then id ascending.
@@ -501,19 +567,15 @@ mod tests {
             minute_of_day: Some(23 * 60),
             ..Default::default()
         };
-        assert_eq!(r.check(&req, &class), Ok(()));
+        let why = |req: &RequestContext| r.check(req, &class, 2).map_err(|s| s.to_string());
+        assert_eq!(why(&req), Ok(()));
         req.minute_of_day = Some(12 * 60);
-        assert!(r
-            .check(&req, &class)
-            .unwrap_err()
-            .contains("outside the window"));
+        assert!(why(&req).unwrap_err().contains("outside the window"));
         req.minute_of_day = Some(5 * 60);
         req.agent = Some("web".into());
-        assert!(r
-            .check(&req, &class)
-            .unwrap_err()
-            .contains("does not match"));
+        assert!(why(&req).unwrap_err().contains("does not match"));
         req.agent = None;
-        assert_eq!(r.check(&req, &class), Err("no agent".into()));
+        assert_eq!(why(&req), Err("no agent".into()));
+        assert!(wildcard("é?x*", "éax-ü") && !wildcard("é?x", "éx"));
     }
 }

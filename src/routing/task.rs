@@ -8,7 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use regex::Regex;
+use regex::{Regex, RegexSet};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The task types policies can name. `Custom` names come from classification rules.
@@ -152,28 +152,32 @@ struct ClassRule {
 pub struct Classifier {
     rules: Vec<ClassRule>,
     default_task: TaskType,
+    /// Every rule's regexes in one set (one pass over the prompt), and the rule of each.
+    set: RegexSet,
+    set_rule: Vec<usize>,
+    has_keywords: bool,
 }
 
 /// The built-in rules (`routing.classification.builtin = true`).
 const BUILTIN_RULES: &[(&str, &str, f32)] = &[
     (
         "Translation",
-        r"(?i)\btranslat(e|ion|ing)\b|\b(into|to|in) (english|spanish|french|german|italian|portuguese|chinese|japanese|korean|russian|arabic|dutch)\b",
+        r"(?i)(?-u:\b)translat(e|ion|ing)(?-u:\b)|(?-u:\b)(into|to|in) (english|spanish|french|german|italian|portuguese|chinese|japanese|korean|russian|arabic|dutch)(?-u:\b)",
         3.0,
     ),
     (
         "Summarization",
-        r"(?i)\bsummar(y|ize|ise|ies)\b|\btl;?dr\b|\bin (one|a few|two|three) sentences?\b|\bcondense\b",
+        r"(?i)(?-u:\b)summar(y|ize|ise|ies)(?-u:\b)|(?-u:\b)tl;?dr(?-u:\b)|(?-u:\b)in (one|a few|two|three) sentences?(?-u:\b)|(?-u:\b)condense(?-u:\b)",
         3.0,
     ),
     (
         "BoilerplateCode",
-        r"(?i)\b(boilerplate|scaffold(ing)?|skeleton|stub)\b",
+        r"(?i)(?-u:\b)(boilerplate|scaffold(ing)?|skeleton|stub)(?-u:\b)",
         3.0,
     ),
     (
         "CodeGeneration",
-        r"(?i)\b(write|implement|create|generate|code)\b[^.?!]{0,60}\b(function|class|method|program|script|module|api|endpoint|sql|query|regex)\b",
+        r"(?i)(?-u:\b)(write|implement|create|generate|code)(?-u:\b)[^.?!]{0,60}(?-u:\b)(function|class|method|program|script|module|api|endpoint|sql|query|regex)(?-u:\b)",
         3.0,
     ),
     (
@@ -183,32 +187,32 @@ const BUILTIN_RULES: &[(&str, &str, f32)] = &[
     ),
     (
         "Extract",
-        r"(?i)\b(extract|pull out|parse|list all|find all)\b|\bas json\b",
+        r"(?i)(?-u:\b)(extract|pull out|parse|list all|find all)(?-u:\b)|(?-u:\b)as json(?-u:\b)",
         2.5,
     ),
     (
         "Intent",
-        r"(?i)\b(classify|categori[sz]e|what is the intent|which category|sentiment)\b",
+        r"(?i)(?-u:\b)(classify|categori[sz]e|what is the intent|which category|sentiment)(?-u:\b)",
         2.5,
     ),
     (
         "Template",
-        r"(?i)\b(fill in|form letter|template|mail merge)\b",
+        r"(?i)(?-u:\b)(fill in|form letter|template|mail merge)(?-u:\b)",
         2.0,
     ),
     (
         "Analysis",
-        r"(?i)\b(analy[sz]e|analysis|compare|contrast|evaluate|assess|pros and cons|trade-?offs?)\b",
+        r"(?i)(?-u:\b)(analy[sz]e|analysis|compare|contrast|evaluate|assess|pros and cons|trade-?offs?)(?-u:\b)",
         2.0,
     ),
     (
         "Reasoning",
-        r"(?i)\b(why|prove|derive|step by step|reason(ing)?|logic(al)?|puzzle|solve)\b",
+        r"(?i)(?-u:\b)(why|prove|derive|step by step|reason(ing)?|logic(al)?|puzzle|solve)(?-u:\b)",
         1.5,
     ),
     (
         "QA",
-        r"(?i)^\s*(what|who|when|where|which|how many|how much|how old|is|are|does|do|did|can|was|were)\b[^\n]*\?\s*$",
+        r"(?i)^\s*(what|who|when|where|which|how many|how much|how old|is|are|does|do|did|can|was|were)(?-u:\b)[^\n]*\?\s*$",
         1.5,
     ),
 ];
@@ -258,9 +262,23 @@ impl Classifier {
                 weight: r.weight,
             });
         }
+        let mut patterns = Vec::new();
+        let mut set_rule = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            for re in &r.regex {
+                patterns.push(re.as_str().to_string());
+                set_rule.push(i);
+            }
+        }
+        let set = RegexSet::new(&patterns)
+            .map_err(|e| ("routing.classification".to_string(), e.to_string()))?;
+        let has_keywords = rules.iter().any(|r| !r.keywords.is_empty());
         Ok(Classifier {
             rules,
             default_task,
+            set,
+            set_rule,
+            has_keywords,
         })
     }
 
@@ -273,7 +291,8 @@ impl Classifier {
     }
 
     pub fn classify(&self, prompt: &str, hint: Option<&TaskType>) -> Classification {
-        let (complexity, complexity_score, mut evidence) = estimate_complexity(prompt);
+        let lower = prompt.to_lowercase();
+        let (complexity, complexity_score, mut evidence) = complexity_of(prompt, &lower);
         if let Some(t) = hint {
             evidence.insert(0, format!("task given by the request: {t}"));
             return Classification {
@@ -284,21 +303,27 @@ impl Classifier {
                 evidence,
             };
         }
-        let lower = prompt.to_lowercase();
+        // One pass over the prompt finds which rules' regexes match.
+        let mut hit_rules = vec![false; self.rules.len()];
+        for m in self.set.matches(prompt).iter() {
+            hit_rules[self.set_rule[m]] = true;
+        }
         // (task, score, first rule index) in first-seen order
         let mut scores: Vec<(TaskType, f32, usize)> = Vec::new();
         for (i, r) in self.rules.iter().enumerate() {
-            let hit = r
-                .keywords
-                .iter()
-                .find(|k| lower.contains(k.as_str()))
-                .map(|k| format!("keyword '{k}'"))
-                .or_else(|| {
-                    r.regex.iter().find_map(|re| {
-                        re.find(prompt)
-                            .map(|m| format!("'{}'", truncate(m.as_str(), 40)))
-                    })
-                });
+            let keyword = if self.has_keywords {
+                r.keywords.iter().find(|k| lower.contains(k.as_str()))
+            } else {
+                None
+            };
+            let hit = match keyword {
+                Some(k) => Some(format!("keyword '{k}'")),
+                None if hit_rules[i] => r.regex.iter().find_map(|re| {
+                    re.find(prompt)
+                        .map(|m| format!("'{}'", truncate(m.as_str(), 40)))
+                }),
+                None => None,
+            };
             if let Some(what) = hit {
                 evidence.push(format!("{what} -> {} +{}", r.task, r.weight));
                 match scores.iter_mut().find(|(t, _, _)| *t == r.task) {
@@ -346,10 +371,33 @@ fn truncate(s: &str, n: usize) -> String {
 /// marker of multi-step work (step-by-step requests, proofs, code blocks, numbered lists,
 /// several questions, constraints), capped at 1. Low below 0.25, High from 0.6.
 pub fn estimate_complexity(prompt: &str) -> (Complexity, f32, Vec<String>) {
-    let words = prompt.split_whitespace().count();
+    complexity_of(prompt, &prompt.to_lowercase())
+}
+
+fn complexity_of(prompt: &str, lower: &str) -> (Complexity, f32, Vec<String>) {
+    // Byte-level scans where the text is ASCII (the common case), char-level otherwise.
+    let words = if prompt.is_ascii() {
+        let mut n = 0;
+        let mut prev_space = true;
+        for c in prompt.bytes() {
+            let space = c.is_ascii_whitespace();
+            n += usize::from(prev_space && !space);
+            prev_space = space;
+        }
+        n
+    } else {
+        prompt.split_whitespace().count()
+    };
     let mut score = (words as f32 / 400.0).min(0.6);
     let mut evidence = vec![format!("{words} words")];
-    let lower = prompt.to_lowercase();
+    let questions = prompt.bytes().filter(|b| *b == b'?').count();
+    let numbered = prompt
+        .split('\n')
+        .filter(|l| {
+            let t = l.trim_start().as_bytes();
+            t.len() > 2 && t[0].is_ascii_digit() && (t[1] == b'.' || t[1] == b')')
+        })
+        .count();
     let markers: [(&str, bool); 6] = [
         (
             "asks for steps",
@@ -360,20 +408,8 @@ pub fn estimate_complexity(prompt: &str) -> (Complexity, f32, Vec<String>) {
             lower.contains("prove") || lower.contains("derive"),
         ),
         ("contains code", prompt.contains("```")),
-        (
-            "numbered list",
-            prompt
-                .lines()
-                .filter(|l| {
-                    let t = l.trim_start();
-                    t.len() > 2
-                        && t.as_bytes()[0].is_ascii_digit()
-                        && t[1..].starts_with(['.', ')'])
-                })
-                .count()
-                >= 2,
-        ),
-        ("several questions", prompt.matches('?').count() >= 2),
+        ("numbered list", numbered >= 2),
+        ("several questions", questions >= 2),
         (
             "constraints",
             [
