@@ -59,6 +59,7 @@ fn router(n: usize) -> Router {
             default_profile: "secure",
             slm_enabled: true,
             agent_model_maps: &BTreeMap::new(),
+            base_dir: std::path::Path::new("."),
         },
     )
     .unwrap()
@@ -111,6 +112,41 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // One WASM policy call: instantiate, write the input, run, read and parse the answer.
+    let action = corral::routing::wasm::WasmAction {
+        module: "examples/policies/tier.wat".into(),
+        fail_safe: None,
+        fuel: 1_000_000,
+        memory_mb: 16,
+        timeout_ms: 50,
+    };
+    let policy = corral::routing::wasm::WasmPolicy::compile(
+        &action,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+        "bench",
+    )
+    .unwrap();
+    let class = corral::routing::Classifier::new(true, &[], corral::routing::TaskType::QA)
+        .unwrap()
+        .classify(&req.prompt, None);
+    let input = corral::routing::wasm::WasmPolicy::input(&req, &class, req.prompt.chars().count());
+    let mut t: Vec<f64> = (0..5_000)
+        .map(|_| {
+            let s = Instant::now();
+            black_box(policy.call(black_box(&input)));
+            s.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "wasm policy call (example tier.wat, 2 KiB request): p50 {:.2} µs, p99 {:.2} µs",
+        t[t.len() / 2],
+        t[t.len() * 99 / 100]
+    );
+    c.bench_function("wasm_policy_call", |b| {
+        b.iter(|| black_box(policy.call(black_box(&input))))
+    });
 }
 
 criterion_group!(benches, bench);

@@ -309,6 +309,11 @@ fn compile(
             default_profile: &raw.slm.default_sandbox_profile,
             slm_enabled: raw.slm.enabled,
             agent_model_maps: &raw.slm.model_allow_lists.agent_model_maps,
+            base_dir: path
+                .as_deref()
+                .and_then(Path::parent)
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
         },
     )
     .map_err(|(k, m)| invalid(&k, m))?;

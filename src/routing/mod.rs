@@ -4,6 +4,9 @@
 //! - `rules.rs`: policy rules (conditions, actions, priority order) and wildcard matching.
 //! - `scope.rs`: attachments of policies and guardrail changes to teams, key aliases and
 //!   requested models, and how several of them combine.
+//! - `wasm.rs`: policies that ask a WebAssembly module (wasmtime), with fuel, memory and time
+//!   limits and a fail-safe.
+//! - `calibrate.rs`: the confidence monitor, feedback, and threshold calibration.
 //! - this file: the `[routing]` configuration, its validation, and [`Router::decide`], which
 //!   turns a request into a [`RouteDecision`] with the trace of every rule it looked at.
 //!
@@ -17,6 +20,7 @@ pub mod calibrate;
 pub mod rules;
 pub mod scope;
 pub mod task;
+pub mod wasm;
 
 use std::collections::BTreeMap;
 
@@ -215,6 +219,8 @@ pub struct Router {
     pii: Option<PiiDetector>,
     injection: Option<InjectionDetector>,
     injection_threshold: f32,
+    known_models: std::collections::BTreeSet<String>,
+    known_providers: std::collections::BTreeSet<String>,
 }
 
 /// What compiling the section needs from the rest of the configuration.
@@ -226,6 +232,8 @@ pub struct Context<'a> {
     pub default_profile: &'a str,
     pub slm_enabled: bool,
     pub agent_model_maps: &'a BTreeMap<String, Vec<String>>,
+    /// Where relative paths (WASM modules) are resolved: the configuration file's directory.
+    pub base_dir: &'a std::path::Path,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -382,6 +390,12 @@ impl Router {
                     check_providers(&format!("{key}.providers"), chain)?;
                 }
                 Action::Deny { .. } => {}
+                Action::Wasm(_) => {
+                    return Err((
+                        key.to_string(),
+                        "a wasm action is only allowed as a policy's action".into(),
+                    ))
+                }
             }
             Ok(())
         };
@@ -395,8 +409,14 @@ impl Router {
                     format!("duplicate policy id '{}'", r.id),
                 );
             }
-            let rule = Rule::compile(r, &key, &known_task)?;
-            check_action(&format!("{key}.action"), &rule.action)?;
+            let mut rule = Rule::compile(r, &key, &known_task)?;
+            if let Action::Wasm(w) = &rule.action {
+                let policy = wasm::WasmPolicy::compile(w, cx.base_dir, &format!("{key}.action"))?;
+                check_action(&format!("{key}.action.fail_safe"), &policy.fail_safe)?;
+                rule.wasm = Some(std::sync::Arc::new(policy));
+            } else {
+                check_action(&format!("{key}.action"), &rule.action)?;
+            }
             compiled.push(rule);
         }
         rules::sort(&mut compiled);
@@ -506,6 +526,8 @@ impl Router {
                 .then(InjectionDetector::new),
             injection_threshold: g.injection_threshold,
             guardrails,
+            known_models: cx.catalog.ids().map(String::from).collect(),
+            known_providers: cx.providers.keys().cloned().collect(),
         })
     }
 
@@ -531,6 +553,31 @@ impl Router {
         x ^= x << 17;
         STATE.store(x, Ordering::Relaxed);
         ((x >> 11) as f64 / (1u64 << 53) as f64) < self.audit_rate
+    }
+
+    /// Why an action a WASM module answered cannot be followed (unknown model or provider).
+    fn dynamic_action_error(&self, a: &Action) -> Option<String> {
+        match a {
+            Action::PreferSlm { model: Some(m), .. } if !self.known_models.contains(m) => {
+                Some(format!("answered unknown model '{m}'"))
+            }
+            Action::PreferSlm { .. } if !self.slm_enabled => {
+                Some("answered prefer_slm but slm.enabled is false".into())
+            }
+            Action::RequireLlm { providers, .. } => {
+                let chain = providers.as_ref().unwrap_or(&self.fallback);
+                if chain.is_empty() {
+                    Some("answered require_llm but no providers are configured".into())
+                } else {
+                    chain
+                        .iter()
+                        .find(|p| !self.known_providers.contains(*p))
+                        .map(|p| format!("answered unknown provider '{p}'"))
+                }
+            }
+            Action::Wasm(_) => Some("answered a wasm action".into()),
+            _ => None,
+        }
     }
 
     /// The confidence an SLM answer to `task` needs.
@@ -682,6 +729,37 @@ impl Router {
             let mut chosen = None;
             for r in rule_ix.iter().filter_map(|i| self.rules.get(*i)) {
                 match r.check(req, &class, prompt_chars) {
+                    Ok(()) if r.wasm.is_some() => {
+                        let Some(w) = &r.wasm else { continue };
+                        let input = wasm::WasmPolicy::input(req, &class, prompt_chars);
+                        let outcome = match w.call(&input) {
+                            wasm::Outcome::Decide(a) => match self.dynamic_action_error(&a) {
+                                None => wasm::Outcome::Decide(a),
+                                Some(why) => wasm::Outcome::Failed(why),
+                            },
+                            o => o,
+                        };
+                        match outcome {
+                            wasm::Outcome::Pass => {
+                                if explain {
+                                    reasoning.push(format!("policy {}: wasm module passed", r.id));
+                                }
+                                continue;
+                            }
+                            wasm::Outcome::Decide(a) => {
+                                reasoning.push(format!("policy {} (wasm) decided", r.id));
+                                chosen = Some((a, format!("policy:{}", r.id)));
+                            }
+                            wasm::Outcome::Failed(why) => {
+                                reasoning.push(format!(
+                                    "policy {}: wasm module failed ({why}): fail-safe",
+                                    r.id
+                                ));
+                                chosen = Some((w.fail_safe.clone(), format!("policy:{}", r.id)));
+                            }
+                        }
+                        break;
+                    }
                     Ok(()) => {
                         reasoning
                             .push(format!("policy {} (priority {}) applies", r.id, r.priority));
@@ -712,6 +790,13 @@ impl Router {
         };
         match action {
             Action::Deny { reason } => deny(reason, reasoning, applied, class),
+            // Resolved above: a module's own answer can never be another module.
+            Action::Wasm(_) => deny(
+                "internal error: unresolved wasm action".into(),
+                reasoning,
+                applied,
+                class,
+            ),
             Action::RequireLlm { reason, providers } => {
                 reasoning.push(format!("LLM required: {reason}"));
                 let providers = providers.unwrap_or_else(|| self.fallback.clone());
@@ -800,6 +885,7 @@ mod tests {
                 default_profile: "secure",
                 slm_enabled: true,
                 agent_model_maps: &maps,
+                base_dir: std::path::Path::new("."),
             },
         )
     }
@@ -917,6 +1003,51 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.1.contains("moon_phase"), "{}", e.1);
+    }
+
+    #[test]
+    fn wasm_policies_decide_pass_or_fall_back_to_the_fail_safe() {
+        let cfg = "[llm_fallback]\nproviders = [\"p\"]\n\
+                   [[policies]]\nid = \"tier\"\npriority = 5\n\
+                   action = { type = \"wasm\", module = \"examples/policies/tier.wat\" }\n\
+                   [[policies]]\nid = \"next\"\npriority = 1\n\
+                   action = { type = \"deny\", reason = \"the next rule\" }\n";
+        let r = router(cfg, &["p"]).unwrap();
+        let with = |tier: &str| {
+            let mut q = req("hello");
+            q.metadata.insert("tier".into(), tier.into());
+            r.explain(&q)
+        };
+        assert_eq!(
+            with("blocked").selection,
+            Selection::Deny {
+                reason: "tenant tier is blocked".into()
+            }
+        );
+        assert!(matches!(with("premium").selection, Selection::Llm { .. }));
+        let d = with("free");
+        assert_eq!(
+            d.selection,
+            Selection::Deny {
+                reason: "the next rule".into()
+            }
+        );
+        assert!(d
+            .reasoning
+            .iter()
+            .any(|l| l == "policy tier: wasm module passed"));
+        let e = router(
+            "[[policies]]\nid = \"x\"\naction = { type = \"wasm\", module = \"no/such.wasm\" }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "routing.policies[0].action.module");
+        let e = router(
+            "[[policies]]\nid = \"x\"\naction = { type = \"wasm\", module = \"examples/policies/tier.wat\", fail_safe = { type = \"require_llm\", reason = \"r\" } }\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "routing.policies[0].action.fail_safe");
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub enum Action {
     },
     /// Refuse the request.
     Deny { reason: String },
+    /// Ask a WebAssembly module (see `wasm.rs`).
+    Wasm(super::wasm::WasmAction),
 }
 
 /// Everything about a request that rules may look at.
@@ -130,6 +132,8 @@ pub struct Rule {
     key_alias: Option<String>,
     metadata: Vec<(String, String)>,
     pub action: Action,
+    /// The compiled module of a `wasm` action.
+    pub wasm: Option<super::wasm::Handle>,
 }
 
 fn parse_hhmm(s: &str) -> Option<u32> {
@@ -258,6 +262,7 @@ impl Rule {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             action: raw.action.clone(),
+            wasm: None,
         })
     }
 
