@@ -30,19 +30,6 @@ fn relabel(src: &Path, dst: &Path, arch: &str) {
     );
     let q = |name: &str| ct.tensor(&mut f.try_clone().unwrap(), name, &dev).unwrap();
     let deq = |name: &str| q(name).dequantize(&dev).unwrap();
-    // llama GGUFs interleave the two rotary halves of each head's rows; these architectures
-    // rotate halves: undo the interleave.
-    let halves = |t: Tensor, heads: usize| -> Tensor {
-        let (rows, cols) = t.dims2().unwrap();
-        t.reshape((heads, rows / heads / 2, 2, cols))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((rows, cols))
-            .unwrap()
-    };
     // Attention projections stay f32: requantizing them to Q8_0 a second time (after Q4_1) was
     // enough to derail this small model's answers; the feed-forward tolerates Q8_0.
     let f32 = |t: &Tensor| QTensor::quantize(t, GgmlDType::F32).unwrap();
@@ -56,8 +43,9 @@ fn relabel(src: &Path, dst: &Path, arch: &str) {
     }
     for i in 0..n_layer {
         let p = format!("blk.{i}");
-        let wq = halves(deq(&format!("{p}.attn_q.weight")), n_head);
-        let wk = halves(deq(&format!("{p}.attn_k.weight")), n_kv);
+        // these architectures rotate halves, llama GGUFs adjacent pairs
+        let wq = rotary_halves(deq(&format!("{p}.attn_q.weight")), n_head);
+        let wk = rotary_halves(deq(&format!("{p}.attn_k.weight")), n_kv);
         let mut add = |n: &str, t: QTensor| tensors.push((format!("{p}.{n}"), t));
         for n in [
             "attn_norm.weight",

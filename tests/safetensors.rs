@@ -58,17 +58,6 @@ fn gguf_to_checkpoint(gguf: &Path, dir: &Path) {
             .dequantize(&dev)
             .unwrap()
     };
-    let unpermute = |t: Tensor, heads: usize| -> Tensor {
-        let (rows, cols) = t.dims2().unwrap();
-        t.reshape((heads, rows / heads / 2, 2, cols))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((rows, cols))
-            .unwrap()
-    };
     let mut w: HashMap<String, Tensor> = HashMap::new();
     w.insert("model.embed_tokens.weight".into(), get("token_embd.weight"));
     w.insert("model.norm.weight".into(), get("output_norm.weight"));
@@ -82,11 +71,11 @@ fn gguf_to_checkpoint(gguf: &Path, dir: &Path) {
         );
         w.insert(
             format!("{p}.self_attn.q_proj.weight"),
-            unpermute(g("attn_q"), n_head),
+            rotary_halves(g("attn_q"), n_head),
         );
         w.insert(
             format!("{p}.self_attn.k_proj.weight"),
-            unpermute(g("attn_k"), n_kv),
+            rotary_halves(g("attn_k"), n_kv),
         );
         w.insert(format!("{p}.self_attn.v_proj.weight"), g("attn_v"));
         w.insert(format!("{p}.self_attn.o_proj.weight"), g("attn_output"));

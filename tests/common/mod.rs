@@ -180,3 +180,17 @@ pub fn corral_with(args: &[&str]) -> Output {
         .output()
         .expect("run corral")
 }
+
+/// Undoes the GGUF conversion's interleaving of the two rotary halves of each head's Q or K rows
+/// (llama GGUFs rotate adjacent pairs; Hugging Face checkpoints, Qwen2 and Phi-3 rotate halves).
+pub fn rotary_halves(t: candle_core::Tensor, heads: usize) -> candle_core::Tensor {
+    let (rows, cols) = t.dims2().unwrap();
+    t.reshape((heads, rows / heads / 2, 2, cols))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((rows, cols))
+        .unwrap()
+}
