@@ -140,6 +140,32 @@ fn bench(c: &mut Criterion) {
     println!(
         "wasm policy call (example tier.wat, 2 KiB request): p50 {p50:.2} µs, p99 {p99:.2} µs"
     );
+    // The same with a module that answers at once: what the call itself costs (instantiation,
+    // memory, input, answer parsing), whatever the module computes.
+    let dir = std::env::temp_dir().join(format!("corral-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pass = dir.join("pass.wat");
+    std::fs::write(
+        &pass,
+        r#"(module (memory (export "memory") 1)
+             (data (i32.const 0) "{\"pass\":true}")
+             (func (export "alloc") (param i32) (result i32) (i32.const 64))
+             (func (export "decide") (param i32 i32) (result i64) (i64.const 13)))"#,
+    )
+    .unwrap();
+    let trivial = corral::routing::wasm::WasmPolicy::compile(
+        &corral::routing::wasm::WasmAction {
+            module: pass,
+            ..action.clone()
+        },
+        &dir,
+        "bench",
+    )
+    .unwrap();
+    let (p50, p99) = p50_p99(5_000, || {
+        black_box(trivial.call(black_box(&input)));
+    });
+    println!("wasm policy call (a module that answers at once): p50 {p50:.2} µs, p99 {p99:.2} µs");
     c.bench_function("wasm_policy_call", |b| {
         b.iter(|| black_box(policy.call(black_box(&input))))
     });
