@@ -194,9 +194,23 @@ fn low_confidence_escalates_and_high_confidence_does_not() {
         &["run", "--json", "--max-tokens", "8", "Say hello."],
     ));
     assert_eq!(v["escalated"], false, "{v}");
+    assert_eq!(v["below_threshold"], false, "{v}");
     assert_eq!(v["model"], "smollm2-135m-instruct");
     assert_eq!(v["route"]["selection"]["kind"], "slm");
     assert_eq!(oa.seen.lock().unwrap().len(), 1, "no second remote call");
+
+    // Without a chain to escalate to, a low score is reported, not hidden.
+    let out = corral_cfg(
+        tmp.path(),
+        "[routing.confidence_thresholds]\ndefault = 0.999\n",
+        &["run", "--max-tokens", "8", "Say hello."],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("below the threshold 0.999; no fallback providers"),
+        "{}",
+        stderr(&out)
+    );
 
     // An audit rate of 1 escalates even accepted answers, and says so.
     let audit = format!("{lax}audit_rate = 1.0\n");

@@ -12,7 +12,7 @@ use std::time::Instant;
 use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling};
 use serde_json::json;
 
-use crate::commands::route::{describe, CallerArgs};
+use crate::commands::route::CallerArgs;
 use crate::confidence::{self, TokenStat};
 use crate::config::Config;
 use crate::providers::{Chain, ChatRequest, ChatResponse, Message, Provider};
@@ -373,8 +373,18 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
                 print_llm(config, args, &d, &r, Some(&why), Some(slm), t0);
                 return Ok(0);
             }
+            // Say how the answer stands against its threshold (with no chain to escalate to, a low
+            // score is reported, not hidden).
+            let verdict = if !low || need <= 0.0 {
+                format!("accepted (threshold {need})")
+            } else if !d.fallback_available {
+                format!("below the threshold {need}; no fallback providers to escalate to")
+            } else {
+                format!("below the threshold {need}; escalation is off (routing.llm_fallback.on_low_confidence)")
+            };
             if args.json {
                 let mut v = slm_json(&answer, &model, &profile, method.name());
+                v["below_threshold"] = json!(low && need > 0.0);
                 v["route"] = route_json(&d);
                 v["escalated"] = json!(false);
                 v["timings"]["total_ms"] = json!(t0.elapsed().as_secs_f64() * 1e3);
@@ -392,7 +402,7 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
                     answer.done.decode_tokens_per_s,
                     answer.score.map_or("n/a".to_string(), |s| format!("{s:.3}")),
                     method.name(),
-                    describe(&d),
+                    verdict,
                 );
             }
             Ok(0)
