@@ -13,7 +13,8 @@
 //!   or `{"action": ACTION}` with ACTION in the policy action schema (`prefer_slm`,
 //!   `require_llm`, `deny`; not `wasm`).
 //!
-//! Limits per call: fuel (instructions, default 1,000,000), linear memory (default 16 MiB), a
+//! Limits per call: fuel (instructions, default 1,000,000), linear memory (default 16 MiB, at
+//! most 64; instances come from a pool of 128 reused slots), a
 //! wall-clock bound (default 50 ms, by epoch interruption) and an output size cap (64 KiB). A
 //! module that traps, runs out of fuel or time, or answers anything but the above yields the
 //! rule's `fail_safe` action (default: deny), and a `warn` log line says why. The module is
@@ -26,7 +27,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use wasmtime::{
-    Config, Engine, InstancePre, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Trap,
+    Config, Engine, InstanceAllocationStrategy, InstancePre, Linker, Module,
+    PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap,
 };
 
 use super::rules::{Action, RequestContext};
@@ -34,6 +36,10 @@ use super::task::Classification;
 
 /// Largest answer a module may give.
 const MAX_OUTPUT: usize = 64 * 1024;
+/// Policy calls that can run at the same time (the instance pool's size).
+const POOL_SLOTS: u32 = 128;
+/// The most linear memory a policy may be given (`memory_mb`).
+pub const MAX_MEMORY_MB: u32 = 64;
 /// Epoch ticks are this long.
 const TICK: Duration = Duration::from_millis(1);
 
@@ -116,6 +122,18 @@ fn engine() -> Result<Engine, String> {
         .get_or_init(|| {
             let mut cfg = Config::new();
             cfg.consume_fuel(true).epoch_interruption(true);
+            // Instances and memories come from a pool and are reset, not mapped and unmapped,
+            // per call: this is most of a call's fixed cost. POOL_SLOTS calls can run at once;
+            // one more gets "pool exhausted" and its policy's fail-safe.
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_core_instances(POOL_SLOTS)
+                .total_memories(POOL_SLOTS)
+                .total_tables(POOL_SLOTS)
+                .max_memory_size(MAX_MEMORY_MB as usize * 1024 * 1024)
+                .max_unused_warm_slots(16);
+            cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+                .memory_reservation(u64::from(MAX_MEMORY_MB) * 1024 * 1024)
+                .memory_guard_size(64 * 1024);
             let engine = Engine::new(&cfg).map_err(|e| e.to_string())?;
             let ticker = engine.clone();
             std::thread::Builder::new()
