@@ -586,28 +586,4 @@ mod tests {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<PiiDetector>();
     }
-
-    /// Run with `cargo test --release --lib guardrails -- --ignored`: the per-request budget for
-    /// a 2 KiB prompt with nothing to mask.
-    #[test]
-    #[ignore = "timing; meaningful only in release builds"]
-    fn clean_two_kib_prompt_is_scanned_in_under_20_microseconds() {
-        let sentence =
-            "Please summarise the attached quarterly report for the board meeting in 2024, \
-                        focusing on revenue growth of 12 percent and the three main risks. ";
-        let text: String = sentence.repeat(2048 / sentence.len() + 1)[..2048].to_owned();
-        let det = all();
-        assert!(det.detect(&text).is_empty());
-        let rounds = 2000;
-        let start = std::time::Instant::now();
-        for _ in 0..rounds {
-            std::hint::black_box(det.detect(std::hint::black_box(&text)));
-        }
-        let per_call = start.elapsed() / rounds;
-        eprintln!("detect on 2 KiB clean prompt: {per_call:?}");
-        assert!(
-            per_call < std::time::Duration::from_micros(20),
-            "{per_call:?}"
-        );
-    }
 }
