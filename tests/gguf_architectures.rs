@@ -12,9 +12,7 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
-use corral::profile::ProfileRegistry;
-use corral::sandbox::HostSupport;
-use corral::slm::runner::{runner_binary, Runner, RunnerSpec};
+use corral::slm::runner::Runner;
 use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling};
 
 /// Rewrites the llama GGUF at `src` as `arch` ("qwen2" or "phi3") into `dst`.
@@ -120,18 +118,10 @@ fn relabel(src: &Path, dst: &Path, arch: &str) {
 }
 
 fn start(model: &Path) -> Runner {
-    let reg = ProfileRegistry::builtin();
-    let spec = RunnerSpec {
-        model_path: model.to_path_buf(),
-        sha256: Some(corral_protocol::digest::model_digest(model).unwrap()),
-        binary: runner_binary(),
-        requantize: true,
-    };
-    Runner::start(
-        &spec,
-        &reg.resolve("secure").unwrap(),
-        &corral::sandbox::SandboxConfig::default(),
-        &HostSupport::probe(),
+    start_runner(
+        model,
+        &corral_protocol::digest::model_digest(model).unwrap(),
+        "secure",
     )
     .unwrap()
 }

@@ -6,9 +6,7 @@ mod common;
 
 use common::*;
 use corral::config::{Config, Sources};
-use corral::profile::ProfileRegistry;
-use corral::sandbox::HostSupport;
-use corral::slm::runner::{runner_binary, Runner, RunnerSpec};
+use corral::slm::runner::Runner;
 use corral_protocol::{GenerateRequest, Input, Sampling};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,21 +14,7 @@ use std::time::{Duration, Instant};
 const SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 fn start(profile: &str) -> Runner {
-    let reg = ProfileRegistry::builtin();
-    let p = reg.resolve(profile).unwrap();
-    let spec = RunnerSpec {
-        model_path: model_file(),
-        sha256: Some(SHA.into()),
-        binary: runner_binary(),
-        requantize: true,
-    };
-    Runner::start(
-        &spec,
-        &p,
-        &corral::sandbox::SandboxConfig::default(),
-        &HostSupport::probe(),
-    )
-    .unwrap()
+    start_runner(&model_file(), SHA, profile).unwrap()
 }
 
 fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {

@@ -12,9 +12,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use corral::profile::ProfileRegistry;
-use corral::sandbox::HostSupport;
-use corral::slm::runner::{runner_binary, Runner, RunnerSpec};
+use corral::slm::runner::Runner;
 use corral_protocol::{GenerateRequest, Input, Sampling};
 use serde_json::{json, Value};
 
@@ -150,19 +148,7 @@ fn gguf_to_checkpoint(gguf: &Path, dir: &Path) {
 }
 
 fn start(dir: &Path, sha256: &str) -> Result<Runner, corral::slm::runner::RunnerError> {
-    let reg = ProfileRegistry::builtin();
-    let spec = RunnerSpec {
-        model_path: dir.to_path_buf(),
-        sha256: Some(sha256.into()),
-        binary: runner_binary(),
-        requantize: true,
-    };
-    Runner::start(
-        &spec,
-        &reg.resolve("secure").unwrap(),
-        &corral::sandbox::SandboxConfig::default(),
-        &HostSupport::probe(),
-    )
+    start_runner(dir, sha256, "secure")
 }
 
 #[test]

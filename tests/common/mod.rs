@@ -194,3 +194,26 @@ pub fn rotary_halves(t: candle_core::Tensor, heads: usize) -> candle_core::Tenso
         .reshape((rows, cols))
         .unwrap()
 }
+
+/// Starts a sandboxed runner for `model` (a GGUF file or a checkpoint directory) under the
+/// built-in profile `profile`, checking `sha256`.
+pub fn start_runner(
+    model: &Path,
+    sha256: &str,
+    profile: &str,
+) -> Result<corral::slm::runner::Runner, corral::slm::runner::RunnerError> {
+    let spec = corral::slm::runner::RunnerSpec {
+        model_path: model.to_path_buf(),
+        sha256: Some(sha256.into()),
+        binary: corral::slm::runner::runner_binary(),
+        requantize: true,
+    };
+    corral::slm::runner::Runner::start(
+        &spec,
+        &corral::profile::ProfileRegistry::builtin()
+            .resolve(profile)
+            .unwrap(),
+        &corral::sandbox::SandboxConfig::default(),
+        &corral::sandbox::HostSupport::probe(),
+    )
+}
