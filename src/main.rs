@@ -30,8 +30,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Answer a prompt with a local model running in its sandbox (streams the answer; a summary
-    /// line with model, profile, tokens, timings and confidence goes to stderr)
+    /// Answer a prompt as routing decides: a local model in its sandbox (streamed, unless the
+    /// answer may still be escalated), the remote chain when its confidence is below the
+    /// threshold or a policy requires it, or a refusal (exit status 3). A summary line with
+    /// model, profile, tokens, timings, confidence and route goes to stderr
     Run(run_cmd::RunArgs),
     /// Show the route a prompt would take (SLM, LLM chain or refusal) and why, without running
     /// anything

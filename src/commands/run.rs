@@ -46,7 +46,8 @@ pub struct RunArgs {
     /// A system message
     #[arg(long)]
     pub system: Option<String>,
-    /// Print one JSON object (text, model, profile, confidence, usage, timings, finish_reason)
+    /// Print one JSON object (text, model, profile or provider, confidence, usage, timings,
+    /// finish_reason, route, escalated, escalation_reason)
     #[arg(long)]
     pub json: bool,
     /// Generate exactly --max-tokens, past end-of-sequence (for benchmarks)
