@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --bin corral --bin corral-runner
+# The same build as scripts/test.sh (features unify the same way), so running both builds
+# the dependencies once.
+cargo build --release --workspace --all-targets
 scripts/fetch-model.sh
 prompt=${*:-"What are the three primary colors?"}
 ./target/release/corral run "$prompt"
