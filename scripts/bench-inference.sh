@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -c "import llama_cpp" 2>/dev/null || python3 -m pip install --quiet "llama-cpp-python==0.3.36"
-cargo build --release --bin corral --bin corral-runner
+cargo build --release --workspace --all-targets   # as test.sh: no feature-driven rebuild
 scripts/fetch-model.sh >/dev/null
 python3 scripts/bench-inference.py

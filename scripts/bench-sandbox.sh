@@ -10,7 +10,7 @@ command -v hyperfine >/dev/null || need+=(hyperfine)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-cargo build --release --bin corral
+cargo build --release --workspace --all-targets   # as test.sh: no feature-driven rebuild
 out=$(mktemp)
 hyperfine -N --warmup 10 -r 100 --export-json "$out" \
     './target/release/corral sandbox exec -p secure -- /bin/true' \
