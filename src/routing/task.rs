@@ -374,23 +374,32 @@ pub fn estimate_complexity(prompt: &str) -> (Complexity, f32, Vec<String>) {
     complexity_of(prompt, &prompt.to_lowercase())
 }
 
+/// The phrases the complexity markers look for (in the lower-cased prompt).
+const MARKER_PHRASES: [&str; 9] = [
+    "step by step",
+    "step-by-step",
+    "prove",
+    "derive",
+    "must ",
+    "should not",
+    "at least",
+    "no more than",
+    "without using",
+];
+
 fn complexity_of(prompt: &str, lower: &str) -> (Complexity, f32, Vec<String>) {
-    // Byte-level scans where the text is ASCII (the common case), char-level otherwise.
-    let words = if prompt.is_ascii() {
-        let mut n = 0;
-        let mut prev_space = true;
-        for c in prompt.bytes() {
-            let space = c.is_ascii_whitespace();
-            n += usize::from(prev_space && !space);
-            prev_space = space;
-        }
-        n
-    } else {
-        prompt.split_whitespace().count()
-    };
+    // Words: runs of bytes above the space character (ASCII whitespace and control characters
+    // separate them; UTF-8 multi-byte characters count as word bytes). Vectorizes.
+    let b = prompt.as_bytes();
+    let words = b
+        .iter()
+        .zip(b.iter().skip(1))
+        .filter(|(p, c)| **p <= b' ' && **c > b' ')
+        .count()
+        + usize::from(b.first().is_some_and(|c| *c > b' '));
     let mut score = (words as f32 / 400.0).min(0.6);
     let mut evidence = vec![format!("{words} words")];
-    let questions = prompt.bytes().filter(|b| *b == b'?').count();
+    let questions = b.iter().filter(|c| **c == b'?').count();
     let numbered = prompt
         .split('\n')
         .filter(|l| {
@@ -398,32 +407,14 @@ fn complexity_of(prompt: &str, lower: &str) -> (Complexity, f32, Vec<String>) {
             t.len() > 2 && t[0].is_ascii_digit() && (t[1] == b'.' || t[1] == b')')
         })
         .count();
+    let seen = MARKER_PHRASES.map(|p| lower.contains(p));
     let markers: [(&str, bool); 6] = [
-        (
-            "asks for steps",
-            lower.contains("step by step") || lower.contains("step-by-step"),
-        ),
-        (
-            "asks for a proof or derivation",
-            lower.contains("prove") || lower.contains("derive"),
-        ),
+        ("asks for steps", seen[0] || seen[1]),
+        ("asks for a proof or derivation", seen[2] || seen[3]),
         ("contains code", prompt.contains("```")),
         ("numbered list", numbered >= 2),
         ("several questions", questions >= 2),
-        (
-            "constraints",
-            [
-                "must ",
-                "should not",
-                "at least",
-                "no more than",
-                "without using",
-            ]
-            .iter()
-            .filter(|m| lower.contains(*m))
-            .count()
-                >= 2,
-        ),
+        ("constraints", seen[4..].iter().filter(|s| **s).count() >= 2),
     ];
     for (name, hit) in markers {
         if hit {
