@@ -144,17 +144,14 @@ fn run_slm(
         requantize: true,
     };
     let mut runner = Runner::start(&spec, &profile, &config.sandbox, &host)?;
-    let mut msgs = Vec::new();
-    if let Some(s) = &args.system {
-        msgs.push(ChatMessage {
-            role: "system".into(),
-            content: s.clone(),
-        });
-    }
-    msgs.push(ChatMessage {
-        role: "user".into(),
-        content: args.prompt.clone(),
-    });
+    // the same messages the remote chain would get, in the runner's protocol type
+    let msgs = messages(args, &args.prompt)
+        .into_iter()
+        .map(|m| ChatMessage {
+            role: m.role,
+            content: m.content,
+        })
+        .collect();
     let req = GenerateRequest {
         id: 0,
         input: Input::Messages(msgs),

@@ -641,13 +641,8 @@ impl Router {
             if self.attachments.is_empty() {
                 (&self.global_rules, &self.guardrails)
             } else {
-                resolved = scope::resolve(
-                    &self.attachments,
-                    &self.global_rules,
-                    &self.guardrails,
-                    &|i| i,
-                    req,
-                );
+                resolved =
+                    scope::resolve(&self.attachments, &self.global_rules, &self.guardrails, req);
                 for t in &resolved.trace {
                     reasoning.push(t.clone());
                     applied.push(format!(

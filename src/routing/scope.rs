@@ -191,13 +191,12 @@ pub fn sort(attachments: &mut [Attachment]) {
     });
 }
 
-/// The policies (as indices into `rules_in_order`, which is the evaluation order) and guardrails
-/// that apply to `req`.
+/// The policies (as indices into the router's rules, which are stored in evaluation order, so
+/// ascending indices are the order to evaluate them in) and guardrails that apply to `req`.
 pub fn resolve(
     attachments: &[Attachment],
     global_rules: &[usize],
     global_guardrails: &BTreeMap<String, GuardrailAction>,
-    rule_order: &dyn Fn(usize) -> usize,
     req: &RequestContext,
 ) -> Resolved {
     let mut rules: BTreeSet<usize> = global_rules.iter().copied().collect();
@@ -233,8 +232,7 @@ pub fn resolve(
             }
         ));
     }
-    let mut rules: Vec<usize> = rules.into_iter().collect();
-    rules.sort_by_key(|i| rule_order(*i));
+    let rules: Vec<usize> = rules.into_iter().collect(); // a BTreeSet: ascending
     Resolved {
         rules,
         guardrails,
@@ -321,11 +319,10 @@ mod tests {
         );
         let global: BTreeMap<String, GuardrailAction> =
             [("prompt_injection".to_string(), Block)].into();
-        let order = |i: usize| i;
-        let r = resolve(&a, &[0], &global, &order, &req("research-blue", None));
+        let r = resolve(&a, &[0], &global, &req("research-blue", None));
         assert_eq!(r.rules, vec![0, 1]);
         assert_eq!(r.guardrails.get("pii"), Some(&Block));
-        let r = resolve(&a, &[0], &global, &order, &req("research-red", None));
+        let r = resolve(&a, &[0], &global, &req("research-red", None));
         assert_eq!(
             r.guardrails.get("pii"),
             None,
@@ -333,16 +330,10 @@ mod tests {
             r.trace
         );
         assert_eq!(r.guardrails.get("prompt_injection"), Some(&Block));
-        let r = resolve(
-            &a,
-            &[0],
-            &global,
-            &order,
-            &req("research-red", Some("audit")),
-        );
+        let r = resolve(&a, &[0], &global, &req("research-red", Some("audit")));
         assert_eq!(r.guardrails.get("pii"), Some(&Log));
         assert_eq!(r.rules, vec![0, 1, 2]);
-        let r = resolve(&a, &[0], &global, &order, &req("sales", None));
+        let r = resolve(&a, &[0], &global, &req("sales", None));
         assert_eq!((r.rules, r.trace.len()), (vec![0], 0));
     }
 
@@ -356,7 +347,7 @@ mod tests {
         sort(&mut a);
         let global: BTreeMap<String, GuardrailAction> =
             [("prompt_injection".to_string(), Block)].into();
-        let r = resolve(&a, &[0], &global, &|i| i, &req("isolated", None));
+        let r = resolve(&a, &[0], &global, &req("isolated", None));
         assert_eq!(r.rules, vec![2]);
         assert!(r.guardrails.is_empty());
         assert!(r.trace[1].contains("inherit=false"));
