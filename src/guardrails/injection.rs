@@ -264,11 +264,25 @@ impl InjectionDetector {
 
     /// The matched signals and the combined score.
     pub fn check(&self, text: &str) -> InjectionVerdict {
-        let matched = self.set.matches(text);
+        Self::verdict(self.set.matches(text).iter())
+    }
+
+    /// Every signal's pattern as compiled (in [`SIGNALS`] order), for callers that fold them
+    /// into a larger [`RegexSet`] so one pass over a prompt serves several detectors (the
+    /// router does), then turn the matches back into a verdict with [`InjectionDetector::verdict`].
+    pub fn patterns() -> impl Iterator<Item = String> {
+        SIGNALS.iter().map(wrap)
+    }
+
+    /// The verdict for the signals at `matched` (indices into [`SIGNALS`], ascending; indices
+    /// out of range are ignored).
+    pub fn verdict(matched: impl Iterator<Item = usize>) -> InjectionVerdict {
         let mut remaining = 1.0f32;
         let mut signals = Vec::new();
-        for i in matched.iter() {
-            let signal = &SIGNALS[i];
+        for i in matched {
+            let Some(signal) = SIGNALS.get(i) else {
+                continue;
+            };
             remaining *= 1.0 - signal.weight;
             signals.push(signal.name);
         }

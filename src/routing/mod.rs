@@ -217,7 +217,8 @@ pub struct Router {
     /// Global guardrails by name (`pii`, `prompt_injection`).
     guardrails: BTreeMap<String, GuardrailAction>,
     pii: Option<PiiDetector>,
-    injection: Option<InjectionDetector>,
+    /// Whether the injection signals are part of the classifier's scan (some guardrail uses them).
+    injection: bool,
     injection_threshold: f32,
     known_models: std::collections::BTreeSet<String>,
     known_providers: std::collections::BTreeSet<String>,
@@ -250,10 +251,19 @@ impl Router {
     /// Validates `raw`; an error is `(key, message)` for the caller to place in its file.
     pub fn compile(raw: &RawRouting, cx: Context<'_>) -> Result<Router, (String, String)> {
         let e = |k: &str, m: String| Err((k.to_string(), m));
-        let classifier = Classifier::new(
+        let g = &raw.guardrails;
+        let adds = |name: &str| {
+            raw.attachments
+                .iter()
+                .any(|a| a.guardrails.add.contains_key(name))
+        };
+        let injection_on = g.prompt_injection.is_some() || adds("prompt_injection");
+        // The injection signals ride in the classifier's pass over the prompt.
+        let classifier = Classifier::with_patterns(
             raw.classification.builtin,
             &raw.classification.rules,
             raw.classification.default_task.clone(),
+            InjectionDetector::patterns().filter(|_| injection_on),
         )?;
         let known: Vec<TaskType> = TaskType::BUILTIN
             .iter()
@@ -468,7 +478,6 @@ impl Router {
             }
         });
         check_action("routing.default_action", &default_action)?;
-        let g = &raw.guardrails;
         if g.prompt_injection == Some(GuardrailAction::Mask) {
             return e(
                 "routing.guardrails.prompt_injection",
@@ -479,11 +488,6 @@ impl Router {
             "routing.guardrails.injection_threshold".into(),
             g.injection_threshold,
         )?;
-        let adds = |name: &str| {
-            raw.attachments
-                .iter()
-                .any(|a| a.guardrails.add.contains_key(name))
-        };
         if (g.pii.is_some() || adds("pii")) && g.pii_kinds.is_empty() {
             return e(
                 "routing.guardrails.pii_kinds",
@@ -522,8 +526,7 @@ impl Router {
             global_rules,
             attachments,
             pii: (g.pii.is_some() || adds("pii")).then(|| PiiDetector::new(&g.pii_kinds)),
-            injection: (g.prompt_injection.is_some() || adds("prompt_injection"))
-                .then(InjectionDetector::new),
+            injection: injection_on,
             injection_threshold: g.injection_threshold,
             guardrails,
             known_models: cx.catalog.ids().map(String::from).collect(),
@@ -619,9 +622,10 @@ impl Router {
     fn decide_inner(&self, req: &RequestContext, explain: bool) -> RouteDecision {
         let mut reasoning = Vec::new();
         let mut applied = Vec::new();
+        let scan = self.classifier.scan(&req.prompt);
         let class = self
             .classifier
-            .classify(&req.prompt, req.task_hint.as_ref());
+            .classify_scanned(&req.prompt, req.task_hint.as_ref(), &scan);
         let fallback_available = !self.fallback.is_empty();
         let prompt_chars = req.prompt.chars().count();
         let deny =
@@ -654,10 +658,10 @@ impl Router {
             };
         let injection = guardrails
             .get("prompt_injection")
-            .zip(self.injection.as_ref());
-        if let Some((action, det)) = injection {
+            .filter(|_| self.injection);
+        if let Some(action) = injection {
             let threshold = &self.injection_threshold;
-            let v = det.check(&req.prompt);
+            let v = InjectionDetector::verdict(self.classifier.extra_matches(&scan));
             if v.score >= *threshold {
                 let line = format!(
                     "guardrail prompt_injection: score {:.2} >= {threshold} ({})",

@@ -127,10 +127,10 @@ pub struct Rule {
     content_length: Option<(usize, usize)>,
     capabilities: Option<Vec<Capability>>,
     time_of_day: Option<(u32, u32)>,
-    agent: Option<String>,
-    team: Option<String>,
-    key_alias: Option<String>,
-    metadata: Vec<(String, String)>,
+    agent: Option<Wildcard>,
+    team: Option<Wildcard>,
+    key_alias: Option<Wildcard>,
+    metadata: Vec<(String, Wildcard)>,
     pub action: Action,
     /// The compiled module of a `wasm` action.
     pub wasm: Option<super::wasm::Handle>,
@@ -252,14 +252,14 @@ impl Rule {
             content_length,
             capabilities: c.capabilities.clone(),
             time_of_day,
-            agent: c.agent.clone(),
-            team: c.team.clone(),
-            key_alias: c.key_alias.clone(),
+            agent: c.agent.as_deref().map(Wildcard::new),
+            team: c.team.as_deref().map(Wildcard::new),
+            key_alias: c.key_alias.as_deref().map(Wildcard::new),
             metadata: c
                 .metadata
                 .iter()
                 .flatten()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.clone(), Wildcard::new(v)))
                 .collect(),
             action: raw.action.clone(),
             wasm: None,
@@ -316,16 +316,16 @@ impl Rule {
         ] {
             if let Some(p) = pat {
                 match val {
-                    Some(v) if wildcard(p, v) => {}
-                    Some(v) => return Err(Skip::NoMatch(name, v, p)),
+                    Some(v) if p.matches(v) => {}
+                    Some(v) => return Err(Skip::NoMatch(name, v, p.as_str())),
                     None => return Err(Skip::Missing(name)),
                 }
             }
         }
         for (k, p) in &self.metadata {
             match req.metadata.get(k) {
-                Some(v) if wildcard(p, v) => {}
-                Some(v) => return Err(Skip::MetadataNoMatch(k, v, p)),
+                Some(v) if p.matches(v) => {}
+                Some(v) => return Err(Skip::MetadataNoMatch(k, v, p.as_str())),
                 None => return Err(Skip::MetadataMissing(k)),
             }
         }
@@ -380,6 +380,65 @@ pub fn minute_of_day_utc() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     ((secs % 86_400) / 60) as u32
+}
+
+/// A wildcard pattern sorted at compile time into the cheapest test that decides it: most
+/// patterns in practice are a literal, `prefix*`, `*suffix` or `*`, each a single comparison.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wildcard {
+    pattern: String,
+    shape: Shape,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Any,
+    Exact,
+    /// `literal*`
+    Prefix,
+    /// `*literal`
+    Suffix,
+    /// Anything else: the general matcher.
+    Glob,
+}
+
+impl Wildcard {
+    pub fn new(pattern: &str) -> Wildcard {
+        let wild = |c: char| c == '*' || c == '?';
+        let inner = |s: &str| !s.contains(wild);
+        let shape = if !pattern.is_empty() && pattern.chars().all(|c| c == '*') {
+            Shape::Any
+        } else if inner(pattern) {
+            Shape::Exact
+        } else if pattern.strip_suffix('*').is_some_and(inner) {
+            Shape::Prefix
+        } else if pattern.strip_prefix('*').is_some_and(inner) {
+            Shape::Suffix
+        } else {
+            Shape::Glob
+        };
+        Wildcard {
+            pattern: pattern.to_string(),
+            shape,
+        }
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Whether `text` matches, exactly as [`wildcard`] decides.
+    pub fn matches(&self, text: &str) -> bool {
+        let p = &self.pattern;
+        match self.shape {
+            Shape::Any => true,
+            Shape::Exact => p == text,
+            Shape::Prefix => text.starts_with(&p[..p.len() - 1]),
+            Shape::Suffix => text.ends_with(&p[1..]),
+            Shape::Glob => wildcard(p, text),
+        }
+    }
 }
 
 /// Glob match: `*` matches any run of characters (including none), `?` exactly one.
@@ -467,6 +526,13 @@ mod tests {
             let pat = format!("{s}*");
             let txt = format!("{s}tail");
             prop_assert!(wildcard(&pat, &txt));
+        }
+
+        #[test]
+        fn compiled_wildcards_decide_as_the_general_matcher(
+            p in "[ab*?]{0,6}", t in "[ab]{0,6}"
+        ) {
+            prop_assert_eq!(Wildcard::new(&p).matches(&t), wildcard(&p, &t), "{} {}", p, t);
         }
 
         #[test]

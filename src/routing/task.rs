@@ -142,21 +142,33 @@ fn one() -> f32 {
 #[derive(Debug, Clone)]
 struct ClassRule {
     task: TaskType,
-    keywords: Vec<String>,
-    regex: Vec<Regex>,
     weight: f32,
 }
 
-/// Compiled classification rules.
+/// What one pattern of the classifier's set stands for.
+#[derive(Debug, Clone)]
+enum Pattern {
+    /// A keyword of rule `.0` (lower-cased, as configured).
+    Keyword(usize, String),
+    /// A regex of rule `.0`, kept compiled on its own to quote what matched as evidence.
+    Regex(usize, Regex),
+}
+
+/// Compiled classification rules, and the one [`RegexSet`] that finds everything the router
+/// looks for in a prompt in a single pass: the complexity markers, every rule's keywords and
+/// regexes, and the caller's extra patterns (the prompt-injection signals).
 #[derive(Debug, Clone)]
 pub struct Classifier {
     rules: Vec<ClassRule>,
     default_task: TaskType,
-    /// Every rule's regexes in one set (one pass over the prompt), and the rule of each.
+    /// `[MARKERS][patterns][extra]`, in that order.
     set: RegexSet,
-    set_rule: Vec<usize>,
-    has_keywords: bool,
+    patterns: Vec<Pattern>,
 }
+
+/// What one pass of [`Classifier::scan`] found in a prompt.
+#[derive(Debug, Clone)]
+pub struct Scan(regex::SetMatches);
 
 /// The built-in rules (`routing.classification.builtin = true`).
 const BUILTIN_RULES: &[(&str, &str, f32)] = &[
@@ -217,6 +229,21 @@ const BUILTIN_RULES: &[(&str, &str, f32)] = &[
     ),
 ];
 
+/// The complexity markers (see [`estimate_complexity`]), each one pattern of the scan set:
+/// (pattern, what the evidence calls it).
+const MARKERS: [(&str, &str); 8] = [
+    (r"(?i)step by step|step-by-step", "asks for steps"),
+    (r"(?i)prove|derive", "asks for a proof or derivation"),
+    (r"```", "contains code"),
+    (r"(?i)must ", "constraint"),
+    (r"(?i)should not", "constraint"),
+    (r"(?i)at least", "constraint"),
+    (r"(?i)no more than", "constraint"),
+    (r"(?i)without using", "constraint"),
+];
+/// Index of the first constraint phrase in [`MARKERS`].
+const FIRST_CONSTRAINT: usize = 3;
+
 impl Classifier {
     /// Built-in rules (when `builtin`) followed by `extra`, in that order of precedence on ties.
     pub fn new(
@@ -224,17 +251,29 @@ impl Classifier {
         extra: &[RawClassRule],
         default_task: TaskType,
     ) -> Result<Classifier, (String, String)> {
+        Self::with_patterns(builtin, extra, default_task, std::iter::empty())
+    }
+
+    /// [`Classifier::new`] whose scan also looks for `more` (indices reported by
+    /// [`Classifier::extra_matches`] in the order given), so that one pass over the prompt serves
+    /// other detectors too.
+    pub fn with_patterns(
+        builtin: bool,
+        extra: &[RawClassRule],
+        default_task: TaskType,
+        more: impl Iterator<Item = String>,
+    ) -> Result<Classifier, (String, String)> {
         let mut rules = Vec::new();
+        let mut patterns = Vec::new();
         if builtin {
             for (task, re, weight) in BUILTIN_RULES {
                 let regex = Regex::new(re)
                     .map_err(|e| ("routing.classification".to_string(), e.to_string()))?;
+                patterns.push(Pattern::Regex(rules.len(), regex));
                 rules.push(ClassRule {
                     task: task
                         .parse()
                         .map_err(|e| ("routing.classification".into(), e))?,
-                    keywords: vec![],
-                    regex: vec![regex],
                     weight: *weight,
                 });
             }
@@ -247,38 +286,38 @@ impl Classifier {
             if !(r.weight.is_finite() && r.weight > 0.0) {
                 return Err((format!("{key}.weight"), "must be > 0".into()));
             }
-            let regex = r
-                .regex
-                .iter()
-                .enumerate()
-                .map(|(j, s)| {
-                    Regex::new(s).map_err(|e| (format!("{key}.regex[{j}]"), e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            for (j, k) in r.keywords.iter().enumerate() {
+                if k.is_empty() {
+                    return Err((format!("{key}.keywords[{j}]"), "is empty".into()));
+                }
+                patterns.push(Pattern::Keyword(rules.len(), k.to_lowercase()));
+            }
+            for (j, re) in r.regex.iter().enumerate() {
+                let regex =
+                    Regex::new(re).map_err(|e| (format!("{key}.regex[{j}]"), e.to_string()))?;
+                patterns.push(Pattern::Regex(rules.len(), regex));
+            }
             rules.push(ClassRule {
                 task: r.task.clone(),
-                keywords: r.keywords.iter().map(|k| k.to_lowercase()).collect(),
-                regex,
                 weight: r.weight,
             });
         }
-        let mut patterns = Vec::new();
-        let mut set_rule = Vec::new();
-        for (i, r) in rules.iter().enumerate() {
-            for re in &r.regex {
-                patterns.push(re.as_str().to_string());
-                set_rule.push(i);
-            }
-        }
-        let set = RegexSet::new(&patterns)
+        let all = MARKERS
+            .iter()
+            .map(|(p, _)| p.to_string())
+            .chain(patterns.iter().map(|p| match p {
+                // Case-insensitive substring, as the keyword was documented.
+                Pattern::Keyword(_, k) => format!("(?i){}", regex::escape(k)),
+                Pattern::Regex(_, re) => re.as_str().to_string(),
+            }))
+            .chain(more);
+        let set = RegexSet::new(all)
             .map_err(|e| ("routing.classification".to_string(), e.to_string()))?;
-        let has_keywords = rules.iter().any(|r| !r.keywords.is_empty());
         Ok(Classifier {
             rules,
             default_task,
             set,
-            set_rule,
-            has_keywords,
+            patterns,
         })
     }
 
@@ -290,9 +329,34 @@ impl Classifier {
             .chain([&self.default_task])
     }
 
+    /// One pass over `prompt` with every pattern; feed the result to
+    /// [`Classifier::classify_scanned`] and [`Classifier::extra_matches`].
+    pub fn scan(&self, prompt: &str) -> Scan {
+        Scan(self.set.matches(prompt))
+    }
+
+    /// Which of the extra patterns given to [`Classifier::with_patterns`] matched (ascending).
+    pub fn extra_matches<'a>(&self, scan: &'a Scan) -> impl Iterator<Item = usize> + 'a {
+        let first = MARKERS.len() + self.patterns.len();
+        scan.0.iter().filter_map(move |i| i.checked_sub(first))
+    }
+
     pub fn classify(&self, prompt: &str, hint: Option<&TaskType>) -> Classification {
-        let lower = prompt.to_lowercase();
-        let (complexity, complexity_score, mut evidence) = complexity_of(prompt, &lower);
+        self.classify_scanned(prompt, hint, &self.scan(prompt))
+    }
+
+    /// [`Classifier::classify`] from a [`Classifier::scan`] of the same `prompt`.
+    pub fn classify_scanned(
+        &self,
+        prompt: &str,
+        hint: Option<&TaskType>,
+        scan: &Scan,
+    ) -> Classification {
+        let mut markers = [false; MARKERS.len()];
+        for (i, m) in markers.iter_mut().enumerate() {
+            *m = scan.0.matched(i);
+        }
+        let (complexity, complexity_score, mut evidence) = complexity_of(prompt, markers);
         if let Some(t) = hint {
             evidence.insert(0, format!("task given by the request: {t}"));
             return Classification {
@@ -303,39 +367,41 @@ impl Classifier {
                 evidence,
             };
         }
-        // One pass over the prompt finds which rules' regexes match.
-        let mut hit_rules = vec![false; self.rules.len()];
-        for m in self.set.matches(prompt).iter() {
-            hit_rules[self.set_rule[m]] = true;
-        }
-        // (task, score, first rule index) in first-seen order
+        // (task, score, first rule index) in first-seen order; a rule counts once, for the first
+        // of its patterns that matched.
         let mut scores: Vec<(TaskType, f32, usize)> = Vec::new();
-        for (i, r) in self.rules.iter().enumerate() {
-            let keyword = if self.has_keywords {
-                r.keywords.iter().find(|k| lower.contains(k.as_str()))
-            } else {
-                None
+        let mut counted = usize::MAX;
+        for i in scan.0.iter() {
+            let Some(p) = i
+                .checked_sub(MARKERS.len())
+                .and_then(|i| self.patterns.get(i))
+            else {
+                continue;
             };
-            let hit = match keyword {
-                Some(k) => Some(format!("keyword '{k}'")),
-                None if hit_rules[i] => r.regex.iter().find_map(|re| {
+            let (rule, what) = match p {
+                Pattern::Keyword(r, k) => (*r, format!("keyword '{k}'")),
+                Pattern::Regex(r, re) => (
+                    *r,
                     re.find(prompt)
                         .map(|m| format!("'{}'", truncate(m.as_str(), 40)))
-                }),
-                None => None,
+                        .unwrap_or_default(),
+                ),
             };
-            if let Some(what) = hit {
-                evidence.push(format!("{what} -> {} +{}", r.task, r.weight));
-                match scores.iter_mut().find(|(t, _, _)| *t == r.task) {
-                    Some(s) => s.1 += r.weight,
-                    None => scores.push((r.task.clone(), r.weight, i)),
-                }
+            if rule == counted {
+                continue;
+            }
+            counted = rule;
+            let r = &self.rules[rule];
+            evidence.push(format!("{what} -> {} +{}", r.task, r.weight));
+            match scores.iter_mut().find(|(t, _, _)| *t == r.task) {
+                Some(s) => s.1 += r.weight,
+                None => scores.push((r.task.clone(), r.weight, rule)),
             }
         }
         let best = scores
             .iter()
             .fold(None::<&(TaskType, f32, usize)>, |best, s| match best {
-                Some(b) if b.1 >= s.1 => Some(b),
+                Some(b) if b.1 > s.1 || (b.1 == s.1 && b.2 < s.2) => Some(b),
                 _ => Some(s),
             });
         match best {
@@ -369,37 +435,58 @@ fn truncate(s: &str, n: usize) -> String {
 
 /// A cheap complexity estimate in [0, 1]: length (words / 400, capped at 0.6) plus 0.15 for each
 /// marker of multi-step work (step-by-step requests, proofs, code blocks, numbered lists,
-/// several questions, constraints), capped at 1. Low below 0.25, High from 0.6.
+/// several questions, two or more constraint phrases such as "must" and "at least"), capped at 1.
+/// Low below 0.25, High from 0.6. Phrases match ignoring case.
 pub fn estimate_complexity(prompt: &str) -> (Complexity, f32, Vec<String>) {
-    complexity_of(prompt, &prompt.to_lowercase())
+    static SET: std::sync::OnceLock<RegexSet> = std::sync::OnceLock::new();
+    let set = SET.get_or_init(|| {
+        #[allow(clippy::expect_used)] // constants above, compiled by every test
+        RegexSet::new(MARKERS.iter().map(|(p, _)| p)).expect("marker patterns compile")
+    });
+    let found = set.matches(prompt);
+    let mut markers = [false; MARKERS.len()];
+    for (i, m) in markers.iter_mut().enumerate() {
+        *m = found.matched(i);
+    }
+    complexity_of(prompt, markers)
 }
 
-/// The phrases the complexity markers look for (in the lower-cased prompt).
-const MARKER_PHRASES: [&str; 9] = [
-    "step by step",
-    "step-by-step",
-    "prove",
-    "derive",
-    "must ",
-    "should not",
-    "at least",
-    "no more than",
-    "without using",
-];
-
-fn complexity_of(prompt: &str, lower: &str) -> (Complexity, f32, Vec<String>) {
-    // Words: runs of bytes above the space character (ASCII whitespace and control characters
-    // separate them; UTF-8 multi-byte characters count as word bytes). Vectorizes.
+fn complexity_of(prompt: &str, markers: [bool; MARKERS.len()]) -> (Complexity, f32, Vec<String>) {
+    // Words: starts of runs of bytes above the space character (ASCII whitespace and control
+    // characters separate them; UTF-8 multi-byte characters count as word bytes). Counted over
+    // fixed-size chunks so the compiler vectorizes it.
     let b = prompt.as_bytes();
-    let words = b
-        .iter()
-        .zip(b.iter().skip(1))
-        .filter(|(p, c)| **p <= b' ' && **c > b' ')
-        .count()
-        + usize::from(b.first().is_some_and(|c| *c > b' '));
+    let mut words = usize::from(b.first().is_some_and(|c| *c > b' '));
+    let mut questions = 0usize;
+    if let Some(rest) = b.get(1..) {
+        // Pairs (previous, current) in blocks of 64: a block's count fits in a u8, which
+        // keeps the loop in byte-wide vector lanes.
+        let (prev, cur) = (&b[..rest.len()], rest);
+        let mut pc = prev.chunks_exact(64);
+        let mut cc = cur.chunks_exact(64);
+        for (p, c) in pc.by_ref().zip(cc.by_ref()) {
+            let n: u8 = p
+                .iter()
+                .zip(c)
+                .map(|(p, c)| u8::from(*p <= b' ') & u8::from(*c > b' '))
+                .sum();
+            words += usize::from(n);
+        }
+        words += pc
+            .remainder()
+            .iter()
+            .zip(cc.remainder())
+            .filter(|(p, c)| **p <= b' ' && **c > b' ')
+            .count();
+    }
+    let mut qc = b.chunks_exact(64);
+    for c in qc.by_ref() {
+        let n: u8 = c.iter().map(|c| u8::from(*c == b'?')).sum();
+        questions += usize::from(n);
+    }
+    questions += qc.remainder().iter().filter(|c| **c == b'?').count();
     let mut score = (words as f32 / 400.0).min(0.6);
     let mut evidence = vec![format!("{words} words")];
-    let questions = b.iter().filter(|c| **c == b'?').count();
     let numbered = prompt
         .split('\n')
         .filter(|l| {
@@ -407,16 +494,16 @@ fn complexity_of(prompt: &str, lower: &str) -> (Complexity, f32, Vec<String>) {
             t.len() > 2 && t[0].is_ascii_digit() && (t[1] == b'.' || t[1] == b')')
         })
         .count();
-    let seen = MARKER_PHRASES.map(|p| lower.contains(p));
-    let markers: [(&str, bool); 6] = [
-        ("asks for steps", seen[0] || seen[1]),
-        ("asks for a proof or derivation", seen[2] || seen[3]),
-        ("contains code", prompt.contains("```")),
+    let constraints = markers[FIRST_CONSTRAINT..].iter().filter(|m| **m).count();
+    let hits: [(&str, bool); 6] = [
+        (MARKERS[0].1, markers[0]),
+        (MARKERS[1].1, markers[1]),
+        (MARKERS[2].1, markers[2]),
         ("numbered list", numbered >= 2),
         ("several questions", questions >= 2),
-        ("constraints", seen[4..].iter().filter(|s| **s).count() >= 2),
+        ("constraints", constraints >= 2),
     ];
-    for (name, hit) in markers {
+    for (name, hit) in hits {
         if hit {
             score += 0.15;
             evidence.push(name.to_string());
