@@ -12,4 +12,6 @@ fi
 
 cargo build --release --workspace --all-targets
 scripts/fetch-model.sh
+# tests/serve.rs drives `corral serve` with the official OpenAI Python client.
+python3 -c 'import openai' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check openai
 cargo test --release --workspace --all-targets "$@"

@@ -12,8 +12,10 @@
 //! - [`providers`]: remote LLM providers (OpenAI-compatible, Anthropic) with retries, circuit
 //!   breakers and fallback chains.
 //! - [`routing`]: task classification, policy rules and the route decision.
+//! - [`audit`]: the encrypted, tamper-evident log of every model request and answer.
 //! - [`commands`]: what each CLI subcommand does, callable from tests.
 
+pub mod audit;
 pub mod catalog;
 pub mod commands;
 pub mod confidence;
@@ -23,6 +25,7 @@ pub mod profile;
 pub mod providers;
 pub mod routing;
 pub mod sandbox;
+pub mod server;
 pub mod slm;
 
 /// Every error corral's library returns.
@@ -41,18 +44,23 @@ pub enum Error {
     #[error(transparent)]
     Provider(#[from] providers::ChainError),
     #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
 impl Error {
     /// Exit status for this error: 127 command not found, 126 not executable, 2 usage and
-    /// configuration errors, 125 any other failure to launch.
+    /// configuration errors (an audit key file refused included), 1 a failed audit log, 125 any
+    /// other failure to launch.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Sandbox(sandbox::SandboxError::CommandNotFound { .. }) => 127,
             Error::Runner(_) | Error::Provider(_) => 1,
             Error::Sandbox(sandbox::SandboxError::NotExecutable { .. }) => 126,
             Error::Config(_) | Error::Profile(_) | Error::Usage(_) => 2,
+            Error::Audit(e) if e.is_config() => 2,
+            Error::Audit(_) => 1,
             _ => 125,
         }
     }

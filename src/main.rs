@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use corral::commands::{doctor, models, profile, route as route_cmd, run as run_cmd, sandbox_exec};
+use corral::commands::{
+    doctor, logs, models, profile, route as route_cmd, run as run_cmd, sandbox_exec,
+};
 use corral::config::{Config, LogFormat, Sources};
 
 #[derive(Debug, Parser)]
@@ -35,6 +37,10 @@ enum Cmd {
     /// threshold or a policy requires it, or a refusal (exit status 3). A summary line with
     /// model, profile, tokens, timings, confidence and route goes to stderr
     Run(run_cmd::RunArgs),
+    /// Serve the OpenAI-compatible API (chat and legacy completions, models, route) from warm
+    /// sandboxed runners and the remote providers, with /healthz, /readyz and /metrics.
+    /// SIGHUP reloads the configuration (kept if the new one is invalid); SIGTERM drains and stops
+    Serve(corral::server::ServeArgs),
     /// Show the route a prompt would take (SLM, LLM chain or refusal) and why, without running
     /// anything
     Route(route_cmd::RouteArgs),
@@ -52,6 +58,9 @@ enum Cmd {
     /// Check or show sandbox profiles
     #[command(subcommand)]
     Profile(ProfileCmd),
+    /// The encrypted audit log of model requests and answers: make a key, verify, decrypt
+    #[command(subcommand)]
+    Logs(LogsCmd),
     /// Validate the configuration and print where it came from
     Config {
         #[command(subcommand)]
@@ -108,6 +117,17 @@ enum ProfileCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum LogsCmd {
+    /// Write a new random 256-bit audit key to a file created with mode 0600 (never overwriting)
+    Keygen(logs::KeygenArgs),
+    /// Check the log's MAC chain, AES-GCM tags, sequence, file links, seals and checkpoint;
+    /// print every problem by file, line and seq. Exit status 1 when anything is wrong
+    Verify(logs::VerifyArgs),
+    /// Print entries as JSON lines with their payloads decrypted (for the key holder)
+    Decrypt(logs::DecryptArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigCmd {
     /// Load and validate the configuration and every profile it can see
     Check,
@@ -131,10 +151,11 @@ fn init_logging(config: Option<&Config>, cli_filter: Option<&str>) {
 }
 
 fn run(cli: Cli) -> Result<i32, corral::Error> {
-    let config = match Config::load(&Sources {
+    let sources = Sources {
         config: cli.config.clone(),
         profiles_dir: cli.profiles_dir.clone(),
-    }) {
+    };
+    let config = match Config::load(&sources) {
         Ok(c) => c,
         Err(e) => {
             init_logging(None, cli.log.as_deref());
@@ -170,7 +191,11 @@ fn run(cli: Cli) -> Result<i32, corral::Error> {
         }
         Cmd::Doctor { json } => doctor::run(&config, json),
         Cmd::Run(args) => run_cmd::run(&config, &args),
+        Cmd::Serve(args) => corral::server::serve(config, sources, &args),
         Cmd::Route(args) => route_cmd::route(&config, &args),
+        Cmd::Logs(LogsCmd::Keygen(args)) => logs::keygen(&config, &args),
+        Cmd::Logs(LogsCmd::Verify(args)) => logs::verify(&config, &args),
+        Cmd::Logs(LogsCmd::Decrypt(args)) => logs::decrypt(&config, &args),
         Cmd::Models(ModelsCmd::List) => models::list(&config),
         Cmd::Models(ModelsCmd::Pull { id }) => models::pull(&config, &id),
         Cmd::Profile(ProfileCmd::Check { names }) => profile::check(&config, &names),

@@ -5,78 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 
 use common::*;
-
-/// A loopback HTTP server answering each request with the next scripted (status, body); the last
-/// one repeats. Records each request's path and body.
-struct Fake {
-    url: String,
-    seen: Arc<Mutex<Vec<(String, String)>>>,
-}
-
-fn fake(script: Vec<(u16, String)>) -> Fake {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        let mut i = 0;
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            r.read_line(&mut line).unwrap();
-            let path = line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or_default()
-                .to_string();
-            let mut len = 0usize;
-            loop {
-                let mut h = String::new();
-                r.read_line(&mut h).unwrap();
-                if h.trim().is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = h.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        len = v.trim().parse().unwrap();
-                    }
-                }
-            }
-            let mut body = vec![0u8; len];
-            r.read_exact(&mut body).unwrap();
-            log.lock()
-                .unwrap()
-                .push((path, String::from_utf8_lossy(&body).into_owned()));
-            let (status, text) = &script[i.min(script.len() - 1)];
-            i += 1;
-            let resp = format!(
-                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
-                text.len()
-            );
-            let _ = s.write_all(resp.as_bytes());
-        }
-    });
-    Fake { url, seen }
-}
-
-fn openai_answer(text: &str) -> String {
-    serde_json::json!({
-        "id": "x", "object": "chat.completion", "model": "remote-large",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "stop",
-                     "logprobs": {"content": [{"token": "a", "logprob": -0.01}, {"token": "b", "logprob": -0.02}]}}],
-        "usage": {"prompt_tokens": 20, "completion_tokens": 2}
-    })
-    .to_string()
-}
 
 fn anthropic_answer(text: &str) -> String {
     serde_json::json!({

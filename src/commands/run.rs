@@ -5,13 +5,18 @@
 //! Streaming and escalation: when an SLM answer may still be escalated (a fallback chain exists
 //! and `routing.llm_fallback.on_low_confidence` is on), the answer is held until its score is
 //! known, so the terminal never shows an answer that is then replaced; otherwise it streams.
+//!
+//! With `audit.enabled`, each run writes one audit entry (answers, escalations, refusals and
+//! failures alike); the log is opened before anything else, so a request whose entry could not be
+//! written (a missing or loose key file) is not served.
 
 use std::io::Write;
 use std::time::Instant;
 
 use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling};
-use serde_json::json;
+use serde_json::{json, Value};
 
+use crate::audit::{self, AuditLog, AuditRecord, Interaction, Route, TokenUsage};
 use crate::commands::route::CallerArgs;
 use crate::confidence::{self, TokenStat};
 use crate::config::Config;
@@ -253,6 +258,20 @@ fn route_json(d: &RouteDecision) -> serde_json::Value {
     })
 }
 
+/// The confidence of a remote answer, from its token log-probabilities when it has them.
+fn llm_score(config: &Config, r: &ChatResponse) -> Option<f64> {
+    r.token_logprobs.as_ref().and_then(|lps| {
+        let stats: Vec<TokenStat> = lps
+            .iter()
+            .map(|l| TokenStat {
+                logprob: *l,
+                entropy: 0.0,
+            })
+            .collect();
+        confidence::score(&stats, config.routing.method)
+    })
+}
+
 /// Prints a remote answer; `escalation` says why it replaced the SLM's, `slm` what that was.
 fn print_llm(
     config: &Config,
@@ -264,16 +283,7 @@ fn print_llm(
     t0: Instant,
 ) {
     let method = config.routing.method;
-    let score = r.token_logprobs.as_ref().and_then(|lps| {
-        let stats: Vec<TokenStat> = lps
-            .iter()
-            .map(|l| TokenStat {
-                logprob: *l,
-                entropy: 0.0,
-            })
-            .collect();
-        confidence::score(&stats, method)
-    });
+    let score = llm_score(config, r);
     if args.json {
         println!(
             "{}",
@@ -308,13 +318,142 @@ fn print_llm(
     }
 }
 
+/// What one run did, for its audit entry.
+#[derive(Debug, Default)]
+struct Trail {
+    interaction: Interaction,
+    route: Option<Route>,
+    policies: Vec<String>,
+    model: Option<String>,
+    provider: Option<String>,
+    confidence: Option<f64>,
+    escalation_reason: Option<String>,
+    usage: Option<TokenUsage>,
+    response: Value,
+}
+
+impl Trail {
+    fn decided(&mut self, d: &RouteDecision) {
+        self.route = Some(match d.selection {
+            Selection::Slm { .. } => Route::Slm,
+            Selection::Llm { .. } => Route::Llm,
+            Selection::Deny { .. } => Route::Deny,
+        });
+        self.policies = d.policies_applied.clone();
+    }
+
+    fn escalating(&mut self, why: &str, slm: Value, score: Option<f64>) {
+        self.interaction = Interaction::Escalation;
+        self.escalation_reason = Some(why.to_string());
+        self.confidence = score;
+        self.response = json!({ "slm": slm });
+    }
+
+    /// The remote answer; for an escalation it joins what the SLM did, whose confidence stays
+    /// the entry's (it is why the request escalated).
+    fn llm(&mut self, config: &Config, r: &ChatResponse) {
+        let score = llm_score(config, r);
+        if self.interaction != Interaction::Escalation {
+            self.confidence = score;
+        }
+        self.model = Some(r.model.clone());
+        self.provider = Some(r.provider.clone());
+        self.usage = Some(TokenUsage {
+            prompt_tokens: r.usage.prompt_tokens,
+            completion_tokens: r.usage.completion_tokens,
+        });
+        let answer = json!({
+            "text": r.text,
+            "model": r.model,
+            "provider": r.provider,
+            "finish_reason": r.finish_reason,
+            "confidence": score,
+            "latency_ms": r.latency_ms,
+            "attempts": r.attempts,
+        });
+        match &mut self.response {
+            Value::Object(m) => {
+                if let Value::Object(a) = answer {
+                    m.extend(a);
+                }
+            }
+            other => *other = answer,
+        }
+    }
+
+    fn record(self, args: &RunArgs, result: &crate::Result<i32>, t0: Instant) -> AuditRecord {
+        AuditRecord {
+            request_id: audit::new_id(),
+            caller: audit::Caller {
+                agent: args.caller.agent.clone(),
+                team: args.caller.team.clone(),
+                key_alias: args.caller.key_alias.clone(),
+            },
+            interaction: self.interaction,
+            model: self.model,
+            provider: self.provider,
+            route: self.route,
+            policies: self.policies,
+            confidence: self.confidence,
+            escalation_reason: self.escalation_reason,
+            latency_ms: t0.elapsed().as_secs_f64() * 1e3,
+            usage: self.usage,
+            error: result.as_ref().err().map(ToString::to_string),
+            request: json!({
+                "messages": messages(args, &args.prompt),
+                "model": args.model,
+                "profile": args.profile,
+                "max_tokens": args.max_tokens,
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "seed": args.seed,
+                "task": args.caller.task.as_ref().map(ToString::to_string),
+                "metadata": args.caller.metadata,
+            }),
+            response: self.response,
+        }
+    }
+}
+
 pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
     let t0 = Instant::now();
+    let audit_log = if config.audit.enabled {
+        Some(AuditLog::open(&config.audit)?)
+    } else {
+        None
+    };
+    let mut trail = Trail::default();
+    let result = route_and_answer(config, args, t0, &mut trail);
+    if let Some(log) = audit_log {
+        let rec = trail.record(args, &result, t0);
+        tracing::debug!(request_id = %rec.request_id, "audit entry");
+        log.record(rec);
+        match log.shutdown() {
+            Ok(s) if s.written == 1 => {}
+            Ok(_) => eprintln!(
+                "corral: audit log: this request's entry was not written (see the error above)"
+            ),
+            Err(e) => eprintln!("corral: audit log: {e}"),
+        }
+    }
+    result
+}
+
+/// Routes and answers the prompt, noting in `trail` what happened.
+fn route_and_answer(
+    config: &Config,
+    args: &RunArgs,
+    t0: Instant,
+    trail: &mut Trail,
+) -> crate::Result<i32> {
     let ctx = args.caller.context(&args.prompt, args.model.as_deref())?;
     let d = config.routing.decide(&ctx);
+    trail.decided(&d);
     let method = config.routing.method;
     match &d.selection {
         Selection::Deny { reason } => {
+            trail.interaction = Interaction::RouteDenied;
+            trail.response = json!({"denied": reason, "reasoning": d.reasoning});
             if args.json {
                 println!(
                     "{}",
@@ -326,11 +465,13 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
         }
         Selection::Llm { providers } => {
             let r = call_chain(config, providers, args, &d)?;
+            trail.llm(config, &r);
             print_llm(config, args, &d, &r, None, None, t0);
             Ok(0)
         }
         Selection::Slm { model, profile } => {
             let model = args.model.clone().unwrap_or_else(|| model.clone());
+            trail.model = Some(model.clone());
             config
                 .routing
                 .allowed(args.caller.agent.as_deref(), &model)
@@ -348,7 +489,14 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
                 Err(e) if d.fallback_available && config.routing.on_slm_failure => {
                     let why = format!("the SLM failed: {e}");
                     eprintln!("corral: {why}; escalating");
+                    // The runner's error text goes in the encrypted payload, not the metadata.
+                    trail.escalating(
+                        "the SLM failed",
+                        json!({"model": model, "profile": profile, "error": e.to_string()}),
+                        None,
+                    );
                     let r = call_chain(config, &config.routing.fallback, args, &d)?;
+                    trail.llm(config, &r);
                     print_llm(config, args, &d, &r, Some(&why), None, t0);
                     return Ok(0);
                 }
@@ -366,8 +514,10 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
                         method.name()
                     )
                 };
-                let r = call_chain(config, &config.routing.fallback, args, &d)?;
                 let slm = slm_json(&answer, &model, &profile, method.name());
+                trail.escalating(&why, slm.clone(), answer.score);
+                let r = call_chain(config, &config.routing.fallback, args, &d)?;
+                trail.llm(config, &r);
                 print_llm(config, args, &d, &r, Some(&why), Some(slm), t0);
                 return Ok(0);
             }
@@ -380,6 +530,13 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
             } else {
                 format!("below the threshold {need}; escalation is off (routing.llm_fallback.on_low_confidence)")
             };
+            trail.confidence = answer.score;
+            trail.usage = Some(TokenUsage {
+                prompt_tokens: answer.done.prompt_tokens,
+                completion_tokens: answer.done.completion_tokens,
+            });
+            trail.response = slm_json(&answer, &model, &profile, method.name());
+            trail.response["below_threshold"] = json!(low && need > 0.0);
             if args.json {
                 let mut v = slm_json(&answer, &model, &profile, method.name());
                 v["below_threshold"] = json!(low && need > 0.0);

@@ -28,6 +28,9 @@ pub const OVERRIDES: &[(&[&str], &str)] = &[
     (&["CORRAL_SANDBOX_UID"], "sandbox.uid"),
     (&["CORRAL_SANDBOX_GID"], "sandbox.gid"),
     (&["CORRAL_STATE_DIR"], "sandbox.state_dir"),
+    (&["CORRAL_AUDIT_ENABLED"], "audit.enabled"),
+    (&["CORRAL_AUDIT_DIR"], "audit.dir"),
+    (&["CORRAL_AUDIT_KEY_FILE"], "audit.key_file"),
 ];
 
 fn parse_bool(var: &str, v: &str) -> Result<bool, ConfigError> {
@@ -74,6 +77,9 @@ pub fn apply(
             "sandbox.uid" => raw.sandbox.uid = parse_u32(var, &value)?,
             "sandbox.gid" => raw.sandbox.gid = parse_u32(var, &value)?,
             "sandbox.state_dir" => raw.sandbox.state_dir = value.into(),
+            "audit.enabled" => raw.audit.enabled = parse_bool(var, &value)?,
+            "audit.dir" => raw.audit.dir = Some(value.into()),
+            "audit.key_file" => raw.audit.key_file = Some(value.into()),
             _ => continue,
         }
         applied.push((*key, var.to_string()));

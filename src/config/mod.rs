@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub max_request_body_bytes: u64,
     pub shutdown_grace: Duration,
+    pub auth: crate::server::AuthConfig,
+    pub pool: crate::server::PoolConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +85,7 @@ pub struct Config {
     pub profiles: ProfileRegistry,
     pub routing: crate::routing::Router,
     pub providers: BTreeMap<String, crate::providers::ProviderConfig>,
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Where to look for things; the CLI fills it from flags, tests from their own values.
@@ -318,11 +321,40 @@ fn compile(
     )
     .map_err(|(k, m)| invalid(&k, m))?;
 
+    // The key itself, never a config key: parsed here so a bad one is reported before anything
+    // runs, whether or not the log is enabled (`corral logs decrypt` uses it too).
+    let env_key = match get("CORRAL_LOG_KEY") {
+        None => None,
+        Some(v) => Some(
+            crate::audit::AuditKey::parse(&v, "environment variable CORRAL_LOG_KEY").map_err(
+                |e| ConfigError::Env {
+                    var: "CORRAL_LOG_KEY".into(),
+                    message: match e {
+                        crate::audit::AuditError::BadKey { message, .. } => message,
+                        other => other.to_string(),
+                    },
+                },
+            )?,
+        ),
+    };
+    let audit = crate::audit::AuditConfig::compile(
+        &raw.audit,
+        &default_data_dir(get).join("audit"),
+        env_key,
+    )
+    .map_err(|(k, m)| invalid(&k, m))?;
+
+    let server_auth =
+        crate::server::settings::compile_auth(&raw.server.auth, bind.ip().is_loopback())
+            .map_err(|(k, m)| invalid(&k, m))?;
+    let server_pool =
+        crate::server::settings::compile_pool(&raw.server.pool, &|id| models.contains(id))
+            .map_err(|(k, m)| invalid(&k, m))?;
     let model_dir = raw
         .slm
         .model_dir
         .clone()
-        .unwrap_or_else(|| default_model_dir(get));
+        .unwrap_or_else(|| default_data_dir(get).join("models"));
     Ok(Config {
         path,
         server: ServerConfig {
@@ -330,6 +362,8 @@ fn compile(
             request_timeout: Duration::from_secs(raw.server.request_timeout_seconds),
             max_request_body_bytes: raw.server.max_request_body_bytes,
             shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),
+            auth: server_auth,
+            pool: server_pool,
         },
         slm: SlmConfig {
             enabled: raw.slm.enabled,
@@ -351,6 +385,7 @@ fn compile(
             state_dir: raw.sandbox.state_dir,
         },
         profiles,
+        audit,
     })
 }
 
@@ -395,15 +430,16 @@ fn validate_model(
     Ok(())
 }
 
-/// `$XDG_DATA_HOME/corral/models`, else `~/.local/share/corral/models`, else `/var/lib/corral/models`.
-fn default_model_dir(get: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+/// corral's data directory, holding `models/` and `audit/`: `$XDG_DATA_HOME/corral`, else
+/// `~/.local/share/corral`, else `/var/lib/corral`.
+fn default_data_dir(get: &dyn Fn(&str) -> Option<String>) -> PathBuf {
     if let Some(x) = get("XDG_DATA_HOME") {
-        return PathBuf::from(x).join("corral/models");
+        return PathBuf::from(x).join("corral");
     }
     if let Some(h) = get("HOME") {
-        return PathBuf::from(h).join(".local/share/corral/models");
+        return PathBuf::from(h).join(".local/share/corral");
     }
-    PathBuf::from("/var/lib/corral/models")
+    PathBuf::from("/var/lib/corral")
 }
 
 #[cfg(test)]
@@ -511,6 +547,101 @@ mod tests {
         assert_eq!(c.routing.fallback, vec!["local".to_string()]);
         let err = load("[sandbox]\nuid = 0\n", &[]).unwrap_err().to_string();
         assert!(err.contains("sandbox.uid: must not be 0"), "{err}");
+    }
+
+    #[test]
+    fn audit_defaults_env_overrides_and_errors_name_the_key() {
+        use crate::audit::{KeySource, QueueFull};
+        let c = load("", &[("XDG_DATA_HOME", "/data")]).unwrap();
+        assert!(!c.audit.enabled);
+        assert_eq!(c.audit.dir, PathBuf::from("/data/corral/audit"));
+        assert_eq!(c.slm.model_dir, PathBuf::from("/data/corral/models"));
+        assert!(
+            matches!(&c.audit.key, KeySource::Generated(p) if p == Path::new("/data/corral/audit/audit.key"))
+        );
+        assert_eq!(c.audit.on_queue_full, QueueFull::Drop);
+        assert_eq!(c.audit.retention, Some(Duration::from_secs(90 * 86_400)));
+
+        let c = load(
+            "[audit]\nenabled = true\ndir = \"/a\"\nkey_file = \"/k\"\non_queue_full = \"block\"\nretention_days = 0\npii_kinds = [\"email\"]\n",
+            &[],
+        )
+        .unwrap();
+        assert!(c.audit.enabled && c.audit.retention.is_none());
+        assert!(matches!(&c.audit.key, KeySource::File(p) if p == Path::new("/k")));
+        assert_eq!(c.audit.on_queue_full, QueueFull::Block);
+        assert_eq!(c.audit.pii_kinds, vec![crate::guardrails::PiiKind::Email]);
+
+        let hex = "07".repeat(32);
+        let c = load(
+            "[audit]\nkey_file = \"/k\"\n",
+            &[
+                ("CORRAL_AUDIT_ENABLED", "yes"),
+                ("CORRAL_AUDIT_DIR", "/env/audit"),
+                ("CORRAL_LOG_KEY", &hex),
+            ],
+        )
+        .unwrap();
+        assert!(c.audit.enabled);
+        assert_eq!(c.audit.dir, PathBuf::from("/env/audit"));
+        assert!(
+            matches!(c.audit.key, KeySource::Env(_)),
+            "CORRAL_LOG_KEY wins"
+        );
+
+        let err = load("", &[("CORRAL_LOG_KEY", "abcd")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "environment variable CORRAL_LOG_KEY: 3 bytes, expected 32 (a 256-bit key, base64 or hex)"
+        );
+        let err = load("", &[("CORRAL_LOG_KEY", "not a key!")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CORRAL_LOG_KEY: not base64 or hex"), "{err}");
+        let err = load("[audit]\non_queue_full = \"wait\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("audit.on_queue_full") && err.contains("unknown variant"),
+            "{err}"
+        );
+        let err = load("[audit]\nqueue_capacity = 0\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("corral.toml: audit.queue_capacity: must be > 0"),
+            "{err}"
+        );
+        let err = load("[audit]\nmax_file_bytes = 10\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("audit.max_file_bytes: must be at least 4096"),
+            "{err}"
+        );
+        let err = load("[audit]\npii_kinds = []\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("audit.pii_kinds: must name at least one kind"),
+            "{err}"
+        );
+        let err = load("[audit]\nsensitive_keys = [\"a\", \" \"]\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("audit.sensitive_keys[1]: must not be empty"),
+            "{err}"
+        );
+        let err = load("[audit]\nkeyfile = \"/k\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("audit.keyfile") && err.contains("unknown field"),
+            "{err}"
+        );
     }
 
     #[test]

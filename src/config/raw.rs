@@ -20,6 +20,9 @@ pub struct RawConfig {
     /// Remote LLM providers by name (see `crate::providers`). API keys come from the
     /// environment variables they name, never from this file.
     pub providers: BTreeMap<String, crate::providers::ProviderConfig>,
+    /// The encrypted model I/O audit log (see `crate::audit`; each field's doc names its
+    /// environment variable). Its key may come from `CORRAL_LOG_KEY`, never from this file.
+    pub audit: crate::audit::RawAudit,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -30,6 +33,10 @@ pub struct RawServer {
     pub request_timeout_seconds: u64,
     pub max_request_body_bytes: u64,
     pub shutdown_grace_seconds: u64,
+    /// API keys, the admin key, anonymous access (see `crate::server::settings`).
+    pub auth: crate::server::RawAuth,
+    /// Warm runner pools (see `crate::server::settings`).
+    pub pool: crate::server::RawPool,
 }
 
 impl Default for RawServer {
@@ -39,6 +46,8 @@ impl Default for RawServer {
             request_timeout_seconds: 120,
             max_request_body_bytes: 1024 * 1024,
             shutdown_grace_seconds: 30,
+            auth: Default::default(),
+            pool: Default::default(),
         }
     }
 }

@@ -52,14 +52,36 @@ pub fn redact_json(
     sensitive_keys: &[String],
     pii: Option<&PiiDetector>,
 ) -> usize {
-    let sensitive: Vec<String> = sensitive_keys.iter().map(|k| normalize_key(k)).collect();
+    redact_json_with(value, &SensitiveKeys::new(sensitive_keys), pii)
+}
+
+/// Sensitive keys normalized once, for a caller that redacts many documents with the same list
+/// (the audit log's writer): [`redact_json_with`] then skips normalizing them per document.
+#[derive(Debug, Clone, Default)]
+pub struct SensitiveKeys(Vec<String>);
+
+impl SensitiveKeys {
+    pub fn new(keys: &[String]) -> SensitiveKeys {
+        SensitiveKeys(keys.iter().map(|k| normalize_key(k)).collect())
+    }
+}
+
+/// [`redact_json`] with keys normalized beforehand.
+pub fn redact_json_with(
+    value: &mut Value,
+    sensitive: &SensitiveKeys,
+    pii: Option<&PiiDetector>,
+) -> usize {
+    let sensitive = &sensitive.0;
     let mut changed = 0;
+    let mut normalized = String::new();
     let mut stack: Vec<&mut Value> = vec![value];
     while let Some(v) = stack.pop() {
         match v {
             Value::Object(map) => {
                 for (key, child) in map.iter_mut() {
-                    if !sensitive.iter().any(|s| key_matches(key, s)) {
+                    normalize_into(key, &mut normalized);
+                    if !sensitive.contains(&normalized) {
                         stack.push(child);
                     } else if child.as_str() != Some(REDACTED) {
                         *child = Value::String(REDACTED.to_owned());
@@ -85,18 +107,22 @@ pub fn redact_json(
 
 /// Lowercase with `-` and `_` removed.
 fn normalize_key(key: &str) -> String {
-    key.chars()
-        .filter(|c| *c != '-' && *c != '_')
-        .flat_map(char::to_lowercase)
-        .collect()
+    let mut out = String::with_capacity(key.len());
+    normalize_into(key, &mut out);
+    out
 }
 
-/// Whether `key` normalizes to `normalized`, without allocating.
-fn key_matches(key: &str, normalized: &str) -> bool {
-    key.chars()
-        .filter(|c| *c != '-' && *c != '_')
-        .flat_map(char::to_lowercase)
-        .eq(normalized.chars())
+/// [`normalize_key`] into a reused buffer: each object key is normalized once and compared with
+/// the (already normalized) sensitive keys, rather than re-walked for every one of them.
+fn normalize_into(key: &str, out: &mut String) {
+    out.clear();
+    for c in key.chars() {
+        match c {
+            '-' | '_' => {}
+            c if c.is_ascii() => out.push(c.to_ascii_lowercase()),
+            c => out.extend(c.to_lowercase()),
+        }
+    }
 }
 
 #[cfg(test)]

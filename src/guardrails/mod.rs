@@ -28,7 +28,10 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 pub use injection::{InjectionDetector, InjectionVerdict, Signal, SIGNALS};
-pub use json::{default_sensitive_keys, redact_json, DEFAULT_SENSITIVE_KEYS, REDACTED};
+pub use json::{
+    default_sensitive_keys, redact_json, redact_json_with, SensitiveKeys, DEFAULT_SENSITIVE_KEYS,
+    REDACTED,
+};
 pub use pii::{Finding, PiiDetector, PiiKind};
 
 /// Errors from parsing guardrail settings.

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::Catalog;
 use crate::guardrails::{GuardrailAction, InjectionDetector, PiiDetector, PiiKind};
 use crate::providers::ProviderConfig;
-pub use rules::{Action, RawRule, RequestContext, Rule};
+pub use rules::{Action, RawRule, RequestContext, Rule, Streaming};
 pub use task::{Classification, Classifier, Complexity, TaskType};
 
 /// `[routing]`.
@@ -189,6 +189,9 @@ pub struct RouteDecision {
     /// The prompt remote providers get (PII masked when the guardrail says so).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote_prompt: Option<String>,
+    /// The deciding policy's `streaming` choice for an SLM answer, if it made one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<rules::Streaming>,
 }
 
 /// The compiled `[routing]` section.
@@ -372,6 +375,7 @@ impl Router {
                     model,
                     profile,
                     min_confidence,
+                    ..
                 } => {
                     if let Some(m) = model {
                         check_model(&format!("{key}.model"), m)?;
@@ -466,6 +470,7 @@ impl Router {
                 min_confidence: None,
                 model: None,
                 profile: None,
+                streaming: None,
             }
         } else if !raw.llm_fallback.providers.is_empty() {
             Action::RequireLlm {
@@ -591,6 +596,28 @@ impl Router {
             .unwrap_or(self.default_threshold)
     }
 
+    /// Replaces (or with `None` removes) one agent's allow list: the runtime override the admin
+    /// API makes when `slm.model_allow_lists.allow_runtime_overrides` is on. Models must be in
+    /// the catalog.
+    pub fn set_allow_list(
+        &mut self,
+        agent: &str,
+        models: Option<Vec<String>>,
+    ) -> Result<(), String> {
+        match models {
+            None => {
+                self.agent_model_maps.remove(agent);
+            }
+            Some(m) => {
+                if let Some(bad) = m.iter().find(|id| !self.known_models.contains(*id)) {
+                    return Err(format!("model '{bad}' is not in the catalog"));
+                }
+                self.agent_model_maps.insert(agent.to_string(), m);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `agent` may use `model` (`slm.model_allow_lists.agent_model_maps`: an agent with
     /// an entry may use only the models listed there; a `*` entry applies to agents without one).
     pub fn allowed(&self, agent: Option<&str>, model: &str) -> Result<(), String> {
@@ -606,6 +633,24 @@ impl Router {
                 l.join(", ")
             )),
         }
+    }
+
+    /// `text` with PII masked by the configured detector, as remote providers get it when a
+    /// decision's `remote_prompt` is set (each message of a conversation masked on its own).
+    pub fn mask_pii(&self, text: &str) -> String {
+        match &self.pii {
+            Some(d) => d.mask(text).0,
+            None => text.to_string(),
+        }
+    }
+
+    /// The sandbox profile a model runs in when no policy names one:
+    /// `routing.slm_preferences.profile`, else the catalog's, else `slm.default_sandbox_profile`.
+    pub fn profile_for(&self, model: &str) -> String {
+        self.slm_profile
+            .clone()
+            .or_else(|| self.catalog_profiles.get(model).cloned().flatten())
+            .unwrap_or_else(|| self.default_profile.clone())
     }
 
     /// Decides the route for `req`. Pure: no I/O. The reasoning names the steps that decided;
@@ -637,6 +682,7 @@ impl Router {
                 confidence_required: None,
                 fallback_available,
                 remote_prompt: None,
+                streaming: None,
             };
 
         // Which policies and guardrails apply to this caller (attachments, see scope.rs).
@@ -719,6 +765,7 @@ impl Router {
                     min_confidence: Some(0.0),
                     model: None,
                     profile: None,
+                    streaming: None,
                 }
             } else {
                 self.default_action.clone()
@@ -786,6 +833,7 @@ impl Router {
             confidence_required,
             fallback_available,
             remote_prompt: remote_prompt.clone(),
+            streaming: None,
         };
         match action {
             Action::Deny { reason } => deny(reason, reasoning, applied, class),
@@ -811,6 +859,7 @@ impl Router {
                 min_confidence,
                 model,
                 profile,
+                streaming,
             } => {
                 let model = model.unwrap_or_else(|| self.slm_model.clone());
                 if let Err(why) = self.allowed(req.agent.as_deref(), &model) {
@@ -829,22 +878,21 @@ impl Router {
                     }
                     return deny(why, reasoning, applied, class);
                 }
-                let profile = profile
-                    .or_else(|| self.slm_profile.clone())
-                    .or_else(|| self.catalog_profiles.get(&model).cloned().flatten())
-                    .unwrap_or_else(|| self.default_profile.clone());
+                let profile = profile.unwrap_or_else(|| self.profile_for(&model));
                 let need = min_confidence.unwrap_or_else(|| self.threshold(&class.task));
                 reasoning.push(format!(
                     "SLM {model} in profile {profile}; accepted at confidence >= {need} ({})",
                     self.method.name()
                 ));
-                decision(
+                let mut d = decision(
                     Selection::Slm { model, profile },
                     Some(need),
                     reasoning,
                     applied,
                     class,
-                )
+                );
+                d.streaming = streaming;
+                d
             }
         }
     }

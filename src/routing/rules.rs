@@ -70,6 +70,18 @@ pub struct TimeWindow {
     pub end: String,
 }
 
+/// How `corral serve` streams an SLM answer that may still be escalated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Streaming {
+    /// Hold the answer until its confidence is known, then send it (or the escalated one): the
+    /// client never sees an answer that is replaced, at the cost of time to first byte.
+    Buffer,
+    /// Send tokens as they come; a low score can then no longer escalate (the answer is
+    /// delivered), and the final chunk says `below_threshold`.
+    Stream,
+}
+
 /// What a rule (or the default) decides.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -85,6 +97,10 @@ pub enum Action {
         /// Sandbox profile (default: the model's, else `slm.default_sandbox_profile`).
         #[serde(default)]
         profile: Option<String>,
+        /// How a streamed answer meets escalation (default: `buffer` when the answer may be
+        /// escalated, else `stream`; see docs/serving.md).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        streaming: Option<Streaming>,
     },
     /// Skip the SLM and send the request to the remote chain.
     RequireLlm {

@@ -150,8 +150,16 @@ struct ClassRule {
 enum Pattern {
     /// A keyword of rule `.0` (lower-cased, as configured).
     Keyword(usize, String),
-    /// A regex of rule `.0`, kept compiled on its own to quote what matched as evidence.
-    Regex(usize, Regex),
+    /// A regex of rule `.0` (source, and compiled on its own, on first use, to quote what matched
+    /// as evidence).
+    Regex(usize, String, std::sync::OnceLock<Regex>),
+}
+
+/// Compiles a pattern already known to be valid (checked at load, or a built-in constant that
+/// every unit test compiles).
+#[allow(clippy::expect_used)]
+fn known_good(pattern: &str) -> Regex {
+    Regex::new(pattern).expect("pattern validated when the configuration loaded")
 }
 
 /// Compiled classification rules, and the one [`RegexSet`] that finds everything the router
@@ -161,8 +169,12 @@ enum Pattern {
 pub struct Classifier {
     rules: Vec<ClassRule>,
     default_task: TaskType,
-    /// `[MARKERS][patterns][extra]`, in that order.
-    set: RegexSet,
+    /// `[MARKERS][patterns][extra]`, in that order; compiled at load when the configuration
+    /// adds patterns (so a bad one is a load error), else on first use (the built-in ones are
+    /// known to compile, and commands that never classify, such as `sandbox exec`, should not
+    /// pay for them).
+    set: std::sync::OnceLock<RegexSet>,
+    sources: Vec<String>,
     patterns: Vec<Pattern>,
 }
 
@@ -267,9 +279,11 @@ impl Classifier {
         let mut patterns = Vec::new();
         if builtin {
             for (task, re, weight) in BUILTIN_RULES {
-                let regex = Regex::new(re)
-                    .map_err(|e| ("routing.classification".to_string(), e.to_string()))?;
-                patterns.push(Pattern::Regex(rules.len(), regex));
+                patterns.push(Pattern::Regex(
+                    rules.len(),
+                    re.to_string(),
+                    std::sync::OnceLock::new(),
+                ));
                 rules.push(ClassRule {
                     task: task
                         .parse()
@@ -295,28 +309,34 @@ impl Classifier {
             for (j, re) in r.regex.iter().enumerate() {
                 let regex =
                     Regex::new(re).map_err(|e| (format!("{key}.regex[{j}]"), e.to_string()))?;
-                patterns.push(Pattern::Regex(rules.len(), regex));
+                patterns.push(Pattern::Regex(rules.len(), re.clone(), regex.into()));
             }
             rules.push(ClassRule {
                 task: r.task.clone(),
                 weight: r.weight,
             });
         }
-        let all = MARKERS
+        let sources: Vec<String> = MARKERS
             .iter()
             .map(|(p, _)| p.to_string())
             .chain(patterns.iter().map(|p| match p {
                 // Case-insensitive substring, as the keyword was documented.
                 Pattern::Keyword(_, k) => format!("(?i){}", regex::escape(k)),
-                Pattern::Regex(_, re) => re.as_str().to_string(),
+                Pattern::Regex(_, re, _) => re.clone(),
             }))
-            .chain(more);
-        let set = RegexSet::new(all)
-            .map_err(|e| ("routing.classification".to_string(), e.to_string()))?;
+            .chain(more)
+            .collect();
+        let set = std::sync::OnceLock::new();
+        if !extra.is_empty() {
+            let compiled = RegexSet::new(&sources)
+                .map_err(|e| ("routing.classification".to_string(), e.to_string()))?;
+            let _ = set.set(compiled);
+        }
         Ok(Classifier {
             rules,
             default_task,
             set,
+            sources,
             patterns,
         })
     }
@@ -332,7 +352,11 @@ impl Classifier {
     /// One pass over `prompt` with every pattern; feed the result to
     /// [`Classifier::classify_scanned`] and [`Classifier::extra_matches`].
     pub fn scan(&self, prompt: &str) -> Scan {
-        Scan(self.set.matches(prompt))
+        let set = self.set.get_or_init(|| {
+            #[allow(clippy::expect_used)] // built-in patterns only: see the field's doc
+            RegexSet::new(&self.sources).expect("built-in classification patterns compile")
+        });
+        Scan(set.matches(prompt))
     }
 
     /// Which of the extra patterns given to [`Classifier::with_patterns`] matched (ascending).
@@ -380,9 +404,10 @@ impl Classifier {
             };
             let (rule, what) = match p {
                 Pattern::Keyword(r, k) => (*r, format!("keyword '{k}'")),
-                Pattern::Regex(r, re) => (
+                Pattern::Regex(r, src, re) => (
                     *r,
-                    re.find(prompt)
+                    re.get_or_init(|| known_good(src))
+                        .find(prompt)
                         .map(|m| format!("'{}'", truncate(m.as_str(), 40)))
                         .unwrap_or_default(),
                 ),

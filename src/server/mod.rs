@@ -1,0 +1,349 @@
+//! `corral serve`: an OpenAI-compatible HTTP endpoint in front of sandboxed local models and
+//! remote LLM providers.
+//!
+//! How the files relate:
+//! - `settings.rs`: the `[server.auth]` and `[server.pool]` configuration.
+//! - `auth.rs`: API keys -> [`auth::Identity`], rate and concurrency limits, the admin key.
+//! - `pool.rs`: warm sandboxed runners per (model, profile), their queue, crash replacement.
+//! - `openai.rs`: the request shapes and what corral does with each field.
+//! - `api.rs`: the handlers: route, run on a pool or the provider chain, score, escalate, answer
+//!   (JSON or server-sent events) with `x-corral-*` headers.
+//! - `metrics.rs`: the Prometheus exposition behind `/metrics`.
+//! - `error.rs`: errors in OpenAI's format.
+//!
+//! [`app`] builds the router from a [`State`] (tests call it directly); [`serve`] binds, handles
+//! SIGHUP (reload: the new configuration is validated and swapped in, or the old one keeps
+//! serving and the error is logged) and SIGTERM/SIGINT (graceful shutdown: stop accepting, drain
+//! in-flight requests for up to `server.shutdown_grace_seconds`, stop every runner).
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod pool;
+pub mod settings;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::config::{Config, Sources};
+use crate::providers::Provider;
+use crate::routing::calibrate::Monitor;
+use crate::sandbox::HostSupport;
+use crate::slm::models;
+use crate::slm::runner::{runner_binary, RunnerSpec};
+
+pub use settings::{AuthConfig, PoolConfig, RawAuth, RawPool};
+
+/// One configuration generation: what a reload replaces.
+#[derive(Debug)]
+pub struct Live {
+    pub config: Config,
+    pub keys: Arc<auth::Keys>,
+    /// Providers are built once per generation so circuit breakers see every request.
+    pub providers: BTreeMap<String, Arc<Provider>>,
+    pub generation: u64,
+}
+
+impl Live {
+    pub fn new(config: Config, generation: u64) -> Result<Live, String> {
+        let keys = auth::Keys::load(&config.server.auth, &|k| {
+            std::env::var(k).ok().filter(|v| !v.is_empty())
+        })?;
+        let providers = config
+            .providers
+            .iter()
+            .map(|(n, c)| (n.clone(), Arc::new(Provider::new(n, c.clone()))))
+            .collect();
+        Ok(Live {
+            config,
+            keys: Arc::new(keys),
+            providers,
+            generation,
+        })
+    }
+}
+
+/// Shared by every request.
+#[derive(Debug)]
+pub struct State {
+    live: RwLock<Arc<Live>>,
+    /// Pools by (model, profile, configuration generation).
+    pools: Mutex<HashMap<(String, String, u64), Arc<pool::Pool>>>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub monitor: Mutex<Monitor>,
+    pub host: HostSupport,
+    sources: Sources,
+    draining: AtomicBool,
+    /// The audit log (`[audit]`), opened at start; a reload does not reopen it.
+    pub audit: Option<crate::audit::AuditLog>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl State {
+    pub fn new(config: Config, sources: Sources) -> Result<Arc<State>, String> {
+        // Refuse to serve without the audit log the configuration asks for.
+        let audit = if config.audit.enabled {
+            Some(
+                crate::audit::AuditLog::open(&config.audit)
+                    .map_err(|e| format!("audit log: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let live = Live::new(config, 0)?;
+        Ok(Arc::new(State {
+            live: RwLock::new(Arc::new(live)),
+            pools: Mutex::new(HashMap::new()),
+            metrics: Arc::new(metrics::Metrics::default()),
+            monitor: Mutex::new(Monitor::new(100_000)),
+            host: HostSupport::probe(),
+            sources,
+            draining: AtomicBool::new(false),
+            audit,
+        }))
+    }
+
+    pub fn live(&self) -> Arc<Live> {
+        self.live
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Loads the configuration again; on success new requests use it (and new pools), on error
+    /// the old one keeps serving. Pools of the old generation finish their queues and stop.
+    pub fn reload(&self) -> Result<u64, String> {
+        let config = Config::load(&self.sources).map_err(|e| e.to_string())?;
+        let generation = self.live().generation + 1;
+        let live = Live::new(config, generation)?;
+        *self
+            .live
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(live);
+        let old: Vec<Arc<pool::Pool>> = {
+            let mut pools = lock(&self.pools);
+            let stale: Vec<_> = pools
+                .keys()
+                .filter(|k| k.2 != generation)
+                .cloned()
+                .collect();
+            stale.iter().filter_map(|k| pools.remove(k)).collect()
+        };
+        for p in &old {
+            p.close();
+        }
+        std::thread::spawn(move || old.iter().for_each(|p| p.join()));
+        tracing::info!(generation, "configuration reloaded");
+        Ok(generation)
+    }
+
+    /// A runtime allow-list override (admin API): the same generation (pools keep running) with
+    /// one agent's list replaced. A reload goes back to the file's lists.
+    pub fn override_allow_list(
+        &self,
+        agent: &str,
+        models: Option<Vec<String>>,
+    ) -> Result<(), String> {
+        let mut guard = self
+            .live
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !guard.config.slm.allow_runtime_overrides {
+            return Err(
+                "runtime overrides are off (slm.model_allow_lists.allow_runtime_overrides = false)"
+                    .into(),
+            );
+        }
+        let mut config = guard.config.clone();
+        config.routing.set_allow_list(agent, models.clone())?;
+        match models {
+            Some(m) => {
+                config.slm.agent_model_maps.insert(agent.to_string(), m);
+            }
+            None => {
+                config.slm.agent_model_maps.remove(agent);
+            }
+        }
+        *guard = Arc::new(Live {
+            config,
+            keys: guard.keys.clone(),
+            providers: guard.providers.clone(),
+            generation: guard.generation,
+        });
+        tracing::warn!(agent, "allow list overridden at run time");
+        Ok(())
+    }
+
+    /// The pool for (model, profile) of this generation, started on first use.
+    pub fn pool(
+        &self,
+        live: &Live,
+        model: &str,
+        profile: &str,
+        warm: bool,
+    ) -> Result<Arc<pool::Pool>, String> {
+        let key = (model.to_string(), profile.to_string(), live.generation);
+        let mut pools = lock(&self.pools);
+        if let Some(p) = pools.get(&key) {
+            return Ok(p.clone());
+        }
+        let config = &live.config;
+        let m = models::lookup(config, model).map_err(|e| e.to_string())?;
+        let path = models::require(config, m).map_err(|e| e.to_string())?;
+        let profile_def = config
+            .profiles
+            .resolve(profile)
+            .map_err(|e| e.to_string())?;
+        let launch = pool::Launch {
+            spec: RunnerSpec {
+                model_path: path,
+                sha256: m.sha256.clone(),
+                binary: runner_binary(),
+                requantize: true,
+            },
+            profile: profile_def,
+            sandbox: config.sandbox.clone(),
+            host: self.host.clone(),
+        };
+        let p = pool::Pool::start(
+            format!("{model}/{profile}"),
+            launch,
+            &config.server.pool,
+            warm,
+            self.metrics.clone(),
+        )
+        .map_err(|e| format!("starting pool workers: {e}"))?;
+        pools.insert(key, p.clone());
+        Ok(p)
+    }
+
+    /// Pools of the current generation.
+    pub fn current_pools(&self) -> Vec<Arc<pool::Pool>> {
+        let g = self.live().generation;
+        lock(&self.pools)
+            .iter()
+            .filter(|(k, _)| k.2 == g)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Closes every pool and waits for its runners to stop.
+    pub fn stop_pools(&self) {
+        let pools: Vec<_> = lock(&self.pools).drain().map(|(_, p)| p).collect();
+        for p in &pools {
+            p.close();
+        }
+        for p in &pools {
+            p.join();
+        }
+    }
+
+    /// Starts the warm pools (`server.pool.warm`).
+    pub fn warm_up(&self) -> Result<(), String> {
+        let live = self.live();
+        for model in &live.config.server.pool.warm {
+            let profile = live.config.routing.profile_for(model);
+            self.pool(&live, model, &profile, true)?;
+        }
+        Ok(())
+    }
+}
+
+pub use api::app;
+
+/// `corral serve`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Listen address (default: server.bind, 127.0.0.1:8080)
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub bind: Option<SocketAddr>,
+}
+
+/// Runs the server until SIGTERM or SIGINT.
+pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Result<i32> {
+    let bind = args.bind.unwrap_or(config.server.bind);
+    let grace = config.server.shutdown_grace;
+    let state = State::new(config, sources).map_err(crate::Error::Usage)?;
+    state.warm_up().map_err(crate::Error::Usage)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("corral-http")
+        .build()?;
+    let st = state.clone();
+    let result: std::io::Result<()> = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(bind).await?;
+        tracing::info!(addr = %listener.local_addr()?, "serving");
+        // The address line tests and scripts wait for.
+        eprintln!("corral: listening on http://{}", listener.local_addr()?);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let signals = tokio::spawn(signal_loop(st.clone(), stop_tx));
+        let mut rx = stop_rx.clone();
+        let server = axum::serve(listener, app(st.clone())).with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        });
+        let mut rx = stop_rx;
+        let handle = tokio::spawn(async move { server.await });
+        let _ = rx.wait_for(|s| *s).await;
+        st.draining.store(true, Ordering::Release);
+        match tokio::time::timeout(grace, handle).await {
+            Ok(r) => r.map_err(std::io::Error::other)??,
+            Err(_) => tracing::warn!(
+                ?grace,
+                "in-flight requests still running at the end of the grace period"
+            ),
+        }
+        signals.abort();
+        Ok(())
+    });
+    state.stop_pools();
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Some(log) = &state.audit {
+        if let Err(e) = log.flush() {
+            tracing::error!(error = %e, "audit log: final flush failed");
+        }
+    }
+    result?;
+    tracing::info!("stopped");
+    eprintln!("corral: stopped");
+    Ok(0)
+}
+
+async fn signal_loop(state: Arc<State>, stop: tokio::sync::watch::Sender<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let st = state.clone();
+                match tokio::task::spawn_blocking(move || st.reload()).await {
+                    Ok(Ok(g)) => eprintln!("corral: configuration reloaded (generation {g})"),
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "reload failed: keeping the old configuration");
+                        eprintln!("corral: reload failed, keeping the old configuration: {e}");
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload task failed"),
+                }
+            }
+            _ = term.recv() => { let _ = stop.send(true); return; }
+            _ = int.recv() => { let _ = stop.send(true); return; }
+        }
+    }
+}

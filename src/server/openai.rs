@@ -1,0 +1,362 @@
+//! The request shapes of OpenAI's `/v1/chat/completions` and `/v1/completions`, and what corral
+//! does with each field. Unknown fields are refused (as OpenAI does), and every field corral
+//! cannot honour is refused by name rather than ignored.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+
+/// `stop`: a string or up to 4 strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// A message's content: a string, or an array of parts of which only `text` parts are supported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<Value>,
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<InMessage>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub max_tokens: Option<u32>,
+    pub max_completion_tokens: Option<u32>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<u32>,
+    pub user: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    // Refused unless trivial (see `check_unsupported`).
+    pub n: Option<u32>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
+    pub response_format: Option<Value>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Prompt,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub max_tokens: Option<u32>,
+    pub stop: Option<Stop>,
+    pub seed: Option<i64>,
+    /// Integer: how many alternatives per position (0..=5 as OpenAI); absent: none.
+    pub logprobs: Option<u32>,
+    pub user: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub n: Option<u32>,
+    pub best_of: Option<u32>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+}
+
+/// Parses a body with errors that name the field, in OpenAI's format.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let msg = inner.to_string();
+        if let Some(field) = msg
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split('`').next())
+        {
+            return ApiError::invalid(
+                format!("Unrecognized request argument supplied: {field}"),
+                Some(field),
+            );
+        }
+        let param = (path != ".").then_some(path.as_str());
+        ApiError::invalid(
+            format!("We could not parse the JSON body of your request: {msg}"),
+            param,
+        )
+    })
+}
+
+fn penalties(
+    p: Option<f32>,
+    f: Option<f32>,
+    bias: &Option<BTreeMap<String, f32>>,
+) -> Result<(), ApiError> {
+    for (name, v) in [("presence_penalty", p), ("frequency_penalty", f)] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::unsupported(
+                name,
+                format!("{name} is not supported by corral's local models; leave it out or 0"),
+            ));
+        }
+    }
+    if bias.as_ref().is_some_and(|b| !b.is_empty()) {
+        return Err(ApiError::unsupported(
+            "logit_bias",
+            "logit_bias is not supported by corral; leave it out",
+        ));
+    }
+    Ok(())
+}
+
+fn sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result<(), ApiError> {
+    if temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
+        return Err(ApiError::invalid(
+            "temperature must be within [0, 2]",
+            Some("temperature"),
+        ));
+    }
+    if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return Err(ApiError::invalid(
+            "top_p must be within (0, 1]",
+            Some("top_p"),
+        ));
+    }
+    Ok(())
+}
+
+impl ChatRequest {
+    /// Refuses what corral does not implement, by name.
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::unsupported("n", "only n=1 is supported"));
+        }
+        for (name, v) in [
+            ("tools", &self.tools),
+            ("tool_choice", &self.tool_choice),
+            ("parallel_tool_calls", &self.parallel_tool_calls),
+            ("functions", &self.functions),
+            ("function_call", &self.function_call),
+        ] {
+            if v.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::unsupported(
+                    name,
+                    format!("{name}: tool calling is not supported by corral yet"),
+                ));
+            }
+        }
+        if let Some(rf) = &self.response_format {
+            if rf.get("type").and_then(Value::as_str) != Some("text") {
+                return Err(ApiError::unsupported(
+                    "response_format",
+                    "only response_format {\"type\": \"text\"} is supported",
+                ));
+            }
+        }
+        penalties(
+            self.presence_penalty,
+            self.frequency_penalty,
+            &self.logit_bias,
+        )?;
+        sampling(self.temperature, self.top_p)?;
+        if self.messages.is_empty() {
+            return Err(ApiError::invalid(
+                "messages must not be empty",
+                Some("messages"),
+            ));
+        }
+        if self.top_logprobs.is_some_and(|n| n > 20) {
+            return Err(ApiError::invalid(
+                "top_logprobs must be within 0..=20",
+                Some("top_logprobs"),
+            ));
+        }
+        if self.top_logprobs.is_some() && !self.logprobs {
+            return Err(ApiError::invalid(
+                "top_logprobs requires logprobs: true",
+                Some("top_logprobs"),
+            ));
+        }
+        if self.stream_options.is_some() && !self.stream {
+            return Err(ApiError::invalid(
+                "stream_options is only allowed with stream: true",
+                Some("stream_options"),
+            ));
+        }
+        if let Some(Stop::Many(v)) = &self.stop {
+            if v.len() > 4 {
+                return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
+            }
+        }
+        Ok(())
+    }
+
+    /// (role, text) of every message; content parts other than text are refused.
+    pub fn texts(&self) -> Result<Vec<(String, String)>, ApiError> {
+        let mut out = Vec::new();
+        for (i, m) in self.messages.iter().enumerate() {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant"
+            ) {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role '{}' is not supported (system, developer, user, assistant)", m.role),
+                    Some(&format!("messages[{i}].role")),
+                ));
+            }
+            if m.tool_calls.is_some() || m.tool_call_id.is_some() {
+                return Err(ApiError::unsupported(
+                    &format!("messages[{i}]"),
+                    "tool calling is not supported by corral yet",
+                ));
+            }
+            let _ = &m.name;
+            let text = match &m.content {
+                None => String::new(),
+                Some(Content::Text(s)) => s.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (
+                            p.get("type").and_then(Value::as_str),
+                            p.get("text").and_then(Value::as_str),
+                        ) {
+                            (Some("text"), Some(t)) => s.push_str(t),
+                            _ => {
+                                return Err(ApiError::unsupported(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    "only text content parts are supported",
+                                ))
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                &m.role
+            };
+            out.push((role.to_string(), text));
+        }
+        Ok(out)
+    }
+}
+
+impl CompletionRequest {
+    pub fn check(&self) -> Result<(), ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::unsupported("n", "only n=1 is supported"));
+        }
+        if self.best_of.is_some_and(|n| n != 1) {
+            return Err(ApiError::unsupported(
+                "best_of",
+                "only best_of=1 is supported",
+            ));
+        }
+        if self.echo {
+            return Err(ApiError::unsupported("echo", "echo is not supported"));
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::unsupported(
+                "suffix",
+                "suffix (insertion) is not supported",
+            ));
+        }
+        penalties(
+            self.presence_penalty,
+            self.frequency_penalty,
+            &self.logit_bias,
+        )?;
+        sampling(self.temperature, self.top_p)?;
+        if self.logprobs.is_some_and(|n| n > 5) {
+            return Err(ApiError::invalid(
+                "logprobs must be within 0..=5",
+                Some("logprobs"),
+            ));
+        }
+        if self.stream_options.is_some() && !self.stream {
+            return Err(ApiError::invalid(
+                "stream_options is only allowed with stream: true",
+                Some("stream_options"),
+            ));
+        }
+        if let Some(Stop::Many(v)) = &self.stop {
+            if v.len() > 4 {
+                return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prompt(&self) -> Result<String, ApiError> {
+        match &self.prompt {
+            Prompt::One(s) => Ok(s.clone()),
+            Prompt::Many(v) if v.len() == 1 => Ok(v[0].clone()),
+            Prompt::Many(_) => Err(ApiError::unsupported(
+                "prompt",
+                "only one prompt per request is supported",
+            )),
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Warm runners per (model, profile).
+//!
+//! Each pool has `server.pool.runners` worker threads sharing one bounded queue. A worker owns
+//! one sandboxed `corral-runner` at a time: it starts it (at boot for `server.pool.warm` models,
+//! else on the first request), feeds it one request at a time, and stops it after
+//! `idle_timeout_seconds` without work or `recycle_after_requests` requests. The worker thread is
+//! the runner's parent for its whole life, which matters: the runner is started with
+//! `PR_SET_PDEATHSIG`, which fires when the *thread* that forked it exits.
+//!
+//! A runner that crashes, is OOM-killed or hangs past its profile's
+//! `max_execution_time_seconds` is killed (the sandbox's cgroup goes with it), counted in
+//! `corral_runner_restarts_total` with its limit hits, and replaced after a backoff that grows
+//! with consecutive failures (0.1 s doubling to 5 s). The request it was serving gets
+//! [`Event::Failed`] with `retryable`, and the API layer retries it once or escalates it
+//! (see `api.rs`): nothing is dropped silently.
+//!
+//! Runners are shared between callers: a runner keeps nothing of a request once it is answered
+//! (each request is prefilled from scratch) and the sandbox's job is to protect the host from
+//! the model, which holds for every caller alike; per-tenant pools would multiply the memory of
+//! every loaded model. `recycle_after_requests` bounds how long one process lives for operators
+//! who want fresh processes regularly.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use corral_protocol::{Done, GenerateRequest, Ready, TokenInfo};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::metrics::Metrics;
+use super::settings::PoolConfig;
+use crate::profile::Profile;
+use crate::sandbox::{HostSupport, LimitHit, SandboxConfig};
+use crate::slm::runner::{Runner, RunnerError, RunnerSpec};
+
+/// What a worker tells the request that submitted a job.
+#[derive(Debug)]
+pub enum Event {
+    Token(TokenInfo),
+    Done(Box<Done>, Box<Ready>),
+    /// The runner failed. `retryable`: it crashed, hung or broke the protocol (a fresh runner may
+    /// well succeed); otherwise (the model cannot load, the request was refused) it will not.
+    Failed {
+        error: String,
+        retryable: bool,
+    },
+}
+
+#[derive(Debug)]
+pub struct Job {
+    pub req: GenerateRequest,
+    pub events: UnboundedSender<Event>,
+    pub enqueued: Instant,
+}
+
+/// Everything a worker needs to start a runner.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub spec: RunnerSpec,
+    pub profile: Profile,
+    pub sandbox: SandboxConfig,
+    pub host: HostSupport,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    tx: Mutex<Option<SyncSender<Job>>>,
+    depth: Arc<AtomicUsize>,
+    loaded: Arc<AtomicUsize>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    queue_timeout: Duration,
+    runners: usize,
+}
+
+impl Pool {
+    /// Starts the workers (and, when `warm`, their runners).
+    pub fn start(
+        name: String,
+        launch: Launch,
+        cfg: &PoolConfig,
+        warm: bool,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Arc<Pool>> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_depth);
+        let rx = Arc::new(Mutex::new(rx));
+        let pool = Arc::new(Pool {
+            name: name.clone(),
+            tx: Mutex::new(Some(tx)),
+            depth: Arc::new(AtomicUsize::new(0)),
+            loaded: Arc::new(AtomicUsize::new(0)),
+            workers: Mutex::new(Vec::new()),
+            queue_timeout: cfg.queue_timeout,
+            runners: cfg.runners,
+        });
+        let mut handles = Vec::new();
+        for i in 0..cfg.runners {
+            let w = Worker {
+                pool: name.clone(),
+                launch: launch.clone(),
+                rx: rx.clone(),
+                depth: pool.depth.clone(),
+                loaded: pool.loaded.clone(),
+                metrics: metrics.clone(),
+                idle_timeout: cfg.idle_timeout,
+                queue_timeout: cfg.queue_timeout,
+                recycle_after: cfg.recycle_after,
+            };
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("corral-pool-{i}"))
+                    .spawn(move || w.run(warm))?,
+            );
+        }
+        *lock(&pool.workers) = handles;
+        Ok(pool)
+    }
+
+    /// Queues a job; a full queue is the caller's 429.
+    pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
+        let tx = lock(&self.tx);
+        let Some(tx) = tx.as_ref() else {
+            return Err(Box::new(job));
+        };
+        self.depth.fetch_add(1, Ordering::AcqRel);
+        match tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(j) | TrySendError::Disconnected(j)) => {
+                self.depth.fetch_sub(1, Ordering::AcqRel);
+                Err(Box::new(j))
+            }
+        }
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.depth.load(Ordering::Acquire)
+    }
+
+    /// Runners with a model loaded and ready.
+    pub fn loaded(&self) -> usize {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn runners(&self) -> usize {
+        self.runners
+    }
+
+    pub fn queue_timeout(&self) -> Duration {
+        self.queue_timeout
+    }
+
+    /// Stops taking jobs; workers finish what is queued, stop their runners and exit.
+    pub fn close(&self) {
+        lock(&self.tx).take();
+    }
+
+    /// Waits for the workers after [`Pool::close`].
+    pub fn join(&self) {
+        let handles = std::mem::take(&mut *lock(&self.workers));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct Worker {
+    pool: String,
+    launch: Launch,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    depth: Arc<AtomicUsize>,
+    loaded: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    idle_timeout: Option<Duration>,
+    queue_timeout: Duration,
+    recycle_after: Option<u64>,
+}
+
+impl Worker {
+    fn run(self, warm: bool) {
+        let mut runner: Option<Runner> = None;
+        let mut served = 0u64;
+        let mut failures = 0u32;
+        if warm {
+            match self.start_runner() {
+                Ok(r) => runner = Some(r),
+                Err(e) => {
+                    tracing::error!(pool = %self.pool, error = %e, "warm runner failed to start")
+                }
+            }
+        }
+        loop {
+            let next = {
+                let rx = lock(&self.rx);
+                match (self.idle_timeout, runner.is_some()) {
+                    (Some(t), true) => rx.recv_timeout(t),
+                    _ => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                }
+            };
+            let job = match next {
+                Ok(j) => j,
+                Err(RecvTimeoutError::Timeout) => {
+                    tracing::info!(pool = %self.pool, "runner idle: stopping it");
+                    self.stop(runner.take(), "idle");
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            self.depth.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.set(
+                "corral_queue_depth",
+                &[("pool", &self.pool)],
+                self.depth.load(Ordering::Acquire) as f64,
+            );
+            if job.events.is_closed() {
+                continue; // the client went away while it waited
+            }
+            if job.enqueued.elapsed() > self.queue_timeout {
+                let _ = job.events.send(Event::Failed {
+                    error: "queue timeout".into(),
+                    retryable: false,
+                });
+                continue;
+            }
+            let r = match runner.as_mut() {
+                Some(r) => r,
+                None => {
+                    if failures > 0 {
+                        let backoff = Duration::from_millis(100 << failures.min(6))
+                            .min(Duration::from_secs(5));
+                        std::thread::sleep(backoff);
+                    }
+                    match self.start_runner() {
+                        Ok(r) => runner.insert(r),
+                        Err(e) => {
+                            failures += 1;
+                            let retryable = !matches!(e, RunnerError::Load(_));
+                            let _ = job.events.send(Event::Failed {
+                                error: e.to_string(),
+                                retryable,
+                            });
+                            continue;
+                        }
+                    }
+                }
+            };
+            let events = job.events.clone();
+            let result = r.generate(job.req, &mut |t| {
+                let _ = events.send(Event::Token(t.clone()));
+            });
+            match result {
+                Ok(done) => {
+                    failures = 0;
+                    served += 1;
+                    let ready = r.ready.clone();
+                    let _ = job
+                        .events
+                        .send(Event::Done(Box::new(done), Box::new(ready)));
+                    if self.recycle_after.is_some_and(|n| served >= n) {
+                        served = 0;
+                        self.stop(runner.take(), "recycled");
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    served = 0;
+                    let retryable = matches!(
+                        e,
+                        RunnerError::Died(_)
+                            | RunnerError::TimeLimit(_)
+                            | RunnerError::Protocol(_)
+                            | RunnerError::Io(_)
+                    );
+                    tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
+                    self.stop(runner.take(), "failed");
+                    let _ = job.events.send(Event::Failed {
+                        error: e.to_string(),
+                        retryable,
+                    });
+                }
+            }
+        }
+        self.stop(runner.take(), "shutdown");
+    }
+
+    fn start_runner(&self) -> Result<Runner, RunnerError> {
+        let l = &self.launch;
+        let r = Runner::start(&l.spec, &l.profile, &l.sandbox, &l.host)?;
+        self.loaded.fetch_add(1, Ordering::AcqRel);
+        self.metrics
+            .gauge_add("corral_runners", &[("pool", &self.pool)], 1.0);
+        tracing::info!(pool = %self.pool, pid = r.pid(), load_ms = r.ready.load_ms, "runner ready");
+        Ok(r)
+    }
+
+    /// Stops a runner and records what its cgroup saw.
+    fn stop(&self, runner: Option<Runner>, cause: &str) {
+        let Some(r) = runner else { return };
+        self.loaded.fetch_sub(1, Ordering::AcqRel);
+        self.metrics
+            .gauge_add("corral_runners", &[("pool", &self.pool)], -1.0);
+        if cause == "failed" || cause == "recycled" {
+            self.metrics.inc(
+                "corral_runner_restarts_total",
+                &[("pool", &self.pool), ("cause", cause)],
+            );
+        }
+        let outcome = r.shutdown();
+        if let Some(o) = outcome {
+            for l in &o.limits {
+                let name = match l {
+                    LimitHit::Time { .. } => "time",
+                    LimitHit::Memory { .. } => "memory",
+                    LimitHit::Pids { .. } => "pids",
+                    LimitHit::Seccomp => "seccomp",
+                };
+                tracing::warn!(pool = %self.pool, limit = name, "{}", l.message());
+                self.metrics.inc(
+                    "corral_sandbox_limit_hits_total",
+                    &[("pool", &self.pool), ("limit", name)],
+                );
+            }
+            if let Some(ns) = o.stats.cpu_usage_ns {
+                self.metrics.add(
+                    "corral_runner_cpu_seconds_total",
+                    &[("pool", &self.pool)],
+                    ns as f64 / 1e9,
+                );
+            }
+            if let Some(b) = o.stats.memory_peak_bytes {
+                self.metrics.set(
+                    "corral_runner_memory_peak_bytes",
+                    &[("pool", &self.pool)],
+                    b as f64,
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,757 @@
+//! `corral serve` over real HTTP: real SmolLM2 runners in their sandboxes, and a loopback server
+//! playing the remote OpenAI-compatible provider.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const KEY: &str = "sk-test-alpha";
+const ADMIN: &str = "admin-secret";
+
+fn sha_hex(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+struct Server {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<String>>,
+    cfg: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config_text(extra: &str) -> String {
+    format!(
+        "[slm]\nmodel_dir = {:?}\n\n[server]\nbind = \"127.0.0.1:0\"\nshutdown_grace_seconds = 10\n\n\
+         [server.auth]\nadmin_key_env = \"CORRAL_TEST_ADMIN\"\n\n\
+         [server.auth.keys.alpha]\nsha256 = \"{}\"\nagent = \"alpha-agent\"\nteam = \"a-team\"\n\n{extra}",
+        model_file().parent().unwrap().display().to_string(),
+        sha_hex(KEY)
+    )
+}
+
+/// Starts `corral serve` with the config text and waits for its address.
+fn serve(toml: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("corral.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let mut child = Command::new(corral())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("serve")
+        .env("CORRAL_TEST_ADMIN", ADMIN)
+        .env("CORRAL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("corral: listening on ") {
+                let _ = tx.send(u.to_string());
+            }
+            let mut g = l.lock().unwrap();
+            g.push_str(&line);
+            g.push('\n');
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("corral serve did not start: {}", log.lock().unwrap()));
+    Server {
+        child,
+        url,
+        log,
+        cfg,
+        _dir: dir,
+    }
+}
+
+/// (status, headers we care about, body) of a request; errors are responses too.
+fn call(method: &str, url: &str, key: Option<&str>, body: Option<Value>) -> (u16, ureq::Response) {
+    let mut r = ureq::request(method, url).timeout(Duration::from_secs(120));
+    if let Some(k) = key {
+        r = r.set("authorization", &format!("Bearer {k}"));
+    }
+    let res = match body {
+        Some(b) => r.send_json(b),
+        None => r.call(),
+    };
+    match res {
+        Ok(resp) => (resp.status(), resp),
+        Err(ureq::Error::Status(code, resp)) => (code, resp),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+/// A response's headers.
+struct Headers(std::collections::HashMap<String, String>);
+
+impl Headers {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
+fn post(s: &Server, path: &str, key: Option<&str>, body: Value) -> (u16, Value, Headers) {
+    let (code, resp) = call("POST", &format!("{}{path}", s.url), key, Some(body));
+    let headers = Headers(
+        resp.headers_names()
+            .into_iter()
+            .filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_string())))
+            .collect(),
+    );
+    let text = resp.into_string().unwrap();
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (code, v, headers)
+}
+
+fn chat(prompt: &str, max_tokens: u32) -> Value {
+    json!({"model": "auto", "messages": [{"role": "user", "content": prompt}],
+           "temperature": 0, "max_tokens": max_tokens})
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn openai_shapes_auth_logprobs_and_streaming() {
+    let s = serve(&config_text(""));
+    // Auth: none, wrong, right.
+    let (code, v, _) = post(&s, "/v1/chat/completions", None, chat("hi", 4));
+    assert_eq!(code, 401, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some("sk-wrong"), chat("hi", 4));
+    assert_eq!(code, 401);
+    let (code, resp) = call("GET", &format!("{}/v1/models", s.url), Some(KEY), None);
+    assert_eq!(code, 200);
+    let models: Value = resp.into_json().unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["auto", "smollm2-135m-instruct"]);
+
+    // A chat answer from the sandboxed SLM, with logprobs and corral's headers.
+    let mut req = chat("What is the capital of France?", 24);
+    req["logprobs"] = json!(true);
+    req["top_logprobs"] = json!(2);
+    let (code, v, h) = post(&s, "/v1/chat/completions", Some(KEY), req.clone());
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!text.is_empty());
+    assert_eq!(h.header("x-corral-route"), Some("slm"));
+    assert_eq!(h.header("x-corral-model"), Some("smollm2-135m-instruct"));
+    assert_eq!(h.header("x-corral-escalated"), Some("false"));
+    assert!(
+        h.header("x-corral-confidence")
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        h.header("x-request-id").unwrap(),
+        v["corral"]["request_id"].as_str().unwrap()
+    );
+    let lp = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        lp.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let joined: String = lp.iter().map(|t| t["token"].as_str().unwrap()).collect();
+    assert_eq!(joined, text, "logprob tokens spell the answer");
+    for t in lp {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert!(top[0]["logprob"].as_f64().unwrap() >= top[1]["logprob"].as_f64().unwrap());
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+    }
+
+    // The same request streamed: the same text (greedy), then the usage chunk and [DONE].
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let (code, resp) = call(
+        "POST",
+        &format!("{}/v1/chat/completions", s.url),
+        Some(KEY),
+        Some(req),
+    );
+    assert_eq!(code, 200);
+    assert!(resp.content_type().starts_with("text/event-stream"));
+    let events = sse(&resp.into_string().unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| {
+            c["choices"]
+                .get(0)
+                .and_then(|c| c["delta"]["content"].as_str())
+        })
+        .collect();
+    assert_eq!(streamed, text);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], v["usage"]["completion_tokens"]);
+
+    // Legacy completions: integer logprobs, its own shape.
+    let (code, c, _) = post(
+        &s,
+        "/v1/completions",
+        Some(KEY),
+        json!({"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "logprobs": 2}),
+    );
+    assert_eq!(code, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    let l = &c["choices"][0]["logprobs"];
+    assert_eq!(l["tokens"].as_array().unwrap().len(), 4);
+    assert_eq!(l["top_logprobs"][0].as_object().unwrap().len(), 2);
+    assert_eq!(l["text_offset"][0], 0);
+
+    // Refused by name, in OpenAI's error format; unknown models are 404.
+    for (body, param) in [
+        (
+            json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+            "n",
+        ),
+        (
+            json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
+            "tools",
+        ),
+        (
+            json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}),
+            "presence_penalty",
+        ),
+        (
+            json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "bogus": 1}),
+            "bogus",
+        ),
+        (
+            json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+    ] {
+        let (code, e, _) = post(&s, "/v1/chat/completions", Some(KEY), body);
+        assert_eq!(code, 400, "{e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+    }
+    // Runtime allow-list overrides are off unless the config turns them on.
+    let (code, e, _) = post(
+        &s,
+        "/admin/allow_lists",
+        Some(ADMIN),
+        json!({"agent": "x", "models": []}),
+    );
+    assert_eq!(code, 403, "{e}");
+    assert_eq!(e["error"]["code"], "overrides_disabled");
+    let (code, e, _) = post(
+        &s,
+        "/v1/chat/completions",
+        Some(KEY),
+        json!({"model": "gpt-nope", "messages": [{"role": "user", "content": "x"}]}),
+    );
+    assert_eq!(code, 404, "{e}");
+    assert_eq!(e["error"]["code"], "model_not_found");
+
+    // Metrics saw it all.
+    let (_, m) = call("GET", &format!("{}/metrics", s.url), None, None);
+    let m = m.into_string().unwrap();
+    assert!(m.contains("corral_requests_total{endpoint=\"chat\",route=\"slm\",model=\"smollm2-135m-instruct\",outcome=\"ok\"} 2"), "{m}");
+    assert!(m.contains("corral_gateway_overhead_seconds_count{route=\"slm\"}"));
+    assert!(m.contains("corral_confidence_count{model=\"smollm2-135m-instruct\""));
+}
+
+#[test]
+fn low_confidence_escalates_and_allow_lists_refuse() {
+    let remote = fake(vec![(200, openai_answer("Paris, from the remote model."))]);
+    let toml = config_text(&format!(
+        r#"
+[slm.model_allow_lists]
+allow_runtime_overrides = true
+
+[slm.model_allow_lists.agent_model_maps]
+alpha-agent = ["smollm2-135m-instruct"]
+beta-agent = []
+
+[server.auth.keys.beta]
+sha256 = "{}"
+agent = "beta-agent"
+
+[providers.remote]
+kind = "openai"
+base_url = "{}/v1"
+model = "remote-large"
+max_retries = 0
+
+[routing.llm_fallback]
+providers = ["remote"]
+
+[routing.confidence_thresholds]
+default = 0.999
+
+[[routing.policies]]
+id = "live-stream"
+conditions = {{ metadata = {{ ui = "live" }} }}
+action = {{ type = "prefer_slm", streaming = "stream" }}
+"#,
+        sha_hex("sk-beta"),
+        remote.url
+    ));
+    let s = serve(&toml);
+    let (code, v, h) = post(
+        &s,
+        "/v1/chat/completions",
+        Some(KEY),
+        chat("What is the capital of France?", 16),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(h.header("x-corral-escalated"), Some("true"));
+    assert_eq!(h.header("x-corral-route"), Some("llm"));
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Paris, from the remote model."
+    );
+    assert!(
+        v["corral"]["escalation_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("confidence"),
+        "{v}"
+    );
+    assert_eq!(remote.seen.lock().unwrap().len(), 1);
+    // Escalated while streaming: the client only ever sees the remote answer.
+    let mut req = chat("What is the capital of France?", 16);
+    req["stream"] = json!(true);
+    let (code, resp) = call(
+        "POST",
+        &format!("{}/v1/chat/completions", s.url),
+        Some(KEY),
+        Some(req),
+    );
+    assert_eq!(code, 200);
+    let body = resp.into_string().unwrap();
+    let text: String = sse(&body)
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert_eq!(text, "Paris, from the remote model.");
+    // A policy that chose `streaming = "stream"`: the SLM's tokens go out as they come, so a low
+    // score can no longer escalate, and the last chunk says so.
+    let mut req = chat("What is the capital of France?", 16);
+    req["stream"] = json!(true);
+    req["metadata"] = json!({"ui": "live"});
+    let (code, resp) = call(
+        "POST",
+        &format!("{}/v1/chat/completions", s.url),
+        Some(KEY),
+        Some(req),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(resp.header("x-corral-route"), Some("slm"));
+    let chunks: Vec<Value> = sse(&resp.into_string().unwrap())
+        .iter()
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(last["corral"]["below_threshold"], true, "{last}");
+    assert_eq!(last["corral"]["policies"][0], "policy:live-stream");
+    assert_eq!(
+        remote.seen.lock().unwrap().len(),
+        2,
+        "no escalation for the streamed answer"
+    );
+
+    // beta-agent may use no local model: naming one is refused, and /v1/models lists only auto.
+    let mut req = chat("hi", 4);
+    req["model"] = json!("smollm2-135m-instruct");
+    let (code, e, _) = post(&s, "/v1/chat/completions", Some("sk-beta"), req);
+    assert_eq!(code, 403, "{e}");
+    assert_eq!(e["error"]["code"], "model_not_allowed");
+    let (_, resp) = call(
+        "GET",
+        &format!("{}/v1/models", s.url),
+        Some("sk-beta"),
+        None,
+    );
+    let m: Value = resp.into_json().unwrap();
+    assert_eq!(m["data"].as_array().unwrap().len(), 1);
+    // Runtime overrides are on in this config: the admin grants beta the model.
+    let grant = json!({"agent": "beta-agent", "models": ["smollm2-135m-instruct"]});
+    let (code, _, _) = post(&s, "/admin/allow_lists", Some(KEY), grant.clone());
+    assert_eq!(code, 403, "only with the admin key");
+    let (code, v, _) = post(
+        &s,
+        "/admin/allow_lists",
+        Some(ADMIN),
+        json!({"agent": "beta-agent", "models": ["gpt-x"]}),
+    );
+    assert_eq!(code, 400, "{v}");
+    let (code, v, _) = post(&s, "/admin/allow_lists", Some(ADMIN), grant);
+    assert_eq!(code, 200, "{v}");
+    let mut req = chat("hi", 2);
+    req["model"] = json!("smollm2-135m-instruct");
+    req["metadata"] = json!({"ui": "live"});
+    let (code, v, _) = post(&s, "/v1/chat/completions", Some("sk-beta"), req);
+    assert_eq!(code, 200, "{v}");
+
+    // Feedback on a past request needs the admin key and lands in the monitor.
+    let (code, v, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 4));
+    assert_eq!(code, 200);
+    let rid = v["corral"]["request_id"].as_str().unwrap().to_string();
+    let fb = json!({"request_id": rid, "actual_quality": 1.0});
+    let (code, _, _) = post(&s, "/admin/feedback", Some(KEY), fb.clone());
+    assert_eq!(code, 403);
+    let (code, v, _) = post(&s, "/admin/feedback", Some(ADMIN), fb);
+    assert_eq!(code, 200, "{v}");
+    let (_, resp) = call(
+        "GET",
+        &format!("{}/admin/monitor", s.url),
+        Some(ADMIN),
+        None,
+    );
+    let mon: Value = resp.into_json().unwrap();
+    let st = &mon["stats"][0];
+    assert_eq!(st["model"], "smollm2-135m-instruct");
+    // Five SLM answers; all but the streamed one were escalated (threshold 0.999; a policy's
+    // `streaming = "stream"` only matters for streamed requests).
+    assert_eq!(st["answers"], 5);
+    assert_eq!(st["escalated"], 4);
+    assert_eq!(st["feedback"], 1);
+}
+
+fn runner_pids(server: u32) -> Vec<i32> {
+    // The runners are grandchildren or deeper; find every process whose ancestry includes the server.
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmd).contains("corral-runner") {
+            continue;
+        }
+        let mut p = pid;
+        for _ in 0..10 {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                break;
+            };
+            let ppid: i32 = stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap();
+            if ppid == server as i32 {
+                out.push(pid);
+                break;
+            }
+            if ppid <= 1 {
+                break;
+            }
+            p = ppid;
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_runner_loses_no_request_and_a_full_queue_is_429() {
+    let s = serve(&config_text(
+        "[server.pool]\nrunners = 1\nqueue_depth = 0\nwarm = [\"smollm2-135m-instruct\"]\n",
+    ));
+    // Ready once the warm runner has loaded.
+    let t = Instant::now();
+    loop {
+        let (code, _) = call("GET", &format!("{}/readyz", s.url), None, None);
+        if code == 200 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "never ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let url = s.url.clone();
+    let long = std::thread::spawn(move || {
+        let (code, resp) = call(
+            "POST",
+            &format!("{url}/v1/chat/completions"),
+            Some(KEY),
+            Some(chat(
+                "Write a long story about a dragon who learns to sing.",
+                120,
+            )),
+        );
+        (code, resp.into_json::<Value>().unwrap())
+    });
+    // While it runs, the queue (depth 0) is full.
+    std::thread::sleep(Duration::from_millis(400));
+    let (code, e, h) = post(&s, "/v1/chat/completions", Some(KEY), chat("hi", 2));
+    assert_eq!(code, 429, "{e}");
+    assert!(h.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    // Kill the runner mid-answer: the request is retried on a fresh one and completes.
+    let pids = runner_pids(s.child.id());
+    assert!(!pids.is_empty(), "no runner found");
+    for p in &pids {
+        // SAFETY: sending a signal to a process we found by its command line.
+        unsafe { libc::kill(*p, libc::SIGKILL) };
+    }
+    let (code, v) = long.join().unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 120);
+    let (_, m) = call("GET", &format!("{}/metrics", s.url), None, None);
+    let m = m.into_string().unwrap();
+    assert!(m.contains("corral_runner_restarts_total{pool=\"smollm2-135m-instruct/secure\",cause=\"failed\"} 1"), "{m}");
+    assert!(s.log.lock().unwrap().contains("killed by signal 9"));
+}
+
+#[test]
+fn a_bad_reload_keeps_the_old_config_and_shutdown_leaves_nothing_behind() {
+    let mut s = serve(&config_text(""));
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    assert!(!runner_pids(s.child.id()).is_empty());
+    // A broken file: SIGHUP logs the error, the old configuration keeps serving.
+    std::fs::write(&s.cfg, "[server\nbind = 1").unwrap();
+    Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    let t = Instant::now();
+    while !s.log.lock().unwrap().contains("reload failed") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    // The admin endpoint reloads a good file: a new key works, the old one no longer does.
+    std::fs::write(
+        &s.cfg,
+        config_text("").replace(&sha_hex(KEY), &sha_hex("sk-rotated")),
+    )
+    .unwrap();
+    let (code, v, _) = post(&s, "/admin/reload", Some(ADMIN), json!({}));
+    assert_eq!(code, 200, "{v}");
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 401);
+    let (code, _, _) = post(
+        &s,
+        "/v1/chat/completions",
+        Some("sk-rotated"),
+        chat("Say hi.", 3),
+    );
+    assert_eq!(code, 200);
+    // SIGTERM with a request in flight: it completes, then the server exits 0 with no runner,
+    // process or cgroup left.
+    let url = s.url.clone();
+    let inflight = std::thread::spawn(move || {
+        call(
+            "POST",
+            &format!("{url}/v1/chat/completions"),
+            Some("sk-rotated"),
+            Some(chat("Count from one to twenty.", 60)),
+        )
+        .0
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // This server's runner cgroups (other tests' servers run beside it).
+    let ours: Vec<String> = runner_pids(s.child.id())
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.rsplit('/').next().map(String::from))
+                .collect::<Vec<_>>()
+        })
+        .filter(|n| !n.is_empty())
+        .collect();
+    assert!(!ours.is_empty());
+    Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(inflight.join().unwrap(), 200);
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {}", s.log.lock().unwrap());
+    assert!(runner_pids(s.child.id()).is_empty());
+    for c in sandbox_cgroups() {
+        let name = c.file_name().unwrap().to_string_lossy().to_string();
+        assert!(!ours.contains(&name), "cgroup {} left behind", c.display());
+    }
+}
+
+#[test]
+fn the_official_openai_python_client_works() {
+    // scripts/test.sh installs the client from PyPI; without it this test fails, not skips.
+    let have = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .unwrap();
+    assert!(
+        have.success(),
+        "the `openai` Python package is missing: python3 -m pip install openai"
+    );
+    let s = serve(&config_text(""));
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/openai_client.py"
+        ))
+        .args([&s.url, KEY])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log.lock().unwrap()
+    );
+    for check in [
+        "models ok",
+        "chat ok",
+        "stream ok",
+        "completions ok",
+        "auth error ok",
+        "unsupported parameter ok",
+    ] {
+        assert!(stdout.contains(check), "{stdout}");
+    }
+}
+
+#[test]
+fn every_request_that_reaches_routing_is_audited_encrypted() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_dir = dir.path().join("audit");
+    let mut s = serve(&config_text(&format!(
+        r#"
+[audit]
+enabled = true
+dir = {:?}
+
+[[routing.policies]]
+id = "no-secrets"
+conditions = {{ metadata = {{ kind = "secret" }} }}
+action = {{ type = "deny", reason = "secret projects stay off models" }}
+"#,
+        audit_dir.display().to_string()
+    )));
+    let prompt = "What is the capital of Burkina Faso?";
+    let (code, v, _) = post(&s, "/v1/chat/completions", Some(KEY), chat(prompt, 8));
+    assert_eq!(code, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rid = v["corral"]["request_id"].as_str().unwrap().to_string();
+    let mut denied = chat("Plan the secret launch.", 8);
+    denied["metadata"] = json!({"kind": "secret"});
+    let (code, e, h) = post(&s, "/v1/chat/completions", Some(KEY), denied);
+    assert_eq!(code, 403, "{e}");
+    assert_eq!(e["error"]["code"], "policy_denied");
+    assert_eq!(h.header("x-corral-route"), Some("deny"));
+    Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(s.child.wait().unwrap().success());
+
+    // Nothing of the prompt or the answer is in the files in the clear.
+    for f in std::fs::read_dir(&audit_dir).unwrap().flatten() {
+        let bytes = std::fs::read(f.path()).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("Burkina"), "{}", f.path().display());
+        assert!(!text.contains("secret launch"), "{}", f.path().display());
+        if answer.len() > 8 {
+            assert!(!text.contains(&answer), "{}", f.path().display());
+        }
+    }
+    let logs = |args: &[&str]| {
+        Command::new(corral())
+            .arg("--config")
+            .arg(&s.cfg)
+            .arg("logs")
+            .args(args)
+            .arg(&audit_dir)
+            .output()
+            .unwrap()
+    };
+    let out = logs(&["verify"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+    let out = logs(&["decrypt"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let entries: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let e0 = entries[0].to_string();
+    assert!(
+        e0.contains(&rid) && e0.contains("Burkina") && e0.contains("alpha-agent"),
+        "{e0}"
+    );
+    let e1 = entries[1].to_string();
+    assert!(
+        e1.contains("route_denied") && e1.contains("policy:no-secrets"),
+        "{e1}"
+    );
+}
