@@ -3,7 +3,7 @@
 
 One loopback "provider" answers every chat completion with a fixed body. Each request goes
 (a) straight to it, (b) through `corral serve` (a require_llm policy: routing, guardrails,
-the provider chain), (c) through the LiteLLM proxy, sequentially over a kept-alive connection.
+the provider chain), (c) the same with the encrypted audit log on, (d) through the LiteLLM proxy, sequentially over a kept-alive connection.
 Overhead = gateway latency - direct latency, at p50 and p99, and the corral/LiteLLM ratio.
 
     python3 scripts/bench-gateway.py [N]      # installs litellm[proxy] from PyPI if missing
@@ -127,9 +127,18 @@ default_action = {{ type = "require_llm", reason = "gateway benchmark" }}
       api_base: http://127.0.0.1:{up_port}/v1
       api_key: sk-upstream
 """)
+    # The same server with the encrypted audit log on (one entry per request).
+    audited_port = free_port()
+    acfg = os.path.join(tmp, "corral-audit.toml")
+    with open(cfg) as f:
+        text = f.read().replace(f"127.0.0.1:{corral_port}", f"127.0.0.1:{audited_port}")
+    with open(acfg, "w") as f:
+        f.write(text + f'\n[audit]\nenabled = true\ndir = "{tmp}/audit"\n')
     env = dict(os.environ, CORRAL_LOG="warn")
     corral = subprocess.Popen([os.path.join(ROOT, "target/release/corral"), "--config", cfg, "serve"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    audited = subprocess.Popen([os.path.join(ROOT, "target/release/corral"), "--config", acfg, "serve"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cli = shutil.which("litellm") or os.path.join(os.path.dirname(sys.executable), "litellm")
     lenv = dict(os.environ, LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True",
                 LITELLM_MASTER_KEY=KEY)
@@ -137,19 +146,24 @@ default_action = {{ type = "require_llm", reason = "gateway benchmark" }}
                                env=lenv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_http(corral_port, "/healthz")
+        wait_http(audited_port, "/healthz")
         wait_http(litellm_port, "/health/liveliness")
         direct = measure(up_port, "/v1/chat/completions", N, "remote-large")
         via_corral = measure(corral_port, "/v1/chat/completions", N, "auto")
+        via_audited = measure(audited_port, "/v1/chat/completions", N, "auto")
         via_litellm = measure(litellm_port, "/v1/chat/completions", N, "remote")
     finally:
         corral.terminate()
+        audited.terminate()
         litellm.terminate()
         corral.wait()
+        audited.wait()
         litellm.wait()
     print(f"{N} sequential chat completions per path, kept-alive connection, loopback upstream")
     print(f"{'path':<22}{'p50 ms':>9}{'p99 ms':>9}{'overhead p50':>14}{'overhead p99':>14}")
     print(f"{'direct':<22}{direct[0]:9.3f}{direct[1]:9.3f}")
-    for name, (p50, p99) in [("corral serve", via_corral), ("LiteLLM proxy", via_litellm)]:
+    for name, (p50, p99) in [("corral serve", via_corral), ("corral serve + audit", via_audited),
+                             ("LiteLLM proxy", via_litellm)]:
         print(f"{name:<22}{p50:9.3f}{p99:9.3f}{p50 - direct[0]:14.3f}{p99 - direct[1]:14.3f}")
     oc = (via_corral[0] - direct[0], via_corral[1] - direct[1])
     ol = (via_litellm[0] - direct[0], via_litellm[1] - direct[1])

@@ -47,6 +47,11 @@ pub struct RawAudit {
     pub pii_kinds: Vec<PiiKind>,
     /// JSON keys whose values are replaced by `[REDACTED]` in payloads, at any depth.
     pub sensitive_keys: Vec<String>,
+    /// Group commit: the writer gathers entries arriving within this many milliseconds of the
+    /// first and writes them with one fsync. Longer: fewer fsyncs competing with requests
+    /// (measured in docs/performance.md), more entries lost if the machine crashes. 0: each
+    /// batch as soon as the writer takes it.
+    pub commit_interval_ms: u64,
 }
 
 impl Default for RawAudit {
@@ -63,6 +68,7 @@ impl Default for RawAudit {
             mask_pii: true,
             pii_kinds: PiiKind::ALL.to_vec(),
             sensitive_keys: default_sensitive_keys(),
+            commit_interval_ms: 50,
         }
     }
 }
@@ -94,6 +100,7 @@ pub struct AuditConfig {
     pub mask_pii: bool,
     pub pii_kinds: Vec<PiiKind>,
     pub sensitive_keys: Vec<String>,
+    pub commit_interval: Duration,
 }
 
 impl AuditConfig {
@@ -143,6 +150,9 @@ impl AuditConfig {
                 "must name at least one kind when mask_pii is on (or set mask_pii = false)",
             );
         }
+        if raw.commit_interval_ms > 10_000 {
+            return err("commit_interval_ms", "must be at most 10000");
+        }
         if let Some(i) = raw.sensitive_keys.iter().position(|k| k.trim().is_empty()) {
             return err(&format!("sensitive_keys[{i}]"), "must not be empty");
         }
@@ -168,6 +178,7 @@ impl AuditConfig {
             mask_pii: raw.mask_pii,
             pii_kinds: raw.pii_kinds.clone(),
             sensitive_keys: raw.sensitive_keys.clone(),
+            commit_interval: Duration::from_millis(raw.commit_interval_ms),
         })
     }
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::config::{AuditConfig, KeySource, QueueFull};
 use super::entry::{AuditRecord, EntryEncoder};
@@ -113,9 +113,10 @@ impl AuditLog {
         let counters = Arc::new(Counters::default());
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity);
         let c = Arc::clone(&counters);
+        let group_commit = config.commit_interval;
         let thread = std::thread::Builder::new()
             .name("corral-audit".into())
-            .spawn(move || run(&encoder, store, &rx, &c))
+            .spawn(move || run(&encoder, store, &rx, &c, group_commit))
             .map_err(|e| AuditError::Writer(format!("cannot start the writer thread: {e}")))?;
         Ok(AuditLog {
             tx: Some(tx),
@@ -208,7 +209,13 @@ impl Drop for AuditLog {
 
 /// The writer thread: takes up to [`MAX_BATCH`] queued entries, prepares them (redaction and
 /// encryption, no lock held) and hands them to the store; runs housekeeping when idle.
-fn run(encoder: &EntryEncoder, mut store: Store, rx: &Receiver<Msg>, counters: &Counters) {
+fn run(
+    encoder: &EntryEncoder,
+    mut store: Store,
+    rx: &Receiver<Msg>,
+    counters: &Counters,
+    group_commit: Duration,
+) {
     loop {
         let first = match rx.recv_timeout(HOUSEKEEPING) {
             Ok(m) => m,
@@ -232,10 +239,24 @@ fn run(encoder: &EntryEncoder, mut store: Store, rx: &Receiver<Msg>, counters: &
             },
             Msg::Flush(ack) => acks.push(ack),
         };
+        let mut flush = matches!(first, Msg::Flush(_));
         take(first);
+        // Group commit: gather what arrives within `audit.commit_interval_ms` of the first entry, so that a
+        // steady stream of requests costs one append + fsync + HEAD rewrite per window rather
+        // than per request (those fsyncs otherwise compete with the requests themselves). A
+        // flush, or the log closing, ends the window at once.
+        let window = Instant::now() + group_commit;
         for _ in 1..MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => take(m),
+            let next = if flush {
+                rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
+            } else {
+                rx.recv_timeout(window.saturating_duration_since(Instant::now()))
+            };
+            match next {
+                Ok(m) => {
+                    flush |= matches!(m, Msg::Flush(_));
+                    take(m)
+                }
                 Err(_) => break,
             }
         }
