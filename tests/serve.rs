@@ -43,7 +43,8 @@ fn config_text(extra: &str) -> String {
     format!(
         "[slm]\nmodel_dir = {:?}\n\n[server]\nbind = \"127.0.0.1:0\"\nshutdown_grace_seconds = 10\n\n\
          [server.auth]\nadmin_key_env = \"CORRAL_TEST_ADMIN\"\n\n\
-         [server.auth.keys.alpha]\nsha256 = \"{}\"\nagent = \"alpha-agent\"\nteam = \"a-team\"\n\n{extra}",
+         [server.auth.keys.alpha]\nsha256 = \"{}\"\nagent = \"alpha-agent\"\nteam = \"a-team\"\n\n\
+         [server.auth.keys.metered]\nenv = \"CORRAL_TEST_METERED\"\nrequests_per_minute = 2\n\n{extra}",
         model_file().parent().unwrap().display().to_string(),
         sha_hex(KEY)
     )
@@ -59,6 +60,7 @@ fn serve(toml: &str) -> Server {
         .arg(&cfg)
         .arg("serve")
         .env("CORRAL_TEST_ADMIN", ADMIN)
+        .env("CORRAL_TEST_METERED", "sk-metered")
         .env("CORRAL_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -246,6 +248,26 @@ fn openai_shapes_auth_logprobs_and_streaming() {
     assert_eq!(l["tokens"].as_array().unwrap().len(), 4);
     assert_eq!(l["top_logprobs"][0].as_object().unwrap().len(), 2);
     assert_eq!(l["text_offset"][0], 0);
+
+    // A key with requests_per_minute = 2 (read from the environment): the third call is 429.
+    for _ in 0..2 {
+        let (code, _) = call(
+            "GET",
+            &format!("{}/v1/models", s.url),
+            Some("sk-metered"),
+            None,
+        );
+        assert_eq!(code, 200);
+    }
+    let (code, e, h) = post(
+        &s,
+        "/v1/chat/completions",
+        Some("sk-metered"),
+        chat("hi", 2),
+    );
+    assert_eq!(code, 429, "{e}");
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+    assert!(h.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
 
     // Refused by name, in OpenAI's error format; unknown models are 404.
     for (body, param) in [
