@@ -777,3 +777,53 @@ action = {{ type = "deny", reason = "secret projects stay off models" }}
         "{e1}"
     );
 }
+
+#[test]
+fn a_runner_dying_mid_stream_ends_the_stream_with_an_error_event() {
+    use std::io::Read;
+    // No fallback chain: the answer streams live, so a failure after the first bytes cannot be
+    // retried and must end the stream visibly.
+    let s = serve(&config_text(""));
+    let mut req = chat("Write a long story about a lighthouse keeper.", 200);
+    req["stream"] = json!(true);
+    let (code, resp) = call(
+        "POST",
+        &format!("{}/v1/chat/completions", s.url),
+        Some(KEY),
+        Some(req),
+    );
+    assert_eq!(code, 200);
+    let mut reader = resp.into_reader();
+    let mut body = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until some content has arrived, then kill the runner.
+    while !String::from_utf8_lossy(&body).contains("\"content\":\"") || body.len() < 600 {
+        let n = reader.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&body)
+        );
+        body.extend_from_slice(&buf[..n]);
+    }
+    for p in runner_pids(s.child.id()) {
+        // SAFETY: sending a signal to a process we found by its command line.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    reader.read_to_end(&mut body).unwrap();
+    let events = sse(&String::from_utf8_lossy(&body));
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert!(
+        last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("after the answer started streaming"),
+        "{last}"
+    );
+    assert!(!events.iter().any(|e| e == "[DONE]"));
+    let (_, m) = call("GET", &format!("{}/metrics", s.url), None, None);
+    assert!(m
+        .into_string()
+        .unwrap()
+        .contains("outcome=\"stream_error\"} 1"));
+}

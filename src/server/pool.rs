@@ -14,6 +14,10 @@
 //! [`Event::Failed`] with `retryable`, and the API layer retries it once or escalates it
 //! (see `api.rs`): nothing is dropped silently.
 //!
+//! An idle runner is health-checked every 30 s (a tokenize round trip within its time limit) and
+//! replaced if it fails, so a runner that died or wedged while idle is found before a request
+//! meets it.
+//!
 //! Runners are shared between callers: a runner keeps nothing of a request once it is answered
 //! (each request is prefilled from scratch) and the sandbox's job is to protect the host from
 //! the model, which holds for every caller alike; per-tenant pools would multiply the memory of
@@ -165,6 +169,9 @@ impl Pool {
     }
 }
 
+/// How often an idle runner is asked to prove it still answers.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -194,24 +201,45 @@ impl Worker {
                 }
             }
         }
+        let mut idle_since = Instant::now();
         loop {
             let next = {
                 let rx = lock(&self.rx);
-                match (self.idle_timeout, runner.is_some()) {
-                    (Some(t), true) => rx.recv_timeout(t),
-                    _ => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                if runner.is_some() {
+                    // Wake for the next health check, or when the idle timeout is due.
+                    let mut wait = HEALTH_INTERVAL;
+                    if let Some(t) = self.idle_timeout {
+                        wait = wait.min(t.saturating_sub(idle_since.elapsed()));
+                    }
+                    rx.recv_timeout(wait)
+                } else {
+                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
                 }
             };
             let job = match next {
                 Ok(j) => j,
                 Err(RecvTimeoutError::Timeout) => {
-                    tracing::info!(pool = %self.pool, "runner idle: stopping it");
-                    self.stop(runner.take(), "idle");
+                    if self.idle_timeout.is_some_and(|t| idle_since.elapsed() >= t) {
+                        tracing::info!(pool = %self.pool, "runner idle: stopping it");
+                        self.stop(runner.take(), "idle");
+                    } else if let Some(r) = runner.as_mut() {
+                        // Health check of an idle runner: a tokenize round trip within its time
+                        // limit. A runner that fails it is replaced before a request meets it.
+                        if let Err(e) = r.tokenize("health check", false) {
+                            tracing::warn!(pool = %self.pool, error = %e, "runner failed its health check: replacing it");
+                            self.stop(runner.take(), "health_check");
+                            self.metrics.inc(
+                                "corral_runner_restarts_total",
+                                &[("pool", &self.pool), ("cause", "health_check")],
+                            );
+                        }
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             self.depth.fetch_sub(1, Ordering::AcqRel);
+            idle_since = Instant::now();
             self.metrics.set(
                 "corral_queue_depth",
                 &[("pool", &self.pool)],
@@ -253,6 +281,7 @@ impl Worker {
             let result = r.generate(job.req, &mut |t| {
                 let _ = events.send(Event::Token(t.clone()));
             });
+            idle_since = Instant::now();
             match result {
                 Ok(done) => {
                     failures = 0;
