@@ -321,6 +321,16 @@ fn openai_shapes_auth_logprobs_and_streaming() {
     assert!(m.contains("corral_requests_total{endpoint=\"chat\",route=\"slm\",model=\"smollm2-135m-instruct\",outcome=\"ok\"} 2"), "{m}");
     assert!(m.contains("corral_gateway_overhead_seconds_count{route=\"slm\"}"));
     assert!(m.contains("corral_confidence_count{model=\"smollm2-135m-instruct\""));
+    // Live cgroup usage of the runner.
+    let peak = m
+        .lines()
+        .find(|l| l.starts_with("corral_runner_memory_peak_bytes{pool=\"smollm2-135m-instruct/secure\",runner=\"0\"}"))
+        .unwrap_or_else(|| panic!("{m}"));
+    let bytes: f64 = peak.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(bytes > 50e6, "{peak}");
+    assert!(
+        m.contains("corral_runner_cpu_seconds{pool=\"smollm2-135m-instruct/secure\",runner=\"0\"}")
+    );
 }
 
 #[test]

@@ -63,12 +63,17 @@ const HELP: &[(&str, &str, &str)] = &[
     (
         "corral_runner_cpu_seconds_total",
         "counter",
-        "CPU time of runners that exited, from their cgroup, by pool",
+        "CPU time of runners that have exited, from their cgroups, by pool",
     ),
     (
         "corral_runner_memory_peak_bytes",
         "gauge",
-        "Peak memory of the last runner that exited, from its cgroup, by pool",
+        "Peak memory of each runner's cgroup so far (updated after every request), by pool and runner slot",
+    ),
+    (
+        "corral_runner_cpu_seconds",
+        "gauge",
+        "CPU time of each runner's cgroup so far (updated after every request), by pool and runner slot",
     ),
     (
         "corral_queue_depth",

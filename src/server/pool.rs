@@ -102,6 +102,7 @@ impl Pool {
         let mut handles = Vec::new();
         for i in 0..cfg.runners {
             let w = Worker {
+                slot: i,
                 pool: name.clone(),
                 launch: launch.clone(),
                 rx: rx.clone(),
@@ -177,6 +178,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 struct Worker {
+    /// Index of this worker (and its runner) in the pool, for metrics.
+    slot: usize,
     pool: String,
     launch: Launch,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
@@ -282,6 +285,18 @@ impl Worker {
                 let _ = events.send(Event::Token(t.clone()));
             });
             idle_since = Instant::now();
+            // Live cgroup usage of this runner (the gauges of a runner that exits are its last).
+            let st = r.stats();
+            let slot = self.slot.to_string();
+            let labels = [("pool", self.pool.as_str()), ("runner", slot.as_str())];
+            if let Some(b) = st.memory_peak_bytes {
+                self.metrics
+                    .set("corral_runner_memory_peak_bytes", &labels, b as f64);
+            }
+            if let Some(ns) = st.cpu_usage_ns {
+                self.metrics
+                    .set("corral_runner_cpu_seconds", &labels, ns as f64 / 1e9);
+            }
             match result {
                 Ok(done) => {
                     failures = 0;
@@ -359,13 +374,6 @@ impl Worker {
                     "corral_runner_cpu_seconds_total",
                     &[("pool", &self.pool)],
                     ns as f64 / 1e9,
-                );
-            }
-            if let Some(b) = o.stats.memory_peak_bytes {
-                self.metrics.set(
-                    "corral_runner_memory_peak_bytes",
-                    &[("pool", &self.pool)],
-                    b as f64,
                 );
             }
         }

@@ -263,6 +263,11 @@ impl Runner {
         Ok(runner)
     }
 
+    /// What the runner's cgroup has counted so far (memory peak, CPU time, OOM kills).
+    pub fn stats(&self) -> crate::sandbox::cgroup::Stats {
+        self.sandbox.stats()
+    }
+
     pub fn pid(&self) -> i32 {
         self.sandbox.pid()
     }
