@@ -469,14 +469,22 @@ fn route_and_answer(
             print_llm(config, args, &d, &r, None, None, t0);
             Ok(0)
         }
-        Selection::Slm { model, profile } => {
-            let model = args.model.clone().unwrap_or_else(|| model.clone());
+        Selection::Slm {
+            model: decided,
+            profile,
+        } => {
+            let model = args.model.clone().unwrap_or_else(|| decided.clone());
             trail.model = Some(model.clone());
             config
                 .routing
                 .allowed(args.caller.agent.as_deref(), &model)
                 .map_err(crate::Error::Usage)?;
-            let profile = args.profile.clone().unwrap_or_else(|| profile.clone());
+            // --model may name another model than routing chose: then its own profile applies.
+            let profile = match &args.profile {
+                Some(p) => p.clone(),
+                None if model != *decided => config.routing.profile_for(&model),
+                None => profile.clone(),
+            };
             let need = d.confidence_required.unwrap_or(0.0);
             let escalate_low =
                 d.fallback_available && config.routing.on_low_confidence && need > 0.0;
