@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::config::AuditConfig;
 use super::format::Mac;
-use super::key::{push_hex, random, AuditKey, NONCE_LEN, TAG_LEN};
+use super::key::{push_hex, random, AuditKey, ENTRY_PAYLOADS_LEN, NONCE_LEN, TAG_LEN};
 use super::time::format_rfc3339;
 use super::Result;
 use crate::guardrails::{redact_json_with, PiiDetector, SensitiveKeys};
@@ -136,8 +136,10 @@ pub struct EntryEncoder {
 #[derive(Debug, Clone)]
 pub struct PreparedEntry {
     meta: String,
-    request: String,
-    response: String,
+    /// `,"request":{…},"response":{…}}`: everything after the metadata.
+    tail: String,
+    /// The request's nonce and tag, then the response's: what the entry MAC covers of them.
+    payloads: [u8; ENTRY_PAYLOADS_LEN],
 }
 
 impl EntryEncoder {
@@ -193,47 +195,84 @@ impl EntryEncoder {
         };
         let meta = to_json(&meta)?;
         let (n1, n2) = nonces.split_at(NONCE_LEN);
-        let request = self.seal(&meta, b"request", n1, &request)?;
-        let response = self.seal(&meta, b"response", n2, &response)?;
+        let mut payloads = [0u8; ENTRY_PAYLOADS_LEN];
+        let (p1, p2) = payloads.split_at_mut(NONCE_LEN + TAG_LEN);
+        let mut buf = Vec::with_capacity(8192);
+        let request = self.seal(&meta, b"request", n1, &request, &mut buf, p1)?;
+        let response = self.seal(&meta, b"response", n2, &response, &mut buf, p2)?;
+        let mut tail = String::with_capacity(request.len() + response.len() + 32);
+        tail.push_str(",\"request\":");
+        tail.push_str(&request);
+        tail.push_str(",\"response\":");
+        tail.push_str(&response);
+        tail.push('}');
         Ok(PreparedEntry {
             meta,
-            request,
-            response,
+            tail,
+            payloads,
         })
     }
 
-    fn seal(&self, meta: &str, label: &[u8], nonce: &[u8], value: &Value) -> Result<String> {
+    /// Seals one payload (serialized into `buf`, reused) and returns its `{"nonce","ct"}`
+    /// object; writes its nonce and tag into `bound`.
+    fn seal(
+        &self,
+        meta: &str,
+        label: &[u8],
+        nonce: &[u8],
+        value: &Value,
+        buf: &mut Vec<u8>,
+        bound: &mut [u8],
+    ) -> Result<String> {
         let nonce: [u8; NONCE_LEN] = nonce
             .try_into()
             .map_err(|_| super::AuditError::Writer("nonce length".into()))?;
-        let mut buf = serde_json::to_vec(value)
+        buf.clear();
+        serde_json::to_writer(&mut *buf, value)
             .map_err(|e| super::AuditError::Writer(format!("serializing a payload: {e}")))?;
-        let tag = self.key.seal(&nonce, &ad(label, meta), &mut buf)?;
+        let tag = self.key.seal(&nonce, &ad(label, meta), buf)?;
         buf.extend_from_slice(&tag);
-        let mut out = String::with_capacity(buf.len() * 4 / 3 + 40);
-        out.push_str("{\"nonce\":\"");
-        B64.encode_string(nonce, &mut out);
-        out.push_str("\",\"ct\":\"");
-        B64.encode_string(&buf, &mut out);
-        out.push_str("\"}");
-        Ok(out)
+        bound[..NONCE_LEN].copy_from_slice(&nonce);
+        bound[NONCE_LEN..].copy_from_slice(&tag);
+        Ok(sealed_json(&nonce, buf))
     }
+}
+
+/// `{"nonce":"<base64>","ct":"<base64>"}`, the one form a payload is stored in.
+fn sealed_json(nonce: &[u8], ct: &[u8]) -> String {
+    let len = 22
+        + base64::encoded_len(nonce.len(), true).unwrap_or(0)
+        + base64::encoded_len(ct.len(), true).unwrap_or(0);
+    let mut out = String::with_capacity(len);
+    out.push_str("{\"nonce\":\"");
+    B64.encode_string(nonce, &mut out);
+    out.push_str("\",\"ct\":\"");
+    B64.encode_string(ct, &mut out);
+    out.push_str("\"}");
+    out
 }
 
 impl PreparedEntry {
     /// The entry's line in the log (ending in a newline) at `seq`, after the record whose MAC is
     /// `prev`, and its own MAC.
+    /// The MAC covers the body up to the end of `meta` and both payloads' nonces and GCM tags
+    /// ([`AuditKey::entry_mac`]), not the ciphertexts themselves: the tags authenticate those.
     pub fn chain(&self, seq: u64, key: &AuditKey, prev: &Mac) -> (String, Mac) {
-        let body = self.body(seq, key.id_hex(), prev);
-        let mac = key.record_mac(body.as_bytes());
+        let (body, head) = self.build(seq, key.id_hex(), prev);
+        let mac = key.entry_mac(&body.as_bytes()[..head], &self.payloads);
         (super::format::finish_line(body, &mac), mac)
     }
 
     /// The entry record's body (everything but its MAC) at `seq`, after the record whose MAC is
     /// `prev`. Field order is fixed; `meta` comes right after `prev`.
     pub fn body(&self, seq: u64, kid: &str, prev: &Mac) -> String {
-        let mut b =
-            String::with_capacity(self.meta.len() + self.request.len() + self.response.len() + 180);
+        self.build(seq, kid, prev).0
+    }
+
+    /// The body, and the length of its part up to the end of `meta`.
+    fn build(&self, seq: u64, kid: &str, prev: &Mac) -> (String, usize) {
+        // room for the MAC that `finish_line` appends, so the line is never reallocated
+        let mut b = String::with_capacity(self.meta.len() + self.tail.len() + 260);
         b.push_str("{\"type\":\"entry\",\"seq\":");
         b.push_str(&seq.to_string());
         b.push_str(",\"kid\":\"");
@@ -242,12 +281,9 @@ impl PreparedEntry {
         push_hex(&mut b, prev);
         b.push_str("\",\"meta\":");
         b.push_str(&self.meta);
-        b.push_str(",\"request\":");
-        b.push_str(&self.request);
-        b.push_str(",\"response\":");
-        b.push_str(&self.response);
-        b.push('}');
-        b
+        let head = b.len();
+        b.push_str(&self.tail);
+        (b, head)
     }
 }
 
@@ -284,6 +320,53 @@ pub(crate) fn raw_meta(body: &str) -> Option<&str> {
     let mut values = serde_json::Deserializer::from_str(rest).into_iter::<serde::de::IgnoredAny>();
     values.next()?.ok()?;
     rest.get(..values.byte_offset())
+}
+
+/// What an entry record's MAC covers, from its body as read: the body up to the end of `meta`,
+/// and both payloads' nonces and tags. Checks that the rest of the body is exactly what the
+/// writer produces from those payloads (no other spelling of the same values passes, since the
+/// MAC does not cover those bytes); the error says what is wrong.
+pub(crate) fn entry_mac_input<'a>(
+    body: &'a str,
+    request: &Sealed,
+    response: &Sealed,
+) -> std::result::Result<(&'a str, [u8; ENTRY_PAYLOADS_LEN]), String> {
+    let meta = raw_meta(body).ok_or_else(|| "the metadata cannot be located".to_string())?;
+    let head = meta.as_ptr() as usize - body.as_ptr() as usize + meta.len();
+    let mut payloads = [0u8; ENTRY_PAYLOADS_LEN];
+    let (p1, p2) = payloads.split_at_mut(NONCE_LEN + TAG_LEN);
+    let mut tail = String::with_capacity(body.len() - head);
+    tail.push_str(",\"request\":");
+    tail.push_str(&bound(request, "request", p1)?);
+    tail.push_str(",\"response\":");
+    tail.push_str(&bound(response, "response", p2)?);
+    tail.push('}');
+    if body.get(head..) != Some(tail.as_str()) {
+        return Err(
+            "the payloads are not stored as the writer stores them (the record was modified)"
+                .into(),
+        );
+    }
+    Ok((&body[..head], payloads))
+}
+
+/// Decodes a payload's nonce and the tag at the end of its ciphertext into `out`, and returns the
+/// payload's stored form re-encoded from the decoded bytes.
+fn bound(sealed: &Sealed, label: &str, out: &mut [u8]) -> std::result::Result<String, String> {
+    let nonce = B64
+        .decode(&sealed.nonce)
+        .ok()
+        .filter(|n| n.len() == NONCE_LEN)
+        .ok_or_else(|| format!("{label} payload: bad nonce"))?;
+    let ct = B64
+        .decode(&sealed.ct)
+        .map_err(|_| format!("{label} payload: ciphertext is not base64"))?;
+    if ct.len() < TAG_LEN {
+        return Err(format!("{label} payload: ciphertext shorter than its tag"));
+    }
+    out[..NONCE_LEN].copy_from_slice(&nonce);
+    out[NONCE_LEN..].copy_from_slice(&ct[ct.len() - TAG_LEN..]);
+    Ok(sealed_json(&nonce, &ct))
 }
 
 /// Decrypts one payload of an entry whose metadata bytes are `meta`. The error says what failed.
@@ -367,6 +450,43 @@ mod tests {
     }
 
     #[test]
+    fn the_entry_mac_covers_tags_and_the_line_must_be_canonical() {
+        let enc = encoder();
+        let p = enc
+            .prepare(AuditRecord::default(), SystemTime::now())
+            .unwrap();
+        let (line, mac) = p.chain(4, enc.key(), &[1u8; 32]);
+        let (body, got) = super::super::format::split_line(line.trim_end()).unwrap();
+        assert_eq!(got, mac);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let req: Sealed = serde_json::from_value(v["request"].clone()).unwrap();
+        let resp: Sealed = serde_json::from_value(v["response"].clone()).unwrap();
+        let (head, payloads) = entry_mac_input(&body, &req, &resp).unwrap();
+        assert!(head.ends_with('}') && body.starts_with(head));
+        assert_eq!(payloads, p.payloads);
+        assert!(enc.key().verify_entry_mac(head.as_bytes(), &payloads, &mac));
+        assert!(
+            !enc.key().verify_record_mac(body.as_bytes(), &mac),
+            "a domain of its own"
+        );
+        // The same ciphertext spelled another way (a JSON escape) is refused.
+        let c = req.ct.chars().next().unwrap();
+        let escaped = body.replacen(
+            &format!("\"ct\":\"{c}"),
+            &format!("\"ct\":\"\\u{:04x}", c as u32),
+            1,
+        );
+        let v: Value = serde_json::from_str(&escaped).unwrap();
+        let req2: Sealed = serde_json::from_value(v["request"].clone()).unwrap();
+        assert_eq!(req2, req);
+        let err = entry_mac_input(&escaped, &req2, &resp).unwrap_err();
+        assert!(
+            err.contains("not stored as the writer stores them"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn every_payload_gets_its_own_nonce() {
         let enc = encoder();
         let a = enc
@@ -375,8 +495,10 @@ mod tests {
         let b = enc
             .prepare(AuditRecord::default(), SystemTime::now())
             .unwrap();
-        assert_ne!(a.request, b.request);
-        assert_ne!(a.request[..30], a.response[..30]);
+        assert_ne!(a.tail, b.tail);
+        assert_ne!(a.payloads[..NONCE_LEN], b.payloads[..NONCE_LEN]);
+        let (req, resp) = a.payloads.split_at(NONCE_LEN + TAG_LEN);
+        assert_ne!(req[..NONCE_LEN], resp[..NONCE_LEN]);
         assert_ne!(a.meta, b.meta, "entry ids differ");
     }
 }

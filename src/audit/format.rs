@@ -14,9 +14,14 @@
 //! and, once rotated, a `seal` record (how many records came before it). Every record carries a
 //! global sequence number (`seq`, +1 per record across files), the key id (`kid`), the previous
 //! record's MAC (`prev`, 64 hex digits; zeros before the very first record), and ends with its
-//! own `"mac"`: HMAC-SHA256 under the chain subkey of the exact bytes of the line without the
-//! `,"mac":"…"` member. So each MAC covers the one before it, the metadata and the ciphertexts,
-//! and the chain runs across files.
+//! own `"mac"`: HMAC-SHA256 under the chain subkey. For `open`, `retention` and `seal` it covers
+//! the exact bytes of the line without the `,"mac":"…"` member ([`encode`]). For an `entry` it
+//! covers the exact bytes of the line up to the end of `meta` and both payloads' nonces and GCM
+//! tags, in a domain of its own ([`AuditKey::entry_mac`]): the tags authenticate the ciphertexts
+//! (and the metadata) under the encryption key and are always checked on reading, and the rest of
+//! the line must be exactly the writer's encoding of those payloads. So each MAC covers the one
+//! before it, the metadata and (through the tags) the ciphertexts, and the chain runs across
+//! files.
 //!
 //! `HEAD` is one JSON object with its own MAC (a different domain from records), rewritten after
 //! each fsync: it pins the end of the active file so a truncated tail is detected even though the

@@ -32,6 +32,8 @@ pub const MAC_LEN: usize = 32;
 pub const NONCE_LEN: usize = 12;
 /// Length of an AES-GCM tag, in bytes.
 pub const TAG_LEN: usize = 16;
+/// An entry MAC's fixed-length tail: nonce and GCM tag of the request, then of the response.
+pub const ENTRY_PAYLOADS_LEN: usize = 2 * (NONCE_LEN + TAG_LEN);
 /// The key file corral generates in the audit directory when no key is configured.
 pub const DEFAULT_KEY_FILE: &str = "audit.key";
 
@@ -228,6 +230,37 @@ impl AuditKey {
         m.update(b"corral-audit-v1 record\0");
         m.update(body);
         m.verify_slice(mac).is_ok()
+    }
+
+    /// MAC of an `entry` record: HMAC(chain key, `corral-audit-v1 entry` ‖ 0 ‖ `head` ‖
+    /// `payloads`), where `head` is the record's body up to the end of its `meta` object (type,
+    /// seq, kid, prev, the exact metadata bytes) and `payloads` is the request's nonce and GCM tag
+    /// then the response's ([`ENTRY_PAYLOADS_LEN`] bytes, fixed, so the input is unambiguous).
+    /// The ciphertexts are covered through their tags, which authenticate them (and the metadata)
+    /// under the encryption key. A separate domain from other records.
+    pub fn entry_mac(&self, head: &[u8], payloads: &[u8; ENTRY_PAYLOADS_LEN]) -> [u8; MAC_LEN] {
+        self.entry_hmac(head, payloads)
+            .finalize()
+            .into_bytes()
+            .into()
+    }
+
+    /// Checks an entry MAC ([`AuditKey::entry_mac`]) in constant time.
+    pub fn verify_entry_mac(
+        &self,
+        head: &[u8],
+        payloads: &[u8; ENTRY_PAYLOADS_LEN],
+        mac: &[u8; MAC_LEN],
+    ) -> bool {
+        self.entry_hmac(head, payloads).verify_slice(mac).is_ok()
+    }
+
+    fn entry_hmac(&self, head: &[u8], payloads: &[u8; ENTRY_PAYLOADS_LEN]) -> HmacSha256 {
+        let mut m = self.subkeys.chain.clone();
+        m.update(b"corral-audit-v1 entry\0");
+        m.update(head);
+        m.update(payloads);
+        m
     }
 
     /// MAC of the checkpoint file's body (a different domain from records, so neither can be

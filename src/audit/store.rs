@@ -262,8 +262,8 @@ impl Store {
         let mut created = created;
         loop {
             let path = self.dir.join(&name);
-            let scan = scan_file(&path, &self.keys, false, Some(start), None)
-                .map_err(AuditError::io(&path))?;
+            let scan =
+                scan_file(&path, &self.keys, Some(start), None).map_err(AuditError::io(&path))?;
             let bad = scan.problems.len() > usize::from(scan.incomplete_tail);
             if bad {
                 let why =
@@ -286,7 +286,7 @@ impl Store {
                 return self.new_file(Some((seq, mac, name)), None);
             }
             // Rotated just before the crash: the next file must continue from the seal.
-            let first = scan_file(&self.dir.join(&next), &self.keys, false, None, None)
+            let first = scan_file(&self.dir.join(&next), &self.keys, None, None)
                 .map_err(AuditError::io(self.dir.join(&next)))?;
             let links = first.open.as_ref().is_some_and(|o| {
                 o.seq == seq + 1 && o.prev == Some(mac) && o.prev_file.as_deref() == Some(&name)
@@ -317,8 +317,7 @@ impl Store {
         let names = list_files(&self.dir).map_err(AuditError::io(&self.dir))?;
         for name in names.iter().rev() {
             let path = self.dir.join(name);
-            let scan =
-                scan_file(&path, &self.keys, false, None, None).map_err(AuditError::io(&path))?;
+            let scan = scan_file(&path, &self.keys, None, None).map_err(AuditError::io(&path))?;
             if let Some((seq, mac)) = scan.last() {
                 return Ok(Some((seq, mac, name.clone())));
             }

@@ -3,9 +3,11 @@
 //! callback. Both rest on [`scan_file`], which the writer also uses to recover after a crash.
 //!
 //! What is checked, per record: it parses and carries a MAC; its key id is held; the MAC matches
-//! (so the record is as the key holder wrote it); its seq is one more than the previous record's
-//! and its `prev` is that record's MAC (nothing removed, inserted or reordered); an entry's two
-//! payloads open under AES-GCM with its metadata as associated data. Per file: it starts with an
+//! (so the record is as the key holder wrote it; an entry's MAC covers its payloads through their
+//! nonces and GCM tags, and the rest of its line must be the writer's exact encoding of them);
+//! its seq is one more than the previous record's and its `prev` is that record's MAC (nothing removed, inserted or reordered); an entry's two
+//! payloads open under AES-GCM with its metadata as associated data (always, the writer's
+//! recovery included: the tags are what authenticate the ciphertexts). Per file: it starts with an
 //! `open` record naming itself; nothing follows a `seal`, whose count matches. Across files: each
 //! `open` links to the previous file's last record (name, seq and MAC), so a truncated or missing
 //! file breaks the link; the oldest file links to nothing (the log's start) or to a file a
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::entry::{open_payload, raw_meta, EntryMeta};
+use super::entry::{entry_mac_input, open_payload, raw_meta, EntryMeta};
 use super::format::{
     self, list_files, parse_file_name, parse_mac, read_checkpoint, split_line, CheckpointError,
     Deleted, Mac, Record, GENESIS,
@@ -135,12 +137,11 @@ pub(crate) struct ScanStart {
     pub prev: Mac,
 }
 
-/// Reads and checks one file on its own (records, MACs, order within the file, payloads when
-/// `payloads`), from the top or from `start`, passing each good entry to `on_entry` when given.
+/// Reads and checks one file on its own (records, MACs, order within the file, the payloads'
+/// GCM tags), from the top or from `start`, passing each good entry to `on_entry` when given.
 pub(crate) fn scan_file(
     path: &Path,
     keys: &Keyring,
-    payloads: bool,
     start: Option<ScanStart>,
     mut on_entry: Option<&mut dyn FnMut(DecryptedEntry)>,
 ) -> std::io::Result<FileScan> {
@@ -204,17 +205,28 @@ pub(crate) fn scan_file(
         let seq = rec.seq();
         let mut wrong: Vec<String> = Vec::new();
         let key = keys.get(rec.kid());
-        match key {
+        let mac_ok = |k: &super::key::AuditKey| match &rec {
+            // An entry's MAC covers its payloads' nonces and GCM tags, not the ciphertexts (the
+            // tags, checked below, authenticate those); the rest of the line must be exactly as
+            // written.
+            Record::Entry {
+                request, response, ..
+            } => entry_mac_input(&body, request, response)
+                .map(|(head, payloads)| k.verify_entry_mac(head.as_bytes(), &payloads, &mac)),
+            _ => Ok(k.verify_record_mac(body.as_bytes(), &mac)),
+        };
+        match key.map(mac_ok) {
             None => wrong.push(format!(
                 "no key for key id {} (held: {}): the wrong key, or a record written by someone else",
                 rec.kid(),
                 if keys.is_empty() { "none".to_string() } else { keys.ids().join(", ") }
             )),
-            Some(k) if !k.verify_record_mac(body.as_bytes(), &mac) => wrong.push(
+            Some(Ok(false)) => wrong.push(
                 "MAC mismatch: the record was modified, or the chain was recomputed without the key"
                     .into(),
             ),
-            Some(_) => {}
+            Some(Err(e)) => wrong.push(e),
+            Some(Ok(true)) => {}
         }
         let prev = parse_mac(rec.prev());
         if prev.is_none() {
@@ -288,7 +300,9 @@ pub(crate) fn scan_file(
                 ..
             } => {
                 scan.entries += 1;
-                if let (Some(k), true) = (key, payloads) {
+                // Always (the writer's recovery too): the GCM tags are what authenticates the
+                // ciphertexts, which the MAC does not cover byte for byte.
+                if let Some(k) = key {
                     let opened = raw_meta(&body)
                         .ok_or_else(|| "the metadata cannot be located".to_string())
                         .and_then(|m| {
@@ -371,7 +385,7 @@ fn verify_dir(dir: &Path, keys: &Keyring) -> std::io::Result<Verification> {
     }
     let mut scans = Vec::with_capacity(names.len());
     for n in &names {
-        let s = scan_file(&dir.join(n), keys, true, None, None)?;
+        let s = scan_file(&dir.join(n), keys, None, None)?;
         v.records += s.records.len() as u64;
         v.entries += s.entries;
         v.problems.extend(s.problems.iter().cloned());
@@ -524,7 +538,7 @@ fn file_problem(file: &str, what: String) -> Problem {
 }
 
 fn verify_file(path: &Path, keys: &Keyring) -> std::io::Result<Verification> {
-    let s = scan_file(path, keys, true, None, None)?;
+    let s = scan_file(path, keys, None, None)?;
     let mut v = Verification {
         files: 1,
         records: s.records.len() as u64,
@@ -575,7 +589,7 @@ pub fn decrypt_path(
     };
     let mut problems = Vec::new();
     for f in files {
-        let s = scan_file(&f, keys, true, None, Some(&mut *on_entry))?;
+        let s = scan_file(&f, keys, None, Some(&mut *on_entry))?;
         problems.extend(s.problems);
     }
     Ok(problems)
