@@ -796,13 +796,13 @@ fn a_runner_dying_mid_stream_ends_the_stream_with_an_error_event() {
     let s = serve(&config_text(""));
     let mut req = chat("Write a long story about a lighthouse keeper.", 200);
     req["stream"] = json!(true);
-    let (code, resp) = call(
-        "POST",
-        &format!("{}/v1/chat/completions", s.url),
-        Some(KEY),
-        Some(req),
-    );
-    assert_eq!(code, 200);
+    // (ureq directly, to print the server's log if the stream never starts.)
+    let resp = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .set("authorization", &format!("Bearer {KEY}"))
+        .timeout(Duration::from_secs(120))
+        .send_json(req)
+        .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", s.log.lock().unwrap()));
+    assert_eq!(resp.status(), 200);
     let mut reader = resp.into_reader();
     let mut body = Vec::new();
     let mut buf = [0u8; 4096];
