@@ -1230,6 +1230,7 @@ fn stream_live(
             .await;
         let mut tokens = vec![];
         let mut streamed = 0usize;
+        let mut gone = false;
         let mut next = Some(Event::Token(first));
         loop {
             let ev = match next.take() {
@@ -1238,7 +1239,7 @@ fn stream_live(
             };
             match ev {
                 Some(Event::Token(t)) => {
-                    if !t.text.is_empty() || gen.logprobs.is_some() {
+                    if !gone && (!t.text.is_empty() || gen.logprobs.is_some()) {
                         streamed += t.text.len();
                         if tx
                             .send(sse_data(&chunk(
@@ -1253,7 +1254,10 @@ fn stream_live(
                             .await
                             .is_err()
                         {
+                            // The runner finishes the answer anyway (no cancel in the
+                            // protocol yet); stop formatting chunks nobody reads.
                             tracing::info!(request_id = %gen.rid, "client went away mid-stream");
+                            gone = true;
                         }
                     }
                     tokens.push(t);
