@@ -176,10 +176,7 @@ fn run_slm(
     let mut stdout = std::io::stdout();
     let mut streamed = String::new();
     let result = runner.generate(req, &mut |t| {
-        stats.push(TokenStat {
-            logprob: t.logprob,
-            entropy: t.entropy,
-        });
+        stats.push(TokenStat::from(t));
         if stream {
             streamed.push_str(&t.text);
             let _ = stdout.write_all(terminal_safe(&t.text).as_bytes());
@@ -260,16 +257,9 @@ fn route_json(d: &RouteDecision) -> serde_json::Value {
 
 /// The confidence of a remote answer, from its token log-probabilities when it has them.
 fn llm_score(config: &Config, r: &ChatResponse) -> Option<f64> {
-    r.token_logprobs.as_ref().and_then(|lps| {
-        let stats: Vec<TokenStat> = lps
-            .iter()
-            .map(|l| TokenStat {
-                logprob: *l,
-                entropy: 0.0,
-            })
-            .collect();
-        confidence::score(&stats, config.routing.method)
-    })
+    r.token_logprobs
+        .as_deref()
+        .and_then(|lps| confidence::score_logprobs(lps, config.routing.method))
 }
 
 /// Prints a remote answer; `escalation` says why it replaced the SLM's, `slm` what that was.

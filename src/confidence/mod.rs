@@ -49,6 +49,34 @@ pub struct TokenStat {
     pub entropy: f32,
 }
 
+impl From<&corral_protocol::TokenInfo> for TokenStat {
+    fn from(t: &corral_protocol::TokenInfo) -> TokenStat {
+        TokenStat {
+            logprob: t.logprob,
+            entropy: t.entropy,
+        }
+    }
+}
+
+/// The score of a runner's tokens under `method`.
+pub fn score_tokens(tokens: &[corral_protocol::TokenInfo], method: Method) -> Option<f64> {
+    let stats: Vec<TokenStat> = tokens.iter().map(TokenStat::from).collect();
+    score(&stats, method)
+}
+
+/// The score of a remote answer from the log-probabilities of its tokens (providers report no
+/// entropies: methods that need them see 0).
+pub fn score_logprobs(logprobs: &[f32], method: Method) -> Option<f64> {
+    let stats: Vec<TokenStat> = logprobs
+        .iter()
+        .map(|l| TokenStat {
+            logprob: *l,
+            entropy: 0.0,
+        })
+        .collect();
+    score(&stats, method)
+}
+
 /// The score of `tokens` under `method`; `None` for an empty answer (no evidence either way).
 pub fn score(tokens: &[TokenStat], method: Method) -> Option<f64> {
     if tokens.is_empty() {

@@ -35,7 +35,7 @@ use super::error::ApiError;
 use super::openai::{self, ChatRequest, CompletionRequest};
 use super::pool::{Event, Job, Pool};
 use super::{Live, State};
-use crate::confidence::{self, TokenStat};
+use crate::confidence;
 use crate::providers::{Chain, ChatResponse, Message};
 use crate::routing::{RequestContext, RouteDecision, Selection, TaskType};
 
@@ -102,6 +102,16 @@ enum Kind {
     Completion,
 }
 
+impl Kind {
+    /// The `endpoint` label of metrics and audit entries.
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::Completion => "completions",
+        }
+    }
+}
+
 /// A generation request, whichever endpoint it came from.
 #[derive(Debug, Clone)]
 struct Gen {
@@ -161,19 +171,14 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let rid = request_id();
-    let t0 = Instant::now();
-    let live = state.live();
-    let r = async {
-        let (ident, slot) = live.keys.authenticate(&headers)?;
-        let body = body_of(body, live.config.server.max_request_body_bytes)?;
-        let req: ChatRequest = openai::parse(&body)?;
+    serve_generation(state, headers, body, Kind::Chat, |body, rid| {
+        let req: ChatRequest = openai::parse(body)?;
         req.check()?;
         let messages = req.texts()?;
-        let gen = Gen {
+        Ok(Gen {
             kind: Kind::Chat,
-            rid: rid.clone(),
-            model: req.model.clone(),
+            rid,
+            model: req.model,
             input: Input::Messages(
                 messages
                     .iter()
@@ -188,25 +193,15 @@ async fn chat(
             temperature: req.temperature.unwrap_or(1.0),
             top_p: req.top_p,
             seed: req.seed.map(|s| s as u64),
-            stop: req
-                .stop
-                .clone()
-                .map(openai::Stop::into_vec)
-                .unwrap_or_default(),
+            stop: req.stop.map(openai::Stop::into_vec).unwrap_or_default(),
             logprobs: req.logprobs.then(|| req.top_logprobs.unwrap_or(0)),
             stream: req.stream,
-            include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            user: req.user.clone(),
-            metadata: req.metadata.clone(),
-        };
-        timed(
-            &live,
-            generate(state.clone(), live.clone(), ident, gen, t0, slot),
-        )
-        .await
-    }
-    .await;
-    finish(&state, r, &rid, "chat", t0)
+            include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+            user: req.user,
+            metadata: req.metadata,
+        })
+    })
+    .await
 }
 
 async fn completions(
@@ -214,36 +209,48 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let rid = request_id();
-    let t0 = Instant::now();
-    let live = state.live();
-    let r = async {
-        let (ident, slot) = live.keys.authenticate(&headers)?;
-        let body = body_of(body, live.config.server.max_request_body_bytes)?;
-        let req: CompletionRequest = openai::parse(&body)?;
+    serve_generation(state, headers, body, Kind::Completion, |body, rid| {
+        let req: CompletionRequest = openai::parse(body)?;
         req.check()?;
         let prompt = req.prompt()?;
-        let gen = Gen {
+        Ok(Gen {
             kind: Kind::Completion,
-            rid: rid.clone(),
-            model: req.model.clone(),
+            rid,
+            model: req.model,
             messages: vec![("user".into(), prompt.clone())],
             input: Input::Prompt(prompt),
             max_tokens: req.max_tokens.unwrap_or(16),
             temperature: req.temperature.unwrap_or(1.0),
             top_p: req.top_p,
             seed: req.seed.map(|s| s as u64),
-            stop: req
-                .stop
-                .clone()
-                .map(openai::Stop::into_vec)
-                .unwrap_or_default(),
+            stop: req.stop.map(openai::Stop::into_vec).unwrap_or_default(),
             logprobs: req.logprobs,
             stream: req.stream,
-            include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            user: req.user.clone(),
-            metadata: req.metadata.clone(),
-        };
+            include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+            user: req.user,
+            metadata: req.metadata,
+        })
+    })
+    .await
+}
+
+/// What both generation endpoints do around their own parsing (`parse`: the body and the
+/// request id into a [`Gen`]): authenticate, bound the body, generate within the request
+/// timeout, answer errors in OpenAI's format.
+async fn serve_generation(
+    state: Arc<State>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+    parse: impl FnOnce(&[u8], String) -> Result<Gen, ApiError>,
+) -> Response {
+    let rid = request_id();
+    let t0 = Instant::now();
+    let live = state.live();
+    let r = async {
+        let (ident, slot) = live.keys.authenticate(&headers)?;
+        let body = body_of(body, live.config.server.max_request_body_bytes)?;
+        let gen = parse(&body, rid.clone())?;
         timed(
             &live,
             generate(state.clone(), live.clone(), ident, gen, t0, slot),
@@ -251,7 +258,7 @@ async fn completions(
         .await
     }
     .await;
-    finish(&state, r, &rid, "completions", t0)
+    finish(&state, r, &rid, kind.endpoint(), t0)
 }
 
 /// `server.request_timeout_seconds` bounds a request until its response starts (a stream, once
@@ -713,16 +720,10 @@ fn llm_answer(
     method: crate::confidence::Method,
     escalation: Option<String>,
 ) -> Answer {
-    let score = r.token_logprobs.as_ref().and_then(|lps| {
-        let stats: Vec<TokenStat> = lps
-            .iter()
-            .map(|l| TokenStat {
-                logprob: *l,
-                entropy: 0.0,
-            })
-            .collect();
-        confidence::score(&stats, method)
-    });
+    let score = r
+        .token_logprobs
+        .as_deref()
+        .and_then(|lps| confidence::score_logprobs(lps, method));
     Answer {
         text: r.text,
         finish_reason: r.finish_reason,
@@ -806,7 +807,7 @@ fn audit(
         }),
         error: error.map(|e| format!("{} {}", e.status.as_u16(), e.code.unwrap_or(e.kind))),
         request: json!({
-            "endpoint": if gen.kind == Kind::Chat { "chat" } else { "completions" },
+            "endpoint": gen.kind.endpoint(),
             "model": gen.model, "messages": gen.messages, "max_tokens": gen.max_tokens,
             "temperature": gen.temperature, "top_p": gen.top_p, "seed": gen.seed,
             "stop": gen.stop, "metadata": gen.metadata, "user": gen.user, "stream": gen.stream,
@@ -894,11 +895,7 @@ async fn generate(
     t0: Instant,
     slot: super::auth::Slot,
 ) -> Response {
-    let endpoint = if gen.kind == Kind::Chat {
-        "chat"
-    } else {
-        "completions"
-    };
+    let endpoint = gen.kind.endpoint();
     let r = match decide(&live, &ident, &gen) {
         Err(e) => Err(e),
         Ok((d, _)) => {
@@ -951,11 +948,7 @@ async fn generate_inner(
     let cfg = &live.config;
     let method = cfg.routing.method;
     let d = d.clone();
-    let endpoint = if gen.kind == Kind::Chat {
-        "chat"
-    } else {
-        "completions"
-    };
+    let endpoint = gen.kind.endpoint();
     let record = |a: &Answer, outcome: &str, slm: Option<Value>| {
         audit(state, gen, ident, &d, Some(a), None, slm, t0);
         let route = a.route;
@@ -1116,14 +1109,7 @@ async fn generate_inner(
                     1,
                 ));
             };
-            let stats: Vec<TokenStat> = tokens
-                .iter()
-                .map(|t| TokenStat {
-                    logprob: t.logprob,
-                    entropy: t.entropy,
-                })
-                .collect();
-            let score = confidence::score(&stats, method);
+            let score = confidence::score_tokens(&tokens, method);
             let low = score.is_none_or(|s| s < f64::from(need));
             let audit = !low && d.fallback_available && rt.audit_draw();
             let escalate = (escalate_low && low) || audit;
@@ -1207,11 +1193,7 @@ fn stream_live(
         ("x-corral-escalated", "false".to_string()),
         ("x-corral-policies", d.policies_applied.join(",")),
     ];
-    let endpoint = if gen.kind == Kind::Chat {
-        "chat"
-    } else {
-        "completions"
-    };
+    let endpoint = gen.kind.endpoint();
     tokio::spawn(async move {
         let _slot = slot;
         let created = unix_now();
@@ -1276,14 +1258,7 @@ fn stream_live(
                             )))
                             .await;
                     }
-                    let stats: Vec<TokenStat> = tokens
-                        .iter()
-                        .map(|t| TokenStat {
-                            logprob: t.logprob,
-                            entropy: t.entropy,
-                        })
-                        .collect();
-                    let score = confidence::score(&stats, method);
+                    let score = confidence::score_tokens(&tokens, method);
                     let a = Answer {
                         text: done.text.clone(),
                         finish_reason: finish_reason(done.finish_reason).into(),

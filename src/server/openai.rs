@@ -184,12 +184,39 @@ fn sampling(temperature: Option<f32>, top_p: Option<f32>) -> Result<(), ApiError
     Ok(())
 }
 
+/// Checks both endpoints share: `n`, `stream_options` without `stream`, at most 4 stops.
+fn common(
+    n: Option<u32>,
+    stream: bool,
+    stream_options: bool,
+    stop: &Option<Stop>,
+) -> Result<(), ApiError> {
+    if n.is_some_and(|n| n != 1) {
+        return Err(ApiError::unsupported("n", "only n=1 is supported"));
+    }
+    if stream_options && !stream {
+        return Err(ApiError::invalid(
+            "stream_options is only allowed with stream: true",
+            Some("stream_options"),
+        ));
+    }
+    if let Some(Stop::Many(v)) = stop {
+        if v.len() > 4 {
+            return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
+        }
+    }
+    Ok(())
+}
+
 impl ChatRequest {
     /// Refuses what corral does not implement, by name.
     pub fn check(&self) -> Result<(), ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::unsupported("n", "only n=1 is supported"));
-        }
+        common(
+            self.n,
+            self.stream,
+            self.stream_options.is_some(),
+            &self.stop,
+        )?;
         for (name, v) in [
             ("tools", &self.tools),
             ("tool_choice", &self.tool_choice),
@@ -235,17 +262,6 @@ impl ChatRequest {
                 "top_logprobs requires logprobs: true",
                 Some("top_logprobs"),
             ));
-        }
-        if self.stream_options.is_some() && !self.stream {
-            return Err(ApiError::invalid(
-                "stream_options is only allowed with stream: true",
-                Some("stream_options"),
-            ));
-        }
-        if let Some(Stop::Many(v)) = &self.stop {
-            if v.len() > 4 {
-                return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
-            }
         }
         Ok(())
     }
@@ -305,9 +321,12 @@ impl ChatRequest {
 
 impl CompletionRequest {
     pub fn check(&self) -> Result<(), ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::unsupported("n", "only n=1 is supported"));
-        }
+        common(
+            self.n,
+            self.stream,
+            self.stream_options.is_some(),
+            &self.stop,
+        )?;
         if self.best_of.is_some_and(|n| n != 1) {
             return Err(ApiError::unsupported(
                 "best_of",
@@ -334,17 +353,6 @@ impl CompletionRequest {
                 "logprobs must be within 0..=5",
                 Some("logprobs"),
             ));
-        }
-        if self.stream_options.is_some() && !self.stream {
-            return Err(ApiError::invalid(
-                "stream_options is only allowed with stream: true",
-                Some("stream_options"),
-            ));
-        }
-        if let Some(Stop::Many(v)) = &self.stop {
-            if v.len() > 4 {
-                return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
-            }
         }
         Ok(())
     }
