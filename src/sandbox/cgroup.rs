@@ -1,4 +1,5 @@
-//! Control groups for one sandbox: memory (swap off), CPU quota, pids, I/O bandwidth.
+//! Control groups for one sandbox: memory (swap off), CPU quota, pids, I/O bandwidth, and which
+//! devices it may use (v1 `devices` controller or a v2 BPF device program, see `devices.rs`).
 //!
 //! Hosts differ: pure v2 (the usual case), pure v1, or hybrid (v1 controllers and a cgroup2 mount
 //! with none, as on corral's CI machines). [`CgroupHost::detect`] finds, per controller, the
@@ -13,6 +14,8 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::devices::{self, DeviceRule};
+
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("cgroup {path}: {source}")]
@@ -20,6 +23,14 @@ pub enum CgroupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cgroup {path}: device cgroup program: {what}: {source}")]
+    DeviceProgram {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("device cgroup: this host has neither a cgroup v1 devices controller nor a cgroup2 mount where corral may attach BPF device programs (needs root with CAP_BPF or CAP_SYS_ADMIN)")]
+    DevicesUnavailable,
 }
 
 pub type Result<T, E = CgroupError> = std::result::Result<T, E>;
@@ -52,8 +63,12 @@ pub struct CgroupHost {
     pub cpuacct: Option<Hierarchy>,
     pub pids: Option<Hierarchy>,
     pub io: Option<Hierarchy>,
+    /// The cgroup v1 `devices` controller (v2 has none: see [`CgroupHost::devices_supported`]).
+    pub devices: Option<Hierarchy>,
     /// The cgroup2 mount point, if any (even one without controllers).
     pub v2_mount: Option<PathBuf>,
+    /// The supervisor's own cgroup in the cgroup2 mount, where device programs attach.
+    pub v2_own: Option<PathBuf>,
 }
 
 impl CgroupHost {
@@ -108,6 +123,7 @@ impl CgroupHost {
                         dir.pop();
                     }
                     host.v2_mount.get_or_insert_with(|| PathBuf::from(&mnt));
+                    host.v2_own.get_or_insert_with(|| dir.clone());
                     let ctrls = read(&dir.join("cgroup.controllers")).unwrap_or_default();
                     let h = Hierarchy {
                         version: Version::V2,
@@ -149,6 +165,7 @@ impl CgroupHost {
                         ("cpuacct", &mut host.cpuacct),
                         ("pids", &mut host.pids),
                         ("blkio", &mut host.io),
+                        ("devices", &mut host.devices),
                     ] {
                         if opts.contains(&name) {
                             *slot = Some(h.clone());
@@ -162,9 +179,29 @@ impl CgroupHost {
     }
 
     fn hierarchies(&self) -> impl Iterator<Item = &Hierarchy> {
-        [&self.memory, &self.cpu, &self.cpuacct, &self.pids, &self.io]
-            .into_iter()
-            .flatten()
+        [
+            &self.memory,
+            &self.cpu,
+            &self.cpuacct,
+            &self.pids,
+            &self.io,
+            &self.devices,
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// How [`Limits::devices`] would be enforced here: `"v1"` (the `devices` controller), `"v2 bpf"`
+    /// (a BPF device program on the cgroup2 hierarchy), or None. The first v2 query loads a
+    /// trivial program once to learn whether this process may.
+    pub fn devices_supported(&self) -> Option<&'static str> {
+        if self.devices.is_some() {
+            Some("v1")
+        } else if self.v2_own.is_some() && devices::bpf_supported() {
+            Some("v2 bpf")
+        } else {
+            None
+        }
     }
 
     /// Human-readable summary for `corral doctor`.
@@ -178,6 +215,12 @@ impl CgroupHost {
             one("cpu", &self.cpu),
             one("pids", &self.pids),
             one("io", &self.io),
+            format!(
+                "devices={}",
+                self.devices_supported()
+                    .unwrap_or("missing")
+                    .replace(' ', "-")
+            ),
         ]
         .join(" ")
     }
@@ -213,6 +256,8 @@ pub struct Limits {
     pub pids: Option<u64>,
     /// Block devices (major, minor) and bytes per second for reads and writes.
     pub io: Option<(Vec<(u32, u32)>, u64)>,
+    /// Some: deny every device except these. None: device access is not restricted here.
+    pub devices: Option<Vec<DeviceRule>>,
 }
 
 /// Accounting read back after (or during) a run.
@@ -337,6 +382,44 @@ impl Cgroup {
         if let Some(h) = &host.cpuacct {
             let dir = self.dir_for(h, name, &[])?;
             self.cpuacct = Some((h.version, dir));
+        }
+        if let Some(rules) = &limits.devices {
+            self.restrict_devices(host, name, rules)?;
+        }
+        Ok(())
+    }
+
+    /// v1: `a` to `devices.deny`, then one `devices.allow` line per rule. v2: a BPF device
+    /// program attached to the sandbox's cgroup2 directory (created just for it on hybrid hosts;
+    /// the program needs no controller).
+    fn restrict_devices(
+        &mut self,
+        host: &CgroupHost,
+        name: &str,
+        rules: &[DeviceRule],
+    ) -> Result<()> {
+        // Same order as `CgroupHost::devices_supported`.
+        if let Some(h) = &host.devices {
+            let dir = self.dir_for(h, name, &[])?;
+            write(&dir.join("devices.deny"), "a")?;
+            // The kernel takes one rule per write.
+            for line in rules.iter().filter_map(DeviceRule::v1_line) {
+                write(&dir.join("devices.allow"), &line)?;
+            }
+        } else if let Some(own) = host.v2_own.as_ref().filter(|_| devices::bpf_supported()) {
+            let h = Hierarchy {
+                version: Version::V2,
+                own_dir: own.clone(),
+            };
+            let dir = self.dir_for(&h, name, &[])?;
+            let err = |what| {
+                let path = dir.clone();
+                move |source| CgroupError::DeviceProgram { path, what, source }
+            };
+            let prog = devices::load(&devices::program(rules)).map_err(err("load"))?;
+            devices::attach(&prog, &dir).map_err(err("attach"))?;
+        } else {
+            return Err(CgroupError::DevicesUnavailable);
         }
         Ok(())
     }
@@ -538,7 +621,12 @@ pub fn sandbox_name(seq: u64) -> String {
 /// killing whatever still runs in them. Returns the directories removed.
 pub fn sweep_stale(host: &CgroupHost) -> Vec<PathBuf> {
     let mut removed = Vec::new();
-    let bases: BTreeSet<PathBuf> = host.hierarchies().map(|h| h.own_dir.join(BASE)).collect();
+    let bases: BTreeSet<PathBuf> = host
+        .hierarchies()
+        .map(|h| &h.own_dir)
+        .chain(&host.v2_own)
+        .map(|d| d.join(BASE))
+        .collect();
     for base in bases {
         let Ok(rd) = fs::read_dir(&base) else {
             continue;
@@ -570,6 +658,7 @@ mod tests {
 
     const MOUNTINFO_HYBRID: &str = "\
 30 27 0:25 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 27 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
 31 27 0:26 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
 32 27 0:27 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
 33 27 0:28 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
@@ -577,7 +666,7 @@ mod tests {
 35 27 0:30 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
 ";
     const OWN_HYBRID: &str =
-        "8:pids:/\n7:blkio:/\n4:memory:/process_api/abc\n2:cpuacct:/\n1:cpu:/\n0::/\n";
+        "8:pids:/\n7:blkio:/\n5:devices:/\n4:memory:/process_api/abc\n2:cpuacct:/\n1:cpu:/\n0::/\n";
 
     #[test]
     fn hybrid_host_uses_v1_controllers_and_own_paths() {
@@ -591,6 +680,10 @@ mod tests {
         assert_eq!(h.cpu.unwrap().own_dir, PathBuf::from("/sys/fs/cgroup/cpu"));
         assert_eq!(h.io.unwrap().version, Version::V1);
         assert_eq!(h.v2_mount, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(h.v2_own, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let dev = h.devices.unwrap();
+        assert_eq!(dev.version, Version::V1);
+        assert_eq!(dev.own_dir, PathBuf::from("/sys/fs/cgroup/devices"));
     }
 
     #[test]
@@ -612,6 +705,12 @@ mod tests {
                 PathBuf::from("/sys/fs/cgroup/system.slice/corral.service")
             );
         }
+        // v2 has no devices controller; device programs attach in the own cgroup.
+        assert_eq!(h.devices, None);
+        assert_eq!(
+            h.v2_own,
+            Some(PathBuf::from("/sys/fs/cgroup/system.slice/corral.service"))
+        );
     }
 
     #[test]
@@ -631,13 +730,16 @@ mod tests {
             pids: Some(h.clone()),
             io: None,
             cpuacct: None,
+            devices: None,
             v2_mount: None,
+            v2_own: None,
         };
         let limits = Limits {
             memory_bytes: Some(1 << 20),
             cpu: Some((50_000, 100_000)),
             pids: Some(40),
             io: None,
+            devices: None,
         };
         let mut cg = Cgroup::create(&host, "1-2-3", &limits).unwrap();
         let dir = own.join("corral/1-2-3");
