@@ -171,7 +171,9 @@ fn run(check: &str, a: &[String]) -> Result<(String, Out), String> {
     let arity = match check {
         "read" | "list" | "write" | "stat" | "threads" | "alloc" | "spin" | "sleep"
         | "unix-abstract" | "unix-path" | "ptrace" | "process-vm-readv" => 1,
-        "tcp" | "udp" | "kill" | "socket" => 2,
+        "tcp" | "udp" | "kill" | "socket" | "proxy-connect" | "dns" => 2,
+        "proxy-get" => 1,
+        "proxy-tls" => 3,
         _ => 0,
     };
     if check == "exec" {
@@ -245,6 +247,16 @@ fn run(check: &str, a: &[String]) -> Result<(String, Out), String> {
             let out = if check == "tcp" { tcp(addr) } else { udp(addr) };
             (addr.to_string(), out)
         }
+        "proxy-connect" => (format!("CONNECT {p}:{q}"), proxy_connect(p, q, b"ping\n")),
+        "proxy-tls" => {
+            let sni = a.get(2).map_or("", String::as_str);
+            (
+                format!("CONNECT {p}:{q} sni {sni}"),
+                proxy_connect(p, q, &client_hello(sni)),
+            )
+        }
+        "proxy-get" => (t(p), proxy_get(p)),
+        "dns" => (format!("{p}:{q}"), dns(p, num(q)?)),
         "unix-abstract" => (format!("@{p}"), unix_abstract(p)?),
         "unix-path" => (
             t(p),
@@ -510,6 +522,122 @@ fn udp(addr: SocketAddr) -> Out {
         step(s.send(b"x"), "send")?;
         Ok(Out::success())
     })())
+}
+
+/// The proxy named by `HTTPS_PROXY` (as corral sets it for network Restricted).
+fn proxy() -> Result<TcpStream, Out> {
+    let url =
+        std::env::var("HTTPS_PROXY").map_err(|_| Out::new(false, None).detail("no HTTPS_PROXY"))?;
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let s = step(TcpStream::connect(addr), "connect to proxy")?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+    Ok(s)
+}
+
+/// Reads a response head; returns (status, head text).
+fn response_head(s: &mut TcpStream) -> Result<(u16, String), Out> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            Ok(_) => break,
+            Err(e) => return Err(Out::err(&e).detail("read response")),
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, text))
+}
+
+/// `CONNECT host:port` through the proxy, then sends `payload` and reads what comes back.
+fn proxy_connect(host: &str, port: &str, payload: &[u8]) -> Out {
+    flat((|| {
+        let mut s = proxy()?;
+        step(
+            write!(
+                s,
+                "CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
+            ),
+            "send CONNECT",
+        )?;
+        let (status, head) = response_head(&mut s)?;
+        if status != 200 {
+            let mut body = String::new();
+            let _ = s.read_to_string(&mut body);
+            return Ok(Out::new(false, None).detail(json!({"status": status, "body": body.trim()})));
+        }
+        let _ = head;
+        step(s.write_all(payload), "send payload")?;
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        Ok(Out::new(!reply.is_empty(), None)
+            .detail(json!({"status": status, "reply": String::from_utf8_lossy(&reply)})))
+    })())
+}
+
+/// An absolute-form GET through the proxy; reports status, size and time of the body.
+fn proxy_get(url: &str) -> Out {
+    flat((|| {
+        let mut s = proxy()?;
+        let host = url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        step(
+            write!(s, "GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            "send GET",
+        )?;
+        let t = Instant::now();
+        let (status, _) = response_head(&mut s)?;
+        let mut body = Vec::new();
+        let _ = s.read_to_end(&mut body);
+        let secs = t.elapsed().as_secs_f64();
+        let prefix = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        Ok(Out::new((200..300).contains(&status), None)
+            .detail(json!({"status": status, "bytes": body.len(), "secs": secs, "body": prefix})))
+    })())
+}
+
+/// A minimal TLS 1.2/1.3 ClientHello record naming `sni` (empty: no server_name).
+fn client_hello(sni: &str) -> Vec<u8> {
+    let mut exts = Vec::new();
+    if !sni.is_empty() {
+        let n = sni.len() as u16;
+        exts.extend_from_slice(&[0, 0]);
+        exts.extend_from_slice(&(n + 5).to_be_bytes());
+        exts.extend_from_slice(&(n + 3).to_be_bytes());
+        exts.push(0);
+        exts.extend_from_slice(&n.to_be_bytes());
+        exts.extend_from_slice(sni.as_bytes());
+    }
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[0x5a; 32]);
+    body.push(0);
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut msg = vec![1, 0];
+    msg.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    msg.extend_from_slice(&body);
+    let mut rec = vec![0x16, 3, 1];
+    rec.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&msg);
+    rec
+}
+
+/// Name resolution the usual way (getaddrinfo).
+fn dns(name: &str, port: u16) -> Out {
+    use std::net::ToSocketAddrs;
+    match (name, port).to_socket_addrs() {
+        Ok(a) => Out::success().detail(a.map(|x| x.to_string()).collect::<Vec<_>>().join(",")),
+        Err(e) => Out::err(&e).detail(e.to_string()),
+    }
 }
 
 fn unix_abstract(name: &str) -> Result<Out, String> {

@@ -151,14 +151,6 @@ fn bad_profiles_are_refused_naming_file_and_key() {
 #[test]
 fn unenforceable_layers_fail_closed_naming_the_layer() {
     let s = Scratch::new();
-    let p = s.profile("restricted", "[network]\naccess_mode = \"Restricted\"\nallowed_destinations = [{ host = \"example.org\", port = 443 }]\n");
-    let out = exec(&p, &["/bin/true"]);
-    assert_eq!(out.status.code(), Some(125));
-    assert!(
-        stderr(&out).contains("network Restricted"),
-        "{}",
-        stderr(&out)
-    );
     let p = s.profile("gpu", "enforcement = \"best_effort\"\n[resources]\ngpu_access = { Shared = { max_memory_mb = 1024 } }\n");
     let out = exec(&p, &["/bin/true"]);
     assert_eq!(

@@ -221,6 +221,35 @@ fn compile(
         ));
     }
 
+    let mut hosts = std::collections::BTreeMap::new();
+    for (name, addrs) in &raw.sandbox.hosts {
+        let k = format!("sandbox.hosts.\"{name}\"");
+        let norm = name.trim_end_matches('.').to_ascii_lowercase();
+        if norm.is_empty()
+            || norm.parse::<std::net::IpAddr>().is_ok()
+            || !norm
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        {
+            return Err(invalid(&k, format!("'{name}' is not a host name")));
+        }
+        let list: Vec<&String> = match addrs {
+            raw::HostAddrs::One(a) => vec![a],
+            raw::HostAddrs::Many(v) => v.iter().collect(),
+        };
+        if list.is_empty() {
+            return Err(invalid(&k, "needs at least one address".into()));
+        }
+        let mut ips = Vec::new();
+        for a in list {
+            ips.push(
+                a.parse::<std::net::IpAddr>()
+                    .map_err(|_| invalid(&k, format!("'{a}' is not an IP address")))?,
+            );
+        }
+        hosts.insert(norm, ips);
+    }
+
     let profiles = ProfileRegistry::load(profiles_dir, &raw.slm.sandbox_profiles, path.as_deref())?;
     // Every profile must be valid before anything starts, not when first used.
     let names: Vec<String> = profiles.names().map(str::to_string).collect();
@@ -383,6 +412,7 @@ fn compile(
             uid: raw.sandbox.uid,
             gid: raw.sandbox.gid,
             state_dir: raw.sandbox.state_dir,
+            hosts,
         },
         profiles,
         audit,

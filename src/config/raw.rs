@@ -121,6 +121,17 @@ pub struct RawSandbox {
     pub gid: u32,
     /// Runtime state directory. Env: `CORRAL_STATE_DIR`.
     pub state_dir: PathBuf,
+    /// Host names the egress proxy maps to fixed addresses instead of asking DNS
+    /// (`"api.internal" = "10.0.0.7"` or a list).
+    pub hosts: std::collections::BTreeMap<String, HostAddrs>,
+}
+
+/// One address or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum HostAddrs {
+    One(String),
+    Many(Vec<String>),
 }
 
 impl Default for RawSandbox {
@@ -130,6 +141,7 @@ impl Default for RawSandbox {
             uid: d.uid,
             gid: d.gid,
             state_dir: d.state_dir,
+            hosts: Default::default(),
         }
     }
 }

@@ -251,7 +251,13 @@ pub fn validate(name: &str, origin: &str, raw: RawProfile) -> Result<Profile, In
         if d.protocol == Some(Protocol::Udp) {
             return Err(invalid(
                 format!("{key}.protocol"),
-                "UDP destinations are not supported (TCP, HTTP and HTTPS are)",
+                "UDP destinations are not supported: the egress proxy carries TCP, HTTP and HTTPS only",
+            ));
+        }
+        if d.protocol == Some(Protocol::Tcp) && d.port.is_none() {
+            return Err(invalid(
+                format!("{key}.port"),
+                "a TCP destination needs a port",
             ));
         }
     }

@@ -32,6 +32,7 @@ pub const SCOPE_SIGNAL: u64 = 1 << 1; // ABI 6
 
 const CREATE_RULESET_VERSION: u32 = 1;
 pub const RULE_PATH_BENEATH: u32 = 1;
+pub const RULE_NET_PORT: u32 = 2;
 
 /// Rights for files only (Landlock refuses directory-only rights on a file rule).
 pub const FILE_RIGHTS: u64 = ACCESS_FS_EXECUTE
@@ -149,6 +150,37 @@ pub unsafe fn add_path_rule(ruleset: i32, parent: i32, allowed: u64) -> i64 {
             0u32,
         )
     }
+}
+
+/// `struct landlock_net_port_attr`.
+#[repr(C, packed)]
+#[derive(Debug, Clone, Copy)]
+struct NetPortAttr {
+    allowed_access: u64,
+    port: u64,
+}
+
+/// Allows `access` (ACCESS_NET_*) on TCP `port`, whatever the address.
+pub fn add_net_rule(ruleset: &OwnedFd, port: u16, access: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let attr = NetPortAttr {
+        allowed_access: access,
+        port: u64::from(port),
+    };
+    // SAFETY: attr lives across the call and the ruleset fd is open (borrowed).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset.as_raw_fd(),
+            RULE_NET_PORT,
+            &attr as *const NetPortAttr,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Enforces the ruleset on the calling thread (and its future children). Async-signal-safe.

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::cgroup::{self, Cgroup, Stats};
 use super::child::{self, ChildSpec, Stage};
+use super::egress;
 use super::host::HostSupport;
 use super::landlock;
 use super::plan::Plan;
@@ -89,6 +90,7 @@ pub struct Sandbox {
     pids_limit: u64,
     time_limit_hit: bool,
     outcome: Option<Outcome>,
+    egress: Option<egress::Proxy>,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
@@ -154,12 +156,21 @@ pub fn spawn(
     let t_cgroup = Instant::now();
     let ruleset = match &plan.landlock {
         Some((handled, _)) => {
-            Some(
-                landlock::create_ruleset(*handled).map_err(|source| SandboxError::Os {
-                    what: "landlock_create_ruleset",
-                    source,
-                })?,
-            )
+            let fd = landlock::create_ruleset(*handled).map_err(|source| SandboxError::Os {
+                what: "landlock_create_ruleset",
+                source,
+            })?;
+            if handled.net & landlock::ACCESS_NET_CONNECT_TCP != 0 {
+                for port in &plan.landlock_connect_ports {
+                    landlock::add_net_rule(&fd, *port, landlock::ACCESS_NET_CONNECT_TCP).map_err(
+                        |source| SandboxError::Os {
+                            what: "landlock_add_rule (TCP connect port)",
+                            source,
+                        },
+                    )?;
+                }
+            }
+            Some(fd)
         }
         None => None,
     };
@@ -222,7 +233,7 @@ pub fn spawn(
     }
     // SAFETY: new fd owned by nobody else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
-    let sandbox = Sandbox {
+    let mut sandbox = Sandbox {
         pid,
         pidfd,
         cgroup: Some(cg),
@@ -232,9 +243,19 @@ pub fn spawn(
         pids_limit: plan.pids_limit,
         time_limit_hit: false,
         outcome: None,
+        egress: None,
     };
     if let Some(cg) = &sandbox.cgroup {
         cg.add(pid).map_err(SandboxError::Cgroup)?; // Drop kills and reaps the child
+    }
+    if let Some(policy) = &plan.egress {
+        // Listening before the child goes on: the program may connect at once.
+        let proxy =
+            egress::Proxy::start(pid, policy.clone()).map_err(|source| SandboxError::Os {
+                what: "starting the egress proxy in the sandbox's network namespace",
+                source,
+            })?;
+        sandbox.egress = Some(proxy);
     }
     if !write_byte(from_parent_w.as_raw_fd(), b'g') {
         return Err(child_failure(err_r.as_raw_fd(), plan));
@@ -489,6 +510,13 @@ impl Sandbox {
             stats,
             elapsed: self.started.elapsed(),
         });
+        if let Some(mut proxy) = self.egress.take() {
+            proxy.stop();
+            let s = proxy.stats();
+            if s.allowed + s.refused > 0 {
+                tracing::info!(target: "corral::egress", allowed = s.allowed, refused = s.refused, bytes_up = s.bytes_up, bytes_down = s.bytes_down, "egress totals");
+            }
+        }
         if let Some(mut cg) = self.cgroup.take() {
             if let Err(e) = cg.remove() {
                 tracing::warn!(error = %e, "could not remove sandbox cgroup");

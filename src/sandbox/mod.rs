@@ -5,7 +5,8 @@
 //!   into a [`Plan`] (mount list, Landlock rules, seccomp program, cgroup limits), failing closed
 //!   on layers the host lacks; `elf.rs` finds the command's loader and libraries for it.
 //! - `seccomp.rs` compiles the BPF program from the reviewed tables in `profiles/seccomp/`;
-//!   `landlock.rs` wraps Landlock's syscalls; `cgroup.rs` handles cgroup v1, v2 and hybrids.
+//!   `landlock.rs` wraps Landlock's syscalls; `cgroup.rs` handles cgroup v1, v2 and hybrids,
+//!   with `devices.rs` for device access (v1 allow lists or a v2 BPF device program).
 //! - `launch.rs` is the parent side of a launch and supervision; `child.rs` the child side, the
 //!   only code that runs between `clone` and `execve` (async-signal-safe syscalls only).
 //!
@@ -15,6 +16,8 @@
 
 pub mod cgroup;
 mod child;
+pub mod devices;
+pub mod egress;
 pub mod elf;
 pub mod host;
 pub mod landlock;
@@ -38,6 +41,8 @@ pub struct SandboxConfig {
     pub gid: u32,
     /// Where corral keeps its runtime state (the directory each child mounts its root on).
     pub state_dir: PathBuf,
+    /// Names mapped to addresses for the egress proxy (`[sandbox.hosts]`), used instead of DNS.
+    pub hosts: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
 }
 
 pub const DEFAULT_UID: u32 = 61_000;
@@ -49,6 +54,7 @@ impl Default for SandboxConfig {
             uid: DEFAULT_UID,
             gid: DEFAULT_GID,
             state_dir: PathBuf::from("/run/corral"),
+            hosts: Default::default(),
         }
     }
 }

@@ -14,7 +14,7 @@ use super::cgroup::Limits;
 use super::host::HostSupport;
 use super::landlock::{self, Handled};
 use super::seccomp::{self, FilterSpec, SockFilter};
-use super::{elf, SandboxConfig, SandboxError};
+use super::{egress, elf, SandboxConfig, SandboxError};
 use crate::profile::schema::{Enforcement, GpuAccess, NetworkAccessMode};
 use crate::profile::Profile;
 
@@ -145,6 +145,10 @@ pub struct Plan {
     pub memory_mb: u64,
     pub pids_limit: u64,
     pub degradations: Vec<Degradation>,
+    /// The egress proxy for network Restricted.
+    pub egress: Option<egress::Policy>,
+    /// TCP ports Landlock lets the program connect to (when it handles network rights).
+    pub landlock_connect_ports: Vec<u16>,
 }
 
 /// Host-side checks of a profile: the degradations it would suffer here (empty = fully
@@ -188,8 +192,8 @@ pub fn check_host(
             false,
         ),
         Some(abi) => {
-            if abi < 4 && network == NetworkAccessMode::None {
-                add("landlock network rules", format!("Landlock ABI {abi} < 4; the empty network namespace still blocks all traffic"), true);
+            if abi < 4 && network != NetworkAccessMode::Full {
+                add("landlock network rules", format!("Landlock ABI {abi} < 4; the sandbox's own network namespace still leaves only the egress proxy reachable"), true);
             }
             if abi < 6 {
                 let covered = network != NetworkAccessMode::Full;
@@ -245,14 +249,6 @@ pub fn check_host(
             true,
         );
     }
-    if network == NetworkAccessMode::Restricted {
-        add(
-            "network Restricted",
-            "the egress proxy for access_mode Restricted is not implemented yet; use None or Full"
-                .into(),
-            false,
-        );
-    }
     if profile.gpu_access != GpuAccess::None {
         add(
             "gpu access",
@@ -275,9 +271,7 @@ pub fn plan(
     }
     let degradations = check_host(profile, host, cmd.force_no_network);
     let fatal: Vec<&Degradation> = degradations.iter().filter(|d| !d.covered).collect();
-    let unimplemented = fatal
-        .iter()
-        .any(|d| d.layer == "network Restricted" || d.layer == "gpu access");
+    let unimplemented = fatal.iter().any(|d| d.layer == "gpu access");
     if !fatal.is_empty() && (profile.enforcement == Enforcement::Strict || unimplemented) {
         return Err(SandboxError::Unenforceable {
             profile: profile.name.clone(),
@@ -497,7 +491,7 @@ pub fn plan(
     let landlock = (!skipped("landlock") && abi > 0).then(|| {
         let handled = Handled {
             fs: landlock::fs_rights(abi),
-            net: if abi >= 4 && network == NetworkAccessMode::None {
+            net: if abi >= 4 && network != NetworkAccessMode::Full {
                 landlock::ACCESS_NET_BIND_TCP | landlock::ACCESS_NET_CONNECT_TCP
             } else {
                 0
@@ -554,6 +548,17 @@ pub fn plan(
     if profile.allow_temp_files {
         env.push(("TMPDIR".into(), "/tmp".into()));
     }
+    let egress = (network == NetworkAccessMode::Restricted).then(|| egress::Policy {
+        profile: profile.name.clone(),
+        destinations: profile.allowed_destinations.clone(),
+        bytes_per_sec: profile.max_bandwidth_mbps.map(|m| m * 1_000_000 / 8),
+        hosts: cfg.hosts.clone(),
+    });
+    if egress.is_some() {
+        for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+            env.push((var.into(), egress::PROXY_URL.into()));
+        }
+    }
     for (k, v) in &cmd.env {
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));
@@ -583,6 +588,7 @@ pub fn plan(
         }),
         pids: (!skipped("cgroup pids controller")).then_some(pids_limit),
         io,
+        devices: None,
     };
     let rlimits = vec![
         (libc::RLIMIT_CORE, 0),
@@ -612,6 +618,12 @@ pub fn plan(
         memory_mb: profile.max_memory_mb,
         pids_limit,
         degradations,
+        landlock_connect_ports: if egress.is_some() {
+            vec![egress::PROXY_PORT]
+        } else {
+            Vec::new()
+        },
+        egress,
     })
 }
 
