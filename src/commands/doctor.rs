@@ -10,7 +10,7 @@ use crate::sandbox::{cgroup::Version, HostSupport};
 /// Prints the report; returns 0 when every profile is enforceable (or opted into best effort
 /// with only covered degradations), 1 otherwise.
 pub fn run(config: &Config, as_json: bool) -> crate::Result<i32> {
-    let host = HostSupport::probe();
+    let host = HostSupport::probe_for(&config.sandbox);
     let mut profiles = Vec::new();
     let mut all_ok = true;
     for name in config.profiles.names() {
@@ -42,6 +42,18 @@ pub fn run(config: &Config, as_json: bool) -> crate::Result<i32> {
         Some(_) => "v2",
         None => "missing",
     };
+    let gpu_nodes = crate::sandbox::gpu::classify(&host.gpu_devices);
+    let driver = std::fs::read_to_string("/proc/driver/nvidia/version")
+        .ok()
+        .and_then(|v| v.lines().next().map(str::to_string));
+    let gpu = json!({
+        "devices": host.gpu_devices,
+        "gpus": gpu_nodes.as_ref().map(|n| n.gpus.iter().map(|(i, _)| *i).collect::<Vec<_>>()).unwrap_or_default(),
+        "usable": gpu_nodes.is_ok(),
+        "problem": gpu_nodes.as_ref().err(),
+        "driver": driver,
+        "memory_caps": "advisory: the kernel cannot cap GPU memory; Shared.max_memory_mb is passed as CORRAL_GPU_MEMORY_MB",
+    });
     let report = json!({
         "kernel": host.kernel,
         "arch": host.arch,
@@ -56,7 +68,8 @@ pub fn run(config: &Config, as_json: bool) -> crate::Result<i32> {
         "mount_setattr": host.mount_setattr,
         "openat2": host.openat2,
         "pidfd": host.pidfd,
-        "gpu_devices": host.gpu_devices,
+        "device_cgroup": cg.devices_supported(),
+        "gpu": gpu,
         "profiles": profiles,
     });
     if as_json {
@@ -88,6 +101,11 @@ pub fn run(config: &Config, as_json: bool) -> crate::Result<i32> {
     println!("  mount_setattr    {}", yn(host.mount_setattr));
     println!("  openat2          {}", yn(host.openat2));
     println!("  pidfd            {}", yn(host.pidfd));
+    println!(
+        "  device cgroup    {}",
+        cg.devices_supported()
+            .unwrap_or("NO (GPU profiles rely on the minimal /dev alone)")
+    );
     if host.gpu_devices.is_empty() {
         println!("  gpu devices      none");
     } else {
@@ -99,6 +117,24 @@ pub fn run(config: &Config, as_json: bool) -> crate::Result<i32> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+    }
+    match &gpu_nodes {
+        Ok(n) => println!(
+            "  gpus             {} (Shared: all not held exclusively; Exclusive: one each){}",
+            n.gpus
+                .iter()
+                .map(|(i, _)| i.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            report["gpu"]["driver"]
+                .as_str()
+                .map(|d| format!("; {d}"))
+                .unwrap_or_default()
+        ),
+        Err(why) if !host.gpu_devices.is_empty() => {
+            println!("  gpus             NOT usable: {why}")
+        }
+        Err(_) => {}
     }
     println!("profiles");
     for p in report["profiles"].as_array().into_iter().flatten() {

@@ -14,7 +14,7 @@ pub fn check(config: &Config, names: &[String]) -> crate::Result<i32> {
     } else {
         names.to_vec()
     };
-    let host = HostSupport::probe();
+    let host = HostSupport::probe_for(&config.sandbox);
     let mut failed = 0;
     for name in &names {
         match config.profiles.resolve(name) {

@@ -141,7 +141,7 @@ fn run_slm(
     let model = models::lookup(config, model_id).map_err(|e| crate::Error::Usage(e.to_string()))?;
     let path = models::require(config, model).map_err(|e| crate::Error::Usage(e.to_string()))?;
     let profile = config.profiles.resolve(profile_name)?;
-    let host = HostSupport::probe();
+    let host = HostSupport::probe_for(&config.sandbox);
     let spec = RunnerSpec {
         model_path: path,
         sha256: model.sha256.clone(),

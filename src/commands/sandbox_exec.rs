@@ -28,7 +28,7 @@ pub fn run(config: &Config, args: &ExecArgs) -> crate::Result<i32> {
         .clone()
         .unwrap_or_else(|| config.slm.default_sandbox_profile.clone());
     let profile = config.profiles.resolve(&name)?;
-    let host = HostSupport::probe();
+    let host = HostSupport::probe_for(&config.sandbox);
     let cmd = Command {
         argv: args.argv.clone(),
         env: args.env.clone(),

@@ -250,6 +250,26 @@ fn compile(
         hosts.insert(norm, ips);
     }
 
+    if let Some(list) = &raw.sandbox.gpu_devices {
+        for (i, p) in list.iter().enumerate() {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let known = name == "nvidiactl"
+                || name == "nvidia-uvm"
+                || name
+                    .strip_prefix("nvidia")
+                    .is_some_and(|n| n.parse::<u32>().is_ok());
+            if !p.is_absolute() || !known {
+                return Err(invalid(
+                    &format!("sandbox.gpu_devices[{i}]"),
+                    format!(
+                        "'{}' is not an absolute path to nvidiactl, nvidia-uvm or nvidiaN",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+    }
+
     let profiles = ProfileRegistry::load(profiles_dir, &raw.slm.sandbox_profiles, path.as_deref())?;
     // Every profile must be valid before anything starts, not when first used.
     let names: Vec<String> = profiles.names().map(str::to_string).collect();
@@ -413,6 +433,7 @@ fn compile(
             gid: raw.sandbox.gid,
             state_dir: raw.sandbox.state_dir,
             hosts,
+            gpu_devices: raw.sandbox.gpu_devices,
         },
         profiles,
         audit,

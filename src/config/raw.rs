@@ -124,6 +124,8 @@ pub struct RawSandbox {
     /// Host names the egress proxy maps to fixed addresses instead of asking DNS
     /// (`"api.internal" = "10.0.0.7"` or a list).
     pub hosts: std::collections::BTreeMap<String, HostAddrs>,
+    /// NVIDIA device nodes GPU profiles may get (default: every /dev/nvidia* node).
+    pub gpu_devices: Option<Vec<PathBuf>>,
 }
 
 /// One address or several.
@@ -142,6 +144,7 @@ impl Default for RawSandbox {
             gid: d.gid,
             state_dir: d.state_dir,
             hosts: Default::default(),
+            gpu_devices: None,
         }
     }
 }

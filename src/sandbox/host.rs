@@ -27,6 +27,15 @@ pub struct HostSupport {
 }
 
 impl HostSupport {
+    /// Probes the host, with the GPU nodes `[sandbox] gpu_devices` names when it names some.
+    pub fn probe_for(cfg: &super::SandboxConfig) -> Self {
+        let mut h = Self::probe();
+        if let Some(list) = &cfg.gpu_devices {
+            h.gpu_devices = list.clone();
+        }
+        h
+    }
+
     pub fn probe() -> Self {
         // SAFETY: uname fills the struct we pass; zeroed is a valid initial value.
         let kernel = unsafe {

@@ -91,6 +91,8 @@ pub struct Sandbox {
     time_limit_hit: bool,
     outcome: Option<Outcome>,
     egress: Option<egress::Proxy>,
+    /// GPU locks, released when the program ends.
+    gpu: Option<super::gpu::GpuLease>,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
@@ -244,6 +246,7 @@ pub fn spawn(
         time_limit_hit: false,
         outcome: None,
         egress: None,
+        gpu: plan.gpu.clone(),
     };
     if let Some(cg) = &sandbox.cgroup {
         cg.add(pid).map_err(SandboxError::Cgroup)?; // Drop kills and reaps the child
@@ -510,6 +513,7 @@ impl Sandbox {
             stats,
             elapsed: self.started.elapsed(),
         });
+        self.gpu = None;
         if let Some(mut proxy) = self.egress.take() {
             proxy.stop();
             let s = proxy.stats();

@@ -19,6 +19,7 @@ mod child;
 pub mod devices;
 pub mod egress;
 pub mod elf;
+pub mod gpu;
 pub mod host;
 pub mod landlock;
 pub mod launch;
@@ -43,6 +44,9 @@ pub struct SandboxConfig {
     pub state_dir: PathBuf,
     /// Names mapped to addresses for the egress proxy (`[sandbox.hosts]`), used instead of DNS.
     pub hosts: std::collections::BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// The NVIDIA device nodes corral may hand to GPU profiles (`[sandbox] gpu_devices`);
+    /// None: every `/dev/nvidia*` node of the host.
+    pub gpu_devices: Option<Vec<PathBuf>>,
 }
 
 pub const DEFAULT_UID: u32 = 61_000;
@@ -55,6 +59,7 @@ impl Default for SandboxConfig {
             gid: DEFAULT_GID,
             state_dir: PathBuf::from("/run/corral"),
             hosts: Default::default(),
+            gpu_devices: None,
         }
     }
 }
@@ -97,6 +102,8 @@ pub enum SandboxError {
         detail: String,
         source: std::io::Error,
     },
+    #[error("GPU access for profile '{profile}': {reason}")]
+    Gpu { profile: String, reason: String },
     #[error("the sandbox's first process died before starting the command")]
     ChildDied,
 }

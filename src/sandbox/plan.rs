@@ -14,7 +14,7 @@ use super::cgroup::Limits;
 use super::host::HostSupport;
 use super::landlock::{self, Handled};
 use super::seccomp::{self, FilterSpec, SockFilter};
-use super::{egress, elf, SandboxConfig, SandboxError};
+use super::{egress, elf, gpu, SandboxConfig, SandboxError};
 use crate::profile::schema::{Enforcement, GpuAccess, NetworkAccessMode};
 use crate::profile::Profile;
 
@@ -118,6 +118,9 @@ impl fmt::Display for FsOp {
     }
 }
 
+/// The device nodes every sandbox's /dev has.
+const BASIC_DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
+
 /// Path of the empty, mode-0 file used to mask denied files.
 pub const MASK_FILE: &str = "/.corral-masked";
 
@@ -149,6 +152,8 @@ pub struct Plan {
     pub egress: Option<egress::Policy>,
     /// TCP ports Landlock lets the program connect to (when it handles network rights).
     pub landlock_connect_ports: Vec<u16>,
+    /// The GPUs handed to the sandbox (held until it ends).
+    pub gpu: Option<gpu::GpuLease>,
 }
 
 /// Host-side checks of a profile: the degradations it would suffer here (empty = fully
@@ -250,11 +255,23 @@ pub fn check_host(
         );
     }
     if profile.gpu_access != GpuAccess::None {
-        add(
-            "gpu access",
-            "GPU device access is not implemented yet; use gpu_access = \"None\"".into(),
-            false,
-        );
+        if let Err(reason) = gpu::classify(&host.gpu_devices) {
+            add("gpu access", reason, false);
+        }
+        if host.landlock_abi.is_some_and(|abi| abi < 5) {
+            add(
+                "landlock ioctl rules",
+                "Landlock ABI < 5 cannot limit ioctl to the GPU nodes; seccomp still filters ioctl requests".into(),
+                true,
+            );
+        }
+        if cg.devices_supported().is_none() {
+            add(
+                "device cgroup",
+                "no devices controller (v1) or BPF device program (v2) here; only the GPU nodes are in the sandbox's /dev".into(),
+                true,
+            );
+        }
     }
     d
 }
@@ -380,7 +397,7 @@ pub fn plan(
             mode: 0o755,
         },
     );
-    for node in ["null", "zero", "full", "random", "urandom"] {
+    for node in BASIC_DEVICES {
         let p = Path::new("/dev").join(node);
         tree.nodes.insert(
             p.clone(),
@@ -418,7 +435,55 @@ pub fn plan(
             rules.push((dir.into(), landlock::WRITE));
         }
     }
+    let gpu = match profile.gpu_access {
+        GpuAccess::None => None,
+        access => {
+            let failed = |reason: String| SandboxError::Gpu {
+                profile: profile.name.clone(),
+                reason,
+            };
+            let nodes = gpu::classify(&host.gpu_devices).map_err(failed)?;
+            let lease = gpu::lease(
+                &nodes,
+                access == GpuAccess::Exclusive,
+                &cfg.state_dir.join("gpu"),
+            )
+            .map_err(failed)?;
+            // The user-space driver is loaded with dlopen: readable, like any library.
+            for lib in gpu::driver_libraries() {
+                if let Some((canon, is_dir)) = tree.mirror(&lib, false)? {
+                    rules.push((
+                        canon,
+                        if is_dir {
+                            landlock::READ
+                        } else {
+                            landlock::ACCESS_FS_READ_FILE
+                        },
+                    ));
+                }
+            }
+            Some(lease)
+        }
+    };
     let mut ops = tree.into_ops();
+    for node in gpu.iter().flat_map(|g| &g.nodes) {
+        let path = Path::new("/dev").join(node.file_name().unwrap_or_default());
+        ops.push(FsOp::Bind {
+            src: node.clone(),
+            path: path.clone(),
+            writable: true,
+            is_dir: false,
+            exec: false,
+            dev: true,
+            needs_mountpoint: true,
+        });
+        rules.push((
+            path,
+            landlock::ACCESS_FS_READ_FILE
+                | landlock::ACCESS_FS_WRITE_FILE
+                | landlock::ACCESS_FS_IOCTL_DEV,
+        ));
+    }
     ops.push(FsOp::ReadOnly {
         path: "/dev".into(),
     });
@@ -441,6 +506,10 @@ pub fn plan(
         }
     }
     for d in ["acpi", "scsi", "bus", "irq", "fs", "driver"] {
+        // CUDA reads /proc/driver/nvidia (driver parameters, GPU list).
+        if d == "driver" && gpu.is_some() {
+            continue;
+        }
         if Path::new("/proc").join(d).is_dir() {
             ops.push(FsOp::MaskDir {
                 path: Path::new("/proc").join(d),
@@ -559,6 +628,16 @@ pub fn plan(
             env.push((var.into(), egress::PROXY_URL.into()));
         }
     }
+    if let Some(g) = &gpu {
+        let list: Vec<String> = g.indices.iter().map(u32::to_string).collect();
+        env.push(("CORRAL_GPUS".into(), list.join(",").into()));
+        if let GpuAccess::Shared { max_memory_mb } = profile.gpu_access {
+            env.push((
+                "CORRAL_GPU_MEMORY_MB".into(),
+                max_memory_mb.to_string().into(),
+            ));
+        }
+    }
     for (k, v) in &cmd.env {
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));
@@ -588,7 +667,15 @@ pub fn plan(
         }),
         pids: (!skipped("cgroup pids controller")).then_some(pids_limit),
         io,
-        devices: None,
+        // Only GPU sandboxes get device nodes with device access (every other bind is nodev
+        // and the minimal /dev holds null, zero, full, random and urandom): the device cgroup
+        // then allows exactly those nodes.
+        devices: match &gpu {
+            Some(g) if host.cgroups.devices_supported().is_some() => {
+                Some(gpu::device_rules(BASIC_DEVICES, &g.nodes))
+            }
+            _ => None,
+        },
     };
     let rlimits = vec![
         (libc::RLIMIT_CORE, 0),
@@ -618,6 +705,7 @@ pub fn plan(
         memory_mb: profile.max_memory_mb,
         pids_limit,
         degradations,
+        gpu,
         landlock_connect_ports: if egress.is_some() {
             vec![egress::PROXY_PORT]
         } else {

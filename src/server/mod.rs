@@ -97,13 +97,14 @@ impl State {
         } else {
             None
         };
+        let host = HostSupport::probe_for(&config.sandbox);
         let live = Live::new(config, 0)?;
         Ok(Arc::new(State {
             live: RwLock::new(Arc::new(live)),
             pools: Mutex::new(HashMap::new()),
             metrics: Arc::new(metrics::Metrics::default()),
             monitor: Mutex::new(Monitor::new(100_000)),
-            host: HostSupport::probe(),
+            host,
             sources,
             draining: AtomicBool::new(false),
             audit,

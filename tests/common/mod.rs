@@ -145,14 +145,18 @@ pub fn stderr(out: &Output) -> String {
 pub fn sandbox_cgroups() -> Vec<PathBuf> {
     let host = corral::sandbox::cgroup::CgroupHost::detect();
     let mut out = Vec::new();
-    for h in [&host.memory, &host.cpu, &host.pids, &host.io]
+    let dirs = [&host.memory, &host.cpu, &host.pids, &host.io, &host.devices]
         .into_iter()
         .flatten()
-    {
-        if let Ok(rd) = std::fs::read_dir(h.own_dir.join("corral")) {
+        .map(|h| h.own_dir.clone())
+        .chain(host.v2_own.clone());
+    for d in dirs {
+        if let Ok(rd) = std::fs::read_dir(d.join("corral")) {
             out.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
         }
     }
+    out.sort();
+    out.dedup();
     out
 }
 
