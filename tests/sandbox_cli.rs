@@ -303,7 +303,7 @@ fn doctor_and_profile_show() {
         .iter()
         .find(|p| p["name"] == "standard")
         .unwrap();
-    assert_eq!(standard["status"], "not enforceable");
+    assert_eq!(standard["status"], "enforceable", "{standard}");
 
     let out = corral_cmd()
         .args(["profile", "show", "secure"])

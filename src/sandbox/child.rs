@@ -18,6 +18,7 @@ use super::seccomp::SockFilter;
 #[repr(u32)]
 pub enum Stage {
     WaitSupervisor = 1,
+    CgroupJoin,
     CgroupNs,
     PrivateMounts,
     RootTmpfs,
@@ -30,7 +31,6 @@ pub enum Stage {
     Nice,
     SetGroups,
     UserNs,
-    UidMapSync,
     Securebits,
     SetResGid,
     SetResUid,
@@ -51,6 +51,7 @@ impl Stage {
         use Stage::*;
         const ALL: [Stage; 27] = [
             WaitSupervisor,
+            CgroupJoin,
             CgroupNs,
             PrivateMounts,
             RootTmpfs,
@@ -63,7 +64,6 @@ impl Stage {
             Nice,
             SetGroups,
             UserNs,
-            UidMapSync,
             Securebits,
             SetResGid,
             SetResUid,
@@ -83,7 +83,8 @@ impl Stage {
 
     pub fn describe(self) -> &'static str {
         match self {
-            Stage::WaitSupervisor => "waiting for the supervisor",
+            Stage::WaitSupervisor => "waiting for the supervisor (uid/gid maps, cgroup placement)",
+            Stage::CgroupJoin => "joining the sandbox's cgroup",
             Stage::CgroupNs => "entering a cgroup namespace",
             Stage::PrivateMounts => "making mounts private",
             Stage::RootTmpfs => "mounting the root tmpfs",
@@ -96,7 +97,6 @@ impl Stage {
             Stage::Nice => "setting the nice value",
             Stage::SetGroups => "clearing supplementary groups",
             Stage::UserNs => "entering a user namespace",
-            Stage::UidMapSync => "waiting for the uid/gid maps",
             Stage::Securebits => "locking securebits",
             Stage::SetResGid => "switching to the sandbox gid",
             Stage::SetResUid => "switching to the sandbox uid",
@@ -220,6 +220,8 @@ pub(crate) struct ChildSpec {
     env_ptrs: Vec<*const c_char>,
     cwd: CString,
     pub stdio: [c_int; 3],
+    /// v1 `tasks` files to write `0` to, first thing.
+    pub join_tasks: Vec<CString>,
     pub from_parent: c_int,
     pub to_parent: c_int,
     pub err: c_int,
@@ -387,6 +389,7 @@ impl ChildSpec {
             env_ptrs,
             cwd: cstr(&plan.cwd),
             stdio: [-1; 3],
+            join_tasks: Vec::new(),
             from_parent: -1,
             to_parent: -1,
             err: -1,
@@ -478,13 +481,14 @@ pub(crate) unsafe fn run(spec: &ChildSpec) -> ! {
     // pointers passed are to C strings and structs owned by `spec` or this stack frame.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as c_ulong);
+        for (i, tasks) in spec.join_tasks.iter().enumerate() {
+            let fd = libc::open(tasks.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                fail(spec, Stage::CgroupJoin, i, errno());
+            }
+            libc::close(fd);
+        }
         let mut b = 0u8;
-        if libc::read(spec.from_parent, (&mut b as *mut u8).cast(), 1) != 1 {
-            fail(spec, Stage::WaitSupervisor, 0, errno());
-        }
-        if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
-            fail(spec, Stage::CgroupNs, 0, errno());
-        }
         if libc::mount(
             std::ptr::null(),
             spec.slash.as_ptr(),
@@ -571,16 +575,20 @@ pub(crate) unsafe fn run(spec: &ChildSpec) -> ! {
         if libc::setgroups(0, std::ptr::null()) != 0 {
             fail(spec, Stage::SetGroups, 0, errno());
         }
-        if spec.new_userns {
-            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
-                fail(spec, Stage::UserNs, 0, errno());
-            }
-            let u = b'u';
-            if libc::write(spec.to_parent, (&u as *const u8).cast(), 1) != 1
-                || libc::read(spec.from_parent, (&mut b as *mut u8).cast(), 1) != 1
-            {
-                fail(spec, Stage::UidMapSync, 0, errno());
-            }
+        if spec.new_userns && libc::unshare(libc::CLONE_NEWUSER) != 0 {
+            fail(spec, Stage::UserNs, 0, errno());
+        }
+        // Hand over to the supervisor, which writes the uid/gid maps and has placed this process
+        // in the sandbox's cgroups meanwhile (while the root was being built here), then answers.
+        let u = b'u';
+        if libc::write(spec.to_parent, (&u as *const u8).cast(), 1) != 1
+            || libc::read(spec.from_parent, (&mut b as *mut u8).cast(), 1) != 1
+        {
+            fail(spec, Stage::WaitSupervisor, 0, errno());
+        }
+        // Now in the sandbox's cgroup: that becomes the root of its cgroup namespace.
+        if libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+            fail(spec, Stage::CgroupNs, 0, errno());
         }
         for cap in 0..64 {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap as c_ulong) != 0 && errno() != libc::EINVAL {

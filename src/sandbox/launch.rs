@@ -153,9 +153,6 @@ pub fn spawn(
     });
     let t_start = Instant::now();
     let root = root_dir(cfg)?;
-    let name = cgroup::sandbox_name(SEQ.fetch_add(1, Ordering::Relaxed));
-    let cg = Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?;
-    let t_cgroup = Instant::now();
     let ruleset = match &plan.landlock {
         Some((handled, _)) => {
             let fd = landlock::create_ruleset(*handled).map_err(|source| SandboxError::Os {
@@ -179,6 +176,9 @@ pub fn spawn(
     let (from_parent_r, from_parent_w) = pipe()?;
     let (to_parent_r, to_parent_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    let name = cgroup::sandbox_name(SEQ.fetch_add(1, Ordering::Relaxed));
+    let cg = Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?;
+    let t_cgroup = Instant::now();
 
     let mut spec = ChildSpec::new(
         plan,
@@ -189,6 +189,11 @@ pub fn spawn(
     spec.from_parent = from_parent_r.as_raw_fd();
     spec.to_parent = to_parent_w.as_raw_fd();
     spec.err = err_w.as_raw_fd();
+    spec.join_tasks = cg
+        .self_join_files()
+        .iter()
+        .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
+        .collect();
     for (i, s) in stdio.iter().enumerate() {
         spec.stdio[i] = s.as_ref().map_or(-1, |f| f.as_raw_fd());
     }
@@ -248,9 +253,12 @@ pub fn spawn(
         egress: None,
         gpu: plan.gpu.clone(),
     };
+    // The child has joined the v1 hierarchies itself; the v2 one is joined from here while the
+    // child builds its root (it runs nothing but corral's setup until the 'm' answer below).
     if let Some(cg) = &sandbox.cgroup {
-        cg.add(pid).map_err(SandboxError::Cgroup)?; // Drop kills and reaps the child
+        cg.add_remaining(pid).map_err(SandboxError::Cgroup)?; // Drop kills and reaps the child
     }
+    let t_placed = Instant::now();
     if let Some(policy) = &plan.egress {
         // Listening before the child goes on: the program may connect at once.
         let proxy =
@@ -260,18 +268,15 @@ pub fn spawn(
             })?;
         sandbox.egress = Some(proxy);
     }
-    if !write_byte(from_parent_w.as_raw_fd(), b'g') {
+    if read_byte(to_parent_r.as_raw_fd()) != Some(b'u') {
         return Err(child_failure(err_r.as_raw_fd(), plan));
     }
-    let t_placed = Instant::now();
+    let t_root = Instant::now();
     if plan.new_userns {
-        if read_byte(to_parent_r.as_raw_fd()) != Some(b'u') {
-            return Err(child_failure(err_r.as_raw_fd(), plan));
-        }
         write_id_maps(pid, plan.uid, plan.gid)?;
-        if !write_byte(from_parent_w.as_raw_fd(), b'm') {
-            return Err(child_failure(err_r.as_raw_fd(), plan));
-        }
+    }
+    if !write_byte(from_parent_w.as_raw_fd(), b'm') {
+        return Err(child_failure(err_r.as_raw_fd(), plan));
     }
     // EOF on the error pipe: execve succeeded (the pipe is close-on-exec).
     let mut msg = [0u8; 12];
@@ -287,10 +292,11 @@ pub fn spawn(
         pid,
         profile = %plan.profile,
         exe = %plan.exe.display(),
-        cgroup_ms = ms(t_start, t_cgroup),
+        cgroup_create_ms = ms(t_start, t_cgroup),
         clone_ms = ms(t_cgroup, t_clone),
-        cgroup_join_ms = ms(t_clone, t_placed),
-        setup_and_exec_ms = ms(t_placed, t_exec),
+        cgroup_v2_join_ms = ms(t_clone, t_placed),
+        root_ready_ms = ms(t_clone, t_root),
+        exec_ms = ms(t_root, t_exec),
         "sandbox started"
     );
     Ok(sandbox)
