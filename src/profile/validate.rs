@@ -267,6 +267,12 @@ pub fn validate(name: &str, origin: &str, raw: RawProfile) -> Result<Profile, In
             "must be > 0 (leave it out for no limit)",
         ));
     }
+    if net.max_bandwidth_mbps.is_some_and(|m| m > 1_000_000) {
+        return Err(invalid(
+            "network.max_bandwidth_mbps",
+            "must be <= 1000000 (1 Tbit/s; leave it out for no limit)",
+        ));
+    }
 
     let sec = &raw.security;
     Ok(Profile {

@@ -106,7 +106,7 @@ fn same_host(a: &str, b: &str) -> bool {
 
 /// `host[:port]` or `[v6][:port]`.
 fn parse_authority(auth: &str, default_port: Option<u16>) -> Result<(String, u16), Refusal> {
-    let bad = || refuse(400, format!("'{auth}' is not host:port"));
+    let bad = || refuse(400, format!("'{}' is not host:port", clean(auth)));
     if auth.contains('@') {
         return Err(refuse(400, "credentials in the request target are refused"));
     }
@@ -138,6 +138,18 @@ fn parse_authority(auth: &str, default_port: Option<u16>) -> Result<(String, u16
 }
 
 fn parse_request(head: &[u8]) -> Result<Request, Refusal> {
+    // Control characters (a bare CR or LF included) have no place in a request head: refusing
+    // them keeps smuggled lines away from the upstream and from the logs.
+    let mut prev = 0u8;
+    for (i, &b) in head.iter().enumerate() {
+        let ctl = (b < 0x20 && b != b'\t' && b != b'\r' && b != b'\n') || b == 0x7f;
+        let bare_cr = b == b'\r' && head.get(i + 1) != Some(&b'\n');
+        let bare_lf = b == b'\n' && prev != b'\r';
+        if ctl || bare_cr || bare_lf {
+            return Err(refuse(400, "control characters in the request head"));
+        }
+        prev = b;
+    }
     let text = std::str::from_utf8(head).map_err(|_| refuse(400, "request head is not UTF-8"))?;
     let mut lines = text.split("\r\n");
     let line = lines.next().unwrap_or_default();
@@ -150,11 +162,11 @@ fn parse_request(head: &[u8]) -> Result<Request, Refusal> {
     if !version.starts_with("HTTP/1.") {
         return Err(refuse(
             400,
-            format!("unsupported protocol version '{version}'"),
+            format!("unsupported protocol version '{}'", clean(version)),
         ));
     }
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(refuse(400, format!("malformed method '{method}'")));
+        return Err(refuse(400, format!("malformed method '{}'", clean(method))));
     }
     let mut headers = Vec::new();
     for l in lines {
@@ -203,12 +215,13 @@ fn parse_request(head: &[u8]) -> Result<Request, Refusal> {
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (auth, path) = rest.split_at(end);
     let (host, port) = parse_authority(auth, Some(80))?;
+    let path = path.split('#').next().unwrap_or_default();
     let path = if path.is_empty() {
         "/".to_string()
     } else if path.starts_with('?') {
         format!("/{path}")
     } else {
-        path.split('#').next().unwrap_or("/").to_string()
+        path.to_string()
     };
     Ok(Request {
         kind: Kind::Http,
@@ -320,11 +333,12 @@ impl Policy {
     }
 }
 
-/// Not loopback, private, link-local, shared, multicast, documentation or reserved.
+/// A global unicast address: not loopback, private, link-local, shared, multicast,
+/// documentation, reserved, or a transition form that embeds one of those.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             !(v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
@@ -335,7 +349,8 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || a == 0
                 || a >= 240
                 || (a == 100 && (64..128).contains(&b))
-                || (a == 192 && b == 0 && v4.octets()[2] == 0)
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 192 && b == 88 && c == 99)
                 || (a == 198 && (b == 18 || b == 19)))
         }
         IpAddr::V6(v6) => {
@@ -343,13 +358,13 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || (s[0] == 0x2001 && s[1] == 0x0db8)
-                || (s[0] == 0x64 && s[1] == 0xff9b))
+            // Only 2000::/3 is global unicast; within it, documentation (2001:db8::/32),
+            // Teredo and other IETF protocol assignments (2001::/23) and 6to4 (2002::/16,
+            // which embeds an IPv4 address) are refused too.
+            (s[0] & 0xe000) == 0x2000
+                && !(s[0] == 0x2001 && s[1] == 0x0db8)
+                && !(s[0] == 0x2001 && s[1] < 0x0200)
+                && s[0] != 0x2002
         }
     }
 }
@@ -365,7 +380,7 @@ struct Bucket {
 
 impl Bucket {
     fn new(bytes_per_sec: u64) -> Bucket {
-        let rate = bytes_per_sec as f64;
+        let rate = bytes_per_sec.max(1) as f64;
         // A tenth of a second of burst, at least one chunk.
         let burst = (rate / 10.0).max(CHUNK as f64);
         Bucket {
@@ -412,12 +427,19 @@ struct Shared {
     stopping: AtomicBool,
     next_id: AtomicU64,
     /// Open connections (client side, and upstream once connected), shut down on stop.
-    open: Mutex<HashMap<u64, Vec<TcpStream>>>,
+    open: Mutex<HashMap<u64, Vec<Arc<TcpStream>>>>,
+    /// Connection threads, joined on stop so their last log events are written.
+    threads: Mutex<Vec<JoinHandle<()>>>,
     allowed: AtomicU64,
     refused: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
 }
+
+/// Refusals logged one by one; past this, one in every `REFUSAL_LOG_EVERY` (the totals at the
+/// end count them all), so a sandbox cannot flood the supervisor's log.
+const REFUSALS_LOGGED: u64 = 100;
+const REFUSAL_LOG_EVERY: u64 = 1000;
 
 /// A running proxy. Dropping it stops the listener and cuts every open connection.
 pub struct Proxy {
@@ -499,6 +521,7 @@ impl Proxy {
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             open: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
             allowed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
@@ -526,7 +549,8 @@ impl Proxy {
         }
     }
 
-    /// Stops accepting and cuts every open connection.
+    /// Stops accepting, cuts every open connection and waits for their threads (which log how
+    /// each connection ended).
     pub fn stop(&mut self) {
         let Some(accept) = self.accept.take() else {
             return;
@@ -536,9 +560,12 @@ impl Proxy {
         // blocked accept (EINVAL), after which the thread drops the socket.
         unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
         let _ = accept.join();
-        let open = std::mem::take(&mut *lock(&self.shared.open));
-        for s in open.values().flatten() {
+        for s in lock(&self.shared.open).values().flatten() {
             let _ = s.shutdown(Shutdown::Both);
+        }
+        let threads = std::mem::take(&mut *lock(&self.shared.threads));
+        for t in threads {
+            let _ = t.join();
         }
     }
 }
@@ -554,6 +581,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
+    let mut last_warning: Option<Instant> = None;
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
@@ -561,33 +589,38 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                     return;
                 }
                 let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+                let conn = Arc::new(conn);
                 let too_many = {
                     let mut open = lock(&sh.open);
                     if open.len() >= MAX_CONNECTIONS {
                         true
                     } else {
-                        if let Ok(c) = conn.try_clone() {
-                            open.insert(id, vec![c]);
-                        }
+                        open.insert(id, vec![Arc::clone(&conn)]);
                         false
                     }
                 };
                 if too_many {
-                    let mut conn = conn;
-                    sh.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(target: "corral::egress", profile = %sh.policy.profile, sandbox_pid = sh.sandbox_pid, conn = id, decision = "refused", reason = "too many open connections", "egress connection refused");
-                    let _ = respond(&mut conn, 503, "too many open connections");
+                    let r = refuse(503, "too many open connections");
+                    log_refusal(&sh, id, None, &r);
+                    let _ = respond(&conn, r.status, &r.reason);
                     continue;
                 }
                 let sh2 = Arc::clone(&sh);
                 let spawned = std::thread::Builder::new()
                     .name("corral-egress-conn".into())
                     .spawn(move || {
-                        handle(conn, id, &sh2);
+                        handle(&conn, id, &sh2);
                         lock(&sh2.open).remove(&id);
                     });
-                if spawned.is_err() {
-                    lock(&sh.open).remove(&id);
+                match spawned {
+                    Ok(t) => {
+                        let mut threads = lock(&sh.threads);
+                        threads.retain(|t| !t.is_finished());
+                        threads.push(t);
+                    }
+                    Err(_) => {
+                        lock(&sh.open).remove(&id);
+                    }
                 }
             }
             Err(e) => {
@@ -597,7 +630,10 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
                 match e.raw_os_error() {
                     Some(libc::EINTR | libc::ECONNABORTED) => {}
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS) => {
-                        tracing::warn!(target: "corral::egress", error = %e, "egress proxy cannot accept; retrying");
+                        if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                            tracing::warn!(target: "corral::egress", error = %e, "egress proxy cannot accept; retrying");
+                            last_warning = Some(Instant::now());
+                        }
                         std::thread::sleep(Duration::from_millis(100));
                     }
                     _ => {
@@ -610,7 +646,51 @@ fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
     }
 }
 
-fn respond(conn: &mut TcpStream, status: u16, reason: &str) -> io::Result<()> {
+/// Text from the sandbox, made safe for a log line or a response: printable ASCII only
+/// (anything else escaped), at most 120 characters.
+fn clean(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if out.len() >= 120 {
+            out.push_str("...");
+            break;
+        }
+        if c.is_ascii_graphic() || c == ' ' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
+
+fn log_refusal(sh: &Shared, id: u64, req: Option<&Request>, r: &Refusal) {
+    let n = sh.refused.fetch_add(1, Ordering::Relaxed) + 1;
+    if n > REFUSALS_LOGGED && n % REFUSAL_LOG_EVERY != 0 {
+        return;
+    }
+    tracing::warn!(
+        target: "corral::egress",
+        profile = %sh.policy.profile,
+        sandbox_pid = sh.sandbox_pid,
+        conn = id,
+        method = req.map_or("", |q| q.method.as_str()),
+        host = req.map_or("", |q| q.host.as_str()),
+        port = req.map_or(0, |q| q.port),
+        decision = "refused",
+        status = r.status,
+        reason = %r.reason,
+        refused_so_far = n,
+        "egress connection refused{}",
+        if n == REFUSALS_LOGGED {
+            " (further refusals: one logged in 1000, all counted)"
+        } else {
+            ""
+        }
+    );
+}
+
+fn respond(mut conn: &TcpStream, status: u16, reason: &str) -> io::Result<()> {
     let text = match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -630,7 +710,7 @@ fn respond(conn: &mut TcpStream, status: u16, reason: &str) -> io::Result<()> {
 }
 
 /// Reads up to the end of the request head; returns (head, bytes after it).
-fn read_head(conn: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
+fn read_head(mut conn: &TcpStream) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
     let deadline = Instant::now() + HEAD_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
@@ -681,180 +761,226 @@ fn connect_any(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal>
     ))
 }
 
-/// Reads the client's first TLS record (a ClientHello) and returns it with the server name it
-/// asks for, or why it is not TLS.
+/// Largest ClientHello accepted (post-quantum key shares make them a few KiB).
+const HELLO_LIMIT: usize = 64 * 1024;
+
+/// Reads the client's ClientHello, which may span several TLS records, and returns the bytes
+/// read (to forward) with the server name it asks for. Anything that is not a well-formed
+/// ClientHello is refused: an HTTPS destination carries TLS and nothing else.
 fn read_client_hello(
-    conn: &mut TcpStream,
-    mut have: Vec<u8>,
+    mut conn: &TcpStream,
+    mut raw: Vec<u8>,
 ) -> Result<(Vec<u8>, Option<String>), String> {
     let deadline = Instant::now() + HEAD_TIMEOUT;
     let mut chunk = [0u8; 4096];
+    // Handshake bytes gathered from complete records, and where the next record starts.
+    let mut msg: Vec<u8> = Vec::new();
+    let mut at = 0usize;
     loop {
-        if have.len() >= 5 {
-            if have[0] != 0x16 || have[1] != 0x03 {
+        while raw.len() >= at + 5 {
+            let h = &raw[at..at + 5];
+            if h[0] != 0x16 {
                 return Err(
-                    "the tunnel to an HTTPS destination does not start a TLS handshake".into(),
+                    "the tunnel to an HTTPS destination does not start with a TLS handshake".into(),
                 );
             }
-            let len = usize::from(u16::from_be_bytes([have[3], have[4]]));
-            if have.len() >= 5 + len {
-                let sni = server_name(&have[5..5 + len]);
-                return Ok((have, sni));
+            if h[1] != 0x03 || h[2] > 0x04 {
+                return Err("not a TLS record version".into());
             }
+            let len = usize::from(u16::from_be_bytes([h[3], h[4]]));
+            if len == 0 || len > 16 * 1024 {
+                return Err(format!("a TLS record of {len} bytes"));
+            }
+            if raw.len() < at + 5 + len {
+                break;
+            }
+            msg.extend_from_slice(&raw[at + 5..at + 5 + len]);
+            at += 5 + len;
+            if msg.len() >= 4 {
+                if msg[0] != 1 {
+                    return Err("the first TLS handshake message is not a ClientHello".into());
+                }
+                let body =
+                    usize::from(msg[1]) << 16 | usize::from(msg[2]) << 8 | usize::from(msg[3]);
+                if body + 4 > HELLO_LIMIT {
+                    return Err("ClientHello larger than 64 KiB".into());
+                }
+                if msg.len() >= body + 4 {
+                    if msg.len() != body + 4 || raw.len() != at {
+                        return Err("data after the ClientHello before the server answered".into());
+                    }
+                    let sni = server_name(&msg[4..])?;
+                    return Ok((raw, sni));
+                }
+            }
+        }
+        if raw.len() > HELLO_LIMIT + 1024 {
+            return Err("ClientHello larger than 64 KiB".into());
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err("no TLS ClientHello within 10 s".into());
+            return Err("no complete TLS ClientHello within 10 s".into());
         }
         let _ = conn.set_read_timeout(Some(left));
         match conn.read(&mut chunk) {
-            Ok(0) => return Err("closed before a TLS ClientHello".into()),
-            Ok(n) => have.extend_from_slice(&chunk[..n]),
+            Ok(0) => return Err("closed before a complete TLS ClientHello".into()),
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("reading the TLS ClientHello: {e}")),
         }
     }
 }
 
-/// The `server_name` of a ClientHello handshake fragment, if it carries one (and the part of
-/// the message in this record is enough to find it).
-fn server_name(msg: &[u8]) -> Option<String> {
+/// Parses a ClientHello body strictly: `Ok(None)` only when it is complete and carries no
+/// `server_name` extension.
+fn server_name(body: &[u8]) -> Result<Option<String>, String> {
     struct Cur<'a>(&'a [u8]);
     impl<'a> Cur<'a> {
-        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
             if self.0.len() < n {
-                return None;
+                return Err("truncated ClientHello".into());
             }
             let (a, b) = self.0.split_at(n);
             self.0 = b;
-            Some(a)
+            Ok(a)
         }
-        fn u8(&mut self) -> Option<usize> {
+        fn u8(&mut self) -> Result<usize, String> {
             self.take(1).map(|b| usize::from(b[0]))
         }
-        fn u16(&mut self) -> Option<usize> {
+        fn u16(&mut self) -> Result<usize, String> {
             self.take(2)
                 .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
         }
     }
-    let mut c = Cur(msg);
-    if c.u8()? != 1 {
-        return None; // not a ClientHello
+    let bad = |what: &str| Err(format!("malformed ClientHello: {what}"));
+    let mut c = Cur(body);
+    c.take(2 + 32)?; // legacy version, random
+    let n = c.u8()?;
+    if n > 32 {
+        return bad("session id");
     }
-    c.take(3)?; // length
-    c.take(2 + 32)?; // version, random
-    let n = c.u8()?;
-    c.take(n)?; // session id
+    c.take(n)?;
     let n = c.u16()?;
-    c.take(n)?; // cipher suites
+    if n == 0 || n % 2 != 0 {
+        return bad("cipher suites");
+    }
+    c.take(n)?;
     let n = c.u8()?;
-    c.take(n)?; // compression methods
+    if n == 0 {
+        return bad("compression methods");
+    }
+    c.take(n)?;
+    if c.0.is_empty() {
+        return Ok(None); // no extensions at all
+    }
     let n = c.u16()?;
-    let mut ext = Cur(c.take(n).unwrap_or(c.0));
-    while let (Some(kind), Some(len)) = (ext.u16(), ext.u16()) {
+    let mut ext = Cur(c.take(n)?);
+    if !c.0.is_empty() {
+        return bad("bytes after the extensions");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut name = None;
+    while !ext.0.is_empty() {
+        let kind = ext.u16()?;
+        let len = ext.u16()?;
         let data = ext.take(len)?;
-        if kind == 0 {
-            let mut d = Cur(data);
-            d.u16()?; // list length
-            while let Some(name_type) = d.u8() {
-                let n = d.u16()?;
-                let name = d.take(n)?;
-                if name_type == 0 {
-                    return std::str::from_utf8(name).ok().map(normalize_host);
-                }
-            }
-            return None;
+        if !seen.insert(kind) {
+            return bad("a repeated extension");
         }
+        if kind != 0 {
+            continue;
+        }
+        let mut d = Cur(data);
+        let list = d.u16()?;
+        if list != d.0.len() {
+            return bad("server_name list length");
+        }
+        let name_type = d.u8()?;
+        let n = d.u16()?;
+        let host = d.take(n)?;
+        if name_type != 0 || !d.0.is_empty() {
+            return bad("server_name must hold exactly one host name");
+        }
+        let valid = !host.is_empty()
+            && host
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid {
+            return bad("server_name is not a host name");
+        }
+        name = Some(normalize_host(
+            std::str::from_utf8(host).unwrap_or_default(),
+        ));
     }
-    None
+    Ok(name)
 }
 
-fn handle(mut conn: TcpStream, id: u64, sh: &Shared) {
+fn handle(conn: &TcpStream, id: u64, sh: &Shared) {
     let started = Instant::now();
     let policy = &sh.policy;
-    let log_refusal = |req: Option<&Request>, r: &Refusal| {
-        sh.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            target: "corral::egress",
-            profile = %policy.profile,
-            sandbox_pid = sh.sandbox_pid,
-            conn = id,
-            method = req.map_or("", |q| q.method.as_str()),
-            host = req.map_or("", |q| q.host.as_str()),
-            port = req.map_or(0, |q| q.port),
-            decision = "refused",
-            status = r.status,
-            reason = %r.reason,
-            "egress connection refused"
-        );
-    };
-    let (head, rest) = match read_head(&mut conn) {
+    let (head, rest) = match read_head(conn) {
         Ok(x) => x,
         Err(r) => {
-            log_refusal(None, &r);
-            let _ = respond(&mut conn, r.status, &r.reason);
+            log_refusal(sh, id, None, &r);
+            let _ = respond(conn, r.status, &r.reason);
             return;
         }
     };
     let req = match parse_request(&head) {
         Ok(r) => r,
         Err(r) => {
-            log_refusal(None, &r);
-            let _ = respond(&mut conn, r.status, &r.reason);
+            log_refusal(sh, id, None, &r);
+            let _ = respond(conn, r.status, &r.reason);
             return;
         }
     };
-    let decided = policy
+    let refused = |r: Refusal| {
+        log_refusal(sh, id, Some(&req), &r);
+        let _ = respond(conn, r.status, &r.reason);
+    };
+    let (protocol, addrs) = match policy
         .allow(&req.host, req.port, req.kind)
         .and_then(|d| Ok((d.protocol, policy.resolve(&req.host, req.port)?)))
-        .and_then(|(p, addrs)| Ok((p, connect_any(&addrs)?)));
-    let (protocol, (upstream, addr)) = match decided {
+    {
         Ok(x) => x,
-        Err(r) => {
-            log_refusal(Some(&req), &r);
-            let _ = respond(&mut conn, r.status, &r.reason);
-            return;
-        }
+        Err(r) => return refused(r),
     };
-    let _ = conn.set_read_timeout(None);
     let _ = conn.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
-    if let Ok(u) = upstream.try_clone() {
-        if let Some(v) = lock(&sh.open).get_mut(&id) {
-            v.push(u);
-        }
-    }
-    if sh.stopping.load(Ordering::SeqCst) {
-        return;
-    }
-    // What goes upstream first: the rewritten request head, or the client's ClientHello.
+    // What goes upstream first: the client's checked ClientHello, its first bytes, or the
+    // rewritten request head. An HTTPS tunnel is checked before the destination is contacted.
     let first: Vec<u8> = match req.kind {
         Kind::Connect => {
-            if conn
+            if (&*conn)
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 .is_err()
             {
+                log_refusal(
+                    sh,
+                    id,
+                    Some(&req),
+                    &refuse(499, "client closed before the tunnel opened"),
+                );
                 return;
             }
             if protocol == Some(Protocol::Https) {
-                match read_client_hello(&mut conn, rest) {
+                match read_client_hello(conn, rest) {
                     Ok((hello, sni)) => {
                         if let Some(name) = sni.filter(|n| !same_host(n, &req.host)) {
                             let r = refuse(
                                 403,
                                 format!(
-                                    "TLS server name {name} does not match the CONNECT host {}",
+                                    "TLS server name {} does not match the CONNECT host {}",
+                                    clean(&name),
                                     req.host
                                 ),
                             );
-                            log_refusal(Some(&req), &r);
+                            log_refusal(sh, id, Some(&req), &r);
                             return;
                         }
-                        let _ = conn.set_read_timeout(None);
                         hello
                     }
                     Err(reason) => {
-                        log_refusal(Some(&req), &refuse(403, reason));
+                        log_refusal(sh, id, Some(&req), &refuse(403, reason));
                         return;
                     }
                 }
@@ -887,6 +1013,25 @@ fn handle(mut conn: TcpStream, id: u64, sh: &Shared) {
             b
         }
     };
+    let (upstream, addr) = match connect_any(&addrs) {
+        Ok(x) => x,
+        Err(r) => {
+            log_refusal(sh, id, Some(&req), &r);
+            if req.kind == Kind::Http {
+                let _ = respond(conn, r.status, &r.reason);
+            }
+            return;
+        }
+    };
+    let _ = conn.set_read_timeout(None);
+    let _ = upstream.set_nodelay(true);
+    let upstream = Arc::new(upstream);
+    if let Some(v) = lock(&sh.open).get_mut(&id) {
+        v.push(Arc::clone(&upstream));
+    }
+    if sh.stopping.load(Ordering::SeqCst) {
+        return;
+    }
     sh.allowed.fetch_add(1, Ordering::Relaxed);
     tracing::info!(
         target: "corral::egress",
@@ -901,7 +1046,7 @@ fn handle(mut conn: TcpStream, id: u64, sh: &Shared) {
         decision = "allowed",
         "egress connection allowed"
     );
-    let (up_bytes, down_bytes) = relay(conn, upstream, first, sh);
+    let (up_bytes, down_bytes) = relay(conn, &upstream, first, sh);
     tracing::info!(
         target: "corral::egress",
         profile = %policy.profile,
@@ -924,56 +1069,50 @@ fn bracket(host: &str) -> String {
     }
 }
 
+/// Copies `first`, then `from` to `to`, at the bucket's pace; returns the bytes copied.
+fn copy(
+    mut from: &TcpStream,
+    mut to: &TcpStream,
+    first: &[u8],
+    bucket: Option<&Bucket>,
+    total: &AtomicU64,
+) -> u64 {
+    let mut copied = 0u64;
+    let mut send = |data: &[u8]| -> bool {
+        for part in data.chunks(CHUNK) {
+            if let Some(b) = bucket {
+                b.take(part.len());
+            }
+            if to.write_all(part).is_err() {
+                return false;
+            }
+            copied += part.len() as u64;
+            total.fetch_add(part.len() as u64, Ordering::Relaxed);
+        }
+        true
+    };
+    let mut ok = send(first);
+    let mut buf = vec![0u8; CHUNK];
+    while ok {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => ok = send(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    if !ok {
+        let _ = from.shutdown(Shutdown::Read);
+    }
+    copied
+}
+
 /// Copies both ways until both sides are done; returns (bytes up, bytes down).
-fn relay(client: TcpStream, upstream: TcpStream, first: Vec<u8>, sh: &Shared) -> (u64, u64) {
-    let copy = |mut from: TcpStream,
-                mut to: TcpStream,
-                first: Vec<u8>,
-                bucket: Option<&Bucket>,
-                total: &AtomicU64|
-     -> u64 {
-        let mut n_total = 0u64;
-        let mut send = |to: &mut TcpStream, data: &[u8]| -> bool {
-            for part in data.chunks(CHUNK) {
-                if let Some(b) = bucket {
-                    b.take(part.len());
-                }
-                if to.write_all(part).is_err() {
-                    return false;
-                }
-                n_total += part.len() as u64;
-                total.fetch_add(part.len() as u64, Ordering::Relaxed);
-            }
-            true
-        };
-        let mut ok = send(&mut to, &first);
-        let mut buf = vec![0u8; CHUNK];
-        while ok {
-            match from.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => ok = send(&mut to, &buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
-        }
-        let _ = to.shutdown(Shutdown::Write);
-        if !ok {
-            let _ = from.shutdown(Shutdown::Read);
-        }
-        n_total
-    };
-    let (Ok(client2), Ok(upstream2)) = (client.try_clone(), upstream.try_clone()) else {
-        return (0, 0);
-    };
+fn relay(client: &TcpStream, upstream: &TcpStream, first: Vec<u8>, sh: &Shared) -> (u64, u64) {
     std::thread::scope(|s| {
-        let up = s.spawn(|| copy(client, upstream, first, sh.up.as_ref(), &sh.bytes_up));
-        let down = copy(
-            upstream2,
-            client2,
-            Vec::new(),
-            sh.down.as_ref(),
-            &sh.bytes_down,
-        );
+        let up = s.spawn(|| copy(client, upstream, &first, sh.up.as_ref(), &sh.bytes_up));
+        let down = copy(upstream, client, &[], sh.down.as_ref(), &sh.bytes_down);
         (up.join().unwrap_or(0), down)
     })
 }
@@ -1007,6 +1146,16 @@ mod tests {
 
     #[test]
     fn requests_parse_into_host_port_and_kind() {
+        let r = parse_request(b"GET http://web.test:80#frag HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(r.path, "/");
+        for smuggle in [
+            &b"GET http://web.test/ HTTP/1.1\r\nX: a\nHost: evil\r\n\r\n"[..],
+            b"GET http://web.test/ HTTP/1.1\r\nX: a\rb\r\n\r\n",
+            b"GET http://web.test/\x1b[2J HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(parse_request(smuggle).is_err());
+        }
+        assert_eq!(clean("a\nb\x1b[c"), "a\\nb\\u{1b}[c");
         let r = parse_request(b"CONNECT API.Example.com.:443 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         assert_eq!(
             (r.kind, r.host.as_str(), r.port),
@@ -1089,6 +1238,13 @@ mod tests {
             "fd00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "fec0::1",
+            "2002:7f00:1::1",
+            "2001::1",
+            "2001:db8::1",
+            "::ffff:0:127.0.0.1",
+            "64:ff9b::7f00:1",
+            "192.88.99.1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
@@ -1097,31 +1253,99 @@ mod tests {
         }
     }
 
-    #[test]
-    fn server_name_is_read_from_a_client_hello() {
-        // A minimal ClientHello with one SNI entry "api.example.com".
-        let name = b"api.example.com";
-        let mut sni = Vec::new();
-        sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
-        sni.push(0);
-        sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        sni.extend_from_slice(name);
-        let mut exts = vec![0, 0];
-        exts.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-        exts.extend_from_slice(&sni);
+    /// A ClientHello handshake message naming `sni` (none when empty), extensions repeated
+    /// `ext_copies` times.
+    fn hello(sni: &str, ext_copies: usize) -> Vec<u8> {
+        let mut exts = Vec::new();
+        for _ in 0..ext_copies {
+            if !sni.is_empty() {
+                let n = sni.len() as u16;
+                exts.extend_from_slice(&[0, 0]);
+                exts.extend_from_slice(&(n + 5).to_be_bytes());
+                exts.extend_from_slice(&(n + 3).to_be_bytes());
+                exts.push(0);
+                exts.extend_from_slice(&n.to_be_bytes());
+                exts.extend_from_slice(sni.as_bytes());
+            }
+        }
         let mut body = vec![3, 3];
         body.extend_from_slice(&[7; 32]);
         body.push(0); // session id
-        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one suite
-        body.extend_from_slice(&[1, 0]); // null compression
+        body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]); // one suite, null compression
         body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
         body.extend_from_slice(&exts);
         let mut msg = vec![1, 0];
         msg.extend_from_slice(&(body.len() as u16).to_be_bytes());
         msg.extend_from_slice(&body);
-        assert_eq!(server_name(&msg).as_deref(), Some("api.example.com"));
-        assert_eq!(server_name(&msg[..msg.len() - 4]), None, "truncated");
-        assert_eq!(server_name(b"\x02garbage"), None);
+        msg
+    }
+
+    /// `msg` as TLS records, cut at `cuts`.
+    fn records(msg: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain(std::iter::once(&msg.len())) {
+            out.extend_from_slice(&[0x16, 3, 1]);
+            out.extend_from_slice(&((to - from) as u16).to_be_bytes());
+            out.extend_from_slice(&msg[from..to]);
+            from = to;
+        }
+        out
+    }
+
+    /// Sends `bytes` over loopback TCP and runs `read_client_hello` on the far end.
+    fn check(bytes: &[u8]) -> Result<Option<String>, String> {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        c.write_all(bytes).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        read_client_hello(&s, Vec::new()).map(|(raw, sni)| {
+            assert_eq!(raw, bytes, "every byte read is forwarded");
+            sni
+        })
+    }
+
+    #[test]
+    fn client_hellos_are_parsed_strictly_across_records() {
+        let m = hello("api.example.com", 1);
+        assert_eq!(
+            check(&records(&m, &[])).unwrap().as_deref(),
+            Some("api.example.com")
+        );
+        // Split across records (even inside the header or the name): reassembled, not missed.
+        for cuts in [&[4][..], &[60][..], &[2, 30, 70][..]] {
+            assert_eq!(
+                check(&records(&m, cuts)).unwrap().as_deref(),
+                Some("api.example.com"),
+                "{cuts:?}"
+            );
+        }
+        assert_eq!(
+            check(&records(&hello("", 1), &[])).unwrap(),
+            None,
+            "no SNI at all"
+        );
+        for (bad, why) in [
+            (b"\x16\x03\x01\x00\x00NOT-TLS\n".to_vec(), "empty record"),
+            (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "not TLS"),
+            (
+                records(&[&[2u8][..], &m[1..]].concat(), &[]),
+                "not a ClientHello",
+            ),
+            (records(&m[..m.len() - 3], &[]), "truncated"),
+            (
+                records(&hello("api.example.com", 2), &[]),
+                "repeated extension",
+            ),
+            (records(&hello("bad name!", 1), &[]), "not a host name"),
+            (
+                [records(&m, &[]), b"extra".to_vec()].concat(),
+                "data after the hello",
+            ),
+        ] {
+            assert!(check(&bad).is_err(), "{why} accepted");
+        }
     }
 
     #[test]

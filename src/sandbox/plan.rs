@@ -620,7 +620,9 @@ pub fn plan(
     let egress = (network == NetworkAccessMode::Restricted).then(|| egress::Policy {
         profile: profile.name.clone(),
         destinations: profile.allowed_destinations.clone(),
-        bytes_per_sec: profile.max_bandwidth_mbps.map(|m| m * 1_000_000 / 8),
+        bytes_per_sec: profile
+            .max_bandwidth_mbps
+            .map(|m| m.saturating_mul(1_000_000) / 8),
         hosts: cfg.hosts.clone(),
     });
     if egress.is_some() {

@@ -65,6 +65,10 @@ const CLONE_NS_FLAGS: u32 = 0x0002_0000 // NEWNS
     | 0x0000_0080; // NEWTIME
 const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541c;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// Protocols INET/INET6 sockets may ask for: the type's default, TCP, UDP.
+const INET_PROTOCOLS: [u32; 3] = [0, 6, 17];
 const ALLOWED_FAMILIES: [u32; 4] = [
     1,  /* UNIX */
     2,  /* INET */
@@ -225,9 +229,27 @@ pub fn compile(spec: &FilterSpec) -> Vec<SockFilter> {
             push_ret(&mut prog, call, deny);
             continue;
         }
-        let mut b = vec![stmt(BPF_LD_W_ABS, off_arg_lo(0))];
-        for fam in ALLOWED_FAMILIES {
+        // INET and INET6 sockets only with the protocols Landlock's TCP rules and the network
+        // namespace reason about (default, TCP, UDP): not MPTCP (262), SCTP or UDP-Lite, which
+        // Landlock's TCP port rules do not cover.
+        let others: Vec<u32> = ALLOWED_FAMILIES
+            .into_iter()
+            .filter(|f| *f != AF_INET && *f != AF_INET6)
+            .collect();
+        let to_inet = 2 * others.len() as u8; // from the AF_INET6 test to the protocol check - 1
+        let mut b = vec![
+            stmt(BPF_LD_W_ABS, off_arg_lo(0)),
+            jump(BPF_JEQ_K, AF_INET, to_inet + 2, 0),
+            jump(BPF_JEQ_K, AF_INET6, to_inet + 1, 0),
+        ];
+        for fam in others {
             b.push(jump(BPF_JEQ_K, fam, 0, 1));
+            b.push(stmt(BPF_RET_K, RET_ALLOW));
+        }
+        b.push(stmt(BPF_RET_K, deny));
+        b.push(stmt(BPF_LD_W_ABS, off_arg_lo(2)));
+        for proto in INET_PROTOCOLS {
+            b.push(jump(BPF_JEQ_K, proto, 0, 1));
             b.push(stmt(BPF_RET_K, RET_ALLOW));
         }
         b.push(stmt(BPF_RET_K, deny));
@@ -419,6 +441,22 @@ mod tests {
             EPERM
         );
         assert_eq!(run(&p, Sysno::socket, [1, 1, 0, 0, 0, 0]), RET_ALLOW);
+        for (fam, proto, want) in [
+            (2, 0, RET_ALLOW),
+            (2, 6, RET_ALLOW),
+            (10, 17, RET_ALLOW),
+            (2, 262 /* MPTCP */, EPERM),
+            (10, 262, EPERM),
+            (2, 132 /* SCTP */, EPERM),
+            (10, 136 /* UDP-Lite */, EPERM),
+            (16 /* NETLINK */, 0, RET_ALLOW),
+        ] {
+            assert_eq!(
+                run(&p, Sysno::socket, [fam, 1, proto, 0, 0, 0]),
+                want,
+                "{fam}/{proto}"
+            );
+        }
     }
 
     #[test]
