@@ -666,7 +666,7 @@ fn clean(s: &str) -> String {
 
 fn log_refusal(sh: &Shared, id: u64, req: Option<&Request>, r: &Refusal) {
     let n = sh.refused.fetch_add(1, Ordering::Relaxed) + 1;
-    if n > REFUSALS_LOGGED && n % REFUSAL_LOG_EVERY != 0 {
+    if n > REFUSALS_LOGGED && !n.is_multiple_of(REFUSAL_LOG_EVERY) {
         return;
     }
     tracing::warn!(
