@@ -443,6 +443,31 @@ impl Cgroup {
             .collect()
     }
 
+    /// The `tasks` files [`Cgroup::create`] will make for `name` (its v1 directories), known
+    /// before they exist so a child can be told where to join while they are being created.
+    /// The launcher checks the result against [`Cgroup::self_join_files`].
+    pub fn planned_self_join_files(host: &CgroupHost, name: &str, limits: &Limits) -> Vec<PathBuf> {
+        let devices_v1 = limits.devices.as_ref().and(host.devices.as_ref());
+        let used = [
+            limits.memory_bytes.and(host.memory.as_ref()),
+            limits.cpu.and(host.cpu.as_ref()),
+            limits.pids.and(host.pids.as_ref()),
+            limits.io.as_ref().and(host.io.as_ref()),
+            host.cpuacct.as_ref(),
+            devices_v1,
+        ];
+        let mut out: Vec<PathBuf> = Vec::new();
+        for h in used.into_iter().flatten() {
+            if h.version == Version::V1 {
+                let t = h.own_dir.join(BASE).join(name).join("tasks");
+                if !out.contains(&t) {
+                    out.push(t);
+                }
+            }
+        }
+        out
+    }
+
     /// Adds `pid` to the hierarchies [`Cgroup::self_join_files`] does not cover (cgroup v2).
     pub fn add_remaining(&self, pid: i32) -> Result<()> {
         for dir in &self.dirs {

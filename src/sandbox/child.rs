@@ -481,13 +481,6 @@ pub(crate) unsafe fn run(spec: &ChildSpec) -> ! {
     // pointers passed are to C strings and structs owned by `spec` or this stack frame.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as c_ulong);
-        for (i, tasks) in spec.join_tasks.iter().enumerate() {
-            let fd = libc::open(tasks.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
-                fail(spec, Stage::CgroupJoin, i, errno());
-            }
-            libc::close(fd);
-        }
         let mut b = 0u8;
         if libc::mount(
             std::ptr::null(),
@@ -522,6 +515,19 @@ pub(crate) unsafe fn run(spec: &ChildSpec) -> ! {
             if !fs_op(spec, op) {
                 fail(spec, Stage::FsOp, i, errno());
             }
+        }
+        // The supervisor has created the cgroups meanwhile: join the v1 ones (host paths are
+        // still visible before pivot_root). Writing 0, oneself, to `tasks` skips the global
+        // threadgroup lock a `cgroup.procs` write takes and the RCU grace period it waits for.
+        if libc::read(spec.from_parent, (&mut b as *mut u8).cast(), 1) != 1 {
+            fail(spec, Stage::WaitSupervisor, 0, errno());
+        }
+        for (i, tasks) in spec.join_tasks.iter().enumerate() {
+            let fd = libc::open(tasks.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, c"0".as_ptr().cast(), 1) != 1 {
+                fail(spec, Stage::CgroupJoin, i, errno());
+            }
+            libc::close(fd);
         }
         if libc::chdir(spec.root.as_ptr()) != 0
             || libc::syscall(

@@ -177,8 +177,7 @@ pub fn spawn(
     let (to_parent_r, to_parent_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let name = cgroup::sandbox_name(SEQ.fetch_add(1, Ordering::Relaxed));
-    let cg = Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?;
-    let t_cgroup = Instant::now();
+    let join_tasks = Cgroup::planned_self_join_files(&host.cgroups, &name, &plan.cgroup);
 
     let mut spec = ChildSpec::new(
         plan,
@@ -189,8 +188,7 @@ pub fn spawn(
     spec.from_parent = from_parent_r.as_raw_fd();
     spec.to_parent = to_parent_w.as_raw_fd();
     spec.err = err_w.as_raw_fd();
-    spec.join_tasks = cg
-        .self_join_files()
+    spec.join_tasks = join_tasks
         .iter()
         .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
         .collect();
@@ -243,7 +241,7 @@ pub fn spawn(
     let mut sandbox = Sandbox {
         pid,
         pidfd,
-        cgroup: Some(cg),
+        cgroup: None,
         started: Instant::now(),
         plan_time_limit: plan.time_limit,
         memory_mb: plan.memory_mb,
@@ -253,10 +251,24 @@ pub fn spawn(
         egress: None,
         gpu: plan.gpu.clone(),
     };
-    // The child has joined the v1 hierarchies itself; the v2 one is joined from here while the
-    // child builds its root (it runs nothing but corral's setup until the 'm' answer below).
+    // The cgroups are made while the child builds its root (it runs nothing but corral's setup
+    // until the 'm' answer below); it joins the v1 ones itself on 'c', the v2 one is joined
+    // from here. On any error `sandbox`'s drop kills and reaps the child.
+    let cg = Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?;
+    let made = cg.self_join_files();
+    sandbox.cgroup = Some(cg);
+    if made != join_tasks {
+        return Err(SandboxError::Os {
+            what: "cgroup layout changed while launching",
+            source: std::io::Error::other(format!("planned {join_tasks:?}, made {made:?}")),
+        });
+    }
+    let t_cgroup = Instant::now();
+    if !write_byte(from_parent_w.as_raw_fd(), b'c') {
+        return Err(child_failure(err_r.as_raw_fd(), plan));
+    }
     if let Some(cg) = &sandbox.cgroup {
-        cg.add_remaining(pid).map_err(SandboxError::Cgroup)?; // Drop kills and reaps the child
+        cg.add_remaining(pid).map_err(SandboxError::Cgroup)?;
     }
     let t_placed = Instant::now();
     if let Some(policy) = &plan.egress {
@@ -292,9 +304,9 @@ pub fn spawn(
         pid,
         profile = %plan.profile,
         exe = %plan.exe.display(),
-        cgroup_create_ms = ms(t_start, t_cgroup),
-        clone_ms = ms(t_cgroup, t_clone),
-        cgroup_v2_join_ms = ms(t_clone, t_placed),
+        clone_ms = ms(t_start, t_clone),
+        cgroup_create_ms = ms(t_clone, t_cgroup),
+        cgroup_v2_join_ms = ms(t_cgroup, t_placed),
         root_ready_ms = ms(t_clone, t_root),
         exec_ms = ms(t_root, t_exec),
         "sandbox started"

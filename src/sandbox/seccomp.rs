@@ -28,6 +28,7 @@ const DENYLIST: &str = include_str!("../../profiles/seccomp/denylist.toml");
 const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
 const BPF_JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
 const BPF_JGE_K: u16 = 0x05 | 0x30; // BPF_JMP | BPF_JGE | BPF_K
+const BPF_JGT_K: u16 = 0x05 | 0x20; // BPF_JMP | BPF_JGT | BPF_K
 const BPF_JSET_K: u16 = 0x05 | 0x40; // BPF_JMP | BPF_JSET | BPF_K
 const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
 
@@ -256,12 +257,8 @@ pub fn compile(spec: &FilterSpec) -> Vec<SockFilter> {
         push_block(&mut prog, call, b);
     }
 
-    let special = |s: Sysno| {
-        matches!(
-            s,
-            Sysno::clone | Sysno::clone3 | Sysno::ioctl | Sysno::socket | Sysno::socketpair
-        ) || ["fork", "vfork"].contains(&s.name())
-    };
+    // Calls with their own blocks above return there; the lookup handles every other number.
+    let special = special_numbers();
     if spec.strict {
         let base = match spec.base {
             Base::Generic => &t.generic,
@@ -274,23 +271,90 @@ pub fn compile(spec: &FilterSpec) -> Vec<SockFilter> {
                 .copied()
                 .filter(|s| !t.never.contains_key(s)),
         );
-        allowed.sort();
-        allowed.dedup();
-        for s in allowed.into_iter().filter(|s| !special(*s)) {
-            push_ret(&mut prog, s, RET_ALLOW);
-        }
-        prog.push(stmt(BPF_RET_K, deny));
+        let allowed: Vec<u32> = allowed.iter().map(|s| s.id() as u32).collect();
+        prog.extend(lookup(&allowed, &special, RET_ALLOW, deny));
     } else {
         let mut denied: Vec<Sysno> = t.never.keys().copied().collect();
         denied.extend(t.denied.keys().copied().filter(|s| !spec.extra.contains(s)));
-        denied.sort();
-        denied.dedup();
-        for s in denied.into_iter().filter(|s| !special(*s)) {
-            push_ret(&mut prog, s, deny);
-        }
-        prog.push(stmt(BPF_RET_K, RET_ALLOW));
+        let denied: Vec<u32> = denied.iter().map(|s| s.id() as u32).collect();
+        prog.extend(lookup(&denied, &special, deny, RET_ALLOW));
     }
     prog
+}
+
+/// Numbers of the calls handled by their own blocks above the lookup, which never reach it:
+/// they may join either side's ranges.
+fn special_numbers() -> Vec<u32> {
+    let mut v: Vec<u32> = [
+        Sysno::clone,
+        Sysno::clone3,
+        Sysno::ioctl,
+        Sysno::socket,
+        Sysno::socketpair,
+    ]
+    .iter()
+    .map(|s| s.id() as u32)
+    .collect();
+    for name in ["fork", "vfork"] {
+        if let Ok(s) = name.parse::<Sysno>() {
+            v.push(s.id() as u32);
+        }
+    }
+    v
+}
+
+/// Code returning `hit` for the syscall numbers in `set` and `miss` for every other, with the
+/// number in the accumulator: `set` becomes ranges of consecutive numbers (numbers in
+/// `dont_care` may fill gaps) searched as a binary tree, so a call costs a handful of
+/// comparisons rather than one per listed call, and the program stays small.
+fn lookup(set: &[u32], dont_care: &[u32], hit: u32, miss: u32) -> Vec<SockFilter> {
+    let mut nums: Vec<u32> = set.to_vec();
+    nums.sort_unstable();
+    nums.dedup();
+    let mut ranges: Vec<(u32, u32)> = Vec::new();
+    for n in nums {
+        match ranges.last_mut() {
+            // Contiguous, or separated only by calls that never get here.
+            Some((_, hi)) if (*hi + 1..n).all(|g| dont_care.contains(&g)) => *hi = n,
+            _ => ranges.push((n, n)),
+        }
+    }
+    tree(&ranges, hit, miss).unwrap_or_else(|| linear(&ranges, hit, miss))
+}
+
+fn linear(ranges: &[(u32, u32)], hit: u32, miss: u32) -> Vec<SockFilter> {
+    let mut out = Vec::new();
+    for &(lo, hi) in ranges {
+        if lo == hi {
+            out.push(jump(BPF_JEQ_K, lo, 0, 1));
+        } else {
+            // nr < lo: skip both; nr > hi: skip the return.
+            out.push(jump(BPF_JGE_K, lo, 0, 2));
+            out.push(jump(BPF_JGT_K, hi, 1, 0));
+        }
+        out.push(stmt(BPF_RET_K, hit));
+    }
+    out.push(stmt(BPF_RET_K, miss));
+    out
+}
+
+/// Binary search over `ranges`; None if a jump would not fit BPF's 8-bit offsets.
+fn tree(ranges: &[(u32, u32)], hit: u32, miss: u32) -> Option<Vec<SockFilter>> {
+    if ranges.len() <= 4 {
+        return Some(linear(ranges, hit, miss));
+    }
+    let mid = ranges.len() / 2;
+    let low = tree(&ranges[..mid], hit, miss)?;
+    let high = tree(&ranges[mid..], hit, miss)?;
+    let mut out = vec![jump(
+        BPF_JGE_K,
+        ranges[mid].0,
+        u8::try_from(low.len()).ok()?,
+        0,
+    )];
+    out.extend(low);
+    out.extend(high);
+    Some(out)
 }
 
 fn push_ret(prog: &mut Vec<SockFilter>, s: Sysno, ret: u32) {
@@ -328,6 +392,7 @@ pub fn evaluate(prog: &[SockFilter], arch: u32, nr: u32, args: [u64; 6]) -> u32 
                 let taken = match code {
                     BPF_JEQ_K => acc == ins.k,
                     BPF_JGE_K => acc >= ins.k,
+                    BPF_JGT_K => acc > ins.k,
                     BPF_JSET_K => acc & ins.k != 0,
                     _ => return RET_KILL_PROCESS,
                 };
@@ -385,6 +450,47 @@ mod tests {
                 !base.contains(s),
                 "{s} is both in the base set and never-allowed"
             );
+        }
+    }
+
+    #[test]
+    fn lookup_matches_the_set_for_every_number() {
+        let t = tables();
+        let allowed: Vec<u32> = t.generic.iter().map(|(s, _)| s.id() as u32).collect();
+        let special = special_numbers();
+        for (set, hit, miss) in [
+            (allowed.clone(), RET_ALLOW, EPERM),
+            (vec![0, 1, 2, 5, 9, 10, 11, 400], EPERM, RET_ALLOW),
+            (vec![3], RET_ALLOW, EPERM),
+            (vec![], RET_ALLOW, EPERM),
+            ((0..300).step_by(2).collect(), RET_ALLOW, EPERM),
+        ] {
+            let mut prog = vec![stmt(BPF_LD_W_ABS, OFF_NR)];
+            prog.extend(lookup(&set, &special, hit, miss));
+            for nr in 0..1024u32 {
+                if special.contains(&nr) {
+                    continue;
+                }
+                let want = if set.contains(&nr) { hit } else { miss };
+                assert_eq!(evaluate(&prog, native_arch(), nr, [0; 6]), want, "nr {nr}");
+            }
+            if set == allowed {
+                // One comparison pair per call before; now ranges of neighbours.
+                assert!(prog.len() < set.len(), "{} instructions", prog.len());
+            }
+        }
+        // The strict program as a whole: every base call allowed, nothing else.
+        let p = compile(&spec(true, true));
+        for nr in 0..1024u32 {
+            if special.contains(&nr) {
+                continue;
+            }
+            let want = if allowed.contains(&nr) {
+                RET_ALLOW
+            } else {
+                EPERM
+            };
+            assert_eq!(evaluate(&p, native_arch(), nr, [0; 6]), want, "nr {nr}");
         }
     }
 
