@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench sandbox_launch` (needs root).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use corral::profile::ProfileRegistry;
 use corral::sandbox::{launch, plan, HostSupport, SandboxConfig};
@@ -30,7 +30,8 @@ fn setup() -> (
 
 fn phases(n: usize) {
     let (profile, host, cfg, cmd) = setup();
-    let mut t = [Duration::ZERO; 4];
+    // plan, clone + namespaces, cgroups (overlapping root), root, exec, run + reap, cgroup removal
+    let mut t = [0f64; 7];
     for _ in 0..n {
         let t0 = Instant::now();
         let p = plan::plan(&profile, &cmd, &host, &cfg).expect("plan");
@@ -39,16 +40,23 @@ fn phases(n: usize) {
         let t2 = Instant::now();
         sb.wait_until(None).expect("wait");
         let t3 = Instant::now();
-        drop(sb);
-        let t4 = Instant::now();
-        for (acc, d) in t.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3]) {
-            *acc += d;
+        let l = sb.times();
+        let run = (t3 - t2).saturating_sub(l.cgroup_removal);
+        for (acc, d) in t.iter_mut().zip([
+            t1 - t0,
+            l.clone,
+            l.cgroups,
+            l.root,
+            l.exec,
+            run,
+            l.cgroup_removal,
+        ]) {
+            *acc += d.as_secs_f64() * 1e3 / n as f64;
         }
     }
-    let ms = |d: Duration| d.as_secs_f64() * 1e3 / n as f64;
     eprintln!(
-        "phases (mean of {n}): plan {:.2} ms | cgroups + clone + namespaces + mounts + landlock + seccomp + exec {:.2} ms | run + exit + cgroup removal {:.2} ms | drop {:.2} ms",
-        ms(t[0]), ms(t[1]), ms(t[2]), ms(t[3])
+        "phases (mean of {n}, ms): plan {:.2} | clone + namespaces {:.2} | cgroups create {:.2} (overlaps root) | root: mounts + pivot + cgroup join {:.2} | uid maps + landlock + seccomp + execve {:.2} | run + reap {:.2} | cgroup removal {:.2}",
+        t[0], t[1], t[2], t[3], t[4], t[5], t[6]
     );
 }
 

@@ -47,6 +47,21 @@ impl LimitHit {
     }
 }
 
+/// Where a launch spent its time (for `benches/sandbox_launch.rs` and debug logs).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LaunchTimes {
+    /// Setup before `clone` plus `clone` itself with its new namespaces.
+    pub clone: Duration,
+    /// Creating the cgroups and writing their limits (overlaps `root`).
+    pub cgroups: Duration,
+    /// From `clone` until the child has built its root, pivoted and joined its cgroups.
+    pub root: Duration,
+    /// uid/gid maps, credentials, Landlock, seccomp and `execve` until it succeeded.
+    pub exec: Duration,
+    /// Removing the cgroups after the program ended.
+    pub cgroup_removal: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub exit: Exit,
@@ -91,6 +106,7 @@ pub struct Sandbox {
     time_limit_hit: bool,
     outcome: Option<Outcome>,
     egress: Option<egress::Proxy>,
+    times: LaunchTimes,
     /// GPU locks, released when the program ends.
     gpu: Option<super::gpu::GpuLease>,
 }
@@ -249,6 +265,7 @@ pub fn spawn(
         time_limit_hit: false,
         outcome: None,
         egress: None,
+        times: LaunchTimes::default(),
         gpu: plan.gpu.clone(),
     };
     // The cgroups are made while the child builds its root (it runs nothing but corral's setup
@@ -300,6 +317,13 @@ pub fn spawn(
     drop(from_parent_w);
     let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
     let t_exec = Instant::now();
+    sandbox.times = LaunchTimes {
+        clone: t_clone - t_start,
+        cgroups: t_cgroup - t_clone,
+        root: t_root - t_clone,
+        exec: t_exec - t_root,
+        cgroup_removal: Duration::ZERO,
+    };
     tracing::debug!(
         pid,
         profile = %plan.profile,
@@ -390,6 +414,11 @@ impl Sandbox {
 
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Where the launch (and, once reaped, the cleanup) spent its time.
+    pub fn times(&self) -> LaunchTimes {
+        self.times
     }
 
     /// Live cgroup accounting.
@@ -540,9 +569,11 @@ impl Sandbox {
             }
         }
         if let Some(mut cg) = self.cgroup.take() {
+            let t = Instant::now();
             if let Err(e) = cg.remove() {
                 tracing::warn!(error = %e, "could not remove sandbox cgroup");
             }
+            self.times.cgroup_removal = t.elapsed();
         }
     }
 }

@@ -29,7 +29,7 @@ pub mod seccomp;
 use std::path::PathBuf;
 
 pub use host::HostSupport;
-pub use launch::{Exit, LimitHit, Outcome, Sandbox};
+pub use launch::{Exit, LaunchTimes, LimitHit, Outcome, Sandbox};
 pub use plan::{Command, Degradation, Plan};
 
 use crate::profile::Profile;
