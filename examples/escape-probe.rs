@@ -173,7 +173,7 @@ fn run(check: &str, a: &[String]) -> Result<(String, Out), String> {
         | "unix-abstract" | "unix-path" | "ptrace" | "process-vm-readv" => 1,
         "tcp" | "udp" | "kill" | "socket" | "proxy-connect" | "dns" => 2,
         "proxy-get" => 1,
-        "proxy-tls" => 3,
+        "proxy-tls" | "socket-proto" => 3,
         _ => 0,
     };
     if check == "exec" {
@@ -397,6 +397,12 @@ fn run(check: &str, a: &[String]) -> Result<(String, Out), String> {
             // SAFETY: socket takes plain integers.
             let r = unsafe { libc::socket(domain, ty, 0) };
             (format!("socket({domain}, {ty}, 0)"), fd_out(r.into()))
+        }
+        "socket-proto" => {
+            let (domain, ty, proto) = (num(p)?, num(q)?, num(&a[2])?);
+            // SAFETY: socket takes plain integers.
+            let r = unsafe { libc::socket(domain, ty, proto) };
+            (format!("socket({domain}, {ty}, {proto})"), fd_out(r.into()))
         }
         "personality" => {
             // SAFETY: personality takes a plain flag word.

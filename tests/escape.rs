@@ -167,6 +167,22 @@ fn processes_and_kernel_interfaces() {
         let (v, _) = probe_check(&p, &["socket", fam[0], fam[1]]);
         blocked(&v, &["EPERM"]);
     }
+    // INET sockets whose protocols Landlock's TCP rules do not cover: MPTCP, SCTP, UDP-Lite
+    for (fam, ty, proto) in [
+        ("2", "1", "262"),
+        ("10", "1", "262"),
+        ("2", "1", "132"),
+        ("2", "2", "136"),
+    ] {
+        let (v, _) = probe_check(&p, &["socket-proto", fam, ty, proto]);
+        blocked(&v, &["EPERM"]);
+    }
+    // ... while plain TCP and UDP sockets can be made (the namespace and Landlock decide where
+    // they may go)
+    for (fam, ty, proto) in [("2", "1", "6"), ("10", "2", "0")] {
+        let (v, _) = probe_check(&p, &["socket-proto", fam, ty, proto]);
+        allowed(&v);
+    }
     // threads are allowed
     let (v, _) = probe_check(&p, &["thread"]);
     allowed(&v);
