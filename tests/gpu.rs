@@ -290,14 +290,12 @@ fn a_host_without_gpus_refuses_gpu_profiles_and_doctor_says_why() {
             .unwrap();
         serde_json::from_slice(&out.stdout).unwrap()
     };
+    let gpu_profile = |v: &serde_json::Value| -> serde_json::Value {
+        let list = v["profiles"].as_array().unwrap();
+        list.iter().find(|p| p["name"] == "gpu").unwrap().clone()
+    };
     let v = doctor(&config);
-    let gpu = v["profiles"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "gpu")
-        .unwrap()
-        .clone();
+    let gpu = gpu_profile(&v);
     assert_eq!(gpu["status"], "not enforceable", "{v:#}");
     assert!(
         gpu["missing"][0].as_str().unwrap().contains("gpu access"),
@@ -307,13 +305,7 @@ fn a_host_without_gpus_refuses_gpu_profiles_and_doctor_says_why() {
 
     let g = gpus(1);
     let v = doctor(&g.config);
-    let gpu = v["profiles"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "gpu")
-        .unwrap()
-        .clone();
+    let gpu = gpu_profile(&v);
     assert_eq!(gpu["status"], "enforceable", "{v:#}");
     assert_eq!(v["gpu"]["gpus"], serde_json::json!([0]), "{v:#}");
 }

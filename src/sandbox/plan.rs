@@ -328,14 +328,7 @@ pub fn plan(
     let mut rules: Vec<(PathBuf, u64)> = vec![(PathBuf::from("/"), landlock::ACCESS_FS_READ_DIR)];
     for p in &profile.read_paths {
         if let Some((canon, is_dir)) = tree.mirror(p, false)? {
-            rules.push((
-                canon,
-                if is_dir {
-                    landlock::READ
-                } else {
-                    landlock::ACCESS_FS_READ_FILE
-                },
-            ));
+            rules.push((canon, read_access(is_dir)));
         }
     }
     for p in &profile.write_paths {
@@ -356,14 +349,7 @@ pub fn plan(
             path: p.clone(),
             reason: "does not exist".into(),
         })?;
-        rules.push((
-            canon,
-            if is_dir {
-                landlock::READ
-            } else {
-                landlock::ACCESS_FS_READ_FILE
-            },
-        ));
+        rules.push((canon, read_access(is_dir)));
     }
     // The command, its interpreter and libraries: read-only, and the only executable files.
     for p in &closure {
@@ -452,14 +438,7 @@ pub fn plan(
             // The user-space driver is loaded with dlopen: readable, like any library.
             for lib in gpu::driver_libraries() {
                 if let Some((canon, is_dir)) = tree.mirror(&lib, false)? {
-                    rules.push((
-                        canon,
-                        if is_dir {
-                            landlock::READ
-                        } else {
-                            landlock::ACCESS_FS_READ_FILE
-                        },
-                    ));
+                    rules.push((canon, read_access(is_dir)));
                 }
             }
             Some(lease)
@@ -715,6 +694,15 @@ pub fn plan(
         },
         egress,
     })
+}
+
+/// Landlock rights for a read path: the directory tree, or the one file.
+fn read_access(is_dir: bool) -> u64 {
+    if is_dir {
+        landlock::READ
+    } else {
+        landlock::ACCESS_FS_READ_FILE
+    }
 }
 
 /// `argv[0]` -> absolute path of an executable regular file (PATH lookup when it has no `/`).
