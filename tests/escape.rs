@@ -167,8 +167,10 @@ fn processes_and_kernel_interfaces() {
         let (v, _) = probe_check(&p, &["socket", fam[0], fam[1]]);
         blocked(&v, &["EPERM"]);
     }
-    // INET sockets whose protocols Landlock's TCP rules do not cover: MPTCP, SCTP, UDP-Lite
+    // INET sockets whose protocols Landlock's TCP rules do not cover: MPTCP, SCTP, UDP-Lite, and
+    // SOCK_SEQPACKET (SCTP's type where its module is loaded)
     for (fam, ty, proto) in [
+        ("2", "5", "0"),
         ("2", "1", "262"),
         ("10", "1", "262"),
         ("2", "1", "132"),

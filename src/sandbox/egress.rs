@@ -390,7 +390,9 @@ impl Bucket {
         }
     }
 
-    fn take(&self, n: usize) {
+    /// Takes `n` bytes' worth, sleeping off any debt; returns false if `stop` was raised
+    /// meanwhile (the sleep is cut into slices that check it).
+    fn take(&self, n: usize, stop: &AtomicBool) -> bool {
         let wait = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
@@ -404,8 +406,16 @@ impl Bucket {
                 Duration::ZERO
             }
         };
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+        let until = Instant::now() + wait;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(50)));
         }
     }
 }
@@ -440,6 +450,9 @@ struct Shared {
 /// end count them all), so a sandbox cannot flood the supervisor's log.
 const REFUSALS_LOGGED: u64 = 100;
 const REFUSAL_LOG_EVERY: u64 = 1000;
+/// The same for allowed connections (and their close events), with a larger allowance.
+const CONNECTIONS_LOGGED: u64 = 1000;
+const CONNECTIONS_LOG_EVERY: u64 = 100;
 
 /// A running proxy. Dropping it stops the listener and cuts every open connection.
 pub struct Proxy {
@@ -563,9 +576,18 @@ impl Proxy {
         for s in lock(&self.shared.open).values().flatten() {
             let _ = s.shutdown(Shutdown::Both);
         }
+        // Relays end at once (their sockets are shut, bandwidth waits check the flag); a thread
+        // still inside a name lookup or a connect attempt is left to finish on its own after
+        // a second rather than holding up the end of the sandbox.
         let threads = std::mem::take(&mut *lock(&self.shared.threads));
+        let deadline = Instant::now() + Duration::from_secs(1);
         for t in threads {
-            let _ = t.join();
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -714,11 +736,13 @@ fn read_head(mut conn: &TcpStream) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
     let deadline = Instant::now() + HEAD_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 2048];
+    let mut scanned = 0usize;
     loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
+        if let Some(end) = buf[scanned..].windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(scanned + end + 4);
             return Ok((buf, rest));
         }
+        scanned = buf.len().saturating_sub(3);
         if buf.len() > HEAD_LIMIT {
             return Err(refuse(431, "request head larger than 16 KiB"));
         }
@@ -744,12 +768,33 @@ fn read_head(mut conn: &TcpStream) -> Result<(Vec<u8>, Vec<u8>), Refusal> {
     }
 }
 
-fn connect_any(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Refusal> {
+/// Connects to the first address that answers, within `CONNECT_TIMEOUT` for all of them
+/// together; gives up early when `stop` is raised (attempts are made in short slices).
+fn connect_any(
+    addrs: &[SocketAddr],
+    stop: &AtomicBool,
+) -> Result<(TcpStream, SocketAddr), Refusal> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
     let mut last = None;
     for a in addrs {
-        match TcpStream::connect_timeout(a, CONNECT_TIMEOUT) {
-            Ok(s) => return Ok((s, *a)),
-            Err(e) => last = Some(format!("{a}: {e}")),
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(refuse(503, "the sandbox ended"));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                last = Some(format!("{a}: timed out"));
+                break;
+            }
+            // A slice per attempt: an unanswered SYN is retried until the deadline.
+            match TcpStream::connect_timeout(a, left.min(Duration::from_millis(250))) {
+                Ok(s) => return Ok((s, *a)),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
+                Err(e) => {
+                    last = Some(format!("{a}: {e}"));
+                    break;
+                }
+            }
         }
     }
     Err(refuse(
@@ -950,7 +995,10 @@ fn handle(conn: &TcpStream, id: u64, sh: &Shared) {
     };
     let _ = conn.set_nodelay(true);
     // What goes upstream first: the client's checked ClientHello, its first bytes, or the
-    // rewritten request head. An HTTPS tunnel is checked before the destination is contacted.
+    // rewritten request head (then the body, bounded by its framing). An HTTPS tunnel is
+    // checked before the destination is contacted.
+    let mut framing = None;
+    let mut body = Vec::new();
     let first: Vec<u8> = match req.kind {
         Kind::Connect => {
             if (&*conn)
@@ -1011,12 +1059,15 @@ fn handle(conn: &TcpStream, id: u64, sh: &Shared) {
                 h.push_str(&format!("{k}: {v}\r\n"));
             }
             h.push_str("Connection: close\r\n\r\n");
-            let mut b = h.into_bytes();
-            b.extend_from_slice(&rest);
-            b
+            match Framing::of(&req.headers) {
+                Ok(f) => framing = Some(f),
+                Err(r) => return refused(r),
+            }
+            body = rest;
+            h.into_bytes()
         }
     };
-    let (upstream, addr) = match connect_any(&addrs) {
+    let (upstream, addr) = match connect_any(&addrs, &sh.stopping) {
         Ok(x) => x,
         Err(r) => {
             log_refusal(sh, id, Some(&req), &r);
@@ -1035,8 +1086,12 @@ fn handle(conn: &TcpStream, id: u64, sh: &Shared) {
     if sh.stopping.load(Ordering::SeqCst) {
         return;
     }
-    sh.allowed.fetch_add(1, Ordering::Relaxed);
-    tracing::info!(
+    // Like refusals, a flood of connections cannot flood the log: the first ones are logged
+    // one by one, then one in `CONNECTIONS_LOG_EVERY`; the totals count them all.
+    let n = sh.allowed.fetch_add(1, Ordering::Relaxed) + 1;
+    let logged = n <= CONNECTIONS_LOGGED || n.is_multiple_of(CONNECTIONS_LOG_EVERY);
+    if logged {
+        tracing::info!(
         target: "corral::egress",
         profile = %policy.profile,
         sandbox_pid = sh.sandbox_pid,
@@ -1047,21 +1102,30 @@ fn handle(conn: &TcpStream, id: u64, sh: &Shared) {
         protocol = protocol_name(protocol),
         upstream = %addr,
         decision = "allowed",
-        "egress connection allowed"
-    );
-    let (up_bytes, down_bytes) = relay(conn, &upstream, first, sh);
-    tracing::info!(
-        target: "corral::egress",
-        profile = %policy.profile,
-        sandbox_pid = sh.sandbox_pid,
-        conn = id,
-        host = %req.host,
-        port = req.port,
-        bytes_up = up_bytes,
-        bytes_down = down_bytes,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "egress connection closed"
-    );
+        allowed_so_far = n,
+        "egress connection allowed{}",
+        if n == CONNECTIONS_LOGGED {
+            " (further connections: one logged in 100, all counted)"
+        } else {
+            ""
+        }
+        );
+    }
+    let (up_bytes, down_bytes) = relay(conn, &upstream, first, body, framing, sh);
+    if logged {
+        tracing::info!(
+            target: "corral::egress",
+            profile = %policy.profile,
+            sandbox_pid = sh.sandbox_pid,
+            conn = id,
+            host = %req.host,
+            port = req.port,
+            bytes_up = up_bytes,
+            bytes_down = down_bytes,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "egress connection closed"
+        );
+    }
 }
 
 fn bracket(host: &str) -> String {
@@ -1072,19 +1136,27 @@ fn bracket(host: &str) -> String {
     }
 }
 
-/// Copies `first`, then `from` to `to`, at the bucket's pace; returns the bytes copied.
+/// Sends `prefix`, then copies `first` and what `from` sends to `to`, at the bucket's pace,
+/// until `from` ends or, with `framing`, the one request body it describes is complete;
+/// returns the bytes sent.
+#[allow(clippy::too_many_arguments)]
 fn copy(
     mut from: &TcpStream,
     mut to: &TcpStream,
+    prefix: &[u8],
     first: &[u8],
+    mut framing: Option<Framing>,
     bucket: Option<&Bucket>,
+    sh: &Shared,
     total: &AtomicU64,
 ) -> u64 {
     let mut copied = 0u64;
     let mut send = |data: &[u8]| -> bool {
         for part in data.chunks(CHUNK) {
             if let Some(b) = bucket {
-                b.take(part.len());
+                if !b.take(part.len(), &sh.stopping) {
+                    return false;
+                }
             }
             if to.write_all(part).is_err() {
                 return false;
@@ -1094,28 +1166,224 @@ fn copy(
         }
         true
     };
-    let mut ok = send(first);
     let mut buf = vec![0u8; CHUNK];
+    let mut pending = first.to_vec();
+    let mut ok = send(prefix);
     while ok {
+        if !pending.is_empty() {
+            // With framing, only the request's own bytes go upstream: whatever the client sends
+            // after its body (a pipelined or smuggled second request) is dropped.
+            let keep = match framing.as_mut() {
+                Some(f) => match f.feed(&pending) {
+                    Ok(k) => k,
+                    Err(()) => {
+                        ok = false;
+                        break;
+                    }
+                },
+                None => pending.len(),
+            };
+            ok = send(&pending[..keep]);
+            if !ok {
+                break;
+            }
+        }
+        if framing.as_ref().is_some_and(Framing::done) {
+            break;
+        }
         match from.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => ok = send(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(n) => pending = buf[..n].to_vec(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => pending.clear(),
             Err(_) => break,
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
+    if framing.is_none() {
+        let _ = to.shutdown(Shutdown::Write);
+    }
     if !ok {
         let _ = from.shutdown(Shutdown::Read);
+        let _ = to.shutdown(Shutdown::Both);
     }
     copied
 }
 
-/// Copies both ways until both sides are done; returns (bytes up, bytes down).
-fn relay(client: &TcpStream, upstream: &TcpStream, first: Vec<u8>, sh: &Shared) -> (u64, u64) {
+/// Where a plain HTTP request's body ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Framing {
+    /// This many body bytes are still to come.
+    Length(u64),
+    /// Chunked: the parser's state.
+    Chunked(ChunkState),
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading a chunk-size line (the size so far; whether extensions started).
+    Size(u64, bool, bool),
+    /// This many data bytes, then CRLF.
+    Data(u64),
+    /// The CR and LF after chunk data (bytes of it still expected).
+    DataEnd(u8),
+    /// Trailer lines after the last chunk (bytes of the current line so far).
+    Trailer(usize),
+}
+
+impl Framing {
+    /// From the request headers; `Err` for framing that cannot be trusted (both
+    /// Content-Length and Transfer-Encoding, several lengths, a coding other than chunked).
+    fn of(headers: &[(String, String)]) -> Result<Framing, Refusal> {
+        let lens: Vec<&str> = headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        let te: Vec<&str> = headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        match (lens.as_slice(), te.as_slice()) {
+            ([], []) => Ok(Framing::Done),
+            ([n], []) => n
+                .parse::<u64>()
+                .map(|n| {
+                    if n == 0 {
+                        Framing::Done
+                    } else {
+                        Framing::Length(n)
+                    }
+                })
+                .map_err(|_| refuse(400, "malformed Content-Length")),
+            ([], [t]) if t.eq_ignore_ascii_case("chunked") => {
+                Ok(Framing::Chunked(ChunkState::Size(0, false, false)))
+            }
+            _ => Err(refuse(
+                400,
+                "ambiguous request body framing (Content-Length and Transfer-Encoding, several of either, or a coding other than chunked)",
+            )),
+        }
+    }
+
+    fn done(&self) -> bool {
+        *self == Framing::Done
+    }
+
+    /// How many bytes of `data` belong to the body; `Err` for malformed chunking.
+    fn feed(&mut self, data: &[u8]) -> Result<usize, ()> {
+        let mut used = 0usize;
+        while used < data.len() {
+            match self {
+                Framing::Done => break,
+                Framing::Length(left) => {
+                    let take = (*left).min((data.len() - used) as u64);
+                    used += take as usize;
+                    *left -= take;
+                    if *left == 0 {
+                        *self = Framing::Done;
+                    }
+                }
+                Framing::Chunked(state) => {
+                    let b = data[used];
+                    used += 1;
+                    match state {
+                        ChunkState::Size(n, ext, cr) => {
+                            if *cr {
+                                if b != b'\n' {
+                                    return Err(());
+                                }
+                                *state = if *n == 0 {
+                                    ChunkState::Trailer(0)
+                                } else {
+                                    ChunkState::Data(*n)
+                                };
+                            } else if b == b'\r' {
+                                *cr = true;
+                            } else if *ext {
+                                // chunk extensions: skipped up to CR
+                            } else if b == b';' {
+                                *ext = true;
+                            } else {
+                                let d = (b as char).to_digit(16).ok_or(())?;
+                                *n = n
+                                    .checked_mul(16)
+                                    .and_then(|n| n.checked_add(u64::from(d)))
+                                    .ok_or(())?;
+                            }
+                        }
+                        ChunkState::Data(left) => {
+                            // Take as much of this chunk as is here (the byte already counted).
+                            let more = (*left - 1).min((data.len() - used) as u64);
+                            used += more as usize;
+                            *left -= 1 + more;
+                            if *left == 0 {
+                                *state = ChunkState::DataEnd(2);
+                            }
+                        }
+                        ChunkState::DataEnd(k) => {
+                            let want = if *k == 2 { b'\r' } else { b'\n' };
+                            if b != want {
+                                return Err(());
+                            }
+                            *k -= 1;
+                            if *k == 0 {
+                                *state = ChunkState::Size(0, false, false);
+                            }
+                        }
+                        ChunkState::Trailer(len) => {
+                            if b == b'\n' {
+                                if *len <= 1 {
+                                    *self = Framing::Done;
+                                } else {
+                                    *len = 0;
+                                }
+                            } else {
+                                *len += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+}
+
+/// Copies both ways until both sides are done; returns (bytes up, bytes down). Upstream gets
+/// `head`, then `body` and what the client sends next, bounded by `framing` when given (plain
+/// HTTP: the one request's body).
+fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    head: Vec<u8>,
+    body: Vec<u8>,
+    framing: Option<Framing>,
+    sh: &Shared,
+) -> (u64, u64) {
     std::thread::scope(|s| {
-        let up = s.spawn(|| copy(client, upstream, &first, sh.up.as_ref(), &sh.bytes_up));
-        let down = copy(upstream, client, &[], sh.down.as_ref(), &sh.bytes_down);
+        let up = s.spawn(|| {
+            copy(
+                client,
+                upstream,
+                &head,
+                &body,
+                framing,
+                sh.up.as_ref(),
+                sh,
+                &sh.bytes_up,
+            )
+        });
+        let down = copy(
+            upstream,
+            client,
+            &[],
+            &[],
+            None,
+            sh.down.as_ref(),
+            sh,
+            &sh.bytes_down,
+        );
         (up.join().unwrap_or(0), down)
     })
 }
@@ -1355,6 +1623,62 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_cuts_a_bandwidth_wait_short() {
+        let b = Bucket::new(1000);
+        let stop = AtomicBool::new(false);
+        assert!(b.take(1000, &stop), "within the burst");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                stop.store(true, Ordering::Relaxed);
+            });
+            let t = Instant::now();
+            assert!(!b.take(1_000_000, &stop), "a 1000 s debt, cut by the stop");
+            assert!(t.elapsed() < Duration::from_secs(1));
+        });
+    }
+
+    #[test]
+    fn request_bodies_end_where_their_framing_says() {
+        let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        // No body: nothing after the head goes upstream.
+        let mut f = Framing::of(&h(&[])).unwrap();
+        assert!(f.done());
+        assert_eq!(f.feed(b"GET /smuggled HTTP/1.1\r\n\r\n"), Ok(0));
+        // Content-Length: exactly that many bytes, in pieces.
+        let mut f = Framing::of(&h(&[("Content-Length", "5")])).unwrap();
+        assert_eq!(f.feed(b"hel"), Ok(3));
+        assert_eq!(f.feed(b"loGET /next HTTP/1.1"), Ok(2));
+        assert!(f.done());
+        // Chunked, split anywhere, with an extension and a trailer; the next request is cut.
+        let body = b"5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\n";
+        let next = b"GET /smuggled HTTP/1.1\r\n\r\n";
+        let all = [&body[..], &next[..]].concat();
+        for cut in [1, 3, 9, 20, body.len()] {
+            let mut f = Framing::of(&h(&[("Transfer-Encoding", "chunked")])).unwrap();
+            let a = f.feed(&all[..cut]).unwrap();
+            let b = f.feed(&all[cut..]).unwrap();
+            assert_eq!(a + b, body.len(), "cut at {cut}");
+            assert!(f.done());
+        }
+        let mut f = Framing::of(&h(&[("Transfer-Encoding", "chunked")])).unwrap();
+        assert!(f.feed(b"zz\r\n").is_err(), "not a hex size");
+        for bad in [
+            &[("Content-Length", "5"), ("Transfer-Encoding", "chunked")][..],
+            &[("Content-Length", "5"), ("Content-Length", "6")],
+            &[("Transfer-Encoding", "gzip, chunked")],
+            &[("Content-Length", "-1")],
+        ] {
+            assert!(Framing::of(&h(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn the_bucket_holds_the_rate_across_writers() {
         let b = Arc::new(Bucket::new(1_000_000));
         let t = Instant::now();
@@ -1363,7 +1687,7 @@ mod tests {
                 let b = Arc::clone(&b);
                 s.spawn(move || {
                     for _ in 0..25 {
-                        b.take(CHUNK);
+                        assert!(b.take(CHUNK, &AtomicBool::new(false)));
                     }
                 });
             }

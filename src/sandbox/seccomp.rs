@@ -31,6 +31,7 @@ const BPF_JGE_K: u16 = 0x05 | 0x30; // BPF_JMP | BPF_JGE | BPF_K
 const BPF_JGT_K: u16 = 0x05 | 0x20; // BPF_JMP | BPF_JGT | BPF_K
 const BPF_JSET_K: u16 = 0x05 | 0x40; // BPF_JMP | BPF_JSET | BPF_K
 const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
+const BPF_ALU_AND_K: u16 = 0x04 | 0x50; // BPF_ALU | BPF_AND | BPF_K
 
 // struct seccomp_data offsets.
 const OFF_NR: u32 = 0;
@@ -68,6 +69,9 @@ const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541c;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+const SOCK_TYPE_MASK: u32 = 0xf;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 /// Protocols INET/INET6 sockets may ask for: the type's default, TCP, UDP.
 const INET_PROTOCOLS: [u32; 3] = [0, 6, 17];
 const ALLOWED_FAMILIES: [u32; 4] = [
@@ -248,6 +252,17 @@ pub fn compile(spec: &FilterSpec) -> Vec<SockFilter> {
             b.push(stmt(BPF_RET_K, RET_ALLOW));
         }
         b.push(stmt(BPF_RET_K, deny));
+        // The type must be a stream or datagram socket (flags such as SOCK_CLOEXEC aside): with
+        // protocol 0, SOCK_SEQPACKET would select SCTP where its module is loaded.
+        b.push(stmt(BPF_LD_W_ABS, off_arg_lo(1)));
+        b.push(stmt(BPF_ALU_AND_K, SOCK_TYPE_MASK));
+        b.push(jump(BPF_JEQ_K, SOCK_STREAM, 1, 0));
+        b.push(jump(
+            BPF_JEQ_K,
+            SOCK_DGRAM,
+            0,
+            2 * INET_PROTOCOLS.len() as u8 + 1,
+        ));
         b.push(stmt(BPF_LD_W_ABS, off_arg_lo(2)));
         for proto in INET_PROTOCOLS {
             b.push(jump(BPF_JEQ_K, proto, 0, 1));
@@ -388,6 +403,10 @@ pub fn evaluate(prog: &[SockFilter], arch: u32, nr: u32, args: [u64; 6]) -> u32 
                 pc += 1;
             }
             BPF_RET_K => return ins.k,
+            BPF_ALU_AND_K => {
+                acc &= ins.k;
+                pc += 1;
+            }
             code => {
                 let taken = match code {
                     BPF_JEQ_K => acc == ins.k,
