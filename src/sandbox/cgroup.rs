@@ -468,6 +468,26 @@ impl Cgroup {
         out
     }
 
+    /// Whether [`Cgroup::create`] will make a cgroup v2 directory for these limits (a v2
+    /// controller, or the v2 device program).
+    pub fn uses_v2(host: &CgroupHost, limits: &Limits) -> bool {
+        let v2 = |h: Option<&Hierarchy>| h.is_some_and(|h| h.version == Version::V2);
+        v2(limits.memory_bytes.and(host.memory.as_ref()))
+            || v2(limits.cpu.and(host.cpu.as_ref()))
+            || v2(limits.pids.and(host.pids.as_ref()))
+            || v2(limits.io.as_ref().and(host.io.as_ref()))
+            || v2(host.cpuacct.as_ref())
+            || (limits.devices.is_some() && host.devices.is_none() && host.v2_own.is_some())
+    }
+
+    /// The cgroup v2 directory, if this cgroup has one (for `CLONE_INTO_CGROUP`).
+    pub fn v2_dir(&self) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|d| !d.join("tasks").exists())
+            .map(PathBuf::as_path)
+    }
+
     /// Adds `pid` to the hierarchies [`Cgroup::self_join_files`] does not cover (cgroup v2).
     pub fn add_remaining(&self, pid: i32) -> Result<()> {
         for dir in &self.dirs {

@@ -217,29 +217,32 @@ pub fn spawn(
     if plan.new_netns {
         flags |= libc::CLONE_NEWNET;
     }
-    // SAFETY: a raw clone with no new stack behaves like fork: the child gets a copy of this
-    // stack and runs only child::run, which makes async-signal-safe syscalls on `spec`.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (flags | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
-    if pid < 0 {
-        return Err(SandboxError::Os {
-            what: "clone",
-            source: std::io::Error::last_os_error(),
-        });
+    // With a cgroup v2 directory the cgroups are made first and the child is born in the v2 one
+    // (clone3 CLONE_INTO_CGROUP: no `cgroup.procs` write, whose global lock waits for an RCU
+    // grace period); otherwise they are made while the child builds its root.
+    let mut early_cgroup = None;
+    let mut into_cgroup = None;
+    if Cgroup::uses_v2(&host.cgroups, &plan.cgroup) {
+        let cg =
+            Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?;
+        into_cgroup = cg.v2_dir().and_then(|d| std::fs::File::open(d).ok());
+        early_cgroup = Some(cg);
     }
+    let pid = clone_child(flags, into_cgroup.as_ref().map(|f| f.as_raw_fd()));
+    let (pid, born_in_cgroup) = match pid {
+        Ok(x) => x,
+        Err(source) => {
+            return Err(SandboxError::Os {
+                what: "clone",
+                source,
+            })
+        }
+    };
     if pid == 0 {
         // SAFETY: we are the freshly cloned child and spec is complete.
         unsafe { child::run(&spec) }
     }
-    let pid = pid as i32;
+    drop(into_cgroup);
     let t_clone = Instant::now();
     drop((from_parent_r, to_parent_w, err_w, ruleset, stdio));
     // SAFETY: pidfd_open on our own child.
@@ -268,10 +271,13 @@ pub fn spawn(
         times: LaunchTimes::default(),
         gpu: plan.gpu.clone(),
     };
-    // The cgroups are made while the child builds its root (it runs nothing but corral's setup
-    // until the 'm' answer below); it joins the v1 ones itself on 'c', the v2 one is joined
-    // from here. On any error `sandbox`'s drop kills and reaps the child.
-    let cg = Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?;
+    // The child runs nothing but corral's setup until the 'm' answer below; it joins the v1
+    // cgroups itself on 'c', the v2 one (unless born there) is joined from here. On any error
+    // `sandbox`'s drop kills and reaps the child.
+    let cg = match early_cgroup {
+        Some(cg) => cg,
+        None => Cgroup::create(&host.cgroups, &name, &plan.cgroup).map_err(SandboxError::Cgroup)?,
+    };
     let made = cg.self_join_files();
     sandbox.cgroup = Some(cg);
     if made != join_tasks {
@@ -284,7 +290,7 @@ pub fn spawn(
     if !write_byte(from_parent_w.as_raw_fd(), b'c') {
         return Err(child_failure(err_r.as_raw_fd(), plan));
     }
-    if let Some(cg) = &sandbox.cgroup {
+    if let Some(cg) = sandbox.cgroup.as_ref().filter(|_| !born_in_cgroup) {
         cg.add_remaining(pid).map_err(SandboxError::Cgroup)?;
     }
     let t_placed = Instant::now();
@@ -336,6 +342,74 @@ pub fn spawn(
         "sandbox started"
     );
     Ok(sandbox)
+}
+
+/// `struct clone_args` (Linux 5.7+, with the `cgroup` field).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Clones a fork-like child with `flags` (0 in the child, its pid in the parent), born in the
+/// cgroup v2 directory `cgroup_fd` when given and the kernel can (then `true`).
+fn clone_child(flags: i32, cgroup_fd: Option<RawFd>) -> std::io::Result<(i32, bool)> {
+    if let Some(fd) = cgroup_fd {
+        let args = CloneArgs {
+            flags: flags as u64 | CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: fd as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: clone3 with no new stack behaves like fork (the child gets a copy of this
+        // stack); `args` is a complete struct of the size passed.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if pid >= 0 {
+            return Ok((pid as i32, true));
+        }
+        let e = std::io::Error::last_os_error();
+        // Kernels before 5.7 (no clone3 or no CLONE_INTO_CGROUP): the plain path below.
+        if !matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL)
+        ) {
+            return Err(e);
+        }
+    }
+    // SAFETY: a raw clone with no new stack behaves like fork: the child gets a copy of this
+    // stack and runs only child::run, which makes async-signal-safe syscalls on `spec`.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((pid as i32, false))
 }
 
 fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<(), SandboxError> {
@@ -585,5 +659,57 @@ impl Drop for Sandbox {
             kill_reap(self.pid);
         }
         // self.cgroup (if still there) removes itself on drop.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::cgroup::{CgroupHost, Limits};
+    use crate::sandbox::devices::{DeviceKind, DeviceRule};
+
+    /// With a cgroup v2 directory the child is born in it (clone3 CLONE_INTO_CGROUP), which
+    /// this host's controller-less cgroup2 mount lets us check: a v2 device program forces one.
+    #[test]
+    fn a_child_is_born_in_its_cgroup_v2_directory() {
+        let mut host = CgroupHost::detect();
+        assert!(host.v2_own.is_some(), "no cgroup2 mount on this host");
+        host.devices = None; // use the v2 device program, so the cgroup has a v2 directory
+        let limits = Limits {
+            devices: Some(vec![DeviceRule {
+                kind: DeviceKind::Char,
+                major: 1,
+                minor: Some(3),
+                read: true,
+                write: true,
+                mknod: false,
+            }]),
+            ..Limits::default()
+        };
+        assert!(Cgroup::uses_v2(&host, &limits));
+        let name = format!("test-clone3-{}", std::process::id());
+        let cg = Cgroup::create(&host, &name, &limits).unwrap();
+        let dir = cg.v2_dir().expect("a v2 directory").to_path_buf();
+        let fd = std::fs::File::open(&dir).unwrap();
+        let (r, w) = pipe().unwrap();
+        let (pid, born) = clone_child(0, Some(fd.as_raw_fd())).unwrap();
+        if pid == 0 {
+            // SAFETY: the child only blocks on the pipe and exits (async-signal-safe).
+            unsafe {
+                let mut b = 0u8;
+                libc::read(r.as_raw_fd(), (&mut b as *mut u8).cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        assert!(born, "clone3 with CLONE_INTO_CGROUP was not used");
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        drop(w);
+        kill_reap(pid);
+        let v2 = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        assert!(
+            v2.ends_with(&name),
+            "child's v2 cgroup is {v2}, not {}",
+            dir.display()
+        );
     }
 }
