@@ -10,6 +10,14 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
+# tests/egress.rs runs curl inside a Restricted sandbox against an openssl s_server.
+need=()
+command -v curl >/dev/null || need+=(curl)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
 cargo build --release --workspace --all-targets
 scripts/fetch-model.sh
 # tests/serve.rs drives `corral serve` with the official OpenAI Python client.
