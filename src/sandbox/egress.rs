@@ -358,11 +358,12 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
-            // Only 2000::/3 is global unicast; within it, documentation (2001:db8::/32),
-            // Teredo and other IETF protocol assignments (2001::/23) and 6to4 (2002::/16,
-            // which embeds an IPv4 address) are refused too.
+            // Only 2000::/3 is global unicast; within it, documentation (2001:db8::/32,
+            // 3fff::/20), Teredo and other IETF protocol assignments (2001::/23) and 6to4
+            // (2002::/16, which embeds an IPv4 address) are refused too.
             (s[0] & 0xe000) == 0x2000
                 && !(s[0] == 0x2001 && s[1] == 0x0db8)
+                && !(s[0] == 0x3fff && s[1] < 0x1000)
                 && !(s[0] == 0x2001 && s[1] < 0x0200)
                 && s[0] != 0x2002
         }
@@ -1516,6 +1517,7 @@ mod tests {
             "::ffff:0:127.0.0.1",
             "64:ff9b::7f00:1",
             "192.88.99.1",
+            "3fff::1",
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }

@@ -19,6 +19,9 @@ use std::sync::Arc;
 
 use super::devices::{DeviceKind, DeviceRule};
 
+/// The character-device major of `nvidiactl` and `nvidiaN` (fixed by the driver).
+const NVIDIA_MAJOR: u32 = 195;
+
 /// The NVIDIA nodes of a host (or of `[sandbox] gpu_devices`), by role.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuNodes {
@@ -37,19 +40,30 @@ pub fn classify(devices: &[PathBuf]) -> Result<GpuNodes, String> {
         let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let is_char = fs::metadata(p).is_ok_and(|m| m.file_type().is_char_device());
-        if !is_char {
+        let Some((major, _)) = char_device(p) else {
             continue;
-        }
+        };
+        // nvidiactl and nvidiaN live on NVIDIA's registered major; a node of another device
+        // under such a name (a mistake in `[sandbox] gpu_devices`) is never handed out.
+        let nvidia = || {
+            if major == NVIDIA_MAJOR {
+                Ok(p.clone())
+            } else {
+                Err(format!(
+                    "{} is not an NVIDIA device (major {major}, not {NVIDIA_MAJOR})",
+                    p.display()
+                ))
+            }
+        };
         match name {
-            "nvidiactl" => ctl = Some(p.clone()),
+            "nvidiactl" => ctl = Some(nvidia()?),
             "nvidia-uvm" => uvm = Some(p.clone()),
             _ => {
                 if let Some(n) = name
                     .strip_prefix("nvidia")
                     .and_then(|n| n.parse::<u32>().ok())
                 {
-                    gpus.push((n, p.clone()));
+                    gpus.push((n, nvidia()?));
                 }
             }
         }
@@ -249,6 +263,13 @@ mod tests {
             .cloned()
             .collect();
         assert!(classify(&no_uvm).unwrap_err().contains("nvidia-uvm"));
+        // A node of another device under an NVIDIA name is refused, naming it.
+        let d3 = tempfile::tempdir().unwrap();
+        let mut wrong = nodes.clone();
+        wrong[2] = mknod(d3.path(), "nvidia0", 1, 3);
+        assert!(classify(&wrong)
+            .unwrap_err()
+            .contains("not an NVIDIA device"));
         // A regular file named like a node is not a device.
         let d2 = tempfile::tempdir().unwrap();
         let f = d2.path().join("nvidiactl");
