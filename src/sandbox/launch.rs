@@ -52,7 +52,8 @@ impl LimitHit {
 pub struct LaunchTimes {
     /// Setup before `clone` plus `clone` itself with its new namespaces.
     pub clone: Duration,
-    /// Creating the cgroups and writing their limits (overlaps `root`).
+    /// Creating the cgroups and writing their limits (overlaps `root`; where the child is born
+    /// in a cgroup v2 directory they are made before `clone` and counted there).
     pub cgroups: Duration,
     /// From `clone` until the child has built its root, pivoted and joined its cgroups.
     pub root: Duration,
@@ -293,7 +294,6 @@ pub fn spawn(
     if let Some(cg) = sandbox.cgroup.as_ref().filter(|_| !born_in_cgroup) {
         cg.add_remaining(pid).map_err(SandboxError::Cgroup)?;
     }
-    let t_placed = Instant::now();
     if let Some(policy) = &plan.egress {
         // Listening before the child goes on: the program may connect at once.
         let proxy =
@@ -321,7 +321,6 @@ pub fn spawn(
         return Err(decode_failure(&msg, n as usize, plan));
     }
     drop(from_parent_w);
-    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
     let t_exec = Instant::now();
     sandbox.times = LaunchTimes {
         clone: t_clone - t_start,
@@ -334,11 +333,7 @@ pub fn spawn(
         pid,
         profile = %plan.profile,
         exe = %plan.exe.display(),
-        clone_ms = ms(t_start, t_clone),
-        cgroup_create_ms = ms(t_clone, t_cgroup),
-        cgroup_v2_join_ms = ms(t_cgroup, t_placed),
-        root_ready_ms = ms(t_clone, t_root),
-        exec_ms = ms(t_root, t_exec),
+        times = ?sandbox.times,
         "sandbox started"
     );
     Ok(sandbox)

@@ -288,13 +288,14 @@ pub fn plan(
     }
     let degradations = check_host(profile, host, cmd.force_no_network);
     let fatal: Vec<&Degradation> = degradations.iter().filter(|d| !d.covered).collect();
-    let unimplemented = fatal.iter().any(|d| d.layer == "gpu access");
-    if !fatal.is_empty() && (profile.enforcement == Enforcement::Strict || unimplemented) {
+    // Best effort never invents a GPU: without usable GPU nodes a GPU profile cannot run here.
+    let no_gpu = fatal.iter().any(|d| d.layer == "gpu access");
+    if !fatal.is_empty() && (profile.enforcement == Enforcement::Strict || no_gpu) {
         return Err(SandboxError::Unenforceable {
             profile: profile.name.clone(),
             layers: fatal.iter().map(|d| d.to_string()).collect(),
-            hint: if unimplemented {
-                "change the profile"
+            hint: if no_gpu {
+                "run it on a host with NVIDIA GPUs, or use a profile with gpu_access = \"None\""
             } else {
                 "fix the host, or set enforcement = \"best_effort\" in the profile to run without these layers"
             },
