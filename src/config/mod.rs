@@ -250,6 +250,14 @@ fn compile(
         hosts.insert(norm, ips);
     }
 
+    let launch_timeout = raw.sandbox.launch_timeout_seconds;
+    if !(0.1..=600.0).contains(&launch_timeout) {
+        return Err(invalid(
+            "sandbox.launch_timeout_seconds",
+            format!("{launch_timeout} must be between 0.1 and 600"),
+        ));
+    }
+    let launch_timeout = Duration::from_secs_f64(launch_timeout);
     if let Some(list) = &raw.sandbox.gpu_devices {
         for (i, p) in list.iter().enumerate() {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -434,6 +442,7 @@ fn compile(
             state_dir: raw.sandbox.state_dir,
             hosts,
             gpu_devices: raw.sandbox.gpu_devices,
+            launch_timeout,
         },
         profiles,
         audit,

@@ -126,6 +126,8 @@ pub struct RawSandbox {
     pub hosts: std::collections::BTreeMap<String, HostAddrs>,
     /// NVIDIA device nodes GPU profiles may get (default: every /dev/nvidia* node).
     pub gpu_devices: Option<Vec<PathBuf>>,
+    /// Seconds a sandbox launch may take from `clone` to `execve` before the child is killed.
+    pub launch_timeout_seconds: f64,
 }
 
 /// One address or several.
@@ -145,6 +147,7 @@ impl Default for RawSandbox {
             state_dir: d.state_dir,
             hosts: Default::default(),
             gpu_devices: None,
+            launch_timeout_seconds: d.launch_timeout.as_secs_f64(),
         }
     }
 }

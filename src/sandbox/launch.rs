@@ -4,16 +4,17 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 use super::cgroup::{self, Cgroup, Stats};
-use super::child::{self, ChildSpec, Stage};
+use super::child;
 use super::egress;
 use super::host::HostSupport;
 use super::landlock;
 use super::plan::Plan;
+use super::spec::{ChildSpec, Stage};
 use super::{SandboxConfig, SandboxError};
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -97,6 +98,8 @@ impl Outcome {
 /// A running sandboxed program. Dropping it kills the program and removes its cgroup.
 #[derive(Debug)]
 pub struct Sandbox {
+    /// Launch sequence number (the cgroup name's suffix; the key in the live registry).
+    id: u64,
     pid: i32,
     pidfd: OwnedFd,
     cgroup: Option<Cgroup>,
@@ -110,6 +113,8 @@ pub struct Sandbox {
     times: LaunchTimes,
     /// GPU locks, released when the program ends.
     gpu: Option<super::gpu::GpuLease>,
+    /// In the live registry ([`stop_all`]).
+    registered: bool,
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
@@ -145,6 +150,118 @@ fn write_byte(fd: RawFd, b: u8) -> bool {
     unsafe { libc::write(fd, (&b as *const u8).cast(), 1) == 1 }
 }
 
+/// Waits for one byte on `fd` until `deadline`: `Ok(Some(b))`, `Ok(None)` at EOF or error,
+/// `Err(())` when the deadline passed first.
+fn read_byte_until(fd: RawFd, deadline: Instant) -> Result<Option<u8>, ()> {
+    if !wait_readable(fd, deadline) {
+        return Err(());
+    }
+    Ok(read_byte(fd))
+}
+
+/// Polls `fd` for input (or hang-up) until `deadline`; false when the deadline passed.
+fn wait_readable(fd: RawFd, deadline: Instant) -> bool {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: poll on one pollfd on this stack.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r > 0 {
+            return true;
+        }
+        if r == 0 && left.is_zero() {
+            return false;
+        }
+        // r == 0 with time left (rounding) or EINTR: poll again.
+    }
+}
+
+/// One shared, anonymous page holding the child's current [`Stage`]: the child stores to it
+/// before each step (a plain store, safe between clone and exec), the parent reads it when a
+/// launch misses its deadline.
+struct Progress {
+    word: *mut AtomicU32,
+}
+
+impl Progress {
+    fn new() -> Result<Progress, SandboxError> {
+        // SAFETY: a fresh anonymous shared mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(SandboxError::Os {
+                what: "mmap (launch progress page)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Progress { word: p.cast() })
+    }
+
+    fn stage(&self) -> Option<Stage> {
+        // SAFETY: the page is mapped until drop; zero-filled memory is a valid AtomicU32.
+        Stage::from_u32(unsafe { &*self.word }.load(Ordering::Relaxed))
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the page mapped in `new`; no reference to it outlives self.
+        unsafe { libc::munmap(self.word.cast(), 4096) };
+    }
+}
+
+/// The sandboxes this process runs, by pidfd, so that a supervisor shutting down can end them
+/// all from any thread ([`stop_all`]), whatever their owners are blocked on.
+struct Live {
+    stopping: bool,
+    pidfds: Vec<(u64, RawFd)>,
+}
+
+static LIVE: Mutex<Live> = Mutex::new(Live {
+    stopping: false,
+    pidfds: Vec::new(),
+});
+
+fn live() -> std::sync::MutexGuard<'static, Live> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Refuses every launch from now on and kills every sandbox this process started (their whole
+/// trees: pid 1 of a pid namespace takes its namespace with it). Owners blocked on a sandbox see
+/// it exit and clean up (reap, remove cgroups) as usual. For a supervisor's shutdown.
+pub fn stop_all() -> usize {
+    let mut l = live();
+    l.stopping = true;
+    for (_, fd) in &l.pidfds {
+        // SAFETY: the fd is a pidfd kept open by its Sandbox, which unregisters it (under this
+        // lock) before closing it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                *fd,
+                libc::SIGKILL,
+                std::ptr::null::<u8>(),
+                0,
+            )
+        };
+    }
+    l.pidfds.len()
+}
+
 /// The directory each child mounts its root tmpfs on (inside its own mount namespace, so one
 /// directory serves every concurrent launch and nothing is ever mounted on the host).
 fn root_dir(cfg: &SandboxConfig) -> Result<PathBuf, SandboxError> {
@@ -170,6 +287,7 @@ pub fn spawn(
     });
     let t_start = Instant::now();
     let root = root_dir(cfg)?;
+    let progress = Progress::new()?;
     let ruleset = match &plan.landlock {
         Some((handled, _)) => {
             let fd = landlock::create_ruleset(*handled).map_err(|source| SandboxError::Os {
@@ -193,7 +311,8 @@ pub fn spawn(
     let (from_parent_r, from_parent_w) = pipe()?;
     let (to_parent_r, to_parent_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let name = cgroup::sandbox_name(SEQ.fetch_add(1, Ordering::Relaxed));
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let name = cgroup::sandbox_name(seq);
     let join_tasks = Cgroup::planned_self_join_files(&host.cgroups, &name, &plan.cgroup);
 
     let mut spec = ChildSpec::new(
@@ -205,6 +324,7 @@ pub fn spawn(
     spec.from_parent = from_parent_r.as_raw_fd();
     spec.to_parent = to_parent_w.as_raw_fd();
     spec.err = err_w.as_raw_fd();
+    spec.progress = progress.word;
     spec.join_tasks = join_tasks
         .iter()
         .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
@@ -245,6 +365,15 @@ pub fn spawn(
     }
     drop(into_cgroup);
     let t_clone = Instant::now();
+    // From here on the child has `launch_timeout` to reach execve; past it, it is killed (by
+    // `sandbox`'s drop) and the error names the step it was in.
+    let deadline = t_clone + cfg.launch_timeout;
+    let timed_out = || SandboxError::LaunchTimeout {
+        stage: progress
+            .stage()
+            .map_or("at an unknown step", Stage::describe),
+        after: t_clone.elapsed(),
+    };
     drop((from_parent_r, to_parent_w, err_w, ruleset, stdio));
     // SAFETY: pidfd_open on our own child.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -259,6 +388,7 @@ pub fn spawn(
     // SAFETY: new fd owned by nobody else.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
     let mut sandbox = Sandbox {
+        id: seq,
         pid,
         pidfd,
         cgroup: None,
@@ -271,7 +401,9 @@ pub fn spawn(
         egress: None,
         times: LaunchTimes::default(),
         gpu: plan.gpu.clone(),
+        registered: false,
     };
+    sandbox.register()?;
     // The child runs nothing but corral's setup until the 'm' answer below; it joins the v1
     // cgroups itself on 'c', the v2 one (unless born there) is joined from here. On any error
     // `sandbox`'s drop kills and reaps the child.
@@ -303,8 +435,10 @@ pub fn spawn(
             })?;
         sandbox.egress = Some(proxy);
     }
-    if read_byte(to_parent_r.as_raw_fd()) != Some(b'u') {
-        return Err(child_failure(err_r.as_raw_fd(), plan));
+    match read_byte_until(to_parent_r.as_raw_fd(), deadline) {
+        Ok(Some(b'u')) => {}
+        Ok(_) => return Err(child_failure(err_r.as_raw_fd(), plan)),
+        Err(()) => return Err(timed_out()),
     }
     let t_root = Instant::now();
     if plan.new_userns {
@@ -314,6 +448,9 @@ pub fn spawn(
         return Err(child_failure(err_r.as_raw_fd(), plan));
     }
     // EOF on the error pipe: execve succeeded (the pipe is close-on-exec).
+    if !wait_readable(err_r.as_raw_fd(), deadline) {
+        return Err(timed_out());
+    }
     let mut msg = [0u8; 12];
     // SAFETY: reads into a stack buffer of the given size.
     let n = unsafe { libc::read(err_r.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
@@ -472,6 +609,24 @@ fn kill_reap(pid: i32) {
 }
 
 impl Sandbox {
+    /// Enters the live registry, unless the process is shutting down (then the launch fails and
+    /// the drop kills the child).
+    fn register(&mut self) -> Result<(), SandboxError> {
+        let mut l = live();
+        if l.stopping {
+            return Err(SandboxError::ShuttingDown);
+        }
+        l.pidfds.push((self.id, self.pidfd.as_raw_fd()));
+        self.registered = true;
+        Ok(())
+    }
+
+    fn unregister(&mut self) {
+        if std::mem::take(&mut self.registered) {
+            live().pidfds.retain(|(id, _)| *id != self.id);
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.pid
     }
@@ -593,6 +748,7 @@ impl Sandbox {
     }
 
     fn finish(&mut self, status: i32) {
+        self.unregister();
         let exit = if libc::WIFSIGNALED(status) {
             Exit::Signal(libc::WTERMSIG(status))
         } else {
@@ -653,6 +809,7 @@ impl Drop for Sandbox {
             self.kill();
             kill_reap(self.pid);
         }
+        self.unregister();
         // self.cgroup (if still there) removes itself on drop.
     }
 }

@@ -7,8 +7,10 @@
 //! - `seccomp.rs` compiles the BPF program from the reviewed tables in `profiles/seccomp/`;
 //!   `landlock.rs` wraps Landlock's syscalls; `cgroup.rs` handles cgroup v1, v2 and hybrids,
 //!   with `devices.rs` for device access (v1 allow lists or a v2 BPF device program).
-//! - `launch.rs` is the parent side of a launch and supervision; `child.rs` the child side, the
-//!   only code that runs between `clone` and `execve` (async-signal-safe syscalls only).
+//! - `launch.rs` is the parent side of a launch and supervision; `spec.rs` prepares, in the
+//!   parent, everything the child will use; `child.rs` is the child side, the only code that
+//!   runs between `clone` and `execve` (raw system calls only: its module doc lists what it may
+//!   call and why, and a test holds it to that).
 //!
 //! Every sandbox gets new user, pid, mount, ipc, uts, cgroup and (unless network Full) net
 //! namespaces, runs as an unprivileged uid/gid with no capabilities and no_new_privs, in a
@@ -25,6 +27,7 @@ pub mod landlock;
 pub mod launch;
 pub mod plan;
 pub mod seccomp;
+mod spec;
 
 use std::path::PathBuf;
 
@@ -47,7 +50,14 @@ pub struct SandboxConfig {
     /// The NVIDIA device nodes corral may hand to GPU profiles (`[sandbox] gpu_devices`);
     /// None: every `/dev/nvidia*` node of the host.
     pub gpu_devices: Option<Vec<PathBuf>>,
+    /// How long a launch may take from `clone` to a successful `execve` before the child is
+    /// killed and the launch fails naming the step it was stuck in (`[sandbox]
+    /// launch_timeout_seconds`).
+    pub launch_timeout: std::time::Duration,
 }
+
+/// The default for [`SandboxConfig::launch_timeout`]: a launch takes ~10 ms.
+pub const DEFAULT_LAUNCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub const DEFAULT_UID: u32 = 61_000;
 pub const DEFAULT_GID: u32 = 61_000;
@@ -60,6 +70,7 @@ impl Default for SandboxConfig {
             state_dir: PathBuf::from("/run/corral"),
             hosts: Default::default(),
             gpu_devices: None,
+            launch_timeout: DEFAULT_LAUNCH_TIMEOUT,
         }
     }
 }
@@ -106,6 +117,26 @@ pub enum SandboxError {
     Gpu { profile: String, reason: String },
     #[error("the sandbox's first process died before starting the command")]
     ChildDied,
+    #[error("sandbox launch timed out after {:.1} s while {stage}; the child was killed (sandbox.launch_timeout_seconds)", after.as_secs_f64())]
+    LaunchTimeout {
+        stage: &'static str,
+        after: std::time::Duration,
+    },
+    #[error("the supervisor is shutting down: no new sandbox is started")]
+    ShuttingDown,
+    #[error("filesystem.denied_paths[{index}] ('{}') hides {}, {role}: the program cannot start without it; take the path out of denied_paths or run a program that does not need it", denied.display(), path.display())]
+    DeniedButNeeded {
+        index: usize,
+        denied: PathBuf,
+        path: PathBuf,
+        role: String,
+    },
+    #[error("{key} ('{}'): {reason}", path.display())]
+    ProfilePath {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 pub type Result<T, E = SandboxError> = std::result::Result<T, E>;

@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, Sources};
 use crate::providers::Provider;
@@ -239,11 +240,27 @@ impl State {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Closes every pool and waits for its runners to stop.
-    pub fn stop_pools(&self) {
+    /// Closes every pool and waits for its runners to stop, at most `wait`: past it (a runner
+    /// stuck starting, loading or generating), every sandbox this process runs is killed and
+    /// queued jobs fail, so the workers end promptly and clean up their cgroups.
+    pub fn stop_pools(&self, wait: Duration) {
         let pools: Vec<_> = lock(&self.pools).drain().map(|(_, p)| p).collect();
         for p in &pools {
             p.close();
+        }
+        let deadline = Instant::now() + wait;
+        while !pools.iter().all(|p| p.finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !pools.iter().all(|p| p.finished()) {
+            for p in &pools {
+                p.abort();
+            }
+            let killed = crate::sandbox::launch::stop_all();
+            tracing::warn!(
+                killed,
+                "runners still busy at shutdown: killed every sandbox of this server"
+            );
         }
         for p in &pools {
             p.join();
@@ -271,6 +288,9 @@ pub struct ServeArgs {
     pub bind: Option<SocketAddr>,
 }
 
+/// How long past the grace period shutdown waits for runners before killing them.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
+
 /// Runs the server until SIGTERM or SIGINT.
 pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Result<i32> {
     let bind = args.bind.unwrap_or(config.server.bind);
@@ -282,7 +302,7 @@ pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Resul
         .thread_name("corral-http")
         .build()?;
     let st = state.clone();
-    let result: std::io::Result<()> = rt.block_on(async move {
+    let result: std::io::Result<Instant> = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind).await?;
         tracing::info!(addr = %listener.local_addr()?, "serving");
         // The address line tests and scripts wait for.
@@ -296,6 +316,7 @@ pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Resul
         let mut rx = stop_rx;
         let handle = tokio::spawn(async move { server.await });
         let _ = rx.wait_for(|s| *s).await;
+        let stopping_since = Instant::now();
         st.draining.store(true, Ordering::Release);
         match tokio::time::timeout(grace, handle).await {
             Ok(r) => r.map_err(std::io::Error::other)??,
@@ -305,9 +326,12 @@ pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Resul
             ),
         }
         signals.abort();
-        Ok(())
+        Ok(stopping_since)
     });
-    state.stop_pools();
+    // Runners get what is left of the grace period to finish, plus a hard margin; then they are
+    // killed, so SIGTERM ends the server whatever a runner is stuck on.
+    let since = result.as_ref().map_or_else(|_| Instant::now(), |t| *t);
+    state.stop_pools((since + grace).saturating_duration_since(Instant::now()) + SHUTDOWN_MARGIN);
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     if let Some(log) = &state.audit {
         if let Err(e) = log.flush() {

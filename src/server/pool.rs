@@ -24,7 +24,7 @@
 //! every loaded model. `recycle_after_requests` bounds how long one process lives for operators
 //! who want fresh processes regularly.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -77,6 +77,8 @@ pub struct Pool {
     workers: Mutex<Vec<JoinHandle<()>>>,
     queue_timeout: Duration,
     runners: usize,
+    /// Set by [`Pool::abort`]: queued jobs fail at once, no runner is started or waited for.
+    aborting: Arc<AtomicBool>,
 }
 
 impl Pool {
@@ -98,6 +100,7 @@ impl Pool {
             workers: Mutex::new(Vec::new()),
             queue_timeout: cfg.queue_timeout,
             runners: cfg.runners,
+            aborting: Arc::new(AtomicBool::new(false)),
         });
         let mut handles = Vec::new();
         for i in 0..cfg.runners {
@@ -112,6 +115,7 @@ impl Pool {
                 idle_timeout: cfg.idle_timeout,
                 queue_timeout: cfg.queue_timeout,
                 recycle_after: cfg.recycle_after,
+                aborting: pool.aborting.clone(),
             };
             handles.push(
                 std::thread::Builder::new()
@@ -168,6 +172,18 @@ impl Pool {
             let _ = h.join();
         }
     }
+
+    /// Whether every worker has exited (after [`Pool::close`]).
+    pub fn finished(&self) -> bool {
+        lock(&self.workers).iter().all(JoinHandle::is_finished)
+    }
+
+    /// After [`Pool::close`], for a shutdown that cannot wait: queued jobs fail at once and no
+    /// runner is started any more. Running runners are ended by the caller
+    /// ([`crate::sandbox::launch::stop_all`]), which unblocks their workers.
+    pub fn abort(&self) {
+        self.aborting.store(true, Ordering::Release);
+    }
 }
 
 /// How often an idle runner is asked to prove it still answers.
@@ -189,6 +205,15 @@ struct Worker {
     idle_timeout: Option<Duration>,
     queue_timeout: Duration,
     recycle_after: Option<u64>,
+    aborting: Arc<AtomicBool>,
+}
+
+/// The wait before the next start after `failures` consecutive failed starts or runs.
+fn backoff(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(100 << failures.min(6)).min(Duration::from_secs(5))
 }
 
 impl Worker {
@@ -200,7 +225,8 @@ impl Worker {
             match self.start_runner() {
                 Ok(r) => runner = Some(r),
                 Err(e) => {
-                    tracing::error!(pool = %self.pool, error = %e, "warm runner failed to start")
+                    self.start_failed(&e, true);
+                    failures += 1;
                 }
             }
         }
@@ -208,7 +234,28 @@ impl Worker {
         loop {
             let next = {
                 let rx = lock(&self.rx);
-                if runner.is_some() {
+                if runner.is_none() && warm && failures > 0 && !self.aborting() {
+                    // A warm runner that failed to start is tried again after the backoff,
+                    // without waiting for a request to need it.
+                    match rx.recv_timeout(backoff(failures)) {
+                        Err(RecvTimeoutError::Timeout) => {
+                            drop(rx);
+                            match self.start_runner() {
+                                Ok(r) => {
+                                    runner = Some(r);
+                                    failures = 0;
+                                    idle_since = Instant::now();
+                                }
+                                Err(e) => {
+                                    self.start_failed(&e, true);
+                                    failures += 1;
+                                }
+                            }
+                            continue;
+                        }
+                        other => other,
+                    }
+                } else if runner.is_some() {
                     // Wake for the next health check, or when the idle timeout is due.
                     let mut wait = HEALTH_INTERVAL;
                     if let Some(t) = self.idle_timeout {
@@ -251,6 +298,13 @@ impl Worker {
             if job.events.is_closed() {
                 continue; // the client went away while it waited
             }
+            if self.aborting() {
+                let _ = job.events.send(Event::Failed {
+                    error: "the server is shutting down".into(),
+                    retryable: false,
+                });
+                continue;
+            }
             if job.enqueued.elapsed() > self.queue_timeout {
                 let _ = job.events.send(Event::Failed {
                     error: "queue timeout".into(),
@@ -261,14 +315,11 @@ impl Worker {
             let r = match runner.as_mut() {
                 Some(r) => r,
                 None => {
-                    if failures > 0 {
-                        let backoff = Duration::from_millis(100 << failures.min(6))
-                            .min(Duration::from_secs(5));
-                        std::thread::sleep(backoff);
-                    }
+                    std::thread::sleep(backoff(failures));
                     match self.start_runner() {
                         Ok(r) => runner.insert(r),
                         Err(e) => {
+                            self.start_failed(&e, false);
                             failures += 1;
                             let retryable = !matches!(e, RunnerError::Load(_));
                             let _ = job.events.send(Event::Failed {
@@ -330,6 +381,20 @@ impl Worker {
             }
         }
         self.stop(runner.take(), "shutdown");
+    }
+
+    fn aborting(&self) -> bool {
+        self.aborting.load(Ordering::Acquire)
+    }
+
+    /// Logs and counts a runner that did not start (a launch that timed out, a sandbox the
+    /// host refused, a model that did not load).
+    fn start_failed(&self, e: &RunnerError, warm: bool) {
+        tracing::error!(pool = %self.pool, warm, error = %e, "runner failed to start");
+        self.metrics.inc(
+            "corral_runner_start_failures_total",
+            &[("pool", &self.pool)],
+        );
     }
 
     fn start_runner(&self) -> Result<Runner, RunnerError> {
