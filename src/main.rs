@@ -147,8 +147,16 @@ enum ModelsCmd {
 
 #[derive(Debug, Subcommand)]
 enum ProfileCmd {
-    /// Validate profiles (all known ones when none is named)
-    Check { names: Vec<String> },
+    /// Validate profiles (all known ones when none is named) and build, on this host, the
+    /// launch plan of a command under each — everything a launch does short of starting it —
+    /// so a profile that checks ok launches
+    Check {
+        /// Profile names or paths to .toml files
+        names: Vec<String>,
+        /// The command to plan the launch of (after `--`; default /bin/true)
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Print a profile as enforced: merged onto its base, with derived limits
     Show {
         name: String,
@@ -239,7 +247,9 @@ fn run(cli: Cli) -> Result<i32, corral::Error> {
         Cmd::Logs(LogsCmd::Decrypt(args)) => logs::decrypt(&config, &args),
         Cmd::Models(ModelsCmd::List) => models::list(&config),
         Cmd::Models(ModelsCmd::Pull { id }) => models::pull(&config, &id),
-        Cmd::Profile(ProfileCmd::Check { names }) => profile::check(&config, &names),
+        Cmd::Profile(ProfileCmd::Check { names, command }) => {
+            profile::check(&config, &names, &command)
+        }
         Cmd::Profile(ProfileCmd::Show { name, json }) => profile::show(&config, &name, json),
         Cmd::Config {
             cmd: ConfigCmd::Check,

@@ -4,33 +4,103 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::profile::Profile;
-use crate::sandbox::{plan::check_host, seccomp, HostSupport};
+use crate::sandbox::plan::{self, FsOp, Plan};
+use crate::sandbox::{seccomp, Command, HostSupport};
 
-/// Validates the named profiles (all known ones when `names` is empty). Returns 0 when all are
-/// valid, 1 otherwise; host-enforceability problems are printed as warnings.
-pub fn check(config: &Config, names: &[String]) -> crate::Result<i32> {
+/// Validates the named profiles (all known ones when `names` is empty) and plans the launch of
+/// `command` (default `/bin/true`) under each on this host, short of cloning: a profile that
+/// checks ok launches here. Returns 0 when all pass, 1 otherwise.
+pub fn check(
+    config: &Config,
+    names: &[String],
+    command: &[std::ffi::OsString],
+) -> crate::Result<i32> {
     let names: Vec<String> = if names.is_empty() {
         config.profiles.names().map(str::to_string).collect()
     } else {
         names.to_vec()
     };
+    let argv: Vec<std::ffi::OsString> = if command.is_empty() {
+        vec!["/bin/true".into()]
+    } else {
+        command.to_vec()
+    };
+    let cmd = Command {
+        argv: argv.clone(),
+        ..Command::default()
+    };
+    let shown = argv
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
     let host = HostSupport::probe_for(&config.sandbox);
     let mut failed = 0;
     for name in &names {
-        match config.profiles.resolve(name) {
-            Ok(p) => {
+        let p = match config.profiles.resolve(name) {
+            Ok(p) => p,
+            Err(e) => {
+                failed += 1;
+                println!("invalid  {name}: {e}");
+                continue;
+            }
+        };
+        match plan::plan(&p, &cmd, &host, &config.sandbox) {
+            Ok(plan) => {
                 println!("ok       {name} ({})", p.origin);
-                for d in check_host(&p, &host, false).iter().filter(|d| !d.covered) {
-                    println!("         warning: not enforceable on this host: {d}");
+                println!("         launch of `{shown}` planned: {}", summary(&plan));
+                for d in plan.degradations.iter().filter(|d| !d.covered) {
+                    println!("         warning: not enforced on this host (best effort): {d}");
                 }
             }
             Err(e) => {
                 failed += 1;
-                println!("invalid  {name}: {e}");
+                println!(
+                    "invalid  {name} ({}): cannot launch `{shown}` here: {e}",
+                    p.origin
+                );
             }
+        }
+        for note in &p.notes {
+            println!("         note: {note}");
         }
     }
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// One line about a plan: what the sandbox will hold and which layers are on.
+fn summary(plan: &Plan) -> String {
+    let binds = plan
+        .fs_ops
+        .iter()
+        .filter(|op| matches!(op, FsOp::Bind { .. }))
+        .count();
+    let masks = plan
+        .fs_ops
+        .iter()
+        .filter(|op| matches!(op, FsOp::MaskDir { .. } | FsOp::MaskFile { .. }))
+        .count();
+    let landlock = plan
+        .landlock
+        .as_ref()
+        .map_or("Landlock off".to_string(), |(_, r)| {
+            format!("{} Landlock rules", r.len())
+        });
+    let seccomp = if plan.seccomp.is_some() {
+        "seccomp on"
+    } else {
+        "seccomp off"
+    };
+    format!(
+        "{binds} binds, {masks} masks, {landlock}, {seccomp}, network {}",
+        if plan.egress.is_some() {
+            "through the egress proxy"
+        } else if plan.new_netns {
+            "none"
+        } else {
+            "host"
+        }
+    )
 }
 
 /// The effective profile: merged onto its base, validated, with the limits it implies.

@@ -45,6 +45,9 @@ pub struct Profile {
     pub enable_audit_logging: bool,
     pub require_encryption: bool,
     pub seccomp_denied_action: DeniedAction,
+    /// Things worth knowing that are not errors (a path in both read_paths and write_paths),
+    /// printed by `corral profile check`.
+    pub notes: Vec<String>,
     /// The merged raw form, for `corral profile show`.
     pub raw: RawProfile,
 }
@@ -113,7 +116,8 @@ pub fn validate(name: &str, origin: &str, raw: RawProfile) -> Result<Profile, In
     }
 
     let fs = &raw.filesystem;
-    let read_paths = paths("filesystem.read_paths", &fs.read_paths)?;
+    let mut read_paths = paths("filesystem.read_paths", &fs.read_paths)?;
+    let mut notes = Vec::new();
     let write_paths = paths("filesystem.write_paths", &fs.write_paths)?;
     let denied_paths = paths("filesystem.denied_paths", &fs.denied_paths)?;
     for (i, p) in read_paths.iter().chain(&write_paths).enumerate() {
@@ -153,13 +157,22 @@ pub fn validate(name: &str, origin: &str, raw: RawProfile) -> Result<Profile, In
                 format!("'{}': /sys can only be read", p.display()),
             ));
         }
-        if read_paths.contains(p) {
-            return Err(invalid(
-                key,
-                format!("'{}' is also in read_paths; list it once", p.display()),
+        if let Some(r) = read_paths.iter().position(|rp| rp == p) {
+            notes.push(format!(
+                "{key} '{}' is also filesystem.read_paths[{r}]: writing implies reading, the write rule applies",
+                p.display()
             ));
         }
     }
+    let tmp = Path::new("/tmp");
+    if fs.allow_temp_files && (read_paths.iter().chain(&write_paths).any(|p| p == tmp)) {
+        notes.push(
+            "'/tmp' is listed in filesystem paths: with allow_temp_files the sandbox gets a private /tmp instead of the host's"
+                .into(),
+        );
+    }
+    // Writing implies reading: a path in both lists is bound (and allowed) writable, once.
+    read_paths.retain(|rp| !write_paths.contains(rp));
     if fs.allow_temp_files && r.max_disk_mb == 0 {
         return Err(invalid(
             "resources.max_disk_mb",
@@ -303,6 +316,7 @@ pub fn validate(name: &str, origin: &str, raw: RawProfile) -> Result<Profile, In
         enable_audit_logging: sec.enable_audit_logging,
         require_encryption: sec.require_encryption,
         seccomp_denied_action: sec.seccomp_denied_action.unwrap_or_default(),
+        notes,
         raw,
     })
 }

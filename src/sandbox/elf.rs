@@ -22,10 +22,48 @@ pub enum ElfError {
     MissingLibrary { path: PathBuf, lib: String },
 }
 
+/// One file a command needs to start, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needed {
+    /// As the loader names it (possibly through symlinks).
+    pub path: PathBuf,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The command itself.
+    Command,
+    /// The interpreter a `#!` script names.
+    ScriptInterpreter,
+    /// The ELF interpreter (dynamic loader) of `of`.
+    Interpreter { of: PathBuf },
+    /// A shared library `of` lists as needed.
+    Library { of: PathBuf },
+}
+
+impl Needed {
+    /// What this file is to the command, for messages ("a shared library /bin/ls needs").
+    pub fn describe(&self) -> String {
+        match &self.role {
+            Role::Command => "the command itself".into(),
+            Role::ScriptInterpreter => "the script's interpreter".into(),
+            Role::Interpreter { of } => format!("the dynamic loader {} needs", of.display()),
+            Role::Library { of } => format!("a shared library {} needs", of.display()),
+        }
+    }
+}
+
 /// `exe`, the interpreter of a `#!` script (one level), the ELF interpreter and every needed
-/// library, recursively. Paths are as the loader names them (possibly through symlinks).
-pub fn exec_closure(exe: &Path) -> Result<Vec<PathBuf>, ElfError> {
-    let mut out = vec![exe.to_path_buf()];
+/// library, recursively, in that order. Libraries are searched as the dynamic loader does:
+/// DT_RPATH (unless DT_RUNPATH), DT_RUNPATH, then — when the loader can read its cache
+/// (`use_ld_cache`) — the directories of /etc/ld.so.conf the cache is built from, then the
+/// loader's built-in directories.
+pub fn exec_closure(exe: &Path, use_ld_cache: bool) -> Result<Vec<Needed>, ElfError> {
+    let mut out = vec![Needed {
+        path: exe.to_path_buf(),
+        role: Role::Command,
+    }];
     let head = read_head(exe)?;
     let elf_root = if head.starts_with(b"#!") {
         let line = head[2..].split(|b| *b == b'\n').next().unwrap_or_default();
@@ -37,15 +75,19 @@ pub fn exec_closure(exe: &Path) -> Result<Vec<PathBuf>, ElfError> {
                 reason: format!("script interpreter '{interp}' is not an absolute path"),
             });
         }
-        out.push(PathBuf::from(interp));
+        out.push(Needed {
+            path: PathBuf::from(interp),
+            role: Role::ScriptInterpreter,
+        });
         PathBuf::from(interp)
     } else {
         exe.to_path_buf()
     };
-    let dirs = library_dirs();
+    let dirs = library_dirs(use_ld_cache);
     let mut seen = BTreeSet::new();
     let mut queue = vec![elf_root];
     let mut machine = None;
+    let listed = |out: &Vec<Needed>, p: &Path| out.iter().any(|n| n.path == p);
     while let Some(file) = queue.pop() {
         let canon = fs::canonicalize(&file).map_err(|source| ElfError::Io {
             path: file.clone(),
@@ -67,8 +109,11 @@ pub fn exec_closure(exe: &Path) -> Result<Vec<PathBuf>, ElfError> {
         }
         if let Some(interp) = &elf.interpreter {
             let p = PathBuf::from(interp);
-            if !out.contains(&p) {
-                out.push(p.clone());
+            if !listed(&out, &p) {
+                out.push(Needed {
+                    path: p.clone(),
+                    role: Role::Interpreter { of: file.clone() },
+                });
                 queue.push(p);
             }
         }
@@ -106,8 +151,11 @@ pub fn exec_closure(exe: &Path) -> Result<Vec<PathBuf>, ElfError> {
                     lib: (*lib).to_string(),
                 });
             };
-            if !out.contains(&found) {
-                out.push(found.clone());
+            if !listed(&out, &found) {
+                out.push(Needed {
+                    path: found.clone(),
+                    role: Role::Library { of: file.clone() },
+                });
             }
             queue.push(found);
         }
@@ -280,10 +328,13 @@ fn is_elf_for(p: &Path, machine: u16) -> bool {
         && u16::from_le_bytes([head[18], head[19]]) == machine
 }
 
-/// Library directories in loader order: /etc/ld.so.conf (with includes), then the defaults.
-fn library_dirs() -> Vec<PathBuf> {
+/// Library directories in loader order: /etc/ld.so.conf (with includes) when the loader uses
+/// its cache (which ldconfig builds from them), then the loader's built-in directories.
+pub fn library_dirs(use_ld_cache: bool) -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    read_ld_conf(Path::new("/etc/ld.so.conf"), &mut dirs, 0);
+    if use_ld_cache {
+        read_ld_conf(Path::new("/etc/ld.so.conf"), &mut dirs, 0);
+    }
     for d in [
         "/lib/x86_64-linux-gnu",
         "/usr/lib/x86_64-linux-gnu",
@@ -341,7 +392,12 @@ mod tests {
 
     #[test]
     fn finds_loader_and_libc_of_a_system_binary() {
-        let closure = exec_closure(Path::new("/bin/ls")).unwrap();
+        let needed = exec_closure(Path::new("/bin/ls"), true).unwrap();
+        assert_eq!(needed[0].role, Role::Command);
+        assert!(needed
+            .iter()
+            .any(|n| matches!(n.role, Role::Interpreter { .. })));
+        let closure: Vec<PathBuf> = needed.into_iter().map(|n| n.path).collect();
         assert_eq!(closure[0], PathBuf::from("/bin/ls"));
         assert!(
             closure
@@ -362,10 +418,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = dir.path().join("s.sh");
         fs::write(&s, "#!/bin/sh\necho hi\n").unwrap();
-        let closure = exec_closure(&s).unwrap();
-        assert_eq!(closure[1], PathBuf::from("/bin/sh"));
+        let closure = exec_closure(&s, true).unwrap();
+        assert_eq!(closure[1].path, PathBuf::from("/bin/sh"));
+        assert_eq!(closure[1].role, Role::ScriptInterpreter);
         let bad = dir.path().join("b.sh");
         fs::write(&bad, "#!sh\n").unwrap();
-        assert!(matches!(exec_closure(&bad), Err(ElfError::Format { .. })));
+        assert!(matches!(
+            exec_closure(&bad, true),
+            Err(ElfError::Format { .. })
+        ));
     }
 }

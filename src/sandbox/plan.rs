@@ -312,14 +312,15 @@ pub fn plan(
 
     let argv0 = cmd.argv.first().ok_or(SandboxError::EmptyCommand)?;
     let exe = resolve_command(Path::new(argv0))?;
-    let closure = elf::exec_closure(&exe).map_err(SandboxError::Elf)?;
+    let denied = Denied::new(&profile.denied_paths);
+    let mut tree = Tree::default();
+    let (closure, ld_cache) = needed_files(&exe, &cmd.extra_read, &denied, &tree)?;
     let network = if cmd.force_no_network {
         NetworkAccessMode::None
     } else {
         profile.network
     };
 
-    let mut tree = Tree::default();
     for w in &profile.write_paths {
         tree.writable.push(w.clone());
         if let Ok(c) = fs::canonicalize(w) {
@@ -327,14 +328,16 @@ pub fn plan(
         }
     }
     let mut rules: Vec<(PathBuf, u64)> = vec![(PathBuf::from("/"), landlock::ACCESS_FS_READ_DIR)];
-    for p in &profile.read_paths {
-        if let Some((canon, is_dir)) = tree.mirror(p, false)? {
+    for (i, p) in profile.read_paths.iter().enumerate() {
+        let keyed = |e| keyed_error("filesystem.read_paths", i, p, e);
+        if let Some((canon, is_dir)) = tree.mirror(p, false).map_err(keyed)? {
             rules.push((canon, read_access(is_dir)));
         }
     }
-    for p in &profile.write_paths {
-        check_writable(p, cfg)?;
-        if let Some((canon, is_dir)) = tree.mirror(p, true)? {
+    for (i, p) in profile.write_paths.iter().enumerate() {
+        let keyed = |e| keyed_error("filesystem.write_paths", i, p, e);
+        check_writable(p, cfg).map_err(keyed)?;
+        if let Some((canon, is_dir)) = tree.mirror(p, true).map_err(keyed)? {
             rules.push((
                 canon,
                 if is_dir {
@@ -353,13 +356,35 @@ pub fn plan(
         rules.push((canon, read_access(is_dir)));
     }
     // The command, its interpreter and libraries: read-only, and the only executable files.
-    for p in &closure {
-        if let Some((canon, _)) = tree.mirror_exec(p)? {
+    for n in &closure {
+        if let Some((canon, _)) = tree.mirror_exec(&n.path)? {
             rules.push((canon, landlock::EXEC));
         }
     }
-    if Path::new("/etc/ld.so.cache").exists() {
-        if let Some((canon, _)) = tree.mirror(Path::new("/etc/ld.so.cache"), false)? {
+    // A program allowed to start processes gets something to start: the host's command
+    // directories and the loader's library directories, read-only and executable (minus what
+    // the profile denies). Without children, only the command's own closure can be executed.
+    let children = profile.max_child_processes > 0;
+    if children {
+        for d in EXEC_DIRS
+            .iter()
+            .map(PathBuf::from)
+            .chain(elf::library_dirs(ld_cache))
+        {
+            match tree.resolve(&d)? {
+                Some(r) if denied.hiding(&r).is_none() && r.canon.is_dir() => {}
+                _ => continue,
+            }
+            if let Some((canon, _)) = tree.mirror(&d, false)? {
+                rules.push((canon, landlock::READ | landlock::ACCESS_FS_EXECUTE));
+            }
+        }
+    }
+    let dynamic = closure
+        .iter()
+        .any(|n| matches!(n.role, elf::Role::Interpreter { .. }));
+    if ld_cache && (dynamic || children) {
+        if let Some((canon, _)) = tree.mirror(Path::new(LD_CACHE), false)? {
             rules.push((canon, landlock::ACCESS_FS_READ_FILE));
         }
     }
@@ -436,8 +461,13 @@ pub fn plan(
                 &cfg.state_dir.join("gpu"),
             )
             .map_err(failed)?;
-            // The user-space driver is loaded with dlopen: readable, like any library.
+            // The user-space driver is loaded with dlopen: readable, like any library — unless
+            // the profile denies it (then CUDA will not start, which the program reports).
             for lib in gpu::driver_libraries() {
+                if let Some(d) = tree.resolve(&lib)?.and_then(|r| denied.hiding(&r).cloned()) {
+                    tracing::warn!(profile = %profile.name, library = %lib.display(), denied = %d.listed.display(), "GPU driver library left out: the profile denies it");
+                    continue;
+                }
                 if let Some((canon, is_dir)) = tree.mirror(&lib, false)? {
                     rules.push((canon, read_access(is_dir)));
                 }
@@ -535,6 +565,26 @@ pub fn plan(
             }
         }
     }
+
+    // Nothing below a mask can be opened (a masked directory is mode 0) and nothing there is
+    // visible: rules for such paths would only fail the launch.
+    let masked: Vec<(&PathBuf, bool)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            FsOp::MaskDir { path } => Some((path, true)),
+            FsOp::MaskFile { path } => Some((path, false)),
+            _ => None,
+        })
+        .collect();
+    rules.retain(|(p, _)| {
+        !masked.iter().any(|(m, dir)| {
+            if *dir {
+                p.starts_with(m) && p != *m
+            } else {
+                p == *m
+            }
+        })
+    });
 
     let abi = host.landlock_abi.unwrap_or(0);
     let landlock = (!skipped("landlock") && abi > 0).then(|| {
@@ -697,6 +747,82 @@ pub fn plan(
     })
 }
 
+/// The files the command needs to start (its ELF closure), checked against the denied paths,
+/// and whether the loader cache is to be bound. What a denied path hides is decided here:
+/// the command, a script's interpreter, the ELF interpreter, a needed library and a file the
+/// launch binds for the program (a model) are required, and a denied one refuses the launch
+/// naming the denied path and what needs it; `/etc/ld.so.cache` is optional (the loader works
+/// without it) unless a library can only be found through it. Returns the closure and whether
+/// the cache is there to bind (the caller binds it only for dynamic programs and children).
+fn needed_files(
+    exe: &Path,
+    extra_read: &[PathBuf],
+    denied: &Denied,
+    tree: &Tree,
+) -> Result<(Vec<elf::Needed>, bool), SandboxError> {
+    let cache = Path::new(LD_CACHE);
+    let cache_denied = match tree.resolve(cache)? {
+        Some(r) => denied.hiding(&r).cloned(),
+        None => None,
+    };
+    let use_cache = cache.exists() && cache_denied.is_none();
+    let closure = match elf::exec_closure(exe, use_cache) {
+        Ok(c) => c,
+        Err(elf::ElfError::MissingLibrary { path, lib }) if cache_denied.is_some() => {
+            // Found through ld.so.conf's directories (the cache) but not without them?
+            if let (Some(d), Ok(_)) = (&cache_denied, elf::exec_closure(exe, true)) {
+                return Err(Denied::refuse(
+                    d,
+                    cache,
+                    format!(
+                        "the loader's cache, without which {} cannot find its library {lib} (it lies in a directory of /etc/ld.so.conf)",
+                        path.display()
+                    ),
+                ));
+            }
+            return Err(SandboxError::Elf(elf::ElfError::MissingLibrary {
+                path,
+                lib,
+            }));
+        }
+        Err(e) => return Err(SandboxError::Elf(e)),
+    };
+    for n in &closure {
+        if let Some(r) = tree.resolve(&n.path)? {
+            if let Some(d) = denied.hiding(&r) {
+                return Err(Denied::refuse(d, &n.path, n.describe()));
+            }
+        }
+    }
+    for p in extra_read {
+        if let Some(r) = tree.resolve(p)? {
+            if let Some(d) = denied.hiding(&r) {
+                return Err(Denied::refuse(
+                    d,
+                    p,
+                    "a file this launch hands the program to read (a model file)".into(),
+                ));
+            }
+        }
+    }
+    if let Some(d) = &cache_denied {
+        tracing::debug!(denied = %d.listed.display(), "the loader cache is denied: the loader searches its built-in directories");
+    }
+    Ok((closure, use_cache))
+}
+
+/// Names the profile key a path error came from.
+fn keyed_error(list: &str, index: usize, path: &Path, e: SandboxError) -> SandboxError {
+    match e {
+        SandboxError::Path { reason, .. } => SandboxError::ProfilePath {
+            key: format!("{list}[{index}]"),
+            path: path.to_path_buf(),
+            reason,
+        },
+        other => other,
+    }
+}
+
 /// Landlock rights for a read path: the directory tree, or the one file.
 fn read_access(is_dir: bool) -> u64 {
     if is_dir {
@@ -733,7 +859,14 @@ pub fn resolve_command(arg0: &Path) -> Result<PathBuf, SandboxError> {
 fn check_writable(p: &Path, cfg: &SandboxConfig) -> Result<(), SandboxError> {
     let m = fs::metadata(p).map_err(|e| SandboxError::Path {
         path: p.into(),
-        reason: format!("write path: {e}"),
+        reason: if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "write path does not exist on this host; create it, writable by the sandbox user {}:{}",
+                cfg.uid, cfg.gid
+            )
+        } else {
+            format!("write path: {e}")
+        },
     })?;
     let mode = m.mode();
     let ok = (m.uid() == cfg.uid && mode & 0o200 != 0)
@@ -781,6 +914,69 @@ fn block_devices<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> Vec<(u32, u32)
     out
 }
 
+/// A host path as the kernel resolves it.
+#[derive(Debug)]
+struct Resolved {
+    canon: PathBuf,
+    /// Each symbolic link met on the way (its path, its target).
+    links: Vec<(PathBuf, PathBuf)>,
+}
+
+/// The profile's denied paths, as listed (normalised) and resolved on this host.
+struct Denied {
+    entries: Vec<DeniedPath>,
+}
+
+#[derive(Debug, Clone)]
+struct DeniedPath {
+    /// Index in `filesystem.denied_paths`.
+    index: usize,
+    listed: PathBuf,
+    resolved: PathBuf,
+}
+
+impl Denied {
+    fn new(paths: &[PathBuf]) -> Denied {
+        Denied {
+            entries: paths
+                .iter()
+                .enumerate()
+                .map(|(index, p)| DeniedPath {
+                    index,
+                    listed: p.clone(),
+                    resolved: fs::canonicalize(p).unwrap_or_else(|_| p.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    /// The denied path that hides `r`: its resolved path or a symlink on the way lies in it.
+    fn hiding(&self, r: &Resolved) -> Option<&DeniedPath> {
+        let on_the_way = || std::iter::once(&r.canon).chain(r.links.iter().map(|(l, _)| l));
+        self.entries
+            .iter()
+            .find(|d| on_the_way().any(|p| p.starts_with(&d.resolved) || p.starts_with(&d.listed)))
+    }
+
+    /// A launch that cannot start because `path` (`role`) is denied by `d`.
+    fn refuse(d: &DeniedPath, path: &Path, role: String) -> SandboxError {
+        SandboxError::DeniedButNeeded {
+            index: d.index,
+            denied: d.listed.clone(),
+            path: path.to_path_buf(),
+            role,
+        }
+    }
+}
+
+/// The dynamic loader's cache. Optional: without it the loader searches its built-in
+/// directories (and DT_RUNPATH/DT_RPATH), which is enough unless a library lives only in a
+/// directory of /etc/ld.so.conf.
+const LD_CACHE: &str = "/etc/ld.so.cache";
+
+/// The sandbox's PATH, made executable for profiles that allow child processes.
+const EXEC_DIRS: [&str; 3] = ["/usr/local/bin", "/usr/bin", "/bin"];
+
 /// The sandbox's root as a tree of sandbox paths, built by mirroring host paths (symlinks and
 /// all) so every path means the same inside as outside.
 #[derive(Debug, Default)]
@@ -815,9 +1011,9 @@ impl Tree {
         })
     }
 
-    /// Walks `p` on the host, recording the symlinks met on the way (outside bound trees) so
-    /// they exist in the sandbox too; returns the canonical path (`None` if `p` does not exist).
-    fn walk(&mut self, p: &Path) -> Result<Option<PathBuf>, SandboxError> {
+    /// Resolves `p` on the host as the kernel would: its canonical path and the symbolic links
+    /// met on the way (`None` if `p` does not exist). Changes nothing.
+    fn resolve(&self, p: &Path) -> Result<Option<Resolved>, SandboxError> {
         use std::path::Component;
         // Components still to walk, as a stack: the next one is last.
         let mut pending: Vec<OsString> = Vec::new();
@@ -832,6 +1028,7 @@ impl Tree {
         };
         push_all(&mut pending, p);
         let mut cur = PathBuf::from("/");
+        let mut links = Vec::new();
         let mut hops = 0;
         while let Some(comp) = pending.pop() {
             if comp == ".." {
@@ -879,17 +1076,27 @@ impl Tree {
                     ),
                 });
             }
-            if self.covered(&next).is_none() {
-                self.nodes
-                    .entry(next.clone())
-                    .or_insert_with(|| Node::Symlink(target.clone()));
-            }
+            links.push((next, target.clone()));
             if target.is_absolute() {
                 cur = PathBuf::from("/");
             }
             push_all(&mut pending, &target);
         }
-        Ok(Some(cur))
+        Ok(Some(Resolved { canon: cur, links }))
+    }
+
+    /// Resolves `p` and records the symlinks met on the way (outside bound trees) so they exist
+    /// in the sandbox too; returns the canonical path (`None` if `p` does not exist).
+    fn walk(&mut self, p: &Path) -> Result<Option<PathBuf>, SandboxError> {
+        let Some(r) = self.resolve(p)? else {
+            return Ok(None);
+        };
+        for (link, target) in r.links {
+            if self.covered(&link).is_none() {
+                self.nodes.entry(link).or_insert(Node::Symlink(target));
+            }
+        }
+        Ok(Some(r.canon))
     }
 
     fn mirror(
