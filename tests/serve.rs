@@ -837,3 +837,147 @@ fn a_runner_dying_mid_stream_ends_the_stream_with_an_error_event() {
         .unwrap()
         .contains("outcome=\"stream_error\"} 1"));
 }
+
+/// Watches for the first sandbox the server starts (a child of one of its threads, in a pid
+/// namespace of its own) and stops it with SIGSTOP before it can reach `execve`: a runner start
+/// stuck in the sandbox's setup. Returns the stopped pid.
+fn stop_first_sandbox_of(server: u32) -> std::thread::JoinHandle<Option<i32>> {
+    std::thread::spawn(move || {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            let tasks = std::fs::read_dir(format!("/proc/{server}/task"));
+            for task in tasks.into_iter().flatten().flatten() {
+                let kids =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                for pid in kids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    let status =
+                        std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                    let own_ns = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .is_some_and(|ids| ids.split_whitespace().count() > 1);
+                    let exec_d = std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("corral-runner"));
+                    if own_ns && !exec_d {
+                        // SAFETY: stops a process of the server under test.
+                        unsafe { libc::kill(pid, libc::SIGSTOP) };
+                        return Some(pid);
+                    }
+                }
+            }
+        }
+        None
+    })
+}
+
+#[test]
+fn a_stuck_runner_start_fails_at_the_deadline_and_sigterm_never_waits_for_it() {
+    // 1. The warm runner's first launch is held before execve: it fails at the 1 s deadline
+    //    naming the step, is counted, and the pool retries in the background until ready.
+    let mut s = serve(&config_text(
+        "[sandbox]\nlaunch_timeout_seconds = 1\n\n[server.pool]\nwarm = [\"smollm2-135m-instruct\"]\n",
+    ));
+    let stopped = stop_first_sandbox_of(s.child.id()).join().unwrap();
+    let stopped = stopped.expect("the warm runner's sandbox was never seen");
+    let t = Instant::now();
+    loop {
+        let (code, _) = call("GET", &format!("{}/readyz", s.url), None, None);
+        if code == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never ready after a failed start: {}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    {
+        let log = s.log.lock().unwrap();
+        assert!(
+            log.contains("runner failed to start")
+                && log.contains("sandbox launch timed out after"),
+            "{log}"
+        );
+    }
+    assert!(
+        !std::path::Path::new(&format!("/proc/{stopped}")).exists(),
+        "the stuck sandbox {stopped} was not killed"
+    );
+    let (_, resp) = call("GET", &format!("{}/metrics", s.url), None, None);
+    let metrics = resp.into_string().unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("corral_runner_start_failures_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+
+    // 2. A start stuck far longer than the shutdown grace: SIGTERM still ends the server within
+    //    grace + margin, killing the stuck sandbox and removing its cgroups.
+    let mut s = serve(
+        &config_text(
+            "[sandbox]\nlaunch_timeout_seconds = 120\n\n[server.pool]\nwarm = [\"smollm2-135m-instruct\"]\n",
+        )
+        .replace("shutdown_grace_seconds = 10", "shutdown_grace_seconds = 1"),
+    );
+    let stopped = stop_first_sandbox_of(s.child.id()).join().unwrap();
+    let stopped = stopped.expect("the warm runner's sandbox was never seen");
+    // Sandbox cgroups are named <supervisor pid>-<start time>-<n>.
+    let server_pid = s.child.id();
+    let ours = move || -> Vec<std::path::PathBuf> {
+        sandbox_cgroups()
+            .into_iter()
+            .filter(|c| {
+                c.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{server_pid}-")))
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    while ours().is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no cgroup for the stuck start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "SIGTERM waited on a stuck runner start: {}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}: {}", s.log.lock().unwrap());
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "shutdown took {:?} (grace 1 s + 2 s margin)",
+        t.elapsed()
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{stopped}")).exists(),
+        "the stuck sandbox {stopped} outlived the server"
+    );
+    assert_eq!(
+        ours(),
+        Vec::<std::path::PathBuf>::new(),
+        "cgroups left behind"
+    );
+}

@@ -56,6 +56,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "Runners replaced after a crash, hang, OOM kill or recycling, by pool and cause",
     ),
     (
+        "corral_runner_start_failures_total",
+        "counter",
+        "Runner starts that failed (a launch past its deadline, a refused sandbox, a model that did not load), by pool",
+    ),
+    (
         "corral_sandbox_limit_hits_total",
         "counter",
         "Sandbox limits runners hit (memory, cpu time, pids, time limit), by pool and limit",
