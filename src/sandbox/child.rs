@@ -24,6 +24,9 @@
 //! - plain Rust on data the parent prepared ([`ChildSpec`]): reads of C strings and pointer
 //!   arrays, stack buffers, integer arithmetic, and stores to the shared progress word.
 //!
+//! Nothing else runs in the child: `launch::clone_child` returns the raw `clone`/`clone3`
+//! result (integer moves only) and `launch::spawn` calls [`run`] at once when it is 0.
+//!
 //! `spec.rs` builds everything (C strings, pointer arrays, the BPF program, the Landlock
 //! ruleset fd) in the parent. A failing step writes `(stage, index, errno)` to the error pipe and
 //! exits 125; the parent turns that into a message naming the step. Before each step the child
