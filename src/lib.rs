@@ -20,6 +20,7 @@ pub mod catalog;
 pub mod commands;
 pub mod confidence;
 pub mod config;
+pub mod files;
 pub mod guardrails;
 pub mod profile;
 pub mod providers;

@@ -981,3 +981,118 @@ fn a_stuck_runner_start_fails_at_the_deadline_and_sigterm_never_waits_for_it() {
         "cgroups left behind"
     );
 }
+
+/// Sandbox cgroup directories of the server with this pid (`<pid>-<start time>-<n>`).
+fn cgroups_of_server(pid: u32) -> Vec<PathBuf> {
+    sandbox_cgroups()
+        .into_iter()
+        .filter(|c| {
+            c.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pid}-")))
+        })
+        .collect()
+}
+
+fn wait_for_log(s: &Server, text: &str, within: Duration) {
+    let t = Instant::now();
+    while !s.log.lock().unwrap().contains(text) {
+        assert!(
+            t.elapsed() < within,
+            "'{text}' not logged within {within:?}: {}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm_and_wait(s: &mut Server, within: Duration) -> std::process::ExitStatus {
+    Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            t.elapsed() < within,
+            "SIGTERM did not end the server within {within:?}: {}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_right_after_a_reload_leaves_no_runner_or_cgroup_and_a_bind_change_is_named() {
+    let mut s = serve(&config_text(""));
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    assert!(!cgroups_of_server(s.child.id()).is_empty());
+    // A reload that also moves the listening address: the old generation's pool retires, the
+    // answer says the address needs a restart.
+    std::fs::write(
+        &s.cfg,
+        config_text("").replace("127.0.0.1:0", "127.0.0.1:9"),
+    )
+    .unwrap();
+    let (code, v, _) = post(&s, "/admin/reload", Some(ADMIN), json!({}));
+    assert_eq!(code, 200, "{v}");
+    let needed = v["restart_needed"].to_string();
+    assert!(needed.contains("server.bind"), "{v}");
+    // At once SIGTERM: the retiring generation's runner is stopped and its cgroups removed
+    // before the server exits.
+    let server = s.child.id();
+    let status = sigterm_and_wait(&mut s, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}: {}", s.log.lock().unwrap());
+    assert!(runner_pids(server).is_empty());
+    assert_eq!(
+        cgroups_of_server(server),
+        Vec::<PathBuf>::new(),
+        "cgroups left behind"
+    );
+}
+
+#[test]
+fn a_fifo_or_a_device_at_the_config_path_cannot_wedge_reload_or_shutdown() {
+    let mut s = serve(&config_text(""));
+    // A FIFO: opening it would block until a writer comes.
+    std::fs::remove_file(&s.cfg).unwrap();
+    let c = std::ffi::CString::new(s.cfg.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a C string we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    Command::new("kill")
+        .args(["-HUP", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    wait_for_log(&s, "not a regular file", Duration::from_secs(5));
+    let t = Instant::now();
+    let (code, v, _) = post(&s, "/admin/reload", Some(ADMIN), json!({}));
+    assert_eq!(code, 400, "{v}");
+    assert!(v.to_string().contains("not a regular file"), "{v}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // /dev/zero behind a symlink: refused without reading it (the server does not grow).
+    std::fs::remove_file(&s.cfg).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &s.cfg).unwrap();
+    let (code, v, _) = post(&s, "/admin/reload", Some(ADMIN), json!({}));
+    assert_eq!(code, 400, "{v}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.child.id())).unwrap();
+    let rss_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(rss_kb < 512 * 1024, "the server grew to {rss_kb} kB");
+    // A huge regular file: refused by size.
+    std::fs::remove_file(&s.cfg).unwrap();
+    std::fs::write(&s.cfg, vec![b'#'; 5 * 1024 * 1024]).unwrap();
+    let (code, v, _) = post(&s, "/admin/reload", Some(ADMIN), json!({}));
+    assert_eq!(code, 400, "{v}");
+    assert!(v.to_string().contains("larger than"), "{v}");
+    // The old configuration still serves, and SIGTERM ends the server at once.
+    let (code, _) = call("GET", &format!("{}/healthz", s.url), None, None);
+    assert_eq!(code, 200);
+    let status = sigterm_and_wait(&mut s, Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+}

@@ -114,10 +114,12 @@ impl Config {
         };
         let (mut raw, file) = match &path {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
-                    path: p.clone(),
-                    source,
-                })?;
+                let text = crate::files::read_text(p, crate::files::MAX_CONFIG_BYTES).map_err(
+                    |source| ConfigError::Io {
+                        path: p.clone(),
+                        source,
+                    },
+                )?;
                 let file = p.display().to_string();
                 let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
                     file: file.clone(),
@@ -301,10 +303,13 @@ fn compile(
         let _ = models.insert(m, "built-in models/catalog.toml".into());
     }
     if let Some(cat) = &raw.slm.catalog {
-        let text = std::fs::read_to_string(cat).map_err(|source| ConfigError::Io {
-            path: cat.clone(),
-            source,
-        })?;
+        let text =
+            crate::files::read_text(cat, crate::files::MAX_CONFIG_BYTES).map_err(|source| {
+                ConfigError::Io {
+                    path: cat.clone(),
+                    source,
+                }
+            })?;
         let catfile = cat.display().to_string();
         let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             file: catfile.clone(),

@@ -337,9 +337,11 @@ fn validate_name(name: &str) -> std::result::Result<(), String> {
 }
 
 fn read_table(path: &Path) -> Result<toml::Table> {
-    let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
-        path: path.to_path_buf(),
-        source,
+    let text = crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES).map_err(|source| {
+        ProfileError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })?;
     toml::from_str(&text).map_err(|e| ProfileError::Parse {
         origin: path.display().to_string(),

@@ -146,6 +146,12 @@ pub fn validate(name: &str, origin: &str, raw: RawProfile) -> Result<Profile, In
             ));
         }
     }
+    if let Some(i) = read_paths.iter().position(|p| p == Path::new("/")) {
+        return Err(invalid(
+            format!("filesystem.read_paths[{i}]"),
+            "'/' would show the sandbox the whole host (and hide the sandbox's own root); list the directories the program needs, such as /usr or /etc/ssl",
+        ));
+    }
     for (i, p) in write_paths.iter().enumerate() {
         let key = format!("filesystem.write_paths[{i}]");
         if p == Path::new("/") {

@@ -186,7 +186,7 @@ const DT_RUNPATH: u64 = 29;
 
 impl DynInfo {
     fn read(path: &Path) -> Result<DynInfo, String> {
-        let f = open_regular(path).map_err(|e| e.to_string())?;
+        let f = crate::files::open_regular(path).map_err(|e| e.to_string())?;
         let at = |off: u64, len: usize| -> Result<Vec<u8>, String> {
             if len > 64 << 20 {
                 return Err("oversized ELF structure".into());
@@ -289,26 +289,9 @@ impl DynInfo {
     }
 }
 
-/// Opens `p` for reading only if it is a regular file, without blocking (a FIFO or device named
-/// by an untrusted binary's headers must not stall or poke the supervisor).
-fn open_regular(p: &Path) -> std::io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(p)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    Ok(f)
-}
-
 fn read_head(p: &Path) -> Result<Vec<u8>, ElfError> {
     use std::io::Read;
-    let mut f = open_regular(p).map_err(|source| ElfError::Io {
+    let mut f = crate::files::open_regular(p).map_err(|source| ElfError::Io {
         path: p.into(),
         source,
     })?;
@@ -357,7 +340,7 @@ fn read_ld_conf(path: &Path, dirs: &mut Vec<PathBuf>, depth: u32) {
     if depth > 4 {
         return;
     }
-    let Ok(text) = fs::read_to_string(path) else {
+    let Ok(text) = crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES) else {
         return;
     };
     for line in text.lines() {

@@ -1504,7 +1504,12 @@ async fn admin_reload(AxState(state): St, headers: HeaderMap) -> Response {
     }
     let st = state.clone();
     match tokio::task::spawn_blocking(move || st.reload()).await {
-        Ok(Ok(g)) => Json(json!({"reloaded": true, "generation": g})).into_response(),
+        Ok(Ok(r)) => Json(json!({
+            "reloaded": true,
+            "generation": r.generation,
+            "restart_needed": r.restart_needed,
+        }))
+        .into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "reload failed: keeping the old configuration");
             ApiError::invalid(

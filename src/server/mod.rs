@@ -74,6 +74,10 @@ pub struct State {
     live: RwLock<Arc<Live>>,
     /// Pools by (model, profile, configuration generation).
     pools: Mutex<HashMap<(String, String, u64), Arc<pool::Pool>>>,
+    /// Closed pools of earlier generations whose workers may still be stopping their runners.
+    retiring: Mutex<Vec<Arc<pool::Pool>>>,
+    /// Held during a reload.
+    reloading: Mutex<()>,
     pub metrics: Arc<metrics::Metrics>,
     pub monitor: Mutex<Monitor>,
     pub host: HostSupport,
@@ -103,6 +107,8 @@ impl State {
         Ok(Arc::new(State {
             live: RwLock::new(Arc::new(live)),
             pools: Mutex::new(HashMap::new()),
+            retiring: Mutex::new(Vec::new()),
+            reloading: Mutex::new(()),
             metrics: Arc::new(metrics::Metrics::default()),
             monitor: Mutex::new(Monitor::new(100_000)),
             host,
@@ -121,9 +127,16 @@ impl State {
 
     /// Loads the configuration again; on success new requests use it (and new pools), on error
     /// the old one keeps serving. Pools of the old generation finish their queues and stop.
-    pub fn reload(&self) -> Result<u64, String> {
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        // One reload at a time (SIGHUP and the admin endpoint may overlap).
+        let _one = lock(&self.reloading);
         let config = Config::load(&self.sources).map_err(|e| e.to_string())?;
-        let generation = self.live().generation + 1;
+        let before = self.live();
+        let generation = before.generation + 1;
+        let restart_needed = restart_only_changes(&before.config, &config);
+        for change in &restart_needed {
+            tracing::warn!(%change, "reloaded, but this setting takes effect only at the next restart");
+        }
         let live = Live::new(config, generation)?;
         *self
             .live
@@ -141,9 +154,16 @@ impl State {
         for p in &old {
             p.close();
         }
-        std::thread::spawn(move || old.iter().for_each(|p| p.join()));
+        // The old pools' workers finish their queues and stop their runners on their own; they
+        // stay listed until then, so a shutdown waits for (or kills) them too.
+        let mut retiring = lock(&self.retiring);
+        retiring.retain(|p| !p.finished());
+        retiring.extend(old);
         tracing::info!(generation, "configuration reloaded");
-        Ok(generation)
+        Ok(Reloaded {
+            generation,
+            restart_needed,
+        })
     }
 
     /// A runtime allow-list override (admin API): the same generation (pools keep running) with
@@ -244,7 +264,8 @@ impl State {
     /// stuck starting, loading or generating), every sandbox this process runs is killed and
     /// queued jobs fail, so the workers end promptly and clean up their cgroups.
     pub fn stop_pools(&self, wait: Duration) {
-        let pools: Vec<_> = lock(&self.pools).drain().map(|(_, p)| p).collect();
+        let mut pools: Vec<_> = lock(&self.pools).drain().map(|(_, p)| p).collect();
+        pools.append(&mut lock(&self.retiring));
         for p in &pools {
             p.close();
         }
@@ -286,6 +307,36 @@ pub struct ServeArgs {
     /// Listen address (default: server.bind, 127.0.0.1:8080)
     #[arg(long, value_name = "ADDR:PORT")]
     pub bind: Option<SocketAddr>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    pub generation: u64,
+    /// Settings that changed but are read only when the server starts (`server.bind: A -> B`).
+    pub restart_needed: Vec<String>,
+}
+
+/// Settings the running server read once at start, changed between `old` and `new`.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.server.bind != new.server.bind {
+        out.push(format!(
+            "server.bind: {} -> {} (still listening on the old address)",
+            old.server.bind, new.server.bind
+        ));
+    }
+    if old.server.shutdown_grace != new.server.shutdown_grace {
+        out.push(format!(
+            "server.shutdown_grace_seconds: {} -> {}",
+            old.server.shutdown_grace.as_secs(),
+            new.server.shutdown_grace.as_secs()
+        ));
+    }
+    if old.logging.filter != new.logging.filter || old.logging.format != new.logging.format {
+        out.push("logging: level/format".into());
+    }
+    out
 }
 
 /// How long past the grace period shutdown waits for runners before killing them.
@@ -357,15 +408,23 @@ async fn signal_loop(state: Arc<State>, stop: tokio::sync::watch::Sender<bool>) 
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                // Reloaded beside this loop, so SIGTERM is always heard.
                 let st = state.clone();
-                match tokio::task::spawn_blocking(move || st.reload()).await {
-                    Ok(Ok(g)) => eprintln!("corral: configuration reloaded (generation {g})"),
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "reload failed: keeping the old configuration");
-                        eprintln!("corral: reload failed, keeping the old configuration: {e}");
+                tokio::spawn(async move {
+                    match tokio::task::spawn_blocking(move || st.reload()).await {
+                        Ok(Ok(r)) => {
+                            eprintln!("corral: configuration reloaded (generation {})", r.generation);
+                            for c in r.restart_needed {
+                                eprintln!("corral: takes effect at the next restart: {c}");
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "reload failed: keeping the old configuration");
+                            eprintln!("corral: reload failed, keeping the old configuration: {e}");
+                        }
+                        Err(e) => tracing::error!(error = %e, "reload task failed"),
                     }
-                    Err(e) => tracing::error!(error = %e, "reload task failed"),
-                }
+                });
             }
             _ = term.recv() => { let _ = stop.send(true); return; }
             _ = int.recv() => { let _ = stop.send(true); return; }
