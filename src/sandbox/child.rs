@@ -270,7 +270,8 @@ fn open_path_nofollow(path: &CString) -> c_int {
     }
 }
 
-/// Reads one byte from the supervisor (EINTR cannot happen: no handlers run in the child).
+/// Reads one byte from the supervisor (EINTR cannot happen: every signal stays blocked until
+/// `reset_signals`, as the supervisor arranged around `clone`).
 fn wait_parent(spec: &ChildSpec, stage: Stage) {
     mark(spec, stage);
     let mut b = 0u8;
@@ -288,6 +289,11 @@ pub(crate) unsafe fn run(spec: &ChildSpec) -> ! {
     // In each `unsafe` block below ("see above"): a raw system call on C strings and structs
     // owned by `spec` or this stack frame, which outlive the call.
     mark(spec, Stage::Cloned);
+    for fd in spec.parent_ends {
+        if fd >= 0 {
+            sys::close(fd);
+        }
+    }
     // SAFETY: integer arguments only.
     unsafe {
         sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as c_ulong, 0);
@@ -647,7 +653,8 @@ fn drop_privileges(spec: &ChildSpec) {
     }
 }
 
-/// Default dispositions, nothing blocked (the supervisor may ignore or block some).
+/// Default dispositions, then nothing blocked (the supervisor may ignore some, and it cloned
+/// this child with every signal blocked).
 fn reset_signals(spec: &ChildSpec) {
     mark(spec, Stage::Signals);
     let dfl = KernelSigaction {

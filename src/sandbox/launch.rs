@@ -18,6 +18,8 @@ use super::spec::{ChildSpec, Stage};
 use super::{SandboxConfig, SandboxError};
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
+/// Held from creating a launch's pipes until the parent has closed the child's ends of them.
+static CLONE_LOCK: Mutex<()> = Mutex::new(());
 static SWEEP: Once = Once::new();
 
 /// How the program ended.
@@ -177,6 +179,12 @@ fn wait_readable(fd: RawFd, deadline: Instant) -> bool {
         if r == 0 && left.is_zero() {
             return false;
         }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return true; // let the read report the error
+        }
+        if left.is_zero() {
+            return false;
+        }
         // r == 0 with time left (rounding) or EINTR: poll again.
     }
 }
@@ -308,9 +316,6 @@ pub fn spawn(
         }
         None => None,
     };
-    let (from_parent_r, from_parent_w) = pipe()?;
-    let (to_parent_r, to_parent_w) = pipe()?;
-    let (err_r, err_w) = pipe()?;
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let name = cgroup::sandbox_name(seq);
     let join_tasks = Cgroup::planned_self_join_files(&host.cgroups, &name, &plan.cgroup);
@@ -321,9 +326,6 @@ pub fn spawn(
         ruleset.as_ref().map_or(-1, |f| f.as_raw_fd()),
         host.mount_setattr,
     );
-    spec.from_parent = from_parent_r.as_raw_fd();
-    spec.to_parent = to_parent_w.as_raw_fd();
-    spec.err = err_w.as_raw_fd();
     spec.progress = progress.word;
     spec.join_tasks = join_tasks
         .iter()
@@ -349,6 +351,23 @@ pub fn spawn(
         into_cgroup = cg.v2_dir().and_then(|d| std::fs::File::open(d).ok());
         early_cgroup = Some(cg);
     }
+    // The pipes to this child exist only while no other launch clones: a child cloned by
+    // another thread would inherit their ends until its own execve, and a copy of a write end
+    // there hides this child's EOF (its exec, or its death) from this launch.
+    let clone_turn = CLONE_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (from_parent_r, from_parent_w) = pipe()?;
+    let (to_parent_r, to_parent_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    spec.from_parent = from_parent_r.as_raw_fd();
+    spec.to_parent = to_parent_w.as_raw_fd();
+    spec.err = err_w.as_raw_fd();
+    spec.parent_ends = [
+        from_parent_w.as_raw_fd(),
+        to_parent_r.as_raw_fd(),
+        err_r.as_raw_fd(),
+    ];
     let pid = clone_child(flags, into_cgroup.as_ref().map(|f| f.as_raw_fd()));
     let (pid, born_in_cgroup) = match pid {
         Ok(x) => x,
@@ -375,6 +394,7 @@ pub fn spawn(
         after: t_clone.elapsed(),
     };
     drop((from_parent_r, to_parent_w, err_w, ruleset, stdio));
+    drop(clone_turn);
     // SAFETY: pidfd_open on our own child.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
@@ -498,6 +518,25 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// Clones a fork-like child with `flags` (0 in the child, its pid in the parent), born in the
 /// cgroup v2 directory `cgroup_fd` when given and the kernel can (then `true`).
 fn clone_child(flags: i32, cgroup_fd: Option<RawFd>) -> std::io::Result<(i32, bool)> {
+    // Every signal blocked across the clone: the child must not run the supervisor's handlers
+    // (it unblocks them once their dispositions are back to default, just before execve).
+    // SAFETY: sigset manipulation on stack values; pthread_sigmask on the calling thread.
+    let old = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        old
+    };
+    let r = clone_child_blocked(flags, cgroup_fd);
+    if !matches!(r, Ok((0, _))) {
+        // SAFETY: restores this thread's mask saved above (the child keeps everything blocked).
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
+    r
+}
+
+fn clone_child_blocked(flags: i32, cgroup_fd: Option<RawFd>) -> std::io::Result<(i32, bool)> {
     if let Some(fd) = cgroup_fd {
         let args = CloneArgs {
             flags: flags as u64 | CLONE_INTO_CGROUP,

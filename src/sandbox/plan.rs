@@ -314,6 +314,12 @@ pub fn plan(
     let exe = resolve_command(Path::new(argv0))?;
     let denied = Denied::new(&profile.denied_paths);
     let mut tree = Tree::default();
+    for w in &profile.write_paths {
+        tree.writable.push(w.clone());
+        if let Ok(c) = fs::canonicalize(w) {
+            tree.writable.push(c);
+        }
+    }
     let (closure, ld_cache) = needed_files(&exe, &cmd.extra_read, &denied, &tree)?;
     let network = if cmd.force_no_network {
         NetworkAccessMode::None
@@ -321,12 +327,6 @@ pub fn plan(
         profile.network
     };
 
-    for w in &profile.write_paths {
-        tree.writable.push(w.clone());
-        if let Ok(c) = fs::canonicalize(w) {
-            tree.writable.push(c);
-        }
-    }
     let mut rules: Vec<(PathBuf, u64)> = vec![(PathBuf::from("/"), landlock::ACCESS_FS_READ_DIR)];
     for (i, p) in profile.read_paths.iter().enumerate() {
         let keyed = |e| keyed_error("filesystem.read_paths", i, p, e);
@@ -371,8 +371,9 @@ pub fn plan(
             .map(PathBuf::from)
             .chain(elf::library_dirs(ld_cache))
         {
-            match tree.resolve(&d)? {
-                Some(r) if denied.hiding(&r).is_none() && r.canon.is_dir() => {}
+            // Optional directories: one that is absent, denied or unreadable is left out.
+            match tree.resolve(&d) {
+                Ok(Some(r)) if denied.hiding(&r).is_none() && r.canon.is_dir() => {}
                 _ => continue,
             }
             if let Some((canon, _)) = tree.mirror(&d, false)? {

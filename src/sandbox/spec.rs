@@ -194,6 +194,9 @@ pub(crate) struct ChildSpec {
     pub(super) err: c_int,
     /// The launch's shared progress word (the current [`Stage`]); null: none.
     pub(super) progress: *const AtomicU32,
+    /// The parent's ends of the launch pipes, closed by the child first thing (so the child
+    /// sees the supervisor's end close when it dies); -1: none.
+    pub(super) parent_ends: [c_int; 3],
 }
 
 fn cstr(p: &Path) -> CString {
@@ -363,6 +366,7 @@ impl ChildSpec {
             to_parent: -1,
             err: -1,
             progress: std::ptr::null(),
+            parent_ends: [-1; 3],
         }
     }
 }
@@ -379,7 +383,7 @@ fn child_rule_violations(src: &str) -> Vec<String> {
         "super::spec::",
     ];
     // Allocating, locking, formatting or thread-aware constructs.
-    const FORBIDDEN: [&str; 24] = [
+    const FORBIDDEN: [&str; 33] = [
         "Vec::",
         "vec!",
         "format!",
@@ -391,11 +395,17 @@ fn child_rule_violations(src: &str) -> Vec<String> {
         ".to_string(",
         ".to_owned(",
         ".collect",
+        ".clone()",
         "CString::new",
         "print!",
         "println!",
         "eprintln!",
         "panic!",
+        "assert",
+        "unreachable!",
+        "todo!",
+        ".unwrap(",
+        ".expect(",
         "tracing::",
         "std::fs",
         "std::io",
@@ -404,6 +414,9 @@ fn child_rule_violations(src: &str) -> Vec<String> {
         "Mutex",
         "RwLock",
         ".lock(",
+        "crate::",
+        "use libc::",
+        "extern \"C\"",
     ];
     let mut bad = Vec::new();
     for (n, line) in src.lines().enumerate() {

@@ -278,6 +278,7 @@ impl Worker {
                         if let Err(e) = r.tokenize("health check", false) {
                             tracing::warn!(pool = %self.pool, error = %e, "runner failed its health check: replacing it");
                             self.stop(runner.take(), "health_check");
+                            failures += 1; // a warm pool starts the next one in the background
                             self.metrics.inc(
                                 "corral_runner_restarts_total",
                                 &[("pool", &self.pool), ("cause", "health_check")],
@@ -315,7 +316,9 @@ impl Worker {
             let r = match runner.as_mut() {
                 Some(r) => r,
                 None => {
-                    std::thread::sleep(backoff(failures));
+                    if !self.aborting() {
+                        std::thread::sleep(backoff(failures));
+                    }
                     match self.start_runner() {
                         Ok(r) => runner.insert(r),
                         Err(e) => {
