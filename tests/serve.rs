@@ -1096,3 +1096,93 @@ fn a_fifo_or_a_device_at_the_config_path_cannot_wedge_reload_or_shutdown() {
     let status = sigterm_and_wait(&mut s, Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn a_prompt_longer_than_the_context_is_the_callers_400_and_the_runner_stays() {
+    let s = serve(&config_text(""));
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    let before = runner_pids(s.child.id());
+    assert_eq!(before.len(), 1);
+    let t = Instant::now();
+    let (code, v, _) = post(
+        &s,
+        "/v1/chat/completions",
+        Some(KEY),
+        chat(&"fox ".repeat(5000), 8),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("tokens") && msg.contains("context holds"),
+        "{v}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The same runner answers the next request at once: no restart, no backoff.
+    let t = Instant::now();
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(runner_pids(s.child.id()), before, "the runner was replaced");
+    let (_, resp) = call("GET", &format!("{}/metrics", s.url), None, None);
+    let metrics = resp.into_string().unwrap();
+    assert!(
+        !metrics.contains("corral_runner_restarts_total{"),
+        "a refused request restarted the runner: {metrics}"
+    );
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_its_generation_and_frees_the_runner() {
+    let s = serve(&config_text(
+        "[server.pool]\nrunners = 1\nwarm = [\"smollm2-135m-instruct\"]\n",
+    ));
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    // A long streamed answer whose client reads a little and hangs up.
+    let mut body = chat("Count from one to one thousand, one number per line.", 3000);
+    body["stream"] = json!(true);
+    body["temperature"] = json!(1.0);
+    let resp = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .set("authorization", &format!("Bearer {KEY}"))
+        .timeout(Duration::from_secs(60))
+        .send_json(body)
+        .unwrap();
+    let mut reader = resp.into_reader();
+    let mut buf = [0u8; 2048];
+    let mut seen = 0;
+    while seen < 600 {
+        let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+        assert!(n > 0, "the stream ended before the client hung up");
+        seen += n;
+    }
+    drop(reader);
+    // The runner is told to stop: the next request does not wait for 3000 tokens.
+    wait_for_log(&s, "generation cancelled", Duration::from_secs(10));
+    let t = Instant::now();
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the next request waited {:?}",
+        t.elapsed()
+    );
+    // A request that runs past server.request_timeout_seconds is cancelled too.
+    let mut s2_cfg = config_text("[server.pool]\nrunners = 1\n");
+    s2_cfg = s2_cfg.replace("[server]\n", "[server]\nrequest_timeout_seconds = 2\n");
+    let s2 = serve(&s2_cfg);
+    let long = json!({"model": "auto", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+                      "temperature": 0, "max_tokens": 3000});
+    let (code, v, _) = post(&s2, "/v1/completions", Some(KEY), long);
+    assert_eq!(code, 504, "{v}");
+    wait_for_log(&s2, "generation cancelled", Duration::from_secs(10));
+}

@@ -33,7 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::auth::Identity;
 use super::error::ApiError;
 use super::openai::{self, ChatRequest, CompletionRequest};
-use super::pool::{Event, Job, Pool};
+use super::pool::{Event, FailKind, Job, Pool};
 use super::{Live, State};
 use crate::confidence;
 use crate::providers::{Chain, ChatResponse, Message};
@@ -826,6 +826,7 @@ enum Slm {
         done: corral_protocol::Done,
     },
     Failed {
+        kind: FailKind,
         error: String,
         retryable: bool,
     },
@@ -865,6 +866,22 @@ async fn submit(
     }
 }
 
+/// The answer to a job that failed for a reason the caller should hear as such (429 for a
+/// queue wait that ran out, 400 for a request the model refused) rather than escalate.
+fn pool_refusal(kind: FailKind, error: &str) -> Option<ApiError> {
+    match kind {
+        FailKind::QueueTimeout => Some(ApiError::rate_limited(
+            "timed out waiting for a local runner",
+            2,
+        )),
+        FailKind::Refused => Some(ApiError::invalid(
+            format!("the local model refused the request: {error}"),
+            None,
+        )),
+        FailKind::Runner | FailKind::ShuttingDown => None,
+    }
+}
+
 /// Reads a job's events to the end.
 async fn collect(rx: &mut mpsc::UnboundedReceiver<Event>, mut tokens: Vec<TokenInfo>) -> Slm {
     loop {
@@ -876,9 +893,20 @@ async fn collect(rx: &mut mpsc::UnboundedReceiver<Event>, mut tokens: Vec<TokenI
                     done: *done,
                 }
             }
-            Some(Event::Failed { error, retryable }) => return Slm::Failed { error, retryable },
+            Some(Event::Failed {
+                kind,
+                error,
+                retryable,
+            }) => {
+                return Slm::Failed {
+                    kind,
+                    error,
+                    retryable,
+                }
+            }
             None => {
                 return Slm::Failed {
+                    kind: FailKind::Runner,
                     error: "the pool worker went away".into(),
                     retryable: true,
                 }
@@ -1051,12 +1079,13 @@ async fn generate_inner(
                             result = Some((vec![], *done));
                             break;
                         }
-                        Some(Event::Failed { error, retryable }) => {
-                            if error == "queue timeout" {
-                                return Err(ApiError::rate_limited(
-                                    "timed out waiting for a local runner",
-                                    2,
-                                ));
+                        Some(Event::Failed {
+                            kind,
+                            error,
+                            retryable,
+                        }) => {
+                            if let Some(e) = pool_refusal(kind, &error) {
+                                return Err(e);
                             }
                             failure = Some(error);
                             if !retryable || attempt == 1 {
@@ -1075,12 +1104,13 @@ async fn generate_inner(
                         result = Some((tokens, done));
                         break;
                     }
-                    Slm::Failed { error, retryable } => {
-                        if error == "queue timeout" {
-                            return Err(ApiError::rate_limited(
-                                "timed out waiting for a local runner",
-                                2,
-                            ));
+                    Slm::Failed {
+                        kind,
+                        error,
+                        retryable,
+                    } => {
+                        if let Some(e) = pool_refusal(kind, &error) {
+                            return Err(e);
                         }
                         tracing::warn!(request_id = %gen.rid, attempt, error = %error, "local model failed");
                         failure = Some(error);
@@ -1236,10 +1266,11 @@ fn stream_live(
                             .await
                             .is_err()
                         {
-                            // The runner finishes the answer anyway (no cancel in the
-                            // protocol yet); stop formatting chunks nobody reads.
+                            // Closing the job's channel cancels the generation (the pool
+                            // worker sees it and sends the runner `cancel`).
                             tracing::info!(request_id = %gen.rid, "client went away mid-stream");
                             gone = true;
+                            rx.close();
                         }
                     }
                     tokens.push(t);
@@ -1330,6 +1361,22 @@ fn stream_live(
                         "corral_gateway_overhead_seconds",
                         &[("route", "slm")],
                         total.saturating_sub(started.elapsed()).as_secs_f64(),
+                    );
+                    return;
+                }
+                None if gone => {
+                    let e = ApiError::internal(
+                        "the client went away mid-stream; the generation was cancelled",
+                    );
+                    audit(&state, &gen, &ident, &d, None, Some(&e), None, t0);
+                    state.metrics.inc(
+                        "corral_requests_total",
+                        &[
+                            ("endpoint", endpoint),
+                            ("route", "slm"),
+                            ("model", &model),
+                            ("outcome", "client_gone"),
+                        ],
                     );
                     return;
                 }

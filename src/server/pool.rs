@@ -44,12 +44,28 @@ use crate::slm::runner::{Runner, RunnerError, RunnerSpec};
 pub enum Event {
     Token(TokenInfo),
     Done(Box<Done>, Box<Ready>),
-    /// The runner failed. `retryable`: it crashed, hung or broke the protocol (a fresh runner may
-    /// well succeed); otherwise (the model cannot load, the request was refused) it will not.
+    /// The job failed. `retryable`: the runner crashed, hung or broke the protocol (a fresh
+    /// runner may well succeed); otherwise (the model cannot load, the request was refused, the
+    /// queue wait ran out) it will not.
     Failed {
+        kind: FailKind,
         error: String,
         retryable: bool,
     },
+}
+
+/// Why a job failed, for the API to answer in kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailKind {
+    /// It waited longer than `queue_timeout_seconds` for a runner (429).
+    QueueTimeout,
+    /// The runner refused the request as given (a prompt longer than the model's context, ...):
+    /// the caller's error (400); the runner is healthy and stays.
+    Refused,
+    /// The runner crashed, hung, broke the protocol or could not be started.
+    Runner,
+    /// The server is shutting down.
+    ShuttingDown,
 }
 
 #[derive(Debug)]
@@ -301,6 +317,7 @@ impl Worker {
             }
             if self.aborting() {
                 let _ = job.events.send(Event::Failed {
+                    kind: FailKind::ShuttingDown,
                     error: "the server is shutting down".into(),
                     retryable: false,
                 });
@@ -308,6 +325,7 @@ impl Worker {
             }
             if job.enqueued.elapsed() > self.queue_timeout {
                 let _ = job.events.send(Event::Failed {
+                    kind: FailKind::QueueTimeout,
                     error: "queue timeout".into(),
                     retryable: false,
                 });
@@ -326,6 +344,7 @@ impl Worker {
                             failures += 1;
                             let retryable = !matches!(e, RunnerError::Load(_));
                             let _ = job.events.send(Event::Failed {
+                                kind: FailKind::Runner,
                                 error: e.to_string(),
                                 retryable,
                             });
@@ -335,9 +354,15 @@ impl Worker {
                 }
             };
             let events = job.events.clone();
-            let result = r.generate(job.req, &mut |t| {
-                let _ = events.send(Event::Token(t.clone()));
-            });
+            // A caller that went away (a closed stream, a request past its deadline: the API
+            // drops its receiver) cancels the generation, so the runner is free at once.
+            let result = r.generate_until(
+                job.req,
+                &mut |t| {
+                    let _ = events.send(Event::Token(t.clone()));
+                },
+                &|| events.is_closed(),
+            );
             idle_since = Instant::now();
             // Live cgroup usage of this runner (the gauges of a runner that exits are its last).
             let st = r.stats();
@@ -352,6 +377,10 @@ impl Worker {
                     .set("corral_runner_cpu_seconds", &labels, ns as f64 / 1e9);
             }
             match result {
+                Ok(done) if done.finish_reason == corral_protocol::FinishReason::Cancelled => {
+                    failures = 0;
+                    tracing::info!(pool = %self.pool, tokens = done.completion_tokens, "generation cancelled: its caller went away or ran out of time");
+                }
                 Ok(done) => {
                     failures = 0;
                     served += 1;
@@ -363,6 +392,14 @@ impl Worker {
                         served = 0;
                         self.stop(runner.take(), "recycled");
                     }
+                }
+                Err(RunnerError::Refused(why)) => {
+                    // The request, not the runner: answered as the caller's error, runner kept.
+                    let _ = job.events.send(Event::Failed {
+                        kind: FailKind::Refused,
+                        error: why,
+                        retryable: false,
+                    });
                 }
                 Err(e) => {
                     failures += 1;
@@ -377,6 +414,7 @@ impl Worker {
                     tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
                     self.stop(runner.take(), "failed");
                     let _ = job.events.send(Event::Failed {
+                        kind: FailKind::Runner,
                         error: e.to_string(),
                         retryable,
                     });

@@ -180,6 +180,9 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// How often a generation waiting on its runner asks whether to stop.
+pub const STOP_POLL: Duration = Duration::from_millis(100);
+
 impl Runner {
     /// Starts the runner for `spec` under `profile` and waits for its model to load.
     pub fn start(
@@ -343,8 +346,21 @@ impl Runner {
     /// Runs one request; `on_token` sees each validated token as it arrives.
     pub fn generate(
         &mut self,
+        req: GenerateRequest,
+        on_token: &mut dyn FnMut(&TokenInfo),
+    ) -> Result<Done> {
+        self.generate_until(req, on_token, &|| false)
+    }
+
+    /// [`Runner::generate`], ended early once `stop()` says so (its caller went away or ran
+    /// out of time): the runner is sent `cancel`, which it honours between tokens, and the
+    /// answer so far comes back with finish reason `cancelled`. `stop` is asked after every
+    /// token and every [`STOP_POLL`] while waiting; the runner stays usable.
+    pub fn generate_until(
+        &mut self,
         mut req: GenerateRequest,
         on_token: &mut dyn FnMut(&TokenInfo),
+        stop: &dyn Fn() -> bool,
     ) -> Result<Done> {
         req.id = self.next_id;
         self.next_id += 1;
@@ -354,8 +370,28 @@ impl Runner {
         self.send(&Request::Generate(req.clone()), deadline)?;
         let mut streamed = String::new();
         let mut count = 0u32;
+        let mut cancelled = false;
         loop {
-            match self.read(deadline)? {
+            let frame = loop {
+                match self
+                    .reader
+                    .next((Instant::now() + STOP_POLL).min(deadline))?
+                {
+                    Read_::Frame(r) => break r,
+                    Read_::Eof => return Err(self.died()),
+                    Read_::Timeout if Instant::now() >= deadline => return Err(self.overran()),
+                    Read_::Timeout => {}
+                }
+                if !cancelled && stop() {
+                    self.send(&Request::Cancel { id: req.id }, deadline)?;
+                    cancelled = true;
+                }
+            };
+            if !cancelled && stop() {
+                self.send(&Request::Cancel { id: req.id }, deadline)?;
+                cancelled = true;
+            }
+            match frame {
                 Response::Token { id, token } => {
                     if id != req.id || !req.stream {
                         return Err(RunnerError::Protocol(format!(
