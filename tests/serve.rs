@@ -1186,3 +1186,56 @@ fn a_client_that_goes_away_cancels_its_generation_and_frees_the_runner() {
     assert_eq!(code, 504, "{v}");
     wait_for_log(&s2, "generation cancelled", Duration::from_secs(10));
 }
+
+#[test]
+fn callers_that_gave_up_free_their_queue_places_and_the_queue_timeout_fires_on_time() {
+    let s = serve(&config_text(
+        "[server.pool]\nrunners = 1\nqueue_depth = 2\nqueue_timeout_seconds = 3\nwarm = [\"smollm2-135m-instruct\"]\n",
+    ));
+    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    // The only runner is busy with a long answer.
+    let url = s.url.clone();
+    std::thread::spawn(move || {
+        let _ = ureq::post(&format!("{url}/v1/completions"))
+            .set("authorization", &format!("Bearer {KEY}"))
+            .timeout(Duration::from_secs(120))
+            .send_json(
+                json!({"model": "auto", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+                              "temperature": 0, "max_tokens": 3000}),
+            );
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    // Two callers queue behind it and give up after a second each.
+    let givers: Vec<_> = (0..2)
+        .map(|_| {
+            let url = s.url.clone();
+            std::thread::spawn(move || {
+                ureq::post(&format!("{url}/v1/chat/completions"))
+                    .set("authorization", &format!("Bearer {KEY}"))
+                    .timeout(Duration::from_secs(1))
+                    .send_json(chat("Say hi.", 3))
+                    .is_err()
+            })
+        })
+        .collect();
+    for g in givers {
+        assert!(
+            g.join().unwrap(),
+            "a caller was answered while the runner was busy"
+        );
+    }
+    // Their places are free: the next caller is queued (not refused as 'queue is full') and gets
+    // its 429 when its own 3 s are up, though the runner is still busy.
+    let t = Instant::now();
+    let (code, v, headers) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    let waited = t.elapsed();
+    assert_eq!(code, 429, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("timed out waiting"), "{v}");
+    assert!(headers.header("retry-after").is_some());
+    assert!(
+        waited >= Duration::from_millis(2800) && waited < Duration::from_secs(6),
+        "the queue timeout of 3 s fired after {waited:?}"
+    );
+}

@@ -22,6 +22,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod pool;
+pub mod queue;
 pub mod settings;
 
 use std::collections::{BTreeMap, HashMap};

@@ -25,7 +25,7 @@
 //! who want fresh processes regularly.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ use corral_protocol::{Done, GenerateRequest, Ready, TokenInfo};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
+use super::queue::JobQueue;
 use super::settings::PoolConfig;
 use crate::profile::Profile;
 use crate::sandbox::{HostSupport, LimitHit, SandboxConfig};
@@ -87,8 +88,7 @@ pub struct Launch {
 #[derive(Debug)]
 pub struct Pool {
     pub name: String,
-    tx: Mutex<Option<SyncSender<Job>>>,
-    depth: Arc<AtomicUsize>,
+    queue: Arc<JobQueue>,
     loaded: Arc<AtomicUsize>,
     workers: Mutex<Vec<JoinHandle<()>>>,
     queue_timeout: Duration,
@@ -106,12 +106,10 @@ impl Pool {
         warm: bool,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Arc<Pool>> {
-        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_depth);
-        let rx = Arc::new(Mutex::new(rx));
+        let queue = Arc::new(JobQueue::new(cfg.queue_depth, cfg.queue_timeout));
         let pool = Arc::new(Pool {
             name: name.clone(),
-            tx: Mutex::new(Some(tx)),
-            depth: Arc::new(AtomicUsize::new(0)),
+            queue: queue.clone(),
             loaded: Arc::new(AtomicUsize::new(0)),
             workers: Mutex::new(Vec::new()),
             queue_timeout: cfg.queue_timeout,
@@ -124,8 +122,7 @@ impl Pool {
                 slot: i,
                 pool: name.clone(),
                 launch: launch.clone(),
-                rx: rx.clone(),
-                depth: pool.depth.clone(),
+                queue: queue.clone(),
                 loaded: pool.loaded.clone(),
                 metrics: metrics.clone(),
                 idle_timeout: cfg.idle_timeout,
@@ -139,28 +136,34 @@ impl Pool {
                     .spawn(move || w.run(warm))?,
             );
         }
+        // Queue deadlines fire on time, whether or not a runner frees up.
+        let timer_metrics = metrics.clone();
+        let timer_pool = name.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name("corral-pool-timer".into())
+                .spawn(move || {
+                    queue.run_timer(&|depth| {
+                        timer_metrics.set(
+                            "corral_queue_depth",
+                            &[("pool", &timer_pool)],
+                            depth as f64,
+                        )
+                    })
+                })?,
+        );
         *lock(&pool.workers) = handles;
         Ok(pool)
     }
 
-    /// Queues a job; a full queue is the caller's 429.
+    /// Queues a job; a full queue (of callers still waiting) is the caller's 429.
     pub fn submit(&self, job: Job) -> Result<(), Box<Job>> {
-        let tx = lock(&self.tx);
-        let Some(tx) = tx.as_ref() else {
-            return Err(Box::new(job));
-        };
-        self.depth.fetch_add(1, Ordering::AcqRel);
-        match tx.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(j) | TrySendError::Disconnected(j)) => {
-                self.depth.fetch_sub(1, Ordering::AcqRel);
-                Err(Box::new(j))
-            }
-        }
+        self.queue.push(job)
     }
 
+    /// Jobs waiting whose callers are still there.
     pub fn queue_depth(&self) -> usize {
-        self.depth.load(Ordering::Acquire)
+        self.queue.len()
     }
 
     /// Runners with a model loaded and ready.
@@ -178,7 +181,7 @@ impl Pool {
 
     /// Stops taking jobs; workers finish what is queued, stop their runners and exit.
     pub fn close(&self) {
-        lock(&self.tx).take();
+        self.queue.close();
     }
 
     /// Waits for the workers after [`Pool::close`].
@@ -214,8 +217,7 @@ struct Worker {
     slot: usize,
     pool: String,
     launch: Launch,
-    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    depth: Arc<AtomicUsize>,
+    queue: Arc<JobQueue>,
     loaded: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     idle_timeout: Option<Duration>,
@@ -248,39 +250,35 @@ impl Worker {
         }
         let mut idle_since = Instant::now();
         loop {
-            let next = {
-                let rx = lock(&self.rx);
-                if runner.is_none() && warm && failures > 0 && !self.aborting() {
-                    // A warm runner that failed to start is tried again after the backoff,
-                    // without waiting for a request to need it.
-                    match rx.recv_timeout(backoff(failures)) {
-                        Err(RecvTimeoutError::Timeout) => {
-                            drop(rx);
-                            match self.start_runner() {
-                                Ok(r) => {
-                                    runner = Some(r);
-                                    failures = 0;
-                                    idle_since = Instant::now();
-                                }
-                                Err(e) => {
-                                    self.start_failed(&e, true);
-                                    failures += 1;
-                                }
+            let next = if runner.is_none() && warm && failures > 0 && !self.aborting() {
+                // A warm runner that failed to start is tried again after the backoff, without
+                // waiting for a request to need it.
+                match self.queue.pop(Some(backoff(failures))) {
+                    Err(RecvTimeoutError::Timeout) => {
+                        match self.start_runner() {
+                            Ok(r) => {
+                                runner = Some(r);
+                                failures = 0;
+                                idle_since = Instant::now();
                             }
-                            continue;
+                            Err(e) => {
+                                self.start_failed(&e, true);
+                                failures += 1;
+                            }
                         }
-                        other => other,
+                        continue;
                     }
-                } else if runner.is_some() {
-                    // Wake for the next health check, or when the idle timeout is due.
-                    let mut wait = HEALTH_INTERVAL;
-                    if let Some(t) = self.idle_timeout {
-                        wait = wait.min(t.saturating_sub(idle_since.elapsed()));
-                    }
-                    rx.recv_timeout(wait)
-                } else {
-                    rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+                    other => other,
                 }
+            } else if runner.is_some() {
+                // Wake for the next health check, or when the idle timeout is due.
+                let mut wait = HEALTH_INTERVAL;
+                if let Some(t) = self.idle_timeout {
+                    wait = wait.min(t.saturating_sub(idle_since.elapsed()));
+                }
+                self.queue.pop(Some(wait))
+            } else {
+                self.queue.pop(None)
             };
             let job = match next {
                 Ok(j) => j,
@@ -305,16 +303,12 @@ impl Worker {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            self.depth.fetch_sub(1, Ordering::AcqRel);
             idle_since = Instant::now();
             self.metrics.set(
                 "corral_queue_depth",
                 &[("pool", &self.pool)],
-                self.depth.load(Ordering::Acquire) as f64,
+                self.queue.len() as f64,
             );
-            if job.events.is_closed() {
-                continue; // the client went away while it waited
-            }
             if self.aborting() {
                 let _ = job.events.send(Event::Failed {
                     kind: FailKind::ShuttingDown,

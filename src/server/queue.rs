@@ -1,0 +1,258 @@
+//! A pool's queue of waiting jobs.
+//!
+//! Unlike a channel, it can look at what it holds: a job whose caller has gone (its event
+//! receiver dropped: a client that disconnected or gave up) gives its place back at once instead
+//! of holding it until a worker reaches it, and a timer fails every job that has waited longer
+//! than `queue_timeout_seconds` when its time is up, not when a runner frees up.
+//!
+//! `queue_depth` counts jobs waiting beyond those an idle worker takes at once (so
+//! `queue_depth = 0` accepts a job only when a worker is free, like a rendezvous channel).
+
+use std::collections::VecDeque;
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::pool::{Event, FailKind, Job};
+
+#[derive(Debug)]
+pub struct JobQueue {
+    state: Mutex<State>,
+    /// Workers wait here for jobs.
+    work: Condvar,
+    /// The expiry timer waits here for the next deadline.
+    timer: Condvar,
+    capacity: usize,
+    timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    /// Workers blocked in [`JobQueue::pop`].
+    waiting: usize,
+    closed: bool,
+}
+
+impl JobQueue {
+    pub fn new(capacity: usize, timeout: Duration) -> JobQueue {
+        JobQueue {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            timer: Condvar::new(),
+            capacity,
+            timeout,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `job` unless the queue is closed or full of callers still waiting.
+    pub fn push(&self, job: Job) -> Result<(), Box<Job>> {
+        let mut s = self.lock();
+        s.jobs.retain(|j| !j.events.is_closed());
+        if s.closed || s.jobs.len() >= self.capacity + s.waiting {
+            return Err(Box::new(job));
+        }
+        s.jobs.push_back(job);
+        drop(s);
+        self.work.notify_one();
+        self.timer.notify_one();
+        Ok(())
+    }
+
+    /// The next job whose caller is still there, waiting at most `wait` (`None`: until one
+    /// comes). `Disconnected` once the queue is closed and empty.
+    pub fn pop(&self, wait: Option<Duration>) -> Result<Job, RecvTimeoutError> {
+        let deadline = wait.map(|w| Instant::now() + w);
+        let mut s = self.lock();
+        loop {
+            while let Some(j) = s.jobs.pop_front() {
+                if !j.events.is_closed() {
+                    return Ok(j);
+                }
+            }
+            if s.closed {
+                return Err(RecvTimeoutError::Disconnected);
+            }
+            s.waiting += 1;
+            s = match deadline {
+                None => self.work.wait(s).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        s.waiting -= 1;
+                        return Err(RecvTimeoutError::Timeout);
+                    }
+                    self.work
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+            s.waiting -= 1;
+        }
+    }
+
+    /// Jobs waiting whose callers are still there.
+    pub fn len(&self) -> usize {
+        let mut s = self.lock();
+        s.jobs.retain(|j| !j.events.is_closed());
+        s.jobs.len()
+    }
+
+    /// No new jobs; workers take what is queued, then see `Disconnected`.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.work.notify_all();
+        self.timer.notify_all();
+    }
+
+    /// The expiry timer's loop: fails each job as its queue wait runs out (429 for its caller),
+    /// calling `on_change` with the new depth; returns once the queue is closed and empty.
+    pub fn run_timer(&self, on_change: &dyn Fn(usize)) {
+        let mut s = self.lock();
+        loop {
+            let now = Instant::now();
+            let before = s.jobs.len();
+            s.jobs.retain(|j| {
+                if j.events.is_closed() {
+                    return false;
+                }
+                if now.duration_since(j.enqueued) < self.timeout {
+                    return true;
+                }
+                let _ = j.events.send(Event::Failed {
+                    kind: FailKind::QueueTimeout,
+                    error: "queue timeout".into(),
+                    retryable: false,
+                });
+                false
+            });
+            if s.jobs.len() != before {
+                on_change(s.jobs.len());
+            }
+            if s.closed && s.jobs.is_empty() {
+                return;
+            }
+            let next_due = s
+                .jobs
+                .iter()
+                .map(|j| (j.enqueued + self.timeout).saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::from_secs(3600));
+            s = self
+                .timer
+                .wait_timeout(s, next_due.max(Duration::from_millis(1)))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_protocol::{GenerateRequest, Input, Sampling};
+    use std::sync::Arc;
+    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+    fn job() -> (Job, UnboundedReceiver<Event>) {
+        let (tx, rx) = unbounded_channel();
+        let req = GenerateRequest {
+            id: 0,
+            input: Input::Prompt("x".into()),
+            sampling: Sampling::default(),
+            max_tokens: 1,
+            stop: vec![],
+            top_logprobs: 0,
+            stream: true,
+            ignore_eos: false,
+        };
+        (
+            Job {
+                req,
+                events: tx,
+                enqueued: Instant::now(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn callers_that_left_give_their_place_back() {
+        let q = JobQueue::new(2, Duration::from_secs(30));
+        let (a, ra) = job();
+        let (b, rb) = job();
+        let (c, _rc) = job();
+        q.push(a).unwrap();
+        q.push(b).unwrap();
+        assert!(q.push(c).is_err(), "full at two waiting callers");
+        drop((ra, rb)); // both gave up
+        let (d, _rd) = job();
+        q.push(d).expect("their places are free again");
+        assert_eq!(q.len(), 1);
+        assert!(q.pop(Some(Duration::ZERO)).is_ok());
+        assert!(matches!(
+            q.pop(Some(Duration::from_millis(10))),
+            Err(RecvTimeoutError::Timeout)
+        ));
+    }
+
+    #[test]
+    fn a_waiting_job_gets_its_429_when_its_time_is_up_not_when_a_runner_frees() {
+        let q = Arc::new(JobQueue::new(4, Duration::from_millis(300)));
+        let timer = {
+            let q = q.clone();
+            std::thread::spawn(move || q.run_timer(&|_| {}))
+        };
+        let (a, mut ra) = job();
+        let t = Instant::now();
+        q.push(a).unwrap();
+        let ev = ra.blocking_recv();
+        assert!(
+            matches!(
+                ev,
+                Some(Event::Failed {
+                    kind: FailKind::QueueTimeout,
+                    ..
+                })
+            ),
+            "{ev:?}"
+        );
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_millis(1500),
+            "{waited:?}"
+        );
+        q.close();
+        timer.join().unwrap();
+    }
+
+    #[test]
+    fn depth_zero_accepts_only_when_a_worker_waits() {
+        let q = Arc::new(JobQueue::new(0, Duration::from_secs(30)));
+        let (a, _ra) = job();
+        assert!(q.push(a).is_err(), "no worker is waiting");
+        let worker = {
+            let q = q.clone();
+            std::thread::spawn(move || q.pop(None).is_ok())
+        };
+        let t = Instant::now();
+        let _kept = loop {
+            let (b, rb) = job();
+            match q.push(b) {
+                Ok(()) => break rb,
+                Err(_) => {
+                    assert!(t.elapsed() < Duration::from_secs(5));
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        };
+        assert!(worker.join().unwrap(), "the waiting worker got the job");
+        q.close();
+        assert!(matches!(q.pop(None), Err(RecvTimeoutError::Disconnected)));
+    }
+}
