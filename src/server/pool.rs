@@ -163,7 +163,7 @@ impl Pool {
 
     /// Jobs waiting whose callers are still there.
     pub fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.queue.waiting()
     }
 
     /// Runners with a model loaded and ready.
@@ -307,7 +307,7 @@ impl Worker {
             self.metrics.set(
                 "corral_queue_depth",
                 &[("pool", &self.pool)],
-                self.queue.len() as f64,
+                self.queue.waiting() as f64,
             );
             if self.aborting() {
                 let _ = job.events.send(Event::Failed {

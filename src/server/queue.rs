@@ -97,7 +97,7 @@ impl JobQueue {
     }
 
     /// Jobs waiting whose callers are still there.
-    pub fn len(&self) -> usize {
+    pub fn waiting(&self) -> usize {
         let mut s = self.lock();
         s.jobs.retain(|j| !j.events.is_closed());
         s.jobs.len()
@@ -193,7 +193,7 @@ mod tests {
         drop((ra, rb)); // both gave up
         let (d, _rd) = job();
         q.push(d).expect("their places are free again");
-        assert_eq!(q.len(), 1);
+        assert_eq!(q.waiting(), 1);
         assert!(q.pop(Some(Duration::ZERO)).is_ok());
         assert!(matches!(
             q.pop(Some(Duration::from_millis(10))),
