@@ -1185,6 +1185,28 @@ fn a_client_that_goes_away_cancels_its_generation_and_frees_the_runner() {
     let (code, v, _) = post(&s2, "/v1/completions", Some(KEY), long);
     assert_eq!(code, 504, "{v}");
     wait_for_log(&s2, "generation cancelled", Duration::from_secs(10));
+    // One still in its prefill (which has no token to cancel between) is not left computing:
+    // the runner is killed after its grace and replaced, and the next caller is served at once.
+    let (code, v, _) = post(
+        &s2,
+        "/v1/chat/completions",
+        Some(KEY),
+        chat(&"fox ".repeat(1500), 8),
+    );
+    assert_eq!(code, 504, "{v}");
+    wait_for_log(
+        &s2,
+        "cancelled generation: runner replaced",
+        Duration::from_secs(10),
+    );
+    let t = Instant::now();
+    let (code, _, _) = post(&s2, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
+    assert_eq!(code, 200);
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "the next request waited {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]

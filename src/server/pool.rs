@@ -387,6 +387,13 @@ impl Worker {
                         self.stop(runner.take(), "recycled");
                     }
                 }
+                Err(e @ RunnerError::CancelIgnored(_)) => {
+                    // Nobody waits for this answer; the runner was busy in a prefill it could
+                    // not leave and has been killed. Replaced like any stopped runner, without
+                    // counting as a failure (no backoff).
+                    tracing::info!(pool = %self.pool, error = %e, "cancelled generation: runner replaced");
+                    self.stop(runner.take(), "cancel_ignored");
+                }
                 Err(RunnerError::Refused(why)) => {
                     // The request, not the runner: answered as the caller's error, runner kept.
                     let _ = job.events.send(Event::Failed {
@@ -448,7 +455,7 @@ impl Worker {
         self.loaded.fetch_sub(1, Ordering::AcqRel);
         self.metrics
             .gauge_add("corral_runners", &[("pool", &self.pool)], -1.0);
-        if cause == "failed" || cause == "recycled" {
+        if matches!(cause, "failed" | "recycled" | "cancel_ignored") {
             self.metrics.inc(
                 "corral_runner_restarts_total",
                 &[("pool", &self.pool), ("cause", cause)],

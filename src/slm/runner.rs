@@ -40,6 +40,8 @@ pub enum RunnerError {
     Load(String),
     #[error("runner i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the runner did not stop within {0:?} of being cancelled (a prefill cannot be interrupted) and was killed")]
+    CancelIgnored(Duration),
 }
 
 fn describe(o: &Option<Outcome>) -> String {
@@ -182,6 +184,8 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 /// How often a generation waiting on its runner asks whether to stop.
 pub const STOP_POLL: Duration = Duration::from_millis(100);
+/// How long a cancelled runner has to answer before it is killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 impl Runner {
     /// Starts the runner for `spec` under `profile` and waits for its model to load.
@@ -370,7 +374,7 @@ impl Runner {
         self.send(&Request::Generate(req.clone()), deadline)?;
         let mut streamed = String::new();
         let mut count = 0u32;
-        let mut cancelled = false;
+        let mut cancelled: Option<Instant> = None;
         loop {
             let frame = loop {
                 match self
@@ -382,14 +386,24 @@ impl Runner {
                     Read_::Timeout if Instant::now() >= deadline => return Err(self.overran()),
                     Read_::Timeout => {}
                 }
-                if !cancelled && stop() {
-                    self.send(&Request::Cancel { id: req.id }, deadline)?;
-                    cancelled = true;
+                match cancelled {
+                    None if stop() => {
+                        self.send(&Request::Cancel { id: req.id }, deadline)?;
+                        cancelled = Some(Instant::now());
+                    }
+                    // Deaf to cancel (the runner honours it between tokens, and a long prefill
+                    // has none): end the process rather than let it compute for nobody.
+                    Some(at) if at.elapsed() >= CANCEL_GRACE => {
+                        self.sandbox.kill();
+                        let _ = self.sandbox.wait_until(None);
+                        return Err(RunnerError::CancelIgnored(CANCEL_GRACE));
+                    }
+                    _ => {}
                 }
             };
-            if !cancelled && stop() {
+            if cancelled.is_none() && stop() {
                 self.send(&Request::Cancel { id: req.id }, deadline)?;
-                cancelled = true;
+                cancelled = Some(Instant::now());
             }
             match frame {
                 Response::Token { id, token } => {
