@@ -205,3 +205,52 @@ fn phi3_gguf_with_fused_projections_matches_the_llama_original_at_the_first_posi
         assert!((g.logprob - w.logprob).abs() < 0.3, "{g:?} vs {w:?}");
     }
 }
+
+/// A copy of the default model with `output_norm.weight` set to NaN: every logit is NaN.
+fn with_nan_output_norm(src: &Path, dst: &Path) {
+    let mut f = std::fs::File::open(src).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let dev = Device::Cpu;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in ct.tensor_infos.keys() {
+        let t = ct.tensor(&mut f, name, &dev).unwrap();
+        let t = if name == "output_norm.weight" {
+            let n = t.shape().elem_count();
+            QTensor::quantize(
+                &Tensor::from_vec(vec![f32::NAN; n], t.shape().clone(), &dev).unwrap(),
+                GgmlDType::F32,
+            )
+            .unwrap()
+        } else {
+            t
+        };
+        tensors.push((name.clone(), t));
+    }
+    let md: Vec<(&str, &gguf_file::Value)> =
+        ct.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut out = std::fs::File::create(dst).unwrap();
+    gguf_file::write(&mut out, &md, &t_refs).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+#[test]
+fn non_finite_logits_are_a_model_error_not_an_empty_answer() {
+    let tmp = scratch();
+    let path = tmp.path().join("smollm2-nan-norm.gguf");
+    with_nan_output_norm(&model_file(), &path);
+    let mut r = start(&path);
+    for temperature in [0.0, 1.0] {
+        let mut req = request(france(), 8);
+        req.sampling.temperature = temperature;
+        match r.generate(req, &mut |_| {}) {
+            Err(corral::slm::runner::RunnerError::Model(m)) => {
+                assert!(m.contains("non-finite values"), "{m}")
+            }
+            other => panic!("temperature {temperature}: expected a model error, got {other:?}"),
+        }
+    }
+    // The runner itself is fine and still answers the protocol.
+    assert!(r.tokenize("still there", false).is_ok());
+}

@@ -57,6 +57,32 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
+/// The model produced values that are not finite numbers: its weights (or the computation) are
+/// broken, and no token can be chosen honestly. Reported as a model error, not the request's.
+#[derive(Debug, thiserror::Error)]
+#[error("the model produced non-finite values in its {what} ({nan} NaN, {inf} infinite of {total}): its weights or their computation are broken")]
+pub struct NonFinite {
+    pub what: &'static str,
+    pub nan: usize,
+    pub inf: usize,
+    pub total: usize,
+}
+
+/// One pass over `v` (the final hidden state, or ~50k logits: a few µs, far below a decode
+/// step). The hidden state is checked too because 8-bit activation quantization before the
+/// output matrix can turn NaN inputs into all-zero, finite logits.
+pub fn check_finite(what: &'static str, v: &[f32]) -> Result<(), NonFinite> {
+    if v.iter().all(|x| x.is_finite()) {
+        return Ok(());
+    }
+    Err(NonFinite {
+        what,
+        nan: v.iter().filter(|x| x.is_nan()).count(),
+        inf: v.iter().filter(|x| x.is_infinite()).count(),
+        total: v.len(),
+    })
+}
+
 impl Engine {
     pub fn prompt_tokens(&self, input: &Input) -> anyhow::Result<Vec<u32>> {
         Ok(match input {
@@ -99,6 +125,7 @@ impl Engine {
 
         let t0 = Instant::now();
         let mut logits = self.model.forward(&prompt, 0)?;
+        check_finite("logits", &logits)?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let mut ttft_ms = 0.0;
         let decode_start = Instant::now();
@@ -172,6 +199,7 @@ impl Engine {
             }
             if generated < max_new {
                 logits = self.model.forward(&[next], history.len() - 1)?;
+                check_finite("logits", &logits)?;
             }
         }
         // An incomplete character left at the end is part of the answer, unless a stop sequence

@@ -417,6 +417,7 @@ impl Llama {
         }
         let last = &x[(seq - 1) * c.n_embd..];
         let h = rms_norm(last, &self.norm, c.eps);
+        crate::engine::check_finite("final hidden state", &h)?;
         Ok(self.matmul(&self.output, &h, 1)?)
     }
 }

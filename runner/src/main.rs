@@ -24,7 +24,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use corral_protocol::digest;
 use corral_protocol::{
-    read_frame, write_frame, Ready, Request, Response, TokenInfo, MAX_REQUEST_FRAME,
+    read_frame, write_frame, ErrorKind, Ready, Request, Response, TokenInfo, MAX_REQUEST_FRAME,
 };
 
 struct Args {
@@ -276,6 +276,11 @@ fn run() -> anyhow::Result<()> {
                         &Response::Error {
                             id: Some(req.id),
                             message: format!("{e:#}"),
+                            kind: if e.downcast_ref::<engine::NonFinite>().is_some() {
+                                ErrorKind::Model
+                            } else {
+                                ErrorKind::Request
+                            },
                         },
                     )?,
                 }
@@ -294,6 +299,7 @@ fn main() {
             &Response::Error {
                 id: None,
                 message: format!("{e:#}"),
+                kind: ErrorKind::Model,
             },
         );
         let _ = out.flush();

@@ -394,6 +394,16 @@ impl Worker {
                     tracing::info!(pool = %self.pool, error = %e, "cancelled generation: runner replaced");
                     self.stop(runner.take(), "cancel_ignored");
                 }
+                Err(RunnerError::Model(why)) => {
+                    // The model, not the process: a fresh runner of the same weights would do
+                    // the same. Kept; the request fails over (escalation) or gets 503.
+                    tracing::error!(pool = %self.pool, error = %why, "the model's output is unusable");
+                    let _ = job.events.send(Event::Failed {
+                        kind: FailKind::Runner,
+                        error: format!("the model's output is unusable: {why}"),
+                        retryable: false,
+                    });
+                }
                 Err(RunnerError::Refused(why)) => {
                     // The request, not the runner: answered as the caller's error, runner kept.
                     let _ = job.events.send(Event::Failed {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use corral_protocol::{
-    Done, GenerateRequest, Ready, Request, Response, TokenInfo, MAX_REQUEST_FRAME,
+    Done, ErrorKind, GenerateRequest, Ready, Request, Response, TokenInfo, MAX_REQUEST_FRAME,
     MAX_RESPONSE_FRAME, MAX_TOP_LOGPROBS,
 };
 use syscalls::Sysno;
@@ -36,6 +36,8 @@ pub enum RunnerError {
     Died(Option<Outcome>),
     #[error("the runner refused the request: {0}")]
     Refused(String),
+    #[error("the model's output is unusable: {0}")]
+    Model(String),
     #[error("the runner could not load the model: {0}")]
     Load(String),
     #[error("runner i/o: {0}")]
@@ -455,7 +457,16 @@ impl Runner {
                     }
                     return Ok(done);
                 }
-                Response::Error { message, .. } => return Err(RunnerError::Refused(message)),
+                Response::Error {
+                    message,
+                    kind: ErrorKind::Request,
+                    ..
+                } => return Err(RunnerError::Refused(message)),
+                Response::Error {
+                    message,
+                    kind: ErrorKind::Model,
+                    ..
+                } => return Err(RunnerError::Model(message)),
                 other => return Err(RunnerError::Protocol(format!("unexpected frame {other:?}"))),
             }
         }

@@ -119,10 +119,35 @@ impl Default for Sampling {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Ready(Ready),
-    Token { id: u64, token: TokenInfo },
+    Token {
+        id: u64,
+        token: TokenInfo,
+    },
     Done(Done),
-    Tokens { id: u64, ids: Vec<u32> },
-    Error { id: Option<u64>, message: String },
+    Tokens {
+        id: u64,
+        ids: Vec<u32>,
+    },
+    Error {
+        id: Option<u64>,
+        message: String,
+        /// Whose fault: the request's (the default) or the model's.
+        #[serde(default)]
+        kind: ErrorKind,
+    },
+}
+
+/// What an error frame is about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request cannot be served as given (a prompt longer than the context, an empty one):
+    /// the caller's error; the runner is fine.
+    #[default]
+    Request,
+    /// The model itself produced unusable output (non-finite logits: broken or corrupted
+    /// weights). Not the caller's error, and another attempt on this model will not help.
+    Model,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
