@@ -356,11 +356,19 @@ pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Resul
     let st = state.clone();
     let result: std::io::Result<Instant> = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(bind).await?;
+        // Handlers first: a SIGHUP or SIGTERM right after the address line is handled, never
+        // the default action (which would end the server on SIGHUP).
+        use tokio::signal::unix::{signal, SignalKind};
+        let handlers = (
+            signal(SignalKind::hangup())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        );
         tracing::info!(addr = %listener.local_addr()?, "serving");
         // The address line tests and scripts wait for.
         eprintln!("corral: listening on http://{}", listener.local_addr()?);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let signals = tokio::spawn(signal_loop(st.clone(), stop_tx));
+        let signals = tokio::spawn(signal_loop(st.clone(), stop_tx, handlers));
         let mut rx = stop_rx.clone();
         let server = axum::serve(listener, app(st.clone())).with_graceful_shutdown(async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -396,16 +404,16 @@ pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Resul
     Ok(0)
 }
 
-async fn signal_loop(state: Arc<State>, stop: tokio::sync::watch::Sender<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+async fn signal_loop(
+    state: Arc<State>,
+    stop: tokio::sync::watch::Sender<bool>,
+    handlers: (
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    ),
+) {
+    let (mut hup, mut term, mut int) = handlers;
     loop {
         tokio::select! {
             _ = hup.recv() => {
