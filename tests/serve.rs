@@ -873,28 +873,47 @@ fn stop_first_sandbox_of(server: u32) -> std::thread::JoinHandle<Option<i32>> {
     })
 }
 
+/// Starts `corral serve` with `toml` (a lazy pool) and makes its first runner start hang: a
+/// watcher stops the sandbox's first process before `execve` while `first_request` runs. The
+/// watcher races a ~10 ms launch, so a start it missed is retried with a fresh server.
+fn serve_with_a_stuck_first_start(
+    toml: &str,
+    first_request: impl Fn(String) + Send + Clone + 'static,
+) -> (Server, i32, std::thread::JoinHandle<()>) {
+    for _ in 0..8 {
+        let s = serve(toml);
+        let watcher = stop_first_sandbox_of(s.child.id());
+        std::thread::sleep(Duration::from_millis(50));
+        let req = first_request.clone();
+        let url = s.url.clone();
+        let client = std::thread::spawn(move || req(url));
+        if let Some(stopped) = watcher.join().unwrap() {
+            return (s, stopped, client);
+        }
+        let _ = client.join();
+    }
+    panic!("the watcher never caught a runner's sandbox before execve in 8 servers");
+}
+
 #[test]
 fn a_stuck_runner_start_fails_at_the_deadline_and_sigterm_never_waits_for_it() {
-    // 1. The warm runner's first launch is held before execve: it fails at the 1 s deadline
-    //    naming the step, is counted, and the pool retries in the background until ready.
-    let mut s = serve(&config_text(
-        "[sandbox]\nlaunch_timeout_seconds = 1\n\n[server.pool]\nwarm = [\"smollm2-135m-instruct\"]\n",
-    ));
-    let stopped = stop_first_sandbox_of(s.child.id()).join().unwrap();
-    let stopped = stopped.expect("the warm runner's sandbox was never seen");
-    let t = Instant::now();
-    loop {
-        let (code, _) = call("GET", &format!("{}/readyz", s.url), None, None);
-        if code == 200 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "never ready after a failed start: {}",
-            s.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // 1. A runner start held before execve fails at the 1 s deadline naming the step, is
+    //    counted, and the request is retried on a fresh runner: the caller is answered.
+    let (s, stopped, client) = serve_with_a_stuck_first_start(
+        &config_text("[sandbox]\nlaunch_timeout_seconds = 1\n"),
+        |url| {
+            let (code, r) = call(
+                "POST",
+                &format!("{url}/v1/chat/completions"),
+                Some(KEY),
+                Some(chat("Say hi.", 3)),
+            );
+            assert_eq!(code, 200, "{}", r.into_string().unwrap_or_default());
+        },
+    );
+    client
+        .join()
+        .expect("the request behind the stuck start was not answered");
     {
         let log = s.log.lock().unwrap();
         assert!(
@@ -915,69 +934,47 @@ fn a_stuck_runner_start_fails_at_the_deadline_and_sigterm_never_waits_for_it() {
             .any(|l| l.starts_with("corral_runner_start_failures_total{") && l.ends_with(" 1")),
         "{metrics}"
     );
-    let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
-    assert_eq!(code, 200);
-    let _ = s.child.kill();
-    let _ = s.child.wait();
+    drop(s);
 
     // 2. A start stuck far longer than the shutdown grace: SIGTERM still ends the server within
     //    grace + margin, killing the stuck sandbox and removing its cgroups.
-    let mut s = serve(
-        &config_text(
-            "[sandbox]\nlaunch_timeout_seconds = 120\n\n[server.pool]\nwarm = [\"smollm2-135m-instruct\"]\n",
-        )
-        .replace("shutdown_grace_seconds = 10", "shutdown_grace_seconds = 1"),
+    let (mut s, stopped, client) = serve_with_a_stuck_first_start(
+        &config_text("[sandbox]\nlaunch_timeout_seconds = 120\n")
+            .replace("shutdown_grace_seconds = 10", "shutdown_grace_seconds = 1"),
+        |url| {
+            // Answered with an error or cut off by the shutdown: either way it returns.
+            let _ = ureq::post(&format!("{url}/v1/chat/completions"))
+                .set("authorization", &format!("Bearer {KEY}"))
+                .timeout(Duration::from_secs(60))
+                .send_json(chat("Say hi.", 3));
+        },
     );
-    let stopped = stop_first_sandbox_of(s.child.id()).join().unwrap();
-    let stopped = stopped.expect("the warm runner's sandbox was never seen");
-    // Sandbox cgroups are named <supervisor pid>-<start time>-<n>.
-    let server_pid = s.child.id();
-    let ours = move || -> Vec<std::path::PathBuf> {
-        sandbox_cgroups()
-            .into_iter()
-            .filter(|c| {
-                c.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{server_pid}-")))
-            })
-            .collect()
-    };
+    let server = s.child.id();
     let t = Instant::now();
-    while ours().is_empty() {
+    while cgroups_of_server(server).is_empty() {
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "no cgroup for the stuck start"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &s.child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "SIGTERM waited on a stuck runner start: {}",
-            s.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = sigterm_and_wait(&mut s, Duration::from_secs(15));
     assert!(status.success(), "{status:?}: {}", s.log.lock().unwrap());
     assert!(
         t.elapsed() < Duration::from_secs(6),
         "shutdown took {:?} (grace 1 s + 2 s margin)",
         t.elapsed()
     );
+    client.join().unwrap();
     assert!(
         !std::path::Path::new(&format!("/proc/{stopped}")).exists(),
         "the stuck sandbox {stopped} outlived the server"
     );
     assert_eq!(
-        ours(),
-        Vec::<std::path::PathBuf>::new(),
+        cgroups_of_server(server),
+        Vec::<PathBuf>::new(),
         "cgroups left behind"
     );
 }
@@ -1216,18 +1213,28 @@ fn callers_that_gave_up_free_their_queue_places_and_the_queue_timeout_fires_on_t
     ));
     let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
     assert_eq!(code, 200);
-    // The only runner is busy with a long answer.
+    // The only runner is busy with a long answer (streamed, so we know when it is running).
     let url = s.url.clone();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = ureq::post(&format!("{url}/v1/completions"))
+        let r = ureq::post(&format!("{url}/v1/completions"))
             .set("authorization", &format!("Bearer {KEY}"))
             .timeout(Duration::from_secs(120))
             .send_json(
                 json!({"model": "auto", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
-                              "temperature": 0, "max_tokens": 3000}),
+                              "temperature": 0, "max_tokens": 3000, "stream": true}),
             );
+        if let Ok(r) = r {
+            let mut reader = r.into_reader();
+            let mut buf = [0u8; 256];
+            let _ = std::io::Read::read(&mut reader, &mut buf);
+            let _ = started_tx.send(());
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        }
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    started_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the long answer never started");
     // Two callers queue behind it and give up after a second each.
     let givers: Vec<_> = (0..2)
         .map(|_| {
@@ -1257,7 +1264,7 @@ fn callers_that_gave_up_free_their_queue_places_and_the_queue_timeout_fires_on_t
     assert!(msg.contains("timed out waiting"), "{v}");
     assert!(headers.header("retry-after").is_some());
     assert!(
-        waited >= Duration::from_millis(2800) && waited < Duration::from_secs(6),
+        waited >= Duration::from_millis(2800) && waited < Duration::from_secs(8),
         "the queue timeout of 3 s fired after {waited:?}"
     );
 }
