@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-600}
 CLIENTS=${CLIENTS:-4}
-cargo build --release --workspace >/dev/null
+cargo build --release --workspace --all-targets >/dev/null   # as test.sh: no feature-driven rebuild
 scripts/fetch-model.sh >/dev/null
 exec python3 - "$DURATION" "$CLIENTS" <<'PY'
 import http.client, json, os, random, re, signal, statistics, subprocess, sys, tempfile, threading, time

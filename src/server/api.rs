@@ -1364,34 +1364,27 @@ fn stream_live(
                     );
                     return;
                 }
-                None if gone => {
-                    let e = ApiError::internal(
-                        "the client went away mid-stream; the generation was cancelled",
-                    );
-                    audit(&state, &gen, &ident, &d, None, Some(&e), None, t0);
-                    state.metrics.inc(
-                        "corral_requests_total",
-                        &[
-                            ("endpoint", endpoint),
-                            ("route", "slm"),
-                            ("model", &model),
-                            ("outcome", "client_gone"),
-                        ],
-                    );
-                    return;
-                }
                 failed => {
-                    let error = match failed {
-                        Some(Event::Failed { error, .. }) => error,
-                        _ => "the pool worker went away".to_string(),
+                    let (e, outcome) = if gone && failed.is_none() {
+                        // Closing the channel cancelled the generation: nobody to tell.
+                        let e = ApiError::internal(
+                            "the client went away mid-stream; the generation was cancelled",
+                        );
+                        (e, "client_gone")
+                    } else {
+                        let error = match failed {
+                            Some(Event::Failed { error, .. }) => error,
+                            _ => "the pool worker went away".to_string(),
+                        };
+                        // Bytes already reached the client: nothing can be retried. End the
+                        // stream with an error event rather than a silent truncation.
+                        tracing::warn!(request_id = %gen.rid, error = %error, "local model failed mid-stream");
+                        let e = ApiError::internal(format!(
+                            "the local model failed after the answer started streaming: {error}"
+                        ));
+                        let _ = tx.send(sse_data(&e.body())).await;
+                        (e, "stream_error")
                     };
-                    // Bytes already reached the client: nothing can be retried. End the stream
-                    // with an error event rather than a silent truncation.
-                    tracing::warn!(request_id = %gen.rid, error = %error, "local model failed mid-stream");
-                    let e = ApiError::internal(format!(
-                        "the local model failed after the answer started streaming: {error}"
-                    ));
-                    let _ = tx.send(sse_data(&e.body())).await;
                     audit(&state, &gen, &ident, &d, None, Some(&e), None, t0);
                     state.metrics.inc(
                         "corral_requests_total",
@@ -1399,7 +1392,7 @@ fn stream_live(
                             ("endpoint", endpoint),
                             ("route", "slm"),
                             ("model", &model),
-                            ("outcome", "stream_error"),
+                            ("outcome", outcome),
                         ],
                     );
                     return;

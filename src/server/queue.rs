@@ -71,10 +71,14 @@ impl JobQueue {
         loop {
             while let Some(j) = s.jobs.pop_front() {
                 if !j.events.is_closed() {
+                    if s.closed && s.jobs.is_empty() {
+                        self.timer.notify_all(); // its last job is gone: the timer may end
+                    }
                     return Ok(j);
                 }
             }
             if s.closed {
+                self.timer.notify_all();
                 return Err(RecvTimeoutError::Disconnected);
             }
             s.waiting += 1;
@@ -229,6 +233,26 @@ mod tests {
         );
         q.close();
         timer.join().unwrap();
+    }
+
+    #[test]
+    fn the_timer_ends_once_a_closed_queue_is_drained() {
+        let q = Arc::new(JobQueue::new(4, Duration::from_secs(30)));
+        let timer = {
+            let q = q.clone();
+            std::thread::spawn(move || q.run_timer(&|_| {}))
+        };
+        let (a, _ra) = job();
+        q.push(a).unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // the timer now waits for a's deadline
+        q.close();
+        assert!(
+            q.pop(None).is_ok(),
+            "queued work is still handed out after close"
+        );
+        let t = Instant::now();
+        timer.join().unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 
     #[test]
