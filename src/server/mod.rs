@@ -334,6 +334,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
             new.server.shutdown_grace.as_secs()
         ));
     }
+    if old.server.max_request_body_bytes != new.server.max_request_body_bytes {
+        out.push(format!(
+            "server.max_request_body_bytes: {} -> {}",
+            old.server.max_request_body_bytes, new.server.max_request_body_bytes
+        ));
+    }
     if old.logging.filter != new.logging.filter || old.logging.format != new.logging.format {
         out.push("logging: level/format".into());
     }
