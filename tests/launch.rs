@@ -113,29 +113,6 @@ fn hundreds_of_launches_from_a_process_whose_threads_come_and_go_all_finish() {
     );
 }
 
-/// The pids of this process's children (of every thread) that are a sandbox's first process
-/// (in a pid namespace of their own), not the `corral` or `cc` processes other tests start.
-fn sandbox_children() -> Vec<i32> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir("/proc/self/task")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-        }
-    }
-    out.retain(|pid| {
-        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|st| {
-            st.lines()
-                .find_map(|l| l.strip_prefix("NSpid:"))
-                .is_some_and(|ids| ids.split_whitespace().count() > 1)
-        })
-    });
-    out
-}
-
 /// The two tests that launch sandboxes from this process take turns: the stuck-child test
 /// stops the first sandbox child it sees, which must be its own.
 static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -155,13 +132,15 @@ fn a_child_stuck_before_exec_is_killed_at_the_deadline_naming_its_step() {
     // it at whatever setup step it reached. Stopping it in time is a race the watcher usually
     // wins within a few attempts; the launch itself takes ~10 ms.
     for attempt in 0..20 {
-        let before = sandbox_children();
+        let before = sandbox_children("self");
         let done = Arc::new(AtomicBool::new(false));
         let watcher = {
             let done = done.clone();
             std::thread::spawn(move || {
                 while !done.load(Ordering::Relaxed) {
-                    if let Some(pid) = sandbox_children().into_iter().find(|p| !before.contains(p))
+                    if let Some(pid) = sandbox_children("self")
+                        .into_iter()
+                        .find(|p| !before.contains(p))
                     {
                         // SAFETY: stops our own child.
                         unsafe { libc::kill(pid, libc::SIGSTOP) };

@@ -845,27 +845,13 @@ fn stop_first_sandbox_of(server: u32) -> std::thread::JoinHandle<Option<i32>> {
     std::thread::spawn(move || {
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(30) {
-            let tasks = std::fs::read_dir(format!("/proc/{server}/task"));
-            for task in tasks.into_iter().flatten().flatten() {
-                let kids =
-                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-                for pid in kids
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    let status =
-                        std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                    let own_ns = status
-                        .lines()
-                        .find_map(|l| l.strip_prefix("NSpid:"))
-                        .is_some_and(|ids| ids.split_whitespace().count() > 1);
-                    let exec_d = std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("corral-runner"));
-                    if own_ns && !exec_d {
-                        // SAFETY: stops a process of the server under test.
-                        unsafe { libc::kill(pid, libc::SIGSTOP) };
-                        return Some(pid);
-                    }
+            for pid in sandbox_children(&server.to_string()) {
+                let exec_d = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("corral-runner"));
+                if !exec_d {
+                    // SAFETY: stops a process of the server under test.
+                    unsafe { libc::kill(pid, libc::SIGSTOP) };
+                    return Some(pid);
                 }
             }
         }

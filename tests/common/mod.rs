@@ -289,3 +289,26 @@ pub fn openai_answer(text: &str) -> String {
     })
     .to_string()
 }
+
+/// The children (of any thread) of process `pid` (`"self"` or a number) that are a sandbox's
+/// first process: in a pid namespace of their own, not `corral` or `cc` processes tests start.
+pub fn sandbox_children(pid: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out.retain(|child| {
+        std::fs::read_to_string(format!("/proc/{child}/status")).is_ok_and(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .is_some_and(|ids| ids.split_whitespace().count() > 1)
+        })
+    });
+    out
+}
