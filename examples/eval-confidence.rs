@@ -133,8 +133,8 @@ fn correct(answer: &str, q: &Q) -> bool {
 
 fn main() {
     let config = Config::load(&Sources::default()).expect("config");
-    let model = models::lookup(&config, corral::catalog::DEFAULT_MODEL).unwrap();
-    let path = models::require(&config, model).unwrap();
+    let model = models::lookup(&config.slm.models, corral::catalog::DEFAULT_MODEL).unwrap();
+    let path = models::require(&config.slm.model_dir, model).unwrap();
     let profile = config.profiles.resolve("secure").unwrap();
     let spec = RunnerSpec {
         model_path: path,

@@ -12,9 +12,13 @@
 //! - [`providers`]: remote LLM providers (OpenAI-compatible, Anthropic) with retries, circuit
 //!   breakers and fallback chains.
 //! - [`routing`]: task classification, policy rules and the route decision.
+//! - [`answer`]: the answer pipeline `corral run` and `corral serve` share: decide, run the
+//!   SLM (retry), score, escalate, audit record.
+//! - [`pool`]: warm sandboxed runners per (model, profile) and their queue.
 //! - [`audit`]: the encrypted, tamper-evident log of every model request and answer.
 //! - [`commands`]: what each CLI subcommand does, callable from tests.
 
+pub mod answer;
 pub mod audit;
 pub mod catalog;
 pub mod commands;
@@ -22,6 +26,8 @@ pub mod confidence;
 pub mod config;
 pub mod files;
 pub mod guardrails;
+pub mod metrics;
+pub mod pool;
 pub mod profile;
 pub mod providers;
 pub mod routing;
@@ -48,12 +54,19 @@ pub enum Error {
     Audit(#[from] audit::AuditError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The server could not start (its audit log, its warm pools, its address).
+    #[error("the server cannot start: {0}")]
+    Start(String),
+    /// A request the answer pipeline refused or could not answer.
+    #[error(transparent)]
+    Answer(#[from] answer::Failure),
 }
 
 impl Error {
     /// Exit status for this error: 127 command not found, 126 not executable, 2 usage and
-    /// configuration errors (an audit key file refused included), 1 a failed audit log, 125 any
-    /// other failure to launch.
+    /// configuration errors (an audit key file refused included, a model the caller may not
+    /// use or that is not on this machine), 1 a failed audit log or a request that got no
+    /// answer, 4 a server that could not start, 125 any other failure to launch.
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Sandbox(sandbox::SandboxError::CommandNotFound { .. }) => 127,
@@ -62,6 +75,13 @@ impl Error {
             Error::Config(_) | Error::Profile(_) | Error::Usage(_) => 2,
             Error::Audit(e) if e.is_config() => 2,
             Error::Audit(_) => 1,
+            Error::Start(_) => 4,
+            Error::Answer(
+                answer::Failure::UnknownModel(_)
+                | answer::Failure::NotAllowed(_)
+                | answer::Failure::Unavailable { .. },
+            ) => 2,
+            Error::Answer(_) => 1,
             _ => 125,
         }
     }

@@ -5,7 +5,7 @@ use crate::slm::models;
 
 pub fn list(config: &Config) -> crate::Result<i32> {
     for m in config.slm.models.iter() {
-        let path = models::model_path(config, m);
+        let path = models::model_path(&config.slm.model_dir, m);
         let state = if path.is_file() { "present" } else { "absent" };
         println!("{:<28} {:<8} {}  ({})", m.id, state, path.display(), m.name);
     }
@@ -13,8 +13,10 @@ pub fn list(config: &Config) -> crate::Result<i32> {
 }
 
 pub fn pull(config: &Config, id: &str) -> crate::Result<i32> {
-    let m = models::lookup(config, id).map_err(|e| crate::Error::Usage(e.to_string()))?;
-    let path = models::pull(config, m, true).map_err(|e| crate::Error::Usage(e.to_string()))?;
+    let m =
+        models::lookup(&config.slm.models, id).map_err(|e| crate::Error::Usage(e.to_string()))?;
+    let path = models::pull(&config.slm.model_dir, m, true)
+        .map_err(|e| crate::Error::Usage(e.to_string()))?;
     println!("{}", path.display());
     Ok(0)
 }

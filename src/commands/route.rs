@@ -42,6 +42,7 @@ impl CallerArgs {
             team: self.team.clone(),
             key_alias: self.key_alias.clone(),
             requested_model: model.map(String::from),
+            requested_profile: None,
             metadata,
             required_capabilities: vec![],
             minute_of_day: None,

@@ -1,30 +1,40 @@
-//! `corral run`: answer one prompt the way routing decides: a local model in its sandbox
-//! (streamed), escalated to the remote chain when its confidence is below the threshold, straight
-//! to the chain when a policy requires it, or refused.
+//! `corral run`: answer one prompt through the answer pipeline ([`crate::answer`], the same one
+//! `corral serve` uses): a local model in its sandbox (streamed to the terminal), escalated to
+//! the remote chain when its confidence is below the threshold, straight to the chain when a
+//! policy requires it, or refused. This file only builds the request, gives the pipeline one
+//! sandboxed runner per attempt ([`OneRunner`]) and prints the outcome.
 //!
 //! Streaming and escalation: when an SLM answer may still be escalated (a fallback chain exists
-//! and `routing.llm_fallback.on_low_confidence` is on), the answer is held until its score is
-//! known, so the terminal never shows an answer that is then replaced; otherwise it streams.
+//! and `routing.llm_fallback.on_low_confidence` is on, or an audit rate), the answer is held
+//! until its score is known, so the terminal never shows an answer that is then replaced;
+//! otherwise it streams.
 //!
 //! With `audit.enabled`, each run writes one audit entry (answers, escalations, refusals and
 //! failures alike); the log is opened before anything else, so a request whose entry could not be
 //! written (a missing or loose key file) is not served.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling};
+use corral_protocol::GenerateRequest;
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
-use crate::audit::{self, AuditLog, AuditRecord, Interaction, Route, TokenUsage};
+use crate::answer::record::slm_json;
+use crate::answer::remote::Providers;
+use crate::answer::{
+    Answer, Failure, LocalModel, Outcome, Pipeline, Request, Source, SubmitError, Update,
+};
+use crate::audit::{self, AuditLog, Caller};
 use crate::commands::route::CallerArgs;
-use crate::confidence::{self, TokenStat};
 use crate::config::Config;
-use crate::providers::{Chain, ChatRequest, ChatResponse, Message, Provider};
-use crate::routing::{RouteDecision, Selection};
-use crate::sandbox::HostSupport;
+use crate::pool::Event;
+use crate::profile::ProfileRegistry;
+use crate::routing::RouteDecision;
+use crate::sandbox::{HostSupport, SandboxConfig};
 use crate::slm::models;
-use crate::slm::runner::{runner_binary, Runner, RunnerSpec};
+use crate::slm::runner::Runner;
 
 /// `corral run`'s arguments (also its command-line definition).
 #[derive(Debug, Clone, clap::Args)]
@@ -81,170 +91,103 @@ pub fn terminal_safe(s: &str) -> String {
 /// Exit status of `corral run` when a policy or guardrail refuses the request.
 pub const EXIT_DENIED: i32 = 3;
 
-/// What the SLM produced.
-struct SlmAnswer {
-    text: String,
-    score: Option<f64>,
-    all_scores: serde_json::Map<String, serde_json::Value>,
-    done: corral_protocol::Done,
-    ready: corral_protocol::Ready,
+/// What the last runner did beyond its answer: its start-up time and what its cgroup saw.
+#[derive(Debug, Default)]
+struct Report {
     startup_ms: f64,
     outcome: Option<crate::sandbox::Outcome>,
 }
 
-fn messages(args: &RunArgs, prompt: &str) -> Vec<Message> {
-    let mut m = Vec::new();
-    if let Some(s) = &args.system {
-        m.push(Message::new("system", s.clone()));
-    }
-    m.push(Message::new("user", prompt));
-    m
+/// The CLI's local model: one sandboxed runner per attempt, started on its own thread (the
+/// runner's parent for its whole life, as `PR_SET_PDEATHSIG` needs) and stopped after its
+/// answer.
+#[derive(Debug)]
+struct OneRunner {
+    catalog: crate::catalog::Catalog,
+    model_dir: std::path::PathBuf,
+    profiles: ProfileRegistry,
+    sandbox: SandboxConfig,
+    host: HostSupport,
+    report: Arc<Mutex<Report>>,
 }
 
-fn call_chain(
-    config: &Config,
-    providers: &[String],
-    args: &RunArgs,
-    d: &RouteDecision,
-) -> crate::Result<ChatResponse> {
-    let chain = Chain::new(
-        providers
-            .iter()
-            .filter_map(|n| {
-                config
-                    .providers
-                    .get(n)
-                    .map(|c| std::sync::Arc::new(Provider::new(n, c.clone())))
+impl LocalModel for OneRunner {
+    fn submit(
+        &self,
+        model: &str,
+        profile: &str,
+        req: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let spec = models::runner_spec(&self.catalog, &self.model_dir, model)
+            .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+        let profile = self
+            .profiles
+            .resolve(profile)
+            .map_err(|e| SubmitError::Unavailable(e.to_string()))?;
+        let (sandbox, host, report) =
+            (self.sandbox.clone(), self.host.clone(), self.report.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("corral-runner".into())
+            .spawn(move || {
+                let mut runner = match Runner::start(&spec, &profile, &sandbox, &host) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(crate::pool::failed(&e, true));
+                        return;
+                    }
+                };
+                let result = runner.generate_until(
+                    req,
+                    &mut |t| {
+                        let _ = tx.send(Event::Token(t.clone()));
+                    },
+                    &|| tx.is_closed(),
+                );
+                let ready = runner.ready.clone();
+                let startup_ms = runner.startup.as_secs_f64() * 1e3;
+                let outcome = runner.shutdown();
+                *report
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Report {
+                    startup_ms,
+                    outcome,
+                };
+                let _ = tx.send(match result {
+                    Ok(done) => Event::Done(Box::new(done), Box::new(ready)),
+                    Err(e) => crate::pool::failed(&e, false),
+                });
             })
-            .collect(),
-    );
-    let prompt = d.remote_prompt.as_deref().unwrap_or(&args.prompt);
-    let req = ChatRequest {
-        messages: messages(args, prompt),
-        max_tokens: Some(args.max_tokens),
-        temperature: Some(args.temperature),
-        top_p: args.top_p,
-        stop: vec![],
-        logprobs: true,
-        user: args.caller.agent.clone(),
-    };
-    chain.complete(&req).map_err(crate::Error::from)
-}
-
-fn run_slm(
-    config: &Config,
-    args: &RunArgs,
-    model_id: &str,
-    profile_name: &str,
-    stream: bool,
-) -> crate::Result<SlmAnswer> {
-    let model = models::lookup(config, model_id).map_err(|e| crate::Error::Usage(e.to_string()))?;
-    let path = models::require(config, model).map_err(|e| crate::Error::Usage(e.to_string()))?;
-    let profile = config.profiles.resolve(profile_name)?;
-    let host = HostSupport::probe_for(&config.sandbox);
-    let spec = RunnerSpec {
-        model_path: path,
-        sha256: model.sha256.clone(),
-        binary: runner_binary(),
-        requantize: true,
-    };
-    let mut runner = Runner::start(&spec, &profile, &config.sandbox, &host)?;
-    // the same messages the remote chain would get, in the runner's protocol type
-    let msgs = messages(args, &args.prompt)
-        .into_iter()
-        .map(|m| ChatMessage {
-            role: m.role,
-            content: m.content,
-        })
-        .collect();
-    let req = GenerateRequest {
-        id: 0,
-        input: Input::Messages(msgs),
-        sampling: Sampling {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            seed: args.seed,
-            ..Sampling::default()
-        },
-        max_tokens: args.max_tokens,
-        stop: vec![],
-        top_logprobs: 0,
-        stream: true,
-        ignore_eos: args.ignore_eos,
-    };
-    let mut stats = Vec::new();
-    let mut stdout = std::io::stdout();
-    let mut streamed = String::new();
-    let result = runner.generate(req, &mut |t| {
-        stats.push(TokenStat::from(t));
-        if stream {
-            streamed.push_str(&t.text);
-            let _ = stdout.write_all(terminal_safe(&t.text).as_bytes());
-            let _ = stdout.flush();
-        }
-    });
-    let done = match result {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = runner.shutdown();
-            return Err(crate::Error::Runner(e));
-        }
-    };
-    if stream {
-        // Text held back for stop sequences arrives with the final frame.
-        let rest = done.text.get(streamed.len()..).unwrap_or_default();
-        let _ = stdout.write_all(terminal_safe(rest).as_bytes());
-        let _ = writeln!(stdout);
+            .map_err(|e| SubmitError::Unavailable(format!("starting the runner thread: {e}")))?;
+        Ok(rx)
     }
-    let ready = runner.ready.clone();
-    let startup_ms = runner.startup.as_secs_f64() * 1e3;
-    let outcome = runner.shutdown();
-    if let Some(o) = &outcome {
-        for l in &o.limits {
-            eprintln!("corral: {}", l.message());
-        }
+}
+
+/// The pipeline's request for `args`.
+fn request(args: &RunArgs) -> crate::Result<Request> {
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(("system".to_string(), s.clone()));
     }
-    Ok(SlmAnswer {
-        text: done.text.clone(),
-        score: confidence::score(&stats, config.routing.method),
-        all_scores: confidence::all_scores(&stats)
-            .into_iter()
-            .map(|(m, s)| (m.name().to_string(), json!(s)))
-            .collect(),
-        done,
-        ready,
-        startup_ms,
-        outcome,
-    })
+    messages.push(("user".to_string(), args.prompt.clone()));
+    let mut req = Request::chat(audit::new_id(), messages);
+    if let Some(m) = &args.model {
+        req.model = m.clone();
+    }
+    req.profile = args.profile.clone();
+    req.max_tokens = args.max_tokens;
+    req.temperature = args.temperature;
+    req.top_p = args.top_p;
+    req.seed = args.seed;
+    req.stream = !args.json;
+    req.user = args.caller.agent.clone();
+    req.task = args.caller.task.clone();
+    req.metadata = args.caller.context("", None)?.metadata;
+    req.ignore_eos = args.ignore_eos;
+    Ok(req)
 }
 
-fn slm_json(a: &SlmAnswer, model: &str, profile: &str, method: &str) -> serde_json::Value {
-    let o = a.outcome.as_ref();
-    json!({
-        "text": a.done.text,
-        "model": model,
-        "profile": profile,
-        "confidence": {"score": a.score, "method": method, "scores": a.all_scores},
-        "usage": {"prompt_tokens": a.done.prompt_tokens, "completion_tokens": a.done.completion_tokens},
-        "timings": {
-            "load_ms": a.ready.load_ms,
-            "startup_ms": a.startup_ms,
-            "prefill_ms": a.done.prefill_ms,
-            "ttft_ms": a.done.ttft_ms,
-            "decode_tokens_per_s": a.done.decode_tokens_per_s,
-        },
-        "finish_reason": a.done.finish_reason,
-        "runner": {
-            "architecture": a.ready.architecture,
-            "quantization": a.ready.quantization,
-            "threads": a.ready.threads,
-            "memory_peak_mb": o.and_then(|o| o.stats.memory_peak_bytes).map(|b| b / (1024 * 1024)),
-            "cpu_ms": o.and_then(|o| o.stats.cpu_usage_ns).map(|n| n / 1_000_000),
-        },
-    })
-}
-
-fn route_json(d: &RouteDecision) -> serde_json::Value {
+fn route_json(d: &RouteDecision) -> Value {
     json!({
         "selection": d.selection,
         "task": d.task.task,
@@ -255,156 +198,6 @@ fn route_json(d: &RouteDecision) -> serde_json::Value {
     })
 }
 
-/// The confidence of a remote answer, from its token log-probabilities when it has them.
-fn llm_score(config: &Config, r: &ChatResponse) -> Option<f64> {
-    r.token_logprobs
-        .as_deref()
-        .and_then(|lps| confidence::score_logprobs(lps, config.routing.method))
-}
-
-/// Prints a remote answer; `escalation` says why it replaced the SLM's, `slm` what that was.
-fn print_llm(
-    config: &Config,
-    args: &RunArgs,
-    d: &RouteDecision,
-    r: &ChatResponse,
-    escalation: Option<&str>,
-    slm: Option<serde_json::Value>,
-    t0: Instant,
-) {
-    let method = config.routing.method;
-    let score = llm_score(config, r);
-    if args.json {
-        println!(
-            "{}",
-            json!({
-                "text": r.text,
-                "model": r.model,
-                "provider": r.provider,
-                "route": route_json(d),
-                "escalated": escalation.is_some(),
-                "escalation_reason": escalation,
-                "confidence": {"score": score, "method": method.name()},
-                "usage": r.usage,
-                "timings": {"latency_ms": r.latency_ms, "total_ms": t0.elapsed().as_secs_f64() * 1e3},
-                "attempts": r.attempts,
-                "finish_reason": r.finish_reason,
-                "slm": slm,
-            })
-        );
-    } else {
-        println!("{}", terminal_safe(&r.text));
-        eprintln!(
-            "corral: llm {} ({}){} · {} prompt + {} tokens · {:.0} ms · {} attempt(s) · confidence {}",
-            r.provider,
-            r.model,
-            escalation.map_or(String::new(), |e| format!(" · escalated: {e}")),
-            r.usage.prompt_tokens,
-            r.usage.completion_tokens,
-            r.latency_ms,
-            r.attempts,
-            score.map_or("n/a".to_string(), |s| format!("{s:.3}")),
-        );
-    }
-}
-
-/// What one run did, for its audit entry.
-#[derive(Debug, Default)]
-struct Trail {
-    interaction: Interaction,
-    route: Option<Route>,
-    policies: Vec<String>,
-    model: Option<String>,
-    provider: Option<String>,
-    confidence: Option<f64>,
-    escalation_reason: Option<String>,
-    usage: Option<TokenUsage>,
-    response: Value,
-}
-
-impl Trail {
-    fn decided(&mut self, d: &RouteDecision) {
-        self.route = Some(match d.selection {
-            Selection::Slm { .. } => Route::Slm,
-            Selection::Llm { .. } => Route::Llm,
-            Selection::Deny { .. } => Route::Deny,
-        });
-        self.policies = d.policies_applied.clone();
-    }
-
-    fn escalating(&mut self, why: &str, slm: Value, score: Option<f64>) {
-        self.interaction = Interaction::Escalation;
-        self.escalation_reason = Some(why.to_string());
-        self.confidence = score;
-        self.response = json!({ "slm": slm });
-    }
-
-    /// The remote answer; for an escalation it joins what the SLM did, whose confidence stays
-    /// the entry's (it is why the request escalated).
-    fn llm(&mut self, config: &Config, r: &ChatResponse) {
-        let score = llm_score(config, r);
-        if self.interaction != Interaction::Escalation {
-            self.confidence = score;
-        }
-        self.model = Some(r.model.clone());
-        self.provider = Some(r.provider.clone());
-        self.usage = Some(TokenUsage {
-            prompt_tokens: r.usage.prompt_tokens,
-            completion_tokens: r.usage.completion_tokens,
-        });
-        let answer = json!({
-            "text": r.text,
-            "model": r.model,
-            "provider": r.provider,
-            "finish_reason": r.finish_reason,
-            "confidence": score,
-            "latency_ms": r.latency_ms,
-            "attempts": r.attempts,
-        });
-        match &mut self.response {
-            Value::Object(m) => {
-                if let Value::Object(a) = answer {
-                    m.extend(a);
-                }
-            }
-            other => *other = answer,
-        }
-    }
-
-    fn record(self, args: &RunArgs, result: &crate::Result<i32>, t0: Instant) -> AuditRecord {
-        AuditRecord {
-            request_id: audit::new_id(),
-            caller: audit::Caller {
-                agent: args.caller.agent.clone(),
-                team: args.caller.team.clone(),
-                key_alias: args.caller.key_alias.clone(),
-            },
-            interaction: self.interaction,
-            model: self.model,
-            provider: self.provider,
-            route: self.route,
-            policies: self.policies,
-            confidence: self.confidence,
-            escalation_reason: self.escalation_reason,
-            latency_ms: t0.elapsed().as_secs_f64() * 1e3,
-            usage: self.usage,
-            error: result.as_ref().err().map(ToString::to_string),
-            request: json!({
-                "messages": messages(args, &args.prompt),
-                "model": args.model,
-                "profile": args.profile,
-                "max_tokens": args.max_tokens,
-                "temperature": args.temperature,
-                "top_p": args.top_p,
-                "seed": args.seed,
-                "task": args.caller.task.as_ref().map(ToString::to_string),
-                "metadata": args.caller.metadata,
-            }),
-            response: self.response,
-        }
-    }
-}
-
 pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
     let t0 = Instant::now();
     let audit_log = if config.audit.enabled {
@@ -412,12 +205,55 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
     } else {
         None
     };
-    let mut trail = Trail::default();
-    let result = route_and_answer(config, args, t0, &mut trail);
+    let req = request(args)?;
+    let caller = Caller {
+        agent: args.caller.agent.clone(),
+        team: args.caller.team.clone(),
+        key_alias: args.caller.key_alias.clone(),
+    };
+    let report = Arc::new(Mutex::new(Report::default()));
+    let pipeline = Pipeline {
+        router: config.routing.clone(),
+        local: Arc::new(OneRunner {
+            catalog: config.slm.models.clone(),
+            model_dir: config.slm.model_dir.clone(),
+            profiles: config.profiles.clone(),
+            sandbox: config.sandbox.clone(),
+            host: HostSupport::probe_for(&config.sandbox),
+            report: report.clone(),
+        }),
+        remote: Arc::new(Providers::from_config(&config.providers)),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (outcome, streamed) = rt.block_on(async {
+        let (tx, mut updates) = mpsc::channel(64);
+        let answering = async move { pipeline.answer(&caller, &req, Some(&tx)).await };
+        let printing = async {
+            // Tokens of an answer nothing can replace any more, as they come.
+            let mut streamed = String::new();
+            let mut stdout = std::io::stdout();
+            while let Some(u) = updates.recv().await {
+                if let Update::Token(t) = u {
+                    streamed.push_str(&t.text);
+                    let _ = stdout.write_all(terminal_safe(&t.text).as_bytes());
+                    let _ = stdout.flush();
+                }
+            }
+            streamed
+        };
+        tokio::join!(answering, printing)
+    });
+    let Outcome {
+        decision,
+        result,
+        streamed: live,
+        audit: record,
+    } = outcome;
     if let Some(log) = audit_log {
-        let rec = trail.record(args, &result, t0);
-        tracing::debug!(request_id = %rec.request_id, "audit entry");
-        log.record(rec);
+        tracing::debug!(request_id = %record.request_id, "audit entry");
+        log.record(record);
         match log.shutdown() {
             Ok(s) if s.written == 1 => {}
             Ok(_) => eprintln!(
@@ -426,24 +262,26 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
             Err(e) => eprintln!("corral: audit log: {e}"),
         }
     }
-    result
-}
-
-/// Routes and answers the prompt, noting in `trail` what happened.
-fn route_and_answer(
-    config: &Config,
-    args: &RunArgs,
-    t0: Instant,
-    trail: &mut Trail,
-) -> crate::Result<i32> {
-    let ctx = args.caller.context(&args.prompt, args.model.as_deref())?;
-    let d = config.routing.decide(&ctx);
-    trail.decided(&d);
-    let method = config.routing.method;
-    match &d.selection {
-        Selection::Deny { reason } => {
-            trail.interaction = Interaction::RouteDenied;
-            trail.response = json!({"denied": reason, "reasoning": d.reasoning});
+    let report = std::mem::take(
+        &mut *report
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    if let Some(o) = &report.outcome {
+        for l in &o.limits {
+            eprintln!("corral: {}", l.message());
+        }
+    }
+    match (result, decision) {
+        (Ok(a), Some(d)) if a.source == Source::Slm => {
+            print_slm(args, &a, &d, live.then_some(streamed.as_str()), &report, t0);
+            Ok(0)
+        }
+        (Ok(a), Some(d)) => {
+            print_llm(args, &a, &d, t0);
+            Ok(0)
+        }
+        (Err(Failure::Denied { reason }), Some(d)) => {
             if args.json {
                 println!(
                     "{}",
@@ -453,113 +291,109 @@ fn route_and_answer(
             eprintln!("corral: refused by policy: {reason}");
             Ok(EXIT_DENIED)
         }
-        Selection::Llm { providers } => {
-            let r = call_chain(config, providers, args, &d)?;
-            trail.llm(config, &r);
-            print_llm(config, args, &d, &r, None, None, t0);
-            Ok(0)
+        (Err(f), _) => Err(crate::Error::Answer(f)),
+        (Ok(_), None) => Err(crate::Error::Usage("an answer without a decision".into())),
+    }
+}
+
+/// Prints a local answer: the rest of a streamed one (text held back for stop sequences
+/// arrives with the final frame), or all of a held one, and a summary line; or `--json`.
+fn print_slm(
+    args: &RunArgs,
+    a: &Answer,
+    d: &RouteDecision,
+    streamed: Option<&str>,
+    report: &Report,
+    t0: Instant,
+) {
+    let Some(run) = &a.slm else { return };
+    let need = a.threshold.unwrap_or(0.0);
+    if args.json {
+        let mut v = slm_json(run, a.method);
+        v["below_threshold"] = json!(a.below_threshold);
+        v["route"] = route_json(d);
+        v["escalated"] = json!(false);
+        v["timings"]["startup_ms"] = json!(report.startup_ms);
+        v["timings"]["total_ms"] = json!(t0.elapsed().as_secs_f64() * 1e3);
+        let o = report.outcome.as_ref();
+        v["runner"]["memory_peak_mb"] = json!(o
+            .and_then(|o| o.stats.memory_peak_bytes)
+            .map(|b| b / (1024 * 1024)));
+        v["runner"]["cpu_ms"] = json!(o.and_then(|o| o.stats.cpu_usage_ns).map(|n| n / 1_000_000));
+        println!("{v}");
+        return;
+    }
+    match streamed {
+        Some(s) => {
+            let rest = a.text.get(s.len()..).unwrap_or_default();
+            println!("{}", terminal_safe(rest));
         }
-        Selection::Slm {
-            model: decided,
-            profile,
-        } => {
-            let model = args.model.clone().unwrap_or_else(|| decided.clone());
-            trail.model = Some(model.clone());
-            config
-                .routing
-                .allowed(args.caller.agent.as_deref(), &model)
-                .map_err(crate::Error::Usage)?;
-            // --model may name another model than routing chose: then its own profile applies.
-            let profile = match &args.profile {
-                Some(p) => p.clone(),
-                None if model != *decided => config.routing.profile_for(&model),
-                None => profile.clone(),
-            };
-            let need = d.confidence_required.unwrap_or(0.0);
-            let escalate_low =
-                d.fallback_available && config.routing.on_low_confidence && need > 0.0;
-            // Held back (not streamed) while it may still be replaced.
-            let may_escalate =
-                escalate_low || (d.fallback_available && config.routing.audit_rate > 0.0);
-            let answer = match run_slm(config, args, &model, &profile, !args.json && !may_escalate)
-            {
-                Ok(a) => a,
-                Err(e) if d.fallback_available && config.routing.on_slm_failure => {
-                    let why = format!("the SLM failed: {e}");
-                    eprintln!("corral: {why}; escalating");
-                    // The runner's error text goes in the encrypted payload, not the metadata.
-                    trail.escalating(
-                        "the SLM failed",
-                        json!({"model": model, "profile": profile, "error": e.to_string()}),
-                        None,
-                    );
-                    let r = call_chain(config, &config.routing.fallback, args, &d)?;
-                    trail.llm(config, &r);
-                    print_llm(config, args, &d, &r, Some(&why), None, t0);
-                    return Ok(0);
-                }
-                Err(e) => return Err(e),
-            };
-            let low = answer.score.is_none_or(|s| s < f64::from(need));
-            let audit = !low && d.fallback_available && config.routing.audit_draw();
-            if (escalate_low && low) || audit {
-                let why = if audit {
-                    "audit sample (routing.confidence_thresholds.audit_rate)".to_string()
-                } else {
-                    format!(
-                        "confidence {} < {need} ({})",
-                        answer.score.map_or("n/a".into(), |s| format!("{s:.3}")),
-                        method.name()
-                    )
-                };
-                let slm = slm_json(&answer, &model, &profile, method.name());
-                trail.escalating(&why, slm.clone(), answer.score);
-                let r = call_chain(config, &config.routing.fallback, args, &d)?;
-                trail.llm(config, &r);
-                print_llm(config, args, &d, &r, Some(&why), Some(slm), t0);
-                return Ok(0);
-            }
-            // Say how the answer stands against its threshold (with no chain to escalate to, a low
-            // score is reported, not hidden).
-            let verdict = if !low || need <= 0.0 {
-                format!("accepted (threshold {need})")
-            } else if !d.fallback_available {
-                format!("below the threshold {need}; no fallback providers to escalate to")
-            } else {
-                format!("below the threshold {need}; escalation is off (routing.llm_fallback.on_low_confidence)")
-            };
-            trail.confidence = answer.score;
-            trail.usage = Some(TokenUsage {
-                prompt_tokens: answer.done.prompt_tokens,
-                completion_tokens: answer.done.completion_tokens,
-            });
-            trail.response = slm_json(&answer, &model, &profile, method.name());
-            trail.response["below_threshold"] = json!(low && need > 0.0);
-            if args.json {
-                let mut v = slm_json(&answer, &model, &profile, method.name());
-                v["below_threshold"] = json!(low && need > 0.0);
-                v["route"] = route_json(&d);
-                v["escalated"] = json!(false);
-                v["timings"]["total_ms"] = json!(t0.elapsed().as_secs_f64() * 1e3);
-                println!("{v}");
-            } else {
-                if may_escalate {
-                    println!("{}", terminal_safe(&answer.text));
-                }
-                eprintln!(
-                    "corral: {model} · profile {profile} · {} prompt + {} tokens · load {:.0} ms · ttft {:.0} ms · {:.1} tok/s · confidence {} ({}) · {}",
-                    answer.done.prompt_tokens,
-                    answer.done.completion_tokens,
-                    answer.ready.load_ms,
-                    answer.done.ttft_ms,
-                    answer.done.decode_tokens_per_s,
-                    answer.score.map_or("n/a".to_string(), |s| format!("{s:.3}")),
-                    method.name(),
-                    verdict,
-                );
-            }
-            Ok(0)
-        }
+        None => println!("{}", terminal_safe(&a.text)),
+    }
+    // How the answer stands against its threshold (with no chain to escalate to, a low score
+    // is reported, not hidden).
+    let verdict = if !a.below_threshold {
+        format!("accepted (threshold {need})")
+    } else if !d.fallback_available {
+        format!("below the threshold {need}; no fallback providers to escalate to")
+    } else if streamed.is_some() {
+        format!("below the threshold {need}; the answer had already streamed (the policy's streaming = \"stream\")")
+    } else {
+        format!("below the threshold {need}; escalation is off (routing.llm_fallback.on_low_confidence)")
+    };
+    let (load_ms, ttft_ms, tps) = (
+        run.ready.as_ref().map_or(0.0, |r| r.load_ms),
+        run.done.as_ref().map_or(0.0, |d| d.ttft_ms),
+        run.done.as_ref().map_or(0.0, |d| d.decode_tokens_per_s),
+    );
+    eprintln!(
+        "corral: {} · profile {} · {} prompt + {} tokens · load {load_ms:.0} ms · ttft {ttft_ms:.0} ms · {tps:.1} tok/s · confidence {} ({}) · {}",
+        a.model,
+        run.profile,
+        a.prompt_tokens,
+        a.completion_tokens,
+        a.confidence.map_or("n/a".to_string(), |s| format!("{s:.3}")),
+        a.method.name(),
+        verdict,
+    );
+}
+
+/// Prints a remote answer, and why it replaced the SLM's when it did.
+fn print_llm(args: &RunArgs, a: &Answer, d: &RouteDecision, t0: Instant) {
+    let reason = a.escalation.as_ref().map(|e| e.reason());
+    let (latency_ms, attempts) = a
+        .llm
+        .as_ref()
+        .map_or((0.0, 0), |l| (l.latency_ms, l.attempts));
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "text": a.text,
+                "model": a.model,
+                "provider": a.provider,
+                "route": route_json(d),
+                "escalated": a.escalation.is_some(),
+                "escalation_reason": reason,
+                "confidence": {"score": a.confidence, "method": a.method.name()},
+                "usage": {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens},
+                "timings": {"latency_ms": latency_ms, "total_ms": t0.elapsed().as_secs_f64() * 1e3},
+                "attempts": attempts,
+                "finish_reason": a.finish_reason,
+                "slm": a.slm.as_ref().map(|run| slm_json(run, a.method)),
+            })
+        );
+    } else {
+        println!("{}", terminal_safe(&a.text));
+        eprintln!(
+            "corral: llm {} ({}){} · {} prompt + {} tokens · {latency_ms:.0} ms · {attempts} attempt(s) · confidence {}",
+            a.provider.as_deref().unwrap_or("?"),
+            a.model,
+            reason.map_or(String::new(), |e| format!(" · escalated: {e}")),
+            a.prompt_tokens,
+            a.completion_tokens,
+            a.confidence.map_or("n/a".to_string(), |s| format!("{s:.3}")),
+        );
     }
 }
 

@@ -5,6 +5,7 @@
 //! built-in defaults. Errors name the file and the full key path:
 //! `corral.toml: slm.model_allow_lists.agent_model_maps.code_generator: model 'x' not in global_models`.
 
+pub mod auth;
 pub mod env;
 pub mod raw;
 
@@ -53,8 +54,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub max_request_body_bytes: u64,
     pub shutdown_grace: Duration,
-    pub auth: crate::server::AuthConfig,
-    pub pool: crate::server::PoolConfig,
+    pub auth: auth::AuthConfig,
+    pub pool: crate::pool::PoolConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +84,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub sandbox: SandboxConfig,
     pub profiles: ProfileRegistry,
-    pub routing: crate::routing::Router,
+    /// Shared (`Arc`) so a request in flight keeps the router it was decided by.
+    pub routing: std::sync::Arc<crate::routing::Router>,
     pub providers: BTreeMap<String, crate::providers::ProviderConfig>,
     pub audit: crate::audit::AuditConfig,
 }
@@ -406,11 +408,10 @@ fn compile(
     )
     .map_err(|(k, m)| invalid(&k, m))?;
 
-    let server_auth =
-        crate::server::settings::compile_auth(&raw.server.auth, bind.ip().is_loopback())
-            .map_err(|(k, m)| invalid(&k, m))?;
+    let server_auth = auth::compile_auth(&raw.server.auth, bind.ip().is_loopback())
+        .map_err(|(k, m)| invalid(&k, m))?;
     let server_pool =
-        crate::server::settings::compile_pool(&raw.server.pool, &|id| models.contains(id))
+        crate::pool::settings::compile_pool(&raw.server.pool, &|id| models.contains(id))
             .map_err(|(k, m)| invalid(&k, m))?;
     let model_dir = raw
         .slm
@@ -439,7 +440,7 @@ fn compile(
             filter: raw.logging.level,
             format,
         },
-        routing: router,
+        routing: std::sync::Arc::new(router),
         providers: raw.providers,
         sandbox: SandboxConfig {
             uid: raw.sandbox.uid,

@@ -33,10 +33,10 @@ pub struct RawServer {
     pub request_timeout_seconds: u64,
     pub max_request_body_bytes: u64,
     pub shutdown_grace_seconds: u64,
-    /// API keys, the admin key, anonymous access (see `crate::server::settings`).
-    pub auth: crate::server::RawAuth,
-    /// Warm runner pools (see `crate::server::settings`).
-    pub pool: crate::server::RawPool,
+    /// API keys, the admin key, anonymous access (see `super::auth`).
+    pub auth: super::auth::RawAuth,
+    /// Warm runner pools (see `crate::pool::settings`).
+    pub pool: crate::pool::RawPool,
 }
 
 impl Default for RawServer {

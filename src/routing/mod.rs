@@ -635,6 +635,11 @@ impl Router {
         }
     }
 
+    /// Whether `id` is a catalog model.
+    pub fn knows_model(&self, id: &str) -> bool {
+        self.known_models.contains(id)
+    }
+
     /// `text` with PII masked by the configured detector, as remote providers get it when a
     /// decision's `remote_prompt` is set (each message of a conversation masked on its own).
     pub fn mask_pii(&self, text: &str) -> String {
@@ -861,7 +866,16 @@ impl Router {
                 profile,
                 streaming,
             } => {
-                let model = model.unwrap_or_else(|| self.slm_model.clone());
+                let policy_model = model.unwrap_or_else(|| self.slm_model.clone());
+                // A catalog model the caller named wins over the policy's choice (allow lists
+                // still apply below); then the policy's profile goes with the policy's model.
+                let model = match &req.requested_model {
+                    Some(m) if self.known_models.contains(m) && *m != policy_model => {
+                        reasoning.push(format!("the caller asked for {m}"));
+                        m.clone()
+                    }
+                    _ => policy_model.clone(),
+                };
                 if let Err(why) = self.allowed(req.agent.as_deref(), &model) {
                     reasoning.push(why.clone());
                     if fallback_available {
@@ -878,7 +892,11 @@ impl Router {
                     }
                     return deny(why, reasoning, applied, class);
                 }
-                let profile = profile.unwrap_or_else(|| self.profile_for(&model));
+                let profile = req
+                    .requested_profile
+                    .clone()
+                    .or(profile.filter(|_| model == policy_model))
+                    .unwrap_or_else(|| self.profile_for(&model));
                 let need = min_confidence.unwrap_or_else(|| self.threshold(&class.task));
                 reasoning.push(format!(
                     "SLM {model} in profile {profile}; accepted at confidence >= {need} ({})",

@@ -125,6 +125,9 @@ pub struct RequestContext {
     pub key_alias: Option<String>,
     /// The model the request asked for (the API's `model`, `--model`), for attachments.
     pub requested_model: Option<String>,
+    /// The sandbox profile the caller asked for (`corral run --profile`): it replaces the one an
+    /// SLM selection would get.
+    pub requested_profile: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub required_capabilities: Vec<Capability>,
     /// Minutes since UTC midnight (the clock, unless a test sets it).

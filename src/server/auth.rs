@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::http::HeaderMap;
 
 use super::error::ApiError;
-use super::settings::{sha256, AuthConfig, KeySecret};
+use crate::config::auth::{sha256, AuthConfig, KeySecret};
 
 /// The caller, as routing sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -19,26 +19,21 @@
 pub mod api;
 pub mod auth;
 pub mod error;
-pub mod metrics;
 pub mod openai;
-pub mod pool;
-pub mod queue;
-pub mod settings;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::answer::remote::Providers;
+use crate::answer::{LocalModel, Pipeline, SubmitError};
 use crate::config::{Config, Sources};
-use crate::providers::Provider;
+use crate::pool::{Event, Job};
 use crate::routing::calibrate::Monitor;
 use crate::sandbox::HostSupport;
 use crate::slm::models;
-use crate::slm::runner::{runner_binary, RunnerSpec};
-
-pub use settings::{AuthConfig, PoolConfig, RawAuth, RawPool};
 
 /// One configuration generation: what a reload replaces.
 #[derive(Debug)]
@@ -46,7 +41,7 @@ pub struct Live {
     pub config: Config,
     pub keys: Arc<auth::Keys>,
     /// Providers are built once per generation so circuit breakers see every request.
-    pub providers: BTreeMap<String, Arc<Provider>>,
+    pub remote: Arc<Providers>,
     pub generation: u64,
 }
 
@@ -55,15 +50,11 @@ impl Live {
         let keys = auth::Keys::load(&config.server.auth, &|k| {
             std::env::var(k).ok().filter(|v| !v.is_empty())
         })?;
-        let providers = config
-            .providers
-            .iter()
-            .map(|(n, c)| (n.clone(), Arc::new(Provider::new(n, c.clone()))))
-            .collect();
+        let remote = Arc::new(Providers::from_config(&config.providers));
         Ok(Live {
             config,
             keys: Arc::new(keys),
-            providers,
+            remote,
             generation,
         })
     }
@@ -74,21 +65,23 @@ impl Live {
 pub struct State {
     live: RwLock<Arc<Live>>,
     /// Pools by (model, profile, configuration generation).
-    pools: Mutex<HashMap<(String, String, u64), Arc<pool::Pool>>>,
+    pools: Mutex<HashMap<(String, String, u64), Arc<crate::pool::Pool>>>,
     /// Closed pools of earlier generations whose workers may still be stopping their runners.
-    retiring: Mutex<Vec<Arc<pool::Pool>>>,
+    retiring: Mutex<Vec<Arc<crate::pool::Pool>>>,
     /// Held during a reload.
     reloading: Mutex<()>,
-    pub metrics: Arc<metrics::Metrics>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub monitor: Mutex<Monitor>,
     pub host: HostSupport,
     sources: Sources,
     draining: AtomicBool,
     /// The audit log (`[audit]`), opened at start; a reload does not reopen it.
     pub audit: Option<crate::audit::AuditLog>,
+    /// Where SLM requests run instead of the pools (tests: a scripted model).
+    local: Option<Arc<dyn LocalModel>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -110,13 +103,43 @@ impl State {
             pools: Mutex::new(HashMap::new()),
             retiring: Mutex::new(Vec::new()),
             reloading: Mutex::new(()),
-            metrics: Arc::new(metrics::Metrics::default()),
+            metrics: Arc::new(crate::metrics::Metrics::default()),
             monitor: Mutex::new(Monitor::new(100_000)),
             host,
             sources,
             draining: AtomicBool::new(false),
             audit,
+            local: None,
         }))
+    }
+
+    /// A state whose SLM requests go to `local` instead of sandboxed runner pools (tests of
+    /// the HTTP layer without root or weights).
+    pub fn with_local(
+        config: Config,
+        sources: Sources,
+        local: Arc<dyn LocalModel>,
+    ) -> Result<Arc<State>, String> {
+        let st = State::new(config, sources)?;
+        let mut st = Arc::try_unwrap(st).map_err(|_| "state is shared".to_string())?;
+        st.local = Some(local);
+        Ok(Arc::new(st))
+    }
+
+    /// The answer pipeline for a request of configuration generation `live`.
+    pub fn pipeline(self: &Arc<Self>, live: &Arc<Live>) -> Pipeline {
+        let local: Arc<dyn LocalModel> = match &self.local {
+            Some(l) => l.clone(),
+            None => Arc::new(PoolModel {
+                state: self.clone(),
+                live: live.clone(),
+            }),
+        };
+        Pipeline {
+            router: live.config.routing.clone(),
+            local,
+            remote: live.remote.clone(),
+        }
     }
 
     pub fn live(&self) -> Arc<Live> {
@@ -143,7 +166,7 @@ impl State {
             .live
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(live);
-        let old: Vec<Arc<pool::Pool>> = {
+        let old: Vec<Arc<crate::pool::Pool>> = {
             let mut pools = lock(&self.pools);
             let stale: Vec<_> = pools
                 .keys()
@@ -185,7 +208,7 @@ impl State {
             );
         }
         let mut config = guard.config.clone();
-        config.routing.set_allow_list(agent, models.clone())?;
+        std::sync::Arc::make_mut(&mut config.routing).set_allow_list(agent, models.clone())?;
         match models {
             Some(m) => {
                 config.slm.agent_model_maps.insert(agent.to_string(), m);
@@ -197,7 +220,7 @@ impl State {
         *guard = Arc::new(Live {
             config,
             keys: guard.keys.clone(),
-            providers: guard.providers.clone(),
+            remote: guard.remote.clone(),
             generation: guard.generation,
         });
         tracing::warn!(agent, "allow list overridden at run time");
@@ -211,31 +234,26 @@ impl State {
         model: &str,
         profile: &str,
         warm: bool,
-    ) -> Result<Arc<pool::Pool>, String> {
+    ) -> Result<Arc<crate::pool::Pool>, String> {
         let key = (model.to_string(), profile.to_string(), live.generation);
         let mut pools = lock(&self.pools);
         if let Some(p) = pools.get(&key) {
             return Ok(p.clone());
         }
         let config = &live.config;
-        let m = models::lookup(config, model).map_err(|e| e.to_string())?;
-        let path = models::require(config, m).map_err(|e| e.to_string())?;
+        let spec = models::runner_spec(&config.slm.models, &config.slm.model_dir, model)
+            .map_err(|e| e.to_string())?;
         let profile_def = config
             .profiles
             .resolve(profile)
             .map_err(|e| e.to_string())?;
-        let launch = pool::Launch {
-            spec: RunnerSpec {
-                model_path: path,
-                sha256: m.sha256.clone(),
-                binary: runner_binary(),
-                requantize: true,
-            },
+        let launch = crate::pool::Launch {
+            spec,
             profile: profile_def,
             sandbox: config.sandbox.clone(),
             host: self.host.clone(),
         };
-        let p = pool::Pool::start(
+        let p = crate::pool::Pool::start(
             format!("{model}/{profile}"),
             launch,
             &config.server.pool,
@@ -248,7 +266,7 @@ impl State {
     }
 
     /// Pools of the current generation.
-    pub fn current_pools(&self) -> Vec<Arc<pool::Pool>> {
+    pub fn current_pools(&self) -> Vec<Arc<crate::pool::Pool>> {
         let g = self.live().generation;
         lock(&self.pools)
             .iter()
@@ -302,6 +320,47 @@ impl State {
 
 pub use api::app;
 
+/// The server's local model: warm pools of sandboxed runners per (model, profile) of one
+/// configuration generation.
+#[derive(Debug)]
+struct PoolModel {
+    state: Arc<State>,
+    live: Arc<Live>,
+}
+
+impl LocalModel for PoolModel {
+    fn submit(
+        &self,
+        model: &str,
+        profile: &str,
+        req: corral_protocol::GenerateRequest,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<Event>, SubmitError> {
+        if self.state.draining() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let pool = self
+            .state
+            .pool(&self.live, model, profile, false)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot start a pool");
+                SubmitError::Unavailable(e)
+            })?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let job = Job {
+            req,
+            events: tx,
+            enqueued: Instant::now(),
+        };
+        match pool.submit(job) {
+            Ok(()) => Ok(rx),
+            Err(_) => Err(SubmitError::Full {
+                pool: pool.name.clone(),
+                queue_timeout: pool.queue_timeout(),
+            }),
+        }
+    }
+}
+
 /// `corral serve`'s arguments.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -353,8 +412,8 @@ const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Result<i32> {
     let bind = args.bind.unwrap_or(config.server.bind);
     let grace = config.server.shutdown_grace;
-    let state = State::new(config, sources).map_err(crate::Error::Usage)?;
-    state.warm_up().map_err(crate::Error::Usage)?;
+    let state = State::new(config, sources).map_err(crate::Error::Start)?;
+    state.warm_up().map_err(crate::Error::Start)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("corral-http")
@@ -404,7 +463,7 @@ pub fn serve(config: Config, sources: Sources, args: &ServeArgs) -> crate::Resul
             tracing::error!(error = %e, "audit log: final flush failed");
         }
     }
-    result?;
+    result.map_err(|e| crate::Error::Start(format!("serving on {bind}: {e}")))?;
     tracing::info!("stopped");
     eprintln!("corral: stopped");
     Ok(0)

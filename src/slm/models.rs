@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::catalog::{ModelDef, ModelProvider};
-use crate::config::Config;
+use crate::catalog::{Catalog, ModelDef, ModelProvider};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -29,19 +28,16 @@ pub enum ModelError {
     },
 }
 
-pub fn lookup<'a>(config: &'a Config, id: &str) -> Result<&'a ModelDef, ModelError> {
-    config
-        .slm
-        .models
-        .get(id)
-        .ok_or_else(|| ModelError::Unknown {
-            id: id.to_string(),
-            known: config.slm.models.ids().collect::<Vec<_>>().join(", "),
-        })
+/// The catalog's definition of `id`.
+pub fn lookup<'a>(catalog: &'a Catalog, id: &str) -> Result<&'a ModelDef, ModelError> {
+    catalog.get(id).ok_or_else(|| ModelError::Unknown {
+        id: id.to_string(),
+        known: catalog.ids().collect::<Vec<_>>().join(", "),
+    })
 }
 
-/// Where the model's file is (or will be, once pulled).
-pub fn model_path(config: &Config, m: &ModelDef) -> PathBuf {
+/// Where the model's file is (or will be, once pulled into `model_dir`, `slm.model_dir`).
+pub fn model_path(model_dir: &Path, m: &ModelDef) -> PathBuf {
     match &m.provider {
         ModelProvider::LocalFile { file_path } => file_path.clone(),
         ModelProvider::HuggingFace {
@@ -56,14 +52,14 @@ pub fn model_path(config: &Config, m: &ModelDef) -> PathBuf {
                     .unwrap_or(model_path)
                     .to_string()
             });
-            config.slm.model_dir.join(name)
+            model_dir.join(name)
         }
     }
 }
 
 /// The model's file (GGUF) or directory (safetensors), which must exist.
-pub fn require(config: &Config, m: &ModelDef) -> Result<PathBuf, ModelError> {
-    let p = model_path(config, m);
+pub fn require(model_dir: &Path, m: &ModelDef) -> Result<PathBuf, ModelError> {
+    let p = model_path(model_dir, m);
     if p.is_file() || p.is_dir() {
         Ok(p)
     } else {
@@ -72,6 +68,22 @@ pub fn require(config: &Config, m: &ModelDef) -> Result<PathBuf, ModelError> {
             path: p,
         })
     }
+}
+
+/// What a runner needs to load catalog model `id`: its file (which must exist), its digest, the
+/// runner binary.
+pub fn runner_spec(
+    catalog: &Catalog,
+    model_dir: &Path,
+    id: &str,
+) -> Result<super::runner::RunnerSpec, ModelError> {
+    let m = lookup(catalog, id)?;
+    Ok(super::runner::RunnerSpec {
+        model_path: require(model_dir, m)?,
+        sha256: m.sha256.clone(),
+        binary: super::runner::runner_binary(),
+        requantize: true,
+    })
 }
 
 /// The model's digest: the sha256 of a file, or of a safetensors directory's manifest (see
@@ -98,8 +110,8 @@ pub fn verify(path: &Path, expected: &str) -> Result<(), ModelError> {
 
 /// Downloads the model from the hub (with a progress bar), verifies it, and places it in the
 /// model directory. Returns the path.
-pub fn pull(config: &Config, m: &ModelDef, progress: bool) -> Result<PathBuf, ModelError> {
-    let dest = model_path(config, m);
+pub fn pull(model_dir: &Path, m: &ModelDef, progress: bool) -> Result<PathBuf, ModelError> {
+    let dest = model_path(model_dir, m);
     let ModelProvider::HuggingFace {
         model_path: repo,
         filename,

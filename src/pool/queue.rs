@@ -13,7 +13,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::pool::{Event, FailKind, Job};
+use super::{Event, FailKind, Job};
 
 #[derive(Debug)]
 pub struct JobQueue {

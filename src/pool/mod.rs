@@ -33,12 +33,15 @@ use std::time::{Duration, Instant};
 use corral_protocol::{Done, GenerateRequest, Ready, TokenInfo};
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::metrics::Metrics;
-use super::queue::JobQueue;
-use super::settings::PoolConfig;
+pub mod queue;
+pub mod settings;
+
+use crate::metrics::Metrics;
 use crate::profile::Profile;
 use crate::sandbox::{HostSupport, LimitHit, SandboxConfig};
 use crate::slm::runner::{Runner, RunnerError, RunnerSpec};
+use queue::JobQueue;
+pub use settings::{PoolConfig, RawPool};
 
 /// What a worker tells the request that submitted a job.
 #[derive(Debug)]
@@ -67,6 +70,33 @@ pub enum FailKind {
     Runner,
     /// The server is shutting down.
     ShuttingDown,
+}
+
+/// The event for a runner that failed to start (`starting`) or to answer: the request's own
+/// fault (`Refused`) or the runner's, retryable when a fresh runner may well succeed (it
+/// crashed, hung or broke the protocol; a model that cannot load or whose output is unusable
+/// will not do better).
+pub fn failed(e: &RunnerError, starting: bool) -> Event {
+    let (kind, retryable) = match e {
+        RunnerError::Refused(_) => (FailKind::Refused, false),
+        RunnerError::Load(_) | RunnerError::Model(_) => (FailKind::Runner, false),
+        _ if starting => (FailKind::Runner, true),
+        RunnerError::Died(_)
+        | RunnerError::TimeLimit(_)
+        | RunnerError::Protocol(_)
+        | RunnerError::Io(_) => (FailKind::Runner, true),
+        _ => (FailKind::Runner, false),
+    };
+    let error = match e {
+        RunnerError::Refused(why) => why.clone(),
+        RunnerError::Model(why) => format!("the model's output is unusable: {why}"),
+        other => other.to_string(),
+    };
+    Event::Failed {
+        kind,
+        error,
+        retryable,
+    }
 }
 
 #[derive(Debug)]
@@ -336,12 +366,7 @@ impl Worker {
                         Err(e) => {
                             self.start_failed(&e, false);
                             failures += 1;
-                            let retryable = !matches!(e, RunnerError::Load(_));
-                            let _ = job.events.send(Event::Failed {
-                                kind: FailKind::Runner,
-                                error: e.to_string(),
-                                retryable,
-                            });
+                            let _ = job.events.send(failed(&e, true));
                             continue;
                         }
                     }
@@ -394,41 +419,22 @@ impl Worker {
                     tracing::info!(pool = %self.pool, error = %e, "cancelled generation: runner replaced");
                     self.stop(runner.take(), "cancel_ignored");
                 }
-                Err(RunnerError::Model(why)) => {
+                Err(e @ RunnerError::Model(_)) => {
                     // The model, not the process: a fresh runner of the same weights would do
                     // the same. Kept; the request fails over (escalation) or gets 503.
-                    tracing::error!(pool = %self.pool, error = %why, "the model's output is unusable");
-                    let _ = job.events.send(Event::Failed {
-                        kind: FailKind::Runner,
-                        error: format!("the model's output is unusable: {why}"),
-                        retryable: false,
-                    });
+                    tracing::error!(pool = %self.pool, error = %e, "the model's output is unusable");
+                    let _ = job.events.send(failed(&e, false));
                 }
-                Err(RunnerError::Refused(why)) => {
+                Err(e @ RunnerError::Refused(_)) => {
                     // The request, not the runner: answered as the caller's error, runner kept.
-                    let _ = job.events.send(Event::Failed {
-                        kind: FailKind::Refused,
-                        error: why,
-                        retryable: false,
-                    });
+                    let _ = job.events.send(failed(&e, false));
                 }
                 Err(e) => {
                     failures += 1;
                     served = 0;
-                    let retryable = matches!(
-                        e,
-                        RunnerError::Died(_)
-                            | RunnerError::TimeLimit(_)
-                            | RunnerError::Protocol(_)
-                            | RunnerError::Io(_)
-                    );
                     tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
                     self.stop(runner.take(), "failed");
-                    let _ = job.events.send(Event::Failed {
-                        kind: FailKind::Runner,
-                        error: e.to_string(),
-                        retryable,
-                    });
+                    let _ = job.events.send(failed(&e, false));
                 }
             }
         }

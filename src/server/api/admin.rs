@@ -1,0 +1,133 @@
+//! The admin endpoints (the admin key): reload, feedback, the confidence monitor, runtime
+//! allow lists.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State as AxState};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{body_of, St};
+use crate::server::error::ApiError;
+use crate::server::openai;
+
+pub async fn reload(AxState(state): St, headers: HeaderMap) -> Response {
+    if let Err(e) = state.live().keys.admin(&headers) {
+        return e.into_response();
+    }
+    let st = state.clone();
+    match tokio::task::spawn_blocking(move || st.reload()).await {
+        Ok(Ok(r)) => Json(json!({
+            "reloaded": true,
+            "generation": r.generation,
+            "restart_needed": r.restart_needed,
+        }))
+        .into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reload failed: keeping the old configuration");
+            ApiError::invalid(
+                format!("reload failed, the old configuration keeps serving: {e}"),
+                None,
+            )
+            .into_response()
+        }
+        Err(e) => ApiError::internal(format!("reload task: {e}")).into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Feedback {
+    request_id: String,
+    actual_quality: f64,
+}
+
+/// `POST /admin/feedback {"request_id", "actual_quality"}`: the quality (0..=1; >= 0.5 counts as
+/// correct) of a past SLM answer, recorded against its decision for calibration.
+pub async fn feedback(
+    AxState(state): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let live = state.live();
+    let r = (|| {
+        live.keys.admin(&headers)?;
+        let body = body_of(body, live.config.server.max_request_body_bytes)?;
+        let f: Feedback = openai::parse(&body)?;
+        crate::server::lock(&state.monitor)
+            .feedback(&f.request_id, f.actual_quality, 0.5)
+            .map_err(|e| ApiError::invalid(e.to_string(), Some("request_id")))?;
+        Ok::<_, ApiError>(Json(json!({"recorded": true})).into_response())
+    })();
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MonitorQuery {
+    target: Option<f64>,
+    min_accepted: Option<usize>,
+}
+
+/// `GET /admin/monitor[?target=0.9&min_accepted=30]`: per (model, task) counts, confidence
+/// histogram and escalation rate, and the thresholds calibration would pick from the feedback.
+pub async fn monitor(
+    AxState(state): St,
+    headers: HeaderMap,
+    Query(q): Query<MonitorQuery>,
+) -> Response {
+    if let Err(e) = state.live().keys.admin(&headers) {
+        return e.into_response();
+    }
+    let m = crate::server::lock(&state.monitor);
+    let stats: Vec<Value> = m
+        .stats()
+        .map(|((model, task), s)| {
+            json!({
+                "model": model, "task": task, "answers": s.answers, "escalated": s.escalated,
+                "escalation_rate": s.escalation_rate(), "confidence_histogram": s.histogram,
+                "feedback": s.samples.len(),
+            })
+        })
+        .collect();
+    let target = q.target.unwrap_or(0.9);
+    let cal = m.calibrate(target, q.min_accepted.unwrap_or(30));
+    Json(json!({"stats": stats, "calibration": {"target_accuracy": target, "by_task": cal}}))
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowList {
+    agent: String,
+    /// The only models the agent may use; `null` removes the agent's entry.
+    models: Option<Vec<String>>,
+}
+
+/// `POST /admin/allow_lists {"agent", "models"}`: replaces one agent's allow list at run time,
+/// only when `slm.model_allow_lists.allow_runtime_overrides` is true (403 otherwise).
+pub async fn allow_list(
+    AxState(state): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let live = state.live();
+    let r = (|| {
+        live.keys.admin(&headers)?;
+        let body = body_of(body, live.config.server.max_request_body_bytes)?;
+        let a: AllowList = openai::parse(&body)?;
+        if !live.config.slm.allow_runtime_overrides {
+            return Err(ApiError::forbidden(
+                "runtime allow-list overrides are off (slm.model_allow_lists.allow_runtime_overrides = false)",
+                "overrides_disabled",
+            ));
+        }
+        state
+            .override_allow_list(&a.agent, a.models)
+            .map_err(|e| ApiError::invalid(e, Some("models")))?;
+        Ok::<_, ApiError>(Json(json!({"updated": true})).into_response())
+    })();
+    r.unwrap_or_else(IntoResponse::into_response)
+}

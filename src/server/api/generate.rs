@@ -1,0 +1,425 @@
+//! `/v1/chat/completions` and `/v1/completions`: parse the body into an answer
+//! [`Request`](crate::answer::Request), run the pipeline on its own task, and frame the outcome:
+//! a JSON response, a finished answer as server-sent events, or a live stream that started with
+//! the answer's first token.
+//!
+//! `server.request_timeout_seconds` bounds a request until its response starts (a stream, once
+//! started, is bounded by the runner's own time limit). A caller that goes away before that
+//! aborts the pipeline's task, which drops its job and so cancels the generation; a stream
+//! whose client goes away cancels it the same way, and the outcome is still recorded.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State as AxState;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+use super::shape::{self, Chunks};
+use super::{body_of, count, refused, request_id, with_id, Counted, St};
+use crate::answer::{Answer, Endpoint, Failure, Outcome, Request, Update};
+use crate::audit::Caller;
+use crate::routing::{RouteDecision, TaskType};
+use crate::server::auth::{Identity, Slot};
+use crate::server::error::ApiError;
+use crate::server::openai::{self, ChatRequest, CompletionRequest};
+use crate::server::{Live, State};
+
+/// A parsed generation request: what the pipeline answers, and how to frame it.
+struct Gen {
+    req: Request,
+    include_usage: bool,
+}
+
+pub async fn chat(
+    AxState(state): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve_generation(state, headers, body, Endpoint::Chat, parse_chat).await
+}
+
+pub async fn completions(
+    AxState(state): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve_generation(state, headers, body, Endpoint::Completion, parse_completion).await
+}
+
+fn task_of(
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<TaskType>, ApiError> {
+    match metadata.get("task") {
+        None => Ok(None),
+        Some(t) => t
+            .parse::<TaskType>()
+            .map(Some)
+            .map_err(|e| ApiError::invalid(format!("metadata.task: {e}"), Some("metadata.task"))),
+    }
+}
+
+fn parse_chat(body: &[u8], rid: String) -> Result<Gen, ApiError> {
+    let c: ChatRequest = openai::parse(body)?;
+    c.check()?;
+    let mut req = Request::chat(rid, c.texts()?);
+    req.model = c.model;
+    req.max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(512);
+    req.temperature = c.temperature.unwrap_or(1.0);
+    req.top_p = c.top_p;
+    req.seed = c.seed.map(|s| s as u64);
+    req.stop = c.stop.map(openai::Stop::into_vec).unwrap_or_default();
+    req.logprobs = c.logprobs.then(|| c.top_logprobs.unwrap_or(0));
+    req.stream = c.stream;
+    req.user = c.user;
+    req.task = task_of(&c.metadata)?;
+    req.metadata = c.metadata;
+    Ok(Gen {
+        req,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+fn parse_completion(body: &[u8], rid: String) -> Result<Gen, ApiError> {
+    let c: CompletionRequest = openai::parse(body)?;
+    c.check()?;
+    let prompt = c.prompt()?;
+    let mut req = Request::chat(rid, vec![("user".into(), prompt.clone())]);
+    req.endpoint = Endpoint::Completion;
+    req.input = corral_protocol::Input::Prompt(prompt);
+    req.model = c.model;
+    req.max_tokens = c.max_tokens.unwrap_or(16);
+    req.temperature = c.temperature.unwrap_or(1.0);
+    req.top_p = c.top_p;
+    req.seed = c.seed.map(|s| s as u64);
+    req.stop = c.stop.map(openai::Stop::into_vec).unwrap_or_default();
+    req.logprobs = c.logprobs;
+    req.stream = c.stream;
+    req.user = c.user;
+    req.task = task_of(&c.metadata)?;
+    req.metadata = c.metadata;
+    Ok(Gen {
+        req,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// What both endpoints do around their own parsing: authenticate, bound the body, answer within
+/// the request timeout, answer errors in OpenAI's format.
+async fn serve_generation(
+    state: Arc<State>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+    parse: fn(&[u8], String) -> Result<Gen, ApiError>,
+) -> Response {
+    let rid = request_id();
+    let t0 = Instant::now();
+    let live = state.live();
+    let parsed = live.keys.authenticate(&headers).and_then(|(ident, slot)| {
+        let body = body_of(body, live.config.server.max_request_body_bytes)?;
+        Ok((ident, slot, parse(&body, rid.clone())?))
+    });
+    let (ident, slot, gen) = match parsed {
+        Ok(x) => x,
+        Err(e) => return refused(&state, e, &rid, endpoint.label(), t0),
+    };
+    let span = tracing::info_span!(
+        "request",
+        request_id = %rid,
+        caller = ident.agent.as_deref().unwrap_or("-"),
+        model = %gen.req.model,
+        route = tracing::field::Empty,
+    );
+    let r = generate(state.clone(), live, ident, slot, gen, t0)
+        .instrument(span)
+        .await;
+    match r {
+        Ok(resp) => with_id(resp, &rid),
+        Err(e) => refused(&state, e, &rid, endpoint.label(), t0),
+    }
+}
+
+/// Aborts the pipeline's task when dropped (a caller gone or out of time before the response
+/// started): its job is dropped with it, which cancels the generation.
+struct Running(JoinHandle<Outcome>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Running {
+    async fn outcome(&mut self) -> Option<Outcome> {
+        (&mut self.0).await.ok()
+    }
+}
+
+enum Started {
+    Stream {
+        model: String,
+        policies: Vec<String>,
+    },
+    Finished(Option<Outcome>),
+}
+
+/// Runs the pipeline; `Err` only for the request timeout (504) before the response started.
+async fn generate(
+    state: Arc<State>,
+    live: Arc<Live>,
+    ident: Identity,
+    slot: Slot,
+    gen: Gen,
+    t0: Instant,
+) -> Result<Response, ApiError> {
+    let pipeline = state.pipeline(&live);
+    let caller = Caller {
+        agent: ident.agent.clone(),
+        team: ident.team.clone(),
+        key_alias: ident.key_alias.clone(),
+    };
+    let (tx, mut updates) = mpsc::channel(64);
+    let req = gen.req.clone();
+    let mut running = Running(tokio::spawn(
+        async move { pipeline.answer(&caller, &req, Some(&tx)).await }
+            .instrument(tracing::Span::current()),
+    ));
+    let limit = live.config.server.request_timeout;
+    let started = tokio::time::timeout(limit, async {
+        tokio::select! {
+            u = updates.recv() => match u {
+                Some(Update::Streaming { model, policies, .. }) => Started::Stream { model, policies },
+                // Tokens come only after `Streaming`; a closed channel means the pipeline ended.
+                _ => Started::Finished(running.outcome().await),
+            },
+            o = running.outcome() => Started::Finished(o),
+        }
+    })
+    .await
+    .map_err(|_| {
+        let mut e = ApiError::unavailable(
+            format!(
+                "the request took longer than {}s (server.request_timeout_seconds)",
+                limit.as_secs()
+            ),
+            1,
+        );
+        e.status = StatusCode::GATEWAY_TIMEOUT;
+        e
+    })?;
+    match started {
+        Started::Finished(Some(o)) => {
+            drop(slot);
+            Ok(respond(&state, &gen, o, t0))
+        }
+        Started::Finished(None) => Err(ApiError::internal("the answer task failed")),
+        Started::Stream { model, policies } => Ok(stream_live(
+            state, gen, model, policies, updates, running, slot, t0,
+        )),
+    }
+}
+
+/// Writes the audit entry and the metrics of an outcome, and logs it.
+fn record(
+    state: &State,
+    req: &Request,
+    o: Outcome,
+    t0: Instant,
+) -> (Option<RouteDecision>, Result<Answer, Failure>) {
+    let Outcome {
+        decision,
+        result,
+        streamed,
+        audit,
+    } = o;
+    if let Some(log) = &state.audit {
+        if !log.record(audit) {
+            tracing::warn!("audit queue full: entry dropped (audit.on_queue_full = drop)");
+        }
+    }
+    let route = match (&result, streamed) {
+        (Ok(a), _) => a.source.label(),
+        (Err(_), true) => "slm",
+        (Err(_), false) => "none",
+    };
+    tracing::Span::current().record("route", route);
+    let endpoint = req.endpoint.label();
+    match &result {
+        Ok(a) => {
+            count(
+                state,
+                &Counted {
+                    endpoint,
+                    route,
+                    model: &a.model,
+                    outcome: "ok",
+                    model_time: Some(a.model_time),
+                },
+                None,
+                t0,
+            );
+            if let Some(e) = &a.escalation {
+                state
+                    .metrics
+                    .inc("corral_escalations_total", &[("reason", e.kind())]);
+            }
+            // The local model's confidence, whether its answer was kept or replaced.
+            let scored = a.slm.as_ref().and_then(|run| run.score.map(|s| (run, s)));
+            if let Some(((run, s), task)) = scored.zip(decision.as_ref().map(|d| &d.task.task)) {
+                let escalated = a.escalation.is_some();
+                state.metrics.observe(
+                    "corral_confidence",
+                    &[("model", &run.model), ("task", task.as_str())],
+                    s,
+                );
+                crate::server::lock(&state.monitor).record(&req.id, &run.model, task, s, escalated);
+            }
+            tracing::info!(
+                model = %a.model, confidence = ?a.confidence,
+                escalated = a.escalation.is_some(),
+                ms = t0.elapsed().as_millis() as u64, "answered"
+            );
+        }
+        Err(f) => {
+            let e = api_error(f);
+            let outcome = match f {
+                Failure::Interrupted(_) => "stream_error".to_string(),
+                Failure::ClientGone => "client_gone".to_string(),
+                _ => e.status.as_u16().to_string(),
+            };
+            let model = match decision.as_ref().map(|d| &d.selection) {
+                Some(crate::routing::Selection::Slm { model, .. }) if streamed => model.as_str(),
+                _ => "",
+            };
+            let cause = (e.status == StatusCode::TOO_MANY_REQUESTS).then_some("queue");
+            count(
+                state,
+                &Counted {
+                    endpoint,
+                    route,
+                    model,
+                    outcome: &outcome,
+                    model_time: None,
+                },
+                cause,
+                t0,
+            );
+            tracing::info!(status = %e.status, code = f.code(), error = %f, "request failed");
+        }
+    }
+    (decision, result)
+}
+
+/// The answer to a failure, in OpenAI's format.
+pub(super) fn api_error(f: &Failure) -> ApiError {
+    match f {
+        Failure::UnknownModel(m) => ApiError::not_found(format!(
+            "The model `{m}` does not exist or you do not have access to it. Use a model from GET /v1/models, or `auto` to let routing choose."
+        )),
+        Failure::NotAllowed(why) => ApiError::forbidden(why.clone(), "model_not_allowed"),
+        Failure::Denied { .. } => ApiError::forbidden(f.to_string(), "policy_denied"),
+        Failure::QueueFull { retry_after, .. } => ApiError::rate_limited(f.to_string(), *retry_after),
+        Failure::QueueTimeout => ApiError::rate_limited(f.to_string(), 2),
+        Failure::Refused(_) => ApiError::invalid(f.to_string(), None),
+        Failure::Local { .. } | Failure::ShuttingDown => ApiError::unavailable(f.to_string(), 1),
+        Failure::Remote(_) => ApiError::upstream(f.to_string()),
+        Failure::Unavailable { .. } | Failure::Interrupted(_) | Failure::ClientGone => {
+            ApiError::internal(f.to_string())
+        }
+    }
+}
+
+/// A finished outcome as JSON, a finished stream, or an error.
+fn respond(state: &State, gen: &Gen, o: Outcome, t0: Instant) -> Response {
+    let (decision, result) = record(state, &gen.req, o, t0);
+    match (result, decision) {
+        (Ok(a), Some(d)) if gen.req.stream => {
+            shape::stream_finished(&gen.req, gen.include_usage, &a, &d)
+        }
+        (Ok(a), Some(d)) => shape::json_response(&gen.req, &a, &d),
+        (Ok(_), None) => ApiError::internal("an answer without a decision").into_response(),
+        (Err(f), _) => {
+            let mut resp = api_error(&f).into_response();
+            if matches!(f, Failure::Denied { .. }) {
+                resp.headers_mut()
+                    .insert("x-corral-route", HeaderValue::from_static("deny"));
+            }
+            resp
+        }
+    }
+}
+
+/// Streams an SLM answer as its tokens arrive (nothing can replace it any more); the outcome
+/// closes the stream: its final chunk carries the `corral` facts, a failure an error event.
+#[allow(clippy::too_many_arguments)]
+fn stream_live(
+    state: Arc<State>,
+    gen: Gen,
+    model: String,
+    policies: Vec<String>,
+    mut updates: mpsc::Receiver<Update>,
+    mut running: Running,
+    slot: Slot,
+    t0: Instant,
+) -> Response {
+    let (tx, out) = mpsc::channel(64);
+    let headers = vec![
+        ("x-corral-route", "slm".to_string()),
+        ("x-corral-model", model.clone()),
+        ("x-corral-escalated", "false".to_string()),
+        ("x-corral-policies", policies.join(",")),
+    ];
+    tokio::spawn(
+        async move {
+            let _slot = slot;
+            let c = Chunks::new(&gen.req, gen.include_usage, &model);
+            let mut open = tx.send(c.start()).await.is_ok();
+            let mut streamed = 0usize;
+            while open {
+                let Some(Update::Token(t)) = updates.recv().await else {
+                    break;
+                };
+                if t.text.is_empty() && gen.req.logprobs.is_none() {
+                    continue;
+                }
+                streamed += t.text.len();
+                open = tx.send(c.text(&t.text, Some(&t))).await.is_ok();
+            }
+            // A client gone: closing the updates cancels the generation (the pipeline's next
+            // send fails and it drops its job); its outcome is still recorded.
+            drop(updates);
+            let Some(o) = running.outcome().await else {
+                return;
+            };
+            let (decision, result) = record(&state, &gen.req, o, t0);
+            match (result, decision) {
+                (Ok(a), Some(d)) => {
+                    if let Some(rest) = a.text.get(streamed..).filter(|r| !r.is_empty()) {
+                        let _ = tx.send(c.text(rest, None)).await;
+                    }
+                    let mut meta = shape::corral_json(&a, &d, &gen.req.id);
+                    meta["below_threshold"] = json!(a.below_threshold);
+                    for item in c.end(&a, meta) {
+                        let _ = tx.send(item).await;
+                    }
+                }
+                (Err(Failure::ClientGone), _) => {}
+                (Err(f), _) => {
+                    // Bytes already reached the client: nothing can be retried. End the stream
+                    // with an error event rather than a silent truncation.
+                    let _ = tx.send(shape::sse_data(&api_error(&f).body())).await;
+                }
+                (Ok(_), None) => {}
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
+    shape::sse_response(out, &headers)
+}
