@@ -20,6 +20,7 @@
 
 pub mod record;
 pub mod remote;
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

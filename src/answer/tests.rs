@@ -1,1 +1,455 @@
+//! The pipeline's table: a scripted local model, a scripted remote chain, real routing from a
+//! configuration file. No root, no weights.
+#![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::testing::{Script, ScriptedChain, ScriptedModel};
+use super::*;
+use crate::audit::{Interaction, Route};
+use crate::config::{Config, Sources};
+
+const FALLBACK: &str = r#"
+[providers.remote]
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+model = "remote-large"
+[routing.llm_fallback]
+providers = ["remote"]
+[routing.confidence_thresholds]
+default = 0.5
+"#;
+
+fn config(toml_text: &str) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("corral.toml");
+    std::fs::write(&p, toml_text).unwrap();
+    Config::load_with_env(
+        &Sources {
+            config: Some(p),
+            profiles_dir: None,
+        },
+        &|_| None,
+    )
+    .unwrap()
+}
+
+struct Case {
+    local: Arc<ScriptedModel>,
+    remote: Arc<ScriptedChain>,
+    pipeline: Pipeline,
+}
+
+fn case(toml_text: &str, scripts: Vec<Script>) -> Case {
+    let local = Arc::new(ScriptedModel::new(scripts));
+    let remote = Arc::new(ScriptedChain::new(vec![Ok("Remote says teal")]));
+    let pipeline = Pipeline {
+        router: config(toml_text).routing.clone(),
+        local: local.clone(),
+        remote: remote.clone(),
+    };
+    Case {
+        local,
+        remote,
+        pipeline,
+    }
+}
+
+fn sure() -> Script {
+    Script::Answer(vec![("Teal", -0.01), (" it", -0.02), (" is.", -0.01)])
+}
+
+fn unsure() -> Script {
+    Script::Answer(vec![("Maybe", -2.5), (" mauve", -3.0)])
+}
+
+fn caller(agent: Option<&str>) -> Caller {
+    Caller {
+        agent: agent.map(String::from),
+        team: Some("t-research".into()),
+        key_alias: None,
+    }
+}
+
+fn req(prompt: &str) -> Request {
+    Request::chat("req-1", vec![("user".into(), prompt.into())])
+}
+
+fn answer(c: &Case, r: &Request) -> Outcome {
+    rt().block_on(c.pipeline.answer(&caller(None), r, None))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn an_answer_above_the_threshold_is_the_slms() {
+    let c = case(FALLBACK, vec![sure()]);
+    let o = answer(&c, &req("Name a colour."));
+    let a = o.result.as_ref().unwrap();
+    assert_eq!(a.source, Source::Slm);
+    assert_eq!(a.text, "Teal it is.");
+    assert!(a.escalation.is_none() && !a.below_threshold);
+    assert!(a.confidence.unwrap() > 0.9, "{:?}", a.confidence);
+    assert_eq!(a.threshold, Some(0.5));
+    assert_eq!((a.prompt_tokens, a.completion_tokens), (7, 3));
+    assert_eq!(c.remote.called(), 0);
+    let jobs = c.local.jobs.lock().unwrap();
+    assert_eq!(jobs[0].0, "smollm2-135m-instruct");
+    assert_eq!(jobs[0].2.max_tokens, 256);
+    // The audit record says the same.
+    assert_eq!(o.audit.interaction, Interaction::Chat);
+    assert_eq!(o.audit.route, Some(Route::Slm));
+    assert_eq!(o.audit.request_id, "req-1");
+    assert_eq!(o.audit.caller.team.as_deref(), Some("t-research"));
+    assert_eq!(o.audit.confidence, a.confidence);
+    assert_eq!(o.audit.response["text"], "Teal it is.");
+    assert_eq!(o.audit.request["messages"][0]["content"], "Name a colour.");
+    assert!(o.audit.error.is_none() && o.audit.escalation_reason.is_none());
+}
+
+#[test]
+fn an_answer_below_the_threshold_is_escalated_and_the_record_keeps_the_slms_score() {
+    let c = case(FALLBACK, vec![unsure()]);
+    let o = answer(&c, &req("Name a colour."));
+    let a = o.result.as_ref().unwrap();
+    assert_eq!(a.source, Source::Llm);
+    assert_eq!(a.text, "Remote says teal");
+    assert_eq!(a.provider.as_deref(), Some("remote"));
+    let Some(Escalation::LowConfidence {
+        score, threshold, ..
+    }) = &a.escalation
+    else {
+        panic!("{:?}", a.escalation)
+    };
+    assert!(score.unwrap() < 0.5 && *threshold == 0.5);
+    let run = a.slm.as_ref().unwrap();
+    assert_eq!(run.done.as_ref().unwrap().text, "Maybe mauve");
+    assert_eq!(c.remote.calls.lock().unwrap()[0].0, vec!["remote"]);
+    assert_eq!(o.audit.interaction, Interaction::Escalation);
+    assert_eq!(o.audit.route, Some(Route::Slm));
+    assert_eq!(
+        o.audit.confidence, *score,
+        "the SLM's score is why it escalated"
+    );
+    assert!(o
+        .audit
+        .escalation_reason
+        .as_deref()
+        .unwrap()
+        .starts_with("confidence 0.0"));
+    assert_eq!(o.audit.response["slm"]["text"], "Maybe mauve");
+    assert_eq!(o.audit.response["text"], "Remote says teal");
+    assert_eq!(o.audit.usage.unwrap().prompt_tokens, 20);
+}
+
+#[test]
+fn a_crash_is_retried_on_a_fresh_runner_then_escalated_without_its_text_in_the_metadata() {
+    let c = case(
+        FALLBACK,
+        vec![
+            Script::Crash { retryable: true },
+            Script::Crash { retryable: true },
+        ],
+    );
+    let o = answer(&c, &req("Name a colour."));
+    assert_eq!(c.local.submitted(), 2, "retried once");
+    let a = o.result.as_ref().unwrap();
+    assert_eq!(a.source, Source::Llm);
+    assert_eq!(a.escalation.as_ref().unwrap().kind(), "slm_failure");
+    assert!(a.escalation.as_ref().unwrap().reason().contains("signal 9"));
+    assert_eq!(o.audit.escalation_reason.as_deref(), Some("the SLM failed"));
+    assert!(o.audit.response["slm"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("signal 9"));
+
+    // A failure a fresh runner would repeat is not retried.
+    let c = case(FALLBACK, vec![Script::Crash { retryable: false }]);
+    let o = answer(&c, &req("Name a colour."));
+    assert_eq!(c.local.submitted(), 1);
+    assert_eq!(o.result.unwrap().source, Source::Llm);
+
+    // A crash then an answer: the retry's answer.
+    let c = case(FALLBACK, vec![Script::Crash { retryable: true }, sure()]);
+    let o = answer(&c, &req("Name a colour."));
+    assert_eq!(o.result.unwrap().text, "Teal it is.");
+    assert_eq!(c.remote.called(), 0);
+}
+
+#[test]
+fn with_nothing_to_escalate_to_a_crash_is_retried_then_fails() {
+    let c = case(
+        "",
+        vec![
+            Script::Crash { retryable: true },
+            Script::Crash { retryable: true },
+        ],
+    );
+    let o = answer(&c, &req("Name a colour."));
+    assert_eq!(c.local.submitted(), 2);
+    let Err(Failure::Local { error, retryable }) = &o.result else {
+        panic!("{:?}", o.result)
+    };
+    assert!(error.contains("signal 9") && *retryable);
+    assert_eq!(o.audit.route, Some(Route::Slm));
+    assert!(o
+        .audit
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("local model failed"));
+    assert!(o.audit.response["slm"]["error"].is_string());
+}
+
+#[test]
+fn a_low_score_with_no_chain_is_kept_and_said_to_be_below_the_threshold() {
+    let c = case(
+        "[routing.confidence_thresholds]\ndefault = 0.5\n",
+        vec![unsure()],
+    );
+    let a = answer(&c, &req("Name a colour.")).result.unwrap();
+    assert_eq!(a.source, Source::Slm);
+    assert!(a.below_threshold && a.escalation.is_none());
+}
+
+#[test]
+fn a_policy_refusal_runs_nothing_and_is_recorded_as_denied() {
+    let c = case(
+        &format!(
+            "{FALLBACK}[[routing.policies]]\nid = \"no-secrets\"\nconditions = {{ metadata = {{ kind = \"secret\" }} }}\n\
+             action = {{ type = \"deny\", reason = \"secret projects stay off models\" }}\n"
+        ),
+        vec![sure()],
+    );
+    let mut r = req("Plan the launch.");
+    r.metadata.insert("kind".into(), "secret".into());
+    let o = answer(&c, &r);
+    assert_eq!(
+        o.result.as_ref().unwrap_err(),
+        &Failure::Denied {
+            reason: "secret projects stay off models".into()
+        }
+    );
+    assert_eq!((c.local.submitted(), c.remote.called()), (0, 0));
+    assert_eq!(o.audit.interaction, Interaction::RouteDenied);
+    assert_eq!(o.audit.route, Some(Route::Deny));
+    assert_eq!(
+        o.audit.response["denied"],
+        "secret projects stay off models"
+    );
+    assert!(o.audit.policies.contains(&"policy:no-secrets".to_string()));
+}
+
+#[test]
+fn a_named_model_must_be_known_and_allowed() {
+    let allow = format!("{FALLBACK}[slm.model_allow_lists.agent_model_maps]\nbot = []\n");
+    let c = case(&allow, vec![sure()]);
+    let mut r = req("Name a colour.");
+    r.model = "smollm2-135m-instruct".into();
+    let o = rt().block_on(c.pipeline.answer(&caller(Some("bot")), &r, None));
+    let Err(Failure::NotAllowed(why)) = &o.result else {
+        panic!("{:?}", o.result)
+    };
+    assert!(why.contains("allow list"), "{why}");
+    assert!(o.decision.is_none(), "refused before routing");
+    assert!(o.audit.error.is_some());
+    r.model = "no-such-model".into();
+    let o = answer(&c, &r);
+    assert_eq!(
+        o.result.unwrap_err(),
+        Failure::UnknownModel("no-such-model".into())
+    );
+    assert_eq!((c.local.submitted(), c.remote.called()), (0, 0));
+}
+
+#[test]
+fn the_named_model_and_profile_are_the_decisions_own() {
+    let c = case("", vec![sure()]);
+    let mut r = req("Name a colour.");
+    r.model = "smollm2-135m-instruct".into();
+    r.profile = Some("standard".into());
+    let o = answer(&c, &r);
+    let Some(Selection::Slm { model, profile }) = o.decision.as_ref().map(|d| &d.selection) else {
+        panic!()
+    };
+    assert_eq!(
+        (model.as_str(), profile.as_str()),
+        ("smollm2-135m-instruct", "standard")
+    );
+    let jobs = c.local.jobs.lock().unwrap();
+    assert_eq!(
+        (jobs[0].0.as_str(), jobs[0].1.as_str()),
+        (model.as_str(), "standard")
+    );
+}
+
+#[test]
+fn require_llm_goes_to_the_chain_with_pii_masked_in_every_message() {
+    let c = case(
+        &format!(
+            "{FALLBACK}[routing]\ndefault_action = {{ type = \"require_llm\", reason = \"all remote\" }}\n\
+             [routing.guardrails]\npii = \"mask\"\n"
+        ),
+        vec![],
+    );
+    let r = Request::chat(
+        "req-2",
+        vec![
+            ("system".into(), "Reply to ann@example.com".into()),
+            ("user".into(), "My mail is bob@example.com".into()),
+        ],
+    );
+    let o = answer(&c, &r);
+    let a = o.result.unwrap();
+    assert_eq!((a.source, a.escalation.is_none()), (Source::Llm, true));
+    assert_eq!(c.local.submitted(), 0);
+    let calls = c.remote.calls.lock().unwrap();
+    let texts: Vec<&str> = calls[0]
+        .1
+        .messages
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect();
+    assert_eq!(texts, ["Reply to [EMAIL]", "My mail is [EMAIL]"]);
+    assert_eq!(o.audit.route, Some(Route::Llm));
+}
+
+#[test]
+fn the_chain_failing_is_the_callers_failure() {
+    let c = case(
+        &format!(
+            "{FALLBACK}[routing]\ndefault_action = {{ type = \"require_llm\", reason = \"r\" }}\n"
+        ),
+        vec![],
+    );
+    let c = Case {
+        remote: Arc::new(ScriptedChain::new(vec![Err("boom")])),
+        ..c
+    };
+    let p = Pipeline {
+        remote: c.remote.clone(),
+        ..c.pipeline.clone()
+    };
+    let o = rt().block_on(p.answer(&caller(None), &req("hi"), None));
+    let Err(Failure::Remote(m)) = &o.result else {
+        panic!("{:?}", o.result)
+    };
+    assert!(m.contains("500") && m.contains("boom"), "{m}");
+    assert!(o.audit.error.as_deref().unwrap().contains("boom"));
+}
+
+/// Runs `r` collecting the updates a streaming front end would see.
+fn streamed(c: &Case, r: &Request, hang_up: bool) -> (Outcome, Vec<Update>) {
+    rt().block_on(async {
+        let (tx, mut rx) = mpsc::channel(64);
+        if hang_up {
+            drop(rx);
+            let o = c.pipeline.answer(&caller(None), r, Some(&tx)).await;
+            return (o, vec![]);
+        }
+        let o = c.pipeline.answer(&caller(None), r, Some(&tx)).await;
+        drop(tx);
+        let mut ups = vec![];
+        while let Some(u) = rx.recv().await {
+            ups.push(u);
+        }
+        (o, ups)
+    })
+}
+
+#[test]
+fn an_answer_that_may_be_replaced_is_held_one_that_may_not_streams() {
+    let mut r = req("Name a colour.");
+    r.stream = true;
+    // Escalation possible: held until scored, nothing goes out early.
+    let c = case(FALLBACK, vec![sure()]);
+    let (o, ups) = streamed(&c, &r, false);
+    assert!(!o.streamed && ups.is_empty());
+    assert_eq!(o.result.unwrap().text, "Teal it is.");
+    // No chain: streams token by token, announced first.
+    let c = case("", vec![sure()]);
+    let (o, ups) = streamed(&c, &r, false);
+    assert!(o.streamed);
+    assert!(matches!(&ups[0], Update::Streaming { model, .. } if model == "smollm2-135m-instruct"));
+    let text: String = ups
+        .iter()
+        .filter_map(|u| match u {
+            Update::Token(t) => Some(t.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, "Teal it is.");
+    assert_eq!(o.result.unwrap().text, text);
+    // A policy may ask for streaming even with a chain to escalate to.
+    let c = case(
+        &format!(
+            "{FALLBACK}[routing]\ndefault_action = {{ type = \"prefer_slm\", streaming = \"stream\" }}\n"
+        ),
+        vec![unsure()],
+    );
+    let (o, _) = streamed(&c, &r, false);
+    let a = o.result.unwrap();
+    assert!(o.streamed && a.below_threshold && a.escalation.is_none());
+    assert_eq!(c.remote.called(), 0);
+}
+
+#[test]
+fn a_stream_ends_with_its_failure_and_a_gone_client_cancels_it() {
+    let mut r = req("Name a colour.");
+    r.stream = true;
+    let c = case("", vec![Script::CrashAfter(vec![("Teal", -0.1)])]);
+    let (o, ups) = streamed(&c, &r, false);
+    assert!(o.streamed && ups.len() == 2);
+    assert!(
+        matches!(o.result, Err(Failure::Interrupted(_))),
+        "{:?}",
+        o.result
+    );
+    assert_eq!(c.local.submitted(), 1, "bytes went out: no retry");
+
+    let c = case("", vec![sure()]);
+    let (o, _) = streamed(&c, &r, true);
+    assert_eq!(o.result.unwrap_err(), Failure::ClientGone);
+    assert_eq!(
+        o.audit.error.as_deref(),
+        Some(Failure::ClientGone.to_string().as_str())
+    );
+}
+
+#[test]
+fn the_callers_faults_and_a_busy_queue_are_answered_in_kind_without_a_retry() {
+    for (script, want) in [
+        (Script::Refuse, "request_refused"),
+        (Script::QueueTimeout, "queue_timeout"),
+        (Script::Full, "queue_full"),
+    ] {
+        let c = case(FALLBACK, vec![script, sure()]);
+        let o = answer(&c, &req("Name a colour."));
+        assert_eq!(o.result.as_ref().unwrap_err().code(), want);
+        assert_eq!(c.remote.called(), 0, "{want}: not escalated");
+        assert!(c.local.submitted() <= 1, "{want}: not retried");
+    }
+}
+
+#[test]
+fn a_completion_is_recorded_as_one() {
+    let c = case("", vec![sure()]);
+    let mut r = req("Once upon a time");
+    r.endpoint = Endpoint::Completion;
+    r.input = Input::Prompt("Once upon a time".into());
+    let o = answer(&c, &r);
+    assert_eq!(o.audit.interaction, Interaction::Completion);
+    assert_eq!(o.audit.request["endpoint"], Value::from("completions"));
+    assert!(matches!(
+        c.local.jobs.lock().unwrap()[0].2.input,
+        Input::Prompt(_)
+    ));
+}

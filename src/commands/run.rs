@@ -93,7 +93,7 @@ pub const EXIT_DENIED: i32 = 3;
 
 /// What the last runner did beyond its answer: its start-up time and what its cgroup saw.
 #[derive(Debug, Default)]
-struct Report {
+pub struct Report {
     startup_ms: f64,
     outcome: Option<crate::sandbox::Outcome>,
 }
@@ -199,6 +199,26 @@ fn route_json(d: &RouteDecision) -> Value {
 }
 
 pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
+    let report = Arc::new(Mutex::new(Report::default()));
+    let local = Arc::new(OneRunner {
+        catalog: config.slm.models.clone(),
+        model_dir: config.slm.model_dir.clone(),
+        profiles: config.profiles.clone(),
+        sandbox: config.sandbox.clone(),
+        host: HostSupport::probe_for(&config.sandbox),
+        report: report.clone(),
+    });
+    run_with(config, args, local, &report, &mut std::io::stdout())
+}
+
+/// [`run`] with its local model given (tests: a scripted one) and its answer written to `out`.
+pub fn run_with(
+    config: &Config,
+    args: &RunArgs,
+    local: Arc<dyn LocalModel>,
+    report: &Mutex<Report>,
+    out: &mut dyn Write,
+) -> crate::Result<i32> {
     let t0 = Instant::now();
     let audit_log = if config.audit.enabled {
         Some(AuditLog::open(&config.audit)?)
@@ -211,17 +231,9 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
         team: args.caller.team.clone(),
         key_alias: args.caller.key_alias.clone(),
     };
-    let report = Arc::new(Mutex::new(Report::default()));
     let pipeline = Pipeline {
         router: config.routing.clone(),
-        local: Arc::new(OneRunner {
-            catalog: config.slm.models.clone(),
-            model_dir: config.slm.model_dir.clone(),
-            profiles: config.profiles.clone(),
-            sandbox: config.sandbox.clone(),
-            host: HostSupport::probe_for(&config.sandbox),
-            report: report.clone(),
-        }),
+        local,
         remote: Arc::new(Providers::from_config(&config.providers)),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -233,12 +245,11 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
         let printing = async {
             // Tokens of an answer nothing can replace any more, as they come.
             let mut streamed = String::new();
-            let mut stdout = std::io::stdout();
             while let Some(u) = updates.recv().await {
                 if let Update::Token(t) = u {
                     streamed.push_str(&t.text);
-                    let _ = stdout.write_all(terminal_safe(&t.text).as_bytes());
-                    let _ = stdout.flush();
+                    let _ = out.write_all(terminal_safe(&t.text).as_bytes());
+                    let _ = out.flush();
                 }
             }
             streamed
@@ -274,16 +285,18 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
     }
     match (result, decision) {
         (Ok(a), Some(d)) if a.source == Source::Slm => {
-            print_slm(args, &a, &d, live.then_some(streamed.as_str()), &report, t0);
+            let streamed = live.then_some(streamed.as_str());
+            print_slm(out, args, &a, &d, streamed, &report, t0);
             Ok(0)
         }
         (Ok(a), Some(d)) => {
-            print_llm(args, &a, &d, t0);
+            print_llm(out, args, &a, &d, t0);
             Ok(0)
         }
         (Err(Failure::Denied { reason }), Some(d)) => {
             if args.json {
-                println!(
+                let _ = writeln!(
+                    out,
                     "{}",
                     json!({"route": route_json(&d), "denied": reason, "reasoning": d.reasoning})
                 );
@@ -299,6 +312,7 @@ pub fn run(config: &Config, args: &RunArgs) -> crate::Result<i32> {
 /// Prints a local answer: the rest of a streamed one (text held back for stop sequences
 /// arrives with the final frame), or all of a held one, and a summary line; or `--json`.
 fn print_slm(
+    out: &mut dyn Write,
     args: &RunArgs,
     a: &Answer,
     d: &RouteDecision,
@@ -320,16 +334,14 @@ fn print_slm(
             .and_then(|o| o.stats.memory_peak_bytes)
             .map(|b| b / (1024 * 1024)));
         v["runner"]["cpu_ms"] = json!(o.and_then(|o| o.stats.cpu_usage_ns).map(|n| n / 1_000_000));
-        println!("{v}");
+        let _ = writeln!(out, "{v}");
         return;
     }
-    match streamed {
-        Some(s) => {
-            let rest = a.text.get(s.len()..).unwrap_or_default();
-            println!("{}", terminal_safe(rest));
-        }
-        None => println!("{}", terminal_safe(&a.text)),
-    }
+    let shown = match streamed {
+        Some(s) => a.text.get(s.len()..).unwrap_or_default(),
+        None => &a.text,
+    };
+    let _ = writeln!(out, "{}", terminal_safe(shown));
     // How the answer stands against its threshold (with no chain to escalate to, a low score
     // is reported, not hidden).
     let verdict = if !a.below_threshold {
@@ -359,14 +371,15 @@ fn print_slm(
 }
 
 /// Prints a remote answer, and why it replaced the SLM's when it did.
-fn print_llm(args: &RunArgs, a: &Answer, d: &RouteDecision, t0: Instant) {
+fn print_llm(out: &mut dyn Write, args: &RunArgs, a: &Answer, d: &RouteDecision, t0: Instant) {
     let reason = a.escalation.as_ref().map(|e| e.reason());
     let (latency_ms, attempts) = a
         .llm
         .as_ref()
         .map_or((0.0, 0), |l| (l.latency_ms, l.attempts));
     if args.json {
-        println!(
+        let _ = writeln!(
+            out,
             "{}",
             json!({
                 "text": a.text,
@@ -384,7 +397,7 @@ fn print_llm(args: &RunArgs, a: &Answer, d: &RouteDecision, t0: Instant) {
             })
         );
     } else {
-        println!("{}", terminal_safe(&a.text));
+        let _ = writeln!(out, "{}", terminal_safe(&a.text));
         eprintln!(
             "corral: llm {} ({}){} · {} prompt + {} tokens · {latency_ms:.0} ms · {attempts} attempt(s) · confidence {}",
             a.provider.as_deref().unwrap_or("?"),

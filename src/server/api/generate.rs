@@ -194,6 +194,8 @@ async fn generate(
     let limit = live.config.server.request_timeout;
     let started = tokio::time::timeout(limit, async {
         tokio::select! {
+            // A stream that started is a stream, even when its outcome is ready too.
+            biased;
             u = updates.recv() => match u {
                 Some(Update::Streaming { model, policies, .. }) => Started::Stream { model, policies },
                 // Tokens come only after `Streaming`; a closed channel means the pipeline ended.

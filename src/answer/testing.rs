@@ -1,0 +1,228 @@
+//! Test doubles for the pipeline's two sides, used by its unit tests and by the tests of both
+//! front ends (tests/answer.rs), which need neither root nor model weights: a local model that
+//! plays a script (tokens with log-probabilities, crashes, refusals, a full queue) and a remote
+//! chain that answers or fails on cue. Nothing in corral's binaries uses them.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use corral_protocol::{Done, FinishReason, GenerateRequest, Ready, TokenInfo};
+use tokio::sync::mpsc;
+
+use super::{LocalModel, RemoteChain, RemoteFuture, SubmitError};
+use crate::pool::{Event, FailKind};
+use crate::providers::{ChainError, ChatRequest, ChatResponse, ProviderError, Usage};
+
+/// What the scripted local model does with one job.
+#[derive(Debug, Clone)]
+pub enum Script {
+    /// Answers these tokens (text, log-probability), then ends.
+    Answer(Vec<(&'static str, f32)>),
+    /// Fails before any token, as a crashed runner (`retryable`) or one whose model cannot load.
+    Crash { retryable: bool },
+    /// Sends these tokens, then crashes.
+    CrashAfter(Vec<(&'static str, f32)>),
+    /// Refuses the request (a prompt longer than the context).
+    Refuse,
+    /// The job waited past the queue timeout.
+    QueueTimeout,
+    /// The queue is full.
+    Full,
+}
+
+/// A local model that plays one [`Script`] per submitted job, in order.
+#[derive(Debug, Default)]
+pub struct ScriptedModel {
+    scripts: Mutex<VecDeque<Script>>,
+    /// Every job submitted: (model, profile, request).
+    pub jobs: Mutex<Vec<(String, String, GenerateRequest)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A runner's token for `text`.
+pub fn token(text: &str, logprob: f32) -> TokenInfo {
+    TokenInfo {
+        token_id: 1,
+        bytes: text.as_bytes().to_vec(),
+        text: text.to_string(),
+        logprob,
+        entropy: -logprob,
+        top: vec![],
+    }
+}
+
+impl ScriptedModel {
+    pub fn new(scripts: Vec<Script>) -> ScriptedModel {
+        ScriptedModel {
+            scripts: Mutex::new(scripts.into()),
+            jobs: Mutex::new(vec![]),
+        }
+    }
+
+    /// Jobs submitted so far.
+    pub fn submitted(&self) -> usize {
+        lock(&self.jobs).len()
+    }
+}
+
+impl LocalModel for ScriptedModel {
+    fn submit(
+        &self,
+        model: &str,
+        profile: &str,
+        req: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        let script = lock(&self.scripts)
+            .pop_front()
+            .ok_or_else(|| SubmitError::Unavailable("the script has no more jobs".into()))?;
+        if matches!(script, Script::Full) {
+            return Err(SubmitError::Full {
+                pool: format!("{model}/{profile}"),
+                queue_timeout: Duration::from_millis(50),
+            });
+        }
+        let max = req.max_tokens as usize;
+        lock(&self.jobs).push((model.to_string(), profile.to_string(), req));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let tokens = |ts: &[(&str, f32)]| {
+            ts.iter()
+                .take(max)
+                .map(|(t, l)| token(t, *l))
+                .collect::<Vec<_>>()
+        };
+        let failed = |kind, error: &str, retryable| Event::Failed {
+            kind,
+            error: error.to_string(),
+            retryable,
+        };
+        match script {
+            Script::Answer(ts) => {
+                let ts = tokens(&ts);
+                let text: String = ts.iter().map(|t| t.text.as_str()).collect();
+                let n = ts.len() as u32;
+                for t in ts {
+                    let _ = tx.send(Event::Token(t));
+                }
+                let done = Done {
+                    id: 0,
+                    finish_reason: if n as usize == max {
+                        FinishReason::Length
+                    } else {
+                        FinishReason::Stop
+                    },
+                    text,
+                    prompt_tokens: 7,
+                    completion_tokens: n,
+                    prefill_ms: 1.0,
+                    ttft_ms: 2.0,
+                    decode_tokens_per_s: 100.0,
+                    tokens: vec![],
+                };
+                let ready = Ready {
+                    architecture: "scripted".into(),
+                    quantization: "none".into(),
+                    vocab_size: 2,
+                    context_length: 64,
+                    eos_token_ids: vec![0],
+                    has_chat_template: true,
+                    threads: 1,
+                    load_ms: 0.0,
+                };
+                let _ = tx.send(Event::Done(Box::new(done), Box::new(ready)));
+            }
+            Script::Crash { retryable } => {
+                let _ = tx.send(failed(
+                    FailKind::Runner,
+                    "runner died: killed by signal 9",
+                    retryable,
+                ));
+            }
+            Script::CrashAfter(ts) => {
+                for t in tokens(&ts) {
+                    let _ = tx.send(Event::Token(t));
+                }
+                let _ = tx.send(failed(
+                    FailKind::Runner,
+                    "runner died: killed by signal 9",
+                    true,
+                ));
+            }
+            Script::Refuse => {
+                let _ = tx.send(failed(
+                    FailKind::Refused,
+                    "prompt has 5000 tokens; context holds 64",
+                    false,
+                ));
+            }
+            Script::QueueTimeout => {
+                let _ = tx.send(failed(FailKind::QueueTimeout, "queue timeout", false));
+            }
+            Script::Full => {}
+        }
+        Ok(rx)
+    }
+}
+
+/// A remote chain that answers `Ok(text)` or fails with `Err(message)`, in order (the last
+/// entry repeats), and records what it was asked.
+#[derive(Debug, Default)]
+pub struct ScriptedChain {
+    answers: Mutex<VecDeque<Result<&'static str, &'static str>>>,
+    /// Every call: (providers, request).
+    pub calls: Mutex<Vec<(Vec<String>, ChatRequest)>>,
+}
+
+impl ScriptedChain {
+    pub fn new(answers: Vec<Result<&'static str, &'static str>>) -> ScriptedChain {
+        ScriptedChain {
+            answers: Mutex::new(answers.into()),
+            calls: Mutex::new(vec![]),
+        }
+    }
+
+    pub fn called(&self) -> usize {
+        lock(&self.calls).len()
+    }
+}
+
+impl RemoteChain for ScriptedChain {
+    fn complete(&self, providers: &[String], req: ChatRequest) -> RemoteFuture {
+        lock(&self.calls).push((providers.to_vec(), req));
+        let next = {
+            let mut a = lock(&self.answers);
+            if a.len() > 1 {
+                a.pop_front()
+            } else {
+                a.front().copied()
+            }
+        };
+        let provider = providers.first().cloned().unwrap_or_default();
+        let r = match next.unwrap_or(Err("no answer scripted")) {
+            Ok(text) => Ok(ChatResponse {
+                provider,
+                model: "remote-large".into(),
+                text: text.into(),
+                finish_reason: "stop".into(),
+                usage: Usage {
+                    prompt_tokens: 20,
+                    completion_tokens: 2,
+                },
+                token_logprobs: Some(vec![-0.01, -0.02]),
+                latency_ms: 3.0,
+                attempts: 1,
+            }),
+            Err(message) => Err(ChainError {
+                errors: vec![ProviderError::Status {
+                    provider,
+                    status: 500,
+                    message: message.into(),
+                }],
+            }),
+        };
+        Box::pin(async move { r })
+    }
+}

@@ -1,0 +1,433 @@
+//! The answer pipeline's table through both front ends, with a scripted local model and a
+//! loopback OpenAI-compatible provider: the HTTP app (`app()` called directly, no socket) and
+//! the `corral run` path (`run_with`, its output captured). Needs neither root nor weights; the
+//! suites with real runners (serve.rs, routing.rs, audit.rs) cover the sandboxed parts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::Request as HttpRequest;
+use corral::answer::testing::{Script, ScriptedModel};
+use corral::commands::route::CallerArgs;
+use corral::commands::run::{run_with, Report, RunArgs};
+use corral::config::{Config, Sources};
+use corral::server::{app, State};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use common::{fake, openai_answer, Fake};
+
+/// A configuration file's text with the loopback provider as the fallback chain (when `chain`)
+/// and a confidence threshold of 0.5.
+fn config(remote: Option<&Fake>, extra: &str) -> (tempfile::TempDir, Config) {
+    let chain = match remote {
+        Some(f) => format!(
+            "[providers.remote]\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodel = \"remote-large\"\nmax_retries = 0\n\
+             [routing.llm_fallback]\nproviders = [\"remote\"]\n",
+            f.url
+        ),
+        None => String::new(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("corral.toml");
+    std::fs::write(
+        &p,
+        format!("{chain}[routing.confidence_thresholds]\ndefault = 0.5\n{extra}"),
+    )
+    .unwrap();
+    let cfg = Config::load_with_env(
+        &Sources {
+            config: Some(p),
+            profiles_dir: None,
+        },
+        &|_| None,
+    )
+    .unwrap();
+    (dir, cfg)
+}
+
+fn sure() -> Script {
+    Script::Answer(vec![("Teal", -0.01), (" it", -0.02), (" is.", -0.01)])
+}
+
+fn unsure() -> Script {
+    Script::Answer(vec![("Maybe", -2.5), (" mauve", -3.0)])
+}
+
+fn crash() -> Script {
+    Script::Crash { retryable: true }
+}
+
+const DENY_SECRETS: &str = "[[routing.policies]]\nid = \"no-secrets\"\nconditions = { metadata = { kind = \"secret\" } }\naction = { type = \"deny\", reason = \"secret projects stay off models\" }\n";
+const ALLOW_NONE: &str = "[slm.model_allow_lists.agent_model_maps]\n\"*\" = []\n";
+const ALL_REMOTE: &str =
+    "[routing]\ndefault_action = { type = \"require_llm\", reason = \"all remote\" }\n";
+
+/// One row: the setup, and what each front end must show.
+struct Row {
+    name: &'static str,
+    chain: bool,
+    extra: &'static str,
+    scripts: Vec<Script>,
+    /// `model` asked for (`auto` when None), `metadata.kind`.
+    model: Option<&'static str>,
+    secret: bool,
+    /// HTTP status, route, escalated, escalation reason fragment.
+    status: u16,
+    route: &'static str,
+    escalated: bool,
+    why: &'static str,
+    /// The answer's text (empty: none).
+    text: &'static str,
+    /// Local jobs submitted, remote calls made.
+    jobs: usize,
+    calls: usize,
+    /// `corral run`'s exit status.
+    exit: i32,
+}
+
+fn rows() -> Vec<Row> {
+    let row = |name, chain, scripts: Vec<Script>| Row {
+        name,
+        chain,
+        extra: "",
+        scripts,
+        model: None,
+        secret: false,
+        status: 200,
+        route: "slm",
+        escalated: false,
+        why: "",
+        text: "Teal it is.",
+        jobs: 1,
+        calls: 0,
+        exit: 0,
+    };
+    vec![
+        row("accepted above the threshold", true, vec![sure()]),
+        Row {
+            route: "llm",
+            escalated: true,
+            why: "confidence",
+            text: "Remote says teal",
+            calls: 1,
+            ..row("escalated below the threshold", true, vec![unsure()])
+        },
+        Row {
+            route: "llm",
+            escalated: true,
+            why: "the SLM failed",
+            text: "Remote says teal",
+            jobs: 2,
+            calls: 1,
+            ..row(
+                "escalated on a crash after its retry",
+                true,
+                vec![crash(), crash()],
+            )
+        },
+        Row {
+            jobs: 2,
+            ..row(
+                "a crash retried on a fresh runner",
+                false,
+                vec![crash(), sure()],
+            )
+        },
+        Row {
+            status: 503,
+            route: "none",
+            text: "",
+            jobs: 2,
+            exit: 1,
+            ..row("retried then 503", false, vec![crash(), crash()])
+        },
+        Row {
+            extra: DENY_SECRETS,
+            secret: true,
+            status: 403,
+            route: "deny",
+            text: "",
+            jobs: 0,
+            exit: 3,
+            ..row("denied by policy", true, vec![sure()])
+        },
+        Row {
+            extra: ALLOW_NONE,
+            model: Some("smollm2-135m-instruct"),
+            status: 403,
+            route: "none",
+            text: "",
+            jobs: 0,
+            exit: 2,
+            ..row("refused by the allow list", true, vec![sure()])
+        },
+        Row {
+            extra: ALL_REMOTE,
+            route: "llm",
+            text: "Remote says teal",
+            jobs: 0,
+            calls: 1,
+            ..row("require_llm", true, vec![])
+        },
+        Row {
+            status: 400,
+            route: "none",
+            text: "",
+            exit: 1,
+            ..row("a prompt the model refuses", true, vec![Script::Refuse])
+        },
+    ]
+}
+
+fn body(row: &Row, stream: bool) -> Value {
+    let mut b = json!({
+        "model": row.model.unwrap_or("auto"),
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 8,
+        "stream": stream,
+    });
+    if row.secret {
+        b["metadata"] = json!({"kind": "secret"});
+    }
+    b
+}
+
+fn state(row: &Row, remote: Option<&Fake>) -> (tempfile::TempDir, Arc<ScriptedModel>, Arc<State>) {
+    let (dir, cfg) = config(remote, row.extra);
+    let local = Arc::new(ScriptedModel::new(row.scripts.clone()));
+    let st = State::with_local(cfg, Sources::default(), local.clone()).unwrap();
+    (dir, local, st)
+}
+
+async fn post(st: &Arc<State>, body: &Value) -> (u16, axum::http::HeaderMap, String) {
+    let resp = app(st.clone())
+        .oneshot(
+            HttpRequest::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_table_through_the_http_app() {
+    let remote = fake(vec![(200, openai_answer("Remote says teal"))]);
+    for row in rows() {
+        let (_dir, local, st) = state(&row, row.chain.then_some(&remote));
+        let before = remote.seen.lock().unwrap().len();
+        let (status, h, text) = rt().block_on(post(&st, &body(&row, false)));
+        let n = &row.name;
+        assert_eq!(status, row.status, "{n}: {text}");
+        assert!(h.get("x-request-id").is_some(), "{n}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if status == 200 {
+            assert_eq!(v["choices"][0]["message"]["content"], row.text, "{n}: {v}");
+            assert_eq!(v["corral"]["route"], row.route, "{n}: {v}");
+            assert_eq!(h["x-corral-route"], row.route, "{n}");
+            assert_eq!(v["corral"]["escalated"], row.escalated, "{n}: {v}");
+            let why = v["corral"]["escalation_reason"].as_str().unwrap_or("");
+            assert!(why.contains(row.why), "{n}: {why}");
+        } else {
+            assert!(v["error"]["message"].is_string(), "{n}: {v}");
+            if row.route == "deny" {
+                assert_eq!(v["error"]["code"], "policy_denied", "{n}");
+                assert_eq!(h["x-corral-route"], "deny", "{n}");
+            }
+        }
+        assert_eq!(local.submitted(), row.jobs, "{n}: local jobs");
+        assert_eq!(
+            remote.seen.lock().unwrap().len() - before,
+            row.calls,
+            "{n}: remote calls"
+        );
+        // Counted once, under its route and outcome.
+        let metrics = st.metrics.render();
+        let outcome = if status == 200 {
+            "ok".to_string()
+        } else {
+            status.to_string()
+        };
+        let counted: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("corral_requests_total{"))
+            .collect();
+        assert_eq!(counted.len(), 1, "{n}: {counted:?}");
+        let route = if status == 200 { row.route } else { "none" };
+        assert!(
+            counted[0].contains(&format!("route=\"{route}\""))
+                && counted[0].contains(&format!("outcome=\"{outcome}\""))
+                && counted[0].ends_with(" 1"),
+            "{n}: {counted:?}"
+        );
+    }
+}
+
+#[test]
+fn streams_through_the_http_app_held_or_live() {
+    let remote = fake(vec![(200, openai_answer("Remote says teal"))]);
+    // With a chain to escalate to, the answer is held until scored: the escalated answer is
+    // the only one the stream carries.
+    let row = Row {
+        scripts: vec![unsure()],
+        ..rows().remove(1)
+    };
+    let (_d, _l, st) = state(&row, Some(&remote));
+    let (status, h, text) = rt().block_on(post(&st, &body(&row, true)));
+    assert_eq!(status, 200, "{text}");
+    assert!(h["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    assert_eq!(h["x-corral-route"], "llm");
+    assert!(
+        text.contains("Remote says teal") && !text.contains("mauve"),
+        "{text}"
+    );
+    assert!(text.contains("\"escalated\":true") && text.trim_end().ends_with("data: [DONE]"));
+
+    // With none, the SLM's tokens stream live; its low score is said at the end.
+    let row = Row {
+        scripts: vec![unsure()],
+        ..rows().remove(0)
+    };
+    let (_d, _l, st) = state(&row, None);
+    let (status, h, text) = rt().block_on(post(&st, &body(&row, true)));
+    assert_eq!(status, 200);
+    assert_eq!(h["x-corral-route"], "slm");
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, "Maybe mauve");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["corral"]["below_threshold"], true, "{last}");
+
+    // A runner failing after the first token ends the stream with an error event.
+    let row = Row {
+        scripts: vec![Script::CrashAfter(vec![("Teal", -0.1)])],
+        ..rows().remove(0)
+    };
+    let (_d, local, st) = state(&row, None);
+    let (status, _, text) = rt().block_on(post(&st, &body(&row, true)));
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("Teal") && text.contains("\"error\""),
+        "{text}"
+    );
+    assert!(!text.contains("[DONE]"));
+    assert_eq!(local.submitted(), 1);
+    assert!(st.metrics.render().contains("outcome=\"stream_error\"} 1"));
+}
+
+fn run_args(row: &Row) -> RunArgs {
+    RunArgs {
+        model: row.model.map(String::from),
+        profile: None,
+        temperature: 0.0,
+        top_p: None,
+        seed: None,
+        max_tokens: 8,
+        system: None,
+        json: true,
+        ignore_eos: false,
+        caller: CallerArgs {
+            metadata: if row.secret {
+                vec!["kind=secret".into()]
+            } else {
+                vec![]
+            },
+            ..CallerArgs::default()
+        },
+        prompt: "Name a colour.".into(),
+    }
+}
+
+#[test]
+fn the_table_through_corral_run() {
+    let remote = fake(vec![(200, openai_answer("Remote says teal"))]);
+    for row in rows() {
+        let (_dir, cfg) = config(row.chain.then_some(&remote), row.extra);
+        let local = Arc::new(ScriptedModel::new(row.scripts.clone()));
+        let before = remote.seen.lock().unwrap().len();
+        let mut out = Vec::new();
+        let n = &row.name;
+        let code = match run_with(
+            &cfg,
+            &run_args(&row),
+            local.clone(),
+            &Mutex::new(Report::default()),
+            &mut out,
+        ) {
+            Ok(c) => c,
+            Err(e) => e.exit_code(),
+        };
+        assert_eq!(code, row.exit, "{n}: {}", String::from_utf8_lossy(&out));
+        assert_eq!(local.submitted(), row.jobs, "{n}: local jobs");
+        assert_eq!(
+            remote.seen.lock().unwrap().len() - before,
+            row.calls,
+            "{n}: remote calls"
+        );
+        if row.exit == 0 {
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["text"], row.text, "{n}: {v}");
+            assert_eq!(v["escalated"], row.escalated, "{n}: {v}");
+            let why = v["escalation_reason"].as_str().unwrap_or("");
+            assert!(why.contains(row.why), "{n}: {why}");
+            let picked = v["route"]["selection"]["kind"].as_str().unwrap();
+            let expect = if row.route == "llm" && !row.escalated {
+                "llm"
+            } else {
+                "slm"
+            };
+            assert_eq!(picked, expect, "{n}: {v}");
+        } else if row.exit == 3 {
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["denied"], "secret projects stay off models", "{n}");
+        }
+    }
+}
+
+#[test]
+fn corral_run_streams_an_answer_nothing_can_replace_and_holds_one_that_may_be() {
+    let remote = fake(vec![(200, openai_answer("Remote says teal"))]);
+    for (chain, script, want) in [
+        (false, sure(), "Teal it is.\n"),
+        (true, unsure(), "Remote says teal\n"),
+    ] {
+        let (_dir, cfg) = config(chain.then_some(&remote), "");
+        let local = Arc::new(ScriptedModel::new(vec![script]));
+        let mut args = run_args(&rows().remove(0));
+        args.json = false;
+        let mut out = Vec::new();
+        let code = run_with(&cfg, &args, local, &Mutex::new(Report::default()), &mut out).unwrap();
+        assert_eq!(code, 0);
+        assert_eq!(String::from_utf8(out).unwrap(), want);
+    }
+}
