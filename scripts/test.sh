@@ -19,6 +19,12 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo build --release --workspace --all-targets
+# Lints are part of the suite: clippy (in the build's profile) enforces the workspace's lints,
+# `undocumented_unsafe_blocks` among them; formatting is checked too.
+cargo clippy --release --workspace --all-targets -- -D warnings
+if cargo fmt --version >/dev/null 2>&1; then
+    cargo fmt --all -- --check
+fi
 scripts/fetch-model.sh
 # tests/serve.rs drives `corral serve` with the official OpenAI Python client.
 python3 -c 'import openai' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check openai

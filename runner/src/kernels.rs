@@ -348,6 +348,9 @@ mod avx2 {
     }
 
     /// Horizontal sum of 8 f32 lanes.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA (the caller checked them at run time, as every kernel here does).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
@@ -359,6 +362,9 @@ mod avx2 {
     }
 
     /// 32 unsigned (0..15) times 32 signed bytes, summed into 8 i32 lanes, as f32.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA (the caller checked them at run time, as every kernel here does).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn mul_sum_us8(u: __m256i, s: __m256i) -> __m256 {
         let dot16 = _mm256_maddubs_epi16(u, s);

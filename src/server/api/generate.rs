@@ -167,7 +167,7 @@ enum Started {
         model: String,
         policies: Vec<String>,
     },
-    Finished(Option<Outcome>),
+    Finished(Option<Box<Outcome>>),
 }
 
 /// Runs the pipeline; `Err` only for the request timeout (504) before the response started.
@@ -199,9 +199,9 @@ async fn generate(
             u = updates.recv() => match u {
                 Some(Update::Streaming { model, policies, .. }) => Started::Stream { model, policies },
                 // Tokens come only after `Streaming`; a closed channel means the pipeline ended.
-                _ => Started::Finished(running.outcome().await),
+                _ => Started::Finished(running.outcome().await.map(Box::new)),
             },
-            o = running.outcome() => Started::Finished(o),
+            o = running.outcome() => Started::Finished(o.map(Box::new)),
         }
     })
     .await
@@ -219,7 +219,7 @@ async fn generate(
     match started {
         Started::Finished(Some(o)) => {
             drop(slot);
-            Ok(respond(&state, &gen, o, t0))
+            Ok(respond(&state, &gen, *o, t0))
         }
         Started::Finished(None) => Err(ApiError::internal("the answer task failed")),
         Started::Stream { model, policies } => Ok(stream_live(
