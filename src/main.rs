@@ -76,11 +76,14 @@ enum Cmd {
     /// Answer a prompt as routing decides: a local model in its sandbox (streamed, unless the
     /// answer may still be escalated), the remote chain when its confidence is below the
     /// threshold or a policy requires it, or a refusal (exit status 3). A summary line with
-    /// model, profile, tokens, timings, confidence and route goes to stderr
+    /// model, profile, tokens, timings, confidence and route goes to stderr. Exit status 2 for a
+    /// model that is unknown, not allowed or not on this machine, 1 when no answer came
+    /// (the local model failed with nothing to escalate to, every provider failed)
     Run(run_cmd::RunArgs),
     /// Serve the OpenAI-compatible API (chat and legacy completions, models, route) from warm
     /// sandboxed runners and the remote providers, with /healthz, /readyz and /metrics.
     /// SIGHUP reloads the configuration (kept if the new one is invalid); SIGTERM drains and stops
+    /// (exit status 0). Exit status 4 when it cannot start (audit log, warm pools, address)
     Serve(corral::server::ServeArgs),
     /// Show the route a prompt would take (SLM, LLM chain or refusal) and why, without running
     /// anything

@@ -12,7 +12,7 @@
 //! `corral_runner_restarts_total` with its limit hits, and replaced after a backoff that grows
 //! with consecutive failures (0.1 s doubling to 5 s). The request it was serving gets
 //! [`Event::Failed`] with `retryable`, and the API layer retries it once or escalates it
-//! (see `api.rs`): nothing is dropped silently.
+//! (see `crate::answer`): nothing is dropped silently.
 //!
 //! An idle runner is health-checked every 30 s (a tokenize round trip within its time limit) and
 //! replaced if it fails, so a runner that died or wedged while idle is found before a request

@@ -2,14 +2,18 @@
 //! remote LLM providers.
 //!
 //! How the files relate:
-//! - `settings.rs`: the `[server.auth]` and `[server.pool]` configuration.
-//! - `auth.rs`: API keys -> [`auth::Identity`], rate and concurrency limits, the admin key.
-//! - `pool.rs`: warm sandboxed runners per (model, profile), their queue, crash replacement.
+//! - `auth.rs`: API keys -> [`auth::Identity`], rate and concurrency limits, the admin key (its
+//!   settings are compiled by `crate::config::auth`).
 //! - `openai.rs`: the request shapes and what corral does with each field.
-//! - `api.rs`: the handlers: route, run on a pool or the provider chain, score, escalate, answer
-//!   (JSON or server-sent events) with `x-corral-*` headers.
-//! - `metrics.rs`: the Prometheus exposition behind `/metrics`.
+//! - `api/`: the handlers, one file per group of endpoints; generation requests go through the
+//!   answer pipeline ([`crate::answer`]) and are framed as JSON or server-sent events with
+//!   `x-corral-*` headers.
 //! - `error.rs`: errors in OpenAI's format.
+//!
+//! Below the server: [`crate::pool`] (warm sandboxed runners per (model, profile), their queue,
+//! crash replacement; this file's [`State`] keeps the pools of each configuration generation
+//! and is the pipeline's local model through `PoolModel`) and [`crate::metrics`] (the Prometheus
+//! exposition behind `/metrics`).
 //!
 //! [`app`] builds the router from a [`State`] (tests call it directly); [`serve`] binds, handles
 //! SIGHUP (reload: the new configuration is validated and swapped in, or the old one keeps
