@@ -239,23 +239,32 @@ pub fn run_with(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (outcome, streamed) = rt.block_on(async {
-        let (tx, mut updates) = mpsc::channel(64);
-        let answering = async move { pipeline.answer(&caller, &req, Some(&tx)).await };
-        let printing = async {
-            // Tokens of an answer nothing can replace any more, as they come.
-            let mut streamed = String::new();
-            while let Some(u) = updates.recv().await {
-                if let Update::Token(t) = u {
-                    streamed.push_str(&t.text);
-                    let _ = out.write_all(terminal_safe(&t.text).as_bytes());
-                    let _ = out.flush();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %req.id,
+        caller = args.caller.agent.as_deref().unwrap_or("-"),
+        model = %req.model,
+    );
+    let (outcome, streamed) = rt.block_on(tracing::Instrument::instrument(
+        async {
+            let (tx, mut updates) = mpsc::channel(64);
+            let answering = async move { pipeline.answer(&caller, &req, Some(&tx)).await };
+            let printing = async {
+                // Tokens of an answer nothing can replace any more, as they come.
+                let mut streamed = String::new();
+                while let Some(u) = updates.recv().await {
+                    if let Update::Token(t) = u {
+                        streamed.push_str(&t.text);
+                        let _ = out.write_all(terminal_safe(&t.text).as_bytes());
+                        let _ = out.flush();
+                    }
                 }
-            }
-            streamed
-        };
-        tokio::join!(answering, printing)
-    });
+                streamed
+            };
+            tokio::join!(answering, printing)
+        },
+        span,
+    ));
     let Outcome {
         decision,
         result,
