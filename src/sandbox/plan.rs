@@ -276,7 +276,10 @@ pub fn check_host(
     d
 }
 
-/// Builds the plan, or fails naming each layer this host cannot enforce.
+/// Builds the plan, or fails naming each layer this host cannot enforce. The steps: what the
+/// host can enforce ([`enforceable`]), the filesystem view and its Landlock rules
+/// ([`filesystem`]), the two kernel filters ([`landlock_ruleset`], [`seccomp_filter`]), the
+/// environment ([`environment`]) and the cgroup limits ([`cgroup_limits`]).
 pub fn plan(
     profile: &Profile,
     cmd: &Command,
@@ -286,6 +289,85 @@ pub fn plan(
     if !host.is_root {
         return Err(SandboxError::NotRoot);
     }
+    let (degradations, skipped) = enforceable(profile, host, cmd)?;
+    let skipped = |layer: &str| skipped.iter().any(|l| l == layer);
+    let argv0 = cmd.argv.first().ok_or(SandboxError::EmptyCommand)?;
+    let exe = resolve_command(Path::new(argv0))?;
+    let network = if cmd.force_no_network {
+        NetworkAccessMode::None
+    } else {
+        profile.network
+    };
+    let Filesystem { ops, rules, gpu } = filesystem(profile, cmd, host, cfg, &exe)?;
+    let landlock = (!skipped("landlock"))
+        .then(|| landlock_ruleset(host, network, rules))
+        .flatten();
+    let seccomp = (!skipped("seccomp")).then(|| seccomp_filter(profile, cmd));
+    let threads = profile.thread_count();
+    let cwd = cmd.cwd.clone().unwrap_or_else(|| {
+        PathBuf::from(if profile.allow_temp_files {
+            "/tmp"
+        } else {
+            "/"
+        })
+    });
+    let egress = (network == NetworkAccessMode::Restricted).then(|| egress::Policy {
+        profile: profile.name.clone(),
+        destinations: profile.allowed_destinations.clone(),
+        bytes_per_sec: profile
+            .max_bandwidth_mbps
+            .map(|m| m.saturating_mul(1_000_000) / 8),
+        hosts: cfg.hosts.clone(),
+    });
+    let env = environment(profile, cmd, threads, egress.is_some(), gpu.as_ref());
+    let cgroup = cgroup_limits(profile, cmd, &exe, host, gpu.as_ref(), &skipped);
+    let pids_limit = profile.pids_limit();
+    let rlimits = vec![
+        (libc::RLIMIT_CORE, 0),
+        (libc::RLIMIT_FSIZE, profile.max_file_size_mb * 1024 * 1024),
+        (libc::RLIMIT_NOFILE, 4096),
+    ];
+
+    Ok(Plan {
+        profile: profile.name.clone(),
+        exe,
+        argv: cmd.argv.clone(),
+        env,
+        cwd,
+        fs_ops: ops,
+        landlock,
+        seccomp,
+        seccomp_log: profile.enable_audit_logging,
+        new_userns: !skipped("user namespace"),
+        new_netns: network != NetworkAccessMode::Full,
+        cgroup,
+        rlimits,
+        nice: profile.process_priority,
+        uid: cfg.uid,
+        gid: cfg.gid,
+        threads,
+        time_limit: profile.max_execution_time,
+        memory_mb: profile.max_memory_mb,
+        pids_limit,
+        degradations,
+        gpu,
+        landlock_connect_ports: if egress.is_some() {
+            vec![egress::PROXY_PORT]
+        } else {
+            Vec::new()
+        },
+        egress,
+    })
+}
+
+/// What this host cannot enforce of the profile: every degradation, and the layers to leave
+/// out (best effort). A strict profile with any layer missing, or a GPU profile without GPUs,
+/// is refused naming each.
+fn enforceable(
+    profile: &Profile,
+    host: &HostSupport,
+    cmd: &Command,
+) -> Result<(Vec<Degradation>, Vec<String>), SandboxError> {
     let degradations = check_host(profile, host, cmd.force_no_network);
     let fatal: Vec<&Degradation> = degradations.iter().filter(|d| !d.covered).collect();
     // Best effort never invents a GPU: without usable GPU nodes a GPU profile cannot run here.
@@ -308,10 +390,25 @@ pub fn plan(
             tracing::warn!(profile = %profile.name, layer = %d.layer, reason = %d.reason, "sandbox layer NOT enforced (enforcement = best_effort)");
         }
     }
-    let skipped = |layer: &str| fatal.iter().any(|d| d.layer == layer);
+    let skipped = fatal.iter().map(|d| d.layer.clone()).collect();
+    Ok((degradations, skipped))
+}
 
-    let argv0 = cmd.argv.first().ok_or(SandboxError::EmptyCommand)?;
-    let exe = resolve_command(Path::new(argv0))?;
+/// The sandbox's filesystem: the mount operations in order, the Landlock rules for what is
+/// visible, and the GPU lease when the profile has GPU access.
+struct Filesystem {
+    ops: Vec<FsOp>,
+    rules: Vec<(PathBuf, u64)>,
+    gpu: Option<gpu::GpuLease>,
+}
+
+fn filesystem(
+    profile: &Profile,
+    cmd: &Command,
+    host: &HostSupport,
+    cfg: &SandboxConfig,
+    exe: &Path,
+) -> Result<Filesystem, SandboxError> {
     let denied = Denied::new(&profile.denied_paths);
     let mut tree = Tree::default();
     for w in &profile.write_paths {
@@ -320,13 +417,50 @@ pub fn plan(
             tree.writable.push(c);
         }
     }
-    let (closure, ld_cache) = needed_files(&exe, &cmd.extra_read, &denied, &tree)?;
-    let network = if cmd.force_no_network {
-        NetworkAccessMode::None
-    } else {
-        profile.network
-    };
+    let needed = needed_files(exe, &cmd.extra_read, &denied, &tree)?;
+    let mut rules = path_rules(profile, cmd, cfg, &mut tree, &denied, needed)?;
+    system_mounts(profile, &mut tree, &mut rules);
+    let gpu = gpu_libraries(profile, host, cfg, &mut tree, &denied, &mut rules)?;
+    let mut ops = tree.into_ops();
+    for node in gpu.iter().flat_map(|g| &g.nodes) {
+        let path = Path::new("/dev").join(node.file_name().unwrap_or_default());
+        ops.push(FsOp::Bind {
+            src: node.clone(),
+            path: path.clone(),
+            writable: true,
+            is_dir: false,
+            exec: false,
+            dev: true,
+            needs_mountpoint: true,
+        });
+        rules.push((
+            path,
+            landlock::ACCESS_FS_READ_FILE
+                | landlock::ACCESS_FS_WRITE_FILE
+                | landlock::ACCESS_FS_IOCTL_DEV,
+        ));
+    }
+    ops.push(FsOp::ReadOnly {
+        path: "/dev".into(),
+    });
+    kernel_masks(&mut ops, gpu.is_some());
+    denied_masks(profile, &mut ops)?;
+    drop_masked(&ops, &mut rules);
+    Ok(Filesystem { ops, rules, gpu })
+}
 
+/// What the profile and the command make visible, with their Landlock rights: the read and
+/// write paths, the launch's extra reads, the command's closure (the only executable files,
+/// unless children are allowed: then the host's command and library directories too) and the
+/// loader cache.
+fn path_rules(
+    profile: &Profile,
+    cmd: &Command,
+    cfg: &SandboxConfig,
+    tree: &mut Tree,
+    denied: &Denied,
+    (closure, ld_cache): (Vec<elf::Needed>, bool),
+) -> Result<Vec<(PathBuf, u64)>, SandboxError> {
     let mut rules: Vec<(PathBuf, u64)> = vec![(PathBuf::from("/"), landlock::ACCESS_FS_READ_DIR)];
     for (i, p) in profile.read_paths.iter().enumerate() {
         let keyed = |e| keyed_error("filesystem.read_paths", i, p, e);
@@ -390,8 +524,14 @@ pub fn plan(
         }
     }
 
-    // System mounts join the same path-ordered tree, so a read or write path below /tmp is
-    // bound on top of the private /tmp rather than hidden by it.
+    Ok(rules)
+}
+
+/// The sandbox's own /proc, minimal /dev and (with `allow_temp_files`) private /tmp and
+/// /dev/shm, in the same path-ordered tree as the binds.
+fn system_mounts(profile: &Profile, tree: &mut Tree, rules: &mut Vec<(PathBuf, u64)>) {
+    // A read or write path below /tmp is bound on top of the private /tmp rather than hidden
+    // by it.
     tree.nodes.insert("/proc".into(), Node::Proc);
     tree.nodes.insert(
         "/proc/sys".into(),
@@ -448,7 +588,18 @@ pub fn plan(
             rules.push((dir.into(), landlock::WRITE));
         }
     }
-    let gpu = match profile.gpu_access {
+}
+
+/// A GPU profile's lease on this host's GPUs and its driver libraries (readable unless denied).
+fn gpu_libraries(
+    profile: &Profile,
+    host: &HostSupport,
+    cfg: &SandboxConfig,
+    tree: &mut Tree,
+    denied: &Denied,
+    rules: &mut Vec<(PathBuf, u64)>,
+) -> Result<Option<gpu::GpuLease>, SandboxError> {
+    Ok(match profile.gpu_access {
         GpuAccess::None => None,
         access => {
             let failed = |reason: String| SandboxError::Gpu {
@@ -475,30 +626,12 @@ pub fn plan(
             }
             Some(lease)
         }
-    };
-    let mut ops = tree.into_ops();
-    for node in gpu.iter().flat_map(|g| &g.nodes) {
-        let path = Path::new("/dev").join(node.file_name().unwrap_or_default());
-        ops.push(FsOp::Bind {
-            src: node.clone(),
-            path: path.clone(),
-            writable: true,
-            is_dir: false,
-            exec: false,
-            dev: true,
-            needs_mountpoint: true,
-        });
-        rules.push((
-            path,
-            landlock::ACCESS_FS_READ_FILE
-                | landlock::ACCESS_FS_WRITE_FILE
-                | landlock::ACCESS_FS_IOCTL_DEV,
-        ));
-    }
-    ops.push(FsOp::ReadOnly {
-        path: "/dev".into(),
-    });
-    // Kernel interfaces a sandbox has no business reading, hidden as Docker does.
+    })
+}
+
+/// Kernel interfaces a sandbox has no business reading, hidden as Docker does (CUDA keeps
+/// /proc/driver).
+fn kernel_masks(ops: &mut Vec<FsOp>, gpu: bool) {
     for f in [
         "kcore",
         "keys",
@@ -518,7 +651,7 @@ pub fn plan(
     }
     for d in ["acpi", "scsi", "bus", "irq", "fs", "driver"] {
         // CUDA reads /proc/driver/nvidia (driver parameters, GPU list).
-        if d == "driver" && gpu.is_some() {
+        if d == "driver" && gpu {
             continue;
         }
         if Path::new("/proc").join(d).is_dir() {
@@ -527,10 +660,12 @@ pub fn plan(
             });
         }
     }
+}
+
+fn denied_masks(profile: &Profile, ops: &mut Vec<FsOp>) -> Result<(), SandboxError> {
     // Denied paths: masked wherever they are visible in the sandbox (inside a bound tree, or in
-    // its own /proc, /dev or /tmp); elsewhere they are not in the sandbox at all.
-    // Denied paths: masked wherever they are visible in the sandbox. They are compared as
-    // resolved paths (a symlinked spelling such as /home -> /var/home must not slip past), and a
+    // its own /proc, /dev or /tmp); elsewhere they are not in the sandbox at all. They are
+    // compared as resolved paths (a symlinked spelling such as /home -> /var/home must not slip past), and a
     // bind inside a denied path is hidden too (masks are mounted after every bind).
     for d in &profile.denied_paths {
         let system = d.starts_with("/proc") || d.starts_with("/dev") || d == Path::new("/tmp");
@@ -567,8 +702,12 @@ pub fn plan(
         }
     }
 
-    // Nothing below a mask can be opened (a masked directory is mode 0) and nothing there is
-    // visible: rules for such paths would only fail the launch.
+    Ok(())
+}
+
+/// Nothing below a mask can be opened (a masked directory is mode 0) and nothing there is
+/// visible: rules for such paths would only fail the launch.
+fn drop_masked(ops: &[FsOp], rules: &mut Vec<(PathBuf, u64)>) {
     let masked: Vec<(&PathBuf, bool)> = ops
         .iter()
         .filter_map(|op| match op {
@@ -586,9 +725,17 @@ pub fn plan(
             }
         })
     });
+}
 
+/// The Landlock ruleset for this host's ABI (`None` where the kernel has none): each rule cut
+/// to the rights the ABI handles; TCP bind/connect handled unless the network is full.
+fn landlock_ruleset(
+    host: &HostSupport,
+    network: NetworkAccessMode,
+    rules: Vec<(PathBuf, u64)>,
+) -> Option<(Handled, Vec<(PathBuf, u64)>)> {
     let abi = host.landlock_abi.unwrap_or(0);
-    let landlock = (!skipped("landlock") && abi > 0).then(|| {
+    (abi > 0).then(|| {
         let handled = Handled {
             fs: landlock::fs_rights(abi),
             net: if abi >= 4 && network != NetworkAccessMode::Full {
@@ -607,27 +754,33 @@ pub fn plan(
             .map(|(p, a)| (p, a & handled.fs))
             .collect();
         (handled, rules)
-    });
-    let seccomp = (!skipped("seccomp")).then(|| {
-        let mut extra = profile.allowed_syscalls.clone();
-        extra.extend(cmd.extra_syscalls.iter().copied());
-        seccomp::compile(&FilterSpec {
-            base: cmd.seccomp_base,
-            strict: profile.strict_syscall_filtering,
-            extra,
-            allow_processes: profile.max_child_processes > 0,
-            denied_action: profile.seccomp_denied_action,
-        })
-    });
+    })
+}
 
-    let threads = profile.thread_count();
-    let cwd = cmd.cwd.clone().unwrap_or_else(|| {
-        PathBuf::from(if profile.allow_temp_files {
-            "/tmp"
-        } else {
-            "/"
-        })
-    });
+/// The seccomp filter: the base set of the command's kind, the profile's strictness and extra
+/// system calls, process creation when children are allowed.
+fn seccomp_filter(profile: &Profile, cmd: &Command) -> Vec<SockFilter> {
+    let mut extra = profile.allowed_syscalls.clone();
+    extra.extend(cmd.extra_syscalls.iter().copied());
+    seccomp::compile(&FilterSpec {
+        base: cmd.seccomp_base,
+        strict: profile.strict_syscall_filtering,
+        extra,
+        allow_processes: profile.max_child_processes > 0,
+        denied_action: profile.seccomp_denied_action,
+    })
+}
+
+/// The program's environment: a fixed base (PATH, HOME, LANG, the thread count for the usual
+/// runtimes), the proxy variables under a restricted network, the GPU lease, then the
+/// command's own variables, which win.
+fn environment(
+    profile: &Profile,
+    cmd: &Command,
+    threads: u32,
+    proxy: bool,
+    gpu: Option<&gpu::GpuLease>,
+) -> Vec<(OsString, OsString)> {
     let mut env: Vec<(OsString, OsString)> = vec![
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
         (
@@ -648,20 +801,12 @@ pub fn plan(
     if profile.allow_temp_files {
         env.push(("TMPDIR".into(), "/tmp".into()));
     }
-    let egress = (network == NetworkAccessMode::Restricted).then(|| egress::Policy {
-        profile: profile.name.clone(),
-        destinations: profile.allowed_destinations.clone(),
-        bytes_per_sec: profile
-            .max_bandwidth_mbps
-            .map(|m| m.saturating_mul(1_000_000) / 8),
-        hosts: cfg.hosts.clone(),
-    });
-    if egress.is_some() {
+    if proxy {
         for var in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
             env.push((var.into(), egress::PROXY_URL.into()));
         }
     }
-    if let Some(g) = &gpu {
+    if let Some(g) = gpu {
         let list: Vec<String> = g.indices.iter().map(u32::to_string).collect();
         env.push(("CORRAL_GPUS".into(), list.join(",").into()));
         if let GpuAccess::Shared { max_memory_mb } = profile.gpu_access {
@@ -675,7 +820,20 @@ pub fn plan(
         env.retain(|(ek, _)| ek != k);
         env.push((k.clone(), v.clone()));
     }
+    env
+}
 
+/// The cgroup limits: memory, CPU, pids and I/O bandwidth (on the block devices of the paths
+/// the program sees), and the device allow list of a GPU sandbox. A layer left out (best effort)
+/// gets no limit.
+fn cgroup_limits(
+    profile: &Profile,
+    cmd: &Command,
+    exe: &Path,
+    host: &HostSupport,
+    gpu: Option<&gpu::GpuLease>,
+    skipped: &dyn Fn(&str) -> bool,
+) -> Limits {
     let io = profile.max_io_bandwidth_mbps.and_then(|mbps| {
         let devices = block_devices(
             profile
@@ -683,12 +841,11 @@ pub fn plan(
                 .iter()
                 .chain(&profile.write_paths)
                 .chain(&cmd.extra_read)
-                .chain(std::iter::once(&exe)),
+                .chain(std::iter::once(&exe.to_path_buf())),
         );
         (!devices.is_empty()).then(|| (devices, mbps * 1_000_000 / 8))
     });
-    let pids_limit = profile.pids_limit();
-    let cgroup = Limits {
+    Limits {
         memory_bytes: (!skipped("cgroup memory controller"))
             .then_some(profile.max_memory_mb * 1024 * 1024),
         cpu: (!skipped("cgroup cpu controller")).then(|| {
@@ -698,54 +855,18 @@ pub fn plan(
                 period,
             )
         }),
-        pids: (!skipped("cgroup pids controller")).then_some(pids_limit),
+        pids: (!skipped("cgroup pids controller")).then_some(profile.pids_limit()),
         io,
         // Only GPU sandboxes get device nodes with device access (every other bind is nodev
         // and the minimal /dev holds null, zero, full, random and urandom): the device cgroup
         // then allows exactly those nodes.
-        devices: match &gpu {
+        devices: match gpu {
             Some(g) if host.cgroups.devices_supported().is_some() => {
                 Some(gpu::device_rules(BASIC_DEVICES, &g.nodes))
             }
             _ => None,
         },
-    };
-    let rlimits = vec![
-        (libc::RLIMIT_CORE, 0),
-        (libc::RLIMIT_FSIZE, profile.max_file_size_mb * 1024 * 1024),
-        (libc::RLIMIT_NOFILE, 4096),
-    ];
-
-    Ok(Plan {
-        profile: profile.name.clone(),
-        exe,
-        argv: cmd.argv.clone(),
-        env,
-        cwd,
-        fs_ops: ops,
-        landlock,
-        seccomp,
-        seccomp_log: profile.enable_audit_logging,
-        new_userns: !skipped("user namespace"),
-        new_netns: network != NetworkAccessMode::Full,
-        cgroup,
-        rlimits,
-        nice: profile.process_priority,
-        uid: cfg.uid,
-        gid: cfg.gid,
-        threads,
-        time_limit: profile.max_execution_time,
-        memory_mb: profile.max_memory_mb,
-        pids_limit,
-        degradations,
-        gpu,
-        landlock_connect_ports: if egress.is_some() {
-            vec![egress::PROXY_PORT]
-        } else {
-            Vec::new()
-        },
-        egress,
-    })
+    }
 }
 
 /// The files the command needs to start (its ELF closure), checked against the denied paths,
