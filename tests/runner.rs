@@ -251,13 +251,17 @@ fn sampling_settings_do_not_move_the_reported_logprobs() {
 }
 
 #[test]
-fn a_killed_runner_is_reported_and_corral_run_fails() {
+fn a_killed_runner_is_retried_once_then_reported_and_corral_run_fails() {
     let _ = model_file();
     let child = Command::new(corral())
         .arg("--config")
         .arg(empty_config())
+        // --json: the answer is printed whole, so nothing has reached the terminal when a
+        // runner dies and the retry is always possible (a streamed answer cannot be retried
+        // once its first token is shown).
         .args([
             "run",
+            "--json",
             "--max-tokens",
             "3000",
             "Write a very long story about a dragon.",
@@ -267,10 +271,17 @@ fn a_killed_runner_is_reported_and_corral_run_fails() {
         .spawn()
         .unwrap();
     let supervisor = child.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let runner_pid = loop {
-        assert!(Instant::now() < deadline, "runner never started");
-        let pids: Vec<String> = sandbox_cgroups()
+    // Kill each runner of this run mid-request: the first is replaced by a fresh one (the retry
+    // the server makes too), the second failure ends the run.
+    let mut killed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while killed.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "runner {} never started",
+            killed.len() + 1
+        );
+        let pids: Vec<i32> = sandbox_cgroups()
             .into_iter()
             .filter(|d| {
                 d.file_name()
@@ -280,15 +291,17 @@ fn a_killed_runner_is_reported_and_corral_run_fails() {
             })
             .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
             .flat_map(|s| s.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter_map(|p| p.parse().ok())
+            .filter(|p| !killed.contains(p))
             .collect();
         if let Some(p) = pids.first() {
-            break p.parse::<i32>().unwrap();
+            std::thread::sleep(Duration::from_millis(1500)); // mid-request
+                                                             // SAFETY: killing a runner process found in our child's sandbox cgroup.
+            unsafe { libc::kill(*p, libc::SIGKILL) };
+            killed.push(*p);
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    std::thread::sleep(Duration::from_millis(1500)); // mid-request
-                                                     // SAFETY: killing the runner process found in our child's sandbox cgroup.
-    unsafe { libc::kill(runner_pid, libc::SIGKILL) };
+    }
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -296,6 +309,7 @@ fn a_killed_runner_is_reported_and_corral_run_fails() {
         err.contains("runner died") && err.contains("signal 9"),
         "{err}"
     );
+    assert!(err.contains("local model failed"), "{err}");
 }
 
 #[test]
