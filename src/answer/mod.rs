@@ -423,8 +423,8 @@ pub struct Outcome {
     pub result: Result<Answer, Failure>,
     /// The answer (or its failure) went out through [`Update`]s.
     pub streamed: bool,
-    /// The request's audit entry (the front end writes it when the log is on).
-    pub audit: AuditRecord,
+    /// The request's audit entry, when the pipeline was asked for one ([`Pipeline::audit`]).
+    pub audit: Option<AuditRecord>,
 }
 
 impl Outcome {
@@ -445,6 +445,9 @@ pub struct Pipeline {
     pub router: Arc<Router>,
     pub local: Arc<dyn LocalModel>,
     pub remote: Arc<dyn RemoteChain>,
+    /// Build each outcome's audit record (only when an audit log will take it: the record
+    /// copies the request and the answer).
+    pub audit: bool,
 }
 
 /// How one local attempt ended.
@@ -483,15 +486,17 @@ impl Pipeline {
                 (Some(d), result, slm)
             }
         };
-        let audit = record::audit_record(
-            caller,
-            req,
-            decision.as_ref(),
-            &result,
-            slm.as_ref(),
-            self.router.method,
-            t0.elapsed(),
-        );
+        let audit = self.audit.then(|| {
+            record::audit_record(
+                caller,
+                req,
+                decision.as_ref(),
+                &result,
+                slm.as_ref(),
+                self.router.method,
+                t0.elapsed(),
+            )
+        });
         Outcome {
             decision,
             result,

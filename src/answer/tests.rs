@@ -50,6 +50,7 @@ fn case(toml_text: &str, scripts: Vec<Script>) -> Case {
         router: config(toml_text).routing.clone(),
         local: local.clone(),
         remote: remote.clone(),
+        audit: true,
     };
     Case {
         local,
@@ -105,14 +106,14 @@ fn an_answer_above_the_threshold_is_the_slms() {
     assert_eq!(jobs[0].0, "smollm2-135m-instruct");
     assert_eq!(jobs[0].2.max_tokens, 256);
     // The audit record says the same.
-    assert_eq!(o.audit.interaction, Interaction::Chat);
-    assert_eq!(o.audit.route, Some(Route::Slm));
-    assert_eq!(o.audit.request_id, "req-1");
-    assert_eq!(o.audit.caller.team.as_deref(), Some("t-research"));
-    assert_eq!(o.audit.confidence, a.confidence);
-    assert_eq!(o.audit.response["text"], "Teal it is.");
-    assert_eq!(o.audit.request["messages"][0]["content"], "Name a colour.");
-    assert!(o.audit.error.is_none() && o.audit.escalation_reason.is_none());
+    assert_eq!(o.audit.as_ref().unwrap().interaction, Interaction::Chat);
+    assert_eq!(o.audit.as_ref().unwrap().route, Some(Route::Slm));
+    assert_eq!(o.audit.as_ref().unwrap().request_id, "req-1");
+    assert_eq!(o.audit.as_ref().unwrap().caller.team.as_deref(), Some("t-research"));
+    assert_eq!(o.audit.as_ref().unwrap().confidence, a.confidence);
+    assert_eq!(o.audit.as_ref().unwrap().response["text"], "Teal it is.");
+    assert_eq!(o.audit.as_ref().unwrap().request["messages"][0]["content"], "Name a colour.");
+    assert!(o.audit.as_ref().unwrap().error.is_none() && o.audit.as_ref().unwrap().escalation_reason.is_none());
 }
 
 #[test]
@@ -133,21 +134,22 @@ fn an_answer_below_the_threshold_is_escalated_and_the_record_keeps_the_slms_scor
     let run = a.slm.as_ref().unwrap();
     assert_eq!(run.done.as_ref().unwrap().text, "Maybe mauve");
     assert_eq!(c.remote.calls.lock().unwrap()[0].0, vec!["remote"]);
-    assert_eq!(o.audit.interaction, Interaction::Escalation);
-    assert_eq!(o.audit.route, Some(Route::Slm));
+    assert_eq!(o.audit.as_ref().unwrap().interaction, Interaction::Escalation);
+    assert_eq!(o.audit.as_ref().unwrap().route, Some(Route::Slm));
     assert_eq!(
-        o.audit.confidence, *score,
+        o.audit.as_ref().unwrap().confidence, *score,
         "the SLM's score is why it escalated"
     );
-    assert!(o
-        .audit
+    assert!(o.audit
+        .as_ref()
+        .unwrap()
         .escalation_reason
         .as_deref()
         .unwrap()
         .starts_with("confidence 0.0"));
-    assert_eq!(o.audit.response["slm"]["text"], "Maybe mauve");
-    assert_eq!(o.audit.response["text"], "Remote says teal");
-    assert_eq!(o.audit.usage.unwrap().prompt_tokens, 20);
+    assert_eq!(o.audit.as_ref().unwrap().response["slm"]["text"], "Maybe mauve");
+    assert_eq!(o.audit.as_ref().unwrap().response["text"], "Remote says teal");
+    assert_eq!(o.audit.as_ref().unwrap().usage.unwrap().prompt_tokens, 20);
 }
 
 #[test]
@@ -165,8 +167,8 @@ fn a_crash_is_retried_on_a_fresh_runner_then_escalated_without_its_text_in_the_m
     assert_eq!(a.source, Source::Llm);
     assert_eq!(a.escalation.as_ref().unwrap().kind(), "slm_failure");
     assert!(a.escalation.as_ref().unwrap().reason().contains("signal 9"));
-    assert_eq!(o.audit.escalation_reason.as_deref(), Some("the SLM failed"));
-    assert!(o.audit.response["slm"]["error"]
+    assert_eq!(o.audit.as_ref().unwrap().escalation_reason.as_deref(), Some("the SLM failed"));
+    assert!(o.audit.as_ref().unwrap().response["slm"]["error"]
         .as_str()
         .unwrap()
         .contains("signal 9"));
@@ -199,14 +201,16 @@ fn with_nothing_to_escalate_to_a_crash_is_retried_then_fails() {
         panic!("{:?}", o.result)
     };
     assert!(error.contains("signal 9") && *retryable);
-    assert_eq!(o.audit.route, Some(Route::Slm));
+    assert_eq!(o.audit.as_ref().unwrap().route, Some(Route::Slm));
     assert!(o
         .audit
+        .as_ref()
+        .unwrap()
         .error
         .as_deref()
         .unwrap()
         .contains("local model failed"));
-    assert!(o.audit.response["slm"]["error"].is_string());
+    assert!(o.audit.as_ref().unwrap().response["slm"]["error"].is_string());
 }
 
 #[test]
@@ -239,13 +243,13 @@ fn a_policy_refusal_runs_nothing_and_is_recorded_as_denied() {
         }
     );
     assert_eq!((c.local.submitted(), c.remote.called()), (0, 0));
-    assert_eq!(o.audit.interaction, Interaction::RouteDenied);
-    assert_eq!(o.audit.route, Some(Route::Deny));
+    assert_eq!(o.audit.as_ref().unwrap().interaction, Interaction::RouteDenied);
+    assert_eq!(o.audit.as_ref().unwrap().route, Some(Route::Deny));
     assert_eq!(
-        o.audit.response["denied"],
+        o.audit.as_ref().unwrap().response["denied"],
         "secret projects stay off models"
     );
-    assert!(o.audit.policies.contains(&"policy:no-secrets".to_string()));
+    assert!(o.audit.as_ref().unwrap().policies.contains(&"policy:no-secrets".to_string()));
 }
 
 #[test]
@@ -260,7 +264,7 @@ fn a_named_model_must_be_known_and_allowed() {
     };
     assert!(why.contains("allow list"), "{why}");
     assert!(o.decision.is_none(), "refused before routing");
-    assert!(o.audit.error.is_some());
+    assert!(o.audit.as_ref().unwrap().error.is_some());
     r.model = "no-such-model".into();
     let o = answer(&c, &r);
     assert_eq!(
@@ -319,7 +323,7 @@ fn require_llm_goes_to_the_chain_with_pii_masked_in_every_message() {
         .map(|m| m.content.as_str())
         .collect();
     assert_eq!(texts, ["Reply to [EMAIL]", "My mail is [EMAIL]"]);
-    assert_eq!(o.audit.route, Some(Route::Llm));
+    assert_eq!(o.audit.as_ref().unwrap().route, Some(Route::Llm));
 }
 
 #[test]
@@ -343,7 +347,7 @@ fn the_chain_failing_is_the_callers_failure() {
         panic!("{:?}", o.result)
     };
     assert!(m.contains("500") && m.contains("boom"), "{m}");
-    assert!(o.audit.error.as_deref().unwrap().contains("boom"));
+    assert!(o.audit.as_ref().unwrap().error.as_deref().unwrap().contains("boom"));
 }
 
 /// Runs `r` collecting the updates a streaming front end would see.
@@ -419,7 +423,7 @@ fn a_stream_ends_with_its_failure_and_a_gone_client_cancels_it() {
     let (o, _) = streamed(&c, &r, true);
     assert_eq!(o.result.unwrap_err(), Failure::ClientGone);
     assert_eq!(
-        o.audit.error.as_deref(),
+        o.audit.as_ref().unwrap().error.as_deref(),
         Some(Failure::ClientGone.to_string().as_str())
     );
 }
@@ -446,8 +450,8 @@ fn a_completion_is_recorded_as_one() {
     r.endpoint = Endpoint::Completion;
     r.input = Input::Prompt("Once upon a time".into());
     let o = answer(&c, &r);
-    assert_eq!(o.audit.interaction, Interaction::Completion);
-    assert_eq!(o.audit.request["endpoint"], Value::from("completions"));
+    assert_eq!(o.audit.as_ref().unwrap().interaction, Interaction::Completion);
+    assert_eq!(o.audit.as_ref().unwrap().request["endpoint"], Value::from("completions"));
     assert!(matches!(
         c.local.jobs.lock().unwrap()[0].2.input,
         Input::Prompt(_)

@@ -235,6 +235,7 @@ pub fn run_with(
         router: config.routing.clone(),
         local,
         remote: Arc::new(Providers::from_config(&config.providers)),
+        audit: audit_log.is_some(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -271,7 +272,7 @@ pub fn run_with(
         streamed: live,
         audit: record,
     } = outcome;
-    if let Some(log) = audit_log {
+    if let Some((log, record)) = audit_log.zip(record) {
         tracing::debug!(request_id = %record.request_id, "audit entry");
         log.record(record);
         match log.shutdown() {

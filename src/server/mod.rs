@@ -143,6 +143,7 @@ impl State {
             router: live.config.routing.clone(),
             local,
             remote: live.remote.clone(),
+            audit: self.audit.is_some(),
         }
     }
 

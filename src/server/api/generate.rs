@@ -241,7 +241,7 @@ fn record(
         streamed,
         audit,
     } = o;
-    if let Some(log) = &state.audit {
+    if let Some((log, audit)) = state.audit.as_ref().zip(audit) {
         if !log.record(audit) {
             tracing::warn!("audit queue full: entry dropped (audit.on_queue_full = drop)");
         }
