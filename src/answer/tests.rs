@@ -109,11 +109,20 @@ fn an_answer_above_the_threshold_is_the_slms() {
     assert_eq!(o.audit.as_ref().unwrap().interaction, Interaction::Chat);
     assert_eq!(o.audit.as_ref().unwrap().route, Some(Route::Slm));
     assert_eq!(o.audit.as_ref().unwrap().request_id, "req-1");
-    assert_eq!(o.audit.as_ref().unwrap().caller.team.as_deref(), Some("t-research"));
+    assert_eq!(
+        o.audit.as_ref().unwrap().caller.team.as_deref(),
+        Some("t-research")
+    );
     assert_eq!(o.audit.as_ref().unwrap().confidence, a.confidence);
     assert_eq!(o.audit.as_ref().unwrap().response["text"], "Teal it is.");
-    assert_eq!(o.audit.as_ref().unwrap().request["messages"][0]["content"], "Name a colour.");
-    assert!(o.audit.as_ref().unwrap().error.is_none() && o.audit.as_ref().unwrap().escalation_reason.is_none());
+    assert_eq!(
+        o.audit.as_ref().unwrap().request["messages"][0]["content"],
+        "Name a colour."
+    );
+    assert!(
+        o.audit.as_ref().unwrap().error.is_none()
+            && o.audit.as_ref().unwrap().escalation_reason.is_none()
+    );
 }
 
 #[test]
@@ -134,21 +143,32 @@ fn an_answer_below_the_threshold_is_escalated_and_the_record_keeps_the_slms_scor
     let run = a.slm.as_ref().unwrap();
     assert_eq!(run.done.as_ref().unwrap().text, "Maybe mauve");
     assert_eq!(c.remote.calls.lock().unwrap()[0].0, vec!["remote"]);
-    assert_eq!(o.audit.as_ref().unwrap().interaction, Interaction::Escalation);
+    assert_eq!(
+        o.audit.as_ref().unwrap().interaction,
+        Interaction::Escalation
+    );
     assert_eq!(o.audit.as_ref().unwrap().route, Some(Route::Slm));
     assert_eq!(
-        o.audit.as_ref().unwrap().confidence, *score,
+        o.audit.as_ref().unwrap().confidence,
+        *score,
         "the SLM's score is why it escalated"
     );
-    assert!(o.audit
+    assert!(o
+        .audit
         .as_ref()
         .unwrap()
         .escalation_reason
         .as_deref()
         .unwrap()
         .starts_with("confidence 0.0"));
-    assert_eq!(o.audit.as_ref().unwrap().response["slm"]["text"], "Maybe mauve");
-    assert_eq!(o.audit.as_ref().unwrap().response["text"], "Remote says teal");
+    assert_eq!(
+        o.audit.as_ref().unwrap().response["slm"]["text"],
+        "Maybe mauve"
+    );
+    assert_eq!(
+        o.audit.as_ref().unwrap().response["text"],
+        "Remote says teal"
+    );
     assert_eq!(o.audit.as_ref().unwrap().usage.unwrap().prompt_tokens, 20);
 }
 
@@ -167,7 +187,10 @@ fn a_crash_is_retried_on_a_fresh_runner_then_escalated_without_its_text_in_the_m
     assert_eq!(a.source, Source::Llm);
     assert_eq!(a.escalation.as_ref().unwrap().kind(), "slm_failure");
     assert!(a.escalation.as_ref().unwrap().reason().contains("signal 9"));
-    assert_eq!(o.audit.as_ref().unwrap().escalation_reason.as_deref(), Some("the SLM failed"));
+    assert_eq!(
+        o.audit.as_ref().unwrap().escalation_reason.as_deref(),
+        Some("the SLM failed")
+    );
     assert!(o.audit.as_ref().unwrap().response["slm"]["error"]
         .as_str()
         .unwrap()
@@ -243,13 +266,21 @@ fn a_policy_refusal_runs_nothing_and_is_recorded_as_denied() {
         }
     );
     assert_eq!((c.local.submitted(), c.remote.called()), (0, 0));
-    assert_eq!(o.audit.as_ref().unwrap().interaction, Interaction::RouteDenied);
+    assert_eq!(
+        o.audit.as_ref().unwrap().interaction,
+        Interaction::RouteDenied
+    );
     assert_eq!(o.audit.as_ref().unwrap().route, Some(Route::Deny));
     assert_eq!(
         o.audit.as_ref().unwrap().response["denied"],
         "secret projects stay off models"
     );
-    assert!(o.audit.as_ref().unwrap().policies.contains(&"policy:no-secrets".to_string()));
+    assert!(o
+        .audit
+        .as_ref()
+        .unwrap()
+        .policies
+        .contains(&"policy:no-secrets".to_string()));
 }
 
 #[test]
@@ -347,7 +378,14 @@ fn the_chain_failing_is_the_callers_failure() {
         panic!("{:?}", o.result)
     };
     assert!(m.contains("500") && m.contains("boom"), "{m}");
-    assert!(o.audit.as_ref().unwrap().error.as_deref().unwrap().contains("boom"));
+    assert!(o
+        .audit
+        .as_ref()
+        .unwrap()
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("boom"));
 }
 
 /// Runs `r` collecting the updates a streaming front end would see.
@@ -450,8 +488,14 @@ fn a_completion_is_recorded_as_one() {
     r.endpoint = Endpoint::Completion;
     r.input = Input::Prompt("Once upon a time".into());
     let o = answer(&c, &r);
-    assert_eq!(o.audit.as_ref().unwrap().interaction, Interaction::Completion);
-    assert_eq!(o.audit.as_ref().unwrap().request["endpoint"], Value::from("completions"));
+    assert_eq!(
+        o.audit.as_ref().unwrap().interaction,
+        Interaction::Completion
+    );
+    assert_eq!(
+        o.audit.as_ref().unwrap().request["endpoint"],
+        Value::from("completions")
+    );
     assert!(matches!(
         c.local.jobs.lock().unwrap()[0].2.input,
         Input::Prompt(_)
