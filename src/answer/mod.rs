@@ -425,6 +425,9 @@ pub struct Outcome {
     pub streamed: bool,
     /// The request's audit entry, when the pipeline was asked for one ([`Pipeline::audit`]).
     pub audit: Option<AuditRecord>,
+    /// What the SLM did when the request failed after it ran (its own failure, or the chain's
+    /// after an escalation); an answer carries its own in [`Answer::slm`].
+    pub slm: Option<SlmRun>,
 }
 
 impl Outcome {
@@ -502,6 +505,7 @@ impl Pipeline {
             result,
             streamed,
             audit,
+            slm,
         }
     }
 
@@ -593,10 +597,18 @@ impl Pipeline {
         let live = updates.filter(|_| req.stream && !buffer);
         let start = Instant::now();
         let mut failure: Option<(String, bool)> = None;
+        let mut unavailable = false;
         let mut got = None;
         for attempt in 0..2 {
             let mut rx = match self.submit(model, profile, req, attempt > 0).await {
                 Ok(rx) => rx,
+                // A model that cannot be run here fails like a runner that could not start
+                // (escalated when the decision allows), not retried.
+                Err(Failure::Unavailable { error, .. }) => {
+                    unavailable = true;
+                    failure = Some((error, false));
+                    break;
+                }
                 Err(f) => return (Err(f), None),
             };
             match collect(&mut rx, live, model, profile, &d.policies_applied).await {
@@ -649,7 +661,15 @@ impl Pipeline {
                 let why = Escalation::SlmFailed { error };
                 return self.escalate(req, d, why, run).await;
             }
-            return (Err(Failure::Local { error, retryable }), Some(run));
+            let f = if unavailable {
+                Failure::Unavailable {
+                    model: model.to_string(),
+                    error,
+                }
+            } else {
+                Failure::Local { error, retryable }
+            };
+            return (Err(f), Some(run));
         };
         let stats: Vec<confidence::TokenStat> =
             tokens.iter().map(confidence::TokenStat::from).collect();

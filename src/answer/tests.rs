@@ -501,3 +501,20 @@ fn a_completion_is_recorded_as_one() {
         Input::Prompt(_)
     ));
 }
+
+#[test]
+fn a_model_that_cannot_run_here_is_escalated_when_allowed_else_named() {
+    // (The scripted model has no job left: it answers `Unavailable`, as a missing model file.)
+    let c = case(FALLBACK, vec![]);
+    let a = answer(&c, &req("Name a colour.")).result.unwrap();
+    assert_eq!(a.source, Source::Llm);
+    assert_eq!(a.escalation.as_ref().unwrap().kind(), "slm_failure");
+    let c = case("", vec![]);
+    let o = answer(&c, &req("Name a colour."));
+    assert!(
+        matches!(&o.result, Err(Failure::Unavailable { error, .. }) if error.contains("no more jobs")),
+        "{:?}",
+        o.result
+    );
+    assert!(o.slm.is_some(), "what the SLM did is kept for the record");
+}

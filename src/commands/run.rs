@@ -271,6 +271,7 @@ pub fn run_with(
         result,
         streamed: live,
         audit: record,
+        ..
     } = outcome;
     if let Some((log, record)) = audit_log.zip(record) {
         tracing::debug!(request_id = %record.request_id, "audit entry");

@@ -38,7 +38,7 @@ pub mod settings;
 
 use crate::metrics::Metrics;
 use crate::profile::Profile;
-use crate::sandbox::{HostSupport, LimitHit, SandboxConfig};
+use crate::sandbox::{HostSupport, LimitHit, SandboxConfig, SandboxError};
 use crate::slm::runner::{Runner, RunnerError, RunnerSpec};
 use queue::JobQueue;
 pub use settings::{PoolConfig, RawPool};
@@ -80,6 +80,22 @@ pub fn failed(e: &RunnerError, starting: bool) -> Event {
     let (kind, retryable) = match e {
         RunnerError::Refused(_) => (FailKind::Refused, false),
         RunnerError::Load(_) | RunnerError::Model(_) => (FailKind::Runner, false),
+        // A sandbox this host refuses (not root, a layer it cannot enforce, a path the profile
+        // denies but the program needs, ...) is refused again; a launch that timed out, a
+        // cgroup or system call that failed, a child that died may well work the next time.
+        RunnerError::Sandbox(s) if starting => (
+            FailKind::Runner,
+            matches!(
+                s,
+                SandboxError::LaunchTimeout { .. }
+                    | SandboxError::Cgroup(_)
+                    | SandboxError::Os { .. }
+                    | SandboxError::Io { .. }
+                    | SandboxError::Child { .. }
+                    | SandboxError::ChildDied
+                    | SandboxError::Gpu { .. }
+            ),
+        ),
         _ if starting => (FailKind::Runner, true),
         RunnerError::Died(_)
         | RunnerError::TimeLimit(_)
@@ -212,6 +228,11 @@ impl Pool {
     /// Stops taking jobs; workers finish what is queued, stop their runners and exit.
     pub fn close(&self) {
         self.queue.close();
+    }
+
+    /// Whether the pool was closed (a reload retired it, or shutdown).
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
     }
 
     /// Waits for the workers after [`Pool::close`].
@@ -500,5 +521,44 @@ impl Worker {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retryable(e: RunnerError, starting: bool) -> bool {
+        matches!(
+            failed(&e, starting),
+            Event::Failed {
+                retryable: true,
+                ..
+            }
+        )
+    }
+
+    #[test]
+    fn only_failures_a_fresh_runner_may_not_repeat_are_retryable() {
+        // A sandbox this host refuses is refused again; a launch that timed out may not be.
+        assert!(!retryable(
+            RunnerError::Sandbox(SandboxError::NotRoot),
+            true
+        ));
+        let timeout = SandboxError::LaunchTimeout {
+            stage: "mounting",
+            after: Duration::from_secs(5),
+        };
+        assert!(retryable(RunnerError::Sandbox(timeout), true));
+        assert!(!retryable(RunnerError::Load("bad file".into()), true));
+        assert!(retryable(RunnerError::Died(None), false));
+        assert!(retryable(RunnerError::Protocol("x".into()), false));
+        assert!(!retryable(RunnerError::Model("NaN".into()), false));
+        let Event::Failed { kind, error, .. } =
+            failed(&RunnerError::Refused("too long".into()), false)
+        else {
+            panic!()
+        };
+        assert_eq!((kind, error.as_str()), (FailKind::Refused, "too long"));
     }
 }

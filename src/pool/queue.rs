@@ -107,6 +107,11 @@ impl JobQueue {
         s.jobs.len()
     }
 
+    /// Whether [`JobQueue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// No new jobs; workers take what is queued, then see `Disconnected`.
     pub fn close(&self) {
         self.lock().closed = true;

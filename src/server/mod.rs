@@ -136,7 +136,7 @@ impl State {
             Some(l) => l.clone(),
             None => Arc::new(PoolModel {
                 state: self.clone(),
-                live: live.clone(),
+                pool: Mutex::new(None),
             }),
         };
         Pipeline {
@@ -325,12 +325,15 @@ impl State {
 
 pub use api::app;
 
-/// The server's local model: warm pools of sandboxed runners per (model, profile) of one
-/// configuration generation.
+/// The server's local model for one request: the warm pool of sandboxed runners for (model,
+/// profile) of the current configuration generation.
 #[derive(Debug)]
 struct PoolModel {
     state: Arc<State>,
-    live: Arc<Live>,
+    /// The pool this request's first attempt used: a retry goes to the same one, unless a
+    /// reload closed it meanwhile (then to the current generation's), so a retry never starts
+    /// a pool of a configuration already replaced.
+    pool: Mutex<Option<Arc<crate::pool::Pool>>>,
 }
 
 impl LocalModel for PoolModel {
@@ -343,13 +346,19 @@ impl LocalModel for PoolModel {
         if self.state.draining() {
             return Err(SubmitError::ShuttingDown);
         }
-        let pool = self
-            .state
-            .pool(&self.live, model, profile, false)
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot start a pool");
-                SubmitError::Unavailable(e)
-            })?;
+        let mut held = lock(&self.pool);
+        // Pools are started only for the current configuration generation: one a reload has
+        // replaced is never started again.
+        let pool = match held.as_ref() {
+            Some(p) if !p.is_closed() => Ok(p.clone()),
+            _ => self.state.pool(&self.state.live(), model, profile, false),
+        }
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot start a pool");
+            SubmitError::Unavailable(e)
+        })?;
+        *held = Some(pool.clone());
+        drop(held);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let job = Job {
             req,

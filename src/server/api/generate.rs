@@ -240,7 +240,27 @@ fn record(
         result,
         streamed,
         audit,
+        slm,
     } = o;
+    // The local model's confidence, whether its answer was kept, replaced, or replaced by a
+    // chain that then failed.
+    let scored = match &result {
+        Ok(a) => a.slm.as_ref().map(|run| (run, a.escalation.is_some())),
+        Err(f) => slm
+            .as_ref()
+            .map(|run| (run, matches!(f, Failure::Remote(_)))),
+    };
+    let task = decision.as_ref().map(|d| &d.task.task);
+    if let Some(((run, escalated), task)) = scored.zip(task) {
+        if let Some(s) = run.score {
+            state.metrics.observe(
+                "corral_confidence",
+                &[("model", &run.model), ("task", task.as_str())],
+                s,
+            );
+            crate::server::lock(&state.monitor).record(&req.id, &run.model, task, s, escalated);
+        }
+    }
     if let Some((log, audit)) = state.audit.as_ref().zip(audit) {
         if !log.record(audit) {
             tracing::warn!("audit queue full: entry dropped (audit.on_queue_full = drop)");
@@ -271,17 +291,6 @@ fn record(
                 state
                     .metrics
                     .inc("corral_escalations_total", &[("reason", e.kind())]);
-            }
-            // The local model's confidence, whether its answer was kept or replaced.
-            let scored = a.slm.as_ref().and_then(|run| run.score.map(|s| (run, s)));
-            if let Some(((run, s), task)) = scored.zip(decision.as_ref().map(|d| &d.task.task)) {
-                let escalated = a.escalation.is_some();
-                state.metrics.observe(
-                    "corral_confidence",
-                    &[("model", &run.model), ("task", task.as_str())],
-                    s,
-                );
-                crate::server::lock(&state.monitor).record(&req.id, &run.model, task, s, escalated);
             }
             tracing::info!(
                 model = %a.model, confidence = ?a.confidence,
@@ -398,6 +407,21 @@ fn stream_live(
             // send fails and it drops its job); its outcome is still recorded.
             drop(updates);
             let Some(o) = running.outcome().await else {
+                // The pipeline's task panicked: say so rather than end the stream silently.
+                let e = ApiError::internal("the answer task failed mid-stream");
+                let _ = tx.send(shape::sse_data(&e.body())).await;
+                count(
+                    &state,
+                    &Counted {
+                        endpoint: gen.req.endpoint.label(),
+                        route: "slm",
+                        model: &model,
+                        outcome: "stream_error",
+                        model_time: None,
+                    },
+                    None,
+                    t0,
+                );
                 return;
             };
             let (decision, result) = record(&state, &gen.req, o, t0);
