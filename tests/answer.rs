@@ -431,3 +431,156 @@ fn corral_run_streams_an_answer_nothing_can_replace_and_holds_one_that_may_be() 
         assert_eq!(String::from_utf8(out).unwrap(), want);
     }
 }
+
+fn tool_answer() -> String {
+    json!({
+        "id": "x", "object": "chat.completion", "model": "remote-large",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": null,
+            "tool_calls": [{"id": "call_1", "type": "function",
+                            "function": {"name": "get_weather", "arguments": "{\"city\":\"Lyon\"}"}}]}}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 9}
+    })
+    .to_string()
+}
+
+fn tools_body(stream: bool) -> Value {
+    json!({
+        "model": "auto",
+        "stream": stream,
+        "messages": [
+            {"role": "user", "content": "Weather in Paris, then Lyon?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_0", "content": "{\"temp_c\": 21}"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+        "tool_choice": "auto",
+    })
+}
+
+#[test]
+fn tools_go_to_a_remote_model_and_its_calls_come_back_in_openais_shape() {
+    let remote = fake(vec![(200, tool_answer())]);
+    let row = Row {
+        scripts: vec![sure()],
+        ..rows().remove(0)
+    };
+    let (_d, local, st) = state(&row, Some(&remote));
+    let (status, h, text) = rt().block_on(post(&st, &tools_body(false)));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(h["x-corral-route"], "llm", "the local model has no ToolUse");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert!(choice["message"]["content"].is_null());
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"]["arguments"],
+        "{\"city\":\"Lyon\"}"
+    );
+    assert_eq!(local.submitted(), 0);
+    // The provider got the tools, the choice and the conversation's calls and results as sent.
+    let (_, sent) = remote.seen.lock().unwrap().last().cloned().unwrap();
+    let sent: Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(sent["tools"], tools_body(false)["tools"]);
+    assert_eq!(sent["tool_choice"], "auto");
+    assert_eq!(sent["messages"][1]["tool_calls"][0]["id"], "call_0");
+    assert_eq!(sent["messages"][2]["role"], "tool");
+    assert_eq!(sent["messages"][2]["tool_call_id"], "call_0");
+
+    // Streamed, the call arrives as OpenAI streams it and reassembles to the same call.
+    let (status, _, text) = rt().block_on(post(&st, &tools_body(true)));
+    assert_eq!(status, 200, "{text}");
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(deltas[0]["id"], "call_1");
+    assert_eq!(deltas[0]["function"]["name"], "get_weather");
+    let args: String = deltas
+        .iter()
+        .filter_map(|d| d["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(args, "{\"city\":\"Lyon\"}");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
+}
+
+#[test]
+fn tools_and_json_output_are_never_answered_with_free_local_text() {
+    // No chain: refused with the reason (the local model cannot make calls or keep a schema).
+    let row = Row {
+        scripts: vec![sure()],
+        ..rows().remove(0)
+    };
+    let (_d, local, st) = state(&row, None);
+    let (status, _, text) = rt().block_on(post(&st, &tools_body(false)));
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("ToolUse"), "{text}");
+    let mut b = body(&row, false);
+    b["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "c",
+        "schema": {"type": "object", "properties": {"colour": {"type": "string"}}}}});
+    let (status, _, text) = rt().block_on(post(&st, &b));
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("StructuredOutput"), "{text}");
+    // Even a model named explicitly does not get them.
+    b["model"] = json!("smollm2-135m-instruct");
+    let (status, _, _) = rt().block_on(post(&st, &b));
+    assert_eq!(status, 403);
+    assert_eq!(local.submitted(), 0);
+    // Malformed ones are the caller's 400, naming the field.
+    for (field, bad, param) in [
+        ("tools", json!([{"type": "retrieval"}]), "tools[0].type"),
+        (
+            "tool_choice",
+            json!({"type": "function", "function": {"name": "nope"}}),
+            "tool_choice",
+        ),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+            "response_format.json_schema.schema",
+        ),
+        ("functions", json!([{"name": "f"}]), "functions"),
+    ] {
+        let mut b = tools_body(false);
+        b[field] = bad;
+        let (status, _, text) = rt().block_on(post(&st, &b));
+        assert_eq!(status, 400, "{field}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["param"], param, "{text}");
+    }
+}
+
+#[test]
+fn a_json_schema_goes_to_the_remote_model_as_sent() {
+    let remote = fake(vec![(200, openai_answer("{\"colour\":\"teal\"}"))]);
+    let row = Row {
+        scripts: vec![sure()],
+        ..rows().remove(0)
+    };
+    let (_d, _l, st) = state(&row, Some(&remote));
+    let mut b = body(&row, false);
+    let rf = json!({"type": "json_schema", "json_schema": {"name": "c", "strict": true,
+        "schema": {"type": "object", "properties": {"colour": {"enum": ["teal", "red"]}}, "required": ["colour"]}}});
+    b["response_format"] = rf.clone();
+    let (status, h, text) = rt().block_on(post(&st, &b));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(h["x-corral-route"], "llm");
+    let (_, sent) = remote.seen.lock().unwrap().last().cloned().unwrap();
+    let sent: Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(sent["response_format"], rf);
+}

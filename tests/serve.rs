@@ -277,7 +277,7 @@ fn openai_shapes_auth_logprobs_and_streaming() {
         ),
         (
             json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
-            "tools",
+            "tools[0].function.name",
         ),
         (
             json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}),
@@ -288,8 +288,8 @@ fn openai_shapes_auth_logprobs_and_streaming() {
             "bogus",
         ),
         (
-            json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
-            "response_format",
+            json!({"model": "auto", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+            "response_format.type",
         ),
     ] {
         let (code, e, _) = post(&s, "/v1/chat/completions", Some(KEY), body);

@@ -31,9 +31,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corral_protocol::{Done, FinishReason, GenerateRequest, Input, Ready, Sampling, TokenInfo};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::audit::{AuditRecord, Caller};
+use crate::catalog::Capability;
 use crate::confidence::{self, Method};
 use crate::pool::{Event, FailKind};
 use crate::providers::{ChainError, ChatRequest, ChatResponse, Message};
@@ -65,8 +67,9 @@ pub struct Request {
     pub model: String,
     /// A sandbox profile the caller asked for (`corral run --profile`).
     pub profile: Option<String>,
-    /// (role, text); for a completion one user message holding the prompt (what a provider gets).
-    pub messages: Vec<(String, String)>,
+    /// The conversation (with tool calls and tool results); for a completion one user message
+    /// holding the prompt (what a provider gets).
+    pub messages: Vec<Message>,
     /// What the local runner gets: the messages (through the chat template) or a raw prompt.
     pub input: Input,
     pub max_tokens: u32,
@@ -86,6 +89,14 @@ pub struct Request {
     pub metadata: BTreeMap<String, String>,
     /// Generate exactly `max_tokens` (benchmarks).
     pub ignore_eos: bool,
+    /// Functions the model may call, in OpenAI's shape, and how (`tool_choice`,
+    /// `parallel_tool_calls`): routing derives `ToolUse` from them.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// A `response_format` other than text (`json_object`, `json_schema`): routing derives
+    /// `StructuredOutput` from it.
+    pub response_format: Option<Value>,
 }
 
 impl Request {
@@ -105,7 +116,10 @@ impl Request {
                     })
                     .collect(),
             ),
-            messages,
+            messages: messages
+                .into_iter()
+                .map(|(r, c)| Message::new(r, c))
+                .collect(),
             max_tokens: 256,
             temperature: 0.0,
             top_p: None,
@@ -117,7 +131,32 @@ impl Request {
             task: None,
             metadata: BTreeMap::new(),
             ignore_eos: false,
+            tools: None,
+            tool_choice: None,
+            parallel_tool_calls: None,
+            response_format: None,
         }
+    }
+
+    /// What the request needs of a model beyond text: tools, structured output.
+    pub fn capabilities(&self) -> Vec<Capability> {
+        let mut c = Vec::new();
+        if self
+            .tools
+            .as_ref()
+            .and_then(Value::as_array)
+            .is_some_and(|t| !t.is_empty())
+            || self
+                .messages
+                .iter()
+                .any(|m| m.tool_calls.is_some() || m.role == "tool")
+        {
+            c.push(Capability::ToolUse);
+        }
+        if self.response_format.is_some() {
+            c.push(Capability::StructuredOutput);
+        }
+        c
     }
 
     /// Whether routing picks the model.
@@ -132,7 +171,7 @@ impl Request {
             Input::Messages(_) => self
                 .messages
                 .iter()
-                .map(|(_, t)| t.as_str())
+                .map(|m| m.content.as_str())
                 .collect::<Vec<_>>()
                 .join("\n\n"),
         }
@@ -149,7 +188,7 @@ impl Request {
             requested_model: (!self.auto()).then(|| self.model.clone()),
             requested_profile: self.profile.clone(),
             metadata: self.metadata.clone(),
-            required_capabilities: vec![],
+            required_capabilities: self.capabilities(),
             minute_of_day: None,
         }
     }
@@ -179,9 +218,12 @@ impl Request {
             messages: self
                 .messages
                 .iter()
-                .map(|(r, c)| {
-                    let c = if mask { router.mask_pii(c) } else { c.clone() };
-                    Message::new(r.clone(), c)
+                .map(|m| {
+                    let mut m = m.clone();
+                    if mask {
+                        m.content = router.mask_pii(&m.content);
+                    }
+                    m
                 })
                 .collect(),
             max_tokens: Some(self.max_tokens),
@@ -190,6 +232,10 @@ impl Request {
             stop: self.stop.clone(),
             logprobs: true,
             user: self.user.clone(),
+            tools: self.tools.clone(),
+            tool_choice: self.tool_choice.clone(),
+            parallel_tool_calls: self.parallel_tool_calls,
+            response_format: self.response_format.clone(),
         }
     }
 }
@@ -343,6 +389,8 @@ pub struct Answer {
     pub completion_tokens: u32,
     /// The SLM's tokens (log-probabilities; empty for a remote answer).
     pub tokens: Vec<TokenInfo>,
+    /// The calls the model made, in OpenAI's shape (`finish_reason` is then `tool_calls`).
+    pub tool_calls: Option<Value>,
     pub source: Source,
     pub model: String,
     pub provider: Option<String>,
@@ -378,6 +426,10 @@ pub enum Failure {
     /// The runner refused the request as given (a prompt longer than the context): the caller's.
     #[error("the local model refused the request: {0}")]
     Refused(String),
+    /// The request needs what the local model cannot do (tools, structured output): never
+    /// answered with unconstrained text.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("the local model {model} cannot be started: {error}")]
     Unavailable { model: String, error: String },
     /// The local model failed (after its retry) and nothing escalated it.
@@ -405,6 +457,7 @@ impl Failure {
             Failure::QueueFull { .. } => "queue_full",
             Failure::QueueTimeout => "queue_timeout",
             Failure::Refused(_) => "request_refused",
+            Failure::Unsupported(_) => "unsupported_parameter",
             Failure::Unavailable { .. } => "model_unavailable",
             Failure::Local { .. } => "slm_failed",
             Failure::ShuttingDown => "shutting_down",
@@ -558,6 +611,7 @@ impl Pipeline {
             prompt_tokens: r.usage.prompt_tokens,
             completion_tokens: r.usage.completion_tokens,
             tokens: vec![],
+            tool_calls: r.tool_calls,
             source: Source::Llm,
             model: r.model,
             provider: Some(r.provider),
@@ -584,6 +638,17 @@ impl Pipeline {
         updates: Option<&mpsc::Sender<Update>>,
         streamed: &mut bool,
     ) -> (Result<Answer, Failure>, Option<SlmRun>) {
+        // The local runner has no tool calling or constrained decoding yet: a model whose
+        // catalog entry claims them still does not get such a request (it would answer free
+        // text where the caller needs a call or valid JSON).
+        if !req.capabilities().is_empty() {
+            return (
+                Err(Failure::Unsupported(format!(
+                    "the local model {model} cannot answer requests with tools or a response_format yet; route them to a remote provider"
+                ))),
+                None,
+            );
+        }
         let rt = &self.router;
         let method = rt.method;
         let need = d.confidence_required.unwrap_or(0.0);
@@ -717,6 +782,7 @@ impl Pipeline {
             prompt_tokens,
             completion_tokens,
             tokens,
+            tool_calls: None,
             source: Source::Slm,
             model: model.to_string(),
             provider: None,

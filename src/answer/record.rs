@@ -51,7 +51,10 @@ fn request_json(req: &Request) -> Value {
         "endpoint": req.endpoint.label(),
         "model": req.model,
         "profile": req.profile,
-        "messages": req.messages.iter().map(|(r, c)| json!({"role": r, "content": c})).collect::<Vec<_>>(),
+        "messages": req.messages,
+        "tools": req.tools,
+        "tool_choice": req.tool_choice,
+        "response_format": req.response_format,
         "max_tokens": req.max_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
@@ -67,6 +70,7 @@ fn request_json(req: &Request) -> Value {
 fn answer_json(a: &Answer) -> Value {
     let mut v = json!({
         "text": a.text,
+        "tool_calls": a.tool_calls,
         "finish_reason": a.finish_reason,
         "model": a.model,
         "provider": a.provider,

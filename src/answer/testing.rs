@@ -212,6 +212,7 @@ impl RemoteChain for ScriptedChain {
                     completion_tokens: 2,
                 },
                 token_logprobs: Some(vec![-0.01, -0.02]),
+                tool_calls: None,
                 latency_ms: 3.0,
                 attempts: 1,
             }),

@@ -54,6 +54,8 @@ pub enum Capability {
     Translation,
     Extraction,
     Embeddings,
+    /// Answers constrained to a JSON object or a JSON schema (`response_format`).
+    StructuredOutput,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -36,6 +36,8 @@ struct Encoded {
     url: String,
     body: String,
     headers: Vec<(&'static str, String)>,
+    /// JSON output was asked for (Anthropic answers it through a forced tool).
+    json: bool,
 }
 
 /// One failed attempt and the wait the provider asked for.
@@ -106,6 +108,7 @@ impl Provider {
                         finish_reason: c.finish_reason,
                         usage: c.usage,
                         token_logprobs: c.token_logprobs,
+                        tool_calls: c.tool_calls,
                         latency_ms,
                         attempts: attempt,
                     });
@@ -174,7 +177,12 @@ impl Provider {
             provider: self.name.clone(),
             message: format!("cannot encode the request: {e}"),
         })?;
-        Ok(Encoded { url, body, headers })
+        Ok(Encoded {
+            url,
+            body,
+            headers,
+            json: req.response_format.is_some(),
+        })
     }
 
     fn lock_breaker(&self) -> MutexGuard<'_, Breaker> {
@@ -274,7 +282,7 @@ impl Provider {
         })?;
         let parsed = match self.config.kind {
             ProviderKind::Openai => openai::parse(&bytes, want_logprobs),
-            ProviderKind::Anthropic => anthropic::parse(&bytes),
+            ProviderKind::Anthropic => anthropic::parse(&bytes, encoded.json),
         };
         parsed.map_err(|message| Failure {
             error: ProviderError::BadResponse {

@@ -33,11 +33,18 @@ use serde::{Deserialize, Serialize};
 /// Longest provider error message kept in [`ProviderError::Status`], in characters.
 const MAX_ERROR_MESSAGE_CHARS: usize = 500;
 
-/// One chat message. Roles are `system`, `user` and `assistant`.
+/// One chat message. Roles are `system`, `user`, `assistant` and `tool`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls, in OpenAI's shape (`[{"id", "type": "function",
+    /// "function": {"name", "arguments"}}]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -46,6 +53,8 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -65,6 +74,14 @@ pub struct ChatRequest {
     /// An opaque end-user id for the provider's abuse monitoring (OpenAI `user`, Anthropic
     /// `metadata.user_id`).
     pub user: Option<String>,
+    /// Functions the model may call, in OpenAI's shape (`[{"type": "function", "function":
+    /// {"name", "description", "parameters"}}]`), and how (`tool_choice`: `none`, `auto`,
+    /// `required` or `{"type": "function", "function": {"name"}}`; `parallel_tool_calls`).
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<bool>,
+    /// OpenAI's `response_format` (`json_object`, `json_schema`), when not plain text.
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// Token counts as the provider reported them (zeros when it reported none).
@@ -88,6 +105,8 @@ pub struct ChatResponse {
     /// Log-probability of each generated token, when requested and returned (OpenAI-compatible
     /// providers only; always `None` for Anthropic, which has none).
     pub token_logprobs: Option<Vec<f32>>,
+    /// The calls the model made, in OpenAI's shape (`finish_reason` is then `tool_calls`).
+    pub tool_calls: Option<serde_json::Value>,
     /// Wall time of the whole call, retries and backoff included.
     pub latency_ms: f64,
     /// HTTP attempts made, the successful one included.
@@ -209,6 +228,7 @@ struct Completion {
     finish_reason: String,
     usage: Usage,
     token_logprobs: Option<Vec<f32>>,
+    tool_calls: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

@@ -32,6 +32,15 @@ struct Body<'a> {
     logprobs: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     top_logprobs: Option<u32>,
+    // Tools and structured output go as the caller sent them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parallel_tool_calls: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<&'a serde_json::Value>,
 }
 
 pub(super) fn body(cfg: &ProviderConfig, req: &ChatRequest) -> serde_json::Result<String> {
@@ -45,6 +54,10 @@ pub(super) fn body(cfg: &ProviderConfig, req: &ChatRequest) -> serde_json::Resul
         user: req.user.as_deref(),
         logprobs: req.logprobs.then_some(true),
         top_logprobs: req.logprobs.then_some(0),
+        tools: req.tools.as_ref(),
+        tool_choice: req.tool_choice.as_ref(),
+        parallel_tool_calls: req.parallel_tool_calls,
+        response_format: req.response_format.as_ref(),
     })
 }
 
@@ -71,6 +84,8 @@ struct Choice {
 struct ResponseMessage {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -117,12 +132,21 @@ pub(super) fn parse(body: &[u8], want_logprobs: bool) -> Result<Completion, Stri
     } else {
         None
     };
+    let (text, tool_calls) = match choice.message {
+        Some(m) => (
+            m.content.unwrap_or_default(),
+            m.tool_calls
+                .filter(|c| c.as_array().is_some_and(|a| !a.is_empty())),
+        ),
+        None => (String::new(), None),
+    };
     Ok(Completion {
         model: r.model.filter(|m| !m.is_empty()),
-        text: choice.message.and_then(|m| m.content).unwrap_or_default(),
+        text,
         finish_reason: finish_reason(choice.finish_reason.as_deref()),
         usage,
         token_logprobs,
+        tool_calls,
     })
 }
 

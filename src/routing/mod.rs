@@ -224,6 +224,9 @@ pub struct Router {
     injection: bool,
     injection_threshold: f32,
     known_models: std::collections::BTreeSet<String>,
+    /// Each catalog model's capabilities: a request needing one its model lacks does not go to
+    /// that model.
+    model_capabilities: BTreeMap<String, Vec<crate::catalog::Capability>>,
     known_providers: std::collections::BTreeSet<String>,
 }
 
@@ -535,6 +538,11 @@ impl Router {
             injection_threshold: g.injection_threshold,
             guardrails,
             known_models: cx.catalog.ids().map(String::from).collect(),
+            model_capabilities: cx
+                .catalog
+                .iter()
+                .map(|m| (m.id.clone(), m.capabilities.clone()))
+                .collect(),
             known_providers: cx.providers.keys().cloned().collect(),
         })
     }
@@ -891,6 +899,44 @@ impl Router {
                         );
                     }
                     return deny(why, reasoning, applied, class);
+                }
+                // A request needing what the model cannot do (tools, a JSON schema) goes to the
+                // chain, or is refused saying why.
+                let lacks: Vec<String> = req
+                    .required_capabilities
+                    .iter()
+                    .filter(|c| {
+                        !self
+                            .model_capabilities
+                            .get(&model)
+                            .is_some_and(|have| have.contains(c))
+                    })
+                    .map(|c| format!("{c:?}"))
+                    .collect();
+                if !lacks.is_empty() {
+                    let why = format!(
+                        "the request needs {}, which the local model {model} does not have",
+                        lacks.join(" and ")
+                    );
+                    reasoning.push(why.clone());
+                    if fallback_available {
+                        reasoning.push("using the LLM chain instead".into());
+                        return decision(
+                            Selection::Llm {
+                                providers: self.fallback.clone(),
+                            },
+                            None,
+                            reasoning,
+                            applied,
+                            class,
+                        );
+                    }
+                    return deny(
+                        format!("{why}, and no remote provider is configured"),
+                        reasoning,
+                        applied,
+                        class,
+                    );
                 }
                 let profile = req
                     .requested_profile

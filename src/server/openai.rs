@@ -218,25 +218,46 @@ impl ChatRequest {
             &self.stop,
         )?;
         for (name, v) in [
-            ("tools", &self.tools),
-            ("tool_choice", &self.tool_choice),
-            ("parallel_tool_calls", &self.parallel_tool_calls),
             ("functions", &self.functions),
             ("function_call", &self.function_call),
         ] {
             if v.as_ref().is_some_and(|v| !v.is_null()) {
                 return Err(ApiError::unsupported(
                     name,
-                    format!("{name}: tool calling is not supported by corral yet"),
+                    format!("{name} is OpenAI's deprecated form: use tools and tool_choice"),
                 ));
             }
         }
+        self.check_tools()?;
         if let Some(rf) = &self.response_format {
-            if rf.get("type").and_then(Value::as_str) != Some("text") {
-                return Err(ApiError::unsupported(
-                    "response_format",
-                    "only response_format {\"type\": \"text\"} is supported",
-                ));
+            match rf.get("type").and_then(Value::as_str) {
+                Some("text" | "json_object") => {}
+                Some("json_schema") => {
+                    if !rf
+                        .pointer("/json_schema/schema")
+                        .is_some_and(Value::is_object)
+                    {
+                        return Err(ApiError::invalid(
+                            "response_format.json_schema.schema must be a JSON Schema object",
+                            Some("response_format.json_schema.schema"),
+                        ));
+                    }
+                    if !rf
+                        .pointer("/json_schema/name")
+                        .is_some_and(Value::is_string)
+                    {
+                        return Err(ApiError::invalid(
+                            "response_format.json_schema.name is required",
+                            Some("response_format.json_schema.name"),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        "response_format.type must be text, json_object or json_schema",
+                        Some("response_format.type"),
+                    ))
+                }
             }
         }
         penalties(
@@ -266,23 +287,139 @@ impl ChatRequest {
         Ok(())
     }
 
+    /// `tools`, `tool_choice` and `parallel_tool_calls` as OpenAI defines them.
+    fn check_tools(&self) -> Result<(), ApiError> {
+        let mut names = Vec::new();
+        if let Some(tools) = self.tools.as_ref().filter(|t| !t.is_null()) {
+            let Some(list) = tools.as_array() else {
+                return Err(ApiError::invalid("tools must be an array", Some("tools")));
+            };
+            for (i, t) in list.iter().enumerate() {
+                let at = |f: &str| format!("tools[{i}]{f}");
+                if t.get("type").and_then(Value::as_str) != Some("function") {
+                    return Err(ApiError::invalid(
+                        format!("{}: only function tools are supported", at(".type")),
+                        Some(&at(".type")),
+                    ));
+                }
+                let name = t.pointer("/function/name").and_then(Value::as_str);
+                let valid = name.is_some_and(|n| {
+                    (1..=64).contains(&n.len())
+                        && n.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                });
+                if !valid {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "{} must be 1 to 64 letters, digits, _ or -",
+                            at(".function.name")
+                        ),
+                        Some(&at(".function.name")),
+                    ));
+                }
+                if t.pointer("/function/parameters")
+                    .is_some_and(|p| !p.is_object())
+                {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "{} must be a JSON Schema object",
+                            at(".function.parameters")
+                        ),
+                        Some(&at(".function.parameters")),
+                    ));
+                }
+                names.extend(name);
+            }
+        }
+        match &self.tool_choice {
+            None | Some(Value::Null) => {}
+            Some(_) if names.is_empty() => {
+                return Err(ApiError::invalid(
+                    "tool_choice needs tools",
+                    Some("tool_choice"),
+                ))
+            }
+            Some(Value::String(s)) if matches!(s.as_str(), "none" | "auto" | "required") => {}
+            Some(v) => match v.pointer("/function/name").and_then(Value::as_str) {
+                Some(n) if v.get("type").and_then(Value::as_str) == Some("function") => {
+                    if !names.contains(&n) {
+                        return Err(ApiError::invalid(
+                            format!("tool_choice names '{n}', which is not in tools"),
+                            Some("tool_choice"),
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\"}}",
+                        Some("tool_choice"),
+                    ))
+                }
+            },
+        }
+        if self
+            .parallel_tool_calls
+            .as_ref()
+            .is_some_and(|v| !v.is_boolean() && !v.is_null())
+        {
+            return Err(ApiError::invalid(
+                "parallel_tool_calls must be a boolean",
+                Some("parallel_tool_calls"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every message with its text (content parts other than text are refused), an
+    /// assistant's `tool_calls` and a `tool` message's `tool_call_id`.
+    pub fn messages(&self) -> Result<Vec<crate::providers::Message>, ApiError> {
+        let texts = self.texts()?;
+        let mut out = Vec::with_capacity(texts.len());
+        for (i, ((role, text), m)) in texts.into_iter().zip(&self.messages).enumerate() {
+            let mut msg = crate::providers::Message::new(role, text);
+            if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_null()) {
+                let ok = m.role == "assistant"
+                    && calls.as_array().is_some_and(|a| {
+                        a.iter().all(|c| {
+                            c.get("id").is_some_and(Value::is_string)
+                                && c.pointer("/function/name").is_some_and(Value::is_string)
+                                && c.pointer("/function/arguments")
+                                    .is_some_and(Value::is_string)
+                        })
+                    });
+                if !ok {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].tool_calls must be an assistant's [{{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}]"),
+                        Some(&format!("messages[{i}].tool_calls")),
+                    ));
+                }
+                msg.tool_calls = Some(calls.clone());
+            }
+            if m.role == "tool" {
+                let Some(id) = &m.tool_call_id else {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].tool_call_id is required for a tool message"),
+                        Some(&format!("messages[{i}].tool_call_id")),
+                    ));
+                };
+                msg.tool_call_id = Some(id.clone());
+            }
+            out.push(msg);
+        }
+        Ok(out)
+    }
+
     /// (role, text) of every message; content parts other than text are refused.
     pub fn texts(&self) -> Result<Vec<(String, String)>, ApiError> {
         let mut out = Vec::new();
         for (i, m) in self.messages.iter().enumerate() {
             if !matches!(
                 m.role.as_str(),
-                "system" | "developer" | "user" | "assistant"
+                "system" | "developer" | "user" | "assistant" | "tool"
             ) {
                 return Err(ApiError::invalid(
-                    format!("messages[{i}].role '{}' is not supported (system, developer, user, assistant)", m.role),
+                    format!("messages[{i}].role '{}' is not supported (system, developer, user, assistant, tool)", m.role),
                     Some(&format!("messages[{i}].role")),
-                ));
-            }
-            if m.tool_calls.is_some() || m.tool_call_id.is_some() {
-                return Err(ApiError::unsupported(
-                    &format!("messages[{i}]"),
-                    "tool calling is not supported by corral yet",
                 ));
             }
             let _ = &m.name;

@@ -69,6 +69,16 @@ fn parse_chat(body: &[u8], rid: String) -> Result<Gen, ApiError> {
     let c: ChatRequest = openai::parse(body)?;
     c.check()?;
     let mut req = Request::chat(rid, c.texts()?);
+    req.messages = c.messages()?;
+    req.tools = c.tools.filter(|t| !t.is_null());
+    req.tool_choice = c.tool_choice.filter(|t| !t.is_null());
+    req.parallel_tool_calls = c
+        .parallel_tool_calls
+        .as_ref()
+        .and_then(serde_json::Value::as_bool);
+    req.response_format = c
+        .response_format
+        .filter(|r| r.get("type").and_then(serde_json::Value::as_str) != Some("text"));
     req.model = c.model;
     req.max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(512);
     req.temperature = c.temperature.unwrap_or(1.0);
@@ -339,6 +349,11 @@ pub(super) fn api_error(f: &Failure) -> ApiError {
         Failure::QueueFull { retry_after, .. } => ApiError::rate_limited(f.to_string(), *retry_after),
         Failure::QueueTimeout => ApiError::rate_limited(f.to_string(), 2),
         Failure::Refused(_) => ApiError::invalid(f.to_string(), None),
+        Failure::Unsupported(_) => {
+            let mut e = ApiError::invalid(f.to_string(), None);
+            e.code = Some("unsupported_parameter");
+            e
+        }
         Failure::Local { .. } | Failure::ShuttingDown => ApiError::unavailable(f.to_string(), 1),
         Failure::Remote(_) => ApiError::upstream(f.to_string()),
         Failure::Unavailable { .. } | Failure::Interrupted(_) | Failure::ClientGone => {

@@ -82,6 +82,16 @@ pub async fn route(
             })?);
         }
         req.metadata = metadata;
+        // What the request needs of a model (tools, structured output) routes it too.
+        req.tools = v.get("tools").filter(|t| !t.is_null()).cloned();
+        req.response_format = v
+            .get("response_format")
+            .filter(|r| {
+                r.get("type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| t != "text")
+            })
+            .cloned();
         let caller = Caller {
             agent: ident.agent.clone(),
             team: ident.team.clone(),

@@ -97,6 +97,19 @@ fn completion_logprobs(tokens: &[TokenInfo]) -> Value {
     })
 }
 
+/// The assistant message: its text, or its tool calls (content `null` when there is no text,
+/// as OpenAI sends it).
+fn message_json(a: &Answer) -> Value {
+    let mut m = json!({"role": "assistant", "content": a.text, "refusal": null});
+    if let Some(calls) = &a.tool_calls {
+        m["tool_calls"] = calls.clone();
+        if a.text.is_empty() {
+            m["content"] = Value::Null;
+        }
+    }
+    m
+}
+
 pub fn usage_json(a: &Answer) -> Value {
     json!({
         "prompt_tokens": a.prompt_tokens,
@@ -123,7 +136,7 @@ pub fn json_response(req: &Request, a: &Answer, d: &RouteDecision) -> Response {
             "model": a.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": a.text, "refusal": null},
+                "message": message_json(a),
                 "logprobs": lp(chat_logprobs(&a.tokens)),
                 "finish_reason": a.finish_reason,
             }],
@@ -233,6 +246,29 @@ impl Chunks<'_> {
         sse_data(&self.chunk(Some(text), token, None, false))
     }
 
+    /// A tool call streamed as OpenAI does: the id, type and name with empty arguments first,
+    /// then the arguments.
+    pub fn tool_call(&self, index: usize, call: &Value) -> Vec<SseItem> {
+        let delta = |d: Value| {
+            let mut c = self.chunk(None, None, None, false);
+            c["choices"][0]["delta"] = json!({"tool_calls": [d]});
+            sse_data(&c)
+        };
+        let args = call
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        vec![
+            delta(json!({
+                "index": index,
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": call.pointer("/function/name"), "arguments": ""},
+            })),
+            delta(json!({"index": index, "function": {"arguments": args}})),
+        ]
+    }
+
     /// The closing chunk(s): finish reason and the `corral` facts, the usage chunk when asked
     /// for, `[DONE]`.
     pub fn end(&self, a: &Answer, corral: Value) -> Vec<SseItem> {
@@ -283,6 +319,16 @@ pub fn stream_finished(
         }
     } else if !a.text.is_empty() {
         items.push(c.text(&a.text, None));
+    }
+    for (i, call) in a
+        .tool_calls
+        .as_ref()
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        items.extend(c.tool_call(i, call));
     }
     items.extend(c.end(a, corral_json(a, d, &req.id)));
     // The channel holds every item: nothing here waits for the client.
