@@ -356,6 +356,8 @@ fn run_args(row: &Row) -> RunArgs {
         system: None,
         json: true,
         ignore_eos: false,
+        tools: None,
+        tool_choice: None,
         caller: CallerArgs {
             metadata: if row.secret {
                 vec!["kind=secret".into()]
@@ -583,4 +585,55 @@ fn a_json_schema_goes_to_the_remote_model_as_sent() {
     let (_, sent) = remote.seen.lock().unwrap().last().cloned().unwrap();
     let sent: Value = serde_json::from_str(&sent).unwrap();
     assert_eq!(sent["response_format"], rf);
+}
+
+#[test]
+fn corral_run_passes_tools_from_a_file_and_prints_the_calls() {
+    let remote = fake(vec![(200, tool_answer())]);
+    let row = Row {
+        scripts: vec![sure()],
+        ..rows().remove(0)
+    };
+    let (dir, cfg) = config(Some(&remote), "");
+    let file = dir.path().join("tools.json");
+    std::fs::write(&file, tools_body(false)["tools"].to_string()).unwrap();
+    let mut args = run_args(&row);
+    args.json = false;
+    args.tools = Some(file.clone());
+    args.tool_choice = Some("get_weather".into());
+    let local = Arc::new(ScriptedModel::new(vec![]));
+    let mut out = Vec::new();
+    let code = run_with(
+        &cfg,
+        &args,
+        local.clone(),
+        &Mutex::new(Report::default()),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(code, 0);
+    let line: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        line,
+        json!({"id": "call_1", "name": "get_weather", "arguments": {"city": "Lyon"}})
+    );
+    assert_eq!(local.submitted(), 0);
+    let (_, sent) = remote.seen.lock().unwrap().last().cloned().unwrap();
+    let sent: Value = serde_json::from_str(&sent).unwrap();
+    assert_eq!(
+        sent["tool_choice"],
+        json!({"type": "function", "function": {"name": "get_weather"}})
+    );
+    // A choice that names no tool is the caller's mistake, before anything runs.
+    args.tool_choice = Some("get_time".into());
+    let e = run_with(
+        &cfg,
+        &args,
+        local,
+        &Mutex::new(Report::default()),
+        &mut Vec::new(),
+    )
+    .unwrap_err();
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.to_string().contains("get_weather"), "{e}");
 }

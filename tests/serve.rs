@@ -706,6 +706,61 @@ fn the_official_openai_python_client_works() {
 }
 
 #[test]
+fn tools_through_the_official_openai_client_reach_a_remote_model_and_come_back() {
+    let have = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .unwrap();
+    assert!(
+        have.success(),
+        "the `openai` Python package is missing: python3 -m pip install openai"
+    );
+    let call = json!({
+        "id": "x", "object": "chat.completion", "model": "remote-large",
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": null,
+            "tool_calls": [{"id": "call_7", "type": "function",
+                            "function": {"name": "get_weather", "arguments": "{\"city\": \"Lyon\"}"}}]}}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 9}
+    });
+    let remote = fake(vec![(200, call.to_string())]);
+    let s = serve(&config_text(&format!(
+        "[providers.remote]\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodel = \"remote-large\"\nmax_retries = 0\n\
+         [routing.llm_fallback]\nproviders = [\"remote\"]\n",
+        remote.url
+    )));
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/openai_tools.py"
+        ))
+        .args([&s.url, KEY])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log.lock().unwrap()
+    );
+    for check in [
+        "tool call ok",
+        "streamed tool call ok",
+        "tool result conversation ok",
+        "malformed tool ok",
+    ] {
+        assert!(stdout.contains(check), "{stdout}");
+    }
+    // The provider saw the tools and, in the follow-up, the call and its result.
+    let seen = remote.seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "three requests reached the provider");
+    let last: Value = serde_json::from_str(&seen[2].1).unwrap();
+    assert_eq!(last["tools"][0]["function"]["name"], "get_weather");
+    assert_eq!(last["messages"][2]["tool_call_id"], "call_7");
+}
+
+#[test]
 fn every_request_that_reaches_routing_is_audited_encrypted() {
     let dir = tempfile::tempdir().unwrap();
     let audit_dir = dir.path().join("audit");

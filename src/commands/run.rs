@@ -68,6 +68,14 @@ pub struct RunArgs {
     /// Generate exactly --max-tokens, past end-of-sequence (for benchmarks)
     #[arg(long, hide = true)]
     pub ignore_eos: bool,
+    /// A JSON file with OpenAI `tools` (an array of function tools) the model may call; the
+    /// calls are printed as JSON (the local runner has no tool calling yet: such a request goes
+    /// to the remote chain, or is refused)
+    #[arg(long, value_name = "FILE")]
+    pub tools: Option<std::path::PathBuf>,
+    /// With --tools: none, auto, required, or a function name to force
+    #[arg(long, value_name = "CHOICE", requires = "tools")]
+    pub tool_choice: Option<String>,
     #[command(flatten)]
     pub caller: CallerArgs,
     /// The prompt, sent as a user message through the model's chat template
@@ -184,6 +192,38 @@ fn request(args: &RunArgs) -> crate::Result<Request> {
     req.task = args.caller.task.clone();
     req.metadata = args.caller.context("", None)?.metadata;
     req.ignore_eos = args.ignore_eos;
+    if let Some(path) = &args.tools {
+        let text = crate::files::read_text(path, crate::files::MAX_CONFIG_BYTES)
+            .map_err(|e| crate::Error::Usage(format!("--tools {}: {e}", path.display())))?;
+        let tools: Value = serde_json::from_str(&text)
+            .map_err(|e| crate::Error::Usage(format!("--tools {}: {e}", path.display())))?;
+        let names: Vec<&str> = tools
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+            .collect();
+        if names.is_empty() || tools.as_array().is_some_and(|a| a.len() != names.len()) {
+            return Err(crate::Error::Usage(format!(
+                "--tools {}: expected an array of {{\"type\": \"function\", \"function\": {{\"name\", \"parameters\"}}}}",
+                path.display()
+            )));
+        }
+        req.tool_choice = match args.tool_choice.as_deref() {
+            None => None,
+            Some(c @ ("none" | "auto" | "required")) => Some(json!(c)),
+            Some(name) if names.contains(&name) => {
+                Some(json!({"type": "function", "function": {"name": name}}))
+            }
+            Some(other) => {
+                return Err(crate::Error::Usage(format!(
+                    "--tool-choice {other}: not none, auto, required or a tool's name ({})",
+                    names.join(", ")
+                )))
+            }
+        };
+        req.tools = Some(tools);
+    }
     Ok(req)
 }
 
@@ -404,11 +444,30 @@ fn print_llm(out: &mut dyn Write, args: &RunArgs, a: &Answer, d: &RouteDecision,
                 "timings": {"latency_ms": latency_ms, "total_ms": t0.elapsed().as_secs_f64() * 1e3},
                 "attempts": attempts,
                 "finish_reason": a.finish_reason,
+                "tool_calls": a.tool_calls,
                 "slm": a.slm.as_ref().map(|run| slm_json(run, a.method)),
             })
         );
     } else {
-        let _ = writeln!(out, "{}", terminal_safe(&a.text));
+        if !a.text.is_empty() || a.tool_calls.is_none() {
+            let _ = writeln!(out, "{}", terminal_safe(&a.text));
+        }
+        // One call per line, as JSON: {"id", "name", "arguments"} (arguments parsed when JSON).
+        for c in a
+            .tool_calls
+            .as_ref()
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let args = c
+                .pointer("/function/arguments")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let parsed: Value = serde_json::from_str(args).unwrap_or_else(|_| json!(args));
+            let line = json!({"id": c.get("id"), "name": c.pointer("/function/name"), "arguments": parsed});
+            let _ = writeln!(out, "{}", terminal_safe(&line.to_string()));
+        }
         eprintln!(
             "corral: llm {} ({}){} · {} prompt + {} tokens · {latency_ms:.0} ms · {attempts} attempt(s) · confidence {}",
             a.provider.as_deref().unwrap_or("?"),
