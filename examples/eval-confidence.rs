@@ -161,6 +161,7 @@ fn main() {
             top_logprobs: 0,
             stream: false,
             ignore_eos: false,
+            constraint: None,
         };
         let done = runner.generate(req, &mut |_| {}).expect("generate");
         let stats: Vec<TokenStat> = done

@@ -136,6 +136,7 @@ fn request(input: Input, max_tokens: u32) -> GenerateRequest {
         top_logprobs: 5,
         stream: false,
         ignore_eos: false,
+        constraint: None,
     }
 }
 

@@ -27,6 +27,7 @@ fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
         top_logprobs: 0,
         stream: false,
         ignore_eos: false,
+        constraint: None,
     }
 }
 
@@ -376,4 +377,157 @@ fn a_model_file_with_the_wrong_checksum_is_refused() {
         "{}",
         stderr(&out)
     );
+}
+
+/// Checks `v` against the keywords the constrained-decoding test schemas use (type,
+/// properties, required, additionalProperties, enum, items, minItems, maxItems, minimum,
+/// maximum, maxLength); a failure names the path.
+fn validate(v: &serde_json::Value, s: &serde_json::Value, at: &str) -> Result<(), String> {
+    use serde_json::Value;
+    let fail = |why: &str| Err(format!("{at}: {why} ({v})"));
+    if let Some(t) = s.get("type").and_then(Value::as_str) {
+        let ok = match t {
+            "object" => v.is_object(),
+            "array" => v.is_array(),
+            "string" => v.is_string(),
+            "integer" => v.is_i64() || v.is_u64(),
+            "number" => v.is_number(),
+            "boolean" => v.is_boolean(),
+            "null" => v.is_null(),
+            _ => false,
+        };
+        if !ok {
+            return fail(&format!("not {t}"));
+        }
+    }
+    if let Some(e) = s.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            return fail("not in the enum");
+        }
+    }
+    if let (Some(n), Some(min)) = (v.as_f64(), s.get("minimum").and_then(Value::as_f64)) {
+        if n < min {
+            return fail("below minimum");
+        }
+    }
+    if let (Some(n), Some(max)) = (v.as_f64(), s.get("maximum").and_then(Value::as_f64)) {
+        if n > max {
+            return fail("above maximum");
+        }
+    }
+    if let (Some(t), Some(max)) = (v.as_str(), s.get("maxLength").and_then(Value::as_u64)) {
+        if t.chars().count() as u64 > max {
+            return fail("longer than maxLength");
+        }
+    }
+    if let Some(o) = v.as_object() {
+        for r in s
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if !o.contains_key(r.as_str().unwrap_or_default()) {
+                return fail(&format!("missing required {r}"));
+            }
+        }
+        let props = s.get("properties").and_then(Value::as_object);
+        for (k, sub) in o {
+            match props.and_then(|p| p.get(k)) {
+                Some(ps) => validate(sub, ps, &format!("{at}/{k}"))?,
+                None if s.get("additionalProperties") == Some(&Value::Bool(false)) => {
+                    return fail(&format!("additional property {k}"))
+                }
+                None => {}
+            }
+        }
+    }
+    if let Some(a) = v.as_array() {
+        if s.get("minItems")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| (a.len() as u64) < n)
+        {
+            return fail("fewer than minItems");
+        }
+        if s.get("maxItems")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| (a.len() as u64) > n)
+        {
+            return fail("more than maxItems");
+        }
+        if let Some(items) = s.get("items") {
+            for (i, x) in a.iter().enumerate() {
+                validate(x, items, &format!("{at}/{i}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_json_schema_constrains_the_local_answer_and_unsupported_keywords_are_refused() {
+    use corral_protocol::OutputConstraint;
+    use serde_json::json;
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 30},
+            "colour": {"enum": ["black", "white", "ginger", "grey"]},
+            "toys": {"type": "array", "items": {"type": "object",
+                "properties": {"kind": {"type": "string", "maxLength": 12}, "loved": {"type": "boolean"}},
+                "required": ["kind", "loved"], "additionalProperties": false},
+                "minItems": 1, "maxItems": 3},
+        },
+        "required": ["name", "age", "colour", "toys"],
+        "additionalProperties": false,
+    });
+    let mut r = start("secure");
+    for (temperature, seed) in [(0.0, None), (1.0, Some(7)), (1.0, Some(8))] {
+        let mut req = greedy(
+            "Describe a cat called Tom, his age, colour and favourite toys.",
+            200,
+        );
+        req.input = Input::Messages(vec![corral_protocol::ChatMessage {
+            role: "user".into(),
+            content: "Describe a cat called Tom, his age, colour and favourite toys, as JSON."
+                .into(),
+        }]);
+        req.sampling.temperature = temperature;
+        req.sampling.seed = seed;
+        req.constraint = Some(OutputConstraint::JsonSchema {
+            schema: schema.clone(),
+        });
+        let done = r.generate(req, &mut |_| {}).unwrap();
+        assert_eq!(
+            done.finish_reason,
+            corral_protocol::FinishReason::Stop,
+            "{}",
+            done.text
+        );
+        let v: serde_json::Value = serde_json::from_str(&done.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", done.text));
+        validate(&v, &schema, "").unwrap();
+        // Tokens the grammar forced are marked (the keys and punctuation of a fixed schema).
+        assert!(done.tokens.iter().any(|t| t.forced), "{}", done.text);
+    }
+    // Any JSON object.
+    let mut req = greedy("Give me a JSON object about Paris.", 60);
+    req.constraint = Some(OutputConstraint::JsonObject);
+    let done = r.generate(req, &mut |_| {}).unwrap();
+    if done.finish_reason == corral_protocol::FinishReason::Stop {
+        let v: serde_json::Value = serde_json::from_str(&done.text).unwrap();
+        assert!(v.is_object(), "{}", done.text);
+    } else {
+        assert!(done.text.trim_start().starts_with('{'), "{}", done.text);
+    }
+    // A keyword outside the subset is the request's error, naming it; the runner stays.
+    let mut req = greedy("x", 5);
+    req.constraint = Some(OutputConstraint::JsonSchema {
+        schema: json!({"type": "array", "items": {"type": "string"}, "uniqueItems": true}),
+    });
+    let e = r.generate(req, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("uniqueItems"), "{e}");
+    let done = r.generate(greedy("Say hi.", 3), &mut |_| {}).unwrap();
+    assert!(done.completion_tokens > 0);
 }

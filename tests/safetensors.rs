@@ -211,6 +211,7 @@ fn a_safetensors_checkpoint_with_tokenizer_json_runs_in_the_sandbox() {
         top_logprobs: 0,
         stream: false,
         ignore_eos: false,
+        constraint: None,
     };
     let done = r.generate(req, &mut |_| {}).unwrap();
     assert!(done.text.contains("Paris"), "{:?}", done.text);

@@ -8,6 +8,7 @@ use corral_protocol::{
     Done, FinishReason, GenerateRequest, Input, TokenInfo, TopLogprob, MAX_TOP_LOGPROBS,
 };
 
+use crate::constrain::Grammars;
 use crate::model::Model;
 use crate::sampler::{self, Rng};
 use crate::template::ChatTemplate;
@@ -17,6 +18,8 @@ pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
+    /// The vocabulary as the grammar library sees it, built on the first constrained request.
+    pub grammars: Option<Grammars>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -112,6 +115,22 @@ impl Engine {
                 prompt.len()
             );
         }
+        // A constrained answer: the matcher is built (and a schema checked) before any compute.
+        let mut matcher = match &req.constraint {
+            None => None,
+            Some(c) => {
+                if self.grammars.is_none() {
+                    self.grammars =
+                        Some(Grammars::new(&self.tokenizer).map_err(|e| anyhow::anyhow!(e))?);
+                }
+                let g = self
+                    .grammars
+                    .as_ref()
+                    .ok_or_else(|| anyhow::anyhow!("no grammar"))?;
+                Some(g.matcher(c).map_err(|e| anyhow::anyhow!(e))?)
+            }
+        };
+        let vocab = self.tokenizer.vocab_size();
         let top_n = req.top_logprobs.min(MAX_TOP_LOGPROBS) as usize;
         let max_new = (req.max_tokens as usize).min(ctx - prompt.len());
         let mut rng = req.sampling.seed.map_or_else(Rng::from_entropy, Rng::new);
@@ -137,14 +156,35 @@ impl Engine {
             }
             let stats = sampler::raw_stats(&logits, top_n);
             let raw = logits.clone();
+            // Under a constraint only the tokens that keep the answer valid may be sampled; the
+            // reported log-probabilities stay the model's own (`raw`).
+            let mut forced = false;
+            if let Some(m) = matcher.as_mut() {
+                let mask = m
+                    .compute_mask_or_eos()
+                    .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
+                forced = mask.num_set() == 1;
+                mask.iter_unset_entries(|i| {
+                    if let Some(l) = logits.get_mut(i) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                });
+                for l in logits.iter_mut().skip(vocab) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
             let next = sampler::sample(&mut logits, &req.sampling, &history, &mut rng);
             if generated == 0 {
                 ttft_ms = received.elapsed().as_secs_f64() * 1e3;
             }
             generated += 1;
-            if !req.ignore_eos && self.tokenizer.eos.contains(&next) {
+            if (!req.ignore_eos || matcher.is_some()) && self.tokenizer.eos.contains(&next) {
                 finish = FinishReason::Stop;
                 break;
+            }
+            if let Some(m) = matcher.as_mut() {
+                m.consume_token(next)
+                    .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
             }
             history.push(next);
             let raw_lp = raw[next as usize] - stats.log_z;
@@ -187,11 +227,17 @@ impl Engine {
                         logprob: *lp,
                     })
                     .collect(),
+                forced,
             };
             if req.stream {
                 sink.token(req.id, &info)?;
             }
             tokens.push(info);
+            // The grammar is complete: nothing more may follow.
+            if matcher.as_ref().is_some_and(|m| m.is_stopped()) {
+                finish = FinishReason::Stop;
+                break;
+            }
             if stop_at.is_some() {
                 cut_by_stop = true;
                 finish = FinishReason::Stop;

@@ -4,6 +4,7 @@
 //! `corral-runner --model PATH --sha256 HEX [--threads N] [--keep-quantization] [--no-tighten]`
 //! (PATH: a GGUF file, or a safetensors checkpoint directory)
 
+mod constrain;
 mod engine;
 mod ggml_math;
 mod harden;
@@ -219,6 +220,7 @@ fn run() -> anyhow::Result<()> {
         model,
         tokenizer: tok,
         template,
+        grammars: None,
     };
     if args.tighten {
         // Everything is in memory now: no further file system access at all.

@@ -138,6 +138,22 @@ impl Request {
         }
     }
 
+    /// The runner's constraint for a `response_format` of `json_object` or `json_schema`.
+    fn constraint(&self) -> Option<corral_protocol::OutputConstraint> {
+        use corral_protocol::OutputConstraint;
+        let rf = self.response_format.as_ref()?;
+        match rf.get("type").and_then(Value::as_str) {
+            Some("json_object") => Some(OutputConstraint::JsonObject),
+            Some("json_schema") => Some(OutputConstraint::JsonSchema {
+                schema: rf
+                    .pointer("/json_schema/schema")
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            }),
+            _ => None,
+        }
+    }
+
     /// What the request needs of a model beyond text: tools, structured output.
     pub fn capabilities(&self) -> Vec<Capability> {
         let mut c = Vec::new();
@@ -208,6 +224,7 @@ impl Request {
             top_logprobs: self.logprobs.unwrap_or(0),
             stream: true,
             ignore_eos: self.ignore_eos,
+            constraint: self.constraint(),
         }
     }
 

@@ -52,6 +52,7 @@ pub fn token(text: &str, logprob: f32) -> TokenInfo {
         logprob,
         entropy: -logprob,
         top: vec![],
+        forced: false,
     }
 }
 

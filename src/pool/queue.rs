@@ -179,6 +179,7 @@ mod tests {
             top_logprobs: 0,
             stream: true,
             ignore_eos: false,
+            constraint: None,
         };
         (
             Job {

@@ -56,6 +56,20 @@ pub struct GenerateRequest {
     /// Keep generating past end-of-sequence tokens (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Constrain the answer (JSON): each step may only pick tokens that keep it valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// What a constrained answer must be.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum OutputConstraint {
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against this schema (the supported subset is the runner's to check: a schema
+    /// using anything else is refused, never answered unconstrained).
+    JsonSchema { schema: serde_json::Value },
 }
 
 fn yes() -> bool {
@@ -176,6 +190,9 @@ pub struct TokenInfo {
     pub entropy: f32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top: Vec<TopLogprob>,
+    /// The constraint allowed only this token: it says nothing of the model's confidence.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -284,6 +301,7 @@ mod tests {
             top_logprobs: 2,
             stream: true,
             ignore_eos: false,
+            constraint: None,
         });
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();
