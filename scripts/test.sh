@@ -26,6 +26,8 @@ if cargo fmt --version >/dev/null 2>&1; then
     cargo fmt --all -- --check
 fi
 scripts/fetch-model.sh
-# tests/serve.rs drives `corral serve` with the official OpenAI Python client.
-python3 -c 'import openai' 2>/dev/null || python3 -m pip install -q --disable-pip-version-check openai
+# tests/serve.rs drives `corral serve` with the official OpenAI Python client, and checks
+# structured answers with the `jsonschema` package.
+python3 -c 'import openai, jsonschema' 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check openai jsonschema
 cargo test --release --workspace --all-targets "$@"

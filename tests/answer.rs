@@ -522,8 +522,8 @@ fn tools_go_to_a_remote_model_and_its_calls_come_back_in_openais_shape() {
 }
 
 #[test]
-fn tools_and_json_output_are_never_answered_with_free_local_text() {
-    // No chain: refused with the reason (the local model cannot make calls or keep a schema).
+fn tools_are_never_answered_with_free_local_text_and_json_goes_local_constrained() {
+    // No chain: tools are refused with the reason (the local model cannot make calls).
     let row = Row {
         scripts: vec![sure()],
         ..rows().remove(0)
@@ -532,17 +532,25 @@ fn tools_and_json_output_are_never_answered_with_free_local_text() {
     let (status, _, text) = rt().block_on(post(&st, &tools_body(false)));
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("ToolUse"), "{text}");
-    let mut b = body(&row, false);
-    b["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "c",
-        "schema": {"type": "object", "properties": {"colour": {"type": "string"}}}}});
+    // Even a model named explicitly does not get them.
+    let mut b = tools_body(false);
+    b["model"] = json!("smollm2-135m-instruct");
     let (status, _, text) = rt().block_on(post(&st, &b));
     assert_eq!(status, 403, "{text}");
-    assert!(text.contains("StructuredOutput"), "{text}");
-    // Even a model named explicitly does not get them.
-    b["model"] = json!("smollm2-135m-instruct");
-    let (status, _, _) = rt().block_on(post(&st, &b));
-    assert_eq!(status, 403);
     assert_eq!(local.submitted(), 0);
+    // A JSON schema goes to the local model (it has StructuredOutput) with the constraint the
+    // runner enforces.
+    let schema = json!({"type": "object", "properties": {"colour": {"type": "string"}}});
+    let mut b = body(&row, false);
+    b["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "c", "schema": schema}});
+    let (status, h, text) = rt().block_on(post(&st, &b));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(h["x-corral-route"], "slm");
+    assert_eq!(
+        local.jobs.lock().unwrap()[0].2.constraint,
+        Some(corral_protocol::OutputConstraint::JsonSchema { schema })
+    );
     // Malformed ones are the caller's 400, naming the field.
     for (field, bad, param) in [
         ("tools", json!([{"type": "retrieval"}]), "tools[0].type"),
@@ -570,8 +578,10 @@ fn tools_and_json_output_are_never_answered_with_free_local_text() {
 #[test]
 fn a_json_schema_goes_to_the_remote_model_as_sent() {
     let remote = fake(vec![(200, openai_answer("{\"colour\":\"teal\"}"))]);
+    // A policy sends everything remote (the local model could answer it constrained too).
     let row = Row {
         scripts: vec![sure()],
+        extra: ALL_REMOTE,
         ..rows().remove(0)
     };
     let (_d, _l, st) = state(&row, Some(&remote));

@@ -761,6 +761,37 @@ fn tools_through_the_official_openai_client_reach_a_remote_model_and_come_back()
 }
 
 #[test]
+fn the_local_model_answers_json_schemas_with_valid_json_through_the_official_client() {
+    let have = Command::new("python3")
+        .args(["-c", "import openai, jsonschema"])
+        .status()
+        .unwrap();
+    assert!(
+        have.success(),
+        "the `openai` and `jsonschema` Python packages are missing: python3 -m pip install openai jsonschema"
+    );
+    let s = serve(&config_text(""));
+    let out = Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/openai_structured.py"
+        ))
+        .args([&s.url, KEY])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.log.lock().unwrap()
+    );
+    for check in ["json_schema ok", "json_object ok", "unsupported keyword ok"] {
+        assert!(stdout.contains(check), "{stdout}");
+    }
+}
+
+#[test]
 fn every_request_that_reaches_routing_is_audited_encrypted() {
     let dir = tempfile::tempdir().unwrap();
     let audit_dir = dir.path().join("audit");

@@ -655,13 +655,13 @@ impl Pipeline {
         updates: Option<&mpsc::Sender<Update>>,
         streamed: &mut bool,
     ) -> (Result<Answer, Failure>, Option<SlmRun>) {
-        // The local runner has no tool calling or constrained decoding yet: a model whose
-        // catalog entry claims them still does not get such a request (it would answer free
-        // text where the caller needs a call or valid JSON).
-        if !req.capabilities().is_empty() {
+        // The local runner has no tool calling yet: a model whose catalog entry claims it
+        // still does not get such a request (it would answer free text where the caller needs
+        // a call). JSON output is constrained in the runner (`response_format`).
+        if req.capabilities().contains(&Capability::ToolUse) {
             return (
                 Err(Failure::Unsupported(format!(
-                    "the local model {model} cannot answer requests with tools or a response_format yet; route them to a remote provider"
+                    "the local model {model} cannot answer requests with tools yet; route them to a remote provider"
                 ))),
                 None,
             );
@@ -753,8 +753,12 @@ impl Pipeline {
             };
             return (Err(f), Some(run));
         };
-        let stats: Vec<confidence::TokenStat> =
-            tokens.iter().map(confidence::TokenStat::from).collect();
+        // Tokens a constraint forced (one allowed choice) say nothing of the model's confidence.
+        let stats: Vec<confidence::TokenStat> = tokens
+            .iter()
+            .filter(|t| !t.forced)
+            .map(confidence::TokenStat::from)
+            .collect();
         let score = confidence::score(&stats, method);
         let low = score.is_none_or(|s| s < f64::from(need));
         let run = SlmRun {
