@@ -18,6 +18,7 @@
 //! Metrics and logs are the front ends' (they read the outcome): the pipeline does no I/O of its
 //! own beyond the two traits.
 
+pub mod fields;
 pub mod record;
 pub mod remote;
 pub mod testing;
@@ -332,6 +333,13 @@ pub enum Escalation {
     SlmFailed { error: String },
     /// Drawn for an audit sample (`routing.confidence_thresholds.audit_rate`).
     AuditSample,
+    /// A field of a JSON answer was below its policy threshold (`field_thresholds`), or
+    /// missing (`score` none).
+    LowFieldConfidence {
+        field: String,
+        score: Option<f64>,
+        threshold: f32,
+    },
 }
 
 impl Escalation {
@@ -341,6 +349,7 @@ impl Escalation {
             Escalation::LowConfidence { .. } => "low_confidence",
             Escalation::SlmFailed { .. } => "slm_failure",
             Escalation::AuditSample => "audit",
+            Escalation::LowFieldConfidence { .. } => "low_field_confidence",
         }
     }
 
@@ -365,6 +374,14 @@ impl Escalation {
                 method.name()
             ),
             Escalation::SlmFailed { .. } => "the SLM failed".into(),
+            Escalation::LowFieldConfidence {
+                field,
+                score: Some(s),
+                threshold,
+            } => format!("field '{field}' confidence {s:.3} < {threshold}"),
+            Escalation::LowFieldConfidence {
+                field, threshold, ..
+            } => format!("field '{field}' is missing (needs confidence {threshold})"),
             Escalation::AuditSample => {
                 "audit sample (routing.confidence_thresholds.audit_rate)".into()
             }
@@ -422,6 +439,9 @@ pub struct Answer {
     pub escalation: Option<Escalation>,
     /// Time in the model or provider (the rest is corral's).
     pub model_time: Duration,
+    /// For a JSON answer of the local model: each top-level field's confidence (tokens the
+    /// constraint forced left out).
+    pub field_confidence: Option<BTreeMap<String, Option<f64>>>,
     /// What the local model did: the answer's own run, or the one an escalation replaced.
     pub slm: Option<SlmRun>,
     pub llm: Option<LlmRun>,
@@ -629,6 +649,7 @@ impl Pipeline {
             completion_tokens: r.usage.completion_tokens,
             tokens: vec![],
             tool_calls: r.tool_calls,
+            field_confidence: None,
             source: Source::Llm,
             model: r.model,
             provider: Some(r.provider),
@@ -761,6 +782,19 @@ impl Pipeline {
             .collect();
         let score = confidence::score(&stats, method);
         let low = score.is_none_or(|s| s < f64::from(need));
+        // A JSON answer's fields, and the first one the decision's field thresholds find wanting
+        // (a field that is missing has no confidence at all).
+        let field_confidence = self
+            .constraint_active(req)
+            .then(|| fields::field_confidence(&tokens, method))
+            .flatten();
+        let low_field = d.field_thresholds.iter().find_map(|(k, t)| {
+            match field_confidence.as_ref().and_then(|f| f.get(k)) {
+                None => Some((k.clone(), None, *t)),
+                Some(Some(v)) if *v < f64::from(*t) => Some((k.clone(), Some(*v), *t)),
+                Some(_) => None,
+            }
+        });
         let run = SlmRun {
             model: model.to_string(),
             profile: profile.to_string(),
@@ -780,6 +814,15 @@ impl Pipeline {
                     score,
                     threshold: need,
                     method,
+                })
+            } else if let Some((field, score, threshold)) = low_field
+                .clone()
+                .filter(|_| d.fallback_available && rt.on_low_confidence)
+            {
+                Some(Escalation::LowFieldConfidence {
+                    field,
+                    score,
+                    threshold,
                 })
             } else {
                 None
@@ -802,6 +845,7 @@ impl Pipeline {
             finish_reason: finish.into(),
             prompt_tokens,
             completion_tokens,
+            field_confidence,
             tokens,
             tool_calls: None,
             source: Source::Slm,
@@ -811,7 +855,7 @@ impl Pipeline {
             confidence: score,
             method,
             threshold: Some(need),
-            below_threshold: low && need > 0.0,
+            below_threshold: (low && need > 0.0) || low_field.is_some(),
             escalation: None,
             model_time: time,
             slm: Some(run),
@@ -837,6 +881,11 @@ impl Pipeline {
             }
             Err(f) => (Err(f), Some(run)),
         }
+    }
+
+    /// Whether the runner decoded this request under a JSON constraint.
+    fn constraint_active(&self, req: &Request) -> bool {
+        req.constraint().is_some()
     }
 
     /// Queues the request. A first attempt finding the queue full is the caller's 429; a retry

@@ -78,6 +78,7 @@ fn answer_json(a: &Answer) -> Value {
         "confidence": a.confidence,
         "threshold": a.threshold,
         "below_threshold": a.below_threshold,
+        "field_confidence": a.field_confidence,
     });
     if let Some(l) = &a.llm {
         v["latency_ms"] = json!(l.latency_ms);

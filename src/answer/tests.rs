@@ -518,3 +518,64 @@ fn a_model_that_cannot_run_here_is_escalated_when_allowed_else_named() {
     );
     assert!(o.slm.is_some(), "what the SLM did is kept for the record");
 }
+
+fn json_request() -> Request {
+    let mut r = req("Describe Tom as JSON.");
+    r.response_format = Some(serde_json::json!({"type": "json_schema", "json_schema": {
+        "name": "cat", "schema": {"type": "object", "properties": {
+            "name": {"type": "string"}, "colour": {"type": "string"}}}}}));
+    r
+}
+
+fn cat(colour_logprob: f32) -> Script {
+    Script::Answer(vec![
+        ("{\"name\":\"", -0.01),
+        ("Tom", -0.05),
+        ("\",\"colour\":\"", -0.01),
+        ("grey", colour_logprob),
+        ("\"}", -0.01),
+    ])
+}
+
+#[test]
+fn a_json_answer_has_field_confidence_and_a_policy_can_escalate_on_a_field() {
+    let policy = format!(
+        "{FALLBACK}[routing]\ndefault_action = {{ type = \"prefer_slm\", min_confidence = 0.01, field_thresholds = {{ colour = 0.5 }} }}\n"
+    );
+    // The constraint reached the runner, and each field got its own score.
+    let c = case(&policy, vec![cat(-0.05)]);
+    let a = answer(&c, &json_request()).result.unwrap();
+    assert_eq!(a.source, Source::Slm);
+    assert!(matches!(
+        c.local.jobs.lock().unwrap()[0].2.constraint,
+        Some(corral_protocol::OutputConstraint::JsonSchema { .. })
+    ));
+    let f = a.field_confidence.as_ref().unwrap();
+    assert!(
+        f["name"].unwrap() > 0.9 && f["colour"].unwrap() > 0.9,
+        "{f:?}"
+    );
+    // A colour the model was unsure of escalates, whatever the answer's overall score.
+    let c = case(&policy, vec![cat(-3.0)]);
+    let a = answer(&c, &json_request()).result.unwrap();
+    assert_eq!(a.source, Source::Llm);
+    let Some(Escalation::LowFieldConfidence { field, score, .. }) = &a.escalation else {
+        panic!("{:?}", a.escalation)
+    };
+    assert_eq!(field, "colour");
+    assert!(score.unwrap() < 0.5);
+    // With nothing to escalate to, the answer stays and says it is below its threshold.
+    let c = case(
+        "[routing]\ndefault_action = { type = \"prefer_slm\", field_thresholds = { colour = 0.5 } }\n",
+        vec![cat(-3.0)],
+    );
+    let a = answer(&c, &json_request()).result.unwrap();
+    assert!(a.below_threshold && a.escalation.is_none());
+    // A plain-text request has no fields.
+    let c = case("", vec![sure()]);
+    assert!(answer(&c, &req("hi"))
+        .result
+        .unwrap()
+        .field_confidence
+        .is_none());
+}

@@ -192,6 +192,9 @@ pub struct RouteDecision {
     /// The deciding policy's `streaming` choice for an SLM answer, if it made one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub streaming: Option<rules::Streaming>,
+    /// For a JSON answer: the confidence each named top-level field needs.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub field_thresholds: BTreeMap<String, f32>,
 }
 
 /// The compiled `[routing]` section.
@@ -474,6 +477,7 @@ impl Router {
                 model: None,
                 profile: None,
                 streaming: None,
+                field_thresholds: BTreeMap::new(),
             }
         } else if !raw.llm_fallback.providers.is_empty() {
             Action::RequireLlm {
@@ -696,6 +700,7 @@ impl Router {
                 fallback_available,
                 remote_prompt: None,
                 streaming: None,
+                field_thresholds: BTreeMap::new(),
             };
 
         // Which policies and guardrails apply to this caller (attachments, see scope.rs).
@@ -779,6 +784,7 @@ impl Router {
                     model: None,
                     profile: None,
                     streaming: None,
+                    field_thresholds: BTreeMap::new(),
                 }
             } else {
                 self.default_action.clone()
@@ -847,6 +853,7 @@ impl Router {
             fallback_available,
             remote_prompt: remote_prompt.clone(),
             streaming: None,
+            field_thresholds: BTreeMap::new(),
         };
         match action {
             Action::Deny { reason } => deny(reason, reasoning, applied, class),
@@ -873,6 +880,7 @@ impl Router {
                 model,
                 profile,
                 streaming,
+                field_thresholds,
             } => {
                 let policy_model = model.unwrap_or_else(|| self.slm_model.clone());
                 // A catalog model the caller named wins over the policy's choice (allow lists
@@ -956,6 +964,7 @@ impl Router {
                     class,
                 );
                 d.streaming = streaming;
+                d.field_thresholds = field_thresholds;
                 d
             }
         }

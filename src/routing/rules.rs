@@ -101,6 +101,11 @@ pub enum Action {
         /// escalated, else `stream`; see docs/serving.md).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         streaming: Option<Streaming>,
+        /// For a JSON answer (`response_format`): the confidence each named top-level field
+        /// needs (its value's tokens, forced ones left out); a field below it, or missing,
+        /// escalates like a low answer.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        field_thresholds: BTreeMap<String, f32>,
     },
     /// Skip the SLM and send the request to the remote chain.
     RequireLlm {
@@ -253,6 +258,14 @@ impl Rule {
                 ..
             } if !(0.0..=1.0).contains(m) => {
                 return err("action.min_confidence", "must be within 0..=1".into());
+            }
+            Action::PreferSlm {
+                field_thresholds, ..
+            } if field_thresholds.values().any(|t| !(0.0..=1.0).contains(t)) => {
+                return err(
+                    "action.field_thresholds",
+                    "each threshold must be within 0..=1".into(),
+                );
             }
             Action::RequireLlm { reason, .. } | Action::Deny { reason }
                 if reason.trim().is_empty() =>

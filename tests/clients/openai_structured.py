@@ -37,6 +37,10 @@ for seed in (None, 1, 2):
     assert r.choices[0].finish_reason == "stop", r
     answer = json.loads(r.choices[0].message.content)
     jsonschema.validate(answer, schema)
+    # corral's own field: each top-level field's confidence (None when the schema forced it all).
+    fields = raw.http_response.json()["corral"]["field_confidence"]
+    assert set(fields) == set(answer), (fields, answer)
+    assert all(v is None or 0 <= v <= 1 for v in fields.values()), fields
 print("json_schema ok", json.dumps(answer))
 
 r = client.chat.completions.create(model="auto", messages=msgs, max_tokens=120, temperature=0,

@@ -31,6 +31,7 @@ pub fn corral_json(a: &Answer, d: &RouteDecision, rid: &str) -> Value {
         "threshold": a.threshold,
         "escalated": a.escalation.is_some(),
         "escalation_reason": a.escalation.as_ref().map(|e| e.reason()),
+        "field_confidence": a.field_confidence,
         "policies": d.policies_applied,
         "task": d.task.task,
         "complexity": d.task.complexity,
