@@ -11,6 +11,7 @@ use super::testing::{Script, ScriptedChain, ScriptedModel};
 use super::*;
 use crate::audit::{Interaction, Route};
 use crate::config::{Config, Sources};
+use corral_protocol::Input;
 
 const FALLBACK: &str = r#"
 [providers.remote]
