@@ -1327,8 +1327,28 @@ fn callers_that_gave_up_free_their_queue_places_and_the_queue_timeout_fires_on_t
             "a caller was answered while the runner was busy"
         );
     }
-    // Their places are free: the next caller is queued (not refused as 'queue is full') and gets
-    // its 429 when its own 3 s are up, though the runner is still busy.
+    // Their places are freed as soon as the server sees them gone (hyper notices the closed
+    // connections, the handlers are dropped and their pipeline tasks aborted): within moments.
+    let t = Instant::now();
+    loop {
+        let (_, resp) = call("GET", &format!("{}/metrics", s.url), None, None);
+        let metrics = resp.into_string().unwrap();
+        let depth = metrics
+            .lines()
+            .find(|l| l.starts_with("corral_queue_depth{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if depth == Some(0.0) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the queue places of callers that gave up were not freed: {depth:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The next caller is queued (not refused as 'queue is full') and gets its 429 when its own
+    // 3 s are up, though the runner is still busy.
     let t = Instant::now();
     let (code, v, headers) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
     let waited = t.elapsed();
