@@ -666,22 +666,23 @@ fn a_bad_reload_keeps_the_old_config_and_shutdown_leaves_nothing_behind() {
     }
 }
 
-#[test]
-fn the_official_openai_python_client_works() {
-    // scripts/test.sh installs the client from PyPI; without it this test fails, not skips.
+/// Runs `tests/clients/SCRIPT` (the official `openai` Python client; scripts/test.sh installs it
+/// and `modules`, and without them this fails rather than skips) against the server, and checks
+/// that every line of `checks` was printed.
+fn run_client(s: &Server, script: &str, modules: &str, checks: &[&str]) {
     let have = Command::new("python3")
-        .args(["-c", "import openai"])
+        .args(["-c", &format!("import {modules}")])
         .status()
         .unwrap();
     assert!(
         have.success(),
-        "the `openai` Python package is missing: python3 -m pip install openai"
+        "Python packages missing ({modules}): python3 -m pip install {}",
+        modules.replace(',', "")
     );
-    let s = serve(&config_text(""));
     let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/openai_client.py"
+        .arg(format!(
+            "{}/tests/clients/{script}",
+            env!("CARGO_MANIFEST_DIR")
         ))
         .args([&s.url, KEY])
         .output()
@@ -693,28 +694,31 @@ fn the_official_openai_python_client_works() {
         String::from_utf8_lossy(&out.stderr),
         s.log.lock().unwrap()
     );
-    for check in [
-        "models ok",
-        "chat ok",
-        "stream ok",
-        "completions ok",
-        "auth error ok",
-        "unsupported parameter ok",
-    ] {
+    for check in checks {
         assert!(stdout.contains(check), "{stdout}");
     }
 }
 
 #[test]
-fn tools_through_the_official_openai_client_reach_a_remote_model_and_come_back() {
-    let have = Command::new("python3")
-        .args(["-c", "import openai"])
-        .status()
-        .unwrap();
-    assert!(
-        have.success(),
-        "the `openai` Python package is missing: python3 -m pip install openai"
+fn the_official_openai_python_client_works() {
+    let s = serve(&config_text(""));
+    run_client(
+        &s,
+        "openai_client.py",
+        "openai",
+        &[
+            "models ok",
+            "chat ok",
+            "stream ok",
+            "completions ok",
+            "auth error ok",
+            "unsupported parameter ok",
+        ],
     );
+}
+
+#[test]
+fn tools_through_the_official_openai_client_reach_a_remote_model_and_come_back() {
     let call = json!({
         "id": "x", "object": "chat.completion", "model": "remote-large",
         "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
@@ -729,29 +733,17 @@ fn tools_through_the_official_openai_client_reach_a_remote_model_and_come_back()
          [routing.llm_fallback]\nproviders = [\"remote\"]\n",
         remote.url
     )));
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/openai_tools.py"
-        ))
-        .args([&s.url, KEY])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        s.log.lock().unwrap()
+    run_client(
+        &s,
+        "openai_tools.py",
+        "openai",
+        &[
+            "tool call ok",
+            "streamed tool call ok",
+            "tool result conversation ok",
+            "malformed tool ok",
+        ],
     );
-    for check in [
-        "tool call ok",
-        "streamed tool call ok",
-        "tool result conversation ok",
-        "malformed tool ok",
-    ] {
-        assert!(stdout.contains(check), "{stdout}");
-    }
     // The provider saw the tools and, in the follow-up, the call and its result.
     let seen = remote.seen.lock().unwrap();
     assert_eq!(seen.len(), 3, "three requests reached the provider");
@@ -762,33 +754,13 @@ fn tools_through_the_official_openai_client_reach_a_remote_model_and_come_back()
 
 #[test]
 fn the_local_model_answers_json_schemas_with_valid_json_through_the_official_client() {
-    let have = Command::new("python3")
-        .args(["-c", "import openai, jsonschema"])
-        .status()
-        .unwrap();
-    assert!(
-        have.success(),
-        "the `openai` and `jsonschema` Python packages are missing: python3 -m pip install openai jsonschema"
-    );
     let s = serve(&config_text(""));
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/openai_structured.py"
-        ))
-        .args([&s.url, KEY])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        s.log.lock().unwrap()
+    run_client(
+        &s,
+        "openai_structured.py",
+        "openai, jsonschema",
+        &["json_schema ok", "json_object ok", "unsupported keyword ok"],
     );
-    for check in ["json_schema ok", "json_object ok", "unsupported keyword ok"] {
-        assert!(stdout.contains(check), "{stdout}");
-    }
 }
 
 #[test]

@@ -892,24 +892,8 @@ impl Router {
                     }
                     _ => policy_model.clone(),
                 };
-                if let Err(why) = self.allowed(req.agent.as_deref(), &model) {
-                    reasoning.push(why.clone());
-                    if fallback_available {
-                        reasoning.push("using the LLM chain instead".into());
-                        return decision(
-                            Selection::Llm {
-                                providers: self.fallback.clone(),
-                            },
-                            None,
-                            reasoning,
-                            applied,
-                            class,
-                        );
-                    }
-                    return deny(why, reasoning, applied, class);
-                }
-                // A request needing what the model cannot do (tools, a JSON schema) goes to the
-                // chain, or is refused saying why.
+                // A model the caller may not use, or one lacking what the request needs (tools,
+                // a JSON schema): the chain takes the request, or it is refused saying why.
                 let lacks: Vec<String> = req
                     .required_capabilities
                     .iter()
@@ -921,12 +905,22 @@ impl Router {
                     })
                     .map(|c| format!("{c:?}"))
                     .collect();
-                if !lacks.is_empty() {
-                    let why = format!(
-                        "the request needs {}, which the local model {model} does not have",
-                        lacks.join(" and ")
-                    );
-                    reasoning.push(why.clone());
+                let unusable = match self.allowed(req.agent.as_deref(), &model) {
+                    Err(why) => Some((why.clone(), why)),
+                    Ok(()) if !lacks.is_empty() => {
+                        let why = format!(
+                            "the request needs {}, which the local model {model} does not have",
+                            lacks.join(" and ")
+                        );
+                        Some((
+                            why.clone(),
+                            format!("{why}, and no remote provider is configured"),
+                        ))
+                    }
+                    Ok(()) => None,
+                };
+                if let Some((why, refusal)) = unusable {
+                    reasoning.push(why);
                     if fallback_available {
                         reasoning.push("using the LLM chain instead".into());
                         return decision(
@@ -939,12 +933,7 @@ impl Router {
                             class,
                         );
                     }
-                    return deny(
-                        format!("{why}, and no remote provider is configured"),
-                        reasoning,
-                        applied,
-                        class,
-                    );
+                    return deny(refusal, reasoning, applied, class);
                 }
                 let profile = req
                     .requested_profile
