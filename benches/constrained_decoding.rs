@@ -14,10 +14,10 @@ use serde_json::json;
 fn request(constraint: Option<OutputConstraint>, seed: u64) -> GenerateRequest {
     GenerateRequest {
         id: 0,
-        input: Input::Messages(vec![ChatMessage {
-            role: "user".into(),
-            content: "List as many European cities as you can, as JSON.".into(),
-        }]),
+        input: Input::Messages(vec![ChatMessage::new(
+            "user",
+            "List as many European cities as you can, as JSON.",
+        )]),
         sampling: Sampling {
             temperature: 1.0,
             seed: Some(seed),
@@ -29,6 +29,7 @@ fn request(constraint: Option<OutputConstraint>, seed: u64) -> GenerateRequest {
         stream: false,
         ignore_eos: constraint.is_none(),
         constraint,
+        tools: None,
     }
 }
 

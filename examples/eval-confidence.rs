@@ -151,10 +151,7 @@ fn main() {
     for q in &qs {
         let req = GenerateRequest {
             id: 0,
-            input: Input::Messages(vec![ChatMessage {
-                role: "user".into(),
-                content: q.question.clone(),
-            }]),
+            input: Input::Messages(vec![ChatMessage::new("user", q.question.clone())]),
             sampling: Sampling::default(),
             max_tokens: 12,
             stop: vec!["\n".into()],
@@ -162,6 +159,7 @@ fn main() {
             stream: false,
             ignore_eos: false,
             constraint: None,
+            tools: None,
         };
         let done = runner.generate(req, &mut |_| {}).expect("generate");
         let stats: Vec<TokenStat> = done

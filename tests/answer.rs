@@ -65,6 +65,7 @@ const DENY_SECRETS: &str = "[[routing.policies]]\nid = \"no-secrets\"\ncondition
 const ALLOW_NONE: &str = "[slm.model_allow_lists.agent_model_maps]\n\"*\" = []\n";
 const ALL_REMOTE: &str =
     "[routing]\ndefault_action = { type = \"require_llm\", reason = \"all remote\" }\n";
+const TOOLS_REMOTE: &str = "[[routing.policies]]\nid = \"tools-remote\"\nconditions = { capabilities = [\"ToolUse\"] }\naction = { type = \"require_llm\", reason = \"tools go remote\" }\n";
 
 /// One row: the setup, and what each front end must show.
 struct Row {
@@ -467,12 +468,13 @@ fn tools_go_to_a_remote_model_and_its_calls_come_back_in_openais_shape() {
     let remote = fake(vec![(200, tool_answer())]);
     let row = Row {
         scripts: vec![sure()],
+        extra: TOOLS_REMOTE,
         ..rows().remove(0)
     };
     let (_d, local, st) = state(&row, Some(&remote));
     let (status, h, text) = rt().block_on(post(&st, &tools_body(false)));
     assert_eq!(status, 200, "{text}");
-    assert_eq!(h["x-corral-route"], "llm", "the local model has no ToolUse");
+    assert_eq!(h["x-corral-route"], "llm", "a policy sends ToolUse remote");
     let v: Value = serde_json::from_str(&text).unwrap();
     let choice = &v["choices"][0];
     assert_eq!(choice["finish_reason"], "tool_calls");
@@ -522,22 +524,62 @@ fn tools_go_to_a_remote_model_and_its_calls_come_back_in_openais_shape() {
 }
 
 #[test]
-fn tools_are_never_answered_with_free_local_text_and_json_goes_local_constrained() {
-    // No chain: tools are refused with the reason (the local model cannot make calls).
+fn local_tool_calls_come_back_whole_in_openais_shape_and_json_goes_local_constrained() {
+    // The local model (it has ToolUse) gets the tools; its call comes back as OpenAI's
+    // `tool_calls`, streamed as id and name first, then the arguments.
+    let call = || Script::Calls(vec![("get_weather", json!({"city": "Lyon"}))], -0.02);
+    let row = Row {
+        scripts: vec![call(), call()],
+        ..rows().remove(0)
+    };
+    let (_d, local, st) = state(&row, None);
+    let (status, h, text) = rt().block_on(post(&st, &tools_body(false)));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(h["x-corral-route"], "slm");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert!(choice["message"]["content"].is_null());
+    let c = &choice["message"]["tool_calls"][0];
+    assert_eq!(c["function"]["name"], "get_weather");
+    assert_eq!(c["function"]["arguments"], "{\"city\":\"Lyon\"}");
+    assert!(c["id"].as_str().unwrap().starts_with("call_"));
+    let sent = local.jobs.lock().unwrap()[0].2.tools.clone().unwrap();
+    assert_eq!(sent.functions[0].name, "get_weather");
+    assert_eq!(sent.choice, corral_protocol::ToolChoice::Auto);
+    let (status, _, text) = rt().block_on(post(&st, &tools_body(true)));
+    assert_eq!(status, 200, "{text}");
+    let chunks: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(deltas[0]["function"]["name"], "get_weather");
+    assert!(deltas[0]["id"].as_str().unwrap().starts_with("call_"));
+    let args: String = deltas
+        .iter()
+        .filter_map(|d| d["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(args, "{\"city\":\"Lyon\"}");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "", "no call syntax leaks as text");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "tool_calls"
+    );
     let row = Row {
         scripts: vec![sure()],
         ..rows().remove(0)
     };
     let (_d, local, st) = state(&row, None);
-    let (status, _, text) = rt().block_on(post(&st, &tools_body(false)));
-    assert_eq!(status, 403, "{text}");
-    assert!(text.contains("ToolUse"), "{text}");
-    // Even a model named explicitly does not get them.
-    let mut b = tools_body(false);
-    b["model"] = json!("smollm2-135m-instruct");
-    let (status, _, text) = rt().block_on(post(&st, &b));
-    assert_eq!(status, 403, "{text}");
-    assert_eq!(local.submitted(), 0);
     // A JSON schema goes to the local model (it has StructuredOutput) with the constraint the
     // runner enforces.
     let schema = json!({"type": "object", "properties": {"colour": {"type": "string"}}});
@@ -604,13 +646,44 @@ fn corral_run_passes_tools_from_a_file_and_prints_the_calls() {
         scripts: vec![sure()],
         ..rows().remove(0)
     };
-    let (dir, cfg) = config(Some(&remote), "");
+    // The local model's call, one JSON line (its id is corral's).
+    let (dir, cfg) = config(None, "");
     let file = dir.path().join("tools.json");
     std::fs::write(&file, tools_body(false)["tools"].to_string()).unwrap();
     let mut args = run_args(&row);
     args.json = false;
     args.tools = Some(file.clone());
     args.tool_choice = Some("get_weather".into());
+    let local = Arc::new(ScriptedModel::new(vec![Script::Calls(
+        vec![("get_weather", json!({"city": "Nice"}))],
+        -0.01,
+    )]));
+    let mut out = Vec::new();
+    let code = run_with(
+        &cfg,
+        &args,
+        local.clone(),
+        &Mutex::new(Report::default()),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(code, 0);
+    let line: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(line["name"], "get_weather");
+    assert_eq!(line["arguments"], json!({"city": "Nice"}));
+    assert_eq!(
+        local.jobs.lock().unwrap()[0]
+            .2
+            .tools
+            .as_ref()
+            .unwrap()
+            .choice,
+        corral_protocol::ToolChoice::Function {
+            name: "get_weather".into()
+        }
+    );
+    // A policy sending tools remote: the provider's call, and the choice it was sent.
+    let (_dir2, cfg) = config(Some(&remote), TOOLS_REMOTE);
     let local = Arc::new(ScriptedModel::new(vec![]));
     let mut out = Vec::new();
     let code = run_with(

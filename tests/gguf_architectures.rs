@@ -137,14 +137,15 @@ fn request(input: Input, max_tokens: u32) -> GenerateRequest {
         stream: false,
         ignore_eos: false,
         constraint: None,
+        tools: None,
     }
 }
 
 fn france() -> Input {
-    Input::Messages(vec![ChatMessage {
-        role: "user".into(),
-        content: "What is the capital of France?".into(),
-    }])
+    Input::Messages(vec![ChatMessage::new(
+        "user",
+        "What is the capital of France?",
+    )])
 }
 
 fn scratch() -> tempfile::TempDir {

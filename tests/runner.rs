@@ -28,6 +28,7 @@ fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
         stream: false,
         ignore_eos: false,
         constraint: None,
+        tools: None,
     }
 }
 
@@ -488,11 +489,10 @@ fn a_json_schema_constrains_the_local_answer_and_unsupported_keywords_are_refuse
             "Describe a cat called Tom, his age, colour and favourite toys.",
             200,
         );
-        req.input = Input::Messages(vec![corral_protocol::ChatMessage {
-            role: "user".into(),
-            content: "Describe a cat called Tom, his age, colour and favourite toys, as JSON."
-                .into(),
-        }]);
+        req.input = Input::Messages(vec![corral_protocol::ChatMessage::new(
+            "user",
+            "Describe a cat called Tom, his age, colour and favourite toys, as JSON.",
+        )]);
         req.sampling.temperature = temperature;
         req.sampling.seed = seed;
         req.constraint = Some(OutputConstraint::JsonSchema {
@@ -530,4 +530,117 @@ fn a_json_schema_constrains_the_local_answer_and_unsupported_keywords_are_refuse
     assert!(e.contains("uniqueItems"), "{e}");
     let done = r.generate(greedy("Say hi.", 3), &mut |_| {}).unwrap();
     assert!(done.completion_tokens > 0);
+}
+
+#[test]
+fn local_tool_calls_are_generated_under_their_schema() {
+    use corral_protocol::{ChatMessage, FinishReason, Function, ToolCall, ToolChoice, Tools};
+    use serde_json::json;
+    let weather = json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "minLength": 1, "maxLength": 30},
+            "unit": {"enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        },
+        "required": ["city", "unit", "days"],
+        "additionalProperties": false,
+    });
+    let tools = |choice| Tools {
+        functions: vec![
+            Function {
+                name: "get_forecast".into(),
+                description: Some("The weather forecast for a city".into()),
+                parameters: weather.clone(),
+            },
+            Function {
+                name: "get_time".into(),
+                description: Some("The local time in a city".into()),
+                parameters: json!({"type": "object", "properties": {"city": {"type": "string"}},
+                    "required": ["city"]}),
+            },
+        ],
+        choice,
+        parallel: true,
+    };
+    let ask = |choice, seed| {
+        let mut req = greedy("", 120);
+        req.input = Input::Messages(vec![ChatMessage::new(
+            "user",
+            "What will the weather be in Lisbon for the next three days?",
+        )]);
+        req.sampling.temperature = 1.0;
+        req.sampling.seed = seed;
+        req.tools = Some(tools(choice));
+        req
+    };
+    let mut r = start("secure");
+    // Required and named: the answer is calls, each valid against its function's schema.
+    for (choice, seed) in [
+        (ToolChoice::Required, Some(1)),
+        (ToolChoice::Required, Some(2)),
+        (
+            ToolChoice::Function {
+                name: "get_forecast".into(),
+            },
+            Some(3),
+        ),
+    ] {
+        let named = matches!(choice, ToolChoice::Function { .. });
+        let done = r.generate(ask(choice, seed), &mut |_| {}).unwrap();
+        assert_eq!(done.finish_reason, FinishReason::Stop, "{done:?}");
+        assert!(!done.tool_calls.is_empty(), "{done:?}");
+        assert_eq!(done.text, "");
+        for c in &done.tool_calls {
+            match c.name.as_str() {
+                "get_forecast" => validate(&c.arguments, &weather, "").unwrap(),
+                "get_time" if !named => assert!(c.arguments["city"].is_string(), "{c:?}"),
+                other => panic!("called {other}"),
+            }
+        }
+        if named {
+            assert_eq!(done.tool_calls.len(), 1);
+        }
+    }
+    // Auto: text or calls, never a broken call; and the conversation with a call and its result
+    // renders and is answered.
+    let done = r
+        .generate(ask(ToolChoice::Auto, Some(4)), &mut |_| {})
+        .unwrap();
+    assert!(
+        done.text.is_empty() != done.tool_calls.is_empty(),
+        "{done:?}"
+    );
+    let mut req = ask(ToolChoice::Auto, Some(5));
+    let Input::Messages(m) = &mut req.input else {
+        unreachable!()
+    };
+    m.push(ChatMessage {
+        role: "assistant".into(),
+        tool_calls: vec![ToolCall {
+            id: "call_1".into(),
+            name: "get_forecast".into(),
+            arguments: json!({"city": "Lisbon", "unit": "celsius", "days": 3}),
+        }],
+        ..ChatMessage::default()
+    });
+    m.push(ChatMessage {
+        role: "tool".into(),
+        content: "{\"forecast\": [\"sun\", \"sun\", \"rain\"]}".into(),
+        tool_call_id: Some("call_1".into()),
+        name: Some("get_forecast".into()),
+        ..ChatMessage::default()
+    });
+    let done = r.generate(req, &mut |_| {}).unwrap();
+    assert!(done.completion_tokens > 0);
+    assert!(
+        done.prompt_tokens > 100,
+        "the tools and the call reach the prompt"
+    );
+    // Parameters outside the supported subset: refused by name, before any token.
+    let mut req = ask(ToolChoice::Required, None);
+    req.tools.as_mut().unwrap().functions[1].parameters =
+        json!({"type": "object", "properties": {"city": {"type": "string", "uniqueItems": true}}});
+    let e = r.generate(req, &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("uniqueItems") && e.contains("get_time"), "{e}");
 }

@@ -201,10 +201,10 @@ fn a_safetensors_checkpoint_with_tokenizer_json_runs_in_the_sandbox() {
     // Real weights, real answer, through the checkpoint's own chat template.
     let req = GenerateRequest {
         id: 1,
-        input: Input::Messages(vec![corral_protocol::ChatMessage {
-            role: "user".into(),
-            content: "What is the capital of France?".into(),
-        }]),
+        input: Input::Messages(vec![corral_protocol::ChatMessage::new(
+            "user",
+            "What is the capital of France?",
+        )]),
         sampling: Sampling::default(),
         max_tokens: 24,
         stop: vec![],
@@ -212,6 +212,7 @@ fn a_safetensors_checkpoint_with_tokenizer_json_runs_in_the_sandbox() {
         stream: false,
         ignore_eos: false,
         constraint: None,
+        tools: None,
     };
     let done = r.generate(req, &mut |_| {}).unwrap();
     assert!(done.text.contains("Paris"), "{:?}", done.text);

@@ -730,7 +730,9 @@ fn tools_through_the_official_openai_client_reach_a_remote_model_and_come_back()
     let remote = fake(vec![(200, call.to_string())]);
     let s = serve(&config_text(&format!(
         "[providers.remote]\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodel = \"remote-large\"\nmax_retries = 0\n\
-         [routing.llm_fallback]\nproviders = [\"remote\"]\n",
+         [routing.llm_fallback]\nproviders = [\"remote\"]\n\
+         [[routing.policies]]\nid = \"tools-remote\"\nconditions = {{ capabilities = [\"ToolUse\"] }}\n\
+         action = {{ type = \"require_llm\", reason = \"tools go to the large model\" }}\n",
         remote.url
     )));
     run_client(
@@ -760,6 +762,25 @@ fn the_local_model_answers_json_schemas_with_valid_json_through_the_official_cli
         "openai_structured.py",
         "openai, jsonschema",
         &["json_schema ok", "json_object ok", "unsupported keyword ok"],
+    );
+}
+
+#[test]
+fn the_local_model_calls_tools_under_their_schemas_through_the_official_client() {
+    let s = serve(&config_text(""));
+    run_client(
+        &s,
+        "openai_local_tools.py",
+        "openai, jsonschema",
+        &[
+            "required ok",
+            "parallel ok",
+            "named function ok",
+            "auto ok",
+            "streamed tool call ok",
+            "tool result conversation ok",
+            "unsupported keyword ok",
+        ],
     );
 }
 

@@ -131,51 +131,127 @@ impl Grammars {
                 }
             })
             .collect();
-        let eos = tok
-            .eos
+        Grammars::from_words(&words, &tok.eos)
+    }
+
+    /// From each token's bytes (special tokens marked) and the end-of-sequence tokens.
+    fn from_words(words: &[Vec<u8>], eos: &[u32]) -> Result<Grammars, String> {
+        let first = eos
             .first()
             .copied()
             .ok_or("the tokenizer has no end-of-sequence token")?;
-        let info = TokRxInfo::new(n as u32, eos);
-        let trie = TokTrie::from(&info, &words).with_eos_tokens(&tok.eos);
+        let info = TokRxInfo::new(words.len() as u32, first);
+        let trie = TokTrie::from(&info, words).with_eos_tokens(eos);
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
         factory.quiet();
         Ok(Grammars { factory })
     }
 
+    /// A vocabulary of the 256 single bytes (token id = byte) and an end-of-sequence token
+    /// (256): enough to test a grammar on any text.
+    #[cfg(test)]
+    pub fn bytes_for_tests() -> Grammars {
+        let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        words.push(vec![TokTrie::SPECIAL_TOKEN_MARKER, b'e', b'o', b's']);
+        #[allow(clippy::unwrap_used)]
+        Grammars::from_words(&words, &[256]).unwrap()
+    }
+
+    /// A matcher for a grammar in llguidance's Lark dialect (tool calls).
+    pub fn lark_matcher(&self, grammar: &str) -> Result<Matcher, String> {
+        self.build(
+            TopLevelGrammar::from_lark(grammar.to_string()),
+            "the tools' grammar",
+        )
+    }
+
+    fn build(&self, g: TopLevelGrammar, what: &str) -> Result<Matcher, String> {
+        let parser = self
+            .factory
+            .create_parser(g)
+            .map_err(|e| format!("{what} cannot be enforced: {e}"))?;
+        let m = Matcher::new(Ok(parser));
+        if let Some(e) = m.get_error() {
+            return Err(format!("{what} cannot be enforced: {e}"));
+        }
+        Ok(m)
+    }
+
     /// A matcher for one answer. A schema outside the supported subset, or one llguidance
     /// cannot compile, is an error naming why.
     pub fn matcher(&self, c: &OutputConstraint) -> Result<Matcher, String> {
-        let mut schema = match c {
-            OutputConstraint::JsonObject => serde_json::json!({"type": "object"}),
-            OutputConstraint::JsonSchema { schema } => {
-                check_schema(schema)?;
-                match schema {
-                    Value::Bool(true) => serde_json::json!({}),
-                    Value::Bool(false) => return Err("the schema `false` admits no answer".into()),
-                    s => s.clone(),
-                }
+        self.build(
+            TopLevelGrammar::from_json_schema(schema_of(c)?),
+            "the JSON schema",
+        )
+    }
+}
+
+/// The schema an answer under `c` is generated under: checked against the subset, compact.
+pub fn schema_of(c: &OutputConstraint) -> Result<Value, String> {
+    let mut schema = match c {
+        OutputConstraint::JsonObject => serde_json::json!({"type": "object"}),
+        OutputConstraint::JsonSchema { schema } => {
+            check_schema(schema)?;
+            match schema {
+                Value::Bool(true) => serde_json::json!({}),
+                Value::Bool(false) => return Err("the schema `false` admits no answer".into()),
+                s => s.clone(),
             }
+        }
+    };
+    close_objects(&mut schema);
+    compact(&mut schema);
+    Ok(schema)
+}
+
+/// Objects that list their `properties` and say nothing of `additionalProperties` get only
+/// those properties. The answer is still valid against the caller's schema (it is one of the
+/// instances the schema admits); without this a small model fills an open object with keys
+/// of its own invention until `max_tokens`. An object combined with others by `allOf` is left
+/// open (closing each part would reject the others' properties).
+pub fn close_objects(schema: &mut Value) {
+    fn walk(v: &mut Value, in_all_of: bool) {
+        let Some(obj) = v.as_object_mut() else {
+            return;
         };
-        // Compact JSON (no free whitespace between tokens): the model cannot spend its token
-        // budget on indentation, and the answer is what the caller parses anyway.
-        if schema.is_object() {
-            JsonCompileOptions {
-                whitespace_flexible: false,
-                ..JsonCompileOptions::default()
+        if !in_all_of
+            && obj.contains_key("properties")
+            && !obj.contains_key("additionalProperties")
+            && !obj.contains_key("allOf")
+        {
+            obj.insert("additionalProperties".into(), Value::Bool(false));
+        }
+        for (k, sub) in obj.iter_mut() {
+            match k.as_str() {
+                "properties" | "$defs" | "definitions" => {
+                    for s in sub.as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
+                        walk(s, false);
+                    }
+                }
+                "items" | "additionalProperties" => walk(sub, false),
+                "anyOf" | "oneOf" | "prefixItems" | "allOf" => {
+                    for s in sub.as_array_mut().into_iter().flatten() {
+                        walk(s, k == "allOf");
+                    }
+                }
+                _ => {}
             }
-            .apply_to(&mut schema);
         }
-        let parser = self
-            .factory
-            .create_parser(TopLevelGrammar::from_json_schema(schema))
-            .map_err(|e| format!("the JSON schema cannot be enforced: {e}"))?;
-        let m = Matcher::new(Ok(parser));
-        if let Some(e) = m.get_error() {
-            return Err(format!("the JSON schema cannot be enforced: {e}"));
+    }
+    walk(schema, false);
+}
+
+/// Compact JSON (no free whitespace between tokens): the model cannot spend its token budget
+/// on indentation, and the answer is what the caller parses anyway.
+pub fn compact(schema: &mut Value) {
+    if schema.is_object() {
+        JsonCompileOptions {
+            whitespace_flexible: false,
+            ..JsonCompileOptions::default()
         }
-        Ok(m)
+        .apply_to(schema);
     }
 }
 
@@ -199,6 +275,21 @@ mod tests {
             "{e}"
         );
         let typo = json!({"type": "string", "maxLenght": 3});
+        // Objects listing properties are closed; free objects and allOf parts stay open.
+        let mut s = json!({"type": "object", "properties": {"a": {"type": "object",
+            "properties": {"b": {"type": "string"}}}, "free": {"type": "object"},
+            "both": {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]},
+            "open": {"properties": {}, "additionalProperties": true}}});
+        super::close_objects(&mut s);
+        assert_eq!(s["additionalProperties"], json!(false));
+        assert_eq!(s["properties"]["a"]["additionalProperties"], json!(false));
+        assert!(s["properties"]["free"]
+            .get("additionalProperties")
+            .is_none());
+        assert!(s["properties"]["both"]["allOf"][0]
+            .get("additionalProperties")
+            .is_none());
+        assert_eq!(s["properties"]["open"]["additionalProperties"], json!(true));
         assert!(check_schema(&typo).unwrap_err().contains("'maxLenght'"));
         assert!(check_schema(&json!("string")).is_err());
     }

@@ -5,14 +5,15 @@
 use std::time::Instant;
 
 use corral_protocol::{
-    Done, FinishReason, GenerateRequest, Input, TokenInfo, TopLogprob, MAX_TOP_LOGPROBS,
+    Done, FinishReason, GenerateRequest, Input, TokenInfo, Tools, TopLogprob, MAX_TOP_LOGPROBS,
 };
 
-use crate::constrain::Grammars;
+use crate::constrain::{schema_of, Grammars};
 use crate::model::Model;
 use crate::sampler::{self, Rng};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
+use crate::tools::Parsed;
 
 pub struct Engine {
     pub model: Model,
@@ -87,24 +88,38 @@ pub fn check_finite(what: &'static str, v: &[f32]) -> Result<(), NonFinite> {
 }
 
 impl Engine {
-    pub fn prompt_tokens(&self, input: &Input) -> anyhow::Result<Vec<u32>> {
+    pub fn prompt_tokens(&self, input: &Input, tools: Option<&Tools>) -> anyhow::Result<Vec<u32>> {
         Ok(match input {
             Input::Messages(m) => {
                 let text = self
                     .template
-                    .render(m)
+                    .render(m, tools.map(|t| &t.functions[..]))
                     .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
                 self.tokenizer.encode(&text, true, true)
             }
+            Input::Prompt(_) if tools.is_some() => {
+                anyhow::bail!("tools need chat messages, not a raw prompt")
+            }
             Input::Prompt(p) => self.tokenizer.encode(p, true, true),
         })
+    }
+
+    /// The vocabulary as the grammar library sees it (built on first use).
+    fn grammars(&mut self) -> anyhow::Result<&Grammars> {
+        if self.grammars.is_none() {
+            self.grammars = Some(Grammars::new(&self.tokenizer).map_err(|e| anyhow::anyhow!(e))?);
+        }
+        self.grammars
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no grammar"))
     }
 
     pub fn generate(&mut self, req: &GenerateRequest, sink: &mut dyn Sink) -> anyhow::Result<Done> {
         let received = Instant::now();
         // An empty stop string would end every answer at once: ignore it.
         let stops: Vec<String> = req.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
-        let prompt = self.prompt_tokens(&req.input)?;
+        let tools = req.tools.as_ref().filter(|t| !t.functions.is_empty());
+        let prompt = self.prompt_tokens(&req.input, tools)?;
         let ctx = self.model.context_length;
         if prompt.is_empty() {
             anyhow::bail!("the prompt is empty");
@@ -116,18 +131,30 @@ impl Engine {
             );
         }
         // A constrained answer: the matcher is built (and a schema checked) before any compute.
-        let mut matcher = match &req.constraint {
-            None => None,
-            Some(c) => {
-                if self.grammars.is_none() {
-                    self.grammars =
-                        Some(Grammars::new(&self.tokenizer).map_err(|e| anyhow::anyhow!(e))?);
-                }
-                let g = self
-                    .grammars
+        // With tools, the grammar admits calls of the offered functions (and, under `auto`, a
+        // text answer: free, or under the JSON constraint).
+        let format = self.template.call_format();
+        let mut matcher = match (tools, &req.constraint) {
+            (None, None) => None,
+            (None, Some(c)) => Some(
+                self.grammars()?
+                    .matcher(c)
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            ),
+            (Some(t), c) => {
+                let text = c
                     .as_ref()
-                    .ok_or_else(|| anyhow::anyhow!("no grammar"))?;
-                Some(g.matcher(c).map_err(|e| anyhow::anyhow!(e))?)
+                    .map(schema_of)
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                let grammar = format
+                    .grammar(t, text.as_ref())
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                Some(
+                    self.grammars()?
+                        .lark_matcher(&grammar)
+                        .map_err(|e| anyhow::anyhow!(e))?,
+                )
             }
         };
         let vocab = self.tokenizer.vocab_size();
@@ -187,9 +214,31 @@ impl Engine {
                     .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
             }
             history.push(next);
-            let raw_lp = raw[next as usize] - stats.log_z;
-            let bytes = self.tokenizer.token_bytes(next).to_vec();
-            text.push_str(&utf8.push(&bytes));
+            text.push_str(&utf8.push(self.tokenizer.token_bytes(next)));
+            // What may still be a call is held back, and stop sequences do not cut it.
+            if tools.is_some() && format.may_be_call(&text) {
+                let info = self.token_info(next, &raw, &stats, top_n, String::new(), forced);
+                if req.stream {
+                    sink.token(req.id, &info)?;
+                }
+                tokens.push(info);
+                if matcher.as_ref().is_some_and(|m| m.is_stopped()) {
+                    finish = FinishReason::Stop;
+                    break;
+                }
+                // A call just closed that repeats an earlier one: the model is looping.
+                if let Some(t) = tools.filter(|_| text.ends_with(format.call_end())) {
+                    if format.parse(&text, t).repeats() {
+                        finish = FinishReason::Stop;
+                        break;
+                    }
+                }
+                if generated < max_new {
+                    logits = self.model.forward(&[next], history.len() - 1)?;
+                    check_finite("logits", &logits)?;
+                }
+                continue;
+            }
             let mut stop_at = None;
             for s in &stops {
                 let from = floor_boundary(&text, emitted.saturating_sub(s.len()));
@@ -211,24 +260,7 @@ impl Engine {
                 .unwrap_or_default()
                 .to_string();
             emitted = safe.max(emitted);
-            let info = TokenInfo {
-                token_id: next,
-                bytes: bytes.clone(),
-                text: delta,
-                logprob: raw_lp,
-                entropy: stats.entropy,
-                top: stats
-                    .top
-                    .iter()
-                    .take(top_n)
-                    .map(|(id, lp)| TopLogprob {
-                        token_id: *id,
-                        bytes: self.tokenizer.token_bytes(*id).to_vec(),
-                        logprob: *lp,
-                    })
-                    .collect(),
-                forced,
-            };
+            let info = self.token_info(next, &raw, &stats, top_n, delta, forced);
             if req.stream {
                 sink.token(req.id, &info)?;
             }
@@ -253,6 +285,23 @@ impl Engine {
         if !cut_by_stop {
             text.push_str(&utf8.finish());
         }
+        // An answer of calls is its calls, without text; of one cut short, the calls before it.
+        let mut tool_calls = Vec::new();
+        if let Some(t) = tools {
+            let parsed = format.parse(&text, t);
+            let repeated = parsed.repeats();
+            match parsed {
+                Parsed::Text => {}
+                Parsed::Calls(mut calls) | Parsed::Incomplete(mut calls) => {
+                    // A repeated call ended the answer: the copy goes.
+                    if repeated {
+                        calls.pop();
+                    }
+                    tool_calls = calls;
+                    text.clear();
+                }
+            }
+        }
         let decode_s = decode_start.elapsed().as_secs_f64();
         let completion = tokens.len();
         Ok(Done {
@@ -269,7 +318,38 @@ impl Engine {
                 0.0
             },
             tokens: if req.stream { Vec::new() } else { tokens },
+            tool_calls,
         })
+    }
+
+    /// A generated token's report: its raw log-probability and alternatives.
+    fn token_info(
+        &self,
+        id: u32,
+        raw: &[f32],
+        stats: &sampler::RawStats,
+        top_n: usize,
+        text: String,
+        forced: bool,
+    ) -> TokenInfo {
+        TokenInfo {
+            token_id: id,
+            bytes: self.tokenizer.token_bytes(id).to_vec(),
+            text,
+            logprob: raw[id as usize] - stats.log_z,
+            entropy: stats.entropy,
+            top: stats
+                .top
+                .iter()
+                .take(top_n)
+                .map(|(id, lp)| TopLogprob {
+                    token_id: *id,
+                    bytes: self.tokenizer.token_bytes(*id).to_vec(),
+                    logprob: *lp,
+                })
+                .collect(),
+            forced,
+        }
     }
 }
 

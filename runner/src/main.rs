@@ -15,6 +15,7 @@ mod model;
 mod sampler;
 mod template;
 mod tokenizer;
+mod tools;
 
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};

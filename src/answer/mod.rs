@@ -35,7 +35,6 @@ use corral_protocol::{Done, FinishReason, Ready, TokenInfo};
 use tokio::sync::mpsc;
 
 use crate::audit::Caller;
-use crate::catalog::Capability;
 use crate::confidence;
 use crate::pool::{Event, FailKind};
 use crate::routing::{RouteDecision, Router, Selection, Streaming};
@@ -49,6 +48,57 @@ pub struct Pipeline {
     /// Build each outcome's audit record (only when an audit log will take it: the record
     /// copies the request and the answer).
     pub audit: bool,
+}
+
+/// The calls of a local answer in OpenAI's shape (`call_` ids, arguments as a JSON string),
+/// after checking what the runner sent: each call must name an offered function (the named
+/// one, under a named `tool_choice`) and carry an arguments object; none where the request
+/// forced a call is an answer that did not finish.
+fn openai_calls(req: &Request, done: &Done) -> Result<Option<serde_json::Value>, String> {
+    let Some(tools) = req.runner_tools() else {
+        return if done.tool_calls.is_empty() {
+            Ok(None)
+        } else {
+            Err("the runner returned tool calls that were not asked for".into())
+        };
+    };
+    if done.tool_calls.is_empty() {
+        return Ok(None);
+    }
+    if !tools.parallel && done.tool_calls.len() > 1 {
+        return Err("the runner returned parallel tool calls where they were refused".into());
+    }
+    let mut out = Vec::with_capacity(done.tool_calls.len());
+    for c in &done.tool_calls {
+        let offered = match &tools.choice {
+            corral_protocol::ToolChoice::Function { name } => &c.name == name,
+            _ => tools.functions.iter().any(|f| f.name == c.name),
+        };
+        if !offered || !c.arguments.is_object() {
+            return Err(format!(
+                "the runner returned a call of '{}' that was not offered, or without an arguments object",
+                c.name
+            ));
+        }
+        out.push(serde_json::json!({
+            "id": format!("call_{}", random_id()),
+            "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments.to_string()},
+        }));
+    }
+    Ok(Some(serde_json::Value::Array(out)))
+}
+
+/// 24 random hex digits (request and call ids).
+pub fn random_id() -> String {
+    let mut b = [0u8; 12];
+    if getrandom::getrandom(&mut b).is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b.copy_from_slice(&t.to_le_bytes()[..12]);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// How one local attempt ended.
@@ -184,17 +234,6 @@ impl Pipeline {
         updates: Option<&mpsc::Sender<Update>>,
         streamed: &mut bool,
     ) -> (Result<Answer, Failure>, Option<SlmRun>) {
-        // The local runner has no tool calling yet: a model whose catalog entry claims it
-        // still does not get such a request (it would answer free text where the caller needs
-        // a call). JSON output is constrained in the runner (`response_format`).
-        if req.capabilities().contains(&Capability::ToolUse) {
-            return (
-                Err(Failure::Unsupported(format!(
-                    "the local model {model} cannot answer requests with tools yet; route them to a remote provider"
-                ))),
-                None,
-            );
-        }
         let rt = &self.router;
         let method = rt.method;
         let need = d.confidence_required.unwrap_or(0.0);
@@ -205,7 +244,8 @@ impl Pipeline {
             Some(Streaming::Stream) => false,
             None => escalate_low || (d.fallback_available && rt.audit_rate > 0.0),
         };
-        let live = updates.filter(|_| req.stream && !buffer);
+        // An answer that may be a call is read whole: a call goes out only complete and checked.
+        let live = updates.filter(|_| req.stream && !buffer && req.runner_tools().is_none());
         let start = Instant::now();
         let mut failure: Option<(String, bool)> = None;
         let mut unavailable = false;
@@ -256,6 +296,17 @@ impl Pipeline {
             }
         }
         let time = start.elapsed();
+        // The runner's calls, checked (it is not trusted) and in OpenAI's shape.
+        let mut tool_calls = None;
+        if let Some((_, done, _)) = &got {
+            match openai_calls(req, done) {
+                Ok(c) => tool_calls = c,
+                Err(error) => {
+                    failure = Some((error, false));
+                    got = None;
+                }
+            }
+        }
         let Some((tokens, done, ready)) = got else {
             let (error, retryable) = failure.unwrap_or_default();
             let run = SlmRun {
@@ -339,7 +390,7 @@ impl Pipeline {
                 return self.escalate(req, d, why, run).await;
             }
         }
-        let (text, finish, prompt_tokens, completion_tokens) = match run.done.as_deref() {
+        let (text, mut finish, prompt_tokens, completion_tokens) = match run.done.as_deref() {
             Some(d) => (
                 d.text.clone(),
                 finish_reason(d.finish_reason),
@@ -348,6 +399,10 @@ impl Pipeline {
             ),
             None => (String::new(), "stop", 0, 0),
         };
+        // Calls cut short by `max_tokens` keep `length` (the complete ones are kept).
+        if tool_calls.is_some() && finish == "stop" {
+            finish = "tool_calls";
+        }
         let answer = Answer {
             text,
             finish_reason: finish.into(),
@@ -355,7 +410,7 @@ impl Pipeline {
             completion_tokens,
             field_confidence,
             tokens,
-            tool_calls: None,
+            tool_calls,
             source: Source::Slm,
             model: model.to_string(),
             provider: None,

@@ -39,6 +39,9 @@ pub fn slm_json(run: &SlmRun, method: Method) -> Value {
             "threads": ready.map(|r| r.threads),
         },
     });
+    if let Some(calls) = done.map(|d| &d.tool_calls).filter(|c| !c.is_empty()) {
+        v["tool_calls"] = json!(calls);
+    }
     if let Some(e) = &run.error {
         v["error"] = json!(e);
     }

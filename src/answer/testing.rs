@@ -19,6 +19,9 @@ use crate::providers::{ChainError, ChatRequest, ChatResponse, ProviderError, Usa
 pub enum Script {
     /// Answers these tokens (text, log-probability), then ends.
     Answer(Vec<(&'static str, f32)>),
+    /// Answers with these calls (function name, arguments): one token each, of this
+    /// log-probability, and no text.
+    Calls(Vec<(&'static str, serde_json::Value)>, f32),
     /// Fails before any token, as a crashed runner (`retryable`) or one whose model cannot load.
     Crash { retryable: bool },
     /// Sends these tokens, then crashes.
@@ -100,7 +103,22 @@ impl LocalModel for ScriptedModel {
             error: error.to_string(),
             retryable,
         };
+        let (script, calls) = match script {
+            Script::Calls(calls, lp) => (
+                Script::Answer(calls.iter().map(|_| ("", lp)).collect()),
+                calls
+                    .into_iter()
+                    .map(|(name, arguments)| corral_protocol::ToolCall {
+                        id: String::new(),
+                        name: name.to_string(),
+                        arguments,
+                    })
+                    .collect(),
+            ),
+            s => (s, vec![]),
+        };
         match script {
+            Script::Calls(..) => unreachable!("mapped to an answer above"),
             Script::Answer(ts) => {
                 let ts = tokens(&ts);
                 let text: String = ts.iter().map(|t| t.text.as_str()).collect();
@@ -122,6 +140,7 @@ impl LocalModel for ScriptedModel {
                     ttft_ms: 2.0,
                     decode_tokens_per_s: 100.0,
                     tokens: vec![],
+                    tool_calls: calls,
                 };
                 let ready = Ready {
                     architecture: "scripted".into(),

@@ -580,3 +580,92 @@ fn a_json_answer_has_field_confidence_and_a_policy_can_escalate_on_a_field() {
         .field_confidence
         .is_none());
 }
+
+fn tool_request(choice: Option<Value>) -> Request {
+    let mut r = req("Weather in Oslo?");
+    r.messages.push(crate::providers::Message {
+        tool_calls: Some(serde_json::json!([{"id": "call_a", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Bergen\"}"}}])),
+        ..crate::providers::Message::new("assistant", "")
+    });
+    r.messages.push(crate::providers::Message {
+        tool_call_id: Some("call_a".into()),
+        ..crate::providers::Message::new("tool", "rain")
+    });
+    r.tools = Some(serde_json::json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]));
+    r.tool_choice = choice;
+    r
+}
+
+#[test]
+fn a_local_tool_call_is_offered_checked_and_answered_in_openais_shape() {
+    // The runner gets the functions, the choice and the conversation's earlier call (its
+    // arguments parsed, its result named after it); the answer is the call.
+    let c = case(
+        "",
+        vec![Script::Calls(
+            vec![("get_weather", serde_json::json!({"city": "Oslo"}))],
+            -0.05,
+        )],
+    );
+    let mut r = tool_request(Some(serde_json::json!("required")));
+    r.stream = true;
+    let (o, ups) = streamed(&c, &r, false);
+    // A possible call is never streamed token by token: it goes out whole.
+    assert!(!o.streamed && ups.is_empty());
+    let a = o.result.unwrap();
+    assert_eq!(a.source, Source::Slm);
+    assert_eq!(a.finish_reason, "tool_calls");
+    assert_eq!(a.text, "");
+    let calls = a.tool_calls.as_ref().unwrap();
+    assert_eq!(calls[0]["type"], "function");
+    assert_eq!(calls[0]["function"]["name"], "get_weather");
+    assert_eq!(calls[0]["function"]["arguments"], "{\"city\":\"Oslo\"}");
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    let jobs = c.local.jobs.lock().unwrap();
+    let tools = jobs[0].2.tools.as_ref().unwrap();
+    assert_eq!(tools.functions[0].name, "get_weather");
+    assert_eq!(tools.choice, corral_protocol::ToolChoice::Required);
+    let Input::Messages(m) = &jobs[0].2.input else {
+        panic!("not messages")
+    };
+    assert_eq!(
+        m[1].tool_calls[0].arguments,
+        serde_json::json!({"city": "Bergen"})
+    );
+    assert_eq!(
+        (m[2].tool_call_id.as_deref(), m[2].name.as_deref()),
+        (Some("call_a"), Some("get_weather"))
+    );
+    drop(jobs);
+    // `none`: the runner is offered nothing (the history still goes).
+    let c = case("", vec![sure()]);
+    let a = answer(&c, &tool_request(Some(serde_json::json!("none"))))
+        .result
+        .unwrap();
+    assert_eq!(
+        (a.text.as_str(), a.tool_calls.is_none()),
+        ("Teal it is.", true)
+    );
+    assert!(c.local.jobs.lock().unwrap()[0].2.tools.is_none());
+    // A runner calling what was not offered is a failed answer, escalated where it can be.
+    let c = case(
+        FALLBACK,
+        vec![Script::Calls(vec![("rm_rf", serde_json::json!({}))], -0.05)],
+    );
+    let a = answer(&c, &tool_request(None)).result.unwrap();
+    assert_eq!(a.source, Source::Llm);
+    assert!(
+        matches!(&a.escalation, Some(Escalation::SlmFailed { error }) if error.contains("rm_rf"))
+    );
+    let c = case(
+        "",
+        vec![Script::Calls(vec![("rm_rf", serde_json::json!({}))], -0.05)],
+    );
+    assert!(matches!(
+        answer(&c, &tool_request(None)).result,
+        Err(Failure::Local { .. })
+    ));
+}

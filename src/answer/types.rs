@@ -6,7 +6,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use corral_protocol::{Done, GenerateRequest, Input, Ready, Sampling, TokenInfo};
+use corral_protocol::{
+    ChatMessage, Done, Function, GenerateRequest, Input, Ready, Sampling, TokenInfo, ToolCall,
+    ToolChoice, Tools,
+};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -86,10 +89,7 @@ impl Request {
             input: Input::Messages(
                 messages
                     .iter()
-                    .map(|(r, c)| corral_protocol::ChatMessage {
-                        role: r.clone(),
-                        content: c.clone(),
-                    })
+                    .map(|(r, c)| corral_protocol::ChatMessage::new(r.clone(), c.clone()))
                     .collect(),
             ),
             messages: messages
@@ -185,10 +185,94 @@ impl Request {
         }
     }
 
+    /// The functions the local model is offered, and how it may use them: none when
+    /// `tool_choice` is `none`.
+    pub(super) fn runner_tools(&self) -> Option<Tools> {
+        let list = self.tools.as_ref()?.as_array()?;
+        let choice = match &self.tool_choice {
+            None => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => return None,
+                "required" => ToolChoice::Required,
+                _ => ToolChoice::Auto,
+            },
+            Some(v) => ToolChoice::Function {
+                name: v
+                    .pointer("/function/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            },
+        };
+        let functions: Vec<Function> = list
+            .iter()
+            .filter_map(|t| {
+                let f = t.get("function")?;
+                Some(Function {
+                    name: f.get("name")?.as_str()?.to_string(),
+                    description: f
+                        .get("description")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                    parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
+                })
+            })
+            .collect();
+        (!functions.is_empty()).then(|| Tools {
+            functions,
+            choice,
+            parallel: self.parallel_tool_calls.unwrap_or(true),
+        })
+    }
+
+    /// The runner's messages: the conversation with its earlier calls (arguments as JSON when
+    /// they parse) and tool results (named after the call they answer).
+    fn runner_input(&self) -> Input {
+        if !matches!(self.input, Input::Messages(_)) {
+            return self.input.clone();
+        }
+        let mut names = BTreeMap::new();
+        let messages = self
+            .messages
+            .iter()
+            .map(|m| {
+                let mut out = ChatMessage::new(m.role.clone(), m.content.clone());
+                for c in m
+                    .tool_calls
+                    .iter()
+                    .flat_map(|c| c.as_array().into_iter().flatten())
+                {
+                    let id = c.get("id").and_then(Value::as_str).unwrap_or_default();
+                    let name = c
+                        .pointer("/function/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    let args = c
+                        .pointer("/function/arguments")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    names.insert(id.to_string(), name.to_string());
+                    out.tool_calls.push(ToolCall {
+                        id: id.to_string(),
+                        name: name.to_string(),
+                        arguments: serde_json::from_str(args)
+                            .unwrap_or_else(|_| Value::String(args.to_string())),
+                    });
+                }
+                if let Some(id) = &m.tool_call_id {
+                    out.name = names.get(id).cloned();
+                    out.tool_call_id = Some(id.clone());
+                }
+                out
+            })
+            .collect();
+        Input::Messages(messages)
+    }
+
     pub(super) fn runner_request(&self) -> GenerateRequest {
         GenerateRequest {
             id: 0,
-            input: self.input.clone(),
+            input: self.runner_input(),
             sampling: Sampling {
                 temperature: self.temperature,
                 top_p: self.top_p,
@@ -201,6 +285,7 @@ impl Request {
             stream: true,
             ignore_eos: self.ignore_eos,
             constraint: self.constraint(),
+            tools: self.runner_tools(),
         }
     }
 

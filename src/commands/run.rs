@@ -68,9 +68,9 @@ pub struct RunArgs {
     /// Generate exactly --max-tokens, past end-of-sequence (for benchmarks)
     #[arg(long, hide = true)]
     pub ignore_eos: bool,
-    /// A JSON file with OpenAI `tools` (an array of function tools) the model may call; the
-    /// calls are printed as JSON (the local runner has no tool calling yet: such a request goes
-    /// to the remote chain, or is refused)
+    /// A JSON file with OpenAI `tools` (an array of function tools) the model may call; each
+    /// call is printed as one JSON line {"id", "name", "arguments"}. A local model generates
+    /// calls under each function's `parameters` schema
     #[arg(long, value_name = "FILE")]
     pub tools: Option<std::path::PathBuf>,
     /// With --tools: none, auto, required, or a function name to force
@@ -376,6 +376,8 @@ fn print_slm(
     if args.json {
         let mut v = slm_json(run, a.method);
         v["below_threshold"] = json!(a.below_threshold);
+        v["finish_reason"] = json!(a.finish_reason);
+        v["tool_calls"] = json!(a.tool_calls);
         v["route"] = route_json(d);
         v["escalated"] = json!(false);
         v["timings"]["startup_ms"] = json!(report.startup_ms);
@@ -392,7 +394,10 @@ fn print_slm(
         Some(s) => a.text.get(s.len()..).unwrap_or_default(),
         None => &a.text,
     };
-    let _ = writeln!(out, "{}", terminal_safe(shown));
+    if !shown.is_empty() || a.tool_calls.is_none() {
+        let _ = writeln!(out, "{}", terminal_safe(shown));
+    }
+    print_calls(out, a);
     // How the answer stands against its threshold (with no chain to escalate to, a low score
     // is reported, not hidden).
     let verdict = if !a.below_threshold {
@@ -419,6 +424,27 @@ fn print_slm(
         a.method.name(),
         verdict,
     );
+}
+
+/// The answer's calls, one per line, as JSON: {"id", "name", "arguments"} (arguments parsed
+/// when they are JSON).
+fn print_calls(out: &mut dyn Write, a: &Answer) {
+    for c in a
+        .tool_calls
+        .as_ref()
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let args = c
+            .pointer("/function/arguments")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let parsed: Value = serde_json::from_str(args).unwrap_or_else(|_| json!(args));
+        let line =
+            json!({"id": c.get("id"), "name": c.pointer("/function/name"), "arguments": parsed});
+        let _ = writeln!(out, "{}", terminal_safe(&line.to_string()));
+    }
 }
 
 /// Prints a remote answer, and why it replaced the SLM's when it did.
@@ -452,22 +478,7 @@ fn print_llm(out: &mut dyn Write, args: &RunArgs, a: &Answer, d: &RouteDecision,
         if !a.text.is_empty() || a.tool_calls.is_none() {
             let _ = writeln!(out, "{}", terminal_safe(&a.text));
         }
-        // One call per line, as JSON: {"id", "name", "arguments"} (arguments parsed when JSON).
-        for c in a
-            .tool_calls
-            .as_ref()
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let args = c
-                .pointer("/function/arguments")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            let parsed: Value = serde_json::from_str(args).unwrap_or_else(|_| json!(args));
-            let line = json!({"id": c.get("id"), "name": c.pointer("/function/name"), "arguments": parsed});
-            let _ = writeln!(out, "{}", terminal_safe(&line.to_string()));
-        }
+        print_calls(out, a);
         eprintln!(
             "corral: llm {} ({}){} · {} prompt + {} tokens · {latency_ms:.0} ms · {attempts} attempt(s) · confidence {}",
             a.provider.as_deref().unwrap_or("?"),

@@ -180,6 +180,7 @@ mod tests {
             stream: true,
             ignore_eos: false,
             constraint: None,
+            tools: None,
         };
         (
             Job {

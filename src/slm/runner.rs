@@ -373,7 +373,7 @@ impl Runner {
         let top_n = req.top_logprobs.min(MAX_TOP_LOGPROBS);
         req.top_logprobs = top_n;
         let deadline = Instant::now() + self.time_limit;
-        self.send(&Request::Generate(req.clone()), deadline)?;
+        self.send(&Request::Generate(Box::new(req.clone())), deadline)?;
         let mut streamed = String::new();
         let mut count = 0u32;
         let mut cancelled: Option<Instant> = None;

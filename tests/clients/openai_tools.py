@@ -1,6 +1,6 @@
 """The official `openai` Python client calling tools through `corral serve` (argv: base URL,
 key). The server's fallback chain is a loopback OpenAI-compatible provider that answers with a
-`get_weather` call; corral's own SLM has no ToolUse, so routing sends these requests remote.
+`get_weather` call, and a policy sends every request with tools (capability ToolUse) remote.
 
 Checks that the client's typed objects carry the call (non-streamed and reassembled from
 streamed deltas), that a conversation with the tool's result is accepted, and that a malformed

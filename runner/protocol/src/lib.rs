@@ -23,7 +23,7 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    Generate(GenerateRequest),
+    Generate(Box<GenerateRequest>),
     /// Stop request `id` (if it is running) with finish reason `cancelled`.
     Cancel {
         id: u64,
@@ -56,9 +56,61 @@ pub struct GenerateRequest {
     /// Keep generating past end-of-sequence tokens (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
-    /// Constrain the answer (JSON): each step may only pick tokens that keep it valid.
+    /// Constrain the answer (JSON): each step may only pick tokens that keep it valid. With
+    /// `tools`, it constrains the text answer (a call is constrained by its function's schema).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraint: Option<OutputConstraint>,
+    /// Functions the model may call: they reach the model through its chat template (or
+    /// corral's built-in tool prompt) and a call is generated under a grammar built from its
+    /// function's `parameters` schema. Only with [`Input::Messages`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Tools>,
+}
+
+/// The functions offered to the model, and how it may use them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tools {
+    pub functions: Vec<Function>,
+    #[serde(default)]
+    pub choice: ToolChoice,
+    /// More than one call in an answer.
+    #[serde(default = "yes")]
+    pub parallel: bool,
+}
+
+/// A function the model may call (OpenAI's `tools[].function`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Function {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON Schema for the arguments (an object); the subset is the runner's to check, as
+    /// for [`OutputConstraint::JsonSchema`].
+    pub parameters: serde_json::Value,
+}
+
+/// Whether the model must call a function.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ToolChoice {
+    /// Text or calls, as the model chooses.
+    #[default]
+    Auto,
+    /// One or more calls, no text.
+    Required,
+    /// A call of this function.
+    Function { name: String },
+}
+
+/// A call the model made (or made earlier in the conversation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The caller's id for an earlier call; empty for a generated one (the supervisor names it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    pub name: String,
+    /// The arguments: a JSON object (an earlier call's may be any value the caller sent).
+    pub arguments: serde_json::Value,
 }
 
 /// What a constrained answer must be.
@@ -85,10 +137,29 @@ pub enum Input {
     Prompt(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message: the call it answers, and that call's function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message with `role` and `content` only.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            ..ChatMessage::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +296,10 @@ pub struct Done {
     pub decode_tokens_per_s: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenInfo>,
+    /// The calls the answer makes (`text` is then what came before them, usually nothing);
+    /// each generated under its function's schema.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,12 +364,9 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_limits_hold() {
-        let req = Request::Generate(GenerateRequest {
+        let req = Request::Generate(Box::new(GenerateRequest {
             id: 7,
-            input: Input::Messages(vec![ChatMessage {
-                role: "user".into(),
-                content: "hi".into(),
-            }]),
+            input: Input::Messages(vec![ChatMessage::new("user", "hi")]),
             sampling: Sampling::default(),
             max_tokens: 16,
             stop: vec!["\n".into()],
@@ -302,7 +374,8 @@ mod tests {
             stream: true,
             ignore_eos: false,
             constraint: None,
-        });
+            tools: None,
+        }));
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();
         write_frame(&mut buf, &Request::Shutdown).unwrap();

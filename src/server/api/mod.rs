@@ -52,14 +52,7 @@ pub fn app(state: Arc<State>) -> Router {
 }
 
 fn request_id() -> String {
-    let mut b = [0u8; 12];
-    if getrandom::getrandom(&mut b).is_err() {
-        let n = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        b.copy_from_slice(&n.to_le_bytes()[..12]);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::answer::random_id()
 }
 
 fn unix_now() -> u64 {
