@@ -39,6 +39,22 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+        // Hugging Face's `tojson` (Python's json.dumps with ensure_ascii=False): ", " and ": "
+        // between items, no HTML escaping; minijinja's own is compact and escapes `<`, which
+        // would change the tool lists and calls templates write from what the model was
+        // trained on.
+        env.add_filter(
+            "tojson",
+            |v: Value, kwargs: minijinja::value::Kwargs| -> Result<Value, Error> {
+                let indent: Option<usize> = kwargs.get("indent")?;
+                kwargs.assert_all_used()?;
+                let json = serde_json::to_value(&v)
+                    .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+                let mut out = String::new();
+                python_json(&json, indent, 0, &mut out);
+                Ok(Value::from_safe_string(out))
+            },
+        );
         env.set_trim_blocks(false);
         let format = Format::of_template(&src);
         env.add_template_owned("chat", src)?;
@@ -102,6 +118,47 @@ impl ChatTemplate {
     }
 }
 
+/// `v` as Python's `json.dumps(v, ensure_ascii=False, indent=indent)` writes it.
+fn python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                python_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        J::Object(m) if !m.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&J::String(k.clone()).to_string());
+                out.push_str(": ");
+                python_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +181,93 @@ mod tests {
                 .render(&[ChatMessage::new("user", "hi")], None)
                 .unwrap(),
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn a_template_that_renders_tools_gets_them_and_keeps_its_syntax() {
+        use corral_protocol::{Function, ToolCall};
+        // Shaped like Qwen2.5's: tools as JSON in the system turn, calls in <tool_call> tags.
+        let src = r#"{%- if tools %}<|im_start|>system
+<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> Reply with <tool_call></tool_call>.<|im_end|>
+{% endif %}{% for m in messages %}{% if m.role == "assistant" and m.tool_calls %}<|im_start|>assistant
+{% for c in m.tool_calls %}<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}<|im_end|>
+{% elif m.role == "tool" %}<|im_start|>user
+<tool_response>{{ m.content }}</tool_response><|im_end|>
+{% else %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif %}{% endfor %}<|im_start|>assistant
+"#;
+        let t = ChatTemplate::new(Some(src.into()), true, String::new(), String::new()).unwrap();
+        assert_eq!(t.tool_format, Some(Format::Hermes));
+        let f = [Function {
+            name: "now".into(),
+            description: None,
+            parameters: serde_json::json!({"type": "object", "properties": {"tz": {"type": "string"}}}),
+        }];
+        let msgs = [
+            ChatMessage::new("user", "time?"),
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![ToolCall {
+                    id: "c1".into(),
+                    name: "now".into(),
+                    arguments: serde_json::json!({"tz": "UTC"}),
+                }],
+                ..ChatMessage::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                content: "12:00".into(),
+                tool_call_id: Some("c1".into()),
+                ..ChatMessage::default()
+            },
+        ];
+        let out = t.render(&msgs, Some(&f)).unwrap();
+        assert!(
+            out.contains("<tools>{\"type\": \"function\", \"function\": {\"name\": \"now\", \"parameters\": {\"type\": \"object\", \"properties\": {\"tz\": {\"type\": \"string\"}}}}}</tools>"),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "<tool_call>{\"name\": \"now\", \"arguments\": {\"tz\": \"UTC\"}}</tool_call>"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("<tool_response>12:00</tool_response>"),
+            "{out}"
+        );
+        // ChatML without tools: corral's built-in prompt, in the system turn.
+        let plain = ChatTemplate::new(None, true, String::new(), String::new()).unwrap();
+        assert_eq!(plain.tool_format, None);
+        let out = plain.render(&msgs, Some(&f)).unwrap();
+        assert!(
+            out.starts_with("<|im_start|>system\nYou can call functions"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<tool_response>\n12:00\n</tool_response>"),
+            "{out}"
+        );
+        // Llama 3's bare-JSON instruction is recognised.
+        assert_eq!(
+            Format::of_template(
+                r#"{"name": function name, "parameters": dictionary of argument name and its value}"#
+            ),
+            Some(Format::Llama3)
+        );
+        // tojson as Python writes it, indent included, `<` left alone.
+        let t = ChatTemplate::new(
+            Some("{{ messages[0] | tojson }}|{{ messages[0] | tojson(indent=2) }}".into()),
+            false,
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[ChatMessage::new("u", "a<b")], None).unwrap(),
+            "{\"role\": \"u\", \"content\": \"a<b\"}|{\n  \"role\": \"u\",\n  \"content\": \"a<b\"\n}"
         );
     }
 }
