@@ -4,7 +4,7 @@
 # the first time) when missing. Needs root for the sandboxed runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -c "import llama_cpp" 2>/dev/null || python3 -m pip install --quiet "llama-cpp-python==0.3.36"
+scripts/install-llama-cpp.sh
 cargo build --release --workspace --all-targets   # as test.sh: no feature-driven rebuild
 scripts/fetch-model.sh >/dev/null
 python3 scripts/bench-inference.py

@@ -176,6 +176,7 @@ impl Engine {
         let mut ttft_ms = 0.0;
         let decode_start = Instant::now();
         let mut generated = 0usize;
+        let mut constraint_s = 0.0;
         while generated < max_new {
             if sink.cancelled(req.id) {
                 finish = FinishReason::Cancelled;
@@ -187,6 +188,7 @@ impl Engine {
             // reported log-probabilities stay the model's own (`raw`).
             let mut forced = false;
             if let Some(m) = matcher.as_mut() {
+                let t = Instant::now();
                 let mask = m
                     .compute_mask_or_eos()
                     .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
@@ -199,6 +201,7 @@ impl Engine {
                 for l in logits.iter_mut().skip(vocab) {
                     *l = f32::NEG_INFINITY;
                 }
+                constraint_s += t.elapsed().as_secs_f64();
             }
             let next = sampler::sample(&mut logits, &req.sampling, &history, &mut rng);
             if generated == 0 {
@@ -210,8 +213,10 @@ impl Engine {
                 break;
             }
             if let Some(m) = matcher.as_mut() {
+                let t = Instant::now();
                 m.consume_token(next)
                     .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
+                constraint_s += t.elapsed().as_secs_f64();
             }
             history.push(next);
             text.push_str(&utf8.push(self.tokenizer.token_bytes(next)));
@@ -317,6 +322,7 @@ impl Engine {
             } else {
                 0.0
             },
+            constraint_ms: constraint_s * 1e3,
             tokens: if req.stream { Vec::new() } else { tokens },
             tool_calls,
         })

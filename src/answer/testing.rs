@@ -139,6 +139,7 @@ impl LocalModel for ScriptedModel {
                     prefill_ms: 1.0,
                     ttft_ms: 2.0,
                     decode_tokens_per_s: 100.0,
+                    constraint_ms: 0.0,
                     tokens: vec![],
                     tool_calls: calls,
                 };

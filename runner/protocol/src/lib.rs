@@ -128,6 +128,10 @@ fn yes() -> bool {
     true
 }
 
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Input {
@@ -294,6 +298,10 @@ pub struct Done {
     /// Request received -> first token sampled.
     pub ttft_ms: f64,
     pub decode_tokens_per_s: f64,
+    /// Time spent in the constraint (token masks and grammar updates), included in the decode
+    /// time; 0 without one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub constraint_ms: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenInfo>,
     /// The calls the answer makes (`text` is then what came before them, usually nothing);
