@@ -4,7 +4,7 @@ same GGUF corral runs: for each prompt, the token ids of the rendered chat promp
 16 greedily generated token ids and the log-probability llama.cpp gives each of them (log-softmax
 of its logits, in f64). The fixture is committed so CI need not build llama.cpp.
 
-    pip install llama-cpp-python==0.3.36
+    scripts/install-llama-cpp.sh     # llama-cpp-python 0.3.36, GGML_NATIVE off, the CPU's ISA
     scripts/make-reference.py [MODEL.gguf]
 """
 import json, os, sys
