@@ -22,86 +22,7 @@ use serde_json::Value;
 
 use crate::tokenizer::Tokenizer;
 
-/// Keys a schema object may have.
-const KEYWORDS: &[&str] = &[
-    "type",
-    "properties",
-    "required",
-    "additionalProperties",
-    "enum",
-    "const",
-    "items",
-    "prefixItems",
-    "minItems",
-    "maxItems",
-    "anyOf",
-    "oneOf",
-    "allOf",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "format",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
-    "multipleOf",
-    "$ref",
-    "$defs",
-    "definitions",
-    "title",
-    "description",
-    "default",
-    "examples",
-    "$schema",
-    "$id",
-    "$comment",
-];
-
-/// Checks every schema object in `schema` against [`KEYWORDS`]; the error names the first
-/// other key and where it is (a JSON pointer).
-pub fn check_schema(schema: &Value) -> Result<(), String> {
-    fn walk(v: &Value, at: &str) -> Result<(), String> {
-        let Some(obj) = v.as_object() else {
-            return match v {
-                Value::Bool(_) => Ok(()),
-                _ => Err(format!("{}: a schema must be an object", pointer(at))),
-            };
-        };
-        for (k, sub) in obj {
-            if !KEYWORDS.contains(&k.as_str()) {
-                return Err(format!(
-                    "JSON Schema keyword '{k}' at {} is not supported for local constrained decoding (see docs/serving.md for the subset)",
-                    pointer(at)
-                ));
-            }
-            let here = format!("{at}/{k}");
-            match k.as_str() {
-                "properties" | "$defs" | "definitions" => {
-                    for (name, s) in sub.as_object().into_iter().flatten() {
-                        walk(s, &format!("{here}/{name}"))?;
-                    }
-                }
-                "items" | "additionalProperties" => walk(sub, &here)?,
-                "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
-                    for (i, s) in sub.as_array().into_iter().flatten().enumerate() {
-                        walk(s, &format!("{here}/{i}"))?;
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-    fn pointer(at: &str) -> String {
-        if at.is_empty() {
-            "the schema's root".into()
-        } else {
-            format!("'{at}'")
-        }
-    }
-    walk(schema, "")
-}
+pub use corral_protocol::check_schema;
 
 /// The grammar side of one model: its vocabulary as llguidance sees it.
 pub struct Grammars {
@@ -209,18 +130,18 @@ pub fn schema_of(c: &OutputConstraint) -> Result<Value, String> {
 /// Objects that list their `properties` and say nothing of `additionalProperties` get only
 /// those properties. The answer is still valid against the caller's schema (it is one of the
 /// instances the schema admits); without this a small model fills an open object with keys
-/// of its own invention until `max_tokens`. An object combined with others by `allOf` is left
-/// open (closing each part would reject the others' properties).
+/// of its own invention until `max_tokens`. An object whose properties combine with others'
+/// is left open, and so are those others: one beside `anyOf`/`oneOf`/`allOf`/`$ref`, and the
+/// branches of such an object (closing either would reject the other's properties).
 pub fn close_objects(schema: &mut Value) {
-    fn walk(v: &mut Value, in_all_of: bool) {
+    const COMBINERS: [&str; 4] = ["anyOf", "oneOf", "allOf", "$ref"];
+    fn walk(v: &mut Value, combined: bool) {
         let Some(obj) = v.as_object_mut() else {
             return;
         };
-        if !in_all_of
-            && obj.contains_key("properties")
-            && !obj.contains_key("additionalProperties")
-            && !obj.contains_key("allOf")
-        {
+        let has_props = obj.contains_key("properties");
+        let combines = COMBINERS.iter().any(|k| obj.contains_key(*k));
+        if !combined && has_props && !combines && !obj.contains_key("additionalProperties") {
             obj.insert("additionalProperties".into(), Value::Bool(false));
         }
         for (k, sub) in obj.iter_mut() {
@@ -231,9 +152,17 @@ pub fn close_objects(schema: &mut Value) {
                     }
                 }
                 "items" | "additionalProperties" => walk(sub, false),
-                "anyOf" | "oneOf" | "prefixItems" | "allOf" => {
+                "prefixItems" => {
                     for s in sub.as_array_mut().into_iter().flatten() {
-                        walk(s, k == "allOf");
+                        walk(s, false);
+                    }
+                }
+                // A branch is combined with its parent's properties, and `allOf`'s with each
+                // other.
+                "anyOf" | "oneOf" | "allOf" => {
+                    let joint = has_props || combined || k == "allOf";
+                    for s in sub.as_array_mut().into_iter().flatten() {
+                        walk(s, joint);
                     }
                 }
                 _ => {}

@@ -5,7 +5,8 @@
 use std::time::Instant;
 
 use corral_protocol::{
-    Done, FinishReason, GenerateRequest, Input, TokenInfo, Tools, TopLogprob, MAX_TOP_LOGPROBS,
+    ChatMessage, Done, FinishReason, GenerateRequest, Input, TokenInfo, ToolChoice, Tools,
+    TopLogprob, MAX_TOP_LOGPROBS,
 };
 
 use crate::constrain::{schema_of, Grammars};
@@ -91,9 +92,24 @@ impl Engine {
     pub fn prompt_tokens(&self, input: &Input, tools: Option<&Tools>) -> anyhow::Result<Vec<u32>> {
         Ok(match input {
             Input::Messages(m) => {
+                // Message contents are text: control tokens written in them are not honoured.
+                let m: Vec<ChatMessage> = m
+                    .iter()
+                    .map(|x| ChatMessage {
+                        content: self.tokenizer.defuse(&x.content),
+                        ..x.clone()
+                    })
+                    .collect();
                 let text = self
                     .template
-                    .render(m, tools.map(|t| &t.functions[..]))
+                    .render(
+                        &m,
+                        tools.map(|t| match t.choice {
+                            // `none`: nothing is offered (the conversation still renders).
+                            ToolChoice::None => &[][..],
+                            _ => &t.functions[..],
+                        }),
+                    )
                     .map_err(|e| anyhow::anyhow!("chat template: {e}"))?;
                 self.tokenizer.encode(&text, true, true)
             }
@@ -119,6 +135,9 @@ impl Engine {
         // An empty stop string would end every answer at once: ignore it.
         let stops: Vec<String> = req.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
         let tools = req.tools.as_ref().filter(|t| !t.functions.is_empty());
+        // Tools that may be called (not `none`): the answer may be a call.
+        let offered = tools.filter(|t| t.choice != ToolChoice::None);
+        let mut held = 0usize;
         let prompt = self.prompt_tokens(&req.input, tools)?;
         let ctx = self.model.context_length;
         if prompt.is_empty() {
@@ -220,19 +239,17 @@ impl Engine {
             }
             history.push(next);
             text.push_str(&utf8.push(self.tokenizer.token_bytes(next)));
-            // What may still be a call is held back, and stop sequences do not cut it.
-            if tools.is_some() && format.may_be_call(&text) {
-                let info = self.token_info(next, &raw, &stats, top_n, String::new(), forced);
-                if req.stream {
-                    sink.token(req.id, &info)?;
-                }
-                tokens.push(info);
+            // What may still be a call is held back (its tokens too: they get their text once
+            // it is known to be text), and stop sequences do not cut it.
+            if offered.is_some() && format.may_be_call(&text) {
+                tokens.push(self.token_info(next, &raw, &stats, top_n, String::new(), forced));
+                held += 1;
                 if matcher.as_ref().is_some_and(|m| m.is_stopped()) {
                     finish = FinishReason::Stop;
                     break;
                 }
                 // A call just closed that repeats an earlier one: the model is looping.
-                if let Some(t) = tools.filter(|_| text.ends_with(format.call_end())) {
+                if let Some(t) = offered.filter(|_| text.ends_with(format.call_end())) {
                     if format.parse(&text, t).repeats() {
                         finish = FinishReason::Stop;
                         break;
@@ -265,7 +282,19 @@ impl Engine {
                 .unwrap_or_default()
                 .to_string();
             emitted = safe.max(emitted);
-            let info = self.token_info(next, &raw, &stats, top_n, delta, forced);
+            let mut info = self.token_info(next, &raw, &stats, top_n, delta, forced);
+            if held > 0 {
+                // Held tokens turned out to be text: each gets its own part of it.
+                let start = tokens.len() - held;
+                let used = split_text(&mut tokens[start..], &info.text);
+                info.text = info.text[used..].to_string();
+                if req.stream {
+                    for t in &tokens[start..] {
+                        sink.token(req.id, t)?;
+                    }
+                }
+                held = 0;
+            }
             if req.stream {
                 sink.token(req.id, &info)?;
             }
@@ -296,7 +325,19 @@ impl Engine {
             let parsed = format.parse(&text, t);
             let repeated = parsed.repeats();
             match parsed {
-                Parsed::Text => {}
+                Parsed::Text => {
+                    // Held to the end (text that looked like a call's start, or a JSON text
+                    // answer in a syntax whose calls are JSON too): stop sequences apply now,
+                    // and the held tokens get their text.
+                    if held > 0 {
+                        if let Some(at) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+                            text.truncate(at);
+                            finish = FinishReason::Stop;
+                        }
+                        let start = tokens.len() - held;
+                        split_text(&mut tokens[start..], &text);
+                    }
+                }
                 Parsed::Calls(mut calls) | Parsed::Incomplete(mut calls) => {
                     // A repeated call ended the answer: the copy goes.
                     if repeated {
@@ -304,6 +345,11 @@ impl Engine {
                     }
                     tool_calls = calls;
                     text.clear();
+                }
+            }
+            if req.stream && held > 0 {
+                for t in &tokens[tokens.len() - held..] {
+                    sink.token(req.id, t)?;
                 }
             }
         }
@@ -357,6 +403,20 @@ impl Engine {
             forced,
         }
     }
+}
+
+/// Gives each of `tokens` (held back, text empty) the text its bytes decode to, as far as
+/// `text` (what the answer's text is up to here) goes; returns the bytes of `text` used.
+fn split_text(tokens: &mut [TokenInfo], text: &str) -> usize {
+    let mut utf8 = Utf8Stream::default();
+    let mut used = 0;
+    for t in tokens {
+        let piece = utf8.push(&t.bytes);
+        let end = floor_boundary(text, (used + piece.len()).min(text.len()));
+        t.text = text[used..end].to_string();
+        used = end;
+    }
+    used
 }
 
 #[cfg(test)]

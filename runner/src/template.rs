@@ -47,11 +47,30 @@ impl ChatTemplate {
             "tojson",
             |v: Value, kwargs: minijinja::value::Kwargs| -> Result<Value, Error> {
                 let indent: Option<usize> = kwargs.get("indent")?;
+                let separators: Option<Vec<String>> = kwargs.get("separators")?;
+                let (item, key) = match separators.as_deref() {
+                    Some([i, k]) => (i.clone(), k.clone()),
+                    Some(_) => {
+                        return Err(Error::new(
+                            ErrorKind::InvalidOperation,
+                            "tojson: separators must be (item, key)",
+                        ))
+                    }
+                    None if indent.is_some() => (",".into(), ": ".into()),
+                    None => (", ".into(), ": ".into()),
+                };
+                let opts = PyJson {
+                    indent,
+                    item,
+                    key,
+                    sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+                    ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+                };
                 kwargs.assert_all_used()?;
                 let json = serde_json::to_value(&v)
                     .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
                 let mut out = String::new();
-                python_json(&json, indent, 0, &mut out);
+                opts.write(&json, 0, &mut out);
                 Ok(Value::from_safe_string(out))
             },
         );
@@ -105,12 +124,16 @@ impl ChatTemplate {
                 .map(|m| context! { role => m.role.clone(), content => m.content.clone() })
                 .collect()
         };
+        let offered = tools.is_some_and(|t| !t.is_empty());
         let tools = tools
             .filter(|t| native && !t.is_empty())
             .map(|t| Value::from_serialize(tools::openai_tools(t)));
         tmpl.render(context! {
             messages => msgs,
             tools => tools,
+            // Reasoning templates (Qwen3, SmolLM3) answer straight away when tools are
+            // offered: a `<think>` block would come before the call the grammar expects.
+            enable_thinking => if offered { Some(false) } else { None },
             add_generation_prompt => true,
             bos_token => self.bos.clone(),
             eos_token => self.eos.clone(),
@@ -118,44 +141,95 @@ impl ChatTemplate {
     }
 }
 
-/// `v` as Python's `json.dumps(v, ensure_ascii=False, indent=indent)` writes it.
-fn python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
-    use serde_json::Value as J;
-    let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
+/// Python's `json.dumps` options, as Hugging Face's `tojson` passes them (`ensure_ascii`
+/// false by default there).
+struct PyJson {
+    indent: Option<usize>,
+    item: String,
+    key: String,
+    sort_keys: bool,
+    ensure_ascii: bool,
+}
+
+impl PyJson {
+    fn newline(&self, out: &mut String, depth: usize) {
+        if let Some(n) = self.indent {
             out.push('\n');
             out.push_str(&" ".repeat(n * depth));
         }
-    };
-    let sep = if indent.is_some() { "," } else { ", " };
-    match v {
-        J::Array(a) if !a.is_empty() => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(sep);
-                }
-                newline(out, depth + 1);
-                python_json(x, indent, depth + 1, out);
-            }
-            newline(out, depth);
-            out.push(']');
+    }
+
+    fn string(&self, s: &str, out: &mut String) {
+        let quoted = serde_json::Value::String(s.to_string()).to_string();
+        if !self.ensure_ascii {
+            out.push_str(&quoted);
+            return;
         }
-        J::Object(m) if !m.is_empty() => {
-            out.push('{');
-            for (i, (k, x)) in m.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(sep);
+        for c in quoted.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
                 }
-                newline(out, depth + 1);
-                out.push_str(&J::String(k.clone()).to_string());
-                out.push_str(": ");
-                python_json(x, indent, depth + 1, out);
             }
-            newline(out, depth);
-            out.push('}');
         }
-        other => out.push_str(&other.to_string()),
+    }
+
+    /// `v` as `json.dumps` writes it.
+    fn write(&self, v: &serde_json::Value, depth: usize, out: &mut String) {
+        use serde_json::Value as J;
+        match v {
+            J::Array(a) if !a.is_empty() => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item);
+                    }
+                    self.newline(out, depth + 1);
+                    self.write(x, depth + 1, out);
+                }
+                self.newline(out, depth);
+                out.push(']');
+            }
+            J::Object(m) if !m.is_empty() => {
+                let mut entries: Vec<(&String, &J)> = m.iter().collect();
+                if self.sort_keys {
+                    entries.sort_by(|a, b| a.0.cmp(b.0));
+                }
+                out.push('{');
+                for (i, (k, x)) in entries.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(&self.item);
+                    }
+                    self.newline(out, depth + 1);
+                    self.string(k, out);
+                    out.push_str(&self.key);
+                    self.write(x, depth + 1, out);
+                }
+                self.newline(out, depth);
+                out.push('}');
+            }
+            J::String(s) => self.string(s, out),
+            J::Number(n) if n.is_f64() => out.push_str(&python_float(&n.to_string())),
+            other => out.push_str(&other.to_string()),
+        }
+    }
+}
+
+/// A float as Python's `repr` writes it: the exponent signed and of at least two digits
+/// (`1e+16`, `1e-05`; Rust writes `1e16`, `1e-5`).
+fn python_float(s: &str) -> String {
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let (sign, digits) = match e.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', e.trim_start_matches('+')),
+            };
+            format!("{m}e{sign}{digits:0>2}")
+        }
+        None => s.to_string(),
     }
 }
 
@@ -269,5 +343,19 @@ mod tests {
             t.render(&[ChatMessage::new("u", "a<b")], None).unwrap(),
             "{\"role\": \"u\", \"content\": \"a<b\"}|{\n  \"role\": \"u\",\n  \"content\": \"a<b\"\n}"
         );
+        let t = ChatTemplate::new(
+            Some("{{ messages[0] | tojson(sort_keys=true, separators=(',', ':'), ensure_ascii=true) }}".into()),
+            false,
+            String::new(),
+            String::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[ChatMessage::new("u", "é😀")], None).unwrap(),
+            "{\"content\":\"\\u00e9\\ud83d\\ude00\",\"role\":\"u\"}"
+        );
+        assert_eq!(super::python_float("1e16"), "1e+16");
+        assert_eq!(super::python_float("1e-5"), "1e-05");
+        assert_eq!(super::python_float("0.5"), "0.5");
     }
 }

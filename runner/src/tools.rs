@@ -11,8 +11,8 @@
 //! Whatever the prompt, the answer is generated under a grammar (llguidance's Lark dialect):
 //! each call is `{"name": <one of the offered names>, "arguments": <JSON valid against that
 //! function's parameters>}` in the format's frame. Under `auto` the grammar also admits a text
-//! answer that does not start a call; under `required` (or a named function) it admits calls
-//! only. So a local call always parses and always validates against its schema; a call cut
+//! answer that holds no call; under `required` (or a named function) it admits calls only; under
+//! `none`, text only. So a local call always parses and always validates against its schema; a call cut
 //! short by `max_tokens` is reported as no call at all.
 
 use corral_protocol::{ChatMessage, Function, ToolCall, ToolChoice, Tools};
@@ -71,7 +71,7 @@ impl Format {
     /// Whether `text`, the answer so far, may still be (or is) a call: its text must be held
     /// back from the caller and stop sequences do not apply to it.
     pub fn may_be_call(self, text: &str) -> bool {
-        let t = text.trim_start();
+        let t = trim_ws(text);
         let trigger = self.trigger();
         t.starts_with(trigger) || trigger.starts_with(t)
     }
@@ -79,6 +79,11 @@ impl Format {
     /// The Lark grammar an answer is generated under. `text`: the schema a text answer must
     /// follow (`response_format`), if any.
     pub fn grammar(self, tools: &Tools, text: Option<&Value>) -> Result<String, String> {
+        if tools.choice == ToolChoice::None {
+            let mut g = String::from("start: text\n");
+            self.text_rule(text, &mut g)?;
+            return Ok(g);
+        }
         let offered: Vec<&Function> = match &tools.choice {
             ToolChoice::Function { name } => {
                 let f = tools
@@ -125,34 +130,38 @@ impl Format {
             ));
         }
         if tools.choice == ToolChoice::Auto {
-            match text {
-                Some(schema) => g.push_str(&format!(
-                    "text: %json {}\n",
-                    serde_json::to_string(schema).map_err(|e| e.to_string())?
-                )),
-                None => {
-                    // Any text that does not open a call (leading white space included).
-                    let trigger = match self {
-                        Format::Hermes => "<tool_call>",
-                        Format::Llama3 => "\\{",
-                    };
-                    g.push_str("text: TEXT\n");
-                    g.push_str(&format!(
-                        "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*{trigger}.*)/\n"
-                    ));
-                }
-            }
+            self.text_rule(text, &mut g)?;
         }
         Ok(g)
     }
 
+    /// The rule for a text answer: under the JSON schema `text` when there is one, else any
+    /// text that does not start a call (Llama 3: does not open with `{`) and, in the `<tool_call>`
+    /// syntax, holds no call anywhere (a call after some text would escape its schema).
+    fn text_rule(self, text: Option<&Value>, g: &mut String) -> Result<(), String> {
+        match text {
+            Some(schema) => g.push_str(&format!(
+                "text: %json {}\n",
+                serde_json::to_string(schema).map_err(|e| e.to_string())?
+            )),
+            None => {
+                g.push_str("text: TEXT\n");
+                g.push_str(match self {
+                    Format::Hermes => "TEXT: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/\n",
+                    Format::Llama3 => "TEXT: /(?s:.*)/ & ~/(?s:[ \\t\\r\\n]*\\{.*)/\n",
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Reads an answer generated under [`Format::grammar`].
     pub fn parse(self, text: &str, tools: &Tools) -> Parsed {
-        if !text.trim_start().starts_with(self.trigger()) {
+        if tools.choice == ToolChoice::None || !trim_ws(text).starts_with(self.trigger()) {
             return Parsed::Text;
         }
         let mut calls: Vec<ToolCall> = Vec::new();
-        let mut rest = text.trim_start();
+        let mut rest = trim_ws(text);
         while !rest.is_empty() {
             if self == Format::Hermes {
                 let Some(r) = rest.strip_prefix("<tool_call>") else {
@@ -185,12 +194,12 @@ impl Format {
                 arguments: args.clone(),
             };
             if self == Format::Hermes {
-                let Some(r) = rest.trim_start().strip_prefix("</tool_call>") else {
+                let Some(r) = trim_ws(rest).strip_prefix("</tool_call>") else {
                     return Parsed::Incomplete(calls);
                 };
-                rest = r.trim_start();
+                rest = trim_ws(r);
             } else {
-                rest = rest.trim_start();
+                rest = trim_ws(rest);
                 if !rest.is_empty() {
                     return Parsed::Incomplete(calls);
                 }
@@ -199,6 +208,12 @@ impl Format {
         }
         Parsed::Calls(calls)
     }
+}
+
+/// `s` without the white space a grammar admits before and between calls (ASCII only: the
+/// grammar allows nothing else there, so nothing else may be skipped when reading back).
+fn trim_ws(s: &str) -> &str {
+    s.trim_start_matches([' ', '\t', '\r', '\n'])
 }
 
 /// What an answer under tools turned out to be.
@@ -446,9 +461,17 @@ mod tests {
         assert!(accepts(&g, &auto, missing).0 < missing.len());
         let unknown = "<tool_call>\n{\"name\": \"rm\"";
         assert!(accepts(&g, &auto, unknown).0 < unknown.len());
-        // Text is fine unless it opens a call.
+        // Text is fine unless it holds a call, at the start or after other text.
         assert_eq!(accepts(&g, &auto, "It is sunny."), (12, true));
         assert!(accepts(&g, &auto, "  <tool_call>hello").0 < 18);
+        let later = format!("Sure.\n{call}");
+        assert!(accepts(&g, &auto, &later).0 < later.len());
+        // `none`: text only, never a call.
+        let mut none = tools.clone();
+        none.choice = ToolChoice::None;
+        let text_only = Format::Hermes.grammar(&none, None).unwrap();
+        assert_eq!(accepts(&g, &text_only, "Rain."), (5, true));
+        assert!(accepts(&g, &text_only, call).0 < call.len());
         // Required: no text at all.
         let mut req = tools.clone();
         req.choice = ToolChoice::Required;
@@ -499,6 +522,10 @@ mod tests {
         assert!(!Format::Hermes.parse(call, &tools).repeats());
         assert!(Format::Hermes.may_be_call(" <tool"));
         assert!(!Format::Hermes.may_be_call("<b>"));
+        // Only the white space the grammar admits is skipped: anything else makes it text.
+        let nbsp = format!("\u{a0}{call}");
+        assert_eq!(Format::Hermes.parse(&nbsp, &tools), Parsed::Text);
+        assert!(!Format::Hermes.may_be_call("\u{a0}<tool"));
     }
 
     #[test]

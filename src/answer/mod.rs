@@ -63,7 +63,19 @@ fn openai_calls(req: &Request, done: &Done) -> Result<Option<serde_json::Value>,
         };
     };
     if done.tool_calls.is_empty() {
+        // `required` or a named function admits no text: a runner that finished with some
+        // broke the grammar (one cut by `max_tokens` made no complete call).
+        let forced = matches!(
+            tools.choice,
+            corral_protocol::ToolChoice::Required | corral_protocol::ToolChoice::Function { .. }
+        );
+        if forced && done.finish_reason == corral_protocol::FinishReason::Stop {
+            return Err("the runner answered without the call the request requires".into());
+        }
         return Ok(None);
+    }
+    if tools.choice == corral_protocol::ToolChoice::None {
+        return Err("the runner returned tool calls where none were allowed".into());
     }
     if !tools.parallel && done.tool_calls.len() > 1 {
         return Err("the runner returned parallel tool calls where they were refused".into());
@@ -235,6 +247,26 @@ impl Pipeline {
         streamed: &mut bool,
     ) -> (Result<Answer, Failure>, Option<SlmRun>) {
         let rt = &self.router;
+        // A schema the runner cannot enforce is never answered unconstrained: the chain gets
+        // it when there is one, else the caller is told which keyword.
+        if let Err(error) = req.local_schemas() {
+            if d.fallback_available {
+                let run = SlmRun {
+                    model: model.to_string(),
+                    profile: profile.to_string(),
+                    done: None,
+                    ready: None,
+                    score: None,
+                    scores: vec![],
+                    error: Some(error.clone()),
+                    time: Duration::ZERO,
+                };
+                return self
+                    .escalate(req, d, Escalation::Unenforceable { error }, run)
+                    .await;
+            }
+            return (Err(Failure::Unsupported(error)), None);
+        }
         let method = rt.method;
         let need = d.confidence_required.unwrap_or(0.0);
         let escalate_low = d.fallback_available && rt.on_low_confidence && need > 0.0;
@@ -245,7 +277,7 @@ impl Pipeline {
             None => escalate_low || (d.fallback_available && rt.audit_rate > 0.0),
         };
         // An answer that may be a call is read whole: a call goes out only complete and checked.
-        let live = updates.filter(|_| req.stream && !buffer && req.runner_tools().is_none());
+        let live = updates.filter(|_| req.stream && !buffer && !req.may_call());
         let start = Instant::now();
         let mut failure: Option<(String, bool)> = None;
         let mut unavailable = false;

@@ -640,8 +640,9 @@ fn a_local_tool_call_is_offered_checked_and_answered_in_openais_shape() {
         (Some("call_a"), Some("get_weather"))
     );
     drop(jobs);
-    // `none`: the runner is offered nothing (the history still goes).
-    let c = case("", vec![sure()]);
+    // `none`: text only (with calls in the conversation the runner is told so, to keep their
+    // syntax out of the text); without any, nothing is offered at all.
+    let c = case("", vec![sure(), sure()]);
     let a = answer(&c, &tool_request(Some(serde_json::json!("none"))))
         .result
         .unwrap();
@@ -649,7 +650,46 @@ fn a_local_tool_call_is_offered_checked_and_answered_in_openais_shape() {
         (a.text.as_str(), a.tool_calls.is_none()),
         ("Teal it is.", true)
     );
-    assert!(c.local.jobs.lock().unwrap()[0].2.tools.is_none());
+    assert_eq!(
+        c.local.jobs.lock().unwrap()[0]
+            .2
+            .tools
+            .as_ref()
+            .unwrap()
+            .choice,
+        corral_protocol::ToolChoice::None
+    );
+    let mut fresh = tool_request(Some(serde_json::json!("none")));
+    fresh.messages.truncate(1);
+    answer(&c, &fresh).result.unwrap();
+    assert!(c.local.jobs.lock().unwrap()[1].2.tools.is_none());
+    // A forced call answered with text is the runner breaking its grammar: a failure.
+    let c = case("", vec![sure()]);
+    assert!(matches!(
+        answer(&c, &tool_request(Some(serde_json::json!("required")))).result,
+        Err(Failure::Local { .. })
+    ));
+    // Parameters the runner cannot enforce: never run locally; escalated with the reason, or
+    // the caller's 400 naming the function and the keyword.
+    let mut bad = tool_request(None);
+    bad.tools = Some(
+        serde_json::json!([{"type": "function", "function": {"name": "tag",
+        "parameters": {"type": "object", "properties": {"t": {"type": "array", "uniqueItems": true}}}}}]),
+    );
+    let c = case(FALLBACK, vec![]);
+    let a = answer(&c, &bad).result.unwrap();
+    assert_eq!((a.source, c.local.submitted()), (Source::Llm, 0));
+    assert_eq!(
+        a.escalation.as_ref().unwrap().kind(),
+        "unenforceable_schema"
+    );
+    let c = case("", vec![]);
+    match answer(&c, &bad).result {
+        Err(Failure::Unsupported(e)) => {
+            assert!(e.contains("'tag'") && e.contains("uniqueItems"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
     // A runner calling what was not offered is a failed answer, escalated where it can be.
     let c = case(
         FALLBACK,

@@ -185,13 +185,15 @@ impl Request {
         }
     }
 
-    /// The functions the local model is offered, and how it may use them: none when
-    /// `tool_choice` is `none`.
+    /// The functions the local model is offered, and how it may use them. `tool_choice: none`
+    /// offers nothing; with calls or results in the conversation it still goes as `None`, so
+    /// the runner keeps the answer from copying their syntax into its text.
     pub(super) fn runner_tools(&self) -> Option<Tools> {
         let list = self.tools.as_ref()?.as_array()?;
         let choice = match &self.tool_choice {
             None => ToolChoice::Auto,
             Some(Value::String(s)) => match s.as_str() {
+                "none" if self.has_tool_history() => ToolChoice::None,
                 "none" => return None,
                 "required" => ToolChoice::Required,
                 _ => ToolChoice::Auto,
@@ -223,6 +225,48 @@ impl Request {
             choice,
             parallel: self.parallel_tool_calls.unwrap_or(true),
         })
+    }
+
+    /// Whether the conversation holds calls or tool results.
+    fn has_tool_history(&self) -> bool {
+        self.messages
+            .iter()
+            .any(|m| m.tool_calls.is_some() || m.role == "tool")
+    }
+
+    /// Whether the local model may answer with a call (tools offered, not `none`): such an
+    /// answer is read whole before it goes out.
+    pub(super) fn may_call(&self) -> bool {
+        self.runner_tools()
+            .is_some_and(|t| t.choice != ToolChoice::None)
+    }
+
+    /// Whether the local runner can enforce every schema of the request (the `json_schema`
+    /// response format, the offered functions' parameters); the error names the keyword, where
+    /// it is and, for a function, which.
+    pub(super) fn local_schemas(&self) -> Result<(), String> {
+        if let Some(corral_protocol::OutputConstraint::JsonSchema { schema }) = self.constraint() {
+            corral_protocol::check_schema(&schema).map_err(|e| format!("response_format: {e}"))?;
+        }
+        for f in self
+            .runner_tools()
+            .filter(|t| t.choice != ToolChoice::None)
+            .map(|t| t.functions)
+            .unwrap_or_default()
+        {
+            if f.parameters.is_null() {
+                continue;
+            }
+            if !f.parameters.is_object() {
+                return Err(format!(
+                    "function '{}': parameters must be an object",
+                    f.name
+                ));
+            }
+            corral_protocol::check_schema(&f.parameters)
+                .map_err(|e| format!("function '{}': {e}", f.name))?;
+        }
+        Ok(())
     }
 
     /// The runner's messages: the conversation with its earlier calls (arguments as JSON when
@@ -400,6 +444,9 @@ pub enum Escalation {
         score: Option<f64>,
         threshold: f32,
     },
+    /// A schema of the request (response format, a function's parameters) uses what the local
+    /// model cannot enforce; the SLM was not run.
+    Unenforceable { error: String },
 }
 
 impl Escalation {
@@ -410,6 +457,7 @@ impl Escalation {
             Escalation::SlmFailed { .. } => "slm_failure",
             Escalation::AuditSample => "audit",
             Escalation::LowFieldConfidence { .. } => "low_field_confidence",
+            Escalation::Unenforceable { .. } => "unenforceable_schema",
         }
     }
 
@@ -417,6 +465,9 @@ impl Escalation {
     pub fn reason(&self) -> String {
         match self {
             Escalation::SlmFailed { error } => format!("the SLM failed: {error}"),
+            Escalation::Unenforceable { error } => {
+                format!("the local model cannot enforce the schema: {error}")
+            }
             other => other.summary(),
         }
     }
@@ -434,6 +485,7 @@ impl Escalation {
                 method.name()
             ),
             Escalation::SlmFailed { .. } => "the SLM failed".into(),
+            Escalation::Unenforceable { .. } => "a schema the local model cannot enforce".into(),
             Escalation::LowFieldConfidence {
                 field,
                 score: Some(s),

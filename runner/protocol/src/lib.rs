@@ -100,6 +100,9 @@ pub enum ToolChoice {
     Required,
     /// A call of this function.
     Function { name: String },
+    /// Text only: the functions are not offered, and the answer may not start a call (the
+    /// conversation may still hold earlier calls and their results).
+    None,
 }
 
 /// A call the model made (or made earlier in the conversation).
@@ -304,8 +307,8 @@ pub struct Done {
     pub constraint_ms: f64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenInfo>,
-    /// The calls the answer makes (`text` is then what came before them, usually nothing);
-    /// each generated under its function's schema.
+    /// The calls the answer makes (`text` is then empty); each generated under its
+    /// function's schema.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCall>,
 }
@@ -364,6 +367,89 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(
         }
     })?;
     Ok(Some(serde_json::from_slice(&body)?))
+}
+
+/// Keys a schema object may have (docs/serving.md lists them).
+pub const KEYWORDS: &[&str] = &[
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "enum",
+    "const",
+    "items",
+    "prefixItems",
+    "minItems",
+    "maxItems",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "$ref",
+    "$defs",
+    "definitions",
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$comment",
+];
+
+/// Checks every schema object in `schema` against the JSON Schema subset the runner enforces
+/// by constrained decoding ([`KEYWORDS`]); the error names the first other key and where it is
+/// (a JSON pointer). The supervisor checks before it sends (a schema the local model cannot
+/// enforce goes remote or is refused), the runner again before it compiles.
+pub fn check_schema(schema: &serde_json::Value) -> Result<(), String> {
+    fn walk(v: &serde_json::Value, at: &str) -> Result<(), String> {
+        let Some(obj) = v.as_object() else {
+            return match v {
+                serde_json::Value::Bool(_) => Ok(()),
+                _ => Err(format!("{}: a schema must be an object", pointer(at))),
+            };
+        };
+        for (k, sub) in obj {
+            if !KEYWORDS.contains(&k.as_str()) {
+                return Err(format!(
+                    "JSON Schema keyword '{k}' at {} is not supported for local constrained decoding (see docs/serving.md for the subset)",
+                    pointer(at)
+                ));
+            }
+            let here = format!("{at}/{k}");
+            match k.as_str() {
+                "properties" | "$defs" | "definitions" => {
+                    for (name, s) in sub.as_object().into_iter().flatten() {
+                        walk(s, &format!("{here}/{name}"))?;
+                    }
+                }
+                "items" | "additionalProperties" => walk(sub, &here)?,
+                "anyOf" | "oneOf" | "allOf" | "prefixItems" => {
+                    for (i, s) in sub.as_array().into_iter().flatten().enumerate() {
+                        walk(s, &format!("{here}/{i}"))?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+    fn pointer(at: &str) -> String {
+        if at.is_empty() {
+            "the schema's root".into()
+        } else {
+            format!("'{at}'")
+        }
+    }
+    walk(schema, "")
 }
 
 #[cfg(test)]
