@@ -850,3 +850,63 @@ fn providers_are_shared_between_threads() {
     assert_eq!(answers, expected);
     assert_eq!(server.count(), 8);
 }
+
+#[test]
+fn anthropic_tools_are_translated_both_ways_over_the_wire() {
+    let server = Server::start(vec![Reply::json(
+        200,
+        json!({
+            "id": "msg_02", "type": "message", "role": "assistant", "model": "claude-test",
+            "content": [{"type": "tool_use", "id": "toolu_9", "name": "get_weather",
+                         "input": {"city": "Lyon"}}],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 40, "output_tokens": 12}
+        }),
+    )]);
+    let mut cfg = config(ProviderKind::Anthropic, &server);
+    cfg.api_key_env = Some(key_env("anthropic_tools", "sk-ant-test"));
+    let provider = Provider::new("claude", cfg);
+    let mut assistant = Message::new("assistant", "");
+    assistant.tool_calls = Some(json!([{"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]));
+    let mut result = Message::new("tool", "{\"temp_c\": 21}");
+    result.tool_call_id = Some("call_1".into());
+    let req = ChatRequest {
+        messages: vec![Message::new("user", "Paris, then Lyon?"), assistant, result],
+        tools: Some(
+            json!([{"type": "function", "function": {"name": "get_weather",
+            "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]),
+        ),
+        tool_choice: Some(json!("required")),
+        parallel_tool_calls: Some(false),
+        ..ChatRequest::default()
+    };
+    let r = provider.complete(&req).unwrap();
+    // What went over the wire is Anthropic's shape.
+    let body = server.requests()[0].json();
+    assert_eq!(
+        body["tools"],
+        json!([{"name": "get_weather", "description": "Weather now",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}])
+    );
+    assert_eq!(
+        body["tool_choice"],
+        json!({"type": "any", "disable_parallel_tool_use": true})
+    );
+    assert_eq!(
+        body["messages"][1]["content"],
+        json!([{"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}])
+    );
+    assert_eq!(
+        body["messages"][2],
+        json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "{\"temp_c\": 21}"}]})
+    );
+    // What came back is OpenAI's.
+    assert_eq!(r.finish_reason, "tool_calls");
+    assert_eq!(
+        r.tool_calls,
+        Some(json!([{"id": "toolu_9", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Lyon\"}"}}]))
+    );
+}
