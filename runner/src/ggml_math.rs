@@ -127,6 +127,40 @@ pub fn dot(a: &[f32], b: &[f32], order: Order) -> f32 {
     }
 }
 
+/// `a · b` for `P` vectors `b` at once, in tinyBLAS's order (each result is `dot(a, b,
+/// Order::TinyBlas)` to the bit): the `P` accumulator chains are independent, so their FMAs
+/// overlap instead of waiting on one another.
+#[inline(always)]
+pub fn dot_many_tinyblas<const P: usize>(a: &[f32], bs: [&[f32]; P]) -> [f32; P] {
+    let n = bs.iter().fold(a.len(), |n, b| n.min(b.len()));
+    let mut acc = [[0f32; 8]; P];
+    let full = n / 8 * 8;
+    for g in (0..full).step_by(8) {
+        let Ok(x) = <&[f32; 8]>::try_from(&a[g..g + 8]) else {
+            continue;
+        };
+        for (acc, b) in acc.iter_mut().zip(&bs) {
+            if let Ok(y) = <&[f32; 8]>::try_from(&b[g..g + 8]) {
+                fma8(acc, x, y);
+            }
+        }
+    }
+    if full < n {
+        let mut x = [0f32; 8];
+        x[..n - full].copy_from_slice(&a[full..n]);
+        for (acc, b) in acc.iter_mut().zip(&bs) {
+            let mut y = [0f32; 8];
+            y[..n - full].copy_from_slice(&b[full..n]);
+            fma8(acc, &x, &y);
+        }
+    }
+    let mut out = [0f32; P];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        *o = hsum8(a);
+    }
+    out
+}
+
 #[inline(always)]
 fn fma8(acc: &mut [f32; 8], x: &[f32; 8], y: &[f32; 8]) {
     for l in 0..8 {
@@ -228,6 +262,32 @@ pub fn with_fma<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_many_is_each_dot_to_the_bit() {
+        let a: Vec<f32> = (0..67)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let bs: Vec<Vec<f32>> = (0..4)
+            .map(|k| {
+                (0..67)
+                    .map(|i| ((i * (k + 3) % 89) as f32 - 40.0) / 9.0)
+                    .collect()
+            })
+            .collect();
+        for n in [64, 67, 5] {
+            let many = dot_many_tinyblas(
+                &a[..n],
+                [&bs[0][..n], &bs[1][..n], &bs[2][..n], &bs[3][..n]],
+            );
+            for (k, m) in many.iter().enumerate() {
+                assert_eq!(
+                    m.to_bits(),
+                    dot(&a[..n], &bs[k][..n], Order::TinyBlas).to_bits()
+                );
+            }
+        }
+    }
 
     #[test]
     fn expf_is_close_to_exp_and_handles_the_edges() {

@@ -144,18 +144,51 @@ impl QMat {
         };
         let chunk = total.div_ceil(tasks).max(1);
         let mut all = vec![0f32; total * n];
+        // Prefill: two rows against four activation rows at once (`avx2::tile_*`; each result
+        // computed exactly as the one-by-one product). Decoding (one activation row) goes row
+        // by row: measured, a four-row tile was slower there (the product is memory-bound).
         let compute = |ci: usize, dst: &mut [f32]| {
-            for (k, slot) in dst.chunks_mut(n).enumerate() {
-                let g = ci * chunk + k;
-                let mi = starts.iter().rposition(|s| *s <= g).unwrap_or(0);
-                let m = mats[mi];
-                let w = m.row(g - starts[mi]);
-                for (i, a) in acts.iter().enumerate() {
-                    slot[i] = match m.wtype {
-                        WType::Q4_1 => dot_q4_1(&w, a, avx2),
-                        WType::Q8_0 => dot_q8_0(&w, a, avx2),
-                    };
+            let here = dst.len() / n;
+            let rows: Vec<(WType, Row<'_>)> = (0..here)
+                .map(|k| {
+                    let g = ci * chunk + k;
+                    let mi = starts.iter().rposition(|s| *s <= g).unwrap_or(0);
+                    (mats[mi].wtype, mats[mi].row(g - starts[mi]))
+                })
+                .collect();
+            let mut k = 0;
+            while k < here {
+                let wt = rows[k].0;
+                let pair = avx2 && n > 1 && k + 1 < here && rows[k + 1].0 == wt;
+                if !pair {
+                    for (i, a) in acts.iter().enumerate() {
+                        dst[k * n + i] = match wt {
+                            WType::Q4_1 => dot_q4_1(&rows[k].1, a, avx2),
+                            WType::Q8_0 => dot_q8_0(&rows[k].1, a, avx2),
+                        };
+                    }
+                    k += 1;
+                    continue;
                 }
+                let ws = [&rows[k].1, &rows[k + 1].1];
+                let mut i = 0;
+                while i < n {
+                    if i + 4 <= n {
+                        let a4 = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
+                        let out = tile::<2, 4>(wt, ws, a4);
+                        for (r, o) in out.iter().enumerate() {
+                            dst[(k + r) * n + i..][..4].copy_from_slice(o);
+                        }
+                        i += 4;
+                    } else {
+                        let out = tile::<2, 1>(wt, ws, [&acts[i]]);
+                        for (r, o) in out.iter().enumerate() {
+                            dst[(k + r) * n + i] = o[0];
+                        }
+                        i += 1;
+                    }
+                }
+                k += 2;
             }
         };
         if tasks == 1 {
@@ -186,6 +219,39 @@ impl QMat {
     /// `x` holds `n` rows of `cols` values; returns `n` rows of `rows` values.
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         QMat::matmul_many(&[self], x, n).pop().unwrap_or_default()
+    }
+}
+
+/// `R` rows of one type against `A` activation rows with the AVX2 tiles (the caller checked
+/// AVX2 and FMA).
+fn tile<const R: usize, const A: usize>(
+    wt: WType,
+    ws: [&Row<'_>; R],
+    acts: [&[ABlock]; A],
+) -> [[f32; A]; R] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: only called when AVX2 and FMA were detected (`has_avx2`); the rows and
+        // activations come from the same matrix product, so their block counts match.
+        unsafe {
+            match wt {
+                WType::Q4_1 => avx2::tile_q4_1(ws, acts),
+                WType::Q8_0 => avx2::tile_q8_0(ws, acts),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let mut out = [[0f32; A]; R];
+        for (r, w) in ws.iter().enumerate() {
+            for (j, a) in acts.iter().enumerate() {
+                out[r][j] = match wt {
+                    WType::Q4_1 => dot_q4_1(w, a, false),
+                    WType::Q8_0 => dot_q8_0(w, a, false),
+                };
+            }
+        }
+        out
     }
 }
 
@@ -426,6 +492,100 @@ mod avx2 {
         // SAFETY: as above.
         unsafe { hsum(acc) }
     }
+
+    /// `R` weight rows against `A` activation rows at once: each weight block is unpacked
+    /// once for the `A` activations and each activation block loaded once for the `R` rows, and
+    /// the `R × A` accumulators are independent chains (one block-ordered FMA chain per
+    /// output, as in `dot_q4_1`, so each result is bit for bit the single product's).
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; every row holds whole Q4_1 blocks matching every activation row.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // block b of every row and activation in lockstep
+    pub unsafe fn tile_q4_1<const R: usize, const A: usize>(
+        ws: [&Row<'_>; R],
+        acts: [&[ABlock]; A],
+    ) -> [[f32; A]; R] {
+        let mut acc = [[_mm256_setzero_ps(); A]; R];
+        let mut summs = [[0f32; A]; R];
+        let mask = _mm256_set1_epi8(0x0f);
+        let nb = acts[0].len();
+        for b in 0..nb {
+            let mut q = [_mm256_setzero_si256(); A];
+            for j in 0..A {
+                // SAFETY: an activation block has 32 bytes.
+                q[j] = unsafe { _mm256_loadu_si256(acts[j][b].q.as_ptr().cast()) };
+            }
+            for r in 0..R {
+                let w = ws[r];
+                let nib = &w.q[b * 16..(b + 1) * 16];
+                // SAFETY: nib has 16 bytes.
+                let nib = unsafe { _mm_loadu_si128(nib.as_ptr().cast()) };
+                let lo = _mm256_castsi128_si256(nib);
+                let both = _mm256_insertf128_si256::<1>(lo, _mm_srli_epi16::<4>(nib));
+                let x = _mm256_and_si256(both, mask);
+                let (d, m) = (w.d[b], w.m[b]);
+                for j in 0..A {
+                    let ab = &acts[j][b];
+                    summs[r][j] += m * ab.s;
+                    // SAFETY: AVX2/FMA are enabled for this function.
+                    let p = unsafe { mul_sum_us8(x, q[j]) };
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), p, acc[r][j]);
+                }
+            }
+        }
+        let mut out = [[0f32; A]; R];
+        for r in 0..R {
+            for j in 0..A {
+                // SAFETY: as above.
+                out[r][j] = unsafe { hsum(acc[r][j]) } + summs[r][j];
+            }
+        }
+        out
+    }
+
+    /// [`tile_q4_1`] for Q8_0 weights (each result bit for bit `dot_q8_0`'s).
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; every row holds whole Q8_0 blocks matching every activation row.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // block b of every row and activation in lockstep
+    pub unsafe fn tile_q8_0<const R: usize, const A: usize>(
+        ws: [&Row<'_>; R],
+        acts: [&[ABlock]; A],
+    ) -> [[f32; A]; R] {
+        let mut acc = [[_mm256_setzero_ps(); A]; R];
+        let nb = acts[0].len();
+        for b in 0..nb {
+            let mut y = [_mm256_setzero_si256(); A];
+            for j in 0..A {
+                // SAFETY: an activation block has 32 bytes.
+                y[j] = unsafe { _mm256_loadu_si256(acts[j][b].q.as_ptr().cast()) };
+            }
+            for r in 0..R {
+                let w = ws[r];
+                let q = &w.q[b * QK..(b + 1) * QK];
+                // SAFETY: q has 32 bytes.
+                let x = unsafe { _mm256_loadu_si256(q.as_ptr().cast()) };
+                let ax = _mm256_sign_epi8(x, x);
+                let d = w.d[b];
+                for j in 0..A {
+                    let sy = _mm256_sign_epi8(y[j], x);
+                    // SAFETY: AVX2/FMA are enabled for this function.
+                    let p = unsafe { mul_sum_us8(ax, sy) };
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * acts[j][b].d), p, acc[r][j]);
+                }
+            }
+        }
+        let mut out = [[0f32; A]; R];
+        for r in 0..R {
+            for j in 0..A {
+                // SAFETY: as above.
+                out[r][j] = unsafe { hsum(acc[r][j]) };
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -509,6 +669,30 @@ mod tests {
         let fused = QMat::matmul_many(&[&a, &b], &x, 3);
         assert_eq!(fused[0], a.matmul(&x, 3));
         assert_eq!(fused[1], b.matmul(&x, 3));
+        // Several activation rows at once (the prefill tiles, with remainders of rows and of
+        // activations) give each row's product to the bit, for both weight types.
+        for (dtype, wtype) in [
+            (GgmlDType::Q4_1, WType::Q4_1),
+            (GgmlDType::Q8_0, WType::Q8_0),
+        ] {
+            let w: Vec<f32> = (0..41 * 96)
+                .map(|i| ((i * 31 % 997) as f32 / 498.0 - 1.0))
+                .collect();
+            let q =
+                QTensor::quantize(&Tensor::from_vec(w, (41, 96), &dev).unwrap(), dtype).unwrap();
+            let m = QMat::new(wtype, 41, 96, &q.data().unwrap()).unwrap();
+            let x: Vec<f32> = (0..7 * 96).map(|i| ((i * 7) as f32).cos()).collect();
+            let all = m.matmul(&x, 7);
+            for r in 0..7 {
+                let one = m.matmul(&x[r * 96..(r + 1) * 96], 1);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&all[r * 41..(r + 1) * 41]),
+                    bits(&one),
+                    "{wtype:?} row {r}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use half::f16;
+use rayon::prelude::*;
 
 use crate::ggml_math::{self, ColumnDot, Order};
 use crate::kernels::{QMat, WType};
@@ -371,32 +372,67 @@ impl Llama {
             let vc = &self.v_cache[l];
             let mut att = vec![0f32; seq * c.n_embd];
             let order = Order::for_rows(seq);
-            ggml_math::with_fma(|| {
-                let mut scores = vec![0f32; pos + seq];
-                let mut q16 = vec![0f32; c.head_dim];
-                let mut scratch = vec![0f32; 32 * c.head_dim];
-                for i in 0..seq {
-                    let n_ctx = pos + i + 1; // causal: this position sees itself and all before
-                    for hh in 0..c.n_head {
-                        let kvh = hh / group;
-                        let qrow = &q[(i * c.n_head + hh) * c.head_dim..][..c.head_dim];
-                        for (d, qv) in q16.iter_mut().zip(qrow) {
-                            *d = f16::from_f32(*qv).to_f32();
-                        }
-                        for (j, s) in scores[..n_ctx].iter_mut().enumerate() {
-                            let krow = &kc[j * kv_dim + kvh * c.head_dim..][..c.head_dim];
-                            *s = ggml_math::dot(krow, &q16, order) * scale;
-                        }
-                        ggml_math::softmax(&mut scores[..n_ctx]);
-                        let mut acc = ColumnDot::new(&mut scratch, c.head_dim, order);
-                        for (j, s) in scores[..n_ctx].iter().enumerate() {
-                            let p = f16::from_f32(*s).to_f32();
-                            acc.add(j, p, &vc[j * kv_dim + kvh * c.head_dim..][..c.head_dim]);
-                        }
-                        acc.finish(&mut att[(i * c.n_head + hh) * c.head_dim..][..c.head_dim]);
+            // One (position, head) per task: each writes its own slice of `att` with the same
+            // arithmetic as a single thread would, so the result does not depend on the split.
+            let head_dim = c.head_dim;
+            let a = Attn {
+                q: &q,
+                kc,
+                vc,
+                pos,
+                n_head: c.n_head,
+                group,
+                head_dim,
+                kv_dim,
+                scale,
+                order,
+            };
+            let bufs = || AttnBufs {
+                scores: vec![0f32; pos + seq],
+                q16: vec![0f32; head_dim],
+                scratch: vec![0f32; 32 * head_dim],
+            };
+            if seq >= 2 {
+                // Prefill: per head, blocks of positions; within a block four queries share
+                // each key row (`Attn::block`). Computed head-major, then put back in place.
+                let mut att_t = vec![0f32; c.n_head * seq * head_dim];
+                let block_bufs = || AttnBufs {
+                    scores: vec![0f32; 4 * (pos + seq)],
+                    q16: vec![0f32; 4 * head_dim],
+                    scratch: vec![0f32; 32 * head_dim],
+                };
+                att_t
+                    .par_chunks_mut(seq * head_dim)
+                    .enumerate()
+                    .for_each(|(hh, head_out)| {
+                        head_out
+                            .par_chunks_mut(POS_BLOCK * head_dim)
+                            .enumerate()
+                            .for_each_init(block_bufs, |b, (blk, out)| {
+                                ggml_math::with_fma(|| a.block(b, hh, blk * POS_BLOCK, out));
+                            });
+                    });
+                for hh in 0..c.n_head {
+                    for i in 0..seq {
+                        att[(i * c.n_head + hh) * head_dim..][..head_dim]
+                            .copy_from_slice(&att_t[(hh * seq + i) * head_dim..][..head_dim]);
                     }
                 }
-            });
+            } else if (pos + seq) * c.n_head * head_dim < 32_768 {
+                // Decoding a short context: not worth the threads.
+                let mut b = bufs();
+                ggml_math::with_fma(|| {
+                    for (idx, out) in att.chunks_mut(head_dim).enumerate() {
+                        a.one(&mut b, idx, out);
+                    }
+                });
+            } else {
+                att.par_chunks_mut(head_dim)
+                    .enumerate()
+                    .for_each_init(bufs, |b, (idx, out)| {
+                        ggml_math::with_fma(|| a.one(b, idx, out));
+                    });
+            }
             let o = self.matmul(&layer.wo, &att, seq)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &layer.ffn_norm, c.eps);
@@ -420,6 +456,106 @@ impl Llama {
         crate::engine::check_finite("final hidden state", &h)?;
         Ok(self.matmul(&self.output, &h, 1)?)
     }
+}
+
+/// What every attention task reads: the layer's queries, the KV cache, the shapes.
+struct Attn<'a> {
+    q: &'a [f32],
+    kc: &'a [f32],
+    vc: &'a [f32],
+    pos: usize,
+    n_head: usize,
+    group: usize,
+    head_dim: usize,
+    kv_dim: usize,
+    scale: f32,
+    order: Order,
+}
+
+impl Attn<'_> {
+    /// Query row `idx` (position `idx / n_head`, head `idx % n_head`) attending over the cache
+    /// (causal: a position sees itself and all before), into `out`. Always inlined, so that
+    /// inside `with_fma` it is compiled with FMA (`mul_add` a call into libm otherwise).
+    #[inline(always)]
+    fn one(&self, bufs: &mut AttnBufs, idx: usize, out: &mut [f32]) {
+        let (i, hh) = (idx / self.n_head, idx % self.n_head);
+        let hd = self.head_dim;
+        let n_ctx = self.pos + i + 1;
+        let kvh = hh / self.group;
+        let qrow = &self.q[idx * hd..][..hd];
+        for (d, qv) in bufs.q16.iter_mut().zip(qrow) {
+            *d = f16::from_f32(*qv).to_f32();
+        }
+        let scores = &mut bufs.scores[..n_ctx];
+        for (j, s) in scores.iter_mut().enumerate() {
+            let krow = &self.kc[j * self.kv_dim + kvh * hd..][..hd];
+            *s = ggml_math::dot(krow, &bufs.q16, self.order) * self.scale;
+        }
+        ggml_math::softmax(scores);
+        let mut acc = ColumnDot::new(&mut bufs.scratch, hd, self.order);
+        for (j, s) in scores.iter().enumerate() {
+            let p = f16::from_f32(*s).to_f32();
+            acc.add(j, p, &self.vc[j * self.kv_dim + kvh * hd..][..hd]);
+        }
+        acc.finish(out);
+    }
+}
+
+impl Attn<'_> {
+    /// Positions `i0..` (as many as `out` holds rows) of head `hh`, four at a time: each key row
+    /// is read once for the four queries and their dot products run as independent chains
+    /// (`dot_many_tinyblas`: each to the bit what `dot` gives, the prefill order). `out` is
+    /// this head's rows for those positions.
+    #[inline(always)]
+    fn block(&self, bufs: &mut AttnBufs, hh: usize, i0: usize, out: &mut [f32]) {
+        let hd = self.head_dim;
+        let kvh = hh / self.group;
+        let stride = self.pos + out.len() / hd + i0;
+        for (g, outs) in out.chunks_mut(4 * hd).enumerate() {
+            let first = i0 + g * 4;
+            let count = outs.len() / hd;
+            for p in 0..4 {
+                // Rows past the end repeat the last query (their results are dropped).
+                let i = first + p.min(count - 1);
+                let qrow = &self.q[(i * self.n_head + hh) * hd..][..hd];
+                for (d, qv) in bufs.q16[p * hd..][..hd].iter_mut().zip(qrow) {
+                    *d = f16::from_f32(*qv).to_f32();
+                }
+            }
+            let n_max = self.pos + first + count; // the last query's causal window
+            let (q0, rest) = bufs.q16.split_at(hd);
+            let (q1, rest) = rest.split_at(hd);
+            let (q2, q3) = rest.split_at(hd);
+            for j in 0..n_max {
+                let krow = &self.kc[j * self.kv_dim + kvh * hd..][..hd];
+                let s = ggml_math::dot_many_tinyblas(krow, [q0, q1, q2, q3]);
+                for (p, v) in s.iter().enumerate() {
+                    bufs.scores[p * stride + j] = v * self.scale;
+                }
+            }
+            for (p, o) in outs.chunks_mut(hd).enumerate() {
+                let n_ctx = self.pos + first + p + 1;
+                let scores = &mut bufs.scores[p * stride..][..n_ctx];
+                ggml_math::softmax(scores);
+                let mut acc = ColumnDot::new(&mut bufs.scratch, hd, self.order);
+                for (j, s) in scores.iter().enumerate() {
+                    let w = f16::from_f32(*s).to_f32();
+                    acc.add(j, w, &self.vc[j * self.kv_dim + kvh * hd..][..hd]);
+                }
+                acc.finish(o);
+            }
+        }
+    }
+}
+
+/// Positions per attention task when prefilling.
+const POS_BLOCK: usize = 16;
+
+/// One attention task's scratch space.
+struct AttnBufs {
+    scores: Vec<f32>,
+    q16: Vec<f32>,
+    scratch: Vec<f32>,
 }
 
 /// Row-wise RMS norm times `w`; the sum of squares accumulates in f64 as in ggml.
