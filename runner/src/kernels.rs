@@ -676,7 +676,7 @@ mod tests {
             (GgmlDType::Q8_0, WType::Q8_0),
         ] {
             let w: Vec<f32> = (0..41 * 96)
-                .map(|i| ((i * 31 % 997) as f32 / 498.0 - 1.0))
+                .map(|i| (i * 31 % 997) as f32 / 498.0 - 1.0)
                 .collect();
             let q =
                 QTensor::quantize(&Tensor::from_vec(w, (41, 96), &dev).unwrap(), dtype).unwrap();
