@@ -575,20 +575,28 @@ fn local_tool_calls_are_generated_under_their_schema() {
         req
     };
     let mut r = start("secure");
-    // Required and named: the answer is calls, each valid against its function's schema.
-    for (choice, seed) in [
-        (ToolChoice::Required, Some(1)),
-        (ToolChoice::Required, Some(2)),
+    // Required and named: the answer is calls, each valid against its function's schema. One
+    // call (parallel off, or named) ends the answer; parallel calls may run to max_tokens, and
+    // then the complete ones stand.
+    for (choice, seed, parallel) in [
+        (ToolChoice::Required, Some(1), false),
+        (ToolChoice::Required, Some(2), true),
         (
             ToolChoice::Function {
                 name: "get_forecast".into(),
             },
             Some(3),
+            true,
         ),
     ] {
         let named = matches!(choice, ToolChoice::Function { .. });
-        let done = r.generate(ask(choice, seed), &mut |_| {}).unwrap();
-        assert_eq!(done.finish_reason, FinishReason::Stop, "{done:?}");
+        let mut req = ask(choice, seed);
+        req.tools.as_mut().unwrap().parallel = parallel;
+        let done = r.generate(req, &mut |_| {}).unwrap();
+        if !parallel || named {
+            assert_eq!(done.finish_reason, FinishReason::Stop, "{done:?}");
+            assert_eq!(done.tool_calls.len(), 1, "{done:?}");
+        }
         assert!(!done.tool_calls.is_empty(), "{done:?}");
         assert_eq!(done.text, "");
         for c in &done.tool_calls {
