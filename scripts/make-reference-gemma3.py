@@ -44,7 +44,7 @@ def main():
     llm = Llama(model_path=MODEL, n_ctx=512, n_threads=2, logits_all=False, verbose=False)
     out = {"model": os.path.basename(MODEL), "llama_cpp_python": __import__("llama_cpp").__version__, "cases": []}
     for t in TEXTS:
-        ids = llm.tokenize(t.encode(), add_bos=True, special=False)
+        ids = llm.tokenize(t.encode(), add_bos=True, special=True)  # a raw prompt: specials parsed
         llm.reset()
         llm.eval(ids)
         gen, logprobs = [], []

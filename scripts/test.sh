@@ -26,6 +26,7 @@ if cargo fmt --version >/dev/null 2>&1; then
     cargo fmt --all -- --check
 fi
 scripts/fetch-model.sh
+scripts/fetch-model.sh gemma3-270m   # the second model (tests/gemma3.rs)
 # tests/serve.rs drives `corral serve` with the official OpenAI Python client, and checks
 # structured answers with the `jsonschema` package.
 python3 -c 'import openai, jsonschema' 2>/dev/null ||

@@ -230,7 +230,12 @@ pub fn softmax(s: &mut [f32]) {
         // positions past the end are masked (-inf) in ggml's padded cache: they add 0
         let mut v = [0f32; 8];
         for (v, x) in v.iter_mut().zip(block.iter_mut()) {
-            *x = expf(*x - max);
+            // a masked position (outside a sliding window) weighs nothing
+            *x = if *x == f32::NEG_INFINITY {
+                0.0
+            } else {
+                expf(*x - max)
+            };
             *v = *x;
         }
         sum += f64::from(hsum8(&v));

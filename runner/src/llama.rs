@@ -44,9 +44,29 @@ pub struct Config {
     pub freq_base: f32,
     pub eps: f32,
     pub max_seq: usize,
+    /// Query width: heads x head dimension (Gemma 3's head dimension is not n_embd / heads).
+    pub q_dim: usize,
+    /// Gemma 3's options, when the file is one.
+    pub gemma: Option<Gemma>,
+}
+
+/// What Gemma 3 does differently from llama: embeddings scaled by sqrt(n_embd), RMS norms on
+/// each head's query and key, norms after attention and after the feed-forward block, GELU
+/// (tanh) instead of SiLU, rotary embeddings over halves (NeoX), and sliding-window layers
+/// (all but every `pattern`-th) with their own rope base.
+#[derive(Debug, Clone)]
+pub struct Gemma {
+    pub window: usize,
+    pub pattern: usize,
+    pub local_base: f32,
 }
 
 struct Layer {
+    /// Gemma 3: per-head query and key norms, norms after attention and after the FFN.
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
     attn_norm: Vec<f32>,
     wq: Mat,
     wk: Mat,
@@ -63,6 +83,13 @@ struct Layer {
 enum Embedding {
     Quant(QMat),
     F32(Vec<f32>),
+    /// Another quantized type, kept as the file has it and dequantized a row at a time by
+    /// Candle (a 262k-token table widened to f32 would take 671 MB).
+    Rows {
+        dtype: GgmlDType,
+        data: Vec<u8>,
+        row_bytes: usize,
+    },
 }
 
 pub struct Llama {
@@ -113,12 +140,18 @@ impl Llama {
         let n_head = md_u("attention.head_count")?;
         let n_head_kv = md_u("attention.head_count_kv").unwrap_or(n_head);
         let n_layer = md_u("block_count")?;
-        if n_head == 0 || n_head_kv == 0 || n_embd % n_head != 0 || n_head % n_head_kv != 0 {
+        let gemma = arch == "gemma3";
+        let key_length = md_u("attention.key_length").ok();
+        if n_head == 0
+            || n_head_kv == 0
+            || (key_length.is_none() && n_embd % n_head != 0)
+            || n_head % n_head_kv != 0
+        {
             anyhow::bail!(
                 "inconsistent attention shape: {n_embd} dims, {n_head} heads, {n_head_kv} kv heads"
             );
         }
-        let head_dim = n_embd / n_head;
+        let head_dim = key_length.unwrap_or(n_embd / n_head);
         let n_rot = md_u("rope.dimension_count").unwrap_or(head_dim);
         if n_rot > head_dim || n_rot % 2 != 0 {
             anyhow::bail!("rope dimension {n_rot} does not fit head dimension {head_dim}");
@@ -133,6 +166,12 @@ impl Llama {
             freq_base: md_f("rope.freq_base").unwrap_or(10_000.0),
             eps: md_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             max_seq,
+            q_dim: n_head * head_dim,
+            gemma: gemma.then(|| Gemma {
+                window: md_u("attention.sliding_window").unwrap_or(512),
+                pattern: md_u("attention.sliding_window_pattern").unwrap_or(6).max(1),
+                local_base: md_f("rope.local_freq_base").unwrap_or(10_000.0),
+            }),
         };
         let f32_weights = std::env::var_os("CORRAL_DEBUG_F32_WEIGHTS").is_some();
         let own = |name: &str| -> anyhow::Result<Option<QMat>> {
@@ -176,10 +215,38 @@ impl Llama {
         };
         let norm_vec =
             |r: &mut R, name: &str| -> anyhow::Result<Vec<f32>> { Ok(vec_of(&get(ct, r, name)?)?) };
+        let embd_info = ct
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| anyhow::anyhow!("tensor token_embd.weight is missing"))?;
+        let embd_dtype = embd_info.ggml_dtype;
         let (embd, vocab) = match own("token_embd.weight")? {
             Some(m) => {
                 let v = m.rows;
                 (Embedding::Quant(m), v)
+            }
+            None if !matches!(
+                embd_dtype,
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            ) && !f32_weights =>
+            {
+                let (rows, cols) = embd_info.shape.dims2()?;
+                let row_bytes = cols / embd_dtype.block_size() * embd_dtype.type_size();
+                let start = usize::try_from(ct.tensor_data_offset + embd_info.offset)?;
+                let data = bytes
+                    .get(start..start + rows * row_bytes)
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("tensor token_embd.weight lies outside the file")
+                    })?
+                    .to_vec();
+                (
+                    Embedding::Rows {
+                        dtype: embd_dtype,
+                        data,
+                        row_bytes,
+                    },
+                    rows,
+                )
             }
             None => {
                 let t = vec_of(&get(ct, r, "token_embd.weight")?)?;
@@ -192,6 +259,7 @@ impl Llama {
             anyhow::bail!("empty embedding");
         }
         let kv_dim = n_head_kv * head_dim;
+        let q_dim = n_head * head_dim;
         let n_ff = ct
             .tensor_infos
             .get("blk.0.ffn_gate.weight")
@@ -219,10 +287,16 @@ impl Llama {
             let p = format!("blk.{i}");
             shape(&format!("{p}.attn_norm.weight"), 1, n_embd)?;
             shape(&format!("{p}.ffn_norm.weight"), 1, n_embd)?;
-            shape(&format!("{p}.attn_q.weight"), n_embd, n_embd)?;
+            shape(&format!("{p}.attn_q.weight"), q_dim, n_embd)?;
             shape(&format!("{p}.attn_k.weight"), kv_dim, n_embd)?;
             shape(&format!("{p}.attn_v.weight"), kv_dim, n_embd)?;
-            shape(&format!("{p}.attn_output.weight"), n_embd, n_embd)?;
+            shape(&format!("{p}.attn_output.weight"), n_embd, q_dim)?;
+            if gemma {
+                shape(&format!("{p}.attn_q_norm.weight"), 1, head_dim)?;
+                shape(&format!("{p}.attn_k_norm.weight"), 1, head_dim)?;
+                shape(&format!("{p}.post_attention_norm.weight"), 1, n_embd)?;
+                shape(&format!("{p}.post_ffw_norm.weight"), 1, n_embd)?;
+            }
             shape(&format!("{p}.ffn_gate.weight"), n_ff, n_embd)?;
             shape(&format!("{p}.ffn_up.weight"), n_ff, n_embd)?;
             shape(&format!("{p}.ffn_down.weight"), n_embd, n_ff)?;
@@ -235,7 +309,24 @@ impl Llama {
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let p = format!("blk.{i}");
+            let mut opt = |name: &str| -> anyhow::Result<Option<Vec<f32>>> {
+                if gemma {
+                    Ok(Some(norm_vec(r, &format!("{p}.{name}.weight"))?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let (q_norm, k_norm, post_attn_norm, post_ffn_norm) = (
+                opt("attn_q_norm")?,
+                opt("attn_k_norm")?,
+                opt("post_attention_norm")?,
+                opt("post_ffw_norm")?,
+            );
             layers.push(Layer {
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
                 attn_norm: norm_vec(r, &format!("{p}.attn_norm.weight"))?,
                 wq: mm(r, &format!("{p}.attn_q.weight"))?,
                 wk: mm(r, &format!("{p}.attn_k.weight"))?,
@@ -338,23 +429,56 @@ impl Llama {
             match &self.embd {
                 Embedding::Quant(m) => dst.copy_from_slice(&m.row_f32(t)),
                 Embedding::F32(e) => dst.copy_from_slice(&e[t * c.n_embd..(t + 1) * c.n_embd]),
+                Embedding::Rows {
+                    dtype,
+                    data,
+                    row_bytes,
+                } => {
+                    let row = &data[t * row_bytes..(t + 1) * row_bytes];
+                    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        *dtype,
+                        row,
+                        vec![1, c.n_embd],
+                        &Device::Cpu,
+                    )?;
+                    dst.copy_from_slice(&q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?);
+                }
             }
+        }
+        if c.gemma.is_some() {
+            let s = (c.n_embd as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= s);
         }
         // Rotary angles for each position: theta_k = pos * base^(-2k/n_rot), by repeated f32
-        // multiplication as ggml computes them.
-        let theta_scale = c.freq_base.powf(-2.0 / c.n_rot as f32);
-        let mut cos_sin = vec![(0f32, 0f32); seq * c.n_rot / 2];
-        for i in 0..seq {
-            let mut theta = (pos + i) as f32;
-            for k in 0..c.n_rot / 2 {
-                cos_sin[i * c.n_rot / 2 + k] = (theta.cos(), theta.sin());
-                theta *= theta_scale;
+        // multiplication as ggml computes them (Gemma's sliding layers have a base of their own).
+        let angles = |base: f32| {
+            let theta_scale = base.powf(-2.0 / c.n_rot as f32);
+            let mut cos_sin = vec![(0f32, 0f32); seq * c.n_rot / 2];
+            for i in 0..seq {
+                let mut theta = (pos + i) as f32;
+                for k in 0..c.n_rot / 2 {
+                    cos_sin[i * c.n_rot / 2 + k] = (theta.cos(), theta.sin());
+                    theta *= theta_scale;
+                }
             }
-        }
+            cos_sin
+        };
+        let global_cs = angles(c.freq_base);
+        let local_cs = c.gemma.as_ref().map(|g| angles(g.local_base));
         let group = c.n_head / c.n_head_kv;
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         for l in 0..c.n_layer {
             let layer = &self.layers[l];
+            // Gemma: every `pattern`-th layer is global, the others see a sliding window.
+            let window = c
+                .gemma
+                .as_ref()
+                .filter(|g| (l + 1) % g.pattern != 0)
+                .map(|g| g.window);
+            let cos_sin = match (&local_cs, window) {
+                (Some(cs), Some(_)) => cs,
+                _ => &global_cs,
+            };
             let h = rms_norm(&x, &layer.attn_norm, c.eps);
             let mut qkv = self
                 .matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &h, seq)?
@@ -362,15 +486,24 @@ impl Llama {
             let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 anyhow::bail!("attention projections missing");
             };
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = rms_norm(&q, qn, c.eps);
+                k = rms_norm(&k, kn, c.eps);
+            }
             ggml_math::with_fma(|| {
-                rope(&mut q, c.n_head, c.head_dim, c.n_rot, &cos_sin);
-                rope(&mut k, c.n_head_kv, c.head_dim, c.n_rot, &cos_sin);
+                if c.gemma.is_some() {
+                    rope_neox(&mut q, c.n_head, c.head_dim, c.n_rot, cos_sin);
+                    rope_neox(&mut k, c.n_head_kv, c.head_dim, c.n_rot, cos_sin);
+                } else {
+                    rope(&mut q, c.n_head, c.head_dim, c.n_rot, cos_sin);
+                    rope(&mut k, c.n_head_kv, c.head_dim, c.n_rot, cos_sin);
+                }
             });
             self.k_cache[l].extend(k.iter().map(|v| f16::from_f32(*v).to_f32()));
             self.v_cache[l].extend(v.iter().map(|v| f16::from_f32(*v).to_f32()));
             let kc = &self.k_cache[l];
             let vc = &self.v_cache[l];
-            let mut att = vec![0f32; seq * c.n_embd];
+            let mut att = vec![0f32; seq * c.q_dim];
             let order = Order::for_rows(seq);
             // One (position, head) per task: each writes its own slice of `att` with the same
             // arithmetic as a single thread would, so the result does not depend on the split.
@@ -386,6 +519,7 @@ impl Llama {
                 kv_dim,
                 scale,
                 order,
+                window,
             };
             let bufs = || AttnBufs {
                 scores: vec![0f32; pos + seq],
@@ -433,7 +567,10 @@ impl Llama {
                         ggml_math::with_fma(|| a.one(b, idx, out));
                     });
             }
-            let o = self.matmul(&layer.wo, &att, seq)?;
+            let mut o = self.matmul(&layer.wo, &att, seq)?;
+            if let Some(w) = &layer.post_attn_norm {
+                o = rms_norm(&o, w, c.eps);
+            }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &layer.ffn_norm, c.eps);
             let mut gu = self
@@ -443,12 +580,21 @@ impl Llama {
                 anyhow::bail!("feed-forward projections missing");
             };
             let mut act = g;
-            ggml_math::with_fma(|| {
+            if c.gemma.is_some() {
                 for (a, u) in act.iter_mut().zip(&u) {
-                    *a = ggml_math::silu(*a) * u;
+                    *a = gelu_tanh(*a) * u;
                 }
-            });
-            let d = self.matmul(&layer.w_down, &act, seq)?;
+            } else {
+                ggml_math::with_fma(|| {
+                    for (a, u) in act.iter_mut().zip(&u) {
+                        *a = ggml_math::silu(*a) * u;
+                    }
+                });
+            }
+            let mut d = self.matmul(&layer.w_down, &act, seq)?;
+            if let Some(w) = &layer.post_ffn_norm {
+                d = rms_norm(&d, w, c.eps);
+            }
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
         let last = &x[(seq - 1) * c.n_embd..];
@@ -470,9 +616,17 @@ struct Attn<'a> {
     kv_dim: usize,
     scale: f32,
     order: Order,
+    /// A sliding-window layer's window: position p sees keys p - window + 1 ..= p.
+    window: Option<usize>,
 }
 
 impl Attn<'_> {
+    /// The first key position `p` may see.
+    #[inline(always)]
+    fn first_key(&self, p: usize) -> usize {
+        self.window.map_or(0, |w| (p + 1).saturating_sub(w))
+    }
+
     /// Query row `idx` (position `idx / n_head`, head `idx % n_head`) attending over the cache
     /// (causal: a position sees itself and all before), into `out`. Always inlined, so that
     /// inside `with_fma` it is compiled with FMA (`mul_add` a call into libm otherwise).
@@ -487,9 +641,14 @@ impl Attn<'_> {
             *d = f16::from_f32(*qv).to_f32();
         }
         let scores = &mut bufs.scores[..n_ctx];
+        let lo = self.first_key(n_ctx - 1);
         for (j, s) in scores.iter_mut().enumerate() {
             let krow = &self.kc[j * self.kv_dim + kvh * hd..][..hd];
-            *s = ggml_math::dot(krow, &bufs.q16, self.order) * self.scale;
+            *s = if j < lo {
+                f32::NEG_INFINITY
+            } else {
+                ggml_math::dot(krow, &bufs.q16, self.order) * self.scale
+            };
         }
         ggml_math::softmax(scores);
         let mut acc = ColumnDot::new(&mut bufs.scratch, hd, self.order);
@@ -535,7 +694,9 @@ impl Attn<'_> {
             }
             for (p, o) in outs.chunks_mut(hd).enumerate() {
                 let n_ctx = self.pos + first + p + 1;
+                let lo = self.first_key(n_ctx - 1);
                 let scores = &mut bufs.scores[p * stride..][..n_ctx];
+                scores[..lo].fill(f32::NEG_INFINITY);
                 ggml_math::softmax(scores);
                 let mut acc = ColumnDot::new(&mut bufs.scratch, hd, self.order);
                 for (j, s) in scores.iter().enumerate() {
@@ -588,6 +749,38 @@ fn rope(x: &mut [f32], n_head: usize, head_dim: usize, n_rot: usize, cos_sin: &[
             }
         }
     }
+}
+
+/// Rotary embeddings over halves (NeoX ordering, Gemma): dimension k pairs with k + n_rot/2.
+fn rope_neox(x: &mut [f32], n_head: usize, head_dim: usize, n_rot: usize, cos_sin: &[(f32, f32)]) {
+    let half = n_rot / 2;
+    for (r, row) in x.chunks_exact_mut(n_head * head_dim).enumerate() {
+        let cs = &cos_sin[r * half..(r + 1) * half];
+        for head in row.chunks_exact_mut(head_dim) {
+            for (k, (c, s)) in cs.iter().enumerate() {
+                let (a, b) = (head[k], head[k + half]);
+                head[k] = a.mul_add(*c, -(b * s));
+                head[k + half] = a.mul_add(*s, b * c);
+            }
+        }
+    }
+}
+
+/// GELU (tanh approximation, Gemma's feed-forward activation) as ggml's CPU path computes it:
+/// the input rounded to f16, looked up in a table of f32 GELU values rounded to f16; saturated
+/// outside (-10, 10).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let v = f16::from_f32(x).to_f32();
+    let g = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
+    f16::from_f32(g).to_f32()
 }
 
 #[cfg(test)]

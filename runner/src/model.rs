@@ -1,4 +1,4 @@
-//! Loading a model with Candle: GGUF (llama family, Qwen2, Phi-3) and, for the same
+//! Loading a model with Candle: GGUF (llama family, Qwen2, Phi-3, Gemma 3) and, for the same
 //! architectures, safetensors directories with a `tokenizer.json`.
 //!
 //! Candle has AVX2 kernels for Q4_0, Q8_0 and the K-quants but computes Q4_1 with scalar code.
@@ -134,7 +134,7 @@ impl Model {
         dtypes.sort_by_key(|d| format!("{d:?}"));
         dtypes.dedup();
         // Our llama forward pass computes Q4_1 directly; Candle's models get Q8_0 instead.
-        let ours = matches!(architecture.as_str(), "llama" | "mistral");
+        let ours = matches!(architecture.as_str(), "llama" | "mistral" | "gemma3");
         let needs = requantize
             && !ours
             && ct.tensor_infos.values().any(|t| {
@@ -297,10 +297,10 @@ fn build<R: Read + Seek>(
     max_seq: usize,
 ) -> anyhow::Result<Weights> {
     Ok(match arch {
-        "llama" | "mistral" => Weights::Llama(crate::llama::Llama::from_gguf(&ct, bytes, r, device, max_seq)?),
+        "llama" | "mistral" | "gemma3" => Weights::Llama(crate::llama::Llama::from_gguf(&ct, bytes, r, device, max_seq)?),
         "qwen2" => Weights::Qwen2(quantized_qwen2::ModelWeights::from_gguf(ct, r, device)?),
         "phi3" => Weights::Phi3(quantized_phi3::ModelWeights::from_gguf(false, ct, r, device)?),
-        other => anyhow::bail!("unsupported GGUF architecture '{other}' (llama, mistral, qwen2 and phi3 are supported)"),
+        other => anyhow::bail!("unsupported GGUF architecture '{other}' (llama, mistral, qwen2, phi3 and gemma3 are supported)"),
     })
 }
 

@@ -162,6 +162,11 @@ pub fn sandbox_cgroups() -> Vec<PathBuf> {
 
 /// The default model's file. Missing weights fail the test (CI fetches them first).
 pub fn model_file() -> PathBuf {
+    model_named("SmolLM2-135M-Instruct.Q4_1.gguf", "scripts/fetch-model.sh")
+}
+
+/// A model file in corral's model directory; missing, it fails the test naming how to fetch it.
+pub fn model_named(file: &str, fetch: &str) -> PathBuf {
     let dir = std::env::var_os("CORRAL_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -172,8 +177,12 @@ pub fn model_file() -> PathBuf {
                 });
             base.join("corral/models")
         });
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.is_file(), "the SmolLM2 weights are missing at {}: run scripts/fetch-model.sh (tests that need them fail rather than skip)", p.display());
+    let p = dir.join(file);
+    assert!(
+        p.is_file(),
+        "the weights are missing at {}: run {fetch} (tests that need them fail rather than skip)",
+        p.display()
+    );
     p
 }
 
