@@ -2,7 +2,9 @@
 """Inference benchmark, same machine, same run, same GGUF, greedy, 2 threads:
 llama.cpp (PyPI llama-cpp-python) versus corral's runner unsandboxed versus corral sandboxed
 (`corral run` under the secure profile). Prints decode tok/s, prefill tok/s, time to first token,
-runner spawn + load, and the ratios. Run through scripts/bench-inference.sh."""
+runner spawn + load, and the ratios. Run through scripts/bench-inference.sh. Another model:
+CORRAL_BENCH_MODEL=FILE.gguf CORRAL_BENCH_MODEL_ID=<catalog id> (e.g. Gemma 3 270M:
+~/.local/share/corral/models/gemma-3-270m-q4_k_m.gguf, gemma3-270m)."""
 import json, os, statistics, struct, subprocess, sys, time
 
 MODEL = os.path.expanduser(os.environ.get("CORRAL_BENCH_MODEL", "~/.local/share/corral/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -66,7 +68,8 @@ def corral_unsandboxed():
 def corral_sandboxed():
     out, loads = [], []
     for _ in range(REPS):
-        r = subprocess.run([CORRAL, "run", "--json", "--ignore-eos", "--max-tokens", str(N), USER], capture_output=True, check=True)
+        model = ["--model", os.environ["CORRAL_BENCH_MODEL_ID"]] if os.environ.get("CORRAL_BENCH_MODEL_ID") else []
+        r = subprocess.run([CORRAL, "run", "--json", "--ignore-eos", "--max-tokens", str(N), *model, USER], capture_output=True, check=True)
         v = json.loads(r.stdout)
         t = v["timings"]
         loads.append(t["startup_ms"])

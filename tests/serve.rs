@@ -163,7 +163,7 @@ fn openai_shapes_auth_logprobs_and_streaming() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["auto", "smollm2-135m-instruct"]);
+    assert_eq!(ids, ["auto", "gemma3-270m", "smollm2-135m-instruct"]);
 
     // A chat answer from the sandboxed SLM, with logprobs and corral's headers.
     let mut req = chat("What is the capital of France?", 24);

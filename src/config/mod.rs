@@ -546,7 +546,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.ends_with("corral.toml: slm.model_allow_lists.agent_model_maps.code_generator: model 'x' not in global_models (known: smollm2-135m-instruct)"), "{err}");
+        assert!(err.ends_with("corral.toml: slm.model_allow_lists.agent_model_maps.code_generator: model 'x' not in global_models (known: gemma3-270m, smollm2-135m-instruct)"), "{err}");
     }
 
     #[test]
