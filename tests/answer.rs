@@ -314,12 +314,7 @@ fn streams_through_the_http_app_held_or_live() {
     let (status, h, text) = rt().block_on(post(&st, &body(&row, true)));
     assert_eq!(status, 200);
     assert_eq!(h["x-corral-route"], "slm");
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
+    let chunks = sse_chunks(&text);
     let streamed: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
@@ -447,6 +442,23 @@ fn tool_answer() -> String {
     .to_string()
 }
 
+/// The JSON chunks of an SSE answer (`[DONE]` left out).
+fn sse_chunks(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// The first tool-call delta of each chunk that has one.
+fn call_deltas(chunks: &[Value]) -> Vec<&Value> {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect()
+}
+
 fn tools_body(stream: bool) -> Value {
     json!({
         "model": "auto",
@@ -500,16 +512,8 @@ fn tools_go_to_a_remote_model_and_its_calls_come_back_in_openais_shape() {
     // Streamed, the call arrives as OpenAI streams it and reassembles to the same call.
     let (status, _, text) = rt().block_on(post(&st, &tools_body(true)));
     assert_eq!(status, 200, "{text}");
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let deltas: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
-        .collect();
+    let chunks = sse_chunks(&text);
+    let deltas = call_deltas(&chunks);
     assert_eq!(deltas[0]["id"], "call_1");
     assert_eq!(deltas[0]["function"]["name"], "get_weather");
     let args: String = deltas
@@ -549,16 +553,8 @@ fn local_tool_calls_come_back_whole_in_openais_shape_and_json_goes_local_constra
     assert_eq!(sent.choice, corral_protocol::ToolChoice::Auto);
     let (status, _, text) = rt().block_on(post(&st, &tools_body(true)));
     assert_eq!(status, 200, "{text}");
-    let chunks: Vec<Value> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter(|d| *d != "[DONE]")
-        .map(|d| serde_json::from_str(d).unwrap())
-        .collect();
-    let deltas: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
-        .collect();
+    let chunks = sse_chunks(&text);
+    let deltas = call_deltas(&chunks);
     assert_eq!(deltas[0]["function"]["name"], "get_weather");
     assert!(deltas[0]["id"].as_str().unwrap().starts_with("call_"));
     let args: String = deltas

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use corral_protocol::{GenerateRequest, Input, Sampling};
+use corral_protocol::Input;
 
 const SHA: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
@@ -45,21 +45,7 @@ fn gemma3_tokenizes_like_llama_cpp_and_completes_greedily_in_agreement() {
         );
         let want = ids(&c["greedy_ids"]);
         let done = r
-            .generate(
-                GenerateRequest {
-                    id: 0,
-                    input: Input::Prompt(text.into()),
-                    sampling: Sampling::default(),
-                    max_tokens: 16,
-                    stop: vec![],
-                    top_logprobs: 0,
-                    stream: false,
-                    ignore_eos: false,
-                    constraint: None,
-                    tools: None,
-                },
-                &mut |_| {},
-            )
+            .generate(greedy_request(Input::Prompt(text.into()), 16), &mut |_| {})
             .unwrap();
         assert_eq!(
             done.prompt_tokens as usize,

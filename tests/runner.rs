@@ -18,18 +18,7 @@ fn start(profile: &str) -> Runner {
 }
 
 fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        id: 0,
-        input: Input::Prompt(prompt.into()),
-        sampling: Sampling::default(),
-        max_tokens,
-        stop: vec![],
-        top_logprobs: 0,
-        stream: false,
-        ignore_eos: false,
-        constraint: None,
-        tools: None,
-    }
+    greedy_request(Input::Prompt(prompt.into()), max_tokens)
 }
 
 #[test]

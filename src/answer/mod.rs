@@ -251,16 +251,7 @@ impl Pipeline {
         // it when there is one, else the caller is told which keyword.
         if let Err(error) = req.local_schemas() {
             if d.fallback_available {
-                let run = SlmRun {
-                    model: model.to_string(),
-                    profile: profile.to_string(),
-                    done: None,
-                    ready: None,
-                    score: None,
-                    scores: vec![],
-                    error: Some(error.clone()),
-                    time: Duration::ZERO,
-                };
+                let run = SlmRun::failed(model, profile, &error, Duration::ZERO);
                 return self
                     .escalate(req, d, Escalation::Unenforceable { error }, run)
                     .await;
@@ -341,16 +332,7 @@ impl Pipeline {
         }
         let Some((tokens, done, ready)) = got else {
             let (error, retryable) = failure.unwrap_or_default();
-            let run = SlmRun {
-                model: model.to_string(),
-                profile: profile.to_string(),
-                done: None,
-                ready: None,
-                score: None,
-                scores: vec![],
-                error: Some(error.clone()),
-                time,
-            };
+            let run = SlmRun::failed(model, profile, &error, time);
             if d.fallback_available && rt.on_slm_failure {
                 let why = Escalation::SlmFailed { error };
                 return self.escalate(req, d, why, run).await;

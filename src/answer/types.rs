@@ -518,6 +518,22 @@ pub struct SlmRun {
     pub time: Duration,
 }
 
+impl SlmRun {
+    /// A run that produced no answer (`error` says why), after `time`.
+    pub fn failed(model: &str, profile: &str, error: &str, time: Duration) -> SlmRun {
+        SlmRun {
+            model: model.to_string(),
+            profile: profile.to_string(),
+            done: None,
+            ready: None,
+            score: None,
+            scores: vec![],
+            error: Some(error.to_string()),
+            time,
+        }
+    }
+}
+
 /// A remote call's own facts.
 #[derive(Debug, Clone)]
 pub struct LlmRun {

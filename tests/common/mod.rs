@@ -211,6 +211,25 @@ pub fn rotary_halves(t: candle_core::Tensor, heads: usize) -> candle_core::Tenso
         .unwrap()
 }
 
+/// A greedy, unstreamed generation of at most `max_tokens` for `input`, nothing else set.
+pub fn greedy_request(
+    input: corral_protocol::Input,
+    max_tokens: u32,
+) -> corral_protocol::GenerateRequest {
+    corral_protocol::GenerateRequest {
+        id: 0,
+        input,
+        sampling: corral_protocol::Sampling::default(),
+        max_tokens,
+        stop: vec![],
+        top_logprobs: 0,
+        stream: false,
+        ignore_eos: false,
+        constraint: None,
+        tools: None,
+    }
+}
+
 /// Starts a sandboxed runner for `model` (a GGUF file or a checkpoint directory) under the
 /// built-in profile `profile`, checking `sha256`.
 pub fn start_runner(
