@@ -32,6 +32,7 @@ fn request(constraint: Option<OutputConstraint>, seed: u64) -> GenerateRequest {
         ignore_eos: constraint.is_none(),
         constraint,
         tools: None,
+        max_tokens_explicit: false,
     }
 }
 

@@ -160,6 +160,7 @@ fn main() {
             ignore_eos: false,
             constraint: None,
             tools: None,
+            max_tokens_explicit: false,
         };
         let done = runner.generate(req, &mut |_| {}).expect("generate");
         let stats: Vec<TokenStat> = done

@@ -138,6 +138,7 @@ fn request(input: Input, max_tokens: u32) -> GenerateRequest {
         ignore_eos: false,
         constraint: None,
         tools: None,
+        max_tokens_explicit: false,
     }
 }
 

@@ -649,3 +649,23 @@ fn local_tool_calls_are_generated_under_their_schema() {
     let e = r.generate(req, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("uniqueItems") && e.contains("get_time"), "{e}");
 }
+
+#[test]
+fn max_tokens_past_the_context_is_the_requests_error_naming_both_numbers() {
+    let mut r = start("secure");
+    let ctx = r.ready.context_length;
+    let mut req = greedy("Say hi.", ctx);
+    req.max_tokens_explicit = true;
+    let e = r.generate(req, &mut |_| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("max_tokens asks for")
+            && e.contains(&ctx.to_string())
+            && e.contains("tokens and"),
+        "{e}"
+    );
+    // Within the context, or not asked for (a default), it answers.
+    let mut req = greedy("Say hi.", 4);
+    req.max_tokens_explicit = true;
+    assert!(r.generate(req, &mut |_| {}).unwrap().completion_tokens > 0);
+    r.shutdown();
+}

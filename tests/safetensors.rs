@@ -213,6 +213,7 @@ fn a_safetensors_checkpoint_with_tokenizer_json_runs_in_the_sandbox() {
         ignore_eos: false,
         constraint: None,
         tools: None,
+        max_tokens_explicit: false,
     };
     let done = r.generate(req, &mut |_| {}).unwrap();
     assert!(done.text.contains("Paris"), "{:?}", done.text);

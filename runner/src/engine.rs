@@ -149,6 +149,14 @@ impl Engine {
                 prompt.len()
             );
         }
+        if req.max_tokens_explicit && prompt.len() + req.max_tokens as usize > ctx {
+            anyhow::bail!(
+                "the prompt has {} tokens and max_tokens asks for {}: {} in all, past the model's context of {ctx} tokens",
+                prompt.len(),
+                req.max_tokens,
+                prompt.len() + req.max_tokens as usize
+            );
+        }
         // A constrained answer: the matcher is built (and a schema checked) before any compute.
         // With tools, the grammar admits calls of the offered functions (and, under `auto`, a
         // text answer: free, or under the JSON constraint).

@@ -52,6 +52,8 @@ pub struct Request {
     /// What the local runner gets: the messages (through the chat template) or a raw prompt.
     pub input: Input,
     pub max_tokens: u32,
+    /// The caller set `max_tokens` (an OpenAI request past the context is then a 400).
+    pub max_tokens_explicit: bool,
     pub temperature: f32,
     pub top_p: Option<f32>,
     pub seed: Option<u64>,
@@ -97,6 +99,7 @@ impl Request {
                 .map(|(r, c)| Message::new(r, c))
                 .collect(),
             max_tokens: 256,
+            max_tokens_explicit: false,
             temperature: 0.0,
             top_p: None,
             seed: None,
@@ -330,6 +333,7 @@ impl Request {
             ignore_eos: self.ignore_eos,
             constraint: self.constraint(),
             tools: self.runner_tools(),
+            max_tokens_explicit: self.max_tokens_explicit,
         }
     }
 

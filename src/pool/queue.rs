@@ -181,6 +181,7 @@ mod tests {
             ignore_eos: false,
             constraint: None,
             tools: None,
+            max_tokens_explicit: false,
         };
         (
             Job {

@@ -227,6 +227,7 @@ pub fn greedy_request(
         ignore_eos: false,
         constraint: None,
         tools: None,
+        max_tokens_explicit: false,
     }
 }
 

@@ -65,6 +65,11 @@ pub struct GenerateRequest {
     /// function's `parameters` schema. Only with [`Input::Messages`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<Tools>,
+    /// The caller asked for `max_tokens` (not a default): a prompt and `max_tokens` that
+    /// together pass the context are the request's error, naming both numbers, rather than a
+    /// shorter answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub max_tokens_explicit: bool,
 }
 
 /// The functions offered to the model, and how it may use them.
@@ -469,6 +474,7 @@ mod tests {
             ignore_eos: false,
             constraint: None,
             tools: None,
+            max_tokens_explicit: false,
         }));
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();

@@ -81,6 +81,7 @@ fn parse_chat(body: &[u8], rid: String) -> Result<Gen, ApiError> {
         .filter(|r| r.get("type").and_then(serde_json::Value::as_str) != Some("text"));
     req.model = c.model;
     req.max_tokens = c.max_completion_tokens.or(c.max_tokens).unwrap_or(512);
+    req.max_tokens_explicit = c.max_completion_tokens.or(c.max_tokens).is_some();
     req.temperature = c.temperature.unwrap_or(1.0);
     req.top_p = c.top_p;
     req.seed = c.seed.map(|s| s as u64);
@@ -105,6 +106,7 @@ fn parse_completion(body: &[u8], rid: String) -> Result<Gen, ApiError> {
     req.input = corral_protocol::Input::Prompt(prompt);
     req.model = c.model;
     req.max_tokens = c.max_tokens.unwrap_or(16);
+    req.max_tokens_explicit = c.max_tokens.is_some();
     req.temperature = c.temperature.unwrap_or(1.0);
     req.top_p = c.top_p;
     req.seed = c.seed.map(|s| s as u64);
