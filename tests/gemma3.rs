@@ -30,6 +30,16 @@ fn gemma3_tokenizes_like_llama_cpp_and_completes_greedily_in_agreement() {
     let mut r = start_runner(&model, SHA, "secure").unwrap();
     let ready = r.ready.clone();
     assert_eq!(ready.architecture, "gemma3");
+    // What `corral models list` says of it is what the runner reports.
+    let entry = catalog_entry("gemma3-270m");
+    assert_eq!(
+        entry.architecture.as_deref(),
+        Some(ready.architecture.as_str())
+    );
+    assert_eq!(
+        entry.quantization.as_deref(),
+        Some(ready.quantization.as_str())
+    );
     // The file declares 32,768 tokens; a runner offers at most 4,096 (docs/runner-protocol.md).
     assert_eq!(ready.context_length, 4096);
     let (mut same16, mut same4, mut first) = (0, 0, 0);

@@ -651,8 +651,18 @@ fn local_tool_calls_are_generated_under_their_schema() {
 }
 
 #[test]
-fn max_tokens_past_the_context_is_the_requests_error_naming_both_numbers() {
+fn the_catalog_says_what_the_runner_reports_and_max_tokens_past_the_context_is_refused() {
     let mut r = start("secure");
+    // What `corral models list` says of the default model is what its runner reports.
+    let entry = catalog_entry("smollm2-135m-instruct");
+    assert_eq!(
+        entry.architecture.as_deref(),
+        Some(r.ready.architecture.as_str())
+    );
+    assert_eq!(
+        entry.quantization.as_deref(),
+        Some(r.ready.quantization.as_str())
+    );
     let ctx = r.ready.context_length;
     let mut req = greedy("Say hi.", ctx);
     req.max_tokens_explicit = true;

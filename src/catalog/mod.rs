@@ -27,6 +27,13 @@ pub struct ModelDef {
     /// Profile its runner uses (default: `slm.default_sandbox_profile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox_profile: Option<String>,
+    /// The file's `general.architecture` (`llama`, `gemma3`, ...), as its runner reports it;
+    /// shown by `corral models list`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    /// The file's weight types, as its runner reports them (`F32+Q4_1+Q8_0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,7 +7,17 @@ pub fn list(config: &Config) -> crate::Result<i32> {
     for m in config.slm.models.iter() {
         let path = models::model_path(&config.slm.model_dir, m);
         let state = if path.is_file() { "present" } else { "absent" };
-        println!("{:<28} {:<8} {}  ({})", m.id, state, path.display(), m.name);
+        let arch = m.architecture.as_deref().unwrap_or("?");
+        let quant = m.quantization.as_deref().unwrap_or("?");
+        println!(
+            "{:<28} {:<8} {:<8} {:<24} {}  ({})",
+            m.id,
+            state,
+            arch,
+            quant,
+            path.display(),
+            m.name
+        );
     }
     Ok(0)
 }

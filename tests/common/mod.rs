@@ -211,6 +211,16 @@ pub fn rotary_halves(t: candle_core::Tensor, heads: usize) -> candle_core::Tenso
         .unwrap()
 }
 
+/// The built-in catalog's entry for `id`.
+pub fn catalog_entry(id: &str) -> corral::catalog::ModelDef {
+    #[derive(serde::Deserialize)]
+    struct File {
+        models: Vec<corral::catalog::ModelDef>,
+    }
+    let f: File = toml::from_str(corral::catalog::BUILTIN_CATALOG).unwrap();
+    f.models.into_iter().find(|m| m.id == id).unwrap()
+}
+
 /// A greedy, unstreamed generation of at most `max_tokens` for `input`, nothing else set.
 pub fn greedy_request(
     input: corral_protocol::Input,
