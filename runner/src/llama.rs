@@ -56,9 +56,12 @@ pub struct Config {
 /// (all but every `pattern`-th) with their own rope base.
 #[derive(Debug, Clone)]
 pub struct Gemma {
-    pub window: usize,
+    pub window: Option<usize>,
     pub pattern: usize,
     pub local_base: f32,
+    /// `1 / rope.scaling.factor` for the global layers (1 without scaling).
+    pub global_scale: f32,
+    pub attn_scale: f32,
 }
 
 struct Layer {
@@ -168,9 +171,22 @@ impl Llama {
             max_seq,
             q_dim: n_head * head_dim,
             gemma: gemma.then(|| Gemma {
-                window: md_u("attention.sliding_window").unwrap_or(512),
+                // No (or a zero) window: no sliding layers, as llama.cpp reads it.
+                window: md_u("attention.sliding_window").ok().filter(|w| *w > 0),
                 pattern: md_u("attention.sliding_window_pattern").unwrap_or(6).max(1),
-                local_base: md_f("rope.local_freq_base").unwrap_or(10_000.0),
+                local_base: md_f("rope.freq_base_swa")
+                    .or_else(|| md_f("rope.local_freq_base"))
+                    .unwrap_or(10_000.0),
+                // Linear rope scaling (Gemma 3 4B and up) applies to the global layers only.
+                global_scale: md_f("rope.scaling.factor")
+                    .filter(|f| *f > 0.0)
+                    .map_or(1.0, |f| 1.0 / f),
+                // llama.cpp's choice for the 27B model (62 layers): 1/sqrt(n_embd / n_head).
+                attn_scale: if n_layer == 62 {
+                    1.0 / ((n_embd / n_head) as f32).sqrt()
+                } else {
+                    1.0 / (head_dim as f32).sqrt()
+                },
             }),
         };
         let f32_weights = std::env::var_os("CORRAL_DEBUG_F32_WEIGHTS").is_some();
@@ -451,22 +467,35 @@ impl Llama {
         }
         // Rotary angles for each position: theta_k = pos * base^(-2k/n_rot), by repeated f32
         // multiplication as ggml computes them (Gemma's sliding layers have a base of their own).
-        let angles = |base: f32| {
+        let angles = |base: f32, freq_scale: f32| {
             let theta_scale = base.powf(-2.0 / c.n_rot as f32);
             let mut cos_sin = vec![(0f32, 0f32); seq * c.n_rot / 2];
             for i in 0..seq {
                 let mut theta = (pos + i) as f32;
                 for k in 0..c.n_rot / 2 {
-                    cos_sin[i * c.n_rot / 2 + k] = (theta.cos(), theta.sin());
+                    // ggml: theta = freq_scale * (p * theta_scale^k); unscaled, bit for bit
+                    // the old angle.
+                    let t = if freq_scale == 1.0 {
+                        theta
+                    } else {
+                        freq_scale * theta
+                    };
+                    cos_sin[i * c.n_rot / 2 + k] = (t.cos(), t.sin());
                     theta *= theta_scale;
                 }
             }
             cos_sin
         };
-        let global_cs = angles(c.freq_base);
-        let local_cs = c.gemma.as_ref().map(|g| angles(g.local_base));
+        let global_cs = angles(
+            c.freq_base,
+            c.gemma.as_ref().map_or(1.0, |g| g.global_scale),
+        );
+        let local_cs = c.gemma.as_ref().map(|g| angles(g.local_base, 1.0));
         let group = c.n_head / c.n_head_kv;
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let scale = c
+            .gemma
+            .as_ref()
+            .map_or(1.0 / (c.head_dim as f32).sqrt(), |g| g.attn_scale);
         for l in 0..c.n_layer {
             let layer = &self.layers[l];
             // Gemma: every `pattern`-th layer is global, the others see a sliding window.
@@ -474,7 +503,7 @@ impl Llama {
                 .gemma
                 .as_ref()
                 .filter(|g| (l + 1) % g.pattern != 0)
-                .map(|g| g.window);
+                .and_then(|g| g.window);
             let cos_sin = match (&local_cs, window) {
                 (Some(cs), Some(_)) => cs,
                 _ => &global_cs,
