@@ -81,7 +81,16 @@ def median(rows):
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
+def cpu():
+    """The CPU model and the vector extensions that matter here, from /proc/cpuinfo."""
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    flags = set(next((l.split(":", 1)[1] for l in open("/proc/cpuinfo") if l.startswith("flags")), "").split())
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"]
+    return f"{model} [{' '.join(f for f in wanted if f in flags)}]"
+
+
 def main():
+    print(f"CPU: {cpu()}, 2 threads, model {os.path.basename(MODEL)}")
     res = {"llama.cpp": llama_cpp(), "corral (unsandboxed)": corral_unsandboxed(), "corral (sandboxed, secure)": corral_sandboxed()}
     print(f"{'':28} {'decode tok/s':>12} {'prefill tok/s':>13} {'ttft ms':>8} {'spawn+load ms':>14}")
     for k, v in res.items():
