@@ -459,6 +459,14 @@ fn call_deltas(chunks: &[Value]) -> Vec<&Value> {
         .collect()
 }
 
+/// `corral run` with `args` on `local`: exits 0 and prints one JSON line, returned.
+fn run_one_line(cfg: &Config, args: &RunArgs, local: Arc<ScriptedModel>) -> Value {
+    let mut out = Vec::new();
+    let code = run_with(cfg, args, local, &Mutex::new(Report::default()), &mut out).unwrap();
+    assert_eq!(code, 0);
+    serde_json::from_slice(&out).unwrap()
+}
+
 fn tools_body(stream: bool) -> Value {
     json!({
         "model": "auto",
@@ -654,17 +662,7 @@ fn corral_run_passes_tools_from_a_file_and_prints_the_calls() {
         vec![("get_weather", json!({"city": "Nice"}))],
         -0.01,
     )]));
-    let mut out = Vec::new();
-    let code = run_with(
-        &cfg,
-        &args,
-        local.clone(),
-        &Mutex::new(Report::default()),
-        &mut out,
-    )
-    .unwrap();
-    assert_eq!(code, 0);
-    let line: Value = serde_json::from_slice(&out).unwrap();
+    let line = run_one_line(&cfg, &args, local.clone());
     assert_eq!(line["name"], "get_weather");
     assert_eq!(line["arguments"], json!({"city": "Nice"}));
     assert_eq!(
@@ -681,17 +679,7 @@ fn corral_run_passes_tools_from_a_file_and_prints_the_calls() {
     // A policy sending tools remote: the provider's call, and the choice it was sent.
     let (_dir2, cfg) = config(Some(&remote), TOOLS_REMOTE);
     let local = Arc::new(ScriptedModel::new(vec![]));
-    let mut out = Vec::new();
-    let code = run_with(
-        &cfg,
-        &args,
-        local.clone(),
-        &Mutex::new(Report::default()),
-        &mut out,
-    )
-    .unwrap();
-    assert_eq!(code, 0);
-    let line: Value = serde_json::from_slice(&out).unwrap();
+    let line = run_one_line(&cfg, &args, local.clone());
     assert_eq!(
         line,
         json!({"id": "call_1", "name": "get_weather", "arguments": {"city": "Lyon"}})

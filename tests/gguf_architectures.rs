@@ -13,7 +13,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
 use corral::slm::runner::Runner;
-use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling};
+use corral_protocol::{ChatMessage, GenerateRequest, Input};
 
 /// Rewrites the llama GGUF at `src` as `arch` ("qwen2" or "phi3") into `dst`.
 fn relabel(src: &Path, dst: &Path, arch: &str) {
@@ -128,17 +128,8 @@ fn start(model: &Path) -> Runner {
 
 fn request(input: Input, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
-        id: 0,
-        input,
-        sampling: Sampling::default(),
-        max_tokens,
-        stop: vec![],
         top_logprobs: 5,
-        stream: false,
-        ignore_eos: false,
-        constraint: None,
-        tools: None,
-        max_tokens_explicit: false,
+        ..greedy_request(input, max_tokens)
     }
 }
 

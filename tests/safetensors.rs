@@ -13,7 +13,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use corral::slm::runner::Runner;
-use corral_protocol::{GenerateRequest, Input, Sampling};
+use corral_protocol::Input;
 use serde_json::{json, Value};
 
 /// Writes the checkpoint directory for the GGUF at `gguf` into `dir`.
@@ -199,22 +199,13 @@ fn a_safetensors_checkpoint_with_tokenizer_json_runs_in_the_sandbox() {
     }
 
     // Real weights, real answer, through the checkpoint's own chat template.
-    let req = GenerateRequest {
-        id: 1,
-        input: Input::Messages(vec![corral_protocol::ChatMessage::new(
+    let req = greedy_request(
+        Input::Messages(vec![corral_protocol::ChatMessage::new(
             "user",
             "What is the capital of France?",
         )]),
-        sampling: Sampling::default(),
-        max_tokens: 24,
-        stop: vec![],
-        top_logprobs: 0,
-        stream: false,
-        ignore_eos: false,
-        constraint: None,
-        tools: None,
-        max_tokens_explicit: false,
-    };
+        24,
+    );
     let done = r.generate(req, &mut |_| {}).unwrap();
     assert!(done.text.contains("Paris"), "{:?}", done.text);
     assert!(done

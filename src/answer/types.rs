@@ -192,7 +192,6 @@ impl Request {
     /// offers nothing; with calls or results in the conversation it still goes as `None`, so
     /// the runner keeps the answer from copying their syntax into its text.
     pub(super) fn runner_tools(&self) -> Option<Tools> {
-        let list = self.tools.as_ref()?.as_array()?;
         let choice = match &self.tool_choice {
             None => ToolChoice::Auto,
             Some(Value::String(s)) => match s.as_str() {
@@ -209,18 +208,15 @@ impl Request {
                     .to_string(),
             },
         };
-        let functions: Vec<Function> = list
-            .iter()
-            .filter_map(|t| {
-                let f = t.get("function")?;
-                Some(Function {
-                    name: f.get("name")?.as_str()?.to_string(),
-                    description: f
-                        .get("description")
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
-                    parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
-                })
+        let functions: Vec<Function> = self
+            .functions()
+            .map(|(name, f)| Function {
+                name: name.to_string(),
+                description: f
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
             })
             .collect();
         (!functions.is_empty()).then(|| Tools {
@@ -240,34 +236,50 @@ impl Request {
     /// Whether the local model may answer with a call (tools offered, not `none`): such an
     /// answer is read whole before it goes out.
     pub(super) fn may_call(&self) -> bool {
-        self.runner_tools()
-            .is_some_and(|t| t.choice != ToolChoice::None)
+        !self.choice_is_none() && self.functions().next().is_some()
+    }
+
+    /// The offered functions as sent: (name, the `function` object).
+    fn functions(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.tools
+            .as_ref()
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| {
+                let f = t.get("function")?;
+                Some((f.get("name")?.as_str()?, f))
+            })
+    }
+
+    /// `tool_choice: none`: nothing is offered to be called.
+    fn choice_is_none(&self) -> bool {
+        matches!(&self.tool_choice, Some(Value::String(s)) if s == "none")
     }
 
     /// Whether the local runner can enforce every schema of the request (the `json_schema`
     /// response format, the offered functions' parameters); the error names the keyword, where
     /// it is and, for a function, which.
     pub(super) fn local_schemas(&self) -> Result<(), String> {
-        if let Some(corral_protocol::OutputConstraint::JsonSchema { schema }) = self.constraint() {
-            corral_protocol::check_schema(&schema).map_err(|e| format!("response_format: {e}"))?;
+        let rf = self.response_format.as_ref();
+        if rf.and_then(|r| r.get("type")).and_then(Value::as_str) == Some("json_schema") {
+            let schema = rf
+                .and_then(|r| r.pointer("/json_schema/schema"))
+                .unwrap_or(&Value::Null);
+            corral_protocol::check_schema(schema).map_err(|e| format!("response_format: {e}"))?;
         }
-        for f in self
-            .runner_tools()
-            .filter(|t| t.choice != ToolChoice::None)
-            .map(|t| t.functions)
-            .unwrap_or_default()
-        {
-            if f.parameters.is_null() {
-                continue;
+        if self.choice_is_none() {
+            return Ok(());
+        }
+        for (name, f) in self.functions() {
+            match f.get("parameters") {
+                None | Some(Value::Null) => {}
+                Some(p) if !p.is_object() => {
+                    return Err(format!("function '{name}': parameters must be an object"));
+                }
+                Some(p) => corral_protocol::check_schema(p)
+                    .map_err(|e| format!("function '{name}': {e}"))?,
             }
-            if !f.parameters.is_object() {
-                return Err(format!(
-                    "function '{}': parameters must be an object",
-                    f.name
-                ));
-            }
-            corral_protocol::check_schema(&f.parameters)
-                .map_err(|e| format!("function '{}': {e}", f.name))?;
         }
         Ok(())
     }
