@@ -31,4 +31,10 @@ scripts/fetch-model.sh gemma3-270m   # the second model (tests/gemma3.rs)
 # structured answers with the `jsonschema` package.
 python3 -c 'import openai, jsonschema' 2>/dev/null ||
     python3 -m pip install -q --disable-pip-version-check openai jsonschema
+# tests/quantized.rs makes the other weight types with llama.cpp's own quantizer and compares
+# corral's answers with llama.cpp's on each: the peer is built for this CPU (several minutes,
+# once); `gguf` lists the tensor types of each file in the test's report.
+scripts/install-llama-cpp.sh
+python3 -c 'import gguf' 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check gguf
 cargo test --release --workspace --all-targets "$@"

@@ -1,7 +1,8 @@
 //! corral's own forward pass for llama-family GGUF models (SmolLM2, Llama, TinyLlama, Mistral).
 //!
-//! Weight products for Q4_1 and Q8_0 use corral's own kernels (`kernels.rs`) with ggml's
-//! arithmetic (Candle's quantized matmul drifts further from it), other types Candle's; everything
+//! Weight products for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K use corral's own kernels
+//! (`kernels.rs`) with ggml's arithmetic (Candle's quantized matmul drifts further from it),
+//! other types Candle's; everything
 //! between them is plain Rust that reproduces the float arithmetic of llama.cpp's x86 CPU path
 //! operation for operation (`ggml_math.rs`), so that greedy decoding agrees with it token for
 //! token and the log-probabilities to the last bits (`scripts/make-reference.py`, the parity test):
@@ -27,7 +28,8 @@ use rayon::prelude::*;
 use crate::ggml_math::{self, ColumnDot, Order};
 use crate::kernels::{QMat, WType};
 
-/// A weight matrix: our own kernels for Q4_1 and Q8_0 (ggml's arithmetic), Candle's for the rest.
+/// A weight matrix: our own kernels for the types `kernels` computes (ggml's arithmetic),
+/// Candle's for the rest.
 enum Mat {
     Own(QMat),
     Candle(QMatMul),
@@ -195,10 +197,8 @@ impl Llama {
                 .tensor_infos
                 .get(name)
                 .ok_or_else(|| anyhow::anyhow!("tensor {name} is missing"))?;
-            let w = match info.ggml_dtype {
-                GgmlDType::Q4_1 => WType::Q4_1,
-                GgmlDType::Q8_0 => WType::Q8_0,
-                _ => return Ok(None),
+            let Some(w) = WType::from_ggml(info.ggml_dtype) else {
+                return Ok(None);
             };
             if f32_weights {
                 return Ok(None);
@@ -597,13 +597,22 @@ impl Llama {
                     });
             }
             let mut o = self.matmul(&layer.wo, &att, seq)?;
+            // As llama.cpp does, only the row whose logits are wanted (the last) goes on from the
+            // last layer's attention output: less work, and its feed-forward products then run
+            // on one row, whose arithmetic differs from the many-row kind for the K types.
+            let mut rows = seq;
+            if l + 1 == c.n_layer && seq > 1 {
+                o.drain(..(seq - 1) * c.n_embd);
+                x.drain(..(seq - 1) * c.n_embd);
+                rows = 1;
+            }
             if let Some(w) = &layer.post_attn_norm {
                 o = rms_norm(&o, w, c.eps);
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &layer.ffn_norm, c.eps);
             let mut gu = self
-                .matmul_many(&[&layer.w_gate, &layer.w_up], &h, seq)?
+                .matmul_many(&[&layer.w_gate, &layer.w_up], &h, rows)?
                 .into_iter();
             let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
                 anyhow::bail!("feed-forward projections missing");
@@ -620,13 +629,13 @@ impl Llama {
                     }
                 });
             }
-            let mut d = self.matmul(&layer.w_down, &act, seq)?;
+            let mut d = self.matmul(&layer.w_down, &act, rows)?;
             if let Some(w) = &layer.post_ffn_norm {
                 d = rms_norm(&d, w, c.eps);
             }
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
-        let last = &x[(seq - 1) * c.n_embd..];
+        let last = &x[x.len() - c.n_embd..];
         let h = rms_norm(last, &self.norm, c.eps);
         crate::engine::check_finite("final hidden state", &h)?;
         Ok(self.matmul(&self.output, &h, 1)?)
