@@ -839,4 +839,131 @@ mod tests {
         assert!(((x[0] * x[0] + x[1] * x[1]) - 5.0).abs() < 1e-5);
         assert_eq!(&x[2..], &[3.0, 4.0], "dims past n_rot are untouched");
     }
+
+    /// The default model's file (and others made from it), where `scripts/fetch-model.sh` puts
+    /// it; missing, the test fails rather than skips.
+    fn default_model() -> std::path::PathBuf {
+        let dir = std::env::var_os("CORRAL_MODEL_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::env::var_os("XDG_DATA_HOME")
+                    .map(std::path::PathBuf::from)
+                    .unwrap_or_else(|| {
+                        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                            .join(".local/share")
+                    })
+                    .join("corral/models")
+            });
+        let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+        assert!(
+            p.is_file(),
+            "{} is missing: run scripts/fetch-model.sh",
+            p.display()
+        );
+        p
+    }
+
+    /// corral's mean KL divergence from an exact (f64, dequantized weights) forward pass, and
+    /// llama.cpp's, over the same 128 next-token distributions (scripts/kl-reference.py).
+    fn kl_against_exact(model: &std::path::Path) -> (f64, f64) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = root.join("target/kl");
+        std::fs::create_dir_all(&dir).unwrap();
+        let stem = dir.join(model.file_stem().unwrap());
+        let out = std::process::Command::new("python3")
+            .arg(root.join("scripts/kl-reference.py"))
+            .arg(model)
+            .arg(&stem)
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "scripts/kl-reference.py failed (it needs llama.cpp, scripts/install-llama-cpp.sh, \
+             and the gguf package; scripts/test.sh installs both):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{}.json", stem.display())).unwrap(),
+        )
+        .unwrap();
+        let exact: Vec<f32> = std::fs::read(format!("{}.f32", stem.display()))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let n_vocab = meta["n_vocab"].as_u64().unwrap() as usize;
+        let bytes = std::fs::read(model).unwrap();
+        let mut cur = std::io::Cursor::new(&bytes);
+        let ct = gguf_file::Content::read(&mut cur).unwrap();
+        let mut m = Llama::from_gguf(&ct, &bytes, &mut cur, &Device::Cpu, 512).unwrap();
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        let mut kls = Vec::new();
+        for c in meta["cases"].as_array().unwrap() {
+            let prompt = ids(&c["prompt_ids"]);
+            let gen = ids(&c["greedy_ids"]);
+            let mut logits = m.forward(&prompt, 0).unwrap();
+            for (step, tok) in gen.iter().enumerate() {
+                let row = &exact[kls.len() * n_vocab..][..n_vocab];
+                let max = logits.iter().fold(f64::MIN, |a, b| a.max(f64::from(*b)));
+                let lse = max
+                    + logits
+                        .iter()
+                        .map(|l| (f64::from(*l) - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                let kl: f64 = row
+                    .iter()
+                    .zip(&logits)
+                    .map(|(p, l)| {
+                        let p = f64::from(*p);
+                        p.exp() * (p - (f64::from(*l) - lse))
+                    })
+                    .sum();
+                kls.push(kl);
+                logits = m.forward(&[*tok], prompt.len() + step).unwrap();
+            }
+        }
+        let mean = kls.iter().sum::<f64>() / kls.len() as f64;
+        (mean, meta["llama_cpp_mean_kl"].as_f64().unwrap())
+    }
+
+    /// Issue 17's yardstick for numerics: corral's distributions are at least as close to exact
+    /// arithmetic as llama.cpp's (built for this CPU) on the same file, measured as the mean KL
+    /// divergence over 8 prompts x 16 greedy steps, for the default Q4_1 file (where corral
+    /// reproduces llama.cpp's arithmetic, so the two are equal) and for a Q4_K_M file made by
+    /// llama.cpp's quantizer (whose repacked Q4_K order corral does not reproduce: there it
+    /// must not be further from exact than llama.cpp is, by more than 5%). Measured 2026-12-07
+    /// (AMD EPYC, AVX2): Q4_1 2.629e-3 both; Q4_K_M corral 5.18e-3, llama.cpp 5.07e-3.
+    #[test]
+    fn kl_to_exact_reference() {
+        let default = default_model();
+        let (ours, theirs) = kl_against_exact(&default);
+        eprintln!("Q4_1: corral mean KL {ours:.4e}, llama.cpp {theirs:.4e}");
+        assert!(
+            ours > 0.0 && ours <= theirs * 1.001 + 1e-9,
+            "{ours} vs {theirs}"
+        );
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = root.join("target/quantized");
+        let out = std::process::Command::new("python3")
+            .arg(root.join("scripts/make-quantized.py"))
+            .arg(&dir)
+            .arg(&default)
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (ours, theirs) = kl_against_exact(&dir.join("smollm2-q4_k_m.gguf"));
+        eprintln!("Q4_K_M: corral mean KL {ours:.4e}, llama.cpp {theirs:.4e}");
+        assert!(ours > 0.0 && ours <= theirs * 1.05, "{ours} vs {theirs}");
+    }
 }
