@@ -316,8 +316,16 @@ impl QMat {
             while k < here {
                 let wt = rows[k].0;
                 if wt.is_k() {
-                    for (i, a) in ak.iter().enumerate() {
-                        dst[k * n + i] = dot_k(wt, &rows[k].1, a, avx2, n >= 8);
+                    let mut i = 0;
+                    // Many rows: four activation rows per pass over the weight row (its values
+                    // unpacked once), each result exactly `dot_k`'s tiled-order one.
+                    while avx2 && n >= 8 && i + 4 <= n {
+                        let a4 = [&ak[i][..], &ak[i + 1], &ak[i + 2], &ak[i + 3]];
+                        dst[k * n + i..][..4].copy_from_slice(&tile_k(wt, &rows[k].1, a4));
+                        i += 4;
+                    }
+                    for (j, a) in ak.iter().enumerate().skip(i) {
+                        dst[k * n + j] = dot_k(wt, &rows[k].1, a, avx2, n >= 8);
                     }
                     k += 1;
                     continue;
@@ -415,6 +423,27 @@ fn tile<const R: usize, const A: usize>(
     }
 }
 
+/// A K-type row against four activation rows in the tiled (many-row) order (the caller checked
+/// AVX2 and FMA).
+fn tile_k(wt: WType, w: &Row<'_>, acts: [&[KBlock]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: only called when AVX2 and FMA were detected; the row and the activations come
+        // from the same matrix product, so their super-block counts match.
+        unsafe {
+            match wt {
+                WType::Q4K => avx2::tile_k::<0>(w, acts),
+                WType::Q5K => avx2::tile_k::<1>(w, acts),
+                _ => avx2::tile_k::<2>(w, acts),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        acts.map(|a| dot_k(wt, w, a, false, true))
+    }
+}
+
 /// One weight row.
 struct Row<'a> {
     d: &'a [f32],
@@ -488,9 +517,15 @@ fn quantize_row_k(x: &[f32]) -> Vec<KBlock> {
                 return out;
             }
             let iscale = -127.0 / max;
-            for (o, v) in out.q.iter_mut().zip(b) {
-                *o = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: AVX2 and FMA were detected at run time; b has 256 values.
+                unsafe { avx2::round_k(iscale, b, &mut out.q) };
+            } else {
+                round_k(iscale, b, &mut out.q);
             }
+            #[cfg(not(target_arch = "x86_64"))]
+            round_k(iscale, b, &mut out.q);
             for (s, c) in out.bsums.iter_mut().zip(out.q.chunks_exact(16)) {
                 *s = c.iter().map(|q| i16::from(*q)).sum();
             }
@@ -498,6 +533,13 @@ fn quantize_row_k(x: &[f32]) -> Vec<KBlock> {
             out
         })
         .collect()
+}
+
+/// ggml's `nearest_int(iscale * x)` (round half to even), capped at 127, for each value.
+fn round_k(iscale: f32, x: &[f32], q: &mut [i8]) {
+    for (o, v) in q.iter_mut().zip(x) {
+        *o = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+    }
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -718,6 +760,30 @@ mod avx2 {
             });
         }
         out
+    }
+
+    /// `super::round_k` with `vroundps` (nearest, ties to even) for eight values at a time.
+    ///
+    /// # Safety
+    /// Needs AVX2; `x` and `q` have the same length, a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn round_k(iscale: f32, x: &[f32], q: &mut [i8]) {
+        let s = _mm256_set1_ps(iscale);
+        let cap = _mm256_set1_epi32(127);
+        for (xs, qs) in x.chunks_exact(8).zip(q.chunks_exact_mut(8)) {
+            // SAFETY: xs has 8 floats.
+            let v = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(v, s),
+            );
+            let i = _mm256_min_epi32(_mm256_cvtps_epi32(r), cap);
+            let mut ints = [0i32; 8];
+            // SAFETY: ints holds 8 i32.
+            unsafe { _mm256_storeu_si256(ints.as_mut_ptr().cast(), i) };
+            for (o, v) in qs.iter_mut().zip(ints) {
+                *o = v as i8;
+            }
+        }
     }
 
     /// Horizontal sum of 8 f32 lanes (high half plus low half, then pairs: ggml's order).
@@ -1074,6 +1140,134 @@ mod avx2 {
         // SAFETY: AVX2/FMA are enabled for this function.
         unsafe { hsum(acc) }
     }
+
+    /// One K super-block's 256 values as 8 chunks of 32 unsigned bytes in element order, with
+    /// each chunk's scales as 16 i16 lanes (Q4_K/Q5_K: one scale per chunk; Q6_K: one per 16
+    /// values, whose offset of 32 the caller takes off with the bsums). `T`: 0 Q4_K, 1 Q5_K,
+    /// 2 Q6_K.
+    ///
+    /// # Safety
+    /// Needs AVX2; `blk` holds the type's kept bytes for one super-block.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn unpack_k<const T: u8>(blk: &[u8]) -> ([__m256i; 8], [__m256i; 8]) {
+        let m4 = _mm256_set1_epi8(0x0f);
+        let mut v = [_mm256_setzero_si256(); 8];
+        let mut sc = [_mm256_setzero_si256(); 8];
+        // SAFETY: every load reads 32 bytes inside blk (the layouts of `QMat::new`).
+        unsafe {
+            if T < 2 {
+                let qs_at = if T == 1 { 48 } else { 16 };
+                let hbits = if T == 1 {
+                    _mm256_loadu_si256(blk[16..].as_ptr().cast())
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let sixteen = _mm256_set1_epi8(16);
+                for j in 0..4 {
+                    let bits = _mm256_loadu_si256(blk[qs_at + 32 * j..].as_ptr().cast());
+                    let mut lo = _mm256_and_si256(bits, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4);
+                    if T == 1 {
+                        let bl = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
+                        let bh = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
+                        let hl = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl);
+                        let hh = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh);
+                        lo = _mm256_add_epi8(lo, _mm256_and_si256(hl, sixteen));
+                        hi = _mm256_add_epi8(hi, _mm256_and_si256(hh, sixteen));
+                    }
+                    v[2 * j] = lo;
+                    v[2 * j + 1] = hi;
+                    sc[2 * j] = _mm256_set1_epi16(i16::from(blk[2 * j]));
+                    sc[2 * j + 1] = _mm256_set1_epi16(i16::from(blk[2 * j + 1]));
+                }
+            } else {
+                let m15 = _mm256_set1_epi8(15);
+                let scales = &blk[192..208];
+                for j in 0..2 {
+                    let b1 = _mm256_loadu_si256(blk[64 * j..].as_ptr().cast());
+                    let b2 = _mm256_loadu_si256(blk[64 * j + 32..].as_ptr().cast());
+                    let bh = _mm256_loadu_si256(blk[128 + 32 * j..].as_ptr().cast());
+                    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(bh, _mm256_set1_epi8(3)));
+                    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(bh, _mm256_set1_epi8(12)));
+                    let h2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
+                    let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(
+                        bh,
+                        _mm256_set1_epi8(0xc0u8 as i8),
+                    ));
+                    v[4 * j] = _mm256_or_si256(_mm256_and_si256(b1, m15), h0);
+                    v[4 * j + 1] = _mm256_or_si256(_mm256_and_si256(b2, m15), h1);
+                    v[4 * j + 2] =
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m15), h2);
+                    v[4 * j + 3] =
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m15), h3);
+                    for k in 0..4 {
+                        let s = 8 * j + 2 * k;
+                        sc[4 * j + k] = _mm256_set_m128i(
+                            _mm_set1_epi16(i16::from(scales[s + 1] as i8)),
+                            _mm_set1_epi16(i16::from(scales[s] as i8)),
+                        );
+                    }
+                }
+            }
+        }
+        (v, sc)
+    }
+
+    /// A K-type row against four activation rows in ggml's tiled order (see `dot_k`): per
+    /// super-block the weight values are unpacked once, the exact integer sums `s1`, `s2` formed
+    /// for each activation row, then the same scalar float steps as `dot_q4k::<_, true>` /
+    /// `dot_q6k::<true>`, so each result is bit for bit theirs.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `w` holds whole super-blocks of the type matching every activation row.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // super-block i of the row and every activation row
+    pub unsafe fn tile_k<const T: u8>(w: &Row<'_>, acts: [&[KBlock]; 4]) -> [f32; 4] {
+        let kb = [144, 176, 208][T as usize];
+        let mut out = [0f32; 4];
+        for i in 0..acts[0].len() {
+            let blk = &w.q[i * kb..(i + 1) * kb];
+            // SAFETY: blk holds one super-block; AVX2/FMA are enabled here.
+            let (v, sc) = unsafe { unpack_k::<T>(blk) };
+            for (j, a) in acts.iter().enumerate() {
+                let y = &a[i];
+                let mut sumi = _mm256_setzero_si256();
+                for c in 0..8 {
+                    // SAFETY: y.q has 256 bytes.
+                    let q8 = unsafe { _mm256_loadu_si256(y.q[32 * c..].as_ptr().cast()) };
+                    let p = _mm256_madd_epi16(sc[c], _mm256_maddubs_epi16(v[c], q8));
+                    sumi = _mm256_add_epi32(sumi, p);
+                }
+                // SAFETY: AVX2 is enabled here.
+                let mut s1 = unsafe {
+                    hsum_i32(
+                        _mm256_castsi256_si128(sumi),
+                        _mm256_extracti128_si256::<1>(sumi),
+                    )
+                };
+                if T == 2 {
+                    let off: i32 = blk[192..208]
+                        .iter()
+                        .zip(&y.bsums)
+                        .map(|(s, b)| i32::from(*s as i8) * i32::from(*b))
+                        .sum();
+                    s1 = s1.wrapping_sub(off.wrapping_mul(32));
+                    out[j] = (w.d[i] * s1 as f32).mul_add(y.d, out[j]);
+                } else {
+                    let s2: i32 = (0..8)
+                        .map(|g| {
+                            i32::from(blk[8 + g])
+                                * (i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]))
+                        })
+                        .sum();
+                    let res = (-w.m[i]).mul_add(s2 as f32, w.d[i] * s1 as f32);
+                    out[j] = res.mul_add(y.d, out[j]);
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -1209,6 +1403,19 @@ mod tests {
             }
         }
         assert!(quantize_row_k(&[0.0; QKK])[0].q.iter().all(|q| *q == 0));
+        // The SIMD rounding is the scalar one, ties to even included.
+        let ties: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) * 0.5).collect();
+        let (mut a, mut b) = ([0i8; QKK], [0i8; QKK]);
+        round_k(1.0, &ties, &mut a);
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA were detected.
+            unsafe { avx2::round_k(1.0, &ties, &mut b) };
+            assert_eq!(a, b);
+        }
+        round_k(1.0, &ties, &mut a);
+        assert_eq!(a[129], 0, "0.5 rounds to even");
+        assert_eq!(a[131], 2, "1.5 rounds to even");
     }
 
     #[test]
@@ -1245,6 +1452,29 @@ mod tests {
                     bits(&one),
                     "{wtype:?} row {r}"
                 );
+            }
+        }
+    }
+
+    /// Eight activation rows or more take ggml's tiled order for the K types (four at a time
+    /// through `tile_k`, the rest one by one): every result is bit for bit the scalar tiled-order
+    /// product's, and within rounding of the one-row (`vec_dot`) order.
+    #[test]
+    fn many_row_k_products_follow_the_tiled_order() {
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+            let (m, _) = quantized(dtype, 19, 512, 13);
+            let n = 11;
+            let x: Vec<f32> = (0..n * 512).map(|i| ((i * 13) as f32).sin()).collect();
+            let all = m.matmul(&x, n);
+            for i in 0..n {
+                let a = quantize_row_k(&x[i * 512..(i + 1) * 512]);
+                for r in 0..19 {
+                    let want = dot_k(m.wtype, &m.row(r), &a, false, true);
+                    let got = all[i * 19 + r];
+                    assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} act {i} row {r}");
+                    let one = dot_k(m.wtype, &m.row(r), &a, false, false);
+                    assert!((got - one).abs() <= 1e-4 * one.abs().max(1.0));
+                }
             }
         }
     }

@@ -808,17 +808,26 @@ fn rope_neox(x: &mut [f32], n_head: usize, head_dim: usize, n_rot: usize, cos_si
 /// the input rounded to f16, looked up in a table of f32 GELU values rounded to f16; saturated
 /// outside (-10, 10).
 fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    const COEF_A: f32 = 0.044_715;
     if x <= -10.0 {
         return 0.0;
     }
     if x >= 10.0 {
         return x;
     }
-    let v = f16::from_f32(x).to_f32();
+    // ggml looks GELU up in a table of every f16 input (GGML_GELU_FP16), each entry the f32
+    // formula rounded to f16: the same table, built once.
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| (0..=u16::MAX).map(gelu_f16_entry).collect());
+    f16::from_bits(table[usize::from(f16::from_f32(x).to_bits())]).to_f32()
+}
+
+/// ggml's `ggml_gelu_f32` of an f16 input, rounded to f16 (one entry of its table).
+fn gelu_f16_entry(bits: u16) -> u16 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    let v = f16::from_bits(bits).to_f32();
     let g = 0.5 * v * (1.0 + (SQRT_2_OVER_PI * v * (1.0 + COEF_A * v * v)).tanh());
-    f16::from_f32(g).to_f32()
+    f16::from_f32(g).to_bits()
 }
 
 #[cfg(test)]
