@@ -679,3 +679,62 @@ fn the_catalog_says_what_the_runner_reports_and_max_tokens_past_the_context_is_r
     assert!(r.generate(req, &mut |_| {}).unwrap().completion_tokens > 0);
     r.shutdown();
 }
+
+/// Llama 3.1/3.2 files carry `rope_freqs.weight`, a divisor per rotary frequency. A test file
+/// made from the default model with Llama 3's divisors (scripts/make-rope-freqs.py, at test
+/// time) must answer as llama.cpp answers it: the same arithmetic, so the same tokens and
+/// log-probabilities to float rounding.
+#[test]
+fn rope_frequency_factors_as_llama_cpp_applies_them() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/rope");
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/make-rope-freqs.py"
+        ))
+        .arg(&dir)
+        .arg(model_file())
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "scripts/make-rope-freqs.py failed (it needs llama.cpp and gguf; scripts/test.sh \
+         installs both):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("rope-freqs-reference.json")).unwrap(),
+    )
+    .unwrap();
+    let factors = reference["factors"].as_array().unwrap();
+    assert!(factors.iter().any(|f| f.as_f64().unwrap() > 1.0));
+    let mut r = start_runner(
+        &dir.join(reference["file"].as_str().unwrap()),
+        reference["sha256"].as_str().unwrap(),
+        "secure",
+    )
+    .unwrap();
+    let mut worst = 0f64;
+    for c in reference["cases"].as_array().unwrap() {
+        let prompt = c["prompt"].as_str().unwrap();
+        let want: Vec<u32> = c["greedy_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .filter(|t| *t != 2)
+            .collect();
+        let done = r.generate(greedy(prompt, 16), &mut |_| {}).unwrap();
+        let got: Vec<u32> = done.tokens.iter().map(|t| t.token_id).collect();
+        assert_eq!(got, want, "{prompt:?}");
+        for (t, lp) in done
+            .tokens
+            .iter()
+            .zip(c["greedy_logprobs"].as_array().unwrap())
+        {
+            worst = worst.max((f64::from(t.logprob) - lp.as_f64().unwrap()).abs());
+        }
+    }
+    r.shutdown();
+    assert!(worst < 1e-4, "log-probabilities differ by up to {worst}");
+}

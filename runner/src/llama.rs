@@ -48,6 +48,9 @@ pub struct Config {
     pub max_seq: usize,
     /// Query width: heads x head dimension (Gemma 3's head dimension is not n_embd / heads).
     pub q_dim: usize,
+    /// Per rotary frequency, the divisor of its angle (`rope_freqs.weight`: Llama 3.1/3.2
+    /// files' long-context scaling; llama.cpp divides each angle by it).
+    pub freq_factors: Option<Vec<f32>>,
     /// Gemma 3's options, when the file is one.
     pub gemma: Option<Gemma>,
 }
@@ -172,6 +175,25 @@ impl Llama {
             eps: md_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             max_seq,
             q_dim: n_head * head_dim,
+            // llama.cpp reads the factors for the llama family only (not Gemma 3).
+            freq_factors: match ct.tensor_infos.get("rope_freqs.weight") {
+                _ if gemma => None,
+                None => None,
+                Some(_) => {
+                    let t = ct
+                        .tensor(r, "rope_freqs.weight", &Device::Cpu)
+                        .map_err(|e| anyhow::anyhow!("tensor rope_freqs.weight: {e}"))?;
+                    let f = vec_of(&t)?;
+                    if f.len() != n_rot / 2 || f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+                        anyhow::bail!(
+                            "rope_freqs.weight has {} values (want {} positive ones)",
+                            f.len(),
+                            n_rot / 2
+                        );
+                    }
+                    Some(f)
+                }
+            },
             gemma: gemma.then(|| Gemma {
                 // No (or a zero) window: no sliding layers, as llama.cpp reads it.
                 window: md_u("attention.sliding_window").ok().filter(|w| *w > 0),
@@ -473,13 +495,13 @@ impl Llama {
             for i in 0..seq {
                 let mut theta = (pos + i) as f32;
                 for k in 0..c.n_rot / 2 {
-                    // ggml: theta = freq_scale * (p * theta_scale^k); unscaled, bit for bit
-                    // the old angle.
-                    let t = if freq_scale == 1.0 {
-                        theta
-                    } else {
-                        freq_scale * theta
+                    // ggml: theta = freq_scale * (p * theta_scale^k / freq_factor_k); unscaled,
+                    // bit for bit the old angle.
+                    let t = match &c.freq_factors {
+                        Some(f) => theta / f[k],
+                        None => theta,
                     };
+                    let t = if freq_scale == 1.0 { t } else { freq_scale * t };
                     cos_sin[i * c.n_rot / 2 + k] = (t.cos(), t.sin());
                     theta *= theta_scale;
                 }
