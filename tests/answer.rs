@@ -704,3 +704,140 @@ fn corral_run_passes_tools_from_a_file_and_prints_the_calls() {
     assert_eq!(e.exit_code(), 2);
     assert!(e.to_string().contains("get_weather"), "{e}");
 }
+
+/// A remote provider offering more than its configured model, aliases of every kind, and the
+/// test body asking for `model`.
+const NAMED: &str = "[providers.remote]\nkind = \"openai\"\nbase_url = \"URL/v1\"\nmodel = \"remote-large\"\nmodels = [\"gpt-4o*\"]\nmax_retries = 0\n\
+[routing.llm_fallback]\nproviders = [\"remote\"]\n\
+[routing.aliases]\nfast = \"remote/gpt-4o-mini\"\n\"claude-*\" = \"remote/*\"\nsmall = \"smollm2-135m-instruct\"\nsmart = \"auto\"\n";
+
+fn named_state(allow: &str) -> (tempfile::TempDir, Arc<ScriptedModel>, Arc<State>, Fake) {
+    let remote = fake(vec![(200, openai_answer("Remote says teal"))]);
+    let extra = format!("{}{allow}", NAMED.replace("URL", &remote.url));
+    let (dir, cfg) = config(None, &extra);
+    let local = Arc::new(ScriptedModel::new(vec![sure(); 8]));
+    let st = State::with_local(cfg, Sources::default(), local.clone()).unwrap();
+    (dir, local, st, remote)
+}
+
+fn ask(st: &Arc<State>, model: &str) -> (u16, axum::http::HeaderMap, Value) {
+    let b = json!({"model": model, "messages": [{"role": "user", "content": "What colour is the sea?"}]});
+    let (status, h, text) = rt().block_on(post(st, &b));
+    (status, h, serde_json::from_str(&text).unwrap())
+}
+
+/// The model the last upstream request asked for.
+fn sent_model(remote: &Fake) -> Option<String> {
+    let seen = remote.seen.lock().unwrap();
+    let (_, body) = seen.last()?;
+    let v: Value = serde_json::from_str(body).unwrap();
+    v["model"].as_str().map(String::from)
+}
+
+#[test]
+fn remote_model_names_and_aliases() {
+    let (_d, local, st, remote) = named_state("");
+    // PROVIDER/MODEL for a model the provider offers: that provider, that model, no SLM.
+    for (name, upstream) in [
+        ("remote/gpt-4o-mini", "gpt-4o-mini"),
+        ("remote/remote-large", "remote-large"),
+        ("fast", "gpt-4o-mini"),
+        ("claude-3-haiku", "claude-3-haiku"),
+    ] {
+        let (status, h, v) = ask(&st, name);
+        assert_eq!(status, 200, "{name}: {v}");
+        assert_eq!(h["x-corral-route"], "llm", "{name}");
+        assert_eq!(v["corral"]["provider"], "remote", "{name}: {v}");
+        assert_eq!(sent_model(&remote).as_deref(), Some(upstream), "{name}");
+    }
+    assert_eq!(
+        local.submitted(),
+        0,
+        "named remote models never reach the SLM"
+    );
+    // Names nobody configured stay 404, in OpenAI's format.
+    for name in ["remote/gpt-5", "other/gpt-4o", "gpt-4o-mini"] {
+        let (status, _, v) = ask(&st, name);
+        assert_eq!(status, 404, "{name}: {v}");
+        assert_eq!(v["error"]["code"], "model_not_found", "{name}");
+    }
+    // Aliases of a catalog model and of `auto` route as those would.
+    let before = remote.seen.lock().unwrap().len();
+    for name in ["small", "smart"] {
+        let (status, h, v) = ask(&st, name);
+        assert_eq!(status, 200, "{name}: {v}");
+        assert_eq!(h["x-corral-route"], "slm", "{name}: {v}");
+    }
+    assert_eq!(local.submitted(), 2);
+    assert_eq!(remote.seen.lock().unwrap().len(), before);
+    // /v1/models lists what may be named (patterns cannot be listed).
+    let resp = rt()
+        .block_on(
+            app(st.clone()).oneshot(HttpRequest::get("/v1/models").body(Body::empty()).unwrap()),
+        )
+        .unwrap();
+    let bytes = rt()
+        .block_on(axum::body::to_bytes(resp.into_body(), 1 << 20))
+        .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    for want in [
+        "auto",
+        "smollm2-135m-instruct",
+        "remote/remote-large",
+        "fast",
+        "small",
+        "smart",
+    ] {
+        assert!(ids.contains(&want), "{want} missing from {ids:?}");
+    }
+    assert!(!ids.iter().any(|i| i.contains('*')), "{ids:?}");
+}
+
+#[test]
+fn allow_lists_apply_to_remote_names() {
+    // Anyone may use the provider's gpt-4o models, by name or alias; nothing else.
+    let allow = "[slm.model_allow_lists.agent_model_maps]\n\"*\" = [\"remote/gpt-4o*\"]\n";
+    let (_d, _l, st, remote) = named_state(allow);
+    for name in ["remote/gpt-4o-mini", "fast"] {
+        let (status, _, v) = ask(&st, name);
+        assert_eq!(status, 200, "{name}: {v}");
+        assert_eq!(sent_model(&remote).as_deref(), Some("gpt-4o-mini"));
+    }
+    for name in ["remote/remote-large", "claude-3-haiku", "small"] {
+        let (status, _, v) = ask(&st, name);
+        assert_eq!(status, 403, "{name}: {v}");
+        assert_eq!(v["error"]["code"], "model_not_allowed", "{name}");
+    }
+}
+
+#[test]
+fn aliases_to_nothing_configured_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    for (aliases, key) in [
+        ("x = \"nowhere/gpt-4o\"\n", "routing.aliases.x"),
+        ("x = \"no-such-model\"\n", "routing.aliases.x"),
+        (
+            "\"smollm2-135m-instruct\" = \"auto\"\n",
+            "routing.aliases.smollm2-135m-instruct",
+        ),
+    ] {
+        let p = dir.path().join("corral.toml");
+        std::fs::write(&p, format!("[routing.aliases]\n{aliases}")).unwrap();
+        let err = Config::load_with_env(
+            &Sources {
+                config: Some(p),
+                profiles_dir: None,
+            },
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(key), "{aliases}: {err}");
+    }
+}

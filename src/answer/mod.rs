@@ -185,26 +185,30 @@ impl Pipeline {
                 }),
                 None,
             ),
-            Selection::Llm { providers } => (self.remote(providers, req, d, None).await, None),
+            Selection::Llm { providers, model } => (
+                self.remote(providers, model.as_deref(), req, d, None).await,
+                None,
+            ),
             Selection::Slm { model, profile } => {
                 self.local(d, req, model, profile, updates, streamed).await
             }
         }
     }
 
+    /// Asks the chain `providers` (for `model`, when the caller named a remote one).
     async fn remote(
         &self,
         providers: &[String],
+        model: Option<&str>,
         req: &Request,
         d: &RouteDecision,
         escalation: Option<Escalation>,
     ) -> Result<Answer, Failure> {
+        let mut ask = req.remote_request(&self.router, d.remote_prompt.is_some());
+        ask.model = model.map(str::to_string);
         let r = self
             .remote
-            .complete(
-                providers,
-                req.remote_request(&self.router, d.remote_prompt.is_some()),
-            )
+            .complete(providers, ask)
             .await
             .map_err(|e| Failure::Remote(e.to_string()))?;
         let method = self.router.method;
@@ -450,7 +454,10 @@ impl Pipeline {
         why: Escalation,
         run: SlmRun,
     ) -> (Result<Answer, Failure>, Option<SlmRun>) {
-        match self.remote(&self.router.fallback, req, d, Some(why)).await {
+        match self
+            .remote(&self.router.fallback, None, req, d, Some(why))
+            .await
+        {
             Ok(mut a) => {
                 a.model_time += run.time;
                 a.slm = Some(run);
@@ -505,16 +512,19 @@ impl Pipeline {
 
 /// A model the caller named must exist and be on its allow list (refused outright, not quietly
 /// replaced by another).
+/// The name may be a catalog model, `PROVIDER/MODEL` of a model a provider offers, or an alias
+/// of either (`routing.aliases`); anything else is unknown.
 pub fn check_model(router: &Router, caller: &Caller, req: &Request) -> Result<(), Failure> {
     if req.auto() {
         return Ok(());
     }
-    if !router.knows_model(&req.model) {
-        return Err(Failure::UnknownModel(req.model.clone()));
+    match router.resolve(&req.model) {
+        crate::routing::Named::Auto => Ok(()),
+        crate::routing::Named::Unknown => Err(Failure::UnknownModel(req.model.clone())),
+        crate::routing::Named::Local(_) | crate::routing::Named::Remote { .. } => router
+            .allowed(caller.agent.as_deref(), &req.model)
+            .map_err(Failure::NotAllowed),
     }
-    router
-        .allowed(caller.agent.as_deref(), &req.model)
-        .map_err(Failure::NotAllowed)
 }
 
 /// OpenAI's `finish_reason` for a runner's.

@@ -353,6 +353,7 @@ impl Request {
     /// so (`mask`), the system message included.
     pub(super) fn remote_request(&self, router: &Router, mask: bool) -> ChatRequest {
         ChatRequest {
+            model: None,
             messages: self
                 .messages
                 .iter()

@@ -74,7 +74,14 @@ pub fn describe(d: &RouteDecision) -> String {
             "slm {model} (profile {profile}), accepted at confidence >= {}",
             d.confidence_required.unwrap_or(0.0)
         ),
-        Selection::Llm { providers } => format!("llm via {}", providers.join(" -> ")),
+        Selection::Llm {
+            providers,
+            model: None,
+        } => format!("llm via {}", providers.join(" -> ")),
+        Selection::Llm {
+            providers,
+            model: Some(m),
+        } => format!("llm via {} (model {m})", providers.join(" -> ")),
         Selection::Deny { reason } => format!("deny: {reason}"),
     }
 }

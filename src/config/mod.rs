@@ -347,13 +347,22 @@ fn compile(
                 )
             })?;
     }
+    // An entry names a catalog model, an alias, `PROVIDER/MODEL` of a configured provider, or
+    // is a pattern (`openai/*`).
     for (agent, ids) in &raw.slm.model_allow_lists.agent_model_maps {
         for id in ids {
-            if !models.contains(id) {
+            let remote = id
+                .split_once('/')
+                .is_some_and(|(p, _)| raw.providers.contains_key(p));
+            let ok = models.contains(id)
+                || remote
+                || raw.routing.aliases.contains_key(id)
+                || id.contains(['*', '?']);
+            if !ok {
                 return Err(invalid(
                     &format!("slm.model_allow_lists.agent_model_maps.{agent}"),
                     format!(
-                        "model '{id}' not in global_models (known: {})",
+                        "model '{id}' not in global_models (known: {}), not an alias, and not PROVIDER/MODEL of a configured provider",
                         models.ids().collect::<Vec<_>>().join(", ")
                     ),
                 ));
@@ -546,7 +555,18 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.ends_with("corral.toml: slm.model_allow_lists.agent_model_maps.code_generator: model 'x' not in global_models (known: gemma3-270m, smollm2-135m-instruct)"), "{err}");
+        assert!(err.ends_with("corral.toml: slm.model_allow_lists.agent_model_maps.code_generator: model 'x' not in global_models (known: gemma3-270m, smollm2-135m-instruct), not an alias, and not PROVIDER/MODEL of a configured provider"), "{err}");
+        // A provider nobody configured is no better.
+        let err = load(
+            "[slm.model_allow_lists.agent_model_maps]\ncode_generator = [\"openai/gpt-4o\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("model 'openai/gpt-4o' not in global_models"),
+            "{err}"
+        );
     }
 
     #[test]

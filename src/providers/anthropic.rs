@@ -205,7 +205,7 @@ pub(super) fn body(cfg: &ProviderConfig, req: &ChatRequest) -> serde_json::Resul
             .join("\n\n")
     });
     serde_json::to_string(&Body {
-        model: &cfg.model,
+        model: req.model.as_deref().unwrap_or(&cfg.model),
         max_tokens: req.max_tokens.unwrap_or(cfg.max_tokens),
         system,
         messages,

@@ -103,7 +103,10 @@ impl Provider {
                     tracing::debug!(provider = %self.name, attempt, latency_ms, "provider answered");
                     return Ok(ChatResponse {
                         provider: self.name.clone(),
-                        model: c.model.unwrap_or_else(|| self.config.model.clone()),
+                        model: c
+                            .model
+                            .or_else(|| req.model.clone())
+                            .unwrap_or_else(|| self.config.model.clone()),
                         text: c.text,
                         finish_reason: c.finish_reason,
                         usage: c.usage,

@@ -22,6 +22,10 @@ pub struct ProviderConfig {
     /// `https://api.anthropic.com` (corral appends `/v1/messages`).
     pub base_url: String,
     pub model: String,
+    /// What else callers may ask this provider for by name (`NAME/ID` in a request's `model`):
+    /// model ids, `*` and `?` wildcards allowed (`gpt-4o*`). `model` itself always may be.
+    #[serde(default)]
+    pub models: Vec<String>,
     /// Name of the environment variable holding the API key; none sends no key (a local
     /// server).
     #[serde(default)]
@@ -79,6 +83,7 @@ impl ProviderConfig {
             kind,
             base_url: base_url.into(),
             model: model.into(),
+            models: Vec::new(),
             api_key_env: None,
             timeout_ms: default_timeout_ms(),
             max_retries: default_max_retries(),
@@ -129,6 +134,16 @@ impl ProviderConfig {
         if self.model.trim().is_empty() {
             return bad("model", "must not be empty");
         }
+        if let Some(m) = self
+            .models
+            .iter()
+            .find(|m| m.trim().is_empty() || m.chars().any(char::is_whitespace))
+        {
+            return bad(
+                "models",
+                &format!("{m:?} is not a model id or pattern (no spaces; * and ? match any text)"),
+            );
+        }
         if let Some(env) = &self.api_key_env {
             let mut chars = env.chars();
             let valid = chars
@@ -161,6 +176,15 @@ impl ProviderConfig {
             return bad("max_tokens", "must be > 0");
         }
         Ok(())
+    }
+
+    /// Whether callers may ask this provider for model `id` (its `model`, or one `models` matches).
+    pub fn offers(&self, id: &str) -> bool {
+        id == self.model
+            || self
+                .models
+                .iter()
+                .any(|p| crate::routing::rules::wildcard(p, id))
     }
 }
 

@@ -63,6 +63,9 @@ impl Message {
 /// `max_tokens` falls back to the provider's configured `max_tokens`.
 #[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
+    /// The provider's model to ask, when the caller named one (`provider/model` or an alias);
+    /// else the provider's configured `model`.
+    pub model: Option<String>,
     pub messages: Vec<Message>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,

@@ -45,7 +45,7 @@ struct Body<'a> {
 
 pub(super) fn body(cfg: &ProviderConfig, req: &ChatRequest) -> serde_json::Result<String> {
     serde_json::to_string(&Body {
-        model: &cfg.model,
+        model: req.model.as_deref().unwrap_or(&cfg.model),
         messages: &req.messages,
         max_tokens: req.max_tokens.unwrap_or(cfg.max_tokens),
         temperature: req.temperature,

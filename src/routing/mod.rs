@@ -48,6 +48,11 @@ pub struct RawRouting {
     pub guardrails: RawGuardrails,
     /// Scoped policies (see `scope.rs` for how they combine).
     pub attachments: Vec<scope::RawAttachment>,
+    /// Model names callers may send, each to a target: `PROVIDER/MODEL` (a remote model),
+    /// `PROVIDER/*` (the provider, asked for the name as sent: for a pattern such as `gpt-*`),
+    /// a catalog model, or `auto`. Names may hold `*` and `?`; an exact name wins over a
+    /// pattern, patterns are tried in name order.
+    pub aliases: BTreeMap<String, String>,
 }
 
 impl Default for RawRouting {
@@ -62,6 +67,7 @@ impl Default for RawRouting {
             llm_fallback: RawLlmFallback::default(),
             guardrails: RawGuardrails::default(),
             attachments: vec![],
+            aliases: BTreeMap::new(),
         }
     }
 }
@@ -168,9 +174,19 @@ impl Default for RawGuardrails {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Selection {
-    Slm { model: String, profile: String },
-    Llm { providers: Vec<String> },
-    Deny { reason: String },
+    Slm {
+        model: String,
+        profile: String,
+    },
+    Llm {
+        providers: Vec<String>,
+        /// The model to ask for, when the caller named a remote one (else each provider's own).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
+    },
+    Deny {
+        reason: String,
+    },
 }
 
 /// The route for one request, with its reasons.
@@ -231,6 +247,28 @@ pub struct Router {
     /// that model.
     model_capabilities: BTreeMap<String, Vec<crate::catalog::Capability>>,
     known_providers: std::collections::BTreeSet<String>,
+    /// `routing.aliases`: exact names first, then patterns, each with its target.
+    aliases: Vec<(String, String)>,
+    /// Each provider's configuration (which models callers may name: `ProviderConfig::offers`).
+    provider_configs: BTreeMap<String, ProviderConfig>,
+}
+
+/// What a model name in a request stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Named {
+    /// `auto` (or nothing): routing chooses.
+    Auto,
+    /// A catalog model.
+    Local(String),
+    /// A provider's model.
+    Remote { provider: String, model: String },
+    /// Nothing configured: 404.
+    Unknown,
+}
+
+/// Whether a name is a pattern (`*`, `?`).
+fn is_pattern(s: &str) -> bool {
+    s.contains(['*', '?'])
 }
 
 /// What compiling the section needs from the rest of the configuration.
@@ -506,6 +544,41 @@ impl Router {
                 "empty: nothing to detect".into(),
             );
         }
+        let mut aliases = Vec::new();
+        for (name, target) in &raw.aliases {
+            let key = format!("routing.aliases.{name}");
+            if name.is_empty() || name.chars().any(char::is_whitespace) || name == "auto" {
+                return e(
+                    &key,
+                    "an alias is a name without spaces, other than auto".into(),
+                );
+            }
+            if cx.catalog.get(name).is_some() {
+                return e(
+                    &key,
+                    format!("{name} is a catalog model already: an alias cannot take its name"),
+                );
+            }
+            let ok = target == "auto"
+                || cx.catalog.get(target).is_some()
+                || target.split_once('/').is_some_and(|(p, m)| {
+                    cx.providers.contains_key(p)
+                        && !m.is_empty()
+                        && !m.contains(char::is_whitespace)
+                });
+            if !ok {
+                return e(
+                    &key,
+                    format!(
+                        "{target:?} is not auto, a catalog model, or PROVIDER/MODEL (or PROVIDER/*) of a configured provider ({})",
+                        cx.providers.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+            aliases.push((name.clone(), target.clone()));
+        }
+        // Exact names before patterns (the search takes the first match).
+        aliases.sort_by_key(|(k, _)| is_pattern(k));
         let mut guardrails = BTreeMap::new();
         if let Some(a) = g.pii {
             guardrails.insert("pii".to_string(), a);
@@ -548,7 +621,96 @@ impl Router {
                 .map(|m| (m.id.clone(), m.capabilities.clone()))
                 .collect(),
             known_providers: cx.providers.keys().cloned().collect(),
+            aliases,
+            provider_configs: cx.providers.clone(),
         })
+    }
+
+    /// What the model name `name` of a request stands for: `auto`, a catalog model, an alias
+    /// (`routing.aliases`), or `PROVIDER/MODEL` for a model the provider offers (its `model` or
+    /// one its `models` matches).
+    pub fn resolve(&self, name: &str) -> Named {
+        if name.is_empty() || name == "auto" {
+            return Named::Auto;
+        }
+        if self.known_models.contains(name) {
+            return Named::Local(name.to_string());
+        }
+        let alias = self.aliases.iter().find(|(k, _)| k == name).or_else(|| {
+            self.aliases
+                .iter()
+                .find(|(k, _)| is_pattern(k) && rules::wildcard(k, name))
+        });
+        if let Some((_, target)) = alias {
+            return match target.as_str() {
+                "auto" => Named::Auto,
+                t if self.known_models.contains(t) => Named::Local(t.to_string()),
+                t => match t.split_once('/') {
+                    Some((p, "*")) => Named::Remote {
+                        provider: p.to_string(),
+                        model: name.to_string(),
+                    },
+                    Some((p, m)) => Named::Remote {
+                        provider: p.to_string(),
+                        model: m.to_string(),
+                    },
+                    None => Named::Unknown,
+                },
+            };
+        }
+        match name.split_once('/') {
+            Some((p, m)) if self.provider_configs.get(p).is_some_and(|c| c.offers(m)) => {
+                Named::Remote {
+                    provider: p.to_string(),
+                    model: m.to_string(),
+                }
+            }
+            _ => Named::Unknown,
+        }
+    }
+
+    /// The names callers may send besides `auto`, for `/v1/models`: catalog models, each
+    /// provider's `PROVIDER/MODEL` for its `model` and every `models` entry without a wildcard,
+    /// and aliases without one.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.known_models.iter().cloned().collect();
+        for (p, c) in &self.provider_configs {
+            names.push(format!("{p}/{}", c.model));
+            names.extend(
+                c.models
+                    .iter()
+                    .filter(|m| !is_pattern(m) && **m != c.model)
+                    .map(|m| format!("{p}/{m}")),
+            );
+        }
+        names.extend(
+            self.aliases
+                .iter()
+                .filter(|(k, _)| !is_pattern(k))
+                .map(|(k, _)| k.clone()),
+        );
+        names
+    }
+
+    /// The name an allow list is checked against for `name`: the catalog id, or
+    /// `PROVIDER/MODEL` for a remote model (an alias's target, not the alias).
+    fn canonical(&self, name: &str) -> String {
+        match self.resolve(name) {
+            Named::Local(id) => id,
+            Named::Remote { provider, model } => format!("{provider}/{model}"),
+            Named::Auto | Named::Unknown => name.to_string(),
+        }
+    }
+
+    /// Whether an allow-list entry can ever match: a catalog model, an alias, `PROVIDER/...`
+    /// of a configured provider, or a pattern.
+    fn valid_allow_entry(&self, entry: &str) -> bool {
+        is_pattern(entry)
+            || self.known_models.contains(entry)
+            || self.aliases.iter().any(|(k, _)| k == entry)
+            || entry
+                .split_once('/')
+                .is_some_and(|(p, _)| self.known_providers.contains(p))
     }
 
     /// Whether this accepted answer is drawn for an audit (probability `audit_rate`).
@@ -621,8 +783,10 @@ impl Router {
                 self.agent_model_maps.remove(agent);
             }
             Some(m) => {
-                if let Some(bad) = m.iter().find(|id| !self.known_models.contains(*id)) {
-                    return Err(format!("model '{bad}' is not in the catalog"));
+                if let Some(bad) = m.iter().find(|id| !self.valid_allow_entry(id)) {
+                    return Err(format!(
+                        "model '{bad}' is not in the catalog, an alias, or PROVIDER/MODEL of a configured provider"
+                    ));
                 }
                 self.agent_model_maps.insert(agent.to_string(), m);
             }
@@ -632,13 +796,24 @@ impl Router {
 
     /// Whether `agent` may use `model` (`slm.model_allow_lists.agent_model_maps`: an agent with
     /// an entry may use only the models listed there; a `*` entry applies to agents without one).
+    /// An entry is a name as sent, what it stands for (a catalog id, `PROVIDER/MODEL` for a
+    /// remote model or an alias of one), or a pattern over the latter (`openai/*`).
     pub fn allowed(&self, agent: Option<&str>, model: &str) -> Result<(), String> {
         let list = agent
             .and_then(|a| self.agent_model_maps.get(a))
             .or_else(|| self.agent_model_maps.get("*"));
+        let canonical = self.canonical(model);
         match list {
             None => Ok(()),
-            Some(l) if l.iter().any(|m| m == model) => Ok(()),
+            Some(l)
+                if l.iter().any(|m| {
+                    m == model
+                        || *m == canonical
+                        || (is_pattern(m) && rules::wildcard(m, &canonical))
+                }) =>
+            {
+                Ok(())
+            }
             Some(l) => Err(format!(
                 "model '{model}' is not on the allow list of agent '{}' ({})",
                 agent.unwrap_or("<none>"),
@@ -855,6 +1030,31 @@ impl Router {
             streaming: None,
             field_thresholds: BTreeMap::new(),
         };
+        // A remote model the caller named (`PROVIDER/MODEL`, or an alias of one): short of a
+        // denial, the answer comes from that provider and that model, whatever the policy
+        // preferred (its allow list permitting).
+        if !matches!(action, Action::Deny { .. } | Action::Wasm(_)) {
+            if let Some(Named::Remote { provider, model }) =
+                req.requested_model.as_deref().map(|n| self.resolve(n))
+            {
+                let name = req.requested_model.as_deref().unwrap_or_default();
+                if let Err(why) = self.allowed(req.agent.as_deref(), name) {
+                    reasoning.push(why.clone());
+                    return deny(why, reasoning, applied, class);
+                }
+                reasoning.push(format!("the caller asked for {provider}/{model}"));
+                return decision(
+                    Selection::Llm {
+                        providers: vec![provider],
+                        model: Some(model),
+                    },
+                    None,
+                    reasoning,
+                    applied,
+                    class,
+                );
+            }
+        }
         match action {
             Action::Deny { reason } => deny(reason, reasoning, applied, class),
             // Resolved above: a module's own answer can never be another module.
@@ -868,7 +1068,10 @@ impl Router {
                 reasoning.push(format!("LLM required: {reason}"));
                 let providers = providers.unwrap_or_else(|| self.fallback.clone());
                 decision(
-                    Selection::Llm { providers },
+                    Selection::Llm {
+                        providers,
+                        model: None,
+                    },
                     None,
                     reasoning,
                     applied,
@@ -885,8 +1088,12 @@ impl Router {
                 let policy_model = model.unwrap_or_else(|| self.slm_model.clone());
                 // A catalog model the caller named wins over the policy's choice (allow lists
                 // still apply below); then the policy's profile goes with the policy's model.
-                let model = match &req.requested_model {
-                    Some(m) if self.known_models.contains(m) && *m != policy_model => {
+                let named = match req.requested_model.as_deref().map(|n| self.resolve(n)) {
+                    Some(Named::Local(id)) => Some(id),
+                    _ => None,
+                };
+                let model = match &named {
+                    Some(m) if *m != policy_model => {
                         reasoning.push(format!("the caller asked for {m}"));
                         m.clone()
                     }
@@ -926,6 +1133,7 @@ impl Router {
                         return decision(
                             Selection::Llm {
                                 providers: self.fallback.clone(),
+                                model: None,
                             },
                             None,
                             reasoning,
@@ -1037,7 +1245,8 @@ mod tests {
         assert_eq!(
             d.selection,
             Selection::Llm {
-                providers: vec!["primary".into(), "backup".into()]
+                providers: vec!["primary".into(), "backup".into()],
+                model: None,
             }
         );
         assert_eq!(d.policies_applied, vec!["policy:code-to-llm"]);

@@ -25,14 +25,17 @@ pub async fn list_models(AxState(state): St, headers: HeaderMap) -> Response {
     };
     let mut data =
         vec![json!({"id": "auto", "object": "model", "created": 0, "owned_by": "corral"})];
-    for m in live.config.slm.models.iter() {
-        if live
-            .config
-            .routing
-            .allowed(ident.agent.as_deref(), &m.id)
-            .is_ok()
-        {
-            data.push(json!({"id": m.id, "object": "model", "created": 0, "owned_by": "corral"}));
+    // Catalog models, each provider's named models (`PROVIDER/MODEL`) and aliases: what this
+    // caller's allow list permits. Patterns (`models = ["gpt-4o*"]`, alias `gpt-*`) cannot be
+    // listed; they answer all the same.
+    let routing = &live.config.routing;
+    for id in routing.model_names() {
+        if routing.allowed(ident.agent.as_deref(), &id).is_ok() {
+            let owner = match routing.resolve(&id) {
+                crate::routing::Named::Remote { provider, .. } => provider,
+                _ => "corral".to_string(),
+            };
+            data.push(json!({"id": id, "object": "model", "created": 0, "owned_by": owner}));
         }
     }
     with_id(
