@@ -51,6 +51,21 @@ const HELP: &[(&str, &str, &str)] = &[
         "SLM answers replaced by a remote one, by reason",
     ),
     (
+        "corral_tokens_total",
+        "counter",
+        "Tokens of answers, by model, route and kind (prompt, completion)",
+    ),
+    (
+        "corral_spend_usd_total",
+        "counter",
+        "What remote answers cost, by provider and model (the provider's configured prices)",
+    ),
+    (
+        "corral_spend_avoided_usd_total",
+        "counter",
+        "What local answers would have cost from the fallback chain's first provider",
+    ),
+    (
         "corral_runner_restarts_total",
         "counter",
         "Runners replaced after a crash, hang, OOM kill or recycling, by pool and cause",

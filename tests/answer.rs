@@ -841,3 +841,157 @@ fn aliases_to_nothing_configured_are_refused_at_load() {
         assert!(err.contains(key), "{aliases}: {err}");
     }
 }
+
+async fn post_as(st: &Arc<State>, key: &str, body: &Value) -> (u16, axum::http::HeaderMap, String) {
+    let resp = app(st.clone())
+        .oneshot(
+            HttpRequest::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {key}"))
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+/// Token budgets per key: answers are charged with their tokens; a key out of tokens gets 429
+/// with `Retry-After` in OpenAI's format, other keys are untouched; tokens and spend (remote
+/// cost, and what local answers saved) are in /metrics.
+#[test]
+fn token_budgets_and_spend() {
+    use sha2::Digest;
+    let hex = |k: &str| {
+        sha2::Sha256::digest(k.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let remote = fake(vec![(200, openai_answer("Remote says teal"))]);
+    let extra = format!(
+        "[providers.remote]\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodel = \"remote-large\"\nmax_retries = 0\n\
+         prices = {{ \"remote-*\" = {{ input = 1000.0, output = 2000.0 }} }}\n\
+         [routing.llm_fallback]\nproviders = [\"remote\"]\n\
+         [server.auth.keys.small]\nsha256 = \"{}\"\ntokens_per_minute = 40\n\
+         [server.auth.keys.big]\nsha256 = \"{}\"\n",
+        remote.url,
+        hex("small-key"),
+        hex("big-key")
+    );
+    let (_d, cfg) = config(None, &extra);
+    let local = Arc::new(ScriptedModel::new(vec![sure(); 64]));
+    let st = State::with_local(cfg, Sources::default(), local).unwrap();
+    let b = json!({"model": "auto", "messages": [{"role": "user", "content": "What colour is the sea?"}]});
+    let mut answered = 0;
+    let refusal = loop {
+        let (status, h, text) = rt().block_on(post_as(&st, "small-key", &b));
+        if status == 429 {
+            break (h, text);
+        }
+        assert_eq!(status, 200, "{text}");
+        answered += 1;
+        assert!(answered < 40, "a 40-token budget never ran out");
+    };
+    assert!(answered >= 1, "the first request fits the budget");
+    let (h, text) = refusal;
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{text}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("40 tokens per minute"));
+    let wait: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    // Another key is not affected, and a remote answer is priced.
+    let (status, _, text) = rt().block_on(post_as(&st, "big-key", &b));
+    assert_eq!(status, 200, "{text}");
+    let mut remote_b = b.clone();
+    remote_b["model"] = json!("remote/remote-large");
+    let (status, _, text) = rt().block_on(post_as(&st, "big-key", &remote_b));
+    assert_eq!(status, 200, "{text}");
+    let m = st.metrics.render();
+    assert!(m.contains("corral_tokens_total{model=\"smollm2-135m-instruct\",route=\"slm\",kind=\"completion\"}"), "{m}");
+    assert!(
+        m.contains("corral_spend_usd_total{provider=\"remote\",model=\"remote-large\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "corral_spend_avoided_usd_total{provider=\"remote\",model=\"smollm2-135m-instruct\"}"
+        ),
+        "{m}"
+    );
+}
+
+/// What the review of remote names asked for: a policy's required providers are not
+/// overridden by the caller's choice; an attachment scoped to a provider's models applies to
+/// an alias of one; an allow list naming a local alias lets that alias through to the SLM.
+#[test]
+fn remote_names_under_policies_attachments_and_allow_lists() {
+    let residency = "[[routing.policies]]\nid = \"eu-only\"\nconditions = { metadata = { region = \"eu\" } }\naction = { type = \"require_llm\", reason = \"data stays in the EU\", providers = [\"remote\"] }\n";
+    // Another provider the policy does not name.
+    let other = fake(vec![(200, openai_answer("Other says teal"))]);
+    let extra = format!(
+        "{residency}[providers.other]\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodel = \"other-model\"\nmax_retries = 0\n\
+         [[routing.attachments]]\nid = \"no-pii-to-remote\"\nscope = {{ model = \"remote/*\" }}\nguardrails = {{ add = {{ pii = \"block\" }} }}\n\
+         [routing.guardrails]\npii_kinds = [\"email\"]\n",
+        other.url
+    );
+    let (_d, _l, st, remote) = named_state(&extra);
+    let mut b = json!({"model": "other/other-model", "metadata": {"region": "eu"},
+        "messages": [{"role": "user", "content": "What colour is the sea?"}]});
+    let (status, _, text) = rt().block_on(post(&st, &b));
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("eu-only requires the providers remote"),
+        "{text}"
+    );
+    assert!(
+        other.seen.lock().unwrap().is_empty(),
+        "nothing reached the other provider"
+    );
+    // The policy's own provider, named by the caller, is fine.
+    b["model"] = json!("remote/gpt-4o-mini");
+    let (status, _, text) = rt().block_on(post(&st, &b));
+    assert_eq!(status, 200, "{text}");
+    // PII to an alias of a remote model: the attachment scoped to remote/* blocks it.
+    let before = remote.seen.lock().unwrap().len();
+    let b = json!({"model": "fast", "messages": [{"role": "user", "content": "Mail ana@example.com the colour of the sea"}]});
+    let (status, _, text) = rt().block_on(post(&st, &b));
+    assert_eq!(status, 403, "{text}");
+    assert_eq!(remote.seen.lock().unwrap().len(), before);
+    // An allow list naming a local alias lets it through to the local model.
+    let (_d, local, st, _remote) =
+        named_state("[slm.model_allow_lists.agent_model_maps]\n\"*\" = [\"small\"]\n");
+    let (status, h, v) = ask(&st, "small");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(h["x-corral-route"], "slm", "{v}");
+    assert_eq!(local.submitted(), 1);
+}
+
+#[test]
+fn provider_names_cannot_hold_a_slash() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("corral.toml");
+    std::fs::write(
+        &p,
+        "[providers.\"azure/eu\"]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n",
+    )
+    .unwrap();
+    let err = Config::load_with_env(
+        &Sources {
+            config: Some(p),
+            profiles_dir: None,
+        },
+        &|_| None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("providers.azure/eu"), "{err}");
+}

@@ -87,6 +87,12 @@ pub fn describe(d: &RouteDecision) -> String {
 }
 
 pub fn route(config: &Config, args: &RouteArgs) -> crate::Result<i32> {
+    // As the server and `corral run`: a name nothing configured is an error, not a route.
+    if let Some(m) = args.model.as_deref() {
+        if config.routing.resolve(m) == crate::routing::Named::Unknown {
+            return Err(crate::answer::Failure::UnknownModel(m.to_string()).into());
+        }
+    }
     let ctx = args.caller.context(&args.prompt, args.model.as_deref())?;
     let d = config.routing.explain(&ctx);
     if args.json {

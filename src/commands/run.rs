@@ -39,8 +39,9 @@ use crate::slm::runner::Runner;
 /// `corral run`'s arguments (also its command-line definition).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Model id from the catalog (default: the one routing picks, normally smollm2-135m-instruct);
-    /// still subject to the caller's allow list
+    /// Model id from the catalog, PROVIDER/MODEL of a configured provider, or an alias from
+    /// routing.aliases (default: the one routing picks, normally smollm2-135m-instruct); still
+    /// subject to the caller's allow list
     #[arg(long, short = 'm', value_name = "ID")]
     pub model: Option<String>,
     /// Sandbox profile name or path (default: the model's, else slm.default_sandbox_profile)

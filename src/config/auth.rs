@@ -35,6 +35,11 @@ pub struct RawApiKey {
     pub requests_per_minute: Option<u32>,
     /// Requests in flight at once (absent: unlimited).
     pub max_concurrent: Option<u32>,
+    /// Tokens (prompt plus completion, local or remote) per minute: a bucket refilled
+    /// continuously; a key whose bucket is empty gets 429 until it refills (absent: unlimited).
+    pub tokens_per_minute: Option<u64>,
+    /// Tokens per UTC day; spent, 429 until midnight UTC (absent: unlimited).
+    pub tokens_per_day: Option<u64>,
 }
 
 /// Where a key's secret comes from.
@@ -53,6 +58,8 @@ pub struct ApiKey {
     pub team: Option<String>,
     pub requests_per_minute: Option<u32>,
     pub max_concurrent: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -105,8 +112,10 @@ pub fn compile_auth(raw: &RawAuth, loopback: bool) -> Result<AuthConfig, (String
             }
         }
         for (field, v) in [
-            ("requests_per_minute", k.requests_per_minute),
-            ("max_concurrent", k.max_concurrent),
+            ("requests_per_minute", k.requests_per_minute.map(u64::from)),
+            ("max_concurrent", k.max_concurrent.map(u64::from)),
+            ("tokens_per_minute", k.tokens_per_minute),
+            ("tokens_per_day", k.tokens_per_day),
         ] {
             if v == Some(0) {
                 return Err((
@@ -122,6 +131,8 @@ pub fn compile_auth(raw: &RawAuth, loopback: bool) -> Result<AuthConfig, (String
             team: k.team.clone(),
             requests_per_minute: k.requests_per_minute,
             max_concurrent: k.max_concurrent,
+            tokens_per_minute: k.tokens_per_minute,
+            tokens_per_day: k.tokens_per_day,
         });
     }
     if raw.allow_unauthenticated && !loopback {

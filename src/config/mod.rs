@@ -371,6 +371,18 @@ fn compile(
     }
 
     for (name, p) in &raw.providers {
+        // `PROVIDER/MODEL` names a provider's model in requests: a name with `/` (or spaces)
+        // could not be told apart.
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(invalid(
+                &format!("providers.{name}"),
+                "a provider's name is letters, digits, '-', '_' and '.' (requests name its models as NAME/MODEL)".into(),
+            ));
+        }
         p.validate(name).map_err(|m| match m.split_once(": ") {
             Some((k, msg)) if k.starts_with("providers.") => invalid(k, msg.to_string()),
             _ => invalid(&format!("providers.{name}"), m.clone()),

@@ -26,6 +26,11 @@ pub struct ProviderConfig {
     /// model ids, `*` and `?` wildcards allowed (`gpt-4o*`). `model` itself always may be.
     #[serde(default)]
     pub models: Vec<String>,
+    /// US dollars per million tokens, by model id (`*` and `?` allowed; the first match in
+    /// name order): `prices = { "gpt-4o-mini" = { input = 0.15, output = 0.6 } }`. What
+    /// `corral_spend_usd_total` and `corral_spend_avoided_usd_total` are computed with.
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, Price>,
     /// Name of the environment variable holding the API key; none sends no key (a local
     /// server).
     #[serde(default)]
@@ -72,6 +77,14 @@ fn default_max_tokens() -> u32 {
     1024
 }
 
+/// A model's price, US dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
 impl ProviderConfig {
     /// A configuration with every optional key at its default and no API key.
     pub fn new(
@@ -84,6 +97,7 @@ impl ProviderConfig {
             base_url: base_url.into(),
             model: model.into(),
             models: Vec::new(),
+            prices: std::collections::BTreeMap::new(),
             api_key_env: None,
             timeout_ms: default_timeout_ms(),
             max_retries: default_max_retries(),
@@ -157,6 +171,14 @@ impl ProviderConfig {
                 );
             }
         }
+        if let Some((m, _)) = self.prices.iter().find(|(_, p)| {
+            !(p.input.is_finite() && p.output.is_finite() && p.input >= 0.0 && p.output >= 0.0)
+        }) {
+            return bad(
+                &format!("prices.{m}"),
+                "input and output are US dollars per million tokens, >= 0",
+            );
+        }
         if self.timeout_ms == 0 {
             return bad("timeout_ms", "must be > 0");
         }
@@ -176,6 +198,18 @@ impl ProviderConfig {
             return bad("max_tokens", "must be > 0");
         }
         Ok(())
+    }
+
+    /// What `prompt` and `completion` tokens of `model` cost, in US dollars (`None` without a
+    /// price for it).
+    pub fn cost(&self, model: &str, prompt: u64, completion: u64) -> Option<f64> {
+        let p = self.prices.get(model).or_else(|| {
+            self.prices
+                .iter()
+                .find(|(k, _)| crate::routing::rules::wildcard(k, model))
+                .map(|(_, v)| v)
+        })?;
+        Some((prompt as f64 * p.input + completion as f64 * p.output) / 1e6)
     }
 
     /// Whether callers may ask this provider for model `id` (its `model`, or one `models` matches).

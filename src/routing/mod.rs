@@ -636,7 +636,19 @@ impl Router {
         if self.known_models.contains(name) {
             return Named::Local(name.to_string());
         }
-        let alias = self.aliases.iter().find(|(k, _)| k == name).or_else(|| {
+        // An exact alias, then a model a provider offers by name, then a pattern alias.
+        let exact = self.aliases.iter().find(|(k, _)| k == name);
+        if exact.is_none() {
+            if let Some((p, m)) = name.split_once('/') {
+                if self.provider_configs.get(p).is_some_and(|c| c.offers(m)) {
+                    return Named::Remote {
+                        provider: p.to_string(),
+                        model: m.to_string(),
+                    };
+                }
+            }
+        }
+        let alias = exact.or_else(|| {
             self.aliases
                 .iter()
                 .find(|(k, _)| is_pattern(k) && rules::wildcard(k, name))
@@ -658,15 +670,7 @@ impl Router {
                 },
             };
         }
-        match name.split_once('/') {
-            Some((p, m)) if self.provider_configs.get(p).is_some_and(|c| c.offers(m)) => {
-                Named::Remote {
-                    provider: p.to_string(),
-                    model: m.to_string(),
-                }
-            }
-            _ => Named::Unknown,
-        }
+        Named::Unknown
     }
 
     /// The names callers may send besides `auto`, for `/v1/models`: catalog models, each
@@ -689,6 +693,8 @@ impl Router {
                 .filter(|(k, _)| !is_pattern(k))
                 .map(|(k, _)| k.clone()),
         );
+        let mut seen = std::collections::BTreeSet::new();
+        names.retain(|n| seen.insert(n.clone()));
         names
     }
 
@@ -803,17 +809,16 @@ impl Router {
             .and_then(|a| self.agent_model_maps.get(a))
             .or_else(|| self.agent_model_maps.get("*"));
         let canonical = self.canonical(model);
+        let permits = |entry: &String| {
+            if is_pattern(entry) {
+                rules::wildcard(entry, model) || rules::wildcard(entry, &canonical)
+            } else {
+                entry == model || *entry == canonical || self.canonical(entry) == canonical
+            }
+        };
         match list {
             None => Ok(()),
-            Some(l)
-                if l.iter().any(|m| {
-                    m == model
-                        || *m == canonical
-                        || (is_pattern(m) && rules::wildcard(m, &canonical))
-                }) =>
-            {
-                Ok(())
-            }
+            Some(l) if l.iter().any(permits) => Ok(()),
             Some(l) => Err(format!(
                 "model '{model}' is not on the allow list of agent '{}' ({})",
                 agent.unwrap_or("<none>"),
@@ -884,8 +889,14 @@ impl Router {
             if self.attachments.is_empty() {
                 (&self.global_rules, &self.guardrails)
             } else {
-                resolved =
-                    scope::resolve(&self.attachments, &self.global_rules, &self.guardrails, req);
+                let canonical = req.requested_model.as_deref().map(|n| self.canonical(n));
+                resolved = scope::resolve(
+                    &self.attachments,
+                    &self.global_rules,
+                    &self.guardrails,
+                    req,
+                    canonical.as_deref(),
+                );
                 for t in &resolved.trace {
                     reasoning.push(t.clone());
                     applied.push(format!(
@@ -1042,7 +1053,25 @@ impl Router {
                     reasoning.push(why.clone());
                     return deny(why, reasoning, applied, class);
                 }
+                // A policy that requires particular providers (data residency, say) is not
+                // overridden by a caller's choice of another.
+                if let Action::RequireLlm {
+                    providers: Some(only),
+                    ..
+                } = &action
+                {
+                    if !only.contains(&provider) {
+                        let why = format!(
+                            "{} requires the providers {}; the caller asked for {provider}/{model}",
+                            applied.last().map_or("a policy", String::as_str),
+                            only.join(", ")
+                        );
+                        reasoning.push(why.clone());
+                        return deny(why, reasoning, applied, class);
+                    }
+                }
                 reasoning.push(format!("the caller asked for {provider}/{model}"));
+                applied.push(format!("caller:{provider}/{model}"));
                 return decision(
                     Selection::Llm {
                         providers: vec![provider],

@@ -170,7 +170,9 @@ impl Attachment {
         })
     }
 
-    fn matches(&self, req: &RequestContext) -> bool {
+    /// `resolved_model`: what the requested model stands for (an alias's target, `PROVIDER/MODEL`
+    /// for a remote one); a model scope matches the name as sent or that.
+    fn matches(&self, req: &RequestContext, resolved_model: Option<&str>) -> bool {
         let m = |p: &Option<String>, v: &Option<String>| match (p, v) {
             (None, _) => true,
             (Some(p), Some(v)) => wildcard(p, v),
@@ -178,7 +180,8 @@ impl Attachment {
         };
         m(&self.scope.team, &req.team)
             && m(&self.scope.key_alias, &req.key_alias)
-            && m(&self.scope.model, &req.requested_model)
+            && (m(&self.scope.model, &req.requested_model)
+                || matches!((&self.scope.model, resolved_model), (Some(p), Some(r)) if wildcard(p, r)))
     }
 }
 
@@ -198,11 +201,15 @@ pub fn resolve(
     global_rules: &[usize],
     global_guardrails: &BTreeMap<String, GuardrailAction>,
     req: &RequestContext,
+    resolved_model: Option<&str>,
 ) -> Resolved {
     let mut rules: BTreeSet<usize> = global_rules.iter().copied().collect();
     let mut guardrails = global_guardrails.clone();
     let mut trace = Vec::new();
-    for a in attachments.iter().filter(|a| a.matches(req)) {
+    for a in attachments
+        .iter()
+        .filter(|a| a.matches(req, resolved_model))
+    {
         let mut what = Vec::new();
         if !a.inherit {
             rules.clear();
@@ -319,10 +326,10 @@ mod tests {
         );
         let global: BTreeMap<String, GuardrailAction> =
             [("prompt_injection".to_string(), Block)].into();
-        let r = resolve(&a, &[0], &global, &req("research-blue", None));
+        let r = resolve(&a, &[0], &global, &req("research-blue", None), None);
         assert_eq!(r.rules, vec![0, 1]);
         assert_eq!(r.guardrails.get("pii"), Some(&Block));
-        let r = resolve(&a, &[0], &global, &req("research-red", None));
+        let r = resolve(&a, &[0], &global, &req("research-red", None), None);
         assert_eq!(
             r.guardrails.get("pii"),
             None,
@@ -330,10 +337,10 @@ mod tests {
             r.trace
         );
         assert_eq!(r.guardrails.get("prompt_injection"), Some(&Block));
-        let r = resolve(&a, &[0], &global, &req("research-red", Some("audit")));
+        let r = resolve(&a, &[0], &global, &req("research-red", Some("audit")), None);
         assert_eq!(r.guardrails.get("pii"), Some(&Log));
         assert_eq!(r.rules, vec![0, 1, 2]);
-        let r = resolve(&a, &[0], &global, &req("sales", None));
+        let r = resolve(&a, &[0], &global, &req("sales", None), None);
         assert_eq!((r.rules, r.trace.len()), (vec![0], 0));
     }
 
@@ -347,7 +354,7 @@ mod tests {
         sort(&mut a);
         let global: BTreeMap<String, GuardrailAction> =
             [("prompt_injection".to_string(), Block)].into();
-        let r = resolve(&a, &[0], &global, &req("isolated", None));
+        let r = resolve(&a, &[0], &global, &req("isolated", None), None);
         assert_eq!(r.rules, vec![2]);
         assert!(r.guardrails.is_empty());
         assert!(r.trace[1].contains("inherit=false"));

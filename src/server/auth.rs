@@ -18,6 +18,9 @@ pub struct Identity {
     pub key_alias: Option<String>,
     pub agent: Option<String>,
     pub team: Option<String>,
+    /// The key's token budgets (`server::budget`).
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -90,6 +93,8 @@ impl Keys {
                         key_alias: Some(k.alias.clone()),
                         agent: k.agent.clone(),
                         team: k.team.clone(),
+                        tokens_per_minute: k.tokens_per_minute,
+                        tokens_per_day: k.tokens_per_day,
                     },
                     rpm: k.requests_per_minute,
                     max_concurrent: k.max_concurrent,

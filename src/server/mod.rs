@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod budget;
 pub mod error;
 pub mod openai;
 
@@ -76,6 +77,8 @@ pub struct State {
     reloading: Mutex<()>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub monitor: Mutex<Monitor>,
+    /// What each key has spent of its token budgets (kept across reloads).
+    pub budgets: budget::Budgets,
     pub host: HostSupport,
     sources: Sources,
     draining: AtomicBool,
@@ -109,6 +112,7 @@ impl State {
             reloading: Mutex::new(()),
             metrics: Arc::new(crate::metrics::Metrics::default()),
             monitor: Mutex::new(Monitor::new(100_000)),
+            budgets: budget::Budgets::default(),
             host,
             sources,
             draining: AtomicBool::new(false),

@@ -35,6 +35,8 @@ use crate::server::{Live, State};
 struct Gen {
     req: Request,
     include_usage: bool,
+    /// Who asked (whose token budget the answer is charged to).
+    caller: Identity,
 }
 
 pub async fn chat(
@@ -94,6 +96,7 @@ fn parse_chat(body: &[u8], rid: String) -> Result<Gen, ApiError> {
     Ok(Gen {
         req,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        caller: Identity::default(),
     })
 }
 
@@ -119,6 +122,7 @@ fn parse_completion(body: &[u8], rid: String) -> Result<Gen, ApiError> {
     Ok(Gen {
         req,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+        caller: Identity::default(),
     })
 }
 
@@ -135,8 +139,11 @@ async fn serve_generation(
     let t0 = Instant::now();
     let live = state.live();
     let parsed = live.keys.authenticate(&headers).and_then(|(ident, slot)| {
+        state.budgets.check(&ident)?;
         let body = body_of(body, live.config.server.max_request_body_bytes)?;
-        Ok((ident, slot, parse(&body, rid.clone())?))
+        let mut gen = parse(&body, rid.clone())?;
+        gen.caller = ident.clone();
+        Ok((ident, slot, gen))
     });
     let (ident, slot, gen) = match parsed {
         Ok(x) => x,
@@ -244,6 +251,7 @@ async fn generate(
 fn record(
     state: &State,
     req: &Request,
+    caller: &Identity,
     o: Outcome,
     t0: Instant,
 ) -> (Option<RouteDecision>, Result<Answer, Failure>) {
@@ -287,6 +295,7 @@ fn record(
     let endpoint = req.endpoint.label();
     match &result {
         Ok(a) => {
+            tokens(state, caller, a, route);
             count(
                 state,
                 &Counted {
@@ -340,6 +349,47 @@ fn record(
     (decision, result)
 }
 
+/// An answer's tokens: charged to the caller's budgets, counted by model, route and kind, and
+/// priced (`[providers.NAME.prices]`): what a remote answer cost, and what a local one saved
+/// against the fallback chain's first provider.
+fn tokens(state: &State, caller: &Identity, a: &Answer, route: &str) {
+    let (p, c) = (u64::from(a.prompt_tokens), u64::from(a.completion_tokens));
+    state.budgets.charge(caller, p + c);
+    for (kind, n) in [("prompt", p), ("completion", c)] {
+        state.metrics.add(
+            "corral_tokens_total",
+            &[("model", &a.model), ("route", route), ("kind", kind)],
+            n as f64,
+        );
+    }
+    let live = state.live();
+    let providers = &live.config.providers;
+    match &a.provider {
+        Some(name) => {
+            if let Some(usd) = providers.get(name).and_then(|cfg| cfg.cost(&a.model, p, c)) {
+                state.metrics.add(
+                    "corral_spend_usd_total",
+                    &[("provider", name), ("model", &a.model)],
+                    usd,
+                );
+            }
+        }
+        None => {
+            let first = live.config.routing.fallback.first();
+            let priced = first.and_then(|n| providers.get(n).map(|c| (n, c)));
+            if let Some((name, cfg)) = priced {
+                if let Some(usd) = cfg.cost(&cfg.model, p, c) {
+                    state.metrics.add(
+                        "corral_spend_avoided_usd_total",
+                        &[("provider", name), ("model", &a.model)],
+                        usd,
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// The answer to a failure, in OpenAI's format.
 pub(super) fn api_error(f: &Failure) -> ApiError {
     match f {
@@ -366,7 +416,7 @@ pub(super) fn api_error(f: &Failure) -> ApiError {
 
 /// A finished outcome as JSON, a finished stream, or an error.
 fn respond(state: &State, gen: &Gen, o: Outcome, t0: Instant) -> Response {
-    let (decision, result) = record(state, &gen.req, o, t0);
+    let (decision, result) = record(state, &gen.req, &gen.caller, o, t0);
     match (result, decision) {
         (Ok(a), Some(d)) if gen.req.stream => {
             shape::stream_finished(&gen.req, gen.include_usage, &a, &d)
@@ -441,7 +491,7 @@ fn stream_live(
                 );
                 return;
             };
-            let (decision, result) = record(&state, &gen.req, o, t0);
+            let (decision, result) = record(&state, &gen.req, &gen.caller, o, t0);
             match (result, decision) {
                 (Ok(a), Some(d)) => {
                     if let Some(rest) = a.text.get(streamed..).filter(|r| !r.is_empty()) {

@@ -30,8 +30,11 @@ pub async fn list_models(AxState(state): St, headers: HeaderMap) -> Response {
     // listed; they answer all the same.
     let routing = &live.config.routing;
     for id in routing.model_names() {
-        if routing.allowed(ident.agent.as_deref(), &id).is_ok() {
-            let owner = match routing.resolve(&id) {
+        let named = routing.resolve(&id);
+        // An alias of `auto` is as open as `auto` (the allow list applies to what routing picks).
+        let auto = named == crate::routing::Named::Auto;
+        if auto || routing.allowed(ident.agent.as_deref(), &id).is_ok() {
+            let owner = match named {
                 crate::routing::Named::Remote { provider, .. } => provider,
                 _ => "corral".to_string(),
             };
