@@ -927,6 +927,11 @@ fn token_budgets_and_spend() {
         ),
         "{m}"
     );
+    // The totals /admin/monitor reports: the remote answer's 20 + 2 tokens at 1,000 and 2,000
+    // dollars per million.
+    let spend = *st.spend.lock().unwrap();
+    assert!((spend.remote_usd - 0.024).abs() < 1e-9, "{spend:?}");
+    assert!(spend.avoided_usd > 0.0, "{spend:?}");
 }
 
 /// What the review of remote names asked for: a policy's required providers are not

@@ -79,6 +79,8 @@ pub struct State {
     pub monitor: Mutex<Monitor>,
     /// What each key has spent of its token budgets (kept across reloads).
     pub budgets: budget::Budgets,
+    /// US dollars since start: what remote answers cost, what local ones saved (`/admin/monitor`).
+    pub spend: Mutex<Spend>,
     pub host: HostSupport,
     sources: Sources,
     draining: AtomicBool,
@@ -86,6 +88,13 @@ pub struct State {
     pub audit: Option<crate::audit::AuditLog>,
     /// Where SLM requests run instead of the pools (tests: a scripted model).
     local: Option<Arc<dyn LocalModel>>,
+}
+
+/// Remote spend and the spend local answers avoided, US dollars (from `[providers.NAME] prices`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Spend {
+    pub remote_usd: f64,
+    pub avoided_usd: f64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,6 +122,7 @@ impl State {
             metrics: Arc::new(crate::metrics::Metrics::default()),
             monitor: Mutex::new(Monitor::new(100_000)),
             budgets: budget::Budgets::default(),
+            spend: Mutex::new(Spend::default()),
             host,
             sources,
             draining: AtomicBool::new(false),

@@ -94,8 +94,13 @@ pub async fn monitor(
         .collect();
     let target = q.target.unwrap_or(0.9);
     let cal = m.calibrate(target, q.min_accepted.unwrap_or(30));
-    Json(json!({"stats": stats, "calibration": {"target_accuracy": target, "by_task": cal}}))
-        .into_response()
+    let spend = *crate::server::lock(&state.spend);
+    Json(json!({
+        "stats": stats,
+        "calibration": {"target_accuracy": target, "by_task": cal},
+        "spend": {"remote_usd": spend.remote_usd, "avoided_usd": spend.avoided_usd},
+    }))
+    .into_response()
 }
 
 #[derive(Debug, Deserialize)]

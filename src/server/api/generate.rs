@@ -372,6 +372,7 @@ fn tokens(state: &State, caller: &Identity, a: &Answer, route: &str) {
                     &[("provider", name), ("model", &a.model)],
                     usd,
                 );
+                crate::server::lock(&state.spend).remote_usd += usd;
             }
         }
         None => {
@@ -384,6 +385,7 @@ fn tokens(state: &State, caller: &Identity, a: &Answer, route: &str) {
                         &[("provider", name), ("model", &a.model)],
                         usd,
                     );
+                    crate::server::lock(&state.spend).avoided_usd += usd;
                 }
             }
         }
