@@ -910,3 +910,32 @@ fn anthropic_tools_are_translated_both_ways_over_the_wire() {
             "function": {"name": "get_weather", "arguments": "{\"city\":\"Lyon\"}"}}]))
     );
 }
+
+/// A model a caller names (`PROVIDER/MODEL`) has its own circuit: failures of that model open
+/// it and leave the provider's configured model, which fallback chains use, untouched.
+#[test]
+fn a_named_model_failing_opens_its_own_circuit_only() {
+    let server = Server::start(vec![
+        openai_error(500, "the named model is down"),
+        openai_ok("the configured model answers"),
+    ]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.breaker_failures = 1;
+    cfg.max_retries = 0;
+    cfg.models = vec!["flaky-*".into()];
+    let provider = Provider::new("oa", cfg);
+    let named = ChatRequest {
+        model: Some("flaky-1".into()),
+        ..ask("hi")
+    };
+    assert_eq!(provider.complete(&named).unwrap_err().status(), Some(500));
+    // Its circuit is open: refused without a request.
+    let err = provider.complete(&named).unwrap_err();
+    assert!(matches!(err, ProviderError::CircuitOpen { .. }), "{err:?}");
+    assert_eq!(server.count(), 1);
+    // The provider's own model still goes through.
+    assert_eq!(provider.breaker_state(), BreakerState::Closed);
+    let ok = provider.complete(&ask("hi")).unwrap();
+    assert_eq!(ok.text, "the configured model answers");
+    assert_eq!(server.count(), 2);
+}

@@ -22,6 +22,9 @@ pub struct Provider {
     config: ProviderConfig,
     agent: ureq::Agent,
     breaker: Mutex<Breaker>,
+    /// One breaker per other model callers name (`PROVIDER/MODEL`): a caller asking for a
+    /// failing model opens its circuit, not the one the fallback chain relies on.
+    named: Mutex<std::collections::HashMap<String, Breaker>>,
     jitter: Jitter,
 }
 
@@ -62,6 +65,7 @@ impl Provider {
                 cfg.breaker_failures,
                 Duration::from_millis(cfg.breaker_cooldown_ms),
             )),
+            named: Mutex::new(std::collections::HashMap::new()),
             config: cfg,
             agent,
             jitter: Jitter::from_clock(),
@@ -87,7 +91,9 @@ impl Provider {
     pub fn complete(&self, req: &ChatRequest) -> Result<ChatResponse> {
         let key = self.api_key()?;
         let encoded = self.encode(req, key.as_deref())?;
-        let admission = self.admit()?;
+        // The configured model's breaker, or the named model's own.
+        let named = req.model.as_deref().filter(|m| *m != self.config.model);
+        let admission = self.admit(named)?;
         let started = Instant::now();
         let max_attempts = match admission {
             Admission::Trial => 1,
@@ -98,7 +104,7 @@ impl Provider {
             attempt += 1;
             match self.attempt(&encoded, req.logprobs) {
                 Ok(c) => {
-                    self.settle(admission, true);
+                    self.settle(named, admission, true);
                     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
                     tracing::debug!(provider = %self.name, attempt, latency_ms, "provider answered");
                     return Ok(ChatResponse {
@@ -141,7 +147,7 @@ impl Provider {
                         error = %f.error,
                         "provider request failed"
                     );
-                    self.settle(admission, !f.error.counts_against_provider());
+                    self.settle(named, admission, !f.error.counts_against_provider());
                     return Err(f.error);
                 }
             }
@@ -195,11 +201,37 @@ impl Provider {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn admit(&self) -> Result<Admission> {
-        let mut breaker = self.lock_breaker();
-        match breaker.admit(Instant::now()) {
-            Ok((admission, transition)) => {
-                self.log_transition(transition, breaker.failures());
+    /// Runs `f` on the breaker of `named` (a model callers named), or on the provider's own.
+    fn with_breaker<T>(&self, named: Option<&str>, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let Some(model) = named else {
+            return f(&mut self.lock_breaker());
+        };
+        let mut map = self
+            .named
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Names come from callers (a `PROVIDER/*` alias forwards any): forget healthy breakers
+        // before the map grows large.
+        if map.len() >= 256 && !map.contains_key(model) {
+            let now = Instant::now();
+            map.retain(|_, b| b.failures() > 0 || b.state(now) != BreakerState::Closed);
+        }
+        let b = map.entry(model.to_string()).or_insert_with(|| {
+            Breaker::new(
+                self.config.breaker_failures,
+                Duration::from_millis(self.config.breaker_cooldown_ms),
+            )
+        });
+        f(b)
+    }
+
+    fn admit(&self, named: Option<&str>) -> Result<Admission> {
+        let admitted = self.with_breaker(named, |b| {
+            b.admit(Instant::now()).map(|(a, t)| (a, t, b.failures()))
+        });
+        match admitted {
+            Ok((admission, transition, failures)) => {
+                self.log_transition(transition, failures);
                 Ok(admission)
             }
             Err(refused) => Err(ProviderError::CircuitOpen {
@@ -212,15 +244,17 @@ impl Provider {
 
     /// Tells the breaker how the request ended: `healthy` when the provider answered, even with
     /// an error that is the caller's fault.
-    fn settle(&self, admission: Admission, healthy: bool) {
-        let mut breaker = self.lock_breaker();
-        let failures = breaker.failures();
-        let transition = if healthy {
-            breaker.on_healthy(admission)
-        } else {
-            breaker.on_failure(admission, Instant::now())
-        };
-        self.log_transition(transition, breaker.failures().max(failures));
+    fn settle(&self, named: Option<&str>, admission: Admission, healthy: bool) {
+        let (transition, failures) = self.with_breaker(named, |breaker| {
+            let failures = breaker.failures();
+            let transition = if healthy {
+                breaker.on_healthy(admission)
+            } else {
+                breaker.on_failure(admission, Instant::now())
+            };
+            (transition, breaker.failures().max(failures))
+        });
+        self.log_transition(transition, failures);
     }
 
     fn log_transition(&self, transition: Option<Transition>, failures: u32) {
