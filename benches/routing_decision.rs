@@ -137,7 +137,8 @@ fn bench(c: &mut Criterion) {
     let class = corral::routing::Classifier::new(true, &[], corral::routing::TaskType::QA)
         .unwrap()
         .classify(&req.prompt, None);
-    let input = corral::routing::wasm::WasmPolicy::input(&req, &class, req.prompt.chars().count());
+    let input =
+        corral::routing::wasm::WasmPolicy::input(&req, &class, req.prompt.chars().count(), None);
     let (p50, p99) = p50_p99(5_000, || {
         black_box(policy.call(black_box(&input)));
     });

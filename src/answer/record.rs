@@ -140,14 +140,24 @@ pub fn audit_record(
         .map(|a| a.model.clone())
         .or_else(|| match d.map(|d| &d.selection) {
             Some(Selection::Slm { model, .. }) => Some(model.clone()),
+            // A remote model the caller named (the resolved one, not an alias of it).
+            Some(Selection::Llm { model: Some(m), .. }) => Some(m.clone()),
             _ => (!req.auto()).then(|| req.model.clone()),
         });
+    // Without an answer, the provider a named remote model was sent to.
+    let named_provider = match d.map(|d| &d.selection) {
+        Some(Selection::Llm {
+            providers,
+            model: Some(_),
+        }) => providers.first().cloned(),
+        _ => None,
+    };
     AuditRecord {
         request_id: req.id.clone(),
         caller: caller.clone(),
         interaction,
         model,
-        provider: answer.and_then(|a| a.provider.clone()),
+        provider: answer.and_then(|a| a.provider.clone()).or(named_provider),
         route,
         policies: d.map(|d| d.policies_applied.clone()).unwrap_or_default(),
         confidence: match (answer, slm) {

@@ -982,7 +982,9 @@ impl Router {
                 match r.check(req, &class, prompt_chars) {
                     Ok(()) if r.wasm.is_some() => {
                         let Some(w) = &r.wasm else { continue };
-                        let input = wasm::WasmPolicy::input(req, &class, prompt_chars);
+                        let resolved = req.requested_model.as_deref().map(|n| self.canonical(n));
+                        let input =
+                            wasm::WasmPolicy::input(req, &class, prompt_chars, resolved.as_deref());
                         let outcome = match w.call(&input) {
                             wasm::Outcome::Decide(a) => match self.dynamic_action_error(&a) {
                                 None => wasm::Outcome::Decide(a),

@@ -220,8 +220,14 @@ impl WasmPolicy {
         })
     }
 
-    /// The input document for `req`.
-    pub fn input(req: &RequestContext, class: &Classification, prompt_chars: usize) -> Vec<u8> {
+    /// The input document for `req`; `resolved_model` is what the requested model stands for
+    /// (an alias's target, `PROVIDER/MODEL` for a remote model).
+    pub fn input(
+        req: &RequestContext,
+        class: &Classification,
+        prompt_chars: usize,
+        resolved_model: Option<&str>,
+    ) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
             "prompt": req.prompt,
             "prompt_chars": prompt_chars,
@@ -231,6 +237,7 @@ impl WasmPolicy {
             "team": req.team,
             "key_alias": req.key_alias,
             "requested_model": req.requested_model,
+            "resolved_model": resolved_model,
             "metadata": req.metadata,
         }))
         .unwrap_or_default()
@@ -338,7 +345,7 @@ mod tests {
         let class = super::super::task::Classifier::new(true, &[], super::super::TaskType::QA)
             .unwrap()
             .classify("hello", None);
-        WasmPolicy::input(&req, &class, 5)
+        WasmPolicy::input(&req, &class, 5, None)
     }
 
     #[test]
