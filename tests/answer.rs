@@ -181,6 +181,29 @@ fn rows() -> Vec<Row> {
             exit: 1,
             ..row("a prompt the model refuses", true, vec![Script::Refuse])
         },
+        Row {
+            route: "llm",
+            escalated: true,
+            why: "does not fit the local model's context",
+            text: "Remote says teal",
+            calls: 1,
+            ..row(
+                "a prompt too long for the local model goes to the chain",
+                true,
+                vec![Script::TooLong],
+            )
+        },
+        Row {
+            status: 400,
+            route: "none",
+            text: "",
+            exit: 1,
+            ..row(
+                "a prompt too long, no chain: the caller's 400",
+                false,
+                vec![Script::TooLong],
+            )
+        },
     ]
 }
 

@@ -64,6 +64,12 @@ fn floor_boundary(s: &str, mut i: usize) -> usize {
 
 /// The model produced values that are not finite numbers: its weights (or the computation) are
 /// broken, and no token can be chosen honestly. Reported as a model error, not the request's.
+/// A request that does not fit the model's context (reported as such: a model with a larger
+/// context may take it).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TooLong(pub String);
+
 #[derive(Debug, thiserror::Error)]
 #[error("the model produced non-finite values in its {what} ({nan} NaN, {inf} infinite of {total}): its weights or their computation are broken")]
 pub struct NonFinite {
@@ -144,18 +150,20 @@ impl Engine {
             anyhow::bail!("the prompt is empty");
         }
         if prompt.len() >= ctx {
-            anyhow::bail!(
+            return Err(TooLong(format!(
                 "the prompt has {} tokens; the model's context holds {ctx}",
                 prompt.len()
-            );
+            ))
+            .into());
         }
         if req.max_tokens_explicit && prompt.len() + req.max_tokens as usize > ctx {
-            anyhow::bail!(
+            return Err(TooLong(format!(
                 "the prompt has {} tokens and max_tokens asks for {}: {} in all, past the model's context of {ctx} tokens",
                 prompt.len(),
                 req.max_tokens,
                 prompt.len() + req.max_tokens as usize
-            );
+            ))
+            .into());
         }
         // A constrained answer: the matcher is built (and a schema checked) before any compute.
         // With tools, the grammar admits calls of the offered functions (and, under `auto`, a

@@ -281,6 +281,8 @@ fn run() -> anyhow::Result<()> {
                             message: format!("{e:#}"),
                             kind: if e.downcast_ref::<engine::NonFinite>().is_some() {
                                 ErrorKind::Model
+                            } else if e.downcast_ref::<engine::TooLong>().is_some() {
+                                ErrorKind::Context
                             } else {
                                 ErrorKind::Request
                             },

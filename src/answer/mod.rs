@@ -312,6 +312,14 @@ impl Pipeline {
                     match kind {
                         FailKind::QueueTimeout => return (Err(Failure::QueueTimeout), None),
                         FailKind::Refused => return (Err(Failure::Refused(error)), None),
+                        // Too long for this model: the chain (when it may take over) gets it,
+                        // else it is the caller's 400 as before.
+                        FailKind::TooLong if d.fallback_available && rt.on_slm_failure => {
+                            let run = SlmRun::failed(model, profile, &error, start.elapsed());
+                            let why = Escalation::ContextLength { error };
+                            return self.escalate(req, d, why, run).await;
+                        }
+                        FailKind::TooLong => return (Err(Failure::Refused(error)), None),
                         FailKind::Runner | FailKind::ShuttingDown => {}
                     }
                     tracing::warn!(attempt, error = %error, "local model failed");

@@ -26,8 +26,10 @@ pub enum Script {
     Crash { retryable: bool },
     /// Sends these tokens, then crashes.
     CrashAfter(Vec<(&'static str, f32)>),
-    /// Refuses the request (a prompt longer than the context).
+    /// Refuses the request (as given: the caller's error).
     Refuse,
+    /// Refuses the request as longer than the model's context.
+    TooLong,
     /// The job waited past the queue timeout.
     QueueTimeout,
     /// The queue is full.
@@ -176,6 +178,13 @@ impl LocalModel for ScriptedModel {
                 let _ = tx.send(failed(
                     FailKind::Refused,
                     "prompt has 5000 tokens; context holds 64",
+                    false,
+                ));
+            }
+            Script::TooLong => {
+                let _ = tx.send(failed(
+                    FailKind::TooLong,
+                    "the prompt has 5000 tokens; the model's context holds 4096",
                     false,
                 ));
             }

@@ -464,6 +464,8 @@ pub enum Escalation {
     /// A schema of the request (response format, a function's parameters) uses what the local
     /// model cannot enforce; the SLM was not run.
     Unenforceable { error: String },
+    /// The request does not fit the local model's context (`error` gives the numbers).
+    ContextLength { error: String },
 }
 
 impl Escalation {
@@ -475,6 +477,7 @@ impl Escalation {
             Escalation::AuditSample => "audit",
             Escalation::LowFieldConfidence { .. } => "low_field_confidence",
             Escalation::Unenforceable { .. } => "unenforceable_schema",
+            Escalation::ContextLength { .. } => "context_length",
         }
     }
 
@@ -484,6 +487,9 @@ impl Escalation {
             Escalation::SlmFailed { error } => format!("the SLM failed: {error}"),
             Escalation::Unenforceable { error } => {
                 format!("the local model cannot enforce the schema: {error}")
+            }
+            Escalation::ContextLength { error } => {
+                format!("the request does not fit the local model's context: {error}")
             }
             other => other.summary(),
         }
@@ -503,6 +509,9 @@ impl Escalation {
             ),
             Escalation::SlmFailed { .. } => "the SLM failed".into(),
             Escalation::Unenforceable { .. } => "a schema the local model cannot enforce".into(),
+            Escalation::ContextLength { .. } => {
+                "the request does not fit the local model's context".into()
+            }
             Escalation::LowFieldConfidence {
                 field,
                 score: Some(s),

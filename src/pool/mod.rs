@@ -66,6 +66,8 @@ pub enum FailKind {
     /// The runner refused the request as given (a prompt longer than the model's context, ...):
     /// the caller's error (400); the runner is healthy and stays.
     Refused,
+    /// The request does not fit the model's context: 400, unless the remote chain takes it.
+    TooLong,
     /// The runner crashed, hung, broke the protocol or could not be started.
     Runner,
     /// The server is shutting down.
@@ -79,6 +81,7 @@ pub enum FailKind {
 pub fn failed(e: &RunnerError, starting: bool) -> Event {
     let (kind, retryable) = match e {
         RunnerError::Refused(_) => (FailKind::Refused, false),
+        RunnerError::TooLong(_) => (FailKind::TooLong, false),
         RunnerError::Load(_) | RunnerError::Model(_) => (FailKind::Runner, false),
         // A sandbox this host refuses (not root, a layer it cannot enforce, a path the profile
         // denies but the program needs, ...) is refused again; a launch that timed out, a
@@ -104,7 +107,7 @@ pub fn failed(e: &RunnerError, starting: bool) -> Event {
         _ => (FailKind::Runner, false),
     };
     let error = match e {
-        RunnerError::Refused(why) => why.clone(),
+        RunnerError::Refused(why) | RunnerError::TooLong(why) => why.clone(),
         RunnerError::Model(why) => format!("the model's output is unusable: {why}"),
         other => other.to_string(),
     };
@@ -446,8 +449,9 @@ impl Worker {
                     tracing::error!(pool = %self.pool, error = %e, "the model's output is unusable");
                     let _ = job.events.send(failed(&e, false));
                 }
-                Err(e @ RunnerError::Refused(_)) => {
-                    // The request, not the runner: answered as the caller's error, runner kept.
+                Err(e @ (RunnerError::Refused(_) | RunnerError::TooLong(_))) => {
+                    // The request, not the runner: answered as the caller's error (or taken by
+                    // the chain, when too long for this model), runner kept.
                     let _ = job.events.send(failed(&e, false));
                 }
                 Err(e) => {

@@ -36,6 +36,9 @@ pub enum RunnerError {
     Died(Option<Outcome>),
     #[error("the runner refused the request: {0}")]
     Refused(String),
+    /// The request does not fit the model's context (a larger model may take it).
+    #[error("the request does not fit the model's context: {0}")]
+    TooLong(String),
     #[error("the model's output is unusable: {0}")]
     Model(String),
     #[error("the runner could not load the model: {0}")]
@@ -467,6 +470,11 @@ impl Runner {
                     kind: ErrorKind::Model,
                     ..
                 } => return Err(RunnerError::Model(message)),
+                Response::Error {
+                    message,
+                    kind: ErrorKind::Context,
+                    ..
+                } => return Err(RunnerError::TooLong(message)),
                 other => return Err(RunnerError::Protocol(format!("unexpected frame {other:?}"))),
             }
         }

@@ -245,6 +245,9 @@ pub enum ErrorKind {
     /// The model itself produced unusable output (non-finite logits: broken or corrupted
     /// weights). Not the caller's error, and another attempt on this model will not help.
     Model,
+    /// The request does not fit this model's context (the prompt, or the prompt and an
+    /// explicit `max_tokens`): a model with a larger context may serve it.
+    Context,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
