@@ -1023,3 +1023,40 @@ fn provider_names_cannot_hold_a_slash() {
     .to_string();
     assert!(err.contains("providers.azure/eu"), "{err}");
 }
+
+/// A request that times out before its response starts (504) is audited too: the pipeline's
+/// task is aborted with it, so the server writes the entry itself.
+#[test]
+fn a_request_timeout_is_audited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let audit_dir = tmp.path().join("audit");
+    let p = tmp.path().join("corral.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[server]\nrequest_timeout_seconds = 1\n[audit]\nenabled = true\ndir = {:?}\n",
+            audit_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let key_hex = "07".repeat(32);
+    let cfg = Config::load_with_env(
+        &Sources {
+            config: Some(p),
+            profiles_dir: None,
+        },
+        &|k| (k == "CORRAL_LOG_KEY").then(|| key_hex.clone()),
+    )
+    .unwrap();
+    let local = Arc::new(ScriptedModel::new(vec![Script::Hang]));
+    let st = State::with_local(cfg, Sources::default(), local).unwrap();
+    let b = json!({"model": "auto", "messages": [{"role": "user", "content": "Name a colour."}]});
+    let (status, _, text) = rt().block_on(post(&st, &b));
+    assert_eq!(status, 504, "{text}");
+    assert!(text.contains("request_timeout_seconds"), "{text}");
+    drop(st); // flushes and closes the log
+    let keys = corral::audit::Keyring::from(corral::audit::AuditKey::from_bytes(&[7u8; 32]));
+    let v = corral::audit::verify_path(&audit_dir, &keys).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    assert_eq!(v.entries, 1, "the timed-out request has its entry");
+}

@@ -34,6 +34,8 @@ pub enum Script {
     QueueTimeout,
     /// The queue is full.
     Full,
+    /// Takes the job and never answers (a stuck runner: the request timeout must end it).
+    Hang,
 }
 
 /// A local model that plays one [`Script`] per submitted job, in order.
@@ -42,6 +44,8 @@ pub struct ScriptedModel {
     scripts: Mutex<VecDeque<Script>>,
     /// Every job submitted: (model, profile, request).
     pub jobs: Mutex<Vec<(String, String, GenerateRequest)>>,
+    /// The event senders of hung jobs, held so their receivers stay open.
+    hung: Mutex<Vec<mpsc::UnboundedSender<Event>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -66,6 +70,7 @@ impl ScriptedModel {
         ScriptedModel {
             scripts: Mutex::new(scripts.into()),
             jobs: Mutex::new(vec![]),
+            hung: Mutex::new(vec![]),
         }
     }
 
@@ -192,6 +197,7 @@ impl LocalModel for ScriptedModel {
                 let _ = tx.send(failed(FailKind::QueueTimeout, "queue timeout", false));
             }
             Script::Full => {}
+            Script::Hang => lock(&self.hung).push(tx),
         }
         Ok(rx)
     }

@@ -636,6 +636,10 @@ pub enum Failure {
     /// The caller went away while its answer streamed; the generation was cancelled.
     #[error("the client went away mid-stream; the generation was cancelled")]
     ClientGone,
+    /// No response had started within `server.request_timeout_seconds` (504); the work was
+    /// cancelled.
+    #[error("the request took longer than {0}s (server.request_timeout_seconds)")]
+    TimedOut(u64),
 }
 
 impl Failure {
@@ -655,6 +659,7 @@ impl Failure {
             Failure::Remote(_) => "providers_failed",
             Failure::Interrupted(_) => "stream_error",
             Failure::ClientGone => "client_gone",
+            Failure::TimedOut(_) => "request_timeout",
         }
     }
 }

@@ -204,6 +204,7 @@ async fn generate(
         team: ident.team.clone(),
         key_alias: ident.key_alias.clone(),
     };
+    let audit_caller = caller.clone();
     let (tx, mut updates) = mpsc::channel(64);
     let req = gen.req.clone();
     let mut running = Running(tokio::spawn(
@@ -225,15 +226,24 @@ async fn generate(
     })
     .await
     .map_err(|_| {
-        let mut e = ApiError::unavailable(
-            format!(
-                "the request took longer than {}s (server.request_timeout_seconds)",
-                limit.as_secs()
-            ),
-            1,
-        );
-        e.status = StatusCode::GATEWAY_TIMEOUT;
-        e
+        // The pipeline's task is aborted (with `running`), so it writes no audit entry: the
+        // request is audited here, as timed out, so none goes unrecorded.
+        let f = Failure::TimedOut(limit.as_secs());
+        if let Some(log) = state.audit.as_ref() {
+            let record = crate::answer::record::audit_record(
+                &audit_caller,
+                &gen.req,
+                None,
+                &Err(f.clone()),
+                None,
+                live.config.routing.method,
+                t0.elapsed(),
+            );
+            if !log.record(record) {
+                tracing::warn!("audit queue full: entry dropped (audit.on_queue_full = drop)");
+            }
+        }
+        api_error(&f)
     })?;
     match started {
         Started::Finished(Some(o)) => {
@@ -412,6 +422,11 @@ pub(super) fn api_error(f: &Failure) -> ApiError {
         Failure::Remote(_) => ApiError::upstream(f.to_string()),
         Failure::Unavailable { .. } | Failure::Interrupted(_) | Failure::ClientGone => {
             ApiError::internal(f.to_string())
+        }
+        Failure::TimedOut(_) => {
+            let mut e = ApiError::unavailable(f.to_string(), 1);
+            e.status = StatusCode::GATEWAY_TIMEOUT;
+            e
         }
     }
 }
