@@ -939,3 +939,55 @@ fn a_named_model_failing_opens_its_own_circuit_only() {
     assert_eq!(ok.text, "the configured model answers");
     assert_eq!(server.count(), 2);
 }
+
+/// A caller that goes away stops the retries (and the chain's later providers): no further
+/// request is sent once the cancel flag is set.
+#[test]
+fn cancelling_stops_retries_and_later_providers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // The first attempt's answer takes 300 ms; the caller leaves after 100 ms, during it.
+    let first = Server::start(vec![
+        openai_error(500, "down").delayed(Duration::from_millis(300)),
+        openai_error(500, "down"),
+        openai_error(500, "down"),
+    ]);
+    let second = Server::start(vec![openai_ok("never asked")]);
+    let mut cfg = config(ProviderKind::Openai, &first);
+    cfg.max_retries = 3;
+    cfg.backoff_ms = 1;
+    let chain = corral::providers::Chain::new(vec![
+        Arc::new(Provider::new("first", cfg)),
+        Arc::new(Provider::new(
+            "second",
+            config(ProviderKind::Openai, &second),
+        )),
+    ]);
+    let flag = Arc::new(AtomicBool::new(false));
+    let req = ChatRequest {
+        cancel: Some(flag.clone()),
+        ..ask("hi")
+    };
+    let setter = {
+        let flag = flag.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(100));
+            flag.store(true, Ordering::Release);
+        })
+    };
+    let t0 = Instant::now();
+    let err = chain.complete(&req).unwrap_err();
+    setter.join().unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        err.errors
+            .iter()
+            .any(|e| matches!(e, ProviderError::Cancelled { .. })),
+        "{err}"
+    );
+    assert_eq!(first.count(), 1, "no retry after the caller left");
+    assert_eq!(second.count(), 0, "no later provider either");
+}

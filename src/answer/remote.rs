@@ -30,8 +30,23 @@ impl RemoteChain for Providers {
                 .filter_map(|n| self.0.get(n).cloned())
                 .collect(),
         );
+        // Dropped with the request's task (the client went away, or the request timed out):
+        // the flag stops the chain's further attempts, backoffs and providers.
+        struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for CancelOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut req = req;
+        req.cancel = Some(flag.clone());
         Box::pin(async move {
-            match tokio::task::spawn_blocking(move || chain.complete(&req)).await {
+            let guard = CancelOnDrop(flag);
+            let r = tokio::task::spawn_blocking(move || chain.complete(&req)).await;
+            // Finished: setting the flag now is harmless.
+            drop(guard);
+            match r {
                 Ok(r) => r,
                 // The blocking task panicked or the runtime is going away: no provider answered.
                 Err(e) => Err(ChainError {

@@ -354,6 +354,7 @@ impl Request {
     pub(super) fn remote_request(&self, router: &Router, mask: bool) -> ChatRequest {
         ChatRequest {
             model: None,
+            cancel: None,
             messages: self
                 .messages
                 .iter()

@@ -42,6 +42,13 @@ impl Chain {
     pub fn complete(&self, req: &ChatRequest) -> Result<ChatResponse, ChainError> {
         let mut errors = Vec::new();
         for provider in &self.providers {
+            if req.cancelled() {
+                // The caller went away: no later provider is asked.
+                errors.push(ProviderError::Cancelled {
+                    provider: provider.name().to_string(),
+                });
+                break;
+            }
             match provider.complete(req) {
                 Ok(response) => {
                     if !errors.is_empty() {

@@ -137,7 +137,22 @@ impl Provider {
                         error = %f.error,
                         "provider request failed; retrying"
                     );
-                    std::thread::sleep(wait);
+                    // Slept in slices, so a caller that goes away stops the retries at once.
+                    let until = Instant::now() + wait;
+                    while !req.cancelled() {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        std::thread::sleep(left.min(Duration::from_millis(20)));
+                    }
+                    if req.cancelled() {
+                        // The attempt that failed is what the breaker learns; no retry is sent.
+                        self.settle(named, admission, !f.error.counts_against_provider());
+                        return Err(ProviderError::Cancelled {
+                            provider: self.name.clone(),
+                        });
+                    }
                 }
                 Err(f) => {
                     tracing::warn!(

@@ -85,6 +85,18 @@ pub struct ChatRequest {
     pub parallel_tool_calls: Option<bool>,
     /// OpenAI's `response_format` (`json_object`, `json_schema`), when not plain text.
     pub response_format: Option<serde_json::Value>,
+    /// Set when nobody waits for the answer any more (the client went away): no further
+    /// attempt, backoff or provider is started (one already sent runs to its end).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl ChatRequest {
+    /// Whether the caller has given up on this request.
+    pub fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire))
+    }
 }
 
 /// Token counts as the provider reported them (zeros when it reported none).
@@ -143,6 +155,9 @@ pub enum ProviderError {
     },
     #[error("provider {provider}: environment variable {env} (providers.{provider}.api_key_env) is not set")]
     MissingKey { provider: String, env: String },
+    /// The caller went away; nothing more was sent.
+    #[error("provider {provider}: cancelled, the client went away")]
+    Cancelled { provider: String },
 }
 
 pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
@@ -156,7 +171,8 @@ impl ProviderError {
             ProviderError::Timeout { .. } | ProviderError::Transport { .. } => true,
             ProviderError::BadResponse { .. }
             | ProviderError::CircuitOpen { .. }
-            | ProviderError::MissingKey { .. } => false,
+            | ProviderError::MissingKey { .. }
+            | ProviderError::Cancelled { .. } => false,
         }
     }
 
@@ -168,7 +184,8 @@ impl ProviderError {
             | ProviderError::Transport { provider, .. }
             | ProviderError::BadResponse { provider, .. }
             | ProviderError::CircuitOpen { provider, .. }
-            | ProviderError::MissingKey { provider, .. } => provider,
+            | ProviderError::MissingKey { provider, .. }
+            | ProviderError::Cancelled { provider } => provider,
         }
     }
 
