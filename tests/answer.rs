@@ -228,13 +228,22 @@ fn state(row: &Row, remote: Option<&Fake>) -> (tempfile::TempDir, Arc<ScriptedMo
 }
 
 async fn post(st: &Arc<State>, body: &Value) -> (u16, axum::http::HeaderMap, String) {
+    post_with(st, None, body).await
+}
+
+/// `post` with `Authorization: Bearer KEY` when `key` is given.
+async fn post_with(
+    st: &Arc<State>,
+    key: Option<&str>,
+    body: &Value,
+) -> (u16, axum::http::HeaderMap, String) {
+    let mut r =
+        HttpRequest::post("/v1/chat/completions").header("content-type", "application/json");
+    if let Some(k) = key {
+        r = r.header("authorization", format!("Bearer {k}"));
+    }
     let resp = app(st.clone())
-        .oneshot(
-            HttpRequest::post("/v1/chat/completions")
-                .header("content-type", "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
+        .oneshot(r.body(Body::from(body.to_string())).unwrap())
         .await
         .unwrap();
     let status = resp.status().as_u16();
@@ -865,25 +874,6 @@ fn aliases_to_nothing_configured_are_refused_at_load() {
     }
 }
 
-async fn post_as(st: &Arc<State>, key: &str, body: &Value) -> (u16, axum::http::HeaderMap, String) {
-    let resp = app(st.clone())
-        .oneshot(
-            HttpRequest::post("/v1/chat/completions")
-                .header("content-type", "application/json")
-                .header("authorization", format!("Bearer {key}"))
-                .body(Body::from(body.to_string()))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
-        .await
-        .unwrap();
-    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
-}
-
 /// Token budgets per key: answers are charged with their tokens; a key out of tokens gets 429
 /// with `Retry-After` in OpenAI's format, other keys are untouched; tokens and spend (remote
 /// cost, and what local answers saved) are in /metrics.
@@ -913,7 +903,7 @@ fn token_budgets_and_spend() {
     let b = json!({"model": "auto", "messages": [{"role": "user", "content": "What colour is the sea?"}]});
     let mut answered = 0;
     let refusal = loop {
-        let (status, h, text) = rt().block_on(post_as(&st, "small-key", &b));
+        let (status, h, text) = rt().block_on(post_with(&st, Some("small-key"), &b));
         if status == 429 {
             break (h, text);
         }
@@ -932,11 +922,11 @@ fn token_budgets_and_spend() {
     let wait: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&wait), "{wait}");
     // Another key is not affected, and a remote answer is priced.
-    let (status, _, text) = rt().block_on(post_as(&st, "big-key", &b));
+    let (status, _, text) = rt().block_on(post_with(&st, Some("big-key"), &b));
     assert_eq!(status, 200, "{text}");
     let mut remote_b = b.clone();
     remote_b["model"] = json!("remote/remote-large");
-    let (status, _, text) = rt().block_on(post_as(&st, "big-key", &remote_b));
+    let (status, _, text) = rt().block_on(post_with(&st, Some("big-key"), &remote_b));
     assert_eq!(status, 200, "{text}");
     let m = st.metrics.render();
     assert!(m.contains("corral_tokens_total{model=\"smollm2-135m-instruct\",route=\"slm\",kind=\"completion\"}"), "{m}");

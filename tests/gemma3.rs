@@ -10,14 +10,6 @@ use corral_protocol::Input;
 
 const SHA: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 #[test]
 fn gemma3_tokenizes_like_llama_cpp_and_completes_greedily_in_agreement() {
     let fixture: serde_json::Value =

@@ -11,14 +11,6 @@ use corral_protocol::Input;
 use std::path::PathBuf;
 use std::process::Command;
 
-fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 /// The files and llama.cpp's answers, made (or reused, when their hashes still match) under
 /// target/quantized.
 fn reference() -> (PathBuf, serde_json::Value) {

@@ -351,3 +351,12 @@ pub fn sandbox_children(pid: &str) -> Vec<i32> {
     });
     out
 }
+
+/// A JSON array of token ids (the reference fixtures').
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
