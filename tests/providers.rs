@@ -991,3 +991,25 @@ fn cancelling_stops_retries_and_later_providers() {
     assert_eq!(first.count(), 1, "no retry after the caller left");
     assert_eq!(second.count(), 0, "no later provider either");
 }
+
+/// A provider whose own circuit is open takes no request for a named model either.
+#[test]
+fn an_open_provider_refuses_named_models_too() {
+    let server = Server::start(vec![openai_error(500, "down"), openai_ok("not asked")]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.breaker_failures = 1;
+    cfg.max_retries = 0;
+    cfg.models = vec!["other-*".into()];
+    let provider = Provider::new("oa", cfg);
+    assert_eq!(
+        provider.complete(&ask("hi")).unwrap_err().status(),
+        Some(500)
+    );
+    let named = ChatRequest {
+        model: Some("other-1".into()),
+        ..ask("hi")
+    };
+    let err = provider.complete(&named).unwrap_err();
+    assert!(matches!(err, ProviderError::CircuitOpen { .. }), "{err:?}");
+    assert_eq!(server.count(), 1);
+}

@@ -241,6 +241,18 @@ impl Provider {
     }
 
     fn admit(&self, named: Option<&str>) -> Result<Admission> {
+        // A provider whose own circuit is open (it is down for its configured model) takes no
+        // request for a named model either.
+        if named.is_some() {
+            let main = self.lock_breaker();
+            if let BreakerState::Open { retry_in_ms } = main.state(Instant::now()) {
+                return Err(ProviderError::CircuitOpen {
+                    provider: self.name.clone(),
+                    failures: main.failures(),
+                    retry_in_ms,
+                });
+            }
+        }
         let admitted = self.with_breaker(named, |b| {
             b.admit(Instant::now()).map(|(a, t)| (a, t, b.failures()))
         });

@@ -26,8 +26,8 @@ pub struct ProviderConfig {
     /// model ids, `*` and `?` wildcards allowed (`gpt-4o*`). `model` itself always may be.
     #[serde(default)]
     pub models: Vec<String>,
-    /// US dollars per million tokens, by model id (`*` and `?` allowed; the first match in
-    /// name order): `prices = { "gpt-4o-mini" = { input = 0.15, output = 0.6 } }`. What
+    /// US dollars per million tokens, by model id (`*` and `?` allowed; the most specific
+    /// match wins): `prices = { "gpt-4o-mini*" = { input = 0.15, output = 0.6 } }`. What
     /// `corral_spend_usd_total` and `corral_spend_avoided_usd_total` are computed with.
     #[serde(default)]
     pub prices: std::collections::BTreeMap<String, Price>,
@@ -203,13 +203,20 @@ impl ProviderConfig {
     /// What `prompt` and `completion` tokens of `model` cost, in US dollars (`None` without a
     /// price for it).
     pub fn cost(&self, model: &str, prompt: u64, completion: u64) -> Option<f64> {
-        let p = self.prices.get(model).or_else(|| {
+        let p = self.price(model)?;
+        Some((prompt as f64 * p.input + completion as f64 * p.output) / 1e6)
+    }
+
+    /// The price of `model`: its exact entry, else the most specific pattern matching it (the
+    /// one with the most literal characters: `gpt-4o-mini*` before `gpt-4o*`).
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.get(model).or_else(|| {
             self.prices
                 .iter()
-                .find(|(k, _)| crate::routing::rules::wildcard(k, model))
+                .filter(|(k, _)| crate::routing::rules::wildcard(k, model))
+                .max_by_key(|(k, _)| k.chars().filter(|c| !matches!(c, '*' | '?')).count())
                 .map(|(_, v)| v)
-        })?;
-        Some((prompt as f64 * p.input + completion as f64 * p.output) / 1e6)
+        })
     }
 
     /// Whether callers may ask this provider for model `id` (its `model`, or one `models` matches).
@@ -225,6 +232,33 @@ impl ProviderConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_most_specific_price_wins() {
+        let mut c = ProviderConfig::new(ProviderKind::Openai, "https://x/v1", "gpt-4o-mini");
+        c.prices.insert(
+            "gpt-4o*".into(),
+            Price {
+                input: 2.5,
+                output: 10.0,
+            },
+        );
+        c.prices.insert(
+            "gpt-4o-mini*".into(),
+            Price {
+                input: 0.15,
+                output: 0.6,
+            },
+        );
+        // A dated name the provider reports takes the mini price, not the first pattern's.
+        let usd = c
+            .cost("gpt-4o-mini-2024-07-18", 1_000_000, 1_000_000)
+            .unwrap();
+        assert!((usd - 0.75).abs() < 1e-9, "{usd}");
+        let usd = c.cost("gpt-4o-2024-08-06", 1_000_000, 0).unwrap();
+        assert!((usd - 2.5).abs() < 1e-9, "{usd}");
+        assert_eq!(c.cost("o3-mini", 1, 1), None);
+    }
 
     fn parse(toml_text: &str) -> Result<ProviderConfig, toml::de::Error> {
         toml::from_str(toml_text)

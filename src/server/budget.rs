@@ -23,6 +23,14 @@ struct Spent {
     day: u64,
 }
 
+/// A 429 for a spent budget (its own `code`, so `corral_rate_limited_total{cause}` tells it
+/// from the request-rate and concurrency limits).
+fn spent(message: String, wait: u64) -> ApiError {
+    let mut e = ApiError::rate_limited(message, wait);
+    e.code = Some("token_budget_exceeded");
+    e
+}
+
 /// What every key has spent, by key alias.
 #[derive(Debug, Default)]
 pub struct Budgets(Mutex<HashMap<String, Spent>>);
@@ -68,7 +76,7 @@ impl Budgets {
             if let Some(tpd) = ident.tokens_per_day {
                 if s.day >= tpd {
                     let wait = 86_400 - secs % 86_400;
-                    return Err(ApiError::rate_limited(
+                    return Err(spent(
                         format!(
                             "Token budget spent for key '{alias}': {} of {tpd} tokens per day (UTC).",
                             s.day
@@ -81,7 +89,7 @@ impl Budgets {
                 if s.minute <= 0.0 {
                     let rate = tpm as f64 / 60.0;
                     let wait = ((1.0 - s.minute) / rate).ceil().max(1.0) as u64;
-                    return Err(ApiError::rate_limited(
+                    return Err(spent(
                         format!("Token budget spent for key '{alias}': {tpm} tokens per minute."),
                         wait,
                     ));
@@ -95,7 +103,10 @@ impl Budgets {
     /// Charges an answer's tokens to the caller's key.
     pub fn charge(&self, ident: &Identity, tokens: u64) {
         self.with(ident, |s, _| {
-            s.minute -= tokens as f64;
+            if let Some(tpm) = ident.tokens_per_minute {
+                // Overdrawn by at most a minute's worth: a key waits a minute at most.
+                s.minute = (s.minute - tokens as f64).max(-(tpm as f64));
+            }
             s.day += tokens;
         });
     }
@@ -143,6 +154,20 @@ mod tests {
             e.message
         );
         assert!(e.retry_after.unwrap() <= 86_400);
+        // A day-only key's spending does not count against a minute budget added later (a
+        // reload): the bucket only moves while there is one.
+        let later = Identity {
+            key_alias: Some("d2".into()),
+            ..key(None, Some(1_000_000))
+        };
+        b.charge(&later, 50_000);
+        let with_minute = Identity {
+            key_alias: Some("d2".into()),
+            ..key(Some(600), Some(1_000_000))
+        };
+        assert!(b.check(&with_minute).is_ok());
+        // The 429 says which limit: its own code.
+        assert_eq!(e.code, Some("token_budget_exceeded"));
         // Keys without budgets, and anonymous callers, are never refused.
         let free = Identity::default();
         b.charge(&free, 1_000_000);

@@ -305,7 +305,11 @@ fn record(
     let endpoint = req.endpoint.label();
     match &result {
         Ok(a) => {
-            tokens(state, caller, a, route);
+            let sent = match decision.as_ref().map(|d| &d.selection) {
+                Some(crate::routing::Selection::Llm { model: Some(m), .. }) => Some(m.as_str()),
+                _ => None,
+            };
+            tokens(state, caller, a, route, sent);
             count(
                 state,
                 &Counted {
@@ -362,7 +366,7 @@ fn record(
 /// An answer's tokens: charged to the caller's budgets, counted by model, route and kind, and
 /// priced (`[providers.NAME.prices]`): what a remote answer cost, and what a local one saved
 /// against the fallback chain's first provider.
-fn tokens(state: &State, caller: &Identity, a: &Answer, route: &str) {
+fn tokens(state: &State, caller: &Identity, a: &Answer, route: &str, sent: Option<&str>) {
     let (p, c) = (u64::from(a.prompt_tokens), u64::from(a.completion_tokens));
     state.budgets.charge(caller, p + c);
     for (kind, n) in [("prompt", p), ("completion", c)] {
@@ -376,7 +380,13 @@ fn tokens(state: &State, caller: &Identity, a: &Answer, route: &str) {
     let providers = &live.config.providers;
     match &a.provider {
         Some(name) => {
-            if let Some(usd) = providers.get(name).and_then(|cfg| cfg.cost(&a.model, p, c)) {
+            // Priced by the model asked for (a named one, else the provider's configured one),
+            // else by the one the provider reports (often a dated name).
+            let cost = providers.get(name).and_then(|cfg| {
+                cfg.cost(sent.unwrap_or(&cfg.model), p, c)
+                    .or_else(|| cfg.cost(&a.model, p, c))
+            });
+            if let Some(usd) = cost {
                 state.metrics.add(
                     "corral_spend_usd_total",
                     &[("provider", name), ("model", &a.model)],
