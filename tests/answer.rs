@@ -1014,17 +1014,15 @@ fn provider_names_cannot_hold_a_slash() {
     assert!(err.contains("providers.azure/eu"), "{err}");
 }
 
-/// A request that times out before its response starts (504) is audited too: the pipeline's
-/// task is aborted with it, so the server writes the entry itself.
-#[test]
-fn a_request_timeout_is_audited() {
+/// A state with the audit log on (a fixed key) whose local model hangs, and the log's directory.
+fn hung_with_audit(timeout_s: u64) -> (tempfile::TempDir, std::path::PathBuf, Arc<State>) {
     let tmp = tempfile::tempdir().unwrap();
     let audit_dir = tmp.path().join("audit");
     let p = tmp.path().join("corral.toml");
     std::fs::write(
         &p,
         format!(
-            "[server]\nrequest_timeout_seconds = 1\n[audit]\nenabled = true\ndir = {:?}\n",
+            "[server]\nrequest_timeout_seconds = {timeout_s}\n[audit]\nenabled = true\ndir = {:?}\n",
             audit_dir.display().to_string()
         ),
     )
@@ -1040,13 +1038,44 @@ fn a_request_timeout_is_audited() {
     .unwrap();
     let local = Arc::new(ScriptedModel::new(vec![Script::Hang]));
     let st = State::with_local(cfg, Sources::default(), local).unwrap();
+    (tmp, audit_dir, st)
+}
+
+/// The audit log's entries, verified.
+fn audit_entries(dir: &std::path::Path) -> u64 {
+    let keys = corral::audit::Keyring::from(corral::audit::AuditKey::from_bytes(&[7u8; 32]));
+    let v = corral::audit::verify_path(dir, &keys).unwrap();
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+    v.entries
+}
+
+/// A caller that goes away before its response starts cancels the work (the pipeline's task
+/// is aborted) and its request is still audited.
+#[test]
+fn a_request_abandoned_before_its_response_is_audited() {
+    let (_tmp, audit_dir, st) = hung_with_audit(30);
+    let b = json!({"model": "auto", "messages": [{"role": "user", "content": "Name a colour."}]});
+    let gone = rt().block_on(async {
+        tokio::time::timeout(std::time::Duration::from_millis(200), post(&st, &b)).await
+    });
+    assert!(gone.is_err(), "the hung request cannot have answered");
+    drop(st);
+    assert_eq!(audit_entries(&audit_dir), 1);
+}
+
+/// A request that times out before its response starts (504) is audited too: the pipeline's
+/// task is aborted with it, so the server writes the entry itself.
+#[test]
+fn a_request_timeout_is_audited() {
+    let (_tmp, audit_dir, st) = hung_with_audit(1);
     let b = json!({"model": "auto", "messages": [{"role": "user", "content": "Name a colour."}]});
     let (status, _, text) = rt().block_on(post(&st, &b));
     assert_eq!(status, 504, "{text}");
     assert!(text.contains("request_timeout_seconds"), "{text}");
     drop(st); // flushes and closes the log
-    let keys = corral::audit::Keyring::from(corral::audit::AuditKey::from_bytes(&[7u8; 32]));
-    let v = corral::audit::verify_path(&audit_dir, &keys).unwrap();
-    assert!(v.problems.is_empty(), "{:?}", v.problems);
-    assert_eq!(v.entries, 1, "the timed-out request has its entry");
+    assert_eq!(
+        audit_entries(&audit_dir),
+        1,
+        "the timed-out request has its entry"
+    );
 }

@@ -181,6 +181,37 @@ impl Running {
     }
 }
 
+/// Audits a request whose caller went away before its response started, when dropped still
+/// holding the request (`req`: set only with the audit log on, taken once the outcome is known).
+struct Abandoned {
+    state: Arc<State>,
+    caller: Caller,
+    req: Option<Request>,
+    method: crate::confidence::Method,
+    t0: Instant,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        let (Some(req), Some(log)) = (self.req.take(), self.state.audit.as_ref()) else {
+            return;
+        };
+        tracing::info!("client went away before the response started: generation cancelled");
+        let record = crate::answer::record::audit_record(
+            &self.caller,
+            &req,
+            None,
+            &Err(Failure::ClientGone),
+            None,
+            self.method,
+            self.t0.elapsed(),
+        );
+        if !log.record(record) {
+            tracing::warn!("audit queue full: entry dropped (audit.on_queue_full = drop)");
+        }
+    }
+}
+
 enum Started {
     Stream {
         model: String,
@@ -212,6 +243,15 @@ async fn generate(
             .instrument(tracing::Span::current()),
     ));
     let limit = live.config.server.request_timeout;
+    // A caller that goes away before the response starts drops this future (and with
+    // `running`, the pipeline's task, which so writes no audit entry): the guard writes it.
+    let mut abandoned = Abandoned {
+        state: state.clone(),
+        caller: audit_caller.clone(),
+        req: state.audit.is_some().then(|| gen.req.clone()),
+        method: live.config.routing.method,
+        t0,
+    };
     let started = tokio::time::timeout(limit, async {
         tokio::select! {
             // A stream that started is a stream, even when its outcome is ready too.
@@ -224,8 +264,10 @@ async fn generate(
             o = running.outcome() => Started::Finished(o.map(Box::new)),
         }
     })
-    .await
-    .map_err(|_| {
+    .await;
+    // Whatever happened next, the request is no longer abandoned before its response started.
+    abandoned.req = None;
+    let started = started.map_err(|_| {
         // The pipeline's task is aborted (with `running`), so it writes no audit entry: the
         // request is audited here, as timed out, so none goes unrecorded.
         let f = Failure::TimedOut(limit.as_secs());
