@@ -38,15 +38,19 @@ fn config(remote: Option<&Fake>, extra: &str) -> (tempfile::TempDir, Config) {
         format!("{chain}[routing.confidence_thresholds]\ndefault = 0.5\n{extra}"),
     )
     .unwrap();
-    let cfg = Config::load_with_env(
+    (dir, load(&p, &|_| None).unwrap())
+}
+
+/// The configuration file at `p`, with `env` as the environment; the error as text.
+fn load(p: &std::path::Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, String> {
+    Config::load_with_env(
         &Sources {
-            config: Some(p),
+            config: Some(p.to_path_buf()),
             profiles_dir: None,
         },
-        &|_| None,
+        env,
     )
-    .unwrap();
-    (dir, cfg)
+    .map_err(|e| e.to_string())
 }
 
 fn sure() -> Script {
@@ -861,15 +865,7 @@ fn aliases_to_nothing_configured_are_refused_at_load() {
     ] {
         let p = dir.path().join("corral.toml");
         std::fs::write(&p, format!("[routing.aliases]\n{aliases}")).unwrap();
-        let err = Config::load_with_env(
-            &Sources {
-                config: Some(p),
-                profiles_dir: None,
-            },
-            &|_| None,
-        )
-        .unwrap_err()
-        .to_string();
+        let err = load(&p, &|_| None).unwrap_err();
         assert!(err.contains(key), "{aliases}: {err}");
     }
 }
@@ -1002,15 +998,7 @@ fn provider_names_cannot_hold_a_slash() {
         "[providers.\"azure/eu\"]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodel = \"m\"\n",
     )
     .unwrap();
-    let err = Config::load_with_env(
-        &Sources {
-            config: Some(p),
-            profiles_dir: None,
-        },
-        &|_| None,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = load(&p, &|_| None).unwrap_err();
     assert!(err.contains("providers.azure/eu"), "{err}");
 }
 
@@ -1028,14 +1016,7 @@ fn hung_with_audit(timeout_s: u64) -> (tempfile::TempDir, std::path::PathBuf, Ar
     )
     .unwrap();
     let key_hex = "07".repeat(32);
-    let cfg = Config::load_with_env(
-        &Sources {
-            config: Some(p),
-            profiles_dir: None,
-        },
-        &|k| (k == "CORRAL_LOG_KEY").then(|| key_hex.clone()),
-    )
-    .unwrap();
+    let cfg = load(&p, &|k| (k == "CORRAL_LOG_KEY").then(|| key_hex.clone())).unwrap();
     let local = Arc::new(ScriptedModel::new(vec![Script::Hang]));
     let st = State::with_local(cfg, Sources::default(), local).unwrap();
     (tmp, audit_dir, st)

@@ -432,9 +432,9 @@ fn tile_k(wt: WType, w: &Row<'_>, acts: [&[KBlock]; 4]) -> [f32; 4] {
         // from the same matrix product, so their super-block counts match.
         unsafe {
             match wt {
-                WType::Q4K => avx2::tile_k::<0>(w, acts),
-                WType::Q5K => avx2::tile_k::<1>(w, acts),
-                _ => avx2::tile_k::<2>(w, acts),
+                WType::Q4K => avx2::tile_k::<0, 4>(w, acts),
+                WType::Q5K => avx2::tile_k::<1, 4>(w, acts),
+                _ => avx2::tile_k::<2, 4>(w, acts),
             }
         }
     }
@@ -667,12 +667,12 @@ fn dot_k(wt: WType, w: &Row<'_>, a: &[KBlock], avx2: bool, many: bool) -> f32 {
         // SAFETY: AVX2 and FMA were detected at run time; `w` and `a` have the same blocks.
         return unsafe {
             match (wt, many) {
-                (WType::Q4K, false) => avx2::dot_q4k::<false, false>(w, a),
-                (WType::Q4K, true) => avx2::dot_q4k::<false, true>(w, a),
-                (WType::Q5K, false) => avx2::dot_q4k::<true, false>(w, a),
-                (WType::Q5K, true) => avx2::dot_q4k::<true, true>(w, a),
-                (_, false) => avx2::dot_q6k::<false>(w, a),
-                (_, true) => avx2::dot_q6k::<true>(w, a),
+                (WType::Q4K, false) => avx2::dot_k::<0>(w, a),
+                (WType::Q5K, false) => avx2::dot_k::<1>(w, a),
+                (_, false) => avx2::dot_k::<2>(w, a),
+                (WType::Q4K, true) => avx2::tile_k::<0, 1>(w, [a])[0],
+                (WType::Q5K, true) => avx2::tile_k::<1, 1>(w, [a])[0],
+                (_, true) => avx2::tile_k::<2, 1>(w, [a])[0],
             }
         };
     }
@@ -978,167 +978,91 @@ mod avx2 {
         out
     }
 
-    /// A Q4_K (or, with `FIVE`, Q5_K) row against Q8_K activations: ggml's
-    /// `ggml_vec_dot_q4_K_q8_K` / `ggml_vec_dot_q5_K_q8_K` for AVX2. Per super-block the
-    /// scaled integer sums go into 8 i32 lanes, converted and FMA'd with `d`; the min terms are
-    /// a 4-lane FMA chain (Q4_K) or a scalar sum (Q5_K), as there.
+    /// One super-block's scaled integer sums against activation block `y`, in ggml's 8 AVX2
+    /// lanes (its `vec_dot_*_q8_K` lane contents; integer sums, so any order of adding gives
+    /// the same lanes): Σ scale · maddubs(values, q8) per chunk, less Q6_K's offset of 32 as
+    /// `32 · Σ scale · bsum` per lane pair. `T`: 0 Q4_K, 1 Q5_K, 2 Q6_K.
+    ///
+    /// # Safety
+    /// Needs AVX2; `blk` holds the type's kept bytes for one super-block.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn lanes<const T: u8>(
+        v: &[__m256i; 8],
+        sc: &[__m256i; 8],
+        blk: &[u8],
+        y: &KBlock,
+    ) -> __m256i {
+        let mut sumi = _mm256_setzero_si256();
+        for c in 0..8 {
+            // SAFETY: y.q has 256 bytes.
+            let q8 = unsafe { _mm256_loadu_si256(y.q[32 * c..].as_ptr().cast()) };
+            let p = _mm256_madd_epi16(sc[c], _mm256_maddubs_epi16(v[c], q8));
+            sumi = _mm256_add_epi32(sumi, p);
+        }
+        if T == 2 {
+            // SAFETY: y.bsums has 16 i16, blk[192..208] the 16 scales.
+            let (q8sums, sc16) = unsafe {
+                (
+                    _mm256_loadu_si256(y.bsums.as_ptr().cast()),
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk[192..].as_ptr().cast())),
+                )
+            };
+            sumi = _mm256_sub_epi32(
+                sumi,
+                _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, sc16)),
+            );
+        }
+        sumi
+    }
+
+    /// A K-type row against Q8_K activations in ggml's one-row order (`ggml_vec_dot_q4_K_q8_K`,
+    /// `_q5_K_`, `_q6_K_` for AVX2): per super-block the lanes converted and FMA'd with
+    /// `d_a * d_w`; the min terms (Q4_K, Q5_K) a 4-lane FMA chain (Q4_K) or a scalar FMA'd sum
+    /// (Q5_K), as there.
     ///
     /// # Safety
     /// Needs AVX2 and FMA; `w` holds whole super-blocks of the type matching `a`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4k<const FIVE: bool, const TILED: bool>(w: &Row<'_>, a: &[KBlock]) -> f32 {
-        let kb = if FIVE { 176 } else { 144 };
-        let qs_at = if FIVE { 48 } else { 16 };
-        let m4 = _mm256_set1_epi8(0x0f);
-        let sixteen = _mm256_set1_epi8(16);
+    pub unsafe fn dot_k<const T: u8>(w: &Row<'_>, a: &[KBlock]) -> f32 {
+        let kb = [144, 176, 208][T as usize];
         let mut acc = _mm256_setzero_ps();
         let mut acc_m = _mm_setzero_ps();
         let mut summs = 0f32;
-        let mut tiled = 0f32;
         for (i, y) in a.iter().enumerate() {
             let blk = &w.q[i * kb..(i + 1) * kb];
-            let d = y.d * w.d[i];
-            let dmin = -y.d * w.m[i];
-            // SAFETY: blk has kb bytes (8 scales, 8 mins, [32 high bits,] 128 nibble bytes);
-            // y.bsums has 16 i16 and y.q 256 bytes.
+            // SAFETY: blk holds one super-block (the layouts of `QMat::new`), y one activation
+            // block; AVX2/FMA are enabled here.
             unsafe {
-                let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(blk[8..].as_ptr().cast()));
-                let q8sums = _mm256_loadu_si256(y.bsums.as_ptr().cast());
-                let q8s = _mm_hadd_epi16(
-                    _mm256_castsi256_si128(q8sums),
-                    _mm256_extracti128_si256::<1>(q8sums),
-                );
-                let prod = _mm_madd_epi16(mins, q8s);
-                if TILED {
-                    // Accumulated below with the scaled sums.
-                } else if FIVE {
-                    let mut lanes = [0i32; 4];
-                    _mm_storeu_si128(lanes.as_mut_ptr().cast(), prod);
-                    summs = dmin.mul_add(lanes.iter().sum::<i32>() as f32, summs);
-                } else {
-                    acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
-                }
-                let hbits = if FIVE {
-                    _mm256_loadu_si256(blk[16..].as_ptr().cast())
-                } else {
-                    _mm256_setzero_si256()
-                };
-                let mut sumi = _mm256_setzero_si256();
-                for j in 0..4 {
-                    let bits = _mm256_loadu_si256(blk[qs_at + 32 * j..].as_ptr().cast());
-                    let mut lo = _mm256_and_si256(bits, m4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4);
-                    if FIVE {
-                        let bl = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
-                        let bh = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
-                        let hl = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl);
-                        let hh = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh);
-                        lo = _mm256_add_epi8(lo, _mm256_and_si256(hl, sixteen));
-                        hi = _mm256_add_epi8(hi, _mm256_and_si256(hh, sixteen));
-                    }
-                    let q8l = _mm256_loadu_si256(y.q[64 * j..].as_ptr().cast());
-                    let q8h = _mm256_loadu_si256(y.q[64 * j + 32..].as_ptr().cast());
-                    let sl = _mm256_set1_epi16(i16::from(blk[2 * j]));
-                    let sh = _mm256_set1_epi16(i16::from(blk[2 * j + 1]));
-                    let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(lo, q8l));
-                    let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, q8h));
-                    sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-                }
-                if TILED {
-                    let (s1, s2) = (
-                        hsum_i32(
-                            _mm256_castsi256_si128(sumi),
-                            _mm256_extracti128_si256::<1>(sumi),
-                        ),
-                        hsum_i32(prod, _mm_setzero_si128()),
+                let (v, sc) = unpack_k::<T>(blk);
+                let sumi = lanes::<T>(&v, &sc, blk, y);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * w.d[i]), _mm256_cvtepi32_ps(sumi), acc);
+                if T < 2 {
+                    let dmin = -y.d * w.m[i];
+                    let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(blk[8..].as_ptr().cast()));
+                    let q8sums = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+                    let q8s = _mm_hadd_epi16(
+                        _mm256_castsi256_si128(q8sums),
+                        _mm256_extracti128_si256::<1>(q8sums),
                     );
-                    let res = (-w.m[i]).mul_add(s2 as f32, w.d[i] * s1 as f32);
-                    tiled = res.mul_add(y.d, tiled);
-                } else {
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+                    let prod = _mm_madd_epi16(mins, q8s);
+                    if T == 1 {
+                        summs = dmin.mul_add(hsum_i32(prod, _mm_setzero_si128()) as f32, summs);
+                    } else {
+                        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+                    }
                 }
             }
-        }
-        if TILED {
-            return tiled;
-        }
-        if FIVE {
-            // SAFETY: AVX2/FMA are enabled for this function.
-            return unsafe { hsum(acc) } + summs;
         }
         acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
         acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
-        // SAFETY: as above.
-        unsafe { hsum(acc) + _mm_cvtss_f32(acc_m) }
-    }
-
-    /// A Q6_K row against Q8_K activations: ggml's `ggml_vec_dot_q6_K_q8_K` for AVX2 (the
-    /// values' offset of 32 taken off as `32 * Σ scale * bsum` per lane pair).
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `w` holds whole Q6_K super-blocks matching `a`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q6k<const TILED: bool>(w: &Row<'_>, a: &[KBlock]) -> f32 {
-        let m15 = _mm256_set1_epi8(15);
-        let mut acc = _mm256_setzero_ps();
-        let mut tiled = 0f32;
-        for (i, y) in a.iter().enumerate() {
-            let blk = &w.q[i * 208..(i + 1) * 208];
-            let d = y.d * w.d[i];
-            let sc = &blk[192..208];
-            // SAFETY: blk has 208 bytes (128 low, 64 high, 16 scales); y.q has 256 bytes.
-            unsafe {
-                let q8sums = _mm256_loadu_si256(y.bsums.as_ptr().cast());
-                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.as_ptr().cast()));
-                let sub = _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, sc16));
-                let mut sumi = _mm256_setzero_si256();
-                for j in 0..2 {
-                    let b1 = _mm256_loadu_si256(blk[64 * j..].as_ptr().cast());
-                    let b2 = _mm256_loadu_si256(blk[64 * j + 32..].as_ptr().cast());
-                    let bh = _mm256_loadu_si256(blk[128 + 32 * j..].as_ptr().cast());
-                    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(bh, _mm256_set1_epi8(3)));
-                    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(bh, _mm256_set1_epi8(12)));
-                    let h2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
-                    let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(
-                        bh,
-                        _mm256_set1_epi8(0xc0u8 as i8),
-                    ));
-                    let q = [
-                        _mm256_or_si256(_mm256_and_si256(b1, m15), h0),
-                        _mm256_or_si256(_mm256_and_si256(b2, m15), h1),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m15), h2),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m15), h3),
-                    ];
-                    let mut p = [_mm256_setzero_si256(); 4];
-                    for (k, pk) in p.iter_mut().enumerate() {
-                        let q8 = _mm256_loadu_si256(y.q[128 * j + 32 * k..].as_ptr().cast());
-                        let s = 8 * j + 2 * k;
-                        let scale = _mm256_set_m128i(
-                            _mm_set1_epi16(i16::from(sc[s + 1] as i8)),
-                            _mm_set1_epi16(i16::from(sc[s] as i8)),
-                        );
-                        *pk = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(q[k], q8));
-                    }
-                    sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p[0], p[1]));
-                    sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p[2], p[3]));
-                }
-                sumi = _mm256_sub_epi32(sumi, sub);
-                if TILED {
-                    let s1 = hsum_i32(
-                        _mm256_castsi256_si128(sumi),
-                        _mm256_extracti128_si256::<1>(sumi),
-                    );
-                    tiled = (w.d[i] * s1 as f32).mul_add(y.d, tiled);
-                } else {
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
-                }
-            }
-        }
-        if TILED {
-            return tiled;
-        }
         // SAFETY: AVX2/FMA are enabled for this function.
-        unsafe { hsum(acc) }
+        let h = unsafe { hsum(acc) };
+        match T {
+            0 => h + _mm_cvtss_f32(acc_m),
+            1 => h + summs,
+            _ => h,
+        }
     }
 
     /// One K super-block's 256 values as 8 chunks of 32 unsigned bytes in element order, with
@@ -1214,45 +1138,36 @@ mod avx2 {
         (v, sc)
     }
 
-    /// A K-type row against four activation rows in ggml's tiled order (see `dot_k`): per
-    /// super-block the weight values are unpacked once, the exact integer sums `s1`, `s2` formed
-    /// for each activation row, then the same scalar float steps as `dot_q4k::<_, true>` /
-    /// `dot_q6k::<true>`, so each result is bit for bit theirs.
+    /// A K-type row against `A` activation rows in ggml's tiled (many-row) order (see
+    /// `super::dot_k`): per super-block the weight values are unpacked once, the exact integer
+    /// sums `s1` (and, for Q4_K/Q5_K, the min term `s2`) formed for each activation row, then
+    /// `acc = (d_w · s1 − dmin · s2) · d_a + acc`, fused as ggml's AVX2 build fuses them.
     ///
     /// # Safety
     /// Needs AVX2 and FMA; `w` holds whole super-blocks of the type matching every activation row.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::needless_range_loop)] // super-block i of the row and every activation row
-    pub unsafe fn tile_k<const T: u8>(w: &Row<'_>, acts: [&[KBlock]; 4]) -> [f32; 4] {
+    pub unsafe fn tile_k<const T: u8, const A: usize>(
+        w: &Row<'_>,
+        acts: [&[KBlock]; A],
+    ) -> [f32; A] {
         let kb = [144, 176, 208][T as usize];
-        let mut out = [0f32; 4];
+        let mut out = [0f32; A];
         for i in 0..acts[0].len() {
             let blk = &w.q[i * kb..(i + 1) * kb];
             // SAFETY: blk holds one super-block; AVX2/FMA are enabled here.
             let (v, sc) = unsafe { unpack_k::<T>(blk) };
             for (j, a) in acts.iter().enumerate() {
                 let y = &a[i];
-                let mut sumi = _mm256_setzero_si256();
-                for c in 0..8 {
-                    // SAFETY: y.q has 256 bytes.
-                    let q8 = unsafe { _mm256_loadu_si256(y.q[32 * c..].as_ptr().cast()) };
-                    let p = _mm256_madd_epi16(sc[c], _mm256_maddubs_epi16(v[c], q8));
-                    sumi = _mm256_add_epi32(sumi, p);
-                }
-                // SAFETY: AVX2 is enabled here.
-                let mut s1 = unsafe {
+                // SAFETY: as above; y is one activation block.
+                let s1 = unsafe {
+                    let sumi = lanes::<T>(&v, &sc, blk, y);
                     hsum_i32(
                         _mm256_castsi256_si128(sumi),
                         _mm256_extracti128_si256::<1>(sumi),
                     )
                 };
                 if T == 2 {
-                    let off: i32 = blk[192..208]
-                        .iter()
-                        .zip(&y.bsums)
-                        .map(|(s, b)| i32::from(*s as i8) * i32::from(*b))
-                        .sum();
-                    s1 = s1.wrapping_sub(off.wrapping_mul(32));
                     out[j] = (w.d[i] * s1 as f32).mul_add(y.d, out[j]);
                 } else {
                     let s2: i32 = (0..8)
