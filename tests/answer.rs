@@ -18,16 +18,21 @@ use corral::server::{app, State};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use common::{fake, openai_answer, Fake};
+use common::{fake, fake_stream, openai_answer, openai_chunk, openai_stream_end, Fake};
 
 /// A configuration file's text with the loopback provider as the fallback chain (when `chain`)
 /// and a confidence threshold of 0.5.
 fn config(remote: Option<&Fake>, extra: &str) -> (tempfile::TempDir, Config) {
-    let chain = match remote {
-        Some(f) => format!(
+    config_at(remote.map(|f| f.url.as_str()), extra)
+}
+
+/// `config` with the provider at `url`.
+fn config_at(url: Option<&str>, extra: &str) -> (tempfile::TempDir, Config) {
+    let chain = match url {
+        Some(url) => format!(
             "[providers.remote]\nkind = \"openai\"\nbase_url = \"{}/v1\"\nmodel = \"remote-large\"\nmax_retries = 0\n\
              [routing.llm_fallback]\nproviders = [\"remote\"]\n",
-            f.url
+            url
         ),
         None => String::new(),
     };
@@ -1058,5 +1063,150 @@ fn a_request_timeout_is_audited() {
         audit_entries(&audit_dir),
         1,
         "the timed-out request has its entry"
+    );
+}
+
+/// A streamed chat request through the app: the response's headers and its body's pieces, each
+/// with when it arrived; `stop_after`: drop the response once a piece contains this text. Then
+/// `after` runs with the app's tasks still going (a runtime gone would end them).
+fn stream_pieces<T>(
+    st: &Arc<State>,
+    body: &Value,
+    stop_after: Option<&str>,
+    after: impl FnOnce() -> T,
+) -> (axum::http::HeaderMap, Vec<(std::time::Duration, String)>, T) {
+    use tokio_stream::StreamExt;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (headers, pieces) = rt.block_on(async {
+        let t0 = std::time::Instant::now();
+        let r = HttpRequest::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = app(st.clone()).oneshot(r).await.unwrap();
+        let headers = resp.headers().clone();
+        let mut data = resp.into_body().into_data_stream();
+        let mut pieces = Vec::new();
+        while let Some(b) = data.next().await {
+            let text = String::from_utf8(b.unwrap().to_vec()).unwrap();
+            let stop = stop_after.is_some_and(|s| text.contains(s));
+            pieces.push((t0.elapsed(), text));
+            if stop {
+                break;
+            }
+        }
+        (headers, pieces)
+    });
+    let out = after();
+    drop(rt);
+    (headers, pieces, out)
+}
+
+fn streamed_request() -> Value {
+    json!({"model": "auto", "stream": true, "stream_options": {"include_usage": true},
+           "messages": [{"role": "user", "content": "What colour is the sea?"}]})
+}
+
+#[test]
+fn an_escalated_stream_relays_the_remote_answer_as_it_arrives() {
+    let ms = std::time::Duration::from_millis;
+    let remote = fake_stream(vec![
+        (ms(0), openai_chunk("Remote")),
+        (ms(800), openai_chunk(" says teal")),
+        (ms(0), openai_stream_end()),
+    ]);
+    let (_d, cfg) = config_at(Some(&remote.url), "");
+    let local = Arc::new(ScriptedModel::new(vec![unsure()]));
+    let st = State::with_local(cfg, Sources::default(), local.clone()).unwrap();
+    let (h, pieces, ()) = stream_pieces(&st, &streamed_request(), None, || ());
+    assert_eq!(h["x-corral-route"], "llm");
+    assert_eq!(h["x-corral-escalated"], "true");
+    assert!(h["x-corral-escalation-reason"]
+        .to_str()
+        .unwrap()
+        .contains("confidence"));
+    // The remote answer's first words reached the client before the provider sent the rest.
+    let first = pieces.iter().find(|(_, t)| t.contains("Remote")).unwrap();
+    let rest = pieces
+        .iter()
+        .find(|(_, t)| t.contains("says teal"))
+        .unwrap();
+    assert!(first.0 < ms(600), "{pieces:?}");
+    assert!(rest.0 >= ms(750), "{pieces:?}");
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    let chunks = sse_chunks(&text);
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "Remote says teal");
+    assert!(!text.contains("mauve"), "{text}");
+    let last = chunks
+        .iter()
+        .find(|c| !c["corral"].is_null())
+        .expect("a chunk with the corral facts");
+    assert_eq!(last["corral"]["escalated"], true);
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    let usage = chunks.iter().find(|c| c["usage"].is_object()).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 4);
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    let sent: Value = serde_json::from_str(&remote.seen.lock().unwrap()[0]).unwrap();
+    assert_eq!(sent["stream"], true);
+    // Its tokens are counted (and charged) from the provider's usage.
+    let m = st.metrics.render();
+    assert!(
+        m.contains(
+            "corral_tokens_total{model=\"remote-large\",route=\"llm\",kind=\"completion\"} 4"
+        ),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_client_leaving_a_remote_stream_closes_the_providers_connection() {
+    let ms = std::time::Duration::from_millis;
+    let mut parts = vec![(ms(0), openai_chunk("Remote"))];
+    parts.extend((0..100).map(|_| (ms(30), openai_chunk(" more"))));
+    parts.push((ms(0), openai_stream_end()));
+    let remote = fake_stream(parts);
+    let (_d, cfg) = config_at(Some(&remote.url), "");
+    let local = Arc::new(ScriptedModel::new(vec![]));
+    let st = State::with_local(cfg, Sources::default(), local.clone()).unwrap();
+    let mut body = streamed_request();
+    body["model"] = json!("remote/remote-large");
+    let wait = |done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while !done() && std::time::Instant::now() < deadline {
+            std::thread::sleep(ms(10));
+        }
+    };
+    let (h, pieces, counted) = stream_pieces(&st, &body, Some("Remote"), || {
+        // The provider's writes start failing soon after: its connection was closed.
+        wait(&|| !remote.broken.lock().unwrap().is_empty());
+        let counted = || {
+            st.metrics
+                .render()
+                .lines()
+                .find(|l| l.starts_with("corral_requests_total{"))
+                .map(str::to_string)
+        };
+        wait(&|| counted().is_some());
+        counted()
+    });
+    assert_eq!(h["x-corral-route"], "llm");
+    assert_eq!(h["x-corral-escalated"], "false");
+    assert!(pieces.last().unwrap().0 < ms(1000), "{pieces:?}");
+    let broken = remote.broken.lock().unwrap().clone();
+    assert!(broken.first().is_some_and(|i| *i < 40), "{broken:?}");
+    assert_eq!(local.submitted(), 0);
+    // Counted once, as the client's leaving, on the remote route.
+    let counted = counted.expect("the request is counted");
+    assert!(
+        counted.contains("outcome=\"client_gone\"") && counted.contains("route=\"llm\""),
+        "{counted}"
     );
 }

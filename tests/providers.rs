@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use corral::providers::{
-    BreakerState, Chain, ChatRequest, Message, Provider, ProviderConfig, ProviderError,
+    BreakerState, Chain, ChatRequest, Delta, Message, Provider, ProviderConfig, ProviderError,
     ProviderKind,
 };
 use serde_json::{json, Value};
@@ -28,6 +28,9 @@ struct Reply {
     body: String,
     /// How long the server waits before answering.
     delay: Duration,
+    /// A streamed body instead: each part written after its wait, the connection closed after
+    /// the last (no content-length).
+    events: Option<Vec<(Duration, String)>>,
 }
 
 impl Reply {
@@ -37,6 +40,18 @@ impl Reply {
             headers: vec![("content-type".into(), "application/json".into())],
             body: body.to_string(),
             delay: Duration::ZERO,
+            events: None,
+        }
+    }
+
+    /// A `text/event-stream` answer of these parts, each written after its wait.
+    fn sse(events: Vec<(Duration, String)>) -> Reply {
+        Reply {
+            status: 200,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            body: String::new(),
+            delay: Duration::ZERO,
+            events: Some(events),
         }
     }
 
@@ -77,6 +92,8 @@ struct Server {
     /// `http://127.0.0.1:PORT`
     url: String,
     requests: Arc<Mutex<Vec<Recorded>>>,
+    /// Streamed answers the client closed: the index of the part whose write failed, and when.
+    broken: Arc<Mutex<Vec<(usize, Instant)>>>,
 }
 
 impl Server {
@@ -89,15 +106,22 @@ impl Server {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
         let recorded = Arc::clone(&requests);
+        let broken = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::clone(&broken);
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let recorded = Arc::clone(&recorded);
                 let script = Arc::clone(&script);
-                thread::spawn(move || serve_one(stream, &recorded, &script));
+                let closed = Arc::clone(&closed);
+                thread::spawn(move || serve_one(stream, &recorded, &script, &closed));
             }
         });
-        Server { url, requests }
+        Server {
+            url,
+            requests,
+            broken,
+        }
     }
 
     fn requests(&self) -> Vec<Recorded> {
@@ -119,7 +143,12 @@ impl Server {
     }
 }
 
-fn serve_one(stream: TcpStream, recorded: &Mutex<Vec<Recorded>>, script: &Mutex<VecDeque<Reply>>) {
+fn serve_one(
+    stream: TcpStream,
+    recorded: &Mutex<Vec<Recorded>>,
+    script: &Mutex<VecDeque<Reply>>,
+    broken: &Mutex<Vec<(usize, Instant)>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -164,13 +193,31 @@ fn serve_one(stream: TcpStream, recorded: &Mutex<Vec<Recorded>>, script: &Mutex<
     for (name, value) in &reply.headers {
         out.push_str(&format!("{name}: {value}\r\n"));
     }
+    let mut stream = stream;
+    if let Some(events) = reply.events {
+        out.push_str("connection: close\r\n\r\n");
+        if stream.write_all(out.as_bytes()).is_err() {
+            return;
+        }
+        for (i, (wait, part)) in events.iter().enumerate() {
+            thread::sleep(*wait);
+            if stream
+                .write_all(part.as_bytes())
+                .and_then(|()| stream.flush())
+                .is_err()
+            {
+                broken.lock().unwrap().push((i, Instant::now()));
+                return;
+            }
+        }
+        return;
+    }
     out.push_str(&format!(
         "content-length: {}\r\nconnection: close\r\n\r\n{}",
         reply.body.len(),
         reply.body
     ));
     // The client may have given up (timeout tests): a failed write is expected then.
-    let mut stream = stream;
     let _ = stream.write_all(out.as_bytes());
 }
 
@@ -416,6 +463,7 @@ fn a_success_status_with_garbage_is_an_unreadable_response() {
         headers: vec![("content-type".into(), "text/html".into())],
         body: "<html>login page</html>".into(),
         delay: Duration::ZERO,
+        events: None,
     }]);
     let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
 
@@ -1012,4 +1060,288 @@ fn an_open_provider_refuses_named_models_too() {
     let err = provider.complete(&named).unwrap_err();
     assert!(matches!(err, ProviderError::CircuitOpen { .. }), "{err:?}");
     assert_eq!(server.count(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streamed answers.
+
+/// An OpenAI chunk's `data:` event.
+fn chunk(v: Value) -> String {
+    format!("data: {v}\n\n")
+}
+
+fn text_chunk(text: &str) -> String {
+    chunk(
+        json!({"model": "gpt-stream", "choices": [{"index": 0, "delta": {"content": text},
+        "logprobs": {"content": [{"token": text, "logprob": -0.25, "top_logprobs": []}]}}]}),
+    )
+}
+
+/// The pieces `provider.stream` handed out, with when each arrived after `t0`.
+fn collect(
+    provider: &Provider,
+    req: &ChatRequest,
+    t0: Instant,
+) -> (
+    Result<corral::providers::ChatResponse, ProviderError>,
+    Vec<(Delta, Duration)>,
+) {
+    let mut got = Vec::new();
+    let r = provider.stream(req, &mut |d| {
+        got.push((d, t0.elapsed()));
+        true
+    });
+    (r, got)
+}
+
+#[test]
+fn an_openai_stream_is_handed_on_as_it_arrives_and_assembled() {
+    let server = Server::start(vec![Reply::sse(vec![
+        (Duration::ZERO, text_chunk("Hel")),
+        (Duration::from_millis(400), text_chunk("lo")),
+        (
+            Duration::ZERO,
+            chunk(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})),
+        ),
+        (
+            Duration::ZERO,
+            chunk(json!({"choices": [], "usage": {"prompt_tokens": 6, "completion_tokens": 2}})),
+        ),
+        (Duration::ZERO, "data: [DONE]\n\n".into()),
+    ])]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+    let mut req = ask("hi");
+    req.logprobs = true;
+    let t0 = Instant::now();
+    let (r, got) = collect(&provider, &req, t0);
+    let r = r.unwrap();
+    assert_eq!(r.text, "Hello");
+    assert_eq!(r.model, "gpt-stream");
+    assert_eq!(r.finish_reason, "stop");
+    assert_eq!((r.usage.prompt_tokens, r.usage.completion_tokens), (6, 2));
+    assert_eq!(r.token_logprobs, Some(vec![-0.25, -0.25]));
+    assert_eq!(
+        got[0].0,
+        Delta::Begin {
+            provider: "oa".into(),
+            model: "gpt-stream".into()
+        }
+    );
+    // The first piece went on before the provider sent the second.
+    let Delta::Text { text, logprobs } = &got[1].0 else {
+        panic!("{got:?}")
+    };
+    assert_eq!(text, "Hel");
+    assert_eq!(logprobs.as_ref().unwrap()[0]["logprob"], -0.25);
+    assert!(got[1].1 < Duration::from_millis(300), "{got:?}");
+    assert!(got[2].1 >= Duration::from_millis(350), "{got:?}");
+    let body = server.requests()[0].json();
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["stream_options"]["include_usage"], true);
+    assert_eq!(
+        server.requests()[0].header("accept"),
+        Some("text/event-stream")
+    );
+}
+
+#[test]
+fn an_anthropic_stream_gives_text_and_tool_calls_in_openais_shape() {
+    let ev = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
+    let z = Duration::ZERO;
+    let server = Server::start(vec![Reply::sse(vec![
+        (
+            z,
+            ev(
+                "message_start",
+                json!({"type": "message_start", "message": {"model": "claude-s", "usage": {"input_tokens": 11, "output_tokens": 1}}}),
+            ),
+        ),
+        (
+            z,
+            ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ),
+        ),
+        (z, ev("ping", json!({"type": "ping"}))),
+        (
+            z,
+            ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me look."}}),
+            ),
+        ),
+        (
+            z,
+            ev(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            ),
+        ),
+        (
+            z,
+            ev(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_9", "name": "weather", "input": {}}}),
+            ),
+        ),
+        (
+            z,
+            ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\":"}}),
+            ),
+        ),
+        (
+            z,
+            ev(
+                "content_block_delta",
+                json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": " \"Oslo\"}"}}),
+            ),
+        ),
+        (
+            z,
+            ev(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 1}),
+            ),
+        ),
+        (
+            z,
+            ev(
+                "message_delta",
+                json!({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 17}}),
+            ),
+        ),
+        (z, ev("message_stop", json!({"type": "message_stop"}))),
+    ])]);
+    let provider = Provider::new("claude", config(ProviderKind::Anthropic, &server));
+    let mut req = ask("weather in Oslo?");
+    req.tools = Some(
+        json!([{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]),
+    );
+    let (r, got) = collect(&provider, &req, Instant::now());
+    let r = r.unwrap();
+    assert_eq!(r.text, "Let me look.");
+    assert_eq!(r.finish_reason, "tool_calls");
+    assert_eq!((r.usage.prompt_tokens, r.usage.completion_tokens), (11, 17));
+    let calls = r.tool_calls.unwrap();
+    assert_eq!(calls[0]["id"], "toolu_9");
+    assert_eq!(calls[0]["function"]["name"], "weather");
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Oslo"}));
+    // The call's pieces: its id and name first, then the arguments as they came.
+    let pieces: Vec<&Delta> = got
+        .iter()
+        .map(|(d, _)| d)
+        .filter(|d| matches!(d, Delta::ToolCall { .. }))
+        .collect();
+    assert_eq!(pieces.len(), 3, "{got:?}");
+    assert!(
+        matches!(pieces[0], Delta::ToolCall { index: 0, id: Some(_), name: Some(n), .. } if n == "weather")
+    );
+    let body = server.requests()[0].json();
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["tools"][0]["name"], "weather");
+}
+
+#[test]
+fn a_stream_that_fails_before_its_first_piece_is_retried_after_it_is_not() {
+    // A 503, then an error event before any content (both retried), then a stream.
+    let overloaded = "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n";
+    let server = Server::start(vec![
+        openai_error(503, "busy"),
+        Reply::sse(vec![(Duration::ZERO, overloaded.into())]),
+        Reply::sse(vec![
+            (Duration::ZERO, text_chunk("fine")),
+            (Duration::ZERO, "data: [DONE]\n\n".into()),
+        ]),
+    ]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+    let (r, _) = collect(&provider, &ask("hi"), Instant::now());
+    let r = r.unwrap();
+    assert_eq!((r.text.as_str(), r.attempts), ("fine", 3));
+
+    // Cut after its first piece: an interruption, not retried, and no later provider asked.
+    let cut = Server::start(vec![Reply::sse(vec![(Duration::ZERO, text_chunk("Hal"))])]);
+    let spare = Server::start(vec![openai_ok("spare")]);
+    let chain = Chain::new(vec![
+        Arc::new(Provider::new("cut", config(ProviderKind::Openai, &cut))),
+        Arc::new(Provider::new("spare", config(ProviderKind::Openai, &spare))),
+    ]);
+    let mut texts = String::new();
+    let err = chain
+        .stream(&ask("hi"), &mut |d| {
+            if let Delta::Text { text, .. } = d {
+                texts.push_str(&text);
+            }
+            true
+        })
+        .unwrap_err();
+    assert_eq!(texts, "Hal");
+    assert!(
+        matches!(&err.errors[..], [ProviderError::Interrupted { provider, .. }] if provider == "cut"),
+        "{err}"
+    );
+    assert_eq!(cut.count(), 1);
+    assert_eq!(spare.count(), 0);
+}
+
+#[test]
+fn a_caller_that_stops_reading_closes_the_providers_connection() {
+    let mut parts = vec![(Duration::ZERO, text_chunk("a"))];
+    parts.extend((0..200).map(|_| (Duration::from_millis(20), text_chunk("b"))));
+    let server = Server::start(vec![Reply::sse(parts)]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+    let mut n = 0;
+    let t0 = Instant::now();
+    let err = provider
+        .stream(&ask("hi"), &mut |d| {
+            n += usize::from(matches!(d, Delta::Text { .. }));
+            n < 3
+        })
+        .unwrap_err();
+    let stopped = t0.elapsed();
+    assert!(matches!(err, ProviderError::Cancelled { .. }), "{err}");
+    assert!(stopped < Duration::from_secs(1), "{stopped:?}");
+    // The provider's next writes fail: the connection is gone, well before its 200 parts.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while server.broken.lock().unwrap().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let broken = server.broken.lock().unwrap().clone();
+    assert!(
+        broken.first().is_some_and(|(i, _)| *i < 20),
+        "the provider kept writing: {broken:?}"
+    );
+    // A provider that stopped because its caller did is not counted as failing.
+    assert_eq!(provider.breaker_state(), BreakerState::Closed);
+}
+
+#[test]
+fn a_provider_that_answers_a_stream_request_whole_gives_one_piece() {
+    let server = Server::start(vec![openai_ok("all at once")]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+    let (r, got) = collect(&provider, &ask("hi"), Instant::now());
+    assert_eq!(r.unwrap().text, "all at once");
+    let texts: Vec<&Delta> = got.iter().map(|(d, _)| d).collect();
+    assert_eq!(texts.len(), 2, "{got:?}");
+    assert!(matches!(texts[1], Delta::Text { text, .. } if text == "all at once"));
+}
+
+#[test]
+fn a_stream_cut_before_its_end_is_an_error() {
+    // Headers and nothing else, twice (retried: nothing went out), then a finished stream.
+    let server = Server::start(vec![
+        Reply::sse(vec![]),
+        Reply::sse(vec![]),
+        Reply::sse(vec![]),
+    ]);
+    let provider = Provider::new("oa", config(ProviderKind::Openai, &server));
+    let (r, got) = collect(&provider, &ask("hi"), Instant::now());
+    let err = r.unwrap_err();
+    assert!(err.to_string().contains("ended before"), "{err}");
+    assert!(got.is_empty());
+    assert_eq!(server.count(), 3);
 }

@@ -186,7 +186,8 @@ impl Pipeline {
                 None,
             ),
             Selection::Llm { providers, model } => (
-                self.remote(providers, model.as_deref(), req, d, None).await,
+                self.remote(providers, model.as_deref(), req, d, None, updates, streamed)
+                    .await,
                 None,
             ),
             Selection::Slm { model, profile } => {
@@ -195,7 +196,10 @@ impl Pipeline {
         }
     }
 
-    /// Asks the chain `providers` (for `model`, when the caller named a remote one).
+    /// Asks the chain `providers` (for `model`, when the caller named a remote one). With
+    /// `updates` and a streaming request the answer goes out piece by piece as the provider
+    /// sends it (`streamed` is set once it starts).
+    #[allow(clippy::too_many_arguments)]
     async fn remote(
         &self,
         providers: &[String],
@@ -203,14 +207,22 @@ impl Pipeline {
         req: &Request,
         d: &RouteDecision,
         escalation: Option<Escalation>,
+        updates: Option<&mpsc::Sender<Update>>,
+        streamed: &mut bool,
     ) -> Result<Answer, Failure> {
         let mut ask = req.remote_request(&self.router, d.remote_prompt.is_some());
         ask.model = model.map(str::to_string);
-        let r = self
-            .remote
-            .complete(providers, ask)
-            .await
-            .map_err(|e| Failure::Remote(e.to_string()))?;
+        let r = match updates.filter(|_| req.stream) {
+            Some(live) => {
+                self.remote_live(providers, ask, live, d, escalation.as_ref(), streamed)
+                    .await?
+            }
+            None => self
+                .remote
+                .complete(providers, ask)
+                .await
+                .map_err(|e| Failure::Remote(e.to_string()))?,
+        };
         let method = self.router.method;
         Ok(Answer {
             confidence: r
@@ -241,6 +253,69 @@ impl Pipeline {
         })
     }
 
+    /// The chain's answer streamed to `live` as it arrives: the first piece starts the
+    /// stream; a closed `live` receiver closes the provider's connection. A failure once the
+    /// stream started is [`Failure::RemoteInterrupted`] (or [`Failure::ClientGone`]).
+    async fn remote_live(
+        &self,
+        providers: &[String],
+        ask: crate::providers::ChatRequest,
+        live: &mpsc::Sender<Update>,
+        d: &RouteDecision,
+        escalation: Option<&Escalation>,
+        streamed: &mut bool,
+    ) -> Result<crate::providers::ChatResponse, Failure> {
+        let (tx, mut pieces) = mpsc::channel(64);
+        let answer = self.remote.stream(providers, ask, tx);
+        tokio::pin!(answer);
+        // `gone`: the client went away; `open`: the chain may still send pieces.
+        let (mut gone, mut open) = (false, true);
+        let forward = |piece: crate::providers::Delta, started: &mut bool| {
+            let update = match piece {
+                crate::providers::Delta::Begin { provider, model } => {
+                    *started = true;
+                    Update::RemoteStreaming {
+                        provider,
+                        model,
+                        policies: d.policies_applied.clone(),
+                        escalation: escalation.cloned(),
+                    }
+                }
+                p => Update::Piece(p),
+            };
+            live.send(update)
+        };
+        let result = loop {
+            tokio::select! {
+                biased;
+                p = pieces.recv(), if open && !gone => match p {
+                    Some(p) => {
+                        if forward(p, streamed).await.is_err() {
+                            tracing::info!("client went away mid-stream");
+                            gone = true;
+                            // The provider's next piece finds the channel closed.
+                            pieces.close();
+                        }
+                    }
+                    None => open = false,
+                },
+                r = &mut answer => break r,
+            }
+        };
+        // Pieces sent before the answer ended.
+        while let (false, Ok(p)) = (gone, pieces.try_recv()) {
+            gone = forward(p, streamed).await.is_err();
+        }
+        match result {
+            // Ended or not, an answer whose client left mid-stream reached nobody.
+            _ if gone => Err(Failure::ClientGone),
+            Ok(r) => Ok(r),
+            Err(e) if !*streamed => Err(Failure::Remote(e.to_string())),
+            Err(_) if live.is_closed() => Err(Failure::ClientGone),
+            Err(e) => Err(Failure::RemoteInterrupted(e.to_string())),
+        }
+    }
+
     async fn local(
         &self,
         d: &RouteDecision,
@@ -257,7 +332,14 @@ impl Pipeline {
             if d.fallback_available {
                 let run = SlmRun::failed(model, profile, &error, Duration::ZERO);
                 return self
-                    .escalate(req, d, Escalation::Unenforceable { error }, run)
+                    .escalate(
+                        req,
+                        d,
+                        Escalation::Unenforceable { error },
+                        run,
+                        updates,
+                        streamed,
+                    )
                     .await;
             }
             return (Err(Failure::Unsupported(error)), None);
@@ -317,7 +399,7 @@ impl Pipeline {
                         FailKind::TooLong if d.fallback_available && rt.on_slm_failure => {
                             let run = SlmRun::failed(model, profile, &error, start.elapsed());
                             let why = Escalation::ContextLength { error };
-                            return self.escalate(req, d, why, run).await;
+                            return self.escalate(req, d, why, run, updates, streamed).await;
                         }
                         FailKind::TooLong => return (Err(Failure::Refused(error)), None),
                         FailKind::Runner | FailKind::ShuttingDown => {}
@@ -347,7 +429,7 @@ impl Pipeline {
             let run = SlmRun::failed(model, profile, &error, time);
             if d.fallback_available && rt.on_slm_failure {
                 let why = Escalation::SlmFailed { error };
-                return self.escalate(req, d, why, run).await;
+                return self.escalate(req, d, why, run, updates, streamed).await;
             }
             let f = if unavailable {
                 Failure::Unavailable {
@@ -413,7 +495,7 @@ impl Pipeline {
                 None
             };
             if let Some(why) = why {
-                return self.escalate(req, d, why, run).await;
+                return self.escalate(req, d, why, run, updates, streamed).await;
             }
         }
         let (text, mut finish, prompt_tokens, completion_tokens) = match run.done.as_deref() {
@@ -461,9 +543,19 @@ impl Pipeline {
         d: &RouteDecision,
         why: Escalation,
         run: SlmRun,
+        updates: Option<&mpsc::Sender<Update>>,
+        streamed: &mut bool,
     ) -> (Result<Answer, Failure>, Option<SlmRun>) {
         match self
-            .remote(&self.router.fallback, None, req, d, Some(why))
+            .remote(
+                &self.router.fallback,
+                None,
+                req,
+                d,
+                Some(why),
+                updates,
+                streamed,
+            )
             .await
         {
             Ok(mut a) => {

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use super::{LocalModel, RemoteChain, RemoteFuture, SubmitError};
 use crate::pool::{Event, FailKind};
-use crate::providers::{ChainError, ChatRequest, ChatResponse, ProviderError, Usage};
+use crate::providers::{ChainError, ChatRequest, ChatResponse, Delta, ProviderError, Usage};
 
 /// What the scripted local model does with one job.
 #[derive(Debug, Clone)]
@@ -226,6 +226,37 @@ impl ScriptedChain {
 }
 
 impl RemoteChain for ScriptedChain {
+    /// The scripted answer, its words sent as pieces first.
+    fn stream(
+        &self,
+        providers: &[String],
+        req: ChatRequest,
+        pieces: mpsc::Sender<Delta>,
+    ) -> RemoteFuture {
+        let answer = self.complete(providers, req);
+        Box::pin(async move {
+            let r = answer.await?;
+            let begin = Delta::Begin {
+                provider: r.provider.clone(),
+                model: r.model.clone(),
+            };
+            let words = r.text.split_inclusive(' ').map(|w| Delta::Text {
+                text: w.to_string(),
+                logprobs: None,
+            });
+            for p in std::iter::once(begin).chain(words) {
+                if pieces.send(p).await.is_err() {
+                    return Err(ChainError {
+                        errors: vec![ProviderError::Cancelled {
+                            provider: r.provider,
+                        }],
+                    });
+                }
+            }
+            Ok(r)
+        })
+    }
+
     fn complete(&self, providers: &[String], req: ChatRequest) -> RemoteFuture {
         lock(&self.calls).push((providers.to_vec(), req));
         let next = {

@@ -445,6 +445,41 @@ fn an_answer_that_may_be_replaced_is_held_one_that_may_not_streams() {
 }
 
 #[test]
+fn an_escalated_stream_goes_out_as_the_remote_answer_arrives() {
+    let mut r = req("Name a colour.");
+    r.stream = true;
+    let c = case(FALLBACK, vec![unsure()]);
+    let (o, ups) = streamed(&c, &r, false);
+    assert!(o.streamed);
+    let a = o.result.unwrap();
+    assert!(matches!(
+        a.escalation,
+        Some(Escalation::LowConfidence { .. })
+    ));
+    // Announced with who answers and why, then the remote pieces; none of the SLM's tokens.
+    assert!(
+        matches!(&ups[0], Update::RemoteStreaming { model, escalation: Some(_), .. } if model == "remote-large"),
+        "{ups:?}"
+    );
+    assert!(!ups.iter().any(|u| matches!(u, Update::Token(_))));
+    let text: String = ups
+        .iter()
+        .filter_map(|u| match u {
+            Update::Piece(crate::providers::Delta::Text { text, .. }) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, a.text);
+    assert_eq!(text, "Remote says teal");
+
+    // A client gone from the remote stream ends it as such.
+    let c = case(FALLBACK, vec![unsure()]);
+    let (o, _) = streamed(&c, &r, true);
+    assert_eq!(o.result.unwrap_err(), Failure::ClientGone);
+    assert!(o.slm.is_some(), "what the SLM did is kept");
+}
+
+#[test]
 fn a_stream_ends_with_its_failure_and_a_gone_client_cancels_it() {
     let mut r = req("Name a colour.");
     r.stream = true;

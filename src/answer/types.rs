@@ -411,6 +411,15 @@ pub type RemoteFuture = Pin<Box<dyn Future<Output = Result<ChatResponse, ChainEr
 /// The remote providers: `providers` is the chain to try in order (configured names).
 pub trait RemoteChain: Send + Sync + std::fmt::Debug {
     fn complete(&self, providers: &[String], req: ChatRequest) -> RemoteFuture;
+    /// As `complete`, sending the answer's pieces to `pieces` as they arrive (first a
+    /// [`Delta::Begin`](crate::providers::Delta::Begin)). A closed `pieces` receiver, or the
+    /// future dropped, ends the provider's answer and closes its connection.
+    fn stream(
+        &self,
+        providers: &[String],
+        req: ChatRequest,
+        pieces: tokio::sync::mpsc::Sender<crate::providers::Delta>,
+    ) -> RemoteFuture;
 }
 
 /// What goes out while an SLM answer streams live.
@@ -424,6 +433,16 @@ pub enum Update {
         policies: Vec<String>,
     },
     Token(TokenInfo),
+    /// A remote answer starts streaming: from here on it is final. `escalation`: why it
+    /// replaced the local model's, when it did.
+    RemoteStreaming {
+        provider: String,
+        model: String,
+        policies: Vec<String>,
+        escalation: Option<Escalation>,
+    },
+    /// A piece of the remote answer, as the provider sent it.
+    Piece(crate::providers::Delta),
 }
 
 /// Where an answer came from.
@@ -634,6 +653,9 @@ pub enum Failure {
     /// The local model failed after the answer had started streaming.
     #[error("the local model failed after the answer started streaming: {0}")]
     Interrupted(String),
+    /// The remote provider failed after its answer had started streaming.
+    #[error("the remote provider failed after the answer started streaming: {0}")]
+    RemoteInterrupted(String),
     /// The caller went away while its answer streamed; the generation was cancelled.
     #[error("the client went away mid-stream; the generation was cancelled")]
     ClientGone,
@@ -658,7 +680,7 @@ impl Failure {
             Failure::Local { .. } => "slm_failed",
             Failure::ShuttingDown => "shutting_down",
             Failure::Remote(_) => "providers_failed",
-            Failure::Interrupted(_) => "stream_error",
+            Failure::Interrupted(_) | Failure::RemoteInterrupted(_) => "stream_error",
             Failure::ClientGone => "client_gone",
             Failure::TimedOut(_) => "request_timeout",
         }
@@ -686,6 +708,8 @@ impl Outcome {
     pub fn route_label(&self) -> &'static str {
         match (&self.result, self.decision.as_ref().map(|d| &d.selection)) {
             (Ok(a), _) => a.source.label(),
+            (Err(Failure::RemoteInterrupted(_)), _) => "llm",
+            (Err(Failure::ClientGone), Some(crate::routing::Selection::Llm { .. })) => "llm",
             (Err(Failure::Interrupted(_) | Failure::ClientGone), _) => "slm",
             _ => "none",
         }

@@ -295,11 +295,14 @@ pub fn run_with(
                 // Tokens of an answer nothing can replace any more, as they come.
                 let mut streamed = String::new();
                 while let Some(u) = updates.recv().await {
-                    if let Update::Token(t) = u {
-                        streamed.push_str(&t.text);
-                        let _ = out.write_all(terminal_safe(&t.text).as_bytes());
-                        let _ = out.flush();
-                    }
+                    let text = match &u {
+                        Update::Token(t) => &t.text,
+                        Update::Piece(crate::providers::Delta::Text { text, .. }) => text,
+                        _ => continue,
+                    };
+                    streamed.push_str(text);
+                    let _ = out.write_all(terminal_safe(text).as_bytes());
+                    let _ = out.flush();
                 }
                 streamed
             };
@@ -342,7 +345,7 @@ pub fn run_with(
             Ok(0)
         }
         (Ok(a), Some(d)) => {
-            print_llm(out, args, &a, &d, t0);
+            print_llm(out, args, &a, &d, live.then_some(streamed.as_str()), t0);
             Ok(0)
         }
         (Err(Failure::Denied { reason }), Some(d)) => {
@@ -448,8 +451,16 @@ fn print_calls(out: &mut dyn Write, a: &Answer) {
     }
 }
 
-/// Prints a remote answer, and why it replaced the SLM's when it did.
-fn print_llm(out: &mut dyn Write, args: &RunArgs, a: &Answer, d: &RouteDecision, t0: Instant) {
+/// Prints a remote answer: the rest of a streamed one (`streamed`: what went out as it
+/// arrived), or all of it, and a summary line; or `--json`.
+fn print_llm(
+    out: &mut dyn Write,
+    args: &RunArgs,
+    a: &Answer,
+    d: &RouteDecision,
+    streamed: Option<&str>,
+    t0: Instant,
+) {
     let reason = a.escalation.as_ref().map(|e| e.reason());
     let (latency_ms, attempts) = a
         .llm
@@ -476,8 +487,12 @@ fn print_llm(out: &mut dyn Write, args: &RunArgs, a: &Answer, d: &RouteDecision,
             })
         );
     } else {
-        if !a.text.is_empty() || a.tool_calls.is_none() {
-            let _ = writeln!(out, "{}", terminal_safe(&a.text));
+        let shown = match streamed {
+            Some(s) => a.text.get(s.len()..).unwrap_or_default(),
+            None => &a.text,
+        };
+        if !shown.is_empty() || a.tool_calls.is_none() {
+            let _ = writeln!(out, "{}", terminal_safe(shown));
         }
         print_calls(out, a);
         eprintln!(

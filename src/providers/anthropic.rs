@@ -52,6 +52,8 @@ struct Body<'a> {
     tools: Option<Vec<Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_choice: Option<Value>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
 }
 
 /// The tool a `response_format` is answered through: its input is the JSON answer.
@@ -168,7 +170,17 @@ struct Metadata<'a> {
 
 /// The request body: system messages, wherever they are, joined by a blank line into `system`;
 /// the others in order. `logprobs` is ignored (Anthropic has none).
+#[cfg(test)]
 pub(super) fn body(cfg: &ProviderConfig, req: &ChatRequest) -> serde_json::Result<String> {
+    body_for(cfg, req, false)
+}
+
+/// The request body; `stream`: ask for the event stream.
+pub(super) fn body_for(
+    cfg: &ProviderConfig,
+    req: &ChatRequest,
+    stream: bool,
+) -> serde_json::Result<String> {
     use serde::ser::Error;
     let (system, rest): (Vec<&Message>, Vec<&Message>) =
         req.messages.iter().partition(|m| m.role == "system");
@@ -215,6 +227,7 @@ pub(super) fn body(cfg: &ProviderConfig, req: &ChatRequest) -> serde_json::Resul
         metadata: req.user.as_deref().map(|user_id| Metadata { user_id }),
         tools: tool_list,
         tool_choice: choice,
+        stream,
     })
 }
 
@@ -297,7 +310,7 @@ pub(super) fn parse(body: &[u8], json: bool) -> Result<Completion, String> {
     })
 }
 
-fn stop_reason(raw: Option<&str>) -> String {
+pub(super) fn stop_reason(raw: Option<&str>) -> String {
     match raw {
         Some("end_turn" | "stop_sequence") => "stop".into(),
         Some("max_tokens") => "length".into(),

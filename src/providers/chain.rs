@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{ChatRequest, ChatResponse, Provider, ProviderError};
+use super::{ChatRequest, ChatResponse, Provider, ProviderError, Sink};
 
 /// Providers tried in order until one answers.
 #[derive(Debug, Clone)]
@@ -40,6 +40,20 @@ impl Chain {
     /// caller's included (a 400 from one provider may be another's success), moves on to the
     /// next provider.
     pub fn complete(&self, req: &ChatRequest) -> Result<ChatResponse, ChainError> {
+        self.run(req, None)
+    }
+
+    /// As [`Chain::complete`], streaming the answer into `sink` ([`Provider::stream`]). Once a
+    /// provider's answer has begun, its failure ends the chain: no later provider is asked.
+    pub fn stream(&self, req: &ChatRequest, sink: Sink<'_>) -> Result<ChatResponse, ChainError> {
+        self.run(req, Some(sink))
+    }
+
+    fn run(
+        &self,
+        req: &ChatRequest,
+        mut sink: Option<Sink<'_>>,
+    ) -> Result<ChatResponse, ChainError> {
         let mut errors = Vec::new();
         for provider in &self.providers {
             if req.cancelled() {
@@ -49,7 +63,11 @@ impl Chain {
                 });
                 break;
             }
-            match provider.complete(req) {
+            let answer = match sink.as_mut() {
+                None => provider.complete(req),
+                Some(sink) => provider.stream(req, &mut **sink),
+            };
+            match answer {
                 Ok(response) => {
                     if !errors.is_empty() {
                         tracing::info!(
@@ -60,7 +78,16 @@ impl Chain {
                     }
                     return Ok(response);
                 }
-                Err(e) => errors.push(e),
+                Err(e) => {
+                    let begun = matches!(
+                        e,
+                        ProviderError::Interrupted { .. } | ProviderError::Cancelled { .. }
+                    );
+                    errors.push(e);
+                    if begun {
+                        break;
+                    }
+                }
             }
         }
         Err(ChainError { errors })

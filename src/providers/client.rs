@@ -1,18 +1,26 @@
 //! [`Provider`]: one configured remote provider and its request loop.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::backoff::{self, Jitter};
 use super::breaker::{Admission, Breaker, BreakerState, Transition};
+use super::stream::{Assembly, EventError, Sse};
 use super::{
-    anthropic, error_message, openai, ChatRequest, ChatResponse, Completion, ProviderConfig,
+    anthropic, error_message, openai, ChatRequest, ChatResponse, Completion, Delta, ProviderConfig,
     ProviderError, ProviderKind, Result,
 };
 
 /// Largest response body read, in bytes.
 const MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+/// Largest streamed answer read, in bytes, and its longest line.
+const MAX_STREAM_BYTES: u64 = 64 * 1024 * 1024;
+const MAX_LINE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Where a streamed answer's pieces go; `false` back means nobody wants more (the connection is
+/// closed and the answer ends as [`ProviderError::Cancelled`]).
+pub type Sink<'a> = &'a mut dyn FnMut(Delta) -> bool;
 
 /// One remote provider: its configuration, an HTTP agent (connections are reused), and its
 /// circuit breaker. Shared between threads behind an `Arc`.
@@ -21,6 +29,8 @@ pub struct Provider {
     name: String,
     config: ProviderConfig,
     agent: ureq::Agent,
+    /// For streamed answers: `timeout_ms` bounds each wait for the next bytes, not the whole.
+    stream_agent: ureq::Agent,
     breaker: Mutex<Breaker>,
     /// One breaker per other model callers name (`PROVIDER/MODEL`): a caller asking for a
     /// failing model opens its circuit, not the one the fallback chain relies on.
@@ -59,7 +69,16 @@ impl Provider {
             .redirects(0)
             .user_agent(concat!("corral/", env!("CARGO_PKG_VERSION")))
             .build();
+        let wait = Duration::from_millis(cfg.timeout_ms);
+        let stream_agent = ureq::AgentBuilder::new()
+            .timeout_connect(wait)
+            .timeout_read(wait)
+            .timeout_write(wait)
+            .redirects(0)
+            .user_agent(concat!("corral/", env!("CARGO_PKG_VERSION")))
+            .build();
         Provider {
+            stream_agent,
             name: name.to_string(),
             breaker: Mutex::new(Breaker::new(
                 cfg.breaker_failures,
@@ -89,8 +108,22 @@ impl Provider {
     /// open; a half-open circuit's trial is a single attempt. The API key is read from the
     /// environment on every call, so a rotated key is picked up.
     pub fn complete(&self, req: &ChatRequest) -> Result<ChatResponse> {
+        self.run(req, None)
+    }
+
+    /// As [`Provider::complete`], asking for a streamed answer and handing its pieces to `sink`
+    /// as they arrive: first [`Delta::Begin`], then text and tool-call pieces. Retries and the
+    /// breaker apply until the first piece; a failure after it is
+    /// [`ProviderError::Interrupted`] (never retried: the caller has part of an answer). A
+    /// provider that answers with one JSON body instead is taken whole, as one piece.
+    /// `timeout_ms` bounds each wait for more bytes rather than the whole answer.
+    pub fn stream(&self, req: &ChatRequest, sink: Sink<'_>) -> Result<ChatResponse> {
+        self.run(req, Some(sink))
+    }
+
+    fn run(&self, req: &ChatRequest, mut sink: Option<Sink<'_>>) -> Result<ChatResponse> {
         let key = self.api_key()?;
-        let encoded = self.encode(req, key.as_deref())?;
+        let encoded = self.encode(req, key.as_deref(), sink.is_some())?;
         // The configured model's breaker, or the named model's own.
         let named = req.model.as_deref().filter(|m| *m != self.config.model);
         let admission = self.admit(named)?;
@@ -102,7 +135,11 @@ impl Provider {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match self.attempt(&encoded, req.logprobs) {
+            let result = match sink.as_mut() {
+                None => self.attempt(&encoded, req.logprobs),
+                Some(sink) => self.attempt_stream(&encoded, req, &mut **sink),
+            };
+            match result {
                 Ok(c) => {
                     self.settle(named, admission, true);
                     let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -184,16 +221,16 @@ impl Provider {
     }
 
     /// URL, JSON body and headers of `req` in this provider's wire format.
-    fn encode(&self, req: &ChatRequest, key: Option<&str>) -> Result<Encoded> {
+    fn encode(&self, req: &ChatRequest, key: Option<&str>, stream: bool) -> Result<Encoded> {
         let (url, body, headers) = match self.config.kind {
             ProviderKind::Openai => (
                 openai::endpoint(&self.config.base_url),
-                openai::body(&self.config, req),
+                openai::body_for(&self.config, req, stream),
                 openai::headers(key),
             ),
             ProviderKind::Anthropic => (
                 anthropic::endpoint(&self.config.base_url),
-                anthropic::body(&self.config, req),
+                anthropic::body_for(&self.config, req, stream),
                 anthropic::headers(key),
             ),
         };
@@ -309,11 +346,25 @@ impl Provider {
 
     /// One HTTP exchange.
     fn attempt(&self, encoded: &Encoded, want_logprobs: bool) -> Result<Completion, Failure> {
-        let mut request = self
-            .agent
+        let response = self.send(&self.agent, encoded, "application/json")?;
+        let bytes = self.read_body(response).map_err(|error| Failure {
+            error,
+            retry_after: None,
+        })?;
+        self.parse_whole(&bytes, encoded, want_logprobs)
+    }
+
+    /// Sends the request; a success status's response, its body unread.
+    fn send(
+        &self,
+        agent: &ureq::Agent,
+        encoded: &Encoded,
+        accept: &str,
+    ) -> Result<ureq::Response, Failure> {
+        let mut request = agent
             .post(&encoded.url)
             .set("content-type", "application/json")
-            .set("accept", "application/json");
+            .set("accept", accept);
         for (name, value) in &encoded.headers {
             request = request.set(name, value);
         }
@@ -340,24 +391,181 @@ impl Provider {
                 retry_after: None,
             });
         }
-        let bytes = self.read_body(response).map_err(|error| Failure {
-            error,
-            retry_after: None,
-        })?;
+        Ok(response)
+    }
+
+    /// A whole answer's body, parsed in this provider's format.
+    fn parse_whole(
+        &self,
+        bytes: &[u8],
+        encoded: &Encoded,
+        want_logprobs: bool,
+    ) -> Result<Completion, Failure> {
         let parsed = match self.config.kind {
-            ProviderKind::Openai => openai::parse(&bytes, want_logprobs),
-            ProviderKind::Anthropic => anthropic::parse(&bytes, encoded.json),
+            ProviderKind::Openai => openai::parse(bytes, want_logprobs),
+            ProviderKind::Anthropic => anthropic::parse(bytes, encoded.json),
         };
         parsed.map_err(|message| Failure {
             error: ProviderError::BadResponse {
                 provider: self.name.clone(),
                 message: format!(
                     "{message}; body starts with: {}",
-                    super::truncate_chars(&String::from_utf8_lossy(&bytes), 200)
+                    super::truncate_chars(&String::from_utf8_lossy(bytes), 200)
                 ),
             },
             retry_after: None,
         })
+    }
+
+    /// One HTTP exchange of a streamed answer: its pieces go to `sink` as they are read. A
+    /// failure once a piece went out is [`ProviderError::Interrupted`]; `sink` refusing a piece,
+    /// or the caller's cancel flag, ends it as [`ProviderError::Cancelled`] and drops the
+    /// connection (the provider sees it closed and stops generating).
+    fn attempt_stream(
+        &self,
+        encoded: &Encoded,
+        req: &ChatRequest,
+        sink: Sink<'_>,
+    ) -> Result<Completion, Failure> {
+        let response = self.send(&self.stream_agent, encoded, "text/event-stream")?;
+        let failure = |error| Failure {
+            error,
+            retry_after: None,
+        };
+        let mut begun = false;
+        if !response
+            .content_type()
+            .eq_ignore_ascii_case("text/event-stream")
+        {
+            // A server that does not stream answered whole: passed on as one piece.
+            let bytes = self.read_body(response).map_err(failure)?;
+            let c = self.parse_whole(&bytes, encoded, req.logprobs)?;
+            for p in Assembly::pieces_of(&c) {
+                if !self.pass(p, &mut begun, c.model.as_deref(), req, sink) {
+                    return Err(failure(self.cancelled()));
+                }
+            }
+            return Ok(c);
+        }
+        let mut reader = BufReader::new(response.into_reader().take(MAX_STREAM_BYTES));
+        let mut asm = Assembly::default();
+        let mut sse = Sse::default();
+        let mut line = Vec::new();
+        let mut eof = false;
+        while !asm.done && !eof {
+            if req.cancelled() {
+                return Err(failure(self.cancelled()));
+            }
+            line.clear();
+            let read = (&mut reader)
+                .take(MAX_LINE_BYTES)
+                .read_until(b'\n', &mut line);
+            let error = match read {
+                Ok(0) => {
+                    eof = true;
+                    None
+                }
+                Ok(n) if n as u64 >= MAX_LINE_BYTES && !line.ends_with(b"\n") => {
+                    Some(ProviderError::BadResponse {
+                        provider: self.name.clone(),
+                        message: format!("a stream line longer than {MAX_LINE_BYTES} bytes"),
+                    })
+                }
+                Ok(_) => None,
+                Err(e) => Some(self.transport_error(&e, format!("reading the stream: {e}"))),
+            };
+            if let Some(e) = error {
+                return Err(failure(self.broken(e, begun)));
+            }
+            // The last event needs no blank line after it.
+            let text = if eof {
+                std::borrow::Cow::Borrowed("")
+            } else {
+                String::from_utf8_lossy(&line)
+            };
+            let Some((event, data)) = sse.line(&text) else {
+                continue;
+            };
+            let pieces = match self.config.kind {
+                ProviderKind::Openai => asm.openai(&data, req.logprobs),
+                ProviderKind::Anthropic => asm.anthropic(&event, &data, encoded.json),
+            };
+            let pieces = pieces.map_err(|e| {
+                let error = match e {
+                    EventError::Provider(e) => ProviderError::Status {
+                        provider: self.name.clone(),
+                        status: e.status,
+                        message: e.message,
+                    },
+                    EventError::Unreadable(m) => ProviderError::BadResponse {
+                        provider: self.name.clone(),
+                        message: format!(
+                            "{m}; event data starts with: {}",
+                            super::truncate_chars(&data, 200)
+                        ),
+                    },
+                };
+                failure(self.broken(error, begun))
+            })?;
+            for p in pieces {
+                if !self.pass(p, &mut begun, asm.model(), req, sink) {
+                    return Err(failure(self.cancelled()));
+                }
+            }
+        }
+        if !asm.done && !asm.finished() {
+            let e = ProviderError::Transport {
+                provider: self.name.clone(),
+                message: "the stream ended before the answer did".into(),
+            };
+            return Err(failure(self.broken(e, begun)));
+        }
+        Ok(asm.completion())
+    }
+
+    /// Hands `piece` to `sink`, after [`Delta::Begin`] when it is the first (`model`: the one
+    /// the stream named, if it did). `false` when the sink wants no more.
+    fn pass(
+        &self,
+        piece: Delta,
+        begun: &mut bool,
+        model: Option<&str>,
+        req: &ChatRequest,
+        sink: Sink<'_>,
+    ) -> bool {
+        if !*begun {
+            *begun = true;
+            let model = model
+                .or(req.model.as_deref())
+                .unwrap_or(&self.config.model)
+                .to_string();
+            let begin = Delta::Begin {
+                provider: self.name.clone(),
+                model,
+            };
+            if !sink(begin) {
+                return false;
+            }
+        }
+        sink(piece)
+    }
+
+    fn cancelled(&self) -> ProviderError {
+        ProviderError::Cancelled {
+            provider: self.name.clone(),
+        }
+    }
+
+    /// `e` as it ends a stream: as is before anything went out (retried when it may be),
+    /// else [`ProviderError::Interrupted`].
+    fn broken(&self, e: ProviderError, begun: bool) -> ProviderError {
+        if !begun {
+            return e;
+        }
+        ProviderError::Interrupted {
+            provider: self.name.clone(),
+            message: e.to_string(),
+        }
     }
 
     fn status_failure(&self, status: u16, response: ureq::Response) -> Failure {

@@ -22,11 +22,13 @@ mod chain;
 mod client;
 mod config;
 mod openai;
+mod stream;
 
 pub use breaker::BreakerState;
 pub use chain::{Chain, ChainError};
-pub use client::Provider;
+pub use client::{Provider, Sink};
 pub use config::{ProviderConfig, ProviderKind};
+pub use stream::Delta;
 
 use serde::{Deserialize, Serialize};
 
@@ -155,9 +157,13 @@ pub enum ProviderError {
     },
     #[error("provider {provider}: environment variable {env} (providers.{provider}.api_key_env) is not set")]
     MissingKey { provider: String, env: String },
-    /// The caller went away; nothing more was sent.
+    /// The caller went away; nothing more was sent (a stream being read was closed).
     #[error("provider {provider}: cancelled, the client went away")]
     Cancelled { provider: String },
+    /// A streamed answer failed after its first piece went out: never retried or passed to
+    /// another provider, since the caller already has part of an answer.
+    #[error("provider {provider}: the stream broke after it started: {message}")]
+    Interrupted { provider: String, message: String },
 }
 
 pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
@@ -172,7 +178,8 @@ impl ProviderError {
             ProviderError::BadResponse { .. }
             | ProviderError::CircuitOpen { .. }
             | ProviderError::MissingKey { .. }
-            | ProviderError::Cancelled { .. } => false,
+            | ProviderError::Cancelled { .. }
+            | ProviderError::Interrupted { .. } => false,
         }
     }
 
@@ -185,7 +192,8 @@ impl ProviderError {
             | ProviderError::BadResponse { provider, .. }
             | ProviderError::CircuitOpen { provider, .. }
             | ProviderError::MissingKey { provider, .. }
-            | ProviderError::Cancelled { provider } => provider,
+            | ProviderError::Cancelled { provider }
+            | ProviderError::Interrupted { provider, .. } => provider,
         }
     }
 
@@ -200,7 +208,11 @@ impl ProviderError {
     /// Whether this error is the provider's fault and so counts as a circuit-breaker failure.
     /// A 4xx other than 429 is the caller's (bad request, bad key): the provider is up.
     fn counts_against_provider(&self) -> bool {
-        self.retryable() || matches!(self, ProviderError::BadResponse { .. })
+        self.retryable()
+            || matches!(
+                self,
+                ProviderError::BadResponse { .. } | ProviderError::Interrupted { .. }
+            )
     }
 }
 

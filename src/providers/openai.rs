@@ -41,9 +41,24 @@ struct Body<'a> {
     parallel_tool_calls: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     response_format: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    /// A streamed answer's last chunk carries the usage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<serde_json::Value>,
 }
 
+#[cfg(test)]
 pub(super) fn body(cfg: &ProviderConfig, req: &ChatRequest) -> serde_json::Result<String> {
+    body_for(cfg, req, false)
+}
+
+/// The request body; `stream`: ask for server-sent events (with the usage at the end).
+pub(super) fn body_for(
+    cfg: &ProviderConfig,
+    req: &ChatRequest,
+    stream: bool,
+) -> serde_json::Result<String> {
     serde_json::to_string(&Body {
         model: req.model.as_deref().unwrap_or(&cfg.model),
         messages: &req.messages,
@@ -58,6 +73,8 @@ pub(super) fn body(cfg: &ProviderConfig, req: &ChatRequest) -> serde_json::Resul
         tool_choice: req.tool_choice.as_ref(),
         parallel_tool_calls: req.parallel_tool_calls,
         response_format: req.response_format.as_ref(),
+        stream,
+        stream_options: stream.then(|| serde_json::json!({"include_usage": true})),
     })
 }
 

@@ -318,6 +318,82 @@ pub fn fake(script: Vec<(u16, String)>) -> Fake {
     Fake { url, seen }
 }
 
+/// A loopback OpenAI-compatible provider that streams each answer as these parts (server-sent
+/// events), each written after its wait. Records each request's body, and the index of the
+/// part whose write failed when a client closed the connection early.
+pub struct FakeStream {
+    pub url: String,
+    pub seen: Arc<Mutex<Vec<String>>>,
+    pub broken: Arc<Mutex<Vec<usize>>>,
+}
+
+pub fn fake_stream(parts: Vec<(std::time::Duration, String)>) -> FakeStream {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let broken = Arc::new(Mutex::new(Vec::new()));
+    let (log, cut) = (seen.clone(), broken.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let (log, cut, parts) = (log.clone(), cut.clone(), parts.clone());
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut body = vec![0u8; len];
+                r.read_exact(&mut body).unwrap();
+                log.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
+                if s.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                for (i, (wait, part)) in parts.iter().enumerate() {
+                    std::thread::sleep(*wait);
+                    if s.write_all(part.as_bytes())
+                        .and_then(|()| s.flush())
+                        .is_err()
+                    {
+                        cut.lock().unwrap().push(i);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    FakeStream { url, seen, broken }
+}
+
+/// An OpenAI chunk carrying `text`, as a server-sent event.
+pub fn openai_chunk(text: &str) -> String {
+    let v = serde_json::json!({"model": "remote-large",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+    format!("data: {v}\n\n")
+}
+
+/// The closing events of an OpenAI stream: finish reason, usage, `[DONE]`.
+pub fn openai_stream_end() -> String {
+    let fin = serde_json::json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+    let usage =
+        serde_json::json!({"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 4}});
+    format!("data: {fin}\n\ndata: {usage}\n\ndata: [DONE]\n\n")
+}
+
 pub fn openai_answer(text: &str) -> String {
     serde_json::json!({
         "id": "x", "object": "chat.completion", "model": "remote-large",

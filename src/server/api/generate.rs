@@ -25,6 +25,7 @@ use super::shape::{self, Chunks};
 use super::{body_of, count, refused, request_id, with_id, Counted, St};
 use crate::answer::{Answer, Endpoint, Failure, Outcome, Request, Update};
 use crate::audit::Caller;
+use crate::providers::Delta;
 use crate::routing::{RouteDecision, TaskType};
 use crate::server::auth::{Identity, Slot};
 use crate::server::error::ApiError;
@@ -213,11 +214,31 @@ impl Drop for Abandoned {
 }
 
 enum Started {
+    /// A live stream began: the model streaming, and the response's `x-corral-*` headers.
     Stream {
         model: String,
-        policies: Vec<String>,
+        headers: Vec<(&'static str, String)>,
     },
     Finished(Option<Box<Outcome>>),
+}
+
+/// The `x-corral-*` headers of a stream that starts before its outcome is known.
+fn stream_headers(
+    route: &str,
+    model: &str,
+    escalation: Option<&crate::answer::Escalation>,
+    policies: &[String],
+) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        ("x-corral-route", route.to_string()),
+        ("x-corral-model", model.to_string()),
+        ("x-corral-escalated", escalation.is_some().to_string()),
+        ("x-corral-policies", policies.join(",")),
+    ];
+    if let Some(e) = escalation {
+        h.push(("x-corral-escalation-reason", e.kind().to_string()));
+    }
+    h
 }
 
 /// Runs the pipeline; `Err` only for the request timeout (504) before the response started.
@@ -257,7 +278,14 @@ async fn generate(
             // A stream that started is a stream, even when its outcome is ready too.
             biased;
             u = updates.recv() => match u {
-                Some(Update::Streaming { model, policies, .. }) => Started::Stream { model, policies },
+                Some(Update::Streaming { model, policies, .. }) => Started::Stream {
+                    headers: stream_headers("slm", &model, None, &policies),
+                    model,
+                },
+                Some(Update::RemoteStreaming { model, policies, escalation, .. }) => Started::Stream {
+                    headers: stream_headers("llm", &model, escalation.as_ref(), &policies),
+                    model,
+                },
                 // Tokens come only after `Streaming`; a closed channel means the pipeline ended.
                 _ => Started::Finished(running.outcome().await.map(Box::new)),
             },
@@ -293,8 +321,8 @@ async fn generate(
             Ok(respond(&state, &gen, *o, t0))
         }
         Started::Finished(None) => Err(ApiError::internal("the answer task failed")),
-        Started::Stream { model, policies } => Ok(stream_live(
-            state, gen, model, policies, updates, running, slot, t0,
+        Started::Stream { model, headers } => Ok(stream_live(
+            state, gen, model, headers, updates, running, slot, t0,
         )),
     }
 }
@@ -340,7 +368,12 @@ fn record(
     }
     let route = match (&result, streamed) {
         (Ok(a), _) => a.source.label(),
-        (Err(_), true) => "slm",
+        (Err(Failure::RemoteInterrupted(_)), _) => "llm",
+        (Err(Failure::ClientGone), true) if slm.is_some() => "llm",
+        (Err(_), true) => match decision.as_ref().map(|d| &d.selection) {
+            Some(crate::routing::Selection::Llm { .. }) => "llm",
+            _ => "slm",
+        },
         (Err(_), false) => "none",
     };
     tracing::Span::current().record("route", route);
@@ -378,12 +411,18 @@ fn record(
         Err(f) => {
             let e = api_error(f);
             let outcome = match f {
-                Failure::Interrupted(_) => "stream_error".to_string(),
+                Failure::Interrupted(_) | Failure::RemoteInterrupted(_) => {
+                    "stream_error".to_string()
+                }
                 Failure::ClientGone => "client_gone".to_string(),
                 _ => e.status.as_u16().to_string(),
             };
             let model = match decision.as_ref().map(|d| &d.selection) {
-                Some(crate::routing::Selection::Slm { model, .. }) if streamed => model.as_str(),
+                Some(crate::routing::Selection::Slm { model, .. })
+                    if streamed && route == "slm" =>
+                {
+                    model.as_str()
+                }
                 _ => "",
             };
             let cause = (e.status == StatusCode::TOO_MANY_REQUESTS).then_some("queue");
@@ -471,7 +510,7 @@ pub(super) fn api_error(f: &Failure) -> ApiError {
             e
         }
         Failure::Local { .. } | Failure::ShuttingDown => ApiError::unavailable(f.to_string(), 1),
-        Failure::Remote(_) => ApiError::upstream(f.to_string()),
+        Failure::Remote(_) | Failure::RemoteInterrupted(_) => ApiError::upstream(f.to_string()),
         Failure::Unavailable { .. } | Failure::Interrupted(_) | Failure::ClientGone => {
             ApiError::internal(f.to_string())
         }
@@ -503,26 +542,24 @@ fn respond(state: &State, gen: &Gen, o: Outcome, t0: Instant) -> Response {
     }
 }
 
-/// Streams an SLM answer as its tokens arrive (nothing can replace it any more); the outcome
-/// closes the stream: its final chunk carries the `corral` facts, a failure an error event.
+/// Streams an answer as it is made (an SLM's tokens, a remote provider's pieces: nothing can
+/// replace it any more); the outcome closes the stream: its final chunk carries the `corral`
+/// facts, a failure an error event.
 #[allow(clippy::too_many_arguments)]
 fn stream_live(
     state: Arc<State>,
     gen: Gen,
     model: String,
-    policies: Vec<String>,
+    headers: Vec<(&'static str, String)>,
     mut updates: mpsc::Receiver<Update>,
     mut running: Running,
     slot: Slot,
     t0: Instant,
 ) -> Response {
     let (tx, out) = mpsc::channel(64);
-    let headers = vec![
-        ("x-corral-route", "slm".to_string()),
-        ("x-corral-model", model.clone()),
-        ("x-corral-escalated", "false".to_string()),
-        ("x-corral-policies", policies.join(",")),
-    ];
+    let route = headers
+        .first()
+        .map_or("slm", |(_, r)| if r == "llm" { "llm" } else { "slm" });
     tokio::spawn(
         async move {
             let _slot = slot;
@@ -530,14 +567,30 @@ fn stream_live(
             let mut open = tx.send(c.start()).await.is_ok();
             let mut streamed = 0usize;
             while open {
-                let Some(Update::Token(t)) = updates.recv().await else {
-                    break;
+                let items = match updates.recv().await {
+                    Some(Update::Token(t)) => {
+                        if t.text.is_empty() && gen.req.logprobs.is_none() {
+                            continue;
+                        }
+                        streamed += t.text.len();
+                        vec![c.text(&t.text, Some(&t))]
+                    }
+                    Some(Update::Piece(Delta::Text { text, logprobs })) => {
+                        streamed += text.len();
+                        vec![c.remote_text(&text, logprobs.as_deref())]
+                    }
+                    Some(Update::Piece(Delta::ToolCall {
+                        index,
+                        id,
+                        name,
+                        arguments,
+                    })) => vec![c.call_piece(index, id, name, &arguments)],
+                    Some(_) => continue,
+                    None => break,
                 };
-                if t.text.is_empty() && gen.req.logprobs.is_none() {
-                    continue;
+                for item in items {
+                    open = open && tx.send(item).await.is_ok();
                 }
-                streamed += t.text.len();
-                open = tx.send(c.text(&t.text, Some(&t))).await.is_ok();
             }
             // A client gone: closing the updates cancels the generation (the pipeline's next
             // send fails and it drops its job); its outcome is still recorded.
@@ -550,7 +603,7 @@ fn stream_live(
                     &state,
                     &Counted {
                         endpoint: gen.req.endpoint.label(),
-                        route: "slm",
+                        route,
                         model: &model,
                         outcome: "stream_error",
                         model_time: None,

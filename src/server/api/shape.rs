@@ -48,6 +48,9 @@ pub fn headers_for(a: &Answer, d: &RouteDecision) -> Vec<(&'static str, String)>
     if let Some(c) = a.confidence {
         h.push(("x-corral-confidence", format!("{c:.4}")));
     }
+    if let Some(e) = &a.escalation {
+        h.push(("x-corral-escalation-reason", e.kind().to_string()));
+    }
     h
 }
 
@@ -245,6 +248,39 @@ impl Chunks<'_> {
     /// A piece of text, with its token when it is one (for logprobs).
     pub fn text(&self, text: &str, token: Option<&TokenInfo>) -> SseItem {
         sse_data(&self.chunk(Some(text), token, None, false))
+    }
+
+    /// A piece of a remote answer's text, with the provider's log-probabilities of its tokens
+    /// (OpenAI's `logprobs.content` entries) when the request asked for them.
+    pub fn remote_text(&self, text: &str, logprobs: Option<&[Value]>) -> SseItem {
+        let mut c = self.chunk(Some(text), None, None, false);
+        if let (Some(lp), Some(_), Endpoint::Chat) =
+            (logprobs, self.req.logprobs, self.req.endpoint)
+        {
+            c["choices"][0]["logprobs"] = json!({"content": lp, "refusal": null});
+        }
+        sse_data(&c)
+    }
+
+    /// A piece of a remote answer's tool call, as the provider streamed it.
+    pub fn call_piece(
+        &self,
+        index: usize,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: &str,
+    ) -> SseItem {
+        let mut d = json!({"index": index, "function": {"arguments": arguments}});
+        if let Some(id) = id {
+            d["id"] = json!(id);
+            d["type"] = json!("function");
+        }
+        if let Some(name) = name {
+            d["function"]["name"] = json!(name);
+        }
+        let mut c = self.chunk(None, None, None, false);
+        c["choices"][0]["delta"] = json!({"tool_calls": [d]});
+        sse_data(&c)
     }
 
     /// A tool call streamed as OpenAI does: the id, type and name with empty arguments first,
