@@ -128,6 +128,46 @@ enum Attempt {
     },
     /// Failed or abandoned after tokens went out.
     Broken(Failure),
+    /// Decided low before the end ([`Early`]): the job was cancelled.
+    Early {
+        tokens: Vec<TokenInfo>,
+        best: f64,
+        floor: Option<f32>,
+    },
+}
+
+/// The early decision on a held answer (`routing.llm_fallback.decide_early`, `early_floor`):
+/// its tokens scored as they arrive.
+struct Early {
+    running: confidence::Running,
+    threshold: f64,
+    /// The request's `max_tokens`: what the answer may still grow to.
+    max_tokens: usize,
+    decide: bool,
+    floor: f32,
+    floor_after: usize,
+}
+
+impl Early {
+    /// After `generated` tokens: the best reachable score, and the floor when it was the floor
+    /// that decided; `None` while the answer may still pass.
+    fn check(&self, generated: usize) -> Option<(f64, Option<f32>)> {
+        if self.running.is_empty() {
+            return None;
+        }
+        let best = self
+            .running
+            .best_reachable(self.max_tokens.saturating_sub(generated));
+        if self.decide && best < self.threshold {
+            return Some((best, None));
+        }
+        let below_floor = self
+            .running
+            .score()
+            .is_some_and(|s| s < f64::from(self.floor));
+        (self.floor > 0.0 && self.running.len() >= self.floor_after && below_floor)
+            .then_some((best, Some(self.floor)))
+    }
 }
 
 impl Pipeline {
@@ -359,6 +399,17 @@ impl Pipeline {
         let mut failure: Option<(String, bool)> = None;
         let mut unavailable = false;
         let mut got = None;
+        // A held answer that may be escalated for its score is scored as it comes.
+        let early = || {
+            (buffer && escalate_low && (rt.decide_early || rt.early_floor > 0.0)).then(|| Early {
+                running: confidence::Running::new(method),
+                threshold: f64::from(need),
+                max_tokens: req.max_tokens as usize,
+                decide: rt.decide_early,
+                floor: rt.early_floor,
+                floor_after: rt.early_floor_min_tokens as usize,
+            })
+        };
         for attempt in 0..2 {
             let mut rx = match self.submit(model, profile, req, attempt > 0).await {
                 Ok(rx) => rx,
@@ -371,7 +422,53 @@ impl Pipeline {
                 }
                 Err(f) => return (Err(f), None),
             };
-            match collect(&mut rx, live, model, profile, &d.policies_applied).await {
+            let mut early = early();
+            match collect(
+                &mut rx,
+                live,
+                early.as_mut(),
+                model,
+                profile,
+                &d.policies_applied,
+            )
+            .await
+            {
+                Attempt::Early {
+                    tokens,
+                    best,
+                    floor,
+                } => {
+                    let stats: Vec<confidence::TokenStat> = tokens
+                        .iter()
+                        .filter(|t| !t.forced)
+                        .map(confidence::TokenStat::from)
+                        .collect();
+                    let score = confidence::score(&stats, method);
+                    let run = SlmRun {
+                        model: model.to_string(),
+                        profile: profile.to_string(),
+                        done: None,
+                        ready: None,
+                        score,
+                        scores: confidence::all_scores(&stats),
+                        error: None,
+                        time: start.elapsed(),
+                    };
+                    let why = Escalation::EarlyLowConfidence {
+                        score,
+                        best,
+                        threshold: need,
+                        floor,
+                        method,
+                        tokens: tokens.len(),
+                    };
+                    tracing::info!(
+                        tokens = tokens.len(),
+                        best,
+                        "decided low before the end: escalating"
+                    );
+                    return self.escalate(req, d, why, run, updates, streamed).await;
+                }
                 Attempt::Done {
                     tokens,
                     done,
@@ -637,10 +734,12 @@ pub fn finish_reason(f: FinishReason) -> &'static str {
 
 /// Reads a job's events to the end. With `live`, the first token starts the stream and every
 /// token goes out as it comes; a closed `live` receiver cancels the job (closing its channel,
-/// which the pool worker sees) and waits for the worker to let go.
+/// which the pool worker sees) and waits for the worker to let go. With `early`, each token is
+/// scored as it comes and the job is cancelled as soon as the answer is decided low.
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<Event>,
     live: Option<&mpsc::Sender<Update>>,
+    mut early: Option<&mut Early>,
     model: &str,
     profile: &str,
     policies: &[String],
@@ -668,6 +767,22 @@ async fn collect(
                         tracing::info!("client went away mid-stream");
                         gone = true;
                         rx.close();
+                    }
+                }
+                if let Some(e) = early.as_deref_mut() {
+                    if !t.forced {
+                        e.running.push(confidence::TokenStat::from(&t));
+                    }
+                    if let Some((best, floor)) = e.check(tokens.len() + 1) {
+                        // Closing the channel cancels the job: the runner stops at its next
+                        // token while the remote call starts.
+                        rx.close();
+                        tokens.push(t);
+                        return Attempt::Early {
+                            tokens,
+                            best,
+                            floor,
+                        };
                     }
                 }
                 tokens.push(t);

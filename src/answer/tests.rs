@@ -479,6 +479,70 @@ fn an_escalated_stream_goes_out_as_the_remote_answer_arrives() {
     assert!(o.slm.is_some(), "what the SLM did is kept");
 }
 
+/// A long answer that starts badly: "Maybe" at -2.5, then near-certain tokens.
+fn bad_start() -> Script {
+    let mut ts = vec![("Maybe", -2.5)];
+    ts.extend(std::iter::repeat_n((" so", -0.05), 9));
+    Script::Answer(ts)
+}
+
+#[test]
+fn a_held_answer_is_escalated_as_soon_as_its_score_cannot_pass() {
+    let early = |toml: &str, r: &Request| {
+        let c = case(toml, vec![bad_start()]);
+        let o = answer(&c, r);
+        assert_eq!(c.remote.called(), 1);
+        let a = o.result.unwrap();
+        assert_eq!(a.text, "Remote says teal");
+        let why = a.escalation.clone().unwrap();
+        assert_eq!(why.kind(), "low_confidence_early", "{why:?}");
+        let Escalation::EarlyLowConfidence {
+            tokens,
+            best,
+            floor,
+            ..
+        } = why
+        else {
+            unreachable!()
+        };
+        (tokens, best, floor, a.slm.unwrap())
+    };
+    let with_fallback = |extra: &str| {
+        FALLBACK.replace(
+            "providers = [\"remote\"]",
+            &format!("providers = [\"remote\"]\n{extra}"),
+        )
+    };
+    // `minimum` cannot rise again: decided on the first token, not the tenth.
+    let minimum = format!("{FALLBACK}method = \"minimum\"\n");
+    let (tokens, best, floor, run) = early(&minimum, &req("Name a colour."));
+    assert_eq!((tokens, floor), (1, None));
+    assert!((best - (-2.5f64).exp()).abs() < 1e-6);
+    assert!(run.done.is_none() && run.score.is_some());
+    // A geometric mean with one token to go: at best exp(-2.5 / 2) = 0.29 < 0.5.
+    let mut short = req("Name a colour.");
+    short.max_tokens = 2;
+    let (tokens, best, _, _) = early(FALLBACK, &short);
+    assert_eq!(tokens, 1);
+    assert!((best - (-1.25f64).exp()).abs() < 1e-6, "{best}");
+    // The floor: 0.08 after one token is below 0.3, whatever the rest might have been.
+    let floor = with_fallback("early_floor = 0.3\nearly_floor_min_tokens = 1");
+    let (tokens, _, floor, _) = early(&floor, &req("Name a colour."));
+    assert_eq!((tokens, floor), (1, Some(0.3)));
+    // Without either, the same answer runs to its end and passes (0.75 > 0.5).
+    let c = case(FALLBACK, vec![bad_start()]);
+    let a = answer(&c, &req("Name a colour.")).result.unwrap();
+    assert!(a.escalation.is_none() && a.text.starts_with("Maybe so"));
+    // `decide_early = false`: the minimum's verdict waits for the whole answer.
+    let late = format!(
+        "{}method = \"minimum\"\n",
+        with_fallback("decide_early = false")
+    );
+    let c = case(&late, vec![bad_start()]);
+    let a = answer(&c, &req("Name a colour.")).result.unwrap();
+    assert_eq!(a.escalation.unwrap().kind(), "low_confidence");
+}
+
 #[test]
 fn a_stream_ends_with_its_failure_and_a_gone_client_cancels_it() {
     let mut r = req("Name a colour.");

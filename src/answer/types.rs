@@ -470,6 +470,18 @@ pub enum Escalation {
         threshold: f32,
         method: Method,
     },
+    /// Decided before the SLM finished (`routing.llm_fallback.decide_early`, `early_floor`):
+    /// after `tokens` tokens the best score the answer could still reach (`best`) was below the
+    /// threshold, or its running `score` below the floor (`floor` set). The runner was
+    /// cancelled.
+    EarlyLowConfidence {
+        score: Option<f64>,
+        best: f64,
+        threshold: f32,
+        floor: Option<f32>,
+        method: Method,
+        tokens: usize,
+    },
     /// The local model failed (after its retry); `error` says how.
     SlmFailed { error: String },
     /// Drawn for an audit sample (`routing.confidence_thresholds.audit_rate`).
@@ -493,6 +505,7 @@ impl Escalation {
     pub fn kind(&self) -> &'static str {
         match self {
             Escalation::LowConfidence { .. } => "low_confidence",
+            Escalation::EarlyLowConfidence { .. } => "low_confidence_early",
             Escalation::SlmFailed { .. } => "slm_failure",
             Escalation::AuditSample => "audit",
             Escalation::LowFieldConfidence { .. } => "low_field_confidence",
@@ -527,6 +540,26 @@ impl Escalation {
                 score.map_or("n/a".into(), |s| format!("{s:.3}")),
                 method.name()
             ),
+            Escalation::EarlyLowConfidence {
+                score,
+                best,
+                threshold,
+                floor,
+                method,
+                tokens,
+            } => {
+                let now = score.map_or("n/a".into(), |s| format!("{s:.3}"));
+                match floor {
+                    Some(f) => format!(
+                        "confidence {now} < floor {f} after {tokens} tokens ({}; threshold {threshold})",
+                        method.name()
+                    ),
+                    None => format!(
+                        "confidence cannot reach {threshold}: at most {best:.3} after {tokens} tokens ({})",
+                        method.name()
+                    ),
+                }
+            }
             Escalation::SlmFailed { .. } => "the SLM failed".into(),
             Escalation::Unenforceable { .. } => "a schema the local model cannot enforce".into(),
             Escalation::ContextLength { .. } => {

@@ -106,6 +106,88 @@ pub fn score(tokens: &[TokenStat], method: Method) -> Option<f64> {
     Some(s.clamp(0.0, 1.0))
 }
 
+/// An answer's score kept up to date as its tokens arrive, and the best score it can still
+/// reach: the one it would get if every token it may still generate were certain (log p = 0,
+/// entropy 0). For each method that is an upper bound over every way the answer can go on,
+/// stopping at once included: a mean over more tokens of 0 rises towards 0 (so the bound is
+/// the mean over all `remaining` of them), a minimum never rises, and a low percentile is
+/// highest when the certain tokens push it furthest up the sorted list. A bound below the
+/// threshold decides the outcome exactly: the finished answer would be escalated too.
+#[derive(Debug, Clone)]
+pub struct Running {
+    method: Method,
+    n: usize,
+    sum_lp: f64,
+    sum_h: f64,
+    min_lp: f64,
+    /// Log-probabilities in ascending order (kept for `LowPercentile` only).
+    sorted: Vec<f64>,
+}
+
+impl Running {
+    pub fn new(method: Method) -> Running {
+        Running {
+            method,
+            n: 0,
+            sum_lp: 0.0,
+            sum_h: 0.0,
+            min_lp: 0.0,
+            sorted: Vec::new(),
+        }
+    }
+
+    /// Tokens seen.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    pub fn push(&mut self, t: TokenStat) {
+        let lp = f64::from(t.logprob).min(0.0);
+        self.n += 1;
+        self.sum_lp += lp;
+        self.sum_h += f64::from(t.entropy).max(0.0);
+        self.min_lp = self.min_lp.min(lp);
+        if self.method == Method::LowPercentile {
+            let at = self.sorted.partition_point(|v| *v <= lp);
+            self.sorted.insert(at, lp);
+        }
+    }
+
+    /// The score of the tokens so far ([`score`] of them).
+    pub fn score(&self) -> Option<f64> {
+        (self.n > 0).then(|| self.with_certain(0))
+    }
+
+    /// The highest score the answer can still reach with at most `remaining` more tokens.
+    pub fn best_reachable(&self, remaining: usize) -> f64 {
+        if self.n + remaining == 0 {
+            return 1.0;
+        }
+        self.with_certain(remaining)
+            .max(self.score().unwrap_or(0.0))
+    }
+
+    /// The score of the tokens so far and `extra` certain ones.
+    fn with_certain(&self, extra: usize) -> f64 {
+        let total = (self.n + extra) as f64;
+        let s = match self.method {
+            Method::GeometricMean => (self.sum_lp / total).exp(),
+            Method::Entropy => (-self.sum_h / total).exp(),
+            Method::Minimum => self.min_lp.exp(),
+            Method::LowPercentile => {
+                let idx = ((total - 1.0) * 0.10).floor() as usize;
+                // The certain tokens (0) sort after every other.
+                self.sorted.get(idx).map_or(1.0, |v| v.exp())
+            }
+        };
+        s.clamp(0.0, 1.0)
+    }
+}
+
 /// Every method's score, for reports and `--json`.
 pub fn all_scores(tokens: &[TokenStat]) -> Vec<(Method, Option<f64>)> {
     Method::ALL
@@ -162,6 +244,61 @@ pub fn accuracy_of_top(scores: &[f64], labels: &[bool], fraction: f64) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small deterministic generator (no dependency for a test's noise).
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (*seed >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    #[test]
+    fn the_running_score_is_the_score_and_its_bound_is_reached_by_certain_tokens() {
+        let mut seed = 7;
+        for method in Method::ALL {
+            for len in [1usize, 2, 9, 10, 11, 57] {
+                let toks: Vec<TokenStat> = (0..len)
+                    .map(|_| TokenStat {
+                        logprob: (-4.0 * lcg(&mut seed)) as f32,
+                        entropy: (3.0 * lcg(&mut seed)) as f32,
+                    })
+                    .collect();
+                let mut r = Running::new(method);
+                for t in &toks {
+                    r.push(*t);
+                }
+                let want = score(&toks, method).unwrap();
+                assert!((r.score().unwrap() - want).abs() < 1e-9, "{method:?} {len}");
+                // The bound is what the answer gets when it goes on with certain tokens, and
+                // no continuation of random tokens beats it.
+                for remaining in [0usize, 1, 5, 40] {
+                    let best = r.best_reachable(remaining);
+                    let mut certain = toks.clone();
+                    certain.extend((0..remaining).map(|_| TokenStat {
+                        logprob: 0.0,
+                        entropy: 0.0,
+                    }));
+                    let reached = score(&certain, method).unwrap();
+                    assert!(
+                        (best - reached.max(want)).abs() < 1e-9,
+                        "{method:?} {len} {remaining}"
+                    );
+                    for _ in 0..20 {
+                        let mut any = toks.clone();
+                        let k = (lcg(&mut seed) * (remaining as f64 + 1.0)) as usize;
+                        any.extend((0..k.min(remaining)).map(|_| TokenStat {
+                            logprob: (-2.0 * lcg(&mut seed)) as f32,
+                            entropy: (2.0 * lcg(&mut seed)) as f32,
+                        }));
+                        assert!(score(&any, method).unwrap() <= best + 1e-9, "{method:?}");
+                    }
+                }
+            }
+        }
+        assert_eq!(Running::new(Method::GeometricMean).score(), None);
+        assert_eq!(Running::new(Method::Minimum).best_reachable(3), 1.0);
+    }
 
     fn t(lp: f32, h: f32) -> TokenStat {
         TokenStat {

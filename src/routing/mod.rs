@@ -134,6 +134,13 @@ pub struct RawLlmFallback {
     pub on_low_confidence: bool,
     /// Escalate when the SLM fails (runner crash, limit hit) instead of reporting the failure.
     pub on_slm_failure: bool,
+    /// Escalate a held answer as soon as its score can no longer reach the threshold (the
+    /// runner is cancelled and the remote call starts then), not when the SLM finishes.
+    pub decide_early: bool,
+    /// Also escalate a held answer once its running score falls below this, after
+    /// `early_floor_min_tokens` tokens (0: off). A heuristic: the answer might have recovered.
+    pub early_floor: f32,
+    pub early_floor_min_tokens: u32,
 }
 
 impl Default for RawLlmFallback {
@@ -142,6 +149,9 @@ impl Default for RawLlmFallback {
             providers: vec![],
             on_low_confidence: true,
             on_slm_failure: true,
+            decide_early: true,
+            early_floor: 0.0,
+            early_floor_min_tokens: 8,
         }
     }
 }
@@ -229,6 +239,10 @@ pub struct Router {
     pub fallback: Vec<String>,
     pub on_low_confidence: bool,
     pub on_slm_failure: bool,
+    /// `routing.llm_fallback.decide_early`, `early_floor`, `early_floor_min_tokens`.
+    pub decide_early: bool,
+    pub early_floor: f32,
+    pub early_floor_min_tokens: u32,
     pub audit_rate: f64,
     slm_enabled: bool,
     catalog_profiles: BTreeMap<String, Option<String>>,
@@ -345,6 +359,16 @@ impl Router {
             "routing.confidence_thresholds.default".into(),
             raw.confidence_thresholds.default,
         )?;
+        unit(
+            "routing.llm_fallback.early_floor".into(),
+            raw.llm_fallback.early_floor,
+        )?;
+        if raw.llm_fallback.early_floor_min_tokens == 0 {
+            return e(
+                "routing.llm_fallback.early_floor_min_tokens",
+                "must be at least 1".into(),
+            );
+        }
         let audit = raw.confidence_thresholds.audit_rate;
         if !(0.0..=1.0).contains(&audit) {
             return e(
@@ -600,6 +624,9 @@ impl Router {
             fallback: raw.llm_fallback.providers.clone(),
             on_low_confidence: raw.llm_fallback.on_low_confidence,
             on_slm_failure: raw.llm_fallback.on_slm_failure,
+            decide_early: raw.llm_fallback.decide_early,
+            early_floor: raw.llm_fallback.early_floor,
+            early_floor_min_tokens: raw.llm_fallback.early_floor_min_tokens,
             audit_rate: raw.confidence_thresholds.audit_rate,
             slm_enabled: cx.slm_enabled,
             catalog_profiles: cx
