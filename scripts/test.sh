@@ -29,8 +29,8 @@ scripts/fetch-model.sh
 scripts/fetch-model.sh gemma3-270m   # the second model (tests/gemma3.rs)
 # tests/serve.rs drives `corral serve` with the official OpenAI Python client, and checks
 # structured answers with the `jsonschema` package.
-python3 -c 'import openai, jsonschema' 2>/dev/null ||
-    python3 -m pip install -q --disable-pip-version-check openai jsonschema
+python3 -c 'import openai, anthropic, jsonschema' 2>/dev/null ||
+    python3 -m pip install -q --disable-pip-version-check openai anthropic jsonschema
 # tests/quantized.rs makes the other weight types with llama.cpp's own quantizer and compares
 # corral's answers with llama.cpp's on each: the peer is built for this CPU (several minutes,
 # once); `gguf` lists the tensor types of each file in the test's report.

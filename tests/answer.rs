@@ -1075,6 +1075,17 @@ fn stream_pieces<T>(
     stop_after: Option<&str>,
     after: impl FnOnce() -> T,
 ) -> (axum::http::HeaderMap, Vec<(std::time::Duration, String)>, T) {
+    stream_pieces_at(st, "/v1/chat/completions", body, stop_after, after)
+}
+
+/// `stream_pieces` posting to `path`.
+fn stream_pieces_at<T>(
+    st: &Arc<State>,
+    path: &str,
+    body: &Value,
+    stop_after: Option<&str>,
+    after: impl FnOnce() -> T,
+) -> (axum::http::HeaderMap, Vec<(std::time::Duration, String)>, T) {
     use tokio_stream::StreamExt;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1083,7 +1094,7 @@ fn stream_pieces<T>(
         .unwrap();
     let (headers, pieces) = rt.block_on(async {
         let t0 = std::time::Instant::now();
-        let r = HttpRequest::post("/v1/chat/completions")
+        let r = HttpRequest::post(path)
             .header("content-type", "application/json")
             .body(Body::from(body.to_string()))
             .unwrap();
@@ -1208,5 +1219,129 @@ fn a_client_leaving_a_remote_stream_closes_the_providers_connection() {
     assert!(
         counted.contains("outcome=\"client_gone\"") && counted.contains("route=\"llm\""),
         "{counted}"
+    );
+}
+
+#[test]
+fn v1_messages_relays_a_remote_stream_as_anthropic_events() {
+    let ms = std::time::Duration::from_millis;
+    let remote = fake_stream(vec![
+        (ms(0), openai_chunk("Remote")),
+        (ms(600), openai_chunk(" says teal")),
+        (ms(0), openai_stream_end()),
+    ]);
+    let (_d, cfg) = config_at(Some(&remote.url), "");
+    let local = Arc::new(ScriptedModel::new(vec![unsure()]));
+    let st = State::with_local(cfg, Sources::default(), local.clone()).unwrap();
+    let body = json!({"model": "auto", "max_tokens": 64, "stream": true,
+                      "system": "Be brief.",
+                      "messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is the sea?"}]}]});
+    let (h, pieces, ()) = stream_pieces_at(&st, "/v1/messages", &body, None, || ());
+    assert_eq!(h["x-corral-route"], "llm");
+    assert_eq!(h["x-corral-escalated"], "true");
+    let first = pieces.iter().find(|(_, t)| t.contains("Remote")).unwrap();
+    assert!(first.0 < ms(450), "{pieces:?}");
+    let text: String = pieces.iter().map(|(_, t)| t.as_str()).collect();
+    // Events in Anthropic's order, each named as its data's type.
+    let events: Vec<(String, Value)> = text
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let name = e
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap()
+                .to_string();
+            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+            (name, serde_json::from_str(data).unwrap())
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ],
+        "{text}"
+    );
+    for (n, d) in &events {
+        assert_eq!(d["type"], n.as_str());
+    }
+    let said: String = events
+        .iter()
+        .filter_map(|(_, d)| d.pointer("/delta/text").and_then(Value::as_str))
+        .collect();
+    assert_eq!(said, "Remote says teal");
+    let end = &events[6].1;
+    assert_eq!(end["delta"]["stop_reason"], "end_turn");
+    assert_eq!(end["usage"]["output_tokens"], 4);
+    assert_eq!(end["corral"]["escalated"], true);
+    // The provider got the system prompt and the text block as a chat request.
+    let sent: Value = serde_json::from_str(&remote.seen.lock().unwrap()[0]).unwrap();
+    assert_eq!(
+        sent["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    assert_eq!(sent["messages"][1]["content"], "What colour is the sea?");
+    assert_eq!(sent["max_tokens"], 64);
+    assert!(st.metrics.render().contains("endpoint=\"messages\""));
+}
+
+#[test]
+fn v1_messages_answers_locally_and_errs_in_anthropics_format() {
+    let row = Row {
+        scripts: vec![sure()],
+        ..rows().remove(0)
+    };
+    let (_d, _l, st) = state(&row, None);
+    let post = |body: Value| {
+        rt().block_on(async {
+            let r = HttpRequest::post("/v1/messages")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let resp = app(st.clone()).oneshot(r).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+        })
+    };
+    let (status, m) = post(json!({"model": "auto", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Name a colour."}]}));
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["type"], "message");
+    assert_eq!(
+        m["content"][0],
+        json!({"type": "text", "text": "Teal it is."})
+    );
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert_eq!(m["usage"]["output_tokens"], 3);
+    assert_eq!(m["corral"]["route"], "slm");
+    let (status, e) = post(json!({"model": "nope", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hi"}]}));
+    assert_eq!(status, 404);
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["error"]["type"], "not_found_error");
+    let (status, e) =
+        post(json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}));
+    assert_eq!(
+        (status, e["error"]["type"].as_str()),
+        (400, Some("invalid_request_error"))
+    );
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens"),
+        "{e}"
     );
 }

@@ -718,6 +718,27 @@ fn the_official_openai_python_client_works() {
 }
 
 #[test]
+fn the_official_anthropic_python_client_works_on_v1_messages() {
+    let s = serve(&config_text(""));
+    run_client(
+        &s,
+        "anthropic_client.py",
+        "anthropic",
+        &[
+            "message ok",
+            "stream ok",
+            "structured output ok",
+            "tool use ok",
+            "streamed tool use ok",
+            "tool result conversation ok",
+            "auth error ok",
+            "unknown model ok",
+            "unsupported parameter ok",
+        ],
+    );
+}
+
+#[test]
 fn tools_through_the_official_openai_client_reach_a_remote_model_and_come_back() {
     let call = json!({
         "id": "x", "object": "chat.completion", "model": "remote-large",

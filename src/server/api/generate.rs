@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::shape::{self, Chunks};
-use super::{body_of, count, refused, request_id, with_id, Counted, St};
+use super::{anthropic, body_of, count, refused_as, request_id, with_id, Counted, St};
 use crate::answer::{Answer, Endpoint, Failure, Outcome, Request, Update};
 use crate::audit::Caller;
 use crate::providers::Delta;
@@ -32,12 +32,47 @@ use crate::server::error::ApiError;
 use crate::server::openai::{self, ChatRequest, CompletionRequest};
 use crate::server::{Live, State};
 
+/// Whose API a request came through: how its answer and errors are framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    OpenAi,
+    /// `/v1/messages`.
+    Anthropic,
+}
+
+impl Dialect {
+    fn error(self, e: ApiError) -> Response {
+        match self {
+            Dialect::OpenAi => e.into_response(),
+            Dialect::Anthropic => anthropic::error_response(e),
+        }
+    }
+
+    fn render(self) -> fn(ApiError) -> Response {
+        match self {
+            Dialect::OpenAi => IntoResponse::into_response,
+            Dialect::Anthropic => anthropic::error_response,
+        }
+    }
+}
+
 /// A parsed generation request: what the pipeline answers, and how to frame it.
 struct Gen {
     req: Request,
     include_usage: bool,
     /// Who asked (whose token budget the answer is charged to).
     caller: Identity,
+    dialect: Dialect,
+}
+
+impl Gen {
+    /// The `endpoint` label of metrics.
+    fn label(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Anthropic => "messages",
+            Dialect::OpenAi => self.req.endpoint.label(),
+        }
+    }
 }
 
 pub async fn chat(
@@ -45,7 +80,15 @@ pub async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve_generation(state, headers, body, Endpoint::Chat, parse_chat).await
+    serve_generation(
+        state,
+        headers,
+        body,
+        Endpoint::Chat,
+        Dialect::OpenAi,
+        parse_chat,
+    )
+    .await
 }
 
 pub async fn completions(
@@ -53,7 +96,39 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    serve_generation(state, headers, body, Endpoint::Completion, parse_completion).await
+    serve_generation(
+        state,
+        headers,
+        body,
+        Endpoint::Completion,
+        Dialect::OpenAi,
+        parse_completion,
+    )
+    .await
+}
+
+/// Anthropic's Messages API, answered by the same pipeline as chat completions.
+pub async fn messages(
+    AxState(state): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve_generation(
+        state,
+        headers,
+        body,
+        Endpoint::Chat,
+        Dialect::Anthropic,
+        parse_messages,
+    )
+    .await
+}
+
+fn parse_messages(body: &[u8], rid: String) -> Result<Gen, ApiError> {
+    let (chat, _) = anthropic::to_chat(body)?;
+    let mut gen = parse_chat(chat.to_string().as_bytes(), rid)?;
+    gen.dialect = Dialect::Anthropic;
+    Ok(gen)
 }
 
 fn task_of(
@@ -98,6 +173,7 @@ fn parse_chat(body: &[u8], rid: String) -> Result<Gen, ApiError> {
         req,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         caller: Identity::default(),
+        dialect: Dialect::OpenAi,
     })
 }
 
@@ -124,6 +200,7 @@ fn parse_completion(body: &[u8], rid: String) -> Result<Gen, ApiError> {
         req,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
         caller: Identity::default(),
+        dialect: Dialect::OpenAi,
     })
 }
 
@@ -134,10 +211,16 @@ async fn serve_generation(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
+    dialect: Dialect,
     parse: fn(&[u8], String) -> Result<Gen, ApiError>,
 ) -> Response {
     let rid = request_id();
     let t0 = Instant::now();
+    // Which API this endpoint speaks, for errors before the body is parsed.
+    let label = match dialect {
+        Dialect::Anthropic => "messages",
+        Dialect::OpenAi => endpoint.label(),
+    };
     let live = state.live();
     let parsed = live.keys.authenticate(&headers).and_then(|(ident, slot)| {
         state.budgets.check(&ident)?;
@@ -148,7 +231,7 @@ async fn serve_generation(
     });
     let (ident, slot, gen) = match parsed {
         Ok(x) => x,
-        Err(e) => return refused(&state, e, &rid, endpoint.label(), t0),
+        Err(e) => return refused_as(&state, e, &rid, label, t0, dialect.render()),
     };
     let span = tracing::info_span!(
         "request",
@@ -162,7 +245,7 @@ async fn serve_generation(
         .await;
     match r {
         Ok(resp) => with_id(resp, &rid),
-        Err(e) => refused(&state, e, &rid, endpoint.label(), t0),
+        Err(e) => refused_as(&state, e, &rid, label, t0, dialect.render()),
     }
 }
 
@@ -330,11 +413,11 @@ async fn generate(
 /// Writes the audit entry and the metrics of an outcome, and logs it.
 fn record(
     state: &State,
-    req: &Request,
-    caller: &Identity,
+    gen: &Gen,
     o: Outcome,
     t0: Instant,
 ) -> (Option<RouteDecision>, Result<Answer, Failure>) {
+    let (req, caller) = (&gen.req, &gen.caller);
     let Outcome {
         decision,
         result,
@@ -377,7 +460,7 @@ fn record(
         (Err(_), false) => "none",
     };
     tracing::Span::current().record("route", route);
-    let endpoint = req.endpoint.label();
+    let endpoint = gen.label();
     match &result {
         Ok(a) => {
             let sent = match decision.as_ref().map(|d| &d.selection) {
@@ -524,20 +607,85 @@ pub(super) fn api_error(f: &Failure) -> ApiError {
 
 /// A finished outcome as JSON, a finished stream, or an error.
 fn respond(state: &State, gen: &Gen, o: Outcome, t0: Instant) -> Response {
-    let (decision, result) = record(state, &gen.req, &gen.caller, o, t0);
+    let (decision, result) = record(state, gen, o, t0);
+    let anthropic = gen.dialect == Dialect::Anthropic;
     match (result, decision) {
+        (Ok(a), Some(d)) if gen.req.stream && anthropic => {
+            anthropic::stream_finished(&gen.req, &a, &d)
+        }
         (Ok(a), Some(d)) if gen.req.stream => {
             shape::stream_finished(&gen.req, gen.include_usage, &a, &d)
         }
+        (Ok(a), Some(d)) if anthropic => anthropic::json_response(&gen.req, &a, &d),
         (Ok(a), Some(d)) => shape::json_response(&gen.req, &a, &d),
-        (Ok(_), None) => ApiError::internal("an answer without a decision").into_response(),
+        (Ok(_), None) => gen
+            .dialect
+            .error(ApiError::internal("an answer without a decision")),
         (Err(f), _) => {
-            let mut resp = api_error(&f).into_response();
+            let mut resp = gen.dialect.error(api_error(&f));
             if matches!(f, Failure::Denied { .. }) {
                 resp.headers_mut()
                     .insert("x-corral-route", HeaderValue::from_static("deny"));
             }
             resp
+        }
+    }
+}
+
+/// The events of a live stream in the caller's API.
+enum Framer<'a> {
+    OpenAi(Chunks<'a>),
+    Anthropic(anthropic::Events),
+}
+
+impl Framer<'_> {
+    fn start(&mut self, model: &str) -> Vec<shape::SseItem> {
+        match self {
+            Framer::OpenAi(c) => vec![c.start()],
+            Framer::Anthropic(e) => e.start(model),
+        }
+    }
+
+    /// A runner's token (with its log-probabilities, for OpenAI's `logprobs`).
+    fn token(&mut self, t: &corral_protocol::TokenInfo) -> Vec<shape::SseItem> {
+        match self {
+            Framer::OpenAi(c) => vec![c.text(&t.text, Some(t))],
+            Framer::Anthropic(e) => e.text(&t.text),
+        }
+    }
+
+    /// Text without a runner's token (a provider's piece, or text held back to the end).
+    fn text(&mut self, text: &str, logprobs: Option<&[serde_json::Value]>) -> Vec<shape::SseItem> {
+        match self {
+            Framer::OpenAi(c) => vec![c.remote_text(text, logprobs)],
+            Framer::Anthropic(e) => e.text(text),
+        }
+    }
+
+    fn call_piece(
+        &mut self,
+        index: usize,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: &str,
+    ) -> Vec<shape::SseItem> {
+        match self {
+            Framer::OpenAi(c) => vec![c.call_piece(index, id, name, arguments)],
+            Framer::Anthropic(e) => e.call_piece(index, id.as_deref(), name.as_deref(), arguments),
+        }
+    }
+
+    fn end(&mut self, a: &Answer, corral: serde_json::Value) -> Vec<shape::SseItem> {
+        match self {
+            Framer::OpenAi(c) => c.end(a, corral),
+            Framer::Anthropic(e) => e.end(a, corral),
+        }
+    }
+
+    fn error(&self, e: &ApiError) -> shape::SseItem {
+        match self {
+            Framer::OpenAi(_) => shape::sse_data(&e.body()),
+            Framer::Anthropic(ev) => ev.error(e),
         }
     }
 }
@@ -563,8 +711,14 @@ fn stream_live(
     tokio::spawn(
         async move {
             let _slot = slot;
-            let c = Chunks::new(&gen.req, gen.include_usage, &model);
-            let mut open = tx.send(c.start()).await.is_ok();
+            let mut c = match gen.dialect {
+                Dialect::OpenAi => Framer::OpenAi(Chunks::new(&gen.req, gen.include_usage, &model)),
+                Dialect::Anthropic => Framer::Anthropic(anthropic::Events::new(&gen.req)),
+            };
+            let mut open = true;
+            for item in c.start(&model) {
+                open = open && tx.send(item).await.is_ok();
+            }
             let mut streamed = 0usize;
             while open {
                 let items = match updates.recv().await {
@@ -573,18 +727,18 @@ fn stream_live(
                             continue;
                         }
                         streamed += t.text.len();
-                        vec![c.text(&t.text, Some(&t))]
+                        c.token(&t)
                     }
                     Some(Update::Piece(Delta::Text { text, logprobs })) => {
                         streamed += text.len();
-                        vec![c.remote_text(&text, logprobs.as_deref())]
+                        c.text(&text, logprobs.as_deref())
                     }
                     Some(Update::Piece(Delta::ToolCall {
                         index,
                         id,
                         name,
                         arguments,
-                    })) => vec![c.call_piece(index, id, name, &arguments)],
+                    })) => c.call_piece(index, id, name, &arguments),
                     Some(_) => continue,
                     None => break,
                 };
@@ -598,11 +752,11 @@ fn stream_live(
             let Some(o) = running.outcome().await else {
                 // The pipeline's task panicked: say so rather than end the stream silently.
                 let e = ApiError::internal("the answer task failed mid-stream");
-                let _ = tx.send(shape::sse_data(&e.body())).await;
+                let _ = tx.send(c.error(&e)).await;
                 count(
                     &state,
                     &Counted {
-                        endpoint: gen.req.endpoint.label(),
+                        endpoint: gen.label(),
                         route,
                         model: &model,
                         outcome: "stream_error",
@@ -613,15 +767,17 @@ fn stream_live(
                 );
                 return;
             };
-            let (decision, result) = record(&state, &gen.req, &gen.caller, o, t0);
+            let (decision, result) = record(&state, &gen, o, t0);
             match (result, decision) {
                 (Ok(a), Some(d)) => {
+                    let mut items = Vec::new();
                     if let Some(rest) = a.text.get(streamed..).filter(|r| !r.is_empty()) {
-                        let _ = tx.send(c.text(rest, None)).await;
+                        items.extend(c.text(rest, None));
                     }
                     let mut meta = shape::corral_json(&a, &d, &gen.req.id);
                     meta["below_threshold"] = json!(a.below_threshold);
-                    for item in c.end(&a, meta) {
+                    items.extend(c.end(&a, meta));
+                    for item in items {
                         let _ = tx.send(item).await;
                     }
                 }
@@ -629,7 +785,7 @@ fn stream_live(
                 (Err(f), _) => {
                     // Bytes already reached the client: nothing can be retried. End the stream
                     // with an error event rather than a silent truncation.
-                    let _ = tx.send(shape::sse_data(&api_error(&f).body())).await;
+                    let _ = tx.send(c.error(&api_error(&f))).await;
                 }
                 (Ok(_), None) => {}
             }

@@ -9,6 +9,7 @@
 //! the model asked for and the route taken.
 
 mod admin;
+mod anthropic;
 mod generate;
 mod info;
 mod shape;
@@ -35,6 +36,7 @@ pub fn app(state: Arc<State>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(generate::chat))
         .route("/v1/completions", post(generate::completions))
+        .route("/v1/messages", post(generate::messages))
         .route("/v1/models", get(info::list_models))
         .route("/v1/route", post(info::route))
         .route("/healthz", get(info::healthz))
@@ -120,8 +122,16 @@ fn count(state: &State, c: &Counted<'_>, rate_limit_cause: Option<&str>, t0: Ins
     }
 }
 
-/// A generation request refused before the pipeline (authentication, body, parse, timeout).
-fn refused(state: &State, e: ApiError, rid: &str, endpoint: &'static str, t0: Instant) -> Response {
+/// A request refused before it reached the pipeline, counted; the error written by `render`
+/// (the caller's API's format).
+fn refused_as(
+    state: &State,
+    e: ApiError,
+    rid: &str,
+    endpoint: &'static str,
+    t0: Instant,
+    render: fn(ApiError) -> Response,
+) -> Response {
     let code = e.status.as_u16().to_string();
     let cause = (e.status == StatusCode::TOO_MANY_REQUESTS).then(|| e.code.unwrap_or("queue"));
     count(
@@ -137,7 +147,7 @@ fn refused(state: &State, e: ApiError, rid: &str, endpoint: &'static str, t0: In
         t0,
     );
     tracing::info!(request_id = rid, status = %e.status, error = %e.message, "request refused");
-    with_id(e.into_response(), rid)
+    with_id(render(e), rid)
 }
 
 async fn not_found() -> Response {
