@@ -1180,8 +1180,10 @@ fn an_escalated_stream_relays_the_remote_answer_as_it_arrives() {
 #[test]
 fn a_client_leaving_a_remote_stream_closes_the_providers_connection() {
     let ms = std::time::Duration::from_millis;
+    // After its first words the provider sends only keep-alives for a while (as one does while
+    // a model thinks): the client's leaving must still close the connection.
     let mut parts = vec![(ms(0), openai_chunk("Remote"))];
-    parts.extend((0..100).map(|_| (ms(30), openai_chunk(" more"))));
+    parts.extend((0..100).map(|_| (ms(30), ": keep-alive\n\n".to_string())));
     parts.push((ms(0), openai_stream_end()));
     let remote = fake_stream(parts);
     let (_d, cfg) = config_at(Some(&remote.url), "");

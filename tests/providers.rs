@@ -1345,3 +1345,57 @@ fn a_stream_cut_before_its_end_is_an_error() {
     assert!(got.is_empty());
     assert_eq!(server.count(), 3);
 }
+
+#[test]
+fn always_stream_lets_a_caller_that_leaves_close_a_non_streamed_answer() {
+    let mut parts = vec![(Duration::ZERO, text_chunk("a"))];
+    parts.extend((0..200).map(|_| (Duration::from_millis(20), text_chunk("b"))));
+    parts.push((Duration::ZERO, "data: [DONE]\n\n".into()));
+    let server = Server::start(vec![Reply::sse(parts)]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.always_stream = true;
+    let provider = Provider::new("oa", cfg);
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut req = ask("hi");
+    req.cancel = Some(flag.clone());
+    let leave = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        flag.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let t0 = Instant::now();
+    let err = provider.complete(&req).unwrap_err();
+    leave.join().unwrap();
+    assert!(matches!(err, ProviderError::Cancelled { .. }), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while server.broken.lock().unwrap().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    let broken = server.broken.lock().unwrap().clone();
+    assert!(
+        broken.first().is_some_and(|(i, _)| *i < 40),
+        "the provider kept writing: {broken:?}"
+    );
+    assert_eq!(server.requests()[0].json()["stream"], true);
+}
+
+#[test]
+fn always_stream_assembles_the_answer_and_retries_a_stream_cut_midway() {
+    let end = chunk(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}));
+    let server = Server::start(vec![
+        // Cut after a piece: nothing went to anyone, so it is retried.
+        Reply::sse(vec![(Duration::ZERO, text_chunk("Hal"))]),
+        Reply::sse(vec![
+            (Duration::ZERO, text_chunk("Hel")),
+            (Duration::ZERO, text_chunk("lo")),
+            (Duration::ZERO, end),
+            (Duration::ZERO, "data: [DONE]\n\n".into()),
+        ]),
+    ]);
+    let mut cfg = config(ProviderKind::Openai, &server);
+    cfg.always_stream = true;
+    let provider = Provider::new("oa", cfg);
+    let r = provider.complete(&ask("hi")).unwrap();
+    assert_eq!((r.text.as_str(), r.attempts), ("Hello", 2));
+    assert_eq!(r.finish_reason, "stop");
+}

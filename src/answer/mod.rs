@@ -328,31 +328,40 @@ impl Pipeline {
         let result = loop {
             tokio::select! {
                 biased;
-                p = pieces.recv(), if open && !gone => match p {
+                // The client left: the answer is dropped at once (its cancel flag stops the
+                // provider's reader at the next line it gets, pings and keep-alives
+                // included), not at the next piece.
+                () = live.closed() => {
+                    gone = true;
+                    break None;
+                }
+                p = pieces.recv(), if open => match p {
                     Some(p) => {
                         if forward(p, streamed).await.is_err() {
-                            tracing::info!("client went away mid-stream");
                             gone = true;
-                            // The provider's next piece finds the channel closed.
-                            pieces.close();
+                            break None;
                         }
                     }
                     None => open = false,
                 },
-                r = &mut answer => break r,
+                r = &mut answer => break Some(r),
             }
         };
         // Pieces sent before the answer ended.
         while let (false, Ok(p)) = (gone, pieces.try_recv()) {
             gone = forward(p, streamed).await.is_err();
         }
+        if gone {
+            tracing::info!("client went away mid-stream");
+        }
         match result {
             // Ended or not, an answer whose client left mid-stream reached nobody.
             _ if gone => Err(Failure::ClientGone),
-            Ok(r) => Ok(r),
-            Err(e) if !*streamed => Err(Failure::Remote(e.to_string())),
-            Err(_) if live.is_closed() => Err(Failure::ClientGone),
-            Err(e) => Err(Failure::RemoteInterrupted(e.to_string())),
+            None => Err(Failure::ClientGone),
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) if !*streamed => Err(Failure::Remote(e.to_string())),
+            Some(Err(_)) if live.is_closed() => Err(Failure::ClientGone),
+            Some(Err(e)) => Err(Failure::RemoteInterrupted(e.to_string())),
         }
     }
 
@@ -453,6 +462,7 @@ impl Pipeline {
                         scores: confidence::all_scores(&stats),
                         error: None,
                         time: start.elapsed(),
+                        partial: Some(tokens.iter().map(|t| t.text.as_str()).collect()),
                     };
                     let why = Escalation::EarlyLowConfidence {
                         score,
@@ -568,6 +578,7 @@ impl Pipeline {
             scores: confidence::all_scores(&stats),
             error: None,
             time,
+            partial: None,
         };
         if !*streamed {
             let audit = !low && d.fallback_available && rt.audit_draw();

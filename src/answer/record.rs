@@ -20,7 +20,7 @@ pub fn slm_json(run: &SlmRun, method: Method) -> Value {
         .map(|(m, s)| (m.name().to_string(), json!(s)))
         .collect();
     let mut v = json!({
-        "text": done.map(|d| d.text.as_str()),
+        "text": run.text(),
         "model": run.model,
         "profile": run.profile,
         "confidence": {"score": run.score, "method": method.name(), "scores": scores},

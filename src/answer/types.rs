@@ -595,6 +595,9 @@ pub struct SlmRun {
     pub error: Option<String>,
     /// Wall time in the local model, retries and queueing included.
     pub time: Duration,
+    /// What the model had written when it was stopped before its end (an escalation decided
+    /// early); `done` is then none.
+    pub partial: Option<String>,
 }
 
 impl SlmRun {
@@ -609,7 +612,16 @@ impl SlmRun {
             scores: vec![],
             error: Some(error.to_string()),
             time,
+            partial: None,
         }
+    }
+
+    /// The answer's text: the finished one, or what was written before it was stopped.
+    pub fn text(&self) -> Option<&str> {
+        self.done
+            .as_deref()
+            .map(|d| d.text.as_str())
+            .or(self.partial.as_deref())
     }
 }
 
@@ -733,18 +745,4 @@ pub struct Outcome {
     /// What the SLM did when the request failed after it ran (its own failure, or the chain's
     /// after an escalation); an answer carries its own in [`Answer::slm`].
     pub slm: Option<SlmRun>,
-}
-
-impl Outcome {
-    /// The `route` label of metrics: `slm`, `llm`, or `none` (refused or failed before an
-    /// answer).
-    pub fn route_label(&self) -> &'static str {
-        match (&self.result, self.decision.as_ref().map(|d| &d.selection)) {
-            (Ok(a), _) => a.source.label(),
-            (Err(Failure::RemoteInterrupted(_)), _) => "llm",
-            (Err(Failure::ClientGone), Some(crate::routing::Selection::Llm { .. })) => "llm",
-            (Err(Failure::Interrupted(_) | Failure::ClientGone), _) => "slm",
-            _ => "none",
-        }
-    }
 }

@@ -108,7 +108,13 @@ impl Provider {
     /// open; a half-open circuit's trial is a single attempt. The API key is read from the
     /// environment on every call, so a rotated key is picked up.
     pub fn complete(&self, req: &ChatRequest) -> Result<ChatResponse> {
-        self.run(req, None)
+        if self.config.always_stream {
+            // Read as a stream whose pieces go nowhere: the cancel flag, checked between
+            // them, closes the connection when the caller goes away.
+            let mut sink = |_: Delta| !req.cancelled();
+            return self.run(req, Some(&mut sink), false);
+        }
+        self.run(req, None, false)
     }
 
     /// As [`Provider::complete`], asking for a streamed answer and handing its pieces to `sink`
@@ -118,10 +124,17 @@ impl Provider {
     /// provider that answers with one JSON body instead is taken whole, as one piece.
     /// `timeout_ms` bounds each wait for more bytes rather than the whole answer.
     pub fn stream(&self, req: &ChatRequest, sink: Sink<'_>) -> Result<ChatResponse> {
-        self.run(req, Some(sink))
+        self.run(req, Some(sink), true)
     }
 
-    fn run(&self, req: &ChatRequest, mut sink: Option<Sink<'_>>) -> Result<ChatResponse> {
+    /// `relay`: the sink passes pieces on to a caller (so none may be sent twice: no retry
+    /// once one went out); without it a stream is only a way to read the answer.
+    fn run(
+        &self,
+        req: &ChatRequest,
+        mut sink: Option<Sink<'_>>,
+        relay: bool,
+    ) -> Result<ChatResponse> {
         let key = self.api_key()?;
         let encoded = self.encode(req, key.as_deref(), sink.is_some())?;
         // The configured model's breaker, or the named model's own.
@@ -137,7 +150,7 @@ impl Provider {
             attempt += 1;
             let result = match sink.as_mut() {
                 None => self.attempt(&encoded, req.logprobs),
-                Some(sink) => self.attempt_stream(&encoded, req, &mut **sink),
+                Some(sink) => self.attempt_stream(&encoded, req, &mut **sink, relay),
             };
             match result {
                 Ok(c) => {
@@ -426,6 +439,7 @@ impl Provider {
         encoded: &Encoded,
         req: &ChatRequest,
         sink: Sink<'_>,
+        relay: bool,
     ) -> Result<Completion, Failure> {
         let response = self.send(&self.stream_agent, encoded, "text/event-stream")?;
         let failure = |error| Failure {
@@ -475,7 +489,7 @@ impl Provider {
                 Err(e) => Some(self.transport_error(&e, format!("reading the stream: {e}"))),
             };
             if let Some(e) = error {
-                return Err(failure(self.broken(e, begun)));
+                return Err(failure(self.broken(e, begun && relay)));
             }
             // The last event needs no blank line after it.
             let text = if eof {
@@ -505,7 +519,7 @@ impl Provider {
                         ),
                     },
                 };
-                failure(self.broken(error, begun))
+                failure(self.broken(error, begun && relay))
             })?;
             for p in pieces {
                 if !self.pass(p, &mut begun, asm.model(), req, sink) {
@@ -518,7 +532,7 @@ impl Provider {
                 provider: self.name.clone(),
                 message: "the stream ended before the answer did".into(),
             };
-            return Err(failure(self.broken(e, begun)));
+            return Err(failure(self.broken(e, begun && relay)));
         }
         Ok(asm.completion())
     }

@@ -53,6 +53,12 @@ pub struct ProviderConfig {
     /// `max_tokens` sent when the request sets none (Anthropic requires one).
     #[serde(default = "default_max_tokens")]
     pub max_tokens: u32,
+    /// Ask for a streamed answer even when the caller did not (it is assembled here): a caller
+    /// that goes away then closes the connection, so the provider stops generating, instead
+    /// of leaving a whole answer to finish. Off by default: not every OpenAI-compatible server
+    /// takes `stream_options`.
+    #[serde(default)]
+    pub always_stream: bool,
 }
 
 /// Most retries a provider may be configured with.
@@ -105,6 +111,7 @@ impl ProviderConfig {
             breaker_failures: default_breaker_failures(),
             breaker_cooldown_ms: default_breaker_cooldown_ms(),
             max_tokens: default_max_tokens(),
+            always_stream: false,
         }
     }
 

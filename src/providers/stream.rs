@@ -387,7 +387,10 @@ impl Assembly {
         Completion {
             model: self.model,
             text: self.text,
-            finish_reason: self.finish.unwrap_or_else(|| "unknown".into()),
+            // A stream that ended properly without saying how: it stopped.
+            finish_reason: self
+                .finish
+                .unwrap_or_else(|| if self.done { "stop" } else { "unknown" }.into()),
             usage: self.usage.unwrap_or(Usage {
                 prompt_tokens: 0,
                 completion_tokens: 0,
@@ -489,7 +492,9 @@ impl Sse {
         let line = line.strip_suffix('\n').unwrap_or(line);
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.is_empty() {
-            if !self.has_data && self.event.is_empty() {
+            // An event without data is not dispatched (as the SSE standard has it).
+            if !self.has_data {
+                self.event.clear();
                 return None;
             }
             self.has_data = false;
@@ -531,7 +536,9 @@ mod tests {
 
     #[test]
     fn sse_fields_dispatch_at_blank_lines_and_comments_are_skipped() {
-        let e = events(": keepalive\r\n\r\nevent: a\r\ndata: {\"x\":1}\r\n\r\ndata:b\ndata: c\n\n");
+        let e = events(
+            ": keepalive\r\n\r\nevent: nothing\n\nevent: a\r\ndata: {\"x\":1}\r\n\r\ndata:b\ndata: c\n\n",
+        );
         assert_eq!(
             e,
             vec![

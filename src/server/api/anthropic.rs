@@ -258,12 +258,29 @@ pub fn to_chat(body: &[u8]) -> Result<(Value, bool), ApiError> {
         return Err(invalid("max_tokens: Field required", "max_tokens"));
     };
     if max_tokens == 0 || max_tokens > u64::from(u32::MAX) {
-        return Err(invalid("max_tokens: must be at least 1", "max_tokens"));
+        return Err(invalid(
+            format!("max_tokens: {max_tokens} is not within 1..={}", u32::MAX),
+            "max_tokens",
+        ));
     }
     if r.messages.is_empty() {
         return Err(invalid(
             "messages: at least one message is required",
             "messages",
+        ));
+    }
+    // A last assistant turn asks Anthropic's models to continue its text ("prefill"), which
+    // corral cannot do: refused rather than answered as a new turn.
+    if r.messages.last().is_some_and(|m| m.role == "assistant") {
+        return Err(ApiError::unsupported(
+            &format!("messages.{}", r.messages.len() - 1),
+            "a final assistant message (prefilling the answer) is not supported by corral; end with a user turn",
+        ));
+    }
+    if r.stop_sequences.as_ref().is_some_and(|s| s.len() > 4) {
+        return Err(ApiError::unsupported(
+            "stop_sequences",
+            "stop_sequences: corral supports at most 4",
         ));
     }
     if r.temperature.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
@@ -688,6 +705,9 @@ mod tests {
         assert!(e.message.contains("server tool"), "{}", e.message);
         let e = base(json!({"messages": [{"role": "system", "content": "x"}]}));
         assert!(e.message.contains("top-level `system`"), "{}", e.message);
+        let e = base(json!({"messages": [{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": "The answer is"}]}));
+        assert!(e.message.contains("prefilling"), "{}", e.message);
         let e = base(json!({"frequency": 1}));
         assert!(e
             .message

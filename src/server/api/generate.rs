@@ -429,9 +429,14 @@ fn record(
     // chain that then failed.
     let scored = match &result {
         Ok(a) => a.slm.as_ref().map(|run| (run, a.escalation.is_some())),
-        Err(f) => slm
-            .as_ref()
-            .map(|run| (run, matches!(f, Failure::Remote(_)))),
+        // A chain that failed (before or during its stream) after an escalation: still one.
+        Err(f) => slm.as_ref().map(|run| {
+            let escalated = matches!(
+                f,
+                Failure::Remote(_) | Failure::RemoteInterrupted(_) | Failure::ClientGone
+            );
+            (run, escalated)
+        }),
     };
     let task = decision.as_ref().map(|d| &d.task.task);
     if let Some(((run, escalated), task)) = scored.zip(task) {
@@ -721,7 +726,13 @@ fn stream_live(
             }
             let mut streamed = 0usize;
             while open {
-                let items = match updates.recv().await {
+                // A client that leaves is noticed at once, not at the next piece (a provider
+                // may send none for a long while): dropping the updates tells the pipeline.
+                let update = tokio::select! {
+                    u = updates.recv() => u,
+                    () = tx.closed() => break,
+                };
+                let items = match update {
                     Some(Update::Token(t)) => {
                         if t.text.is_empty() && gen.req.logprobs.is_none() {
                             continue;
