@@ -33,6 +33,7 @@ fn request(constraint: Option<OutputConstraint>, seed: u64) -> GenerateRequest {
         constraint,
         tools: None,
         max_tokens_explicit: false,
+        cache_key: None,
     }
 }
 

@@ -161,6 +161,7 @@ fn main() {
             constraint: None,
             tools: None,
             max_tokens_explicit: false,
+            cache_key: None,
         };
         let done = runner.generate(req, &mut |_| {}).expect("generate");
         let stats: Vec<TokenStat> = done

@@ -738,3 +738,81 @@ fn rope_frequency_factors_as_llama_cpp_applies_them() {
     r.shutdown();
     assert!(worst < 1e-4, "log-probabilities differ by up to {worst}");
 }
+
+/// A long system prompt and a question, as chat messages.
+fn with_system(system: &str, question: &str) -> GenerateRequest {
+    let mut g = greedy_request(
+        Input::Messages(vec![
+            corral_protocol::ChatMessage::new("system", system),
+            corral_protocol::ChatMessage::new("user", question),
+        ]),
+        8,
+    );
+    g.top_logprobs = 2;
+    g
+}
+
+#[test]
+fn a_callers_repeated_prefix_is_reused_and_never_another_callers() {
+    let mut r = start("secure");
+    let system = "You are a careful assistant for a shipping company. ".repeat(24);
+    let ask = |q: &str, key: Option<&str>| {
+        let mut g = with_system(&system, q);
+        g.cache_key = key.map(str::to_string);
+        g
+    };
+    // Without a key nothing is reused (and nothing kept).
+    let cold = r
+        .generate(ask("Where is Oslo?", None), &mut |_| {})
+        .unwrap();
+    assert_eq!(cold.cached_tokens, 0);
+    let first = r
+        .generate(ask("Where is Oslo?", Some("key:a")), &mut |_| {})
+        .unwrap();
+    assert_eq!(first.cached_tokens, 0, "nothing was kept for key a yet");
+    // The same caller, another question after the same system prompt: the prompt up to the
+    // question is reused, and the answer is what it is without reuse.
+    let again = r
+        .generate(ask("Where is Lima?", Some("key:a")), &mut |_| {})
+        .unwrap();
+    let plain = r
+        .generate(ask("Where is Lima?", None), &mut |_| {})
+        .unwrap();
+    assert!(
+        again.cached_tokens as f64 > 0.8 * f64::from(again.prompt_tokens),
+        "{} of {} prompt tokens reused",
+        again.cached_tokens,
+        again.prompt_tokens
+    );
+    assert!(
+        again.prefill_ms < plain.prefill_ms / 3.0,
+        "{} vs {} ms",
+        again.prefill_ms,
+        plain.prefill_ms
+    );
+    assert_eq!(again.text, plain.text);
+    assert_eq!(again.tokens.len(), plain.tokens.len());
+    for (x, y) in again.tokens.iter().zip(&plain.tokens) {
+        assert_eq!(x.token_id, y.token_id);
+        assert!((x.logprob - y.logprob).abs() < 1e-3, "{x:?} vs {y:?}");
+    }
+    // Another caller with the very same prompt reuses nothing of key a's, and takes the state
+    // over: key a's next request starts from scratch too.
+    let _ = r
+        .generate(ask("Where is Lima?", Some("key:a")), &mut |_| {})
+        .unwrap();
+    let other = r
+        .generate(ask("Where is Lima?", Some("key:b")), &mut |_| {})
+        .unwrap();
+    assert_eq!(other.cached_tokens, 0);
+    let back = r
+        .generate(ask("Where is Lima?", Some("key:a")), &mut |_| {})
+        .unwrap();
+    assert_eq!(back.cached_tokens, 0);
+    // An identical prompt reuses all but its last token (which must be fed to answer).
+    let same = r
+        .generate(ask("Where is Lima?", Some("key:a")), &mut |_| {})
+        .unwrap();
+    assert_eq!(same.cached_tokens, same.prompt_tokens - 1);
+    assert_eq!(same.text, plain.text);
+}

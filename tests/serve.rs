@@ -1375,3 +1375,56 @@ fn callers_that_gave_up_free_their_queue_places_and_the_queue_timeout_fires_on_t
         "the queue timeout of 3 s fired after {waited:?}"
     );
 }
+
+#[test]
+fn a_callers_repeated_system_prompt_is_reused_and_not_another_callers() {
+    let beta = "sk-test-beta";
+    let s = serve(&config_text(&format!(
+        "[server.auth.keys.beta]\nsha256 = \"{}\"\nagent = \"beta-agent\"\n",
+        sha_hex(beta)
+    )));
+    let system = "You answer questions about the ports of the North Sea, briefly. ".repeat(20);
+    let ask = |q: &str| {
+        json!({"model": "auto", "temperature": 0, "max_tokens": 4, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": q}]})
+    };
+    let cached = |v: &Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let (code, first, _) = post(
+        &s,
+        "/v1/chat/completions",
+        Some(KEY),
+        ask("Which port is largest?"),
+    );
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(cached(&first), 0);
+    let (_, second, _) = post(
+        &s,
+        "/v1/chat/completions",
+        Some(KEY),
+        ask("Which port is oldest?"),
+    );
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(cached(&second) * 10 > prompt * 8, "{second}");
+    // Another key sends the very same request: nothing of alpha's is reused.
+    let (_, other, _) = post(
+        &s,
+        "/v1/chat/completions",
+        Some(beta),
+        ask("Which port is oldest?"),
+    );
+    assert_eq!(cached(&other), 0, "{other}");
+    // Anthropic's shape counts the reused tokens apart.
+    let body = json!({"model": "auto", "max_tokens": 4, "system": system,
+                      "messages": [{"role": "user", "content": "Which port is busiest?"}]});
+    let (code, m, _) = post(&s, "/v1/messages", Some(beta), body);
+    assert_eq!(code, 200, "{m}");
+    let read = m["usage"]["cache_read_input_tokens"].as_u64().unwrap();
+    assert!(
+        read > 0 && m["usage"]["input_tokens"].as_u64().unwrap() < read,
+        "{m}"
+    );
+}

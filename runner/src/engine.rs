@@ -22,6 +22,9 @@ pub struct Engine {
     pub template: ChatTemplate,
     /// The vocabulary as the grammar library sees it, built on the first constrained request.
     pub grammars: Option<Grammars>,
+    /// The tokens whose state the model holds from the last request, and that request's
+    /// `cache_key`: the next request of the same key starts after their common prefix.
+    pub cached: Option<(String, Vec<u32>)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -204,9 +207,23 @@ impl Engine {
         let mut finish = FinishReason::Length;
         let mut cut_by_stop = false;
 
+        // The longest prefix the previous request of the same key left in the model's state
+        // (one token at least is fed again: its logits start the answer). Taken now: until
+        // this request ends well, the state is nobody's to reuse.
+        let reuse = match (self.cached.take(), &req.cache_key) {
+            (Some((key, done)), Some(k)) if key == *k && self.model.resumable() => done
+                .iter()
+                .zip(&prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len() - 1),
+            _ => 0,
+        };
         let t0 = Instant::now();
-        let mut logits = self.model.forward(&prompt, 0)?;
+        let mut logits = self.model.forward(&prompt[reuse..], reuse)?;
         check_finite("logits", &logits)?;
+        // Tokens of `history` whose state the model holds.
+        let mut fed = prompt.len();
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let mut ttft_ms = 0.0;
         let decode_start = Instant::now();
@@ -274,6 +291,7 @@ impl Engine {
                 if generated < max_new {
                     logits = self.model.forward(&[next], history.len() - 1)?;
                     check_finite("logits", &logits)?;
+                    fed = history.len();
                 }
                 continue;
             }
@@ -328,6 +346,7 @@ impl Engine {
             if generated < max_new {
                 logits = self.model.forward(&[next], history.len() - 1)?;
                 check_finite("logits", &logits)?;
+                fed = history.len();
             }
         }
         // An incomplete character left at the end is part of the answer, unless a stop sequence
@@ -371,6 +390,10 @@ impl Engine {
         }
         let decode_s = decode_start.elapsed().as_secs_f64();
         let completion = tokens.len();
+        if let Some(k) = &req.cache_key {
+            history.truncate(fed);
+            self.cached = Some((k.clone(), history));
+        }
         Ok(Done {
             id: req.id,
             finish_reason: finish,
@@ -387,6 +410,7 @@ impl Engine {
             constraint_ms: constraint_s * 1e3,
             tokens: if req.stream { Vec::new() } else { tokens },
             tool_calls,
+            cached_tokens: reuse as u32,
         })
     }
 

@@ -222,6 +222,7 @@ fn run() -> anyhow::Result<()> {
         tokenizer: tok,
         template,
         grammars: None,
+        cached: None,
     };
     if args.tighten {
         // Everything is in memory now: no further file system access at all.

@@ -177,6 +177,12 @@ impl Model {
         ))
     }
 
+    /// Whether `forward` at a `pos` short of what was fed before continues from the first
+    /// `pos` positions (corral's own kernels keep and cut their KV cache; candle's append).
+    pub fn resumable(&self) -> bool {
+        matches!(self.weights, Weights::Llama(_))
+    }
+
     /// Logits for the last position of `tokens`, fed at position `pos` (0 starts a new sequence
     /// and clears the KV cache).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> anyhow::Result<Vec<f32>> {

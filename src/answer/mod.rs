@@ -48,6 +48,43 @@ pub struct Pipeline {
     /// Build each outcome's audit record (only when an audit log will take it: the record
     /// copies the request and the answer).
     pub audit: bool,
+    /// Whose prompt state runners reuse for whom (`server.pool.prefix_cache`,
+    /// `prefix_cache_shared`).
+    pub prefix_cache: PrefixCache,
+}
+
+/// Which requests may reuse the prompt state a runner kept from the one before.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixCache {
+    pub scope: crate::pool::PrefixScope,
+    /// Models whose runners share it across callers.
+    pub shared: Vec<String>,
+}
+
+impl PrefixCache {
+    /// The key a runner compares (`None`: no reuse): the caller's API key alias (else its
+    /// agent, else the one anonymous caller of a server without keys), its team, or one key
+    /// for every caller of a shared model.
+    pub fn key(&self, caller: &Caller, model: &str) -> Option<String> {
+        if self.shared.iter().any(|m| m == model) {
+            return Some("shared".into());
+        }
+        let who = || match (&caller.key_alias, &caller.agent) {
+            (Some(k), _) => format!("key:{k}"),
+            (None, Some(a)) => format!("agent:{a}"),
+            (None, None) => "anonymous".into(),
+        };
+        match self.scope {
+            crate::pool::PrefixScope::Off => None,
+            crate::pool::PrefixScope::Key => Some(who()),
+            crate::pool::PrefixScope::Team => Some(
+                caller
+                    .team
+                    .as_ref()
+                    .map_or_else(who, |t| format!("team:{t}")),
+            ),
+        }
+    }
 }
 
 /// The calls of a local answer in OpenAI's shape (`call_` ids, arguments as a JSON string),
@@ -185,7 +222,7 @@ impl Pipeline {
             Err(f) => (None, Err(f), None),
             Ok(()) => {
                 let d = self.router.decide(&req.context(caller));
-                let (result, slm) = self.follow(&d, req, updates, &mut streamed).await;
+                let (result, slm) = self.follow(&d, caller, req, updates, &mut streamed).await;
                 (Some(d), result, slm)
             }
         };
@@ -214,6 +251,7 @@ impl Pipeline {
     async fn follow(
         &self,
         d: &RouteDecision,
+        caller: &Caller,
         req: &Request,
         updates: Option<&mpsc::Sender<Update>>,
         streamed: &mut bool,
@@ -231,7 +269,9 @@ impl Pipeline {
                 None,
             ),
             Selection::Slm { model, profile } => {
-                self.local(d, req, model, profile, updates, streamed).await
+                let key = self.prefix_cache.key(caller, model);
+                self.local(d, req, key, model, profile, updates, streamed)
+                    .await
             }
         }
     }
@@ -273,6 +313,7 @@ impl Pipeline {
             finish_reason: r.finish_reason,
             prompt_tokens: r.usage.prompt_tokens,
             completion_tokens: r.usage.completion_tokens,
+            cached_tokens: 0,
             tokens: vec![],
             tool_calls: r.tool_calls,
             field_confidence: None,
@@ -365,10 +406,12 @@ impl Pipeline {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn local(
         &self,
         d: &RouteDecision,
         req: &Request,
+        cache_key: Option<String>,
         model: &str,
         profile: &str,
         updates: Option<&mpsc::Sender<Update>>,
@@ -420,7 +463,10 @@ impl Pipeline {
             })
         };
         for attempt in 0..2 {
-            let mut rx = match self.submit(model, profile, req, attempt > 0).await {
+            let mut rx = match self
+                .submit(model, profile, req, cache_key.clone(), attempt > 0)
+                .await
+            {
                 Ok(rx) => rx,
                 // A model that cannot be run here fails like a runner that could not start
                 // (escalated when the decision allows), not retried.
@@ -624,6 +670,7 @@ impl Pipeline {
             finish_reason: finish.into(),
             prompt_tokens,
             completion_tokens,
+            cached_tokens: run.done.as_deref().map_or(0, |d| d.cached_tokens),
             field_confidence,
             tokens,
             tool_calls,
@@ -688,11 +735,14 @@ impl Pipeline {
         model: &str,
         profile: &str,
         req: &Request,
+        cache_key: Option<String>,
         retry: bool,
     ) -> Result<mpsc::UnboundedReceiver<Event>, Failure> {
         let since = Instant::now();
         loop {
-            match self.local.submit(model, profile, req.runner_request()) {
+            let mut g = req.runner_request();
+            g.cache_key.clone_from(&cache_key);
+            match self.local.submit(model, profile, g) {
                 Ok(rx) => return Ok(rx),
                 Err(SubmitError::Full {
                     queue_timeout,

@@ -149,6 +149,7 @@ impl LocalModel for ScriptedModel {
                     constraint_ms: 0.0,
                     tokens: vec![],
                     tool_calls: calls,
+                    cached_tokens: 0,
                 };
                 let ready = Ready {
                     architecture: "scripted".into(),

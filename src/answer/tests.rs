@@ -52,6 +52,7 @@ fn case(toml_text: &str, scripts: Vec<Script>) -> Case {
         local: local.clone(),
         remote: remote.clone(),
         audit: true,
+        prefix_cache: Default::default(),
     };
     Case {
         local,

@@ -346,6 +346,7 @@ impl Request {
             constraint: self.constraint(),
             tools: self.runner_tools(),
             max_tokens_explicit: self.max_tokens_explicit,
+            cache_key: None,
         }
     }
 
@@ -640,6 +641,9 @@ pub struct Answer {
     pub finish_reason: String,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens whose state the runner reused from the caller's previous request
+    /// (`server.pool.prefix_cache`), included in `prompt_tokens`.
+    pub cached_tokens: u32,
     /// The SLM's tokens (log-probabilities; empty for a remote answer).
     pub tokens: Vec<TokenInfo>,
     /// The calls the model made, in OpenAI's shape (`finish_reason` is then `tool_calls`).

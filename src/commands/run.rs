@@ -277,6 +277,7 @@ pub fn run_with(
         local,
         remote: Arc::new(Providers::from_config(&config.providers)),
         audit: audit_log.is_some(),
+        prefix_cache: Default::default(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -41,7 +41,7 @@ use crate::profile::Profile;
 use crate::sandbox::{HostSupport, LimitHit, SandboxConfig, SandboxError};
 use crate::slm::runner::{Runner, RunnerError, RunnerSpec};
 use queue::JobQueue;
-pub use settings::{PoolConfig, RawPool};
+pub use settings::{PoolConfig, PrefixScope, RawPool};
 
 /// What a worker tells the request that submitted a job.
 #[derive(Debug)]

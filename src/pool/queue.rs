@@ -182,6 +182,7 @@ mod tests {
             constraint: None,
             tools: None,
             max_tokens_explicit: false,
+            cache_key: None,
         };
         (
             Job {

@@ -21,6 +21,22 @@ pub struct RawPool {
     pub queue_timeout_seconds: u64,
     /// Restart a runner after this many requests (0: never).
     pub recycle_after_requests: u64,
+    /// Whose prompt state a runner reuses for whom: `key` (default: a request reuses only what
+    /// the previous request of the same API key left), `team`, or `off`.
+    pub prefix_cache: PrefixScope,
+    /// Models whose runners reuse prompt state across callers (an operator's opt-in: a caller
+    /// can then tell from timing whether another sent the same prefix).
+    pub prefix_cache_shared: Vec<String>,
+}
+
+/// `server.pool.prefix_cache`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrefixScope {
+    #[default]
+    Key,
+    Team,
+    Off,
 }
 
 impl Default for RawPool {
@@ -32,6 +48,8 @@ impl Default for RawPool {
             queue_depth: 32,
             queue_timeout_seconds: 30,
             recycle_after_requests: 0,
+            prefix_cache: PrefixScope::Key,
+            prefix_cache_shared: vec![],
         }
     }
 }
@@ -44,6 +62,8 @@ pub struct PoolConfig {
     pub queue_depth: usize,
     pub queue_timeout: Duration,
     pub recycle_after: Option<u64>,
+    pub prefix_cache: PrefixScope,
+    pub prefix_cache_shared: Vec<String>,
 }
 
 impl Default for PoolConfig {
@@ -56,6 +76,8 @@ impl Default for PoolConfig {
             queue_depth: 32,
             queue_timeout: Duration::from_secs(30),
             recycle_after: None,
+            prefix_cache: PrefixScope::Key,
+            prefix_cache_shared: vec![],
         })
     }
 }
@@ -73,6 +95,14 @@ pub fn compile_pool(
             "must be > 0".into(),
         ));
     }
+    for (i, m) in raw.prefix_cache_shared.iter().enumerate() {
+        if !model_exists(m) {
+            return Err((
+                format!("server.pool.prefix_cache_shared[{i}]"),
+                format!("model '{m}' is not in the catalog"),
+            ));
+        }
+    }
     for (i, m) in raw.warm.iter().enumerate() {
         if !model_exists(m) {
             return Err((
@@ -89,5 +119,7 @@ pub fn compile_pool(
         queue_depth: raw.queue_depth,
         queue_timeout: Duration::from_secs(raw.queue_timeout_seconds),
         recycle_after: (raw.recycle_after_requests > 0).then_some(raw.recycle_after_requests),
+        prefix_cache: raw.prefix_cache,
+        prefix_cache_shared: raw.prefix_cache_shared.clone(),
     })
 }

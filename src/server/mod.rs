@@ -158,6 +158,10 @@ impl State {
             local,
             remote: live.remote.clone(),
             audit: self.audit.is_some(),
+            prefix_cache: crate::answer::PrefixCache {
+                scope: live.config.server.pool.prefix_cache,
+                shared: live.config.server.pool.prefix_cache_shared.clone(),
+            },
         }
     }
 

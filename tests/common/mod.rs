@@ -238,6 +238,7 @@ pub fn greedy_request(
         constraint: None,
         tools: None,
         max_tokens_explicit: false,
+        cache_key: None,
     }
 }
 

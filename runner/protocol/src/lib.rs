@@ -70,6 +70,11 @@ pub struct GenerateRequest {
     /// shorter answer.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub max_tokens_explicit: bool,
+    /// Whose prompt this is, for reusing the model's state of an earlier prompt's common
+    /// prefix: only a request with the same key may reuse what the previous one left (none:
+    /// no reuse, and nothing is kept for later requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
 }
 
 /// The functions offered to the model, and how it may use them.
@@ -319,6 +324,14 @@ pub struct Done {
     /// function's schema.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCall>,
+    /// Prompt tokens whose state was reused from the previous request of the same
+    /// `cache_key` (not computed again); included in `prompt_tokens`.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub cached_tokens: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -478,6 +491,7 @@ mod tests {
             constraint: None,
             tools: None,
             max_tokens_explicit: false,
+            cache_key: None,
         }));
         let mut buf = Vec::new();
         write_frame(&mut buf, &req).unwrap();

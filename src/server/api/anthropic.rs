@@ -427,8 +427,13 @@ fn tool_uses(a: &Answer) -> Vec<Value> {
         .collect()
 }
 
+/// Anthropic counts tokens read from a cache apart from `input_tokens`.
 fn usage(a: &Answer) -> Value {
-    json!({"input_tokens": a.prompt_tokens, "output_tokens": a.completion_tokens})
+    json!({
+        "input_tokens": a.prompt_tokens.saturating_sub(a.cached_tokens),
+        "cache_read_input_tokens": a.cached_tokens,
+        "output_tokens": a.completion_tokens,
+    })
 }
 
 /// The whole answer as a `message` object.

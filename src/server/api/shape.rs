@@ -119,6 +119,7 @@ pub fn usage_json(a: &Answer) -> Value {
         "prompt_tokens": a.prompt_tokens,
         "completion_tokens": a.completion_tokens,
         "total_tokens": a.prompt_tokens + a.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": a.cached_tokens},
     })
 }
 
