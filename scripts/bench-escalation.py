@@ -14,6 +14,11 @@ same streamed prompts (`max_tokens` 96, temperature 0):
   corral: streamed         the SLM runs to its end, the remote answer is relayed as it arrives
   corral: decided early    the SLM is cancelled once its score cannot reach 0.5
                            (routing.llm_fallback.decide_early), the remote answer relayed
+  corral: window           streaming = "window": the first 16 tokens held, then streamed
+
+and, with a threshold every answer passes (the SLM's answers kept), how long the client waits
+for the first byte when the answer is held (`buffer`), held for 16 tokens (`window`), or sent
+as it comes (`stream`).
 
     python3 scripts/bench-escalation.py [ROUNDS]   # installs litellm[proxy] from PyPI if missing
 
@@ -163,7 +168,7 @@ def measure(port, model):
     return med(ttfb), med(total), escalated, len(ttfb)
 
 
-def corral(tmp, up_port, decide_early):
+def corral(tmp, up_port, decide_early, threshold=0.5, streaming=None):
     port = free_port()
     cfg = os.path.join(tmp, f"corral-{port}.toml")
     with open(cfg, "w") as f:
@@ -181,9 +186,11 @@ max_retries = 0
 providers = ["remote"]
 decide_early = {"true" if decide_early else "false"}
 [routing.confidence_thresholds]
-default = 0.5
+default = {threshold}
 method = "minimum"
 """)
+        if streaming:
+            f.write(f'[routing]\ndefault_action = {{ type = "prefer_slm", streaming = "{streaming}" }}\n')
     exe = os.path.join(ROOT, "target/release/corral")
     p = subprocess.Popen([exe, "--config", cfg, "serve"], env=dict(os.environ, CORRAL_LOG="warn"),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -229,9 +236,15 @@ def main():
         rows.append(("direct upstream", measure(streamed, "remote-large")))
         wait_http(lport, "/health/liveliness")
         rows.append(("LiteLLM proxy (remote only)", measure(lport, "remote")))
-        for name, up, early in [("corral: whole", whole, False), ("corral: streamed", streamed, False),
-                                ("corral: decided early", streamed, True)]:
-            port, p = corral(tmp, up, early)
+        runs = [("corral: whole", whole, False, 0.5, None), ("corral: streamed", streamed, False, 0.5, None),
+                ("corral: decided early", streamed, True, 0.5, None),
+                ("corral: window (16 tokens)", streamed, True, 0.5, "window"),
+                # Answers the SLM keeps (a threshold they all pass): how long the client waits.
+                ("kept: buffer", streamed, True, 1e-9, "buffer"),
+                ("kept: window (16 tokens)", streamed, True, 1e-9, "window"),
+                ("kept: stream", streamed, True, 1e-9, "stream")]
+        for name, up, early, threshold, mode in runs:
+            port, p = corral(tmp, up, early, threshold, mode)
             try:
                 rows.append((name, measure(port, "auto")))
             finally:
@@ -244,7 +257,7 @@ def main():
           f"provider: first chunk after {FIRST_S * 1e3:.0f} ms, then {PIECES - 1} every {EVERY_S * 1e3:.0f} ms")
     print(f"{'path':<30}{'TTFB p50 ms':>13}{'total p50 ms':>14}{'escalated':>11}")
     for name, (a, b, e, n) in rows:
-        esc = f"{e}/{n}" if name.startswith("corral") else "-"
+        esc = f"{e}/{n}" if name.startswith(("corral", "kept")) else "-"
         print(f"{name:<30}{a:13.0f}{b:14.0f}{esc:>11}")
     base = dict(rows)["corral: whole"]
     for name in ("corral: streamed", "corral: decided early"):

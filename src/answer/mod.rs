@@ -439,11 +439,16 @@ impl Pipeline {
         let method = rt.method;
         let need = d.confidence_required.unwrap_or(0.0);
         let escalate_low = d.fallback_available && rt.on_low_confidence && need > 0.0;
-        // Held back while it may still be replaced, unless the deciding policy says otherwise.
-        let buffer = match d.streaming {
-            Some(Streaming::Buffer) => true,
-            Some(Streaming::Stream) => false,
-            None => escalate_low || (d.fallback_available && rt.audit_rate > 0.0),
+        // Held back while it may still be replaced, unless the deciding policy says otherwise;
+        // `window`: tokens held before a live stream starts.
+        let (buffer, window) = match d.streaming {
+            Some(Streaming::Buffer) => (true, 0),
+            Some(Streaming::Stream) => (false, 0),
+            Some(Streaming::Window) => (false, rt.stream_window_tokens.max(1) as usize),
+            None => (
+                escalate_low || (d.fallback_available && rt.audit_rate > 0.0),
+                0,
+            ),
         };
         // An answer that may be a call is read whole: a call goes out only complete and checked.
         let live = updates.filter(|_| req.stream && !buffer && !req.may_call());
@@ -453,14 +458,15 @@ impl Pipeline {
         let mut got = None;
         // A held answer that may be escalated for its score is scored as it comes.
         let early = || {
-            (buffer && escalate_low && (rt.decide_early || rt.early_floor > 0.0)).then(|| Early {
-                running: confidence::Running::new(method),
-                threshold: f64::from(need),
-                max_tokens: req.max_tokens as usize,
-                decide: rt.decide_early,
-                floor: rt.early_floor,
-                floor_after: rt.early_floor_min_tokens as usize,
-            })
+            ((buffer || window > 0) && escalate_low && (rt.decide_early || rt.early_floor > 0.0))
+                .then(|| Early {
+                    running: confidence::Running::new(method),
+                    threshold: f64::from(need),
+                    max_tokens: req.max_tokens as usize,
+                    decide: rt.decide_early,
+                    floor: rt.early_floor,
+                    floor_after: rt.early_floor_min_tokens as usize,
+                })
         };
         for attempt in 0..2 {
             let mut rx = match self
@@ -481,6 +487,7 @@ impl Pipeline {
             match collect(
                 &mut rx,
                 live,
+                window,
                 early.as_mut(),
                 model,
                 profile,
@@ -797,9 +804,11 @@ pub fn finish_reason(f: FinishReason) -> &'static str {
 /// token goes out as it comes; a closed `live` receiver cancels the job (closing its channel,
 /// which the pool worker sees) and waits for the worker to let go. With `early`, each token is
 /// scored as it comes and the job is cancelled as soon as the answer is decided low.
+#[allow(clippy::too_many_arguments)]
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<Event>,
     live: Option<&mpsc::Sender<Update>>,
+    hold: usize,
     mut early: Option<&mut Early>,
     model: &str,
     profile: &str,
@@ -811,26 +820,8 @@ async fn collect(
     loop {
         match rx.recv().await {
             Some(Event::Token(t)) => {
-                if let (Some(tx), false) = (live, gone) {
-                    let mut ok = true;
-                    if !started {
-                        started = true;
-                        ok = tx
-                            .send(Update::Streaming {
-                                model: model.to_string(),
-                                profile: profile.to_string(),
-                                policies: policies.to_vec(),
-                            })
-                            .await
-                            .is_ok();
-                    }
-                    if !ok || tx.send(Update::Token(t.clone())).await.is_err() {
-                        tracing::info!("client went away mid-stream");
-                        gone = true;
-                        rx.close();
-                    }
-                }
-                if let Some(e) = early.as_deref_mut() {
+                // Until the answer goes out, it is scored as it comes.
+                if let Some(e) = early.as_deref_mut().filter(|_| !started) {
                     if !t.forced {
                         e.running.push(confidence::TokenStat::from(&t));
                     }
@@ -847,6 +838,33 @@ async fn collect(
                     }
                 }
                 tokens.push(t);
+                if let (Some(tx), false) = (live, gone) {
+                    // The stream starts once `hold` tokens passed, with every token so far.
+                    let from = if started {
+                        tokens.len() - 1
+                    } else if tokens.len() >= hold.max(1) {
+                        started = true;
+                        let begin = Update::Streaming {
+                            model: model.to_string(),
+                            profile: profile.to_string(),
+                            policies: policies.to_vec(),
+                        };
+                        gone = tx.send(begin).await.is_err();
+                        0
+                    } else {
+                        tokens.len()
+                    };
+                    for t in tokens[from..].iter().filter(|_| started) {
+                        if gone || tx.send(Update::Token(t.clone())).await.is_err() {
+                            gone = true;
+                            break;
+                        }
+                    }
+                    if gone {
+                        tracing::info!("client went away mid-stream");
+                        rx.close();
+                    }
+                }
             }
             Some(Event::Done(done, ready)) if !gone => {
                 return Attempt::Done {

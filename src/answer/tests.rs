@@ -545,6 +545,57 @@ fn a_held_answer_is_escalated_as_soon_as_its_score_cannot_pass() {
 }
 
 #[test]
+fn a_window_stream_comes_from_whichever_model_answers() {
+    let mut r = req("Name a colour.");
+    r.stream = true;
+    let window = |n: u32| {
+        format!(
+            "{}method = \"minimum\"\n[routing]\ndefault_action = {{ type = \"prefer_slm\", streaming = \"window\" }}\n",
+            FALLBACK.replace(
+                "providers = [\"remote\"]",
+                &format!("providers = [\"remote\"]\nstream_window_tokens = {n}")
+            )
+        )
+    };
+    // Decided low on its first token, inside the window: the client sees only the remote
+    // answer, streamed.
+    let c = case(&window(4), vec![bad_start()]);
+    let (o, ups) = streamed(&c, &r, false);
+    assert!(o.streamed);
+    assert!(
+        !ups.iter()
+            .any(|u| matches!(u, Update::Token(_) | Update::Streaming { .. })),
+        "{ups:?}"
+    );
+    assert!(matches!(&ups[0], Update::RemoteStreaming { .. }), "{ups:?}");
+    assert_eq!(
+        o.result.unwrap().escalation.unwrap().kind(),
+        "low_confidence_early"
+    );
+    // A confident answer passes the window of 2 and streams from there: the held tokens first.
+    let c = case(&window(2), vec![sure()]);
+    let (o, ups) = streamed(&c, &r, false);
+    assert!(
+        o.streamed && matches!(&ups[0], Update::Streaming { .. }),
+        "{ups:?}"
+    );
+    let text: String = ups
+        .iter()
+        .filter_map(|u| match u {
+            Update::Token(t) => Some(t.text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, "Teal it is.");
+    assert_eq!(c.remote.called(), 0);
+    // One shorter than the window is held whole and decided as a buffered one.
+    let c = case(&window(16), vec![sure()]);
+    let (o, ups) = streamed(&c, &r, false);
+    assert!(!o.streamed && ups.is_empty(), "{ups:?}");
+    assert_eq!(o.result.unwrap().text, "Teal it is.");
+}
+
+#[test]
 fn a_stream_ends_with_its_failure_and_a_gone_client_cancels_it() {
     let mut r = req("Name a colour.");
     r.stream = true;

@@ -141,6 +141,8 @@ pub struct RawLlmFallback {
     /// `early_floor_min_tokens` tokens (0: off). A heuristic: the answer might have recovered.
     pub early_floor: f32,
     pub early_floor_min_tokens: u32,
+    /// Tokens a `streaming = "window"` answer is held for before it streams.
+    pub stream_window_tokens: u32,
 }
 
 impl Default for RawLlmFallback {
@@ -152,6 +154,7 @@ impl Default for RawLlmFallback {
             decide_early: true,
             early_floor: 0.0,
             early_floor_min_tokens: 8,
+            stream_window_tokens: 16,
         }
     }
 }
@@ -243,6 +246,7 @@ pub struct Router {
     pub decide_early: bool,
     pub early_floor: f32,
     pub early_floor_min_tokens: u32,
+    pub stream_window_tokens: u32,
     pub audit_rate: f64,
     slm_enabled: bool,
     catalog_profiles: BTreeMap<String, Option<String>>,
@@ -363,6 +367,12 @@ impl Router {
             "routing.llm_fallback.early_floor".into(),
             raw.llm_fallback.early_floor,
         )?;
+        if raw.llm_fallback.stream_window_tokens == 0 {
+            return e(
+                "routing.llm_fallback.stream_window_tokens",
+                "must be at least 1".into(),
+            );
+        }
         if raw.llm_fallback.early_floor_min_tokens == 0 {
             return e(
                 "routing.llm_fallback.early_floor_min_tokens",
@@ -627,6 +637,7 @@ impl Router {
             decide_early: raw.llm_fallback.decide_early,
             early_floor: raw.llm_fallback.early_floor,
             early_floor_min_tokens: raw.llm_fallback.early_floor_min_tokens,
+            stream_window_tokens: raw.llm_fallback.stream_window_tokens,
             audit_rate: raw.confidence_thresholds.audit_rate,
             slm_enabled: cx.slm_enabled,
             catalog_profiles: cx

@@ -80,6 +80,11 @@ pub enum Streaming {
     /// Send tokens as they come; a low score can then no longer escalate (the answer is
     /// delivered), and the final chunk says `below_threshold`.
     Stream,
+    /// Hold the first `routing.llm_fallback.stream_window_tokens` tokens: an answer decided
+    /// low within them (`decide_early`, `early_floor`) is replaced by the remote one without
+    /// the client seeing any of it; one that gets past them streams from there on and can no
+    /// longer be replaced. One continuous stream from whichever model answers.
+    Window,
 }
 
 /// What a rule (or the default) decides.
