@@ -1075,13 +1075,14 @@ fn stream_pieces<T>(
     stop_after: Option<&str>,
     after: impl FnOnce() -> T,
 ) -> (axum::http::HeaderMap, Vec<(std::time::Duration, String)>, T) {
-    stream_pieces_at(st, "/v1/chat/completions", body, stop_after, after)
+    stream_pieces_at(st, "/v1/chat/completions", None, body, stop_after, after)
 }
 
 /// `stream_pieces` posting to `path`.
 fn stream_pieces_at<T>(
     st: &Arc<State>,
     path: &str,
+    key: Option<&str>,
     body: &Value,
     stop_after: Option<&str>,
     after: impl FnOnce() -> T,
@@ -1094,10 +1095,11 @@ fn stream_pieces_at<T>(
         .unwrap();
     let (headers, pieces) = rt.block_on(async {
         let t0 = std::time::Instant::now();
-        let r = HttpRequest::post(path)
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
+        let mut r = HttpRequest::post(path).header("content-type", "application/json");
+        if let Some(k) = key {
+            r = r.header("authorization", format!("Bearer {k}"));
+        }
+        let r = r.body(Body::from(body.to_string())).unwrap();
         let resp = app(st.clone()).oneshot(r).await.unwrap();
         let headers = resp.headers().clone();
         let mut data = resp.into_body().into_data_stream();
@@ -1238,7 +1240,7 @@ fn v1_messages_relays_a_remote_stream_as_anthropic_events() {
     let body = json!({"model": "auto", "max_tokens": 64, "stream": true,
                       "system": "Be brief.",
                       "messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is the sea?"}]}]});
-    let (h, pieces, ()) = stream_pieces_at(&st, "/v1/messages", &body, None, || ());
+    let (h, pieces, ()) = stream_pieces_at(&st, "/v1/messages", None, &body, None, || ());
     assert_eq!(h["x-corral-route"], "llm");
     assert_eq!(h["x-corral-escalated"], "true");
     let first = pieces.iter().find(|(_, t)| t.contains("Remote")).unwrap();
@@ -1346,4 +1348,43 @@ fn v1_messages_answers_locally_and_errs_in_anthropics_format() {
             .contains("max_tokens"),
         "{e}"
     );
+}
+
+#[test]
+fn leaving_a_stream_before_its_end_is_charged_to_the_budget() {
+    use sha2::Digest;
+    let ms = std::time::Duration::from_millis;
+    let mut parts = vec![(ms(0), openai_chunk("Remote"))];
+    parts.extend((0..60).map(|_| (ms(20), openai_chunk(" more"))));
+    parts.push((ms(0), openai_stream_end()));
+    let remote = fake_stream(parts);
+    let hex: String = sha2::Sha256::digest(b"small-key")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let extra = format!("[server.auth.keys.small]\nsha256 = \"{hex}\"\ntokens_per_minute = 30\n");
+    let (_d, cfg) = config_at(Some(&remote.url), &extra);
+    let st = State::with_local(
+        cfg,
+        Sources::default(),
+        Arc::new(ScriptedModel::new(vec![])),
+    )
+    .unwrap();
+    // A 160-character prompt: about 40 tokens, more than the key's 30 a minute.
+    let mut body = streamed_request();
+    body["model"] = json!("remote/remote-large");
+    body["messages"][0]["content"] = json!("Tell me about the sea. ".repeat(7));
+    let (_, pieces, ()) = stream_pieces_at(
+        &st,
+        "/v1/chat/completions",
+        Some("small-key"),
+        &body,
+        Some("Remote"),
+        || std::thread::sleep(ms(300)),
+    );
+    assert!(pieces.iter().any(|(_, t)| t.contains("Remote")));
+    // Nothing came back with a usage, yet the next request finds the budget spent.
+    let (status, _, text) = rt().block_on(post_with(&st, Some("small-key"), &body));
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("token_budget_exceeded"), "{text}");
 }

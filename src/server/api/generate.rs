@@ -725,6 +725,8 @@ fn stream_live(
                 open = open && tx.send(item).await.is_ok();
             }
             let mut streamed = 0usize;
+            // Tokens (a runner's) or pieces (a provider's, about a token each) sent.
+            let mut sent = 0u64;
             while open {
                 // A client that leaves is noticed at once, not at the next piece (a provider
                 // may send none for a long while): dropping the updates tells the pipeline.
@@ -734,6 +736,7 @@ fn stream_live(
                 };
                 let items = match update {
                     Some(Update::Token(t)) => {
+                        sent += 1;
                         if t.text.is_empty() && gen.req.logprobs.is_none() {
                             continue;
                         }
@@ -741,6 +744,7 @@ fn stream_live(
                         c.token(&t)
                     }
                     Some(Update::Piece(Delta::Text { text, logprobs })) => {
+                        sent += 1;
                         streamed += text.len();
                         c.text(&text, logprobs.as_deref())
                     }
@@ -792,11 +796,19 @@ fn stream_live(
                         let _ = tx.send(item).await;
                     }
                 }
-                (Err(Failure::ClientGone), _) => {}
                 (Err(f), _) => {
-                    // Bytes already reached the client: nothing can be retried. End the stream
-                    // with an error event rather than a silent truncation.
-                    let _ = tx.send(c.error(&api_error(&f))).await;
+                    // A stream that ended badly used tokens all the same: the caller's budget
+                    // is charged what went out and the prompt, estimated (no usage came), so
+                    // leaving just before the end is no way around a budget.
+                    let prompt: usize = gen.req.messages.iter().map(|m| m.content.len()).sum();
+                    state
+                        .budgets
+                        .charge(&gen.caller, sent + (prompt / 4) as u64);
+                    if f != Failure::ClientGone {
+                        // Bytes already reached the client: nothing can be retried. End the
+                        // stream with an error event rather than a silent truncation.
+                        let _ = tx.send(c.error(&api_error(&f))).await;
+                    }
                 }
                 (Ok(_), None) => {}
             }
