@@ -28,7 +28,6 @@ import asyncio
 import http.client
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -36,6 +35,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from bench_common import cpu, free_port, wait_http
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,28 +103,6 @@ def start_upstream(whole):
 
     threading.Thread(target=run, daemon=True).start()
     return port
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_http(port, path, timeout=180):
-    t = time.time()
-    while time.time() - t < timeout:
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", path)
-            if c.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"nothing ready on port {port}{path}")
 
 
 def one(port, model, prompt):
@@ -196,17 +175,6 @@ method = "minimum"
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(port, "/readyz")
     return port, p
-
-
-def cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():

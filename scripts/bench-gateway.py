@@ -27,6 +27,8 @@ import tempfile
 import threading
 import time
 
+from bench_common import free_port, wait_http as wait_ready
+
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 500
 KEY = "sk-bench-7f3a9c2e5b1d4f6a8e0c2b4d6f8a0c1e"  # LiteLLM's master key; corral on loopback ignores it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,26 +110,8 @@ def wrk(port):
     return rps, pct.get("50%"), pct.get("99%")
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_http(port, path, timeout=120):
-    t = time.time()
-    while time.time() - t < timeout:
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", path)
-            if c.getresponse().status < 500:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"nothing answered on port {port}{path}")
+def wait_http(port, path):
+    wait_ready(port, path, timeout=120, ok=lambda status: status < 500)
 
 
 def measure(port, path, n, model):

@@ -20,13 +20,13 @@ Needs target/release/corral, the default model (scripts/fetch-model.sh) and llam
 import http.client
 import json
 import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from bench_common import cpu, free_port, wait_http
 
 QUESTIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,28 +37,6 @@ SYSTEM = " ".join(
 ASK = ["Where is shipment 7?", "Which vessel carries shipment 12?", "Is shipment 3 late?",
        "Where was shipment 44 loaded?", "Who handles shipment 21?", "When does shipment 9 arrive?",
        "Is shipment 30 insured?", "What port is shipment 18 bound for?"]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_ready(port, timeout=180):
-    t = time.time()
-    while time.time() - t < timeout:
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/readyz")
-            if c.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"corral on {port} never became ready")
 
 
 def corral_ttft(port, question):
@@ -104,7 +82,7 @@ def corral_row(scope):
                          env=dict(os.environ, CORRAL_LOG="warn"),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(port)
+        wait_http(port, "/readyz")
         turns = [corral_ttft(port, ASK[i % len(ASK)]) for i in range(QUESTIONS)]
     finally:
         p.terminate()
@@ -127,17 +105,6 @@ def llama_row():
                 first = time.perf_counter() - t
         out.append(first if first is not None else time.perf_counter() - t)
     return out
-
-
-def cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():
