@@ -59,6 +59,15 @@ pub struct ProviderConfig {
     /// takes `stream_options`.
     #[serde(default)]
     pub always_stream: bool,
+    /// Ask an OpenAI-compatible provider's streams for their usage (`stream_options:
+    /// {"include_usage": true}`). Off for a server that refuses the field; its streamed
+    /// answers then count no tokens.
+    #[serde(default = "default_stream_usage")]
+    pub stream_usage: bool,
+}
+
+fn default_stream_usage() -> bool {
+    true
 }
 
 /// Most retries a provider may be configured with.
@@ -112,6 +121,7 @@ impl ProviderConfig {
             breaker_cooldown_ms: default_breaker_cooldown_ms(),
             max_tokens: default_max_tokens(),
             always_stream: false,
+            stream_usage: true,
         }
     }
 

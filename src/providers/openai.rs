@@ -74,7 +74,8 @@ pub(super) fn body_for(
         parallel_tool_calls: req.parallel_tool_calls,
         response_format: req.response_format.as_ref(),
         stream,
-        stream_options: stream.then(|| serde_json::json!({"include_usage": true})),
+        stream_options: (stream && cfg.stream_usage)
+            .then(|| serde_json::json!({"include_usage": true})),
     })
 }
 
@@ -196,6 +197,21 @@ mod tests {
                 "max_tokens": 1024
             })
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_stream_asks_for_its_usage_unless_the_provider_refuses_the_field() -> serde_json::Result<()>
+    {
+        let mut cfg = ProviderConfig::new(ProviderKind::Openai, "http://h/v1", "gpt-x");
+        let req = ChatRequest::default();
+        let v: serde_json::Value = serde_json::from_str(&body_for(&cfg, &req, true)?)?;
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        cfg.stream_usage = false;
+        let v: serde_json::Value = serde_json::from_str(&body_for(&cfg, &req, true)?)?;
+        assert_eq!(v["stream"], true);
+        assert!(v.get("stream_options").is_none());
         Ok(())
     }
 
