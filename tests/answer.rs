@@ -1177,6 +1177,13 @@ fn an_escalated_stream_relays_the_remote_answer_as_it_arrives() {
         ),
         "{m}"
     );
+    // The local answer it replaced was computed too: counted as local tokens.
+    assert!(
+        m.contains(
+            "corral_tokens_total{model=\"smollm2-135m-instruct\",route=\"slm\",kind=\"completion\"} 2"
+        ),
+        "{m}"
+    );
 }
 
 #[test]

@@ -538,6 +538,22 @@ fn record(
 fn tokens(state: &State, caller: &Identity, a: &Answer, route: &str, sent: Option<&str>) {
     let (p, c) = (u64::from(a.prompt_tokens), u64::from(a.completion_tokens));
     state.budgets.charge(caller, p + c);
+    // The local answer an escalation replaced was computed too: charged and counted as local.
+    let replaced = a
+        .slm
+        .as_ref()
+        .filter(|_| a.source == crate::answer::Source::Llm);
+    if let Some((run, d)) = replaced.and_then(|r| r.done.as_deref().map(|d| (r, d))) {
+        let (lp, lc) = (u64::from(d.prompt_tokens), u64::from(d.completion_tokens));
+        state.budgets.charge(caller, lp + lc);
+        for (kind, n) in [("prompt", lp), ("completion", lc)] {
+            state.metrics.add(
+                "corral_tokens_total",
+                &[("model", &run.model), ("route", "slm"), ("kind", kind)],
+                n as f64,
+            );
+        }
+    }
     for (kind, n) in [("prompt", p), ("completion", c)] {
         state.metrics.add(
             "corral_tokens_total",
