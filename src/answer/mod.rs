@@ -516,6 +516,7 @@ impl Pipeline {
                         error: None,
                         time: start.elapsed(),
                         partial: Some(tokens.iter().map(|t| t.text.as_str()).collect()),
+                        escalation: None,
                     };
                     let why = Escalation::EarlyLowConfidence {
                         score,
@@ -632,6 +633,7 @@ impl Pipeline {
             error: None,
             time,
             partial: None,
+            escalation: None,
         };
         if !*streamed {
             let audit = !low && d.fallback_available && rt.audit_draw();
@@ -714,7 +716,7 @@ impl Pipeline {
                 None,
                 req,
                 d,
-                Some(why),
+                Some(why.clone()),
                 updates,
                 streamed,
             )
@@ -725,7 +727,14 @@ impl Pipeline {
                 a.slm = Some(run);
                 (Ok(a), None)
             }
-            Err(f) => (Err(f), Some(run)),
+            // The record still says the SLM's answer was being replaced, and why.
+            Err(f) => (
+                Err(f),
+                Some(SlmRun {
+                    escalation: Some(why),
+                    ..run
+                }),
+            ),
         }
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{Answer, Failure, Request, SlmRun};
+use super::{Answer, Escalation, Failure, Request, SlmRun};
 use crate::audit::{AuditRecord, Caller, Interaction, Route, TokenUsage};
 use crate::confidence::Method;
 use crate::routing::{RouteDecision, Selection};
@@ -104,7 +104,11 @@ pub fn audit_record(
     elapsed: Duration,
 ) -> AuditRecord {
     let answer = result.as_ref().ok();
-    let escalated = answer.is_some_and(|a| a.escalation.is_some());
+    // Replaced, or being replaced when the chain failed.
+    let escalation = answer
+        .and_then(|a| a.escalation.as_ref())
+        .or_else(|| slm.and_then(|r| r.escalation.as_ref()));
+    let escalated = escalation.is_some();
     // What the SLM did, when it is not the answer itself: replaced, or failed.
     let slm = match answer {
         Some(a) if escalated => a.slm.as_ref(),
@@ -165,7 +169,7 @@ pub fn audit_record(
             (Some(a), _) => a.confidence,
             _ => None,
         },
-        escalation_reason: answer.and_then(|a| a.escalation.as_ref().map(|e| e.summary())),
+        escalation_reason: escalation.map(Escalation::summary),
         latency_ms: elapsed.as_secs_f64() * 1e3,
         usage: answer.map(|a| TokenUsage {
             prompt_tokens: a.prompt_tokens,

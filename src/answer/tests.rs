@@ -388,6 +388,29 @@ fn the_chain_failing_is_the_callers_failure() {
         .as_deref()
         .unwrap()
         .contains("boom"));
+
+    // An escalation whose chain fails is still recorded as one, with its reason.
+    let c = case(FALLBACK, vec![unsure()]);
+    let p = Pipeline {
+        remote: Arc::new(ScriptedChain::new(vec![Err("boom")])),
+        ..c.pipeline.clone()
+    };
+    let o = rt().block_on(p.answer(&caller(None), &req("hi"), None));
+    assert!(
+        matches!(o.result, Err(Failure::Remote(_))),
+        "{:?}",
+        o.result
+    );
+    let audit = o.audit.unwrap();
+    assert_eq!(audit.interaction, crate::audit::Interaction::Escalation);
+    assert!(
+        audit
+            .escalation_reason
+            .as_deref()
+            .is_some_and(|r| r.contains("< 0.5")),
+        "{:?}",
+        audit.escalation_reason
+    );
 }
 
 /// Runs `r` collecting the updates a streaming front end would see.

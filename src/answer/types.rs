@@ -599,6 +599,9 @@ pub struct SlmRun {
     /// What the model had written when it was stopped before its end (an escalation decided
     /// early); `done` is then none.
     pub partial: Option<String>,
+    /// Why it was being replaced, when the escalation's chain then failed (an answer that was
+    /// replaced carries the reason itself, in [`Answer::escalation`]).
+    pub escalation: Option<Escalation>,
 }
 
 impl SlmRun {
@@ -614,6 +617,7 @@ impl SlmRun {
             error: Some(error.to_string()),
             time,
             partial: None,
+            escalation: None,
         }
     }
 
