@@ -66,6 +66,9 @@ impl PrefixCache {
     /// agent, else the one anonymous caller of a server without keys), its team, or one key
     /// for every caller of a shared model.
     pub fn key(&self, caller: &Caller, model: &str) -> Option<String> {
+        if self.scope == crate::pool::PrefixScope::Off {
+            return None;
+        }
         if self.shared.iter().any(|m| m == model) {
             return Some("shared".into());
         }

@@ -167,6 +167,8 @@ pub fn audit_record(
         confidence: match (answer, slm) {
             (Some(a), Some(run)) if a.escalation.is_some() => run.score,
             (Some(a), _) => a.confidence,
+            // An escalation whose chain failed: the SLM's, as for one that succeeded.
+            (None, Some(run)) if escalated => run.score,
             _ => None,
         },
         escalation_reason: escalation.map(Escalation::summary),

@@ -538,11 +538,12 @@ fn record(
 fn tokens(state: &State, caller: &Identity, a: &Answer, route: &str, sent: Option<&str>) {
     let (p, c) = (u64::from(a.prompt_tokens), u64::from(a.completion_tokens));
     state.budgets.charge(caller, p + c);
-    // The local answer an escalation replaced was computed too: charged and counted as local.
-    let replaced = a
-        .slm
-        .as_ref()
-        .filter(|_| a.source == crate::answer::Source::Llm);
+    // The local answer an escalation replaced was computed too: charged and counted as local
+    // (not for an audit sample: that comparison is the operator's, not the caller's).
+    let replaced = a.slm.as_ref().filter(|_| {
+        a.source == crate::answer::Source::Llm
+            && a.escalation != Some(crate::answer::Escalation::AuditSample)
+    });
     if let Some((run, d)) = replaced.and_then(|r| r.done.as_deref().map(|d| (r, d))) {
         let (lp, lc) = (u64::from(d.prompt_tokens), u64::from(d.completion_tokens));
         state.budgets.charge(caller, lp + lc);
