@@ -80,8 +80,9 @@ enum Cmd {
     /// model that is unknown, not allowed or not on this machine, 1 when no answer came
     /// (the local model failed with nothing to escalate to, every provider failed)
     Run(run_cmd::RunArgs),
-    /// Serve the OpenAI-compatible API (chat and legacy completions, models, route) from warm
-    /// sandboxed runners and the remote providers, with /healthz, /readyz and /metrics.
+    /// Serve the OpenAI-compatible API (chat and legacy completions, models, route) and
+    /// Anthropic's Messages API (/v1/messages) from warm sandboxed runners and the remote
+    /// providers (streamed as they answer), with /healthz, /readyz and /metrics.
     /// SIGHUP reloads the configuration (kept if the new one is invalid); SIGTERM drains and stops
     /// (exit status 0). Exit status 4 when it cannot start (audit log, warm pools, address)
     Serve(corral::server::ServeArgs),
