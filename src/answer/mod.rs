@@ -503,11 +503,7 @@ impl Pipeline {
                     best,
                     floor,
                 } => {
-                    let stats: Vec<confidence::TokenStat> = tokens
-                        .iter()
-                        .filter(|t| !t.forced)
-                        .map(confidence::TokenStat::from)
-                        .collect();
+                    let stats = scored(&tokens);
                     let score = confidence::score(&stats, method);
                     let run = SlmRun {
                         model: model.to_string(),
@@ -605,12 +601,7 @@ impl Pipeline {
             };
             return (Err(f), Some(run));
         };
-        // Tokens a constraint forced (one allowed choice) say nothing of the model's confidence.
-        let stats: Vec<confidence::TokenStat> = tokens
-            .iter()
-            .filter(|t| !t.forced)
-            .map(confidence::TokenStat::from)
-            .collect();
+        let stats = scored(&tokens);
         let score = confidence::score(&stats, method);
         let low = score.is_none_or(|s| s < f64::from(need));
         // A JSON answer's fields, and the first one the decision's field thresholds find wanting
@@ -802,6 +793,16 @@ pub fn check_model(router: &Router, caller: &Caller, req: &Request) -> Result<()
             .allowed(caller.agent.as_deref(), &req.model)
             .map_err(Failure::NotAllowed),
     }
+}
+
+/// The numbers of the tokens an answer's confidence is scored on: tokens a constraint forced
+/// (one allowed choice) say nothing of the model's confidence.
+fn scored(tokens: &[TokenInfo]) -> Vec<confidence::TokenStat> {
+    tokens
+        .iter()
+        .filter(|t| !t.forced)
+        .map(confidence::TokenStat::from)
+        .collect()
 }
 
 /// OpenAI's `finish_reason` for a runner's.

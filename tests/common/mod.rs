@@ -265,6 +265,39 @@ pub fn start_runner(
     )
 }
 
+/// One HTTP/1.1 request read from `s`: its path and its body (by `content-length`); `None`
+/// when the client closed the connection first.
+fn read_request(s: &std::net::TcpStream) -> Option<(String, String)> {
+    let mut r = BufReader::new(s.try_clone().ok()?);
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let path = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).ok()? == 0 {
+            return None;
+        }
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().ok()?;
+            }
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).ok()?;
+    Some((path, String::from_utf8_lossy(&body).into_owned()))
+}
+
 /// A loopback HTTP server answering each request with the next scripted (status, body); the last
 /// one repeats. Records each request's path and body.
 pub struct Fake {
@@ -281,32 +314,10 @@ pub fn fake(script: Vec<(u16, String)>) -> Fake {
         let mut i = 0;
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            r.read_line(&mut line).unwrap();
-            let path = line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or_default()
-                .to_string();
-            let mut len = 0usize;
-            loop {
-                let mut h = String::new();
-                r.read_line(&mut h).unwrap();
-                if h.trim().is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = h.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        len = v.trim().parse().unwrap();
-                    }
-                }
-            }
-            let mut body = vec![0u8; len];
-            r.read_exact(&mut body).unwrap();
-            log.lock()
-                .unwrap()
-                .push((path, String::from_utf8_lossy(&body).into_owned()));
+            let Some((path, body)) = read_request(&s) else {
+                continue;
+            };
+            log.lock().unwrap().push((path, body));
             let (status, text) = &script[i.min(script.len() - 1)];
             i += 1;
             let resp = format!(
@@ -339,27 +350,10 @@ pub fn fake_stream(parts: Vec<(std::time::Duration, String)>) -> FakeStream {
             let Ok(mut s) = s else { continue };
             let (log, cut, parts) = (log.clone(), cut.clone(), parts.clone());
             std::thread::spawn(move || {
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut len = 0usize;
-                loop {
-                    let mut h = String::new();
-                    if r.read_line(&mut h).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = h.split_once(':') {
-                        if k.eq_ignore_ascii_case("content-length") {
-                            len = v.trim().parse().unwrap();
-                        }
-                    }
-                }
-                let mut body = vec![0u8; len];
-                r.read_exact(&mut body).unwrap();
-                log.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&body).into_owned());
+                let Some((_, body)) = read_request(&s) else {
+                    return;
+                };
+                log.lock().unwrap().push(body);
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n";
                 if s.write_all(head.as_bytes()).is_err() {
                     return;

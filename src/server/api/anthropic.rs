@@ -618,12 +618,7 @@ pub fn stream_finished(req: &Request, a: &Answer, d: &RouteDecision) -> Response
         items.extend(ev.call_piece(i, c["id"].as_str(), c["name"].as_str(), &args));
     }
     items.extend(ev.end(a, shape::corral_json(a, d, &req.id)));
-    let (tx, rx) = tokio::sync::mpsc::channel(items.len());
-    for i in items {
-        let _ = tx.try_send(i);
-    }
-    drop(tx);
-    shape::sse_response(rx, &shape::headers_for(a, d))
+    shape::sse_items(items, &shape::headers_for(a, d))
 }
 
 #[cfg(test)]

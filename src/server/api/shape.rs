@@ -369,11 +369,16 @@ pub fn stream_finished(
         items.extend(c.tool_call(i, call));
     }
     items.extend(c.end(a, corral_json(a, d, &req.id)));
-    // The channel holds every item: nothing here waits for the client.
-    let (tx, rx) = mpsc::channel(items.len());
+    sse_items(items, &headers_for(a, d))
+}
+
+/// A stream of items all known already: the channel holds every one, so nothing here waits
+/// for the client.
+pub fn sse_items(items: Vec<SseItem>, h: &[(&'static str, String)]) -> Response {
+    let (tx, rx) = mpsc::channel(items.len().max(1));
     for i in items {
         let _ = tx.try_send(i);
     }
     drop(tx);
-    sse_response(rx, &headers_for(a, d))
+    sse_response(rx, h)
 }
