@@ -55,7 +55,6 @@ fn main() {
         model_path: model.clone().into(),
         sha256: None,
         binary: corral::slm::runner::runner_binary(),
-        requantize: true,
     };
     let profile = corral::profile::ProfileRegistry::builtin()
         .resolve("secure")

@@ -140,7 +140,6 @@ fn main() {
         model_path: path,
         sha256: model.sha256.clone(),
         binary: runner_binary(),
-        requantize: true,
     };
     let mut runner =
         Runner::start(&spec, &profile, &config.sandbox, &HostSupport::probe()).expect("runner");

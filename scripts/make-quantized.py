@@ -68,12 +68,13 @@ def quantize(src, dst, name):
         raise SystemExit(f"llama_model_quantize {name} failed: {rc}")
 
 
-def greedy(path):
+def greedy(path, texts=None, add_bos=False):
+    """llama.cpp's tokens for each text (default: PROMPTS in the chat template) and its first 16
+    greedy continuations with their log-probabilities."""
     llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
     cases = []
-    for p in PROMPTS:
-        text = render(p)
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+    for text in texts if texts is not None else [render(p) for p in PROMPTS]:
+        ids = llm.tokenize(text.encode(), add_bos=add_bos, special=True)
         llm.reset()
         llm.eval(ids)
         gen, logprobs = [], []

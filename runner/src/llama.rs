@@ -49,40 +49,71 @@ pub struct Config {
     /// Query width: heads x head dimension (Gemma 3's head dimension is not n_embd / heads).
     pub q_dim: usize,
     /// Per rotary frequency, the divisor of its angle (`rope_freqs.weight`: Llama 3.1/3.2
-    /// files' long-context scaling; llama.cpp divides each angle by it).
+    /// files' long-context scaling; Phi-3's `rope_factors_short`/`_long`, chosen as llama.cpp
+    /// chooses them by the context size).
     pub freq_factors: Option<Vec<f32>>,
-    /// Gemma 3's options, when the file is one.
-    pub gemma: Option<Gemma>,
+    /// Rotary embeddings over halves (NeoX: Qwen, Phi-3, Gemma) instead of adjacent pairs.
+    pub neox: bool,
+    /// Angle multiplier of the full-attention layers (`1 / rope.scaling.factor`).
+    pub freq_scale: f32,
+    /// Multiplier of the rotation's cos and sin (`rope.scaling.attn_factor`, Phi-3.5's LongRoPE).
+    pub rope_mscale: f32,
+    /// Sliding-window attention (Gemma 2 and 3): which layers, how wide, their rope.
+    pub sliding: Option<Sliding>,
+    /// The attention scale; with `scale_queries` it multiplies the queries before `q·k` (as
+    /// Gemma's and Phi-3's graphs do), otherwise the scores in the softmax.
+    pub attn_scale: f32,
+    pub scale_queries: bool,
+    /// Gemma 2: `cap * tanh(score / cap)` on attention scores and on the final logits.
+    pub attn_softcap: Option<f32>,
+    pub final_softcap: Option<f32>,
+    /// Gemma: embeddings scaled by sqrt(n_embd), GELU (tanh) instead of SiLU.
+    pub gemma: bool,
 }
 
-/// What Gemma 3 does differently from llama: embeddings scaled by sqrt(n_embd), RMS norms on
-/// each head's query and key, norms after attention and after the feed-forward block, GELU
-/// (tanh) instead of SiLU, rotary embeddings over halves (NeoX), and sliding-window layers
-/// (all but every `pattern`-th) with their own rope base.
+/// Sliding-window layers: position p sees keys p - window + 1 ..= p, rotated with a base (and
+/// scale) of their own.
 #[derive(Debug, Clone)]
-pub struct Gemma {
-    pub window: Option<usize>,
-    pub pattern: usize,
-    pub local_base: f32,
-    /// `1 / rope.scaling.factor` for the global layers (1 without scaling).
-    pub global_scale: f32,
-    pub attn_scale: f32,
+pub struct Sliding {
+    pub window: usize,
+    pub layers: Vec<bool>,
+    pub base: f32,
+    pub scale: f32,
+}
+
+/// The GGUF architectures this forward pass reads, with llama.cpp's meaning of each.
+pub const ARCHITECTURES: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
+];
+
+/// The weights of Q, K and V: three matrices, or one whose rows are Q's, K's then V's (Phi-3).
+enum Qkv {
+    Split(Mat, Mat, Mat),
+    Fused(Mat),
+}
+
+/// The feed-forward input products: gate and up, or one matrix of gate rows then up rows
+/// (Phi-3's `ffn_up`).
+enum GateUp {
+    Split(Mat, Mat),
+    Fused(Mat),
 }
 
 struct Layer {
-    /// Gemma 3: per-head query and key norms, norms after attention and after the FFN.
+    /// Qwen3 and Gemma 3: per-head query and key norms. Gemma: norms after attention and after
+    /// the FFN.
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
     post_attn_norm: Option<Vec<f32>>,
     post_ffn_norm: Option<Vec<f32>>,
     attn_norm: Vec<f32>,
-    wq: Mat,
-    wk: Mat,
-    wv: Mat,
+    qkv: Qkv,
+    /// Q, K and V biases end to end (Qwen2; any file that has them), added after the products.
+    qkv_bias: Option<Vec<f32>>,
     wo: Mat,
+    wo_bias: Option<Vec<f32>>,
     ffn_norm: Vec<f32>,
-    w_gate: Mat,
-    w_up: Mat,
+    gate_up: GateUp,
     w_down: Mat,
 }
 
@@ -107,6 +138,7 @@ pub struct Llama {
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Mat,
+    output_bias: Option<Vec<f32>>,
     /// Per layer: `[position][kv_head * head_dim]`, grown as the sequence grows. Values are
     /// rounded to f16 (llama.cpp's cache type) but kept as f32, so reading them costs nothing.
     k_cache: Vec<Vec<f32>>,
@@ -148,7 +180,13 @@ impl Llama {
         let n_head = md_u("attention.head_count")?;
         let n_head_kv = md_u("attention.head_count_kv").unwrap_or(n_head);
         let n_layer = md_u("block_count")?;
-        let gemma = arch == "gemma3";
+        if !ARCHITECTURES.contains(&arch.as_str()) {
+            anyhow::bail!(
+                "unsupported GGUF architecture '{arch}' ({} are supported)",
+                ARCHITECTURES.join(", ")
+            );
+        }
+        let gemma = arch.starts_with("gemma");
         let key_length = md_u("attention.key_length").ok();
         if n_head == 0
             || n_head_kv == 0
@@ -164,6 +202,104 @@ impl Llama {
         if n_rot > head_dim || n_rot % 2 != 0 {
             anyhow::bail!("rope dimension {n_rot} does not fit head dimension {head_dim}");
         }
+        // Rope scaling as llama.cpp reads it: a linear factor for any architecture; YaRN (and
+        // the other extrapolating kinds) would compute other angles, so such files are refused
+        // rather than answered with the wrong ones.
+        let scaling_type = ct
+            .metadata
+            .get(&format!("{arch}.rope.scaling.type"))
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_else(|| "none".into());
+        if !matches!(scaling_type.as_str(), "none" | "linear") {
+            anyhow::bail!(
+                "{arch}.rope.scaling.type is '{scaling_type}': only linear rope scaling is \
+                 supported"
+            );
+        }
+        let freq_scale = md_f("rope.scaling.factor")
+            .or_else(|| md_f("rope.scale_linear"))
+            .filter(|f| *f != 0.0)
+            .map_or(1.0, |f| 1.0 / f);
+        let factors = |r: &mut R, name: &str| -> anyhow::Result<Option<Vec<f32>>> {
+            if !ct.tensor_infos.contains_key(name) {
+                return Ok(None);
+            }
+            let t = ct
+                .tensor(r, name, &Device::Cpu)
+                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
+            let f = vec_of(&t)?;
+            if f.len() != n_rot / 2 || f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
+                anyhow::bail!(
+                    "{name} has {} values (want {} positive ones)",
+                    f.len(),
+                    n_rot / 2
+                );
+            }
+            Ok(Some(f))
+        };
+        let freq_factors = match arch.as_str() {
+            "llama" | "mistral" => factors(r, "rope_freqs.weight")?,
+            // Phi-3 (128k variants): the long factors when the context used exceeds the one
+            // the model was trained for, the short ones otherwise (llama.cpp's choice).
+            "phi3" => {
+                let orig = md_u("rope.scaling.original_context_length")
+                    .or_else(|_| md_u("context_length"))
+                    .unwrap_or(max_seq);
+                if max_seq > orig {
+                    factors(r, "rope_factors_long.weight")?
+                } else {
+                    factors(r, "rope_factors_short.weight")?
+                }
+            }
+            _ => None,
+        };
+        // Sliding windows: Gemma 2 always (4096 unless the file says), Gemma 3 when the file
+        // names a window; which layers from `sliding_window_pattern` (a period, whose last
+        // layer is global, or one flag per layer).
+        let window = md_u("attention.sliding_window").ok();
+        let window = match arch.as_str() {
+            "gemma2" => Some(window.unwrap_or(4096)),
+            "gemma3" => window.filter(|w| *w > 0),
+            _ => None,
+        };
+        let sliding = match window {
+            None => None,
+            Some(window) => {
+                let key = format!("{arch}.attention.sliding_window_pattern");
+                let layers = match ct.metadata.get(&key) {
+                    Some(gguf_file::Value::Array(flags)) => {
+                        let flags: Vec<bool> =
+                            flags.iter().filter_map(|v| v.to_bool().ok()).collect();
+                        if flags.len() != n_layer {
+                            anyhow::bail!("{key} has {} flags for {n_layer} layers", flags.len());
+                        }
+                        flags
+                    }
+                    _ => {
+                        let period = md_u("attention.sliding_window_pattern")
+                            .unwrap_or(if arch == "gemma2" { 2 } else { 6 });
+                        (0..n_layer)
+                            .map(|l| period == 0 || l % period < period - 1)
+                            .collect()
+                    }
+                };
+                Some(Sliding {
+                    window,
+                    layers,
+                    // Gemma 2's sliding layers rotate like the others unless the file says;
+                    // Gemma 3's default to 10000 and ignore the linear scaling.
+                    base: md_f("rope.freq_base_swa")
+                        .or_else(|| md_f("rope.local_freq_base"))
+                        .unwrap_or(if arch == "gemma2" {
+                            md_f("rope.freq_base").unwrap_or(10_000.0)
+                        } else {
+                            10_000.0
+                        }),
+                    scale: if arch == "gemma2" { freq_scale } else { 1.0 },
+                })
+            }
+        };
         let cfg = Config {
             n_embd,
             n_head,
@@ -175,43 +311,31 @@ impl Llama {
             eps: md_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             max_seq,
             q_dim: n_head * head_dim,
-            // llama.cpp reads the factors for the llama family only (not Gemma 3).
-            freq_factors: match ct.tensor_infos.get("rope_freqs.weight") {
-                _ if gemma => None,
-                None => None,
-                Some(_) => {
-                    let t = ct
-                        .tensor(r, "rope_freqs.weight", &Device::Cpu)
-                        .map_err(|e| anyhow::anyhow!("tensor rope_freqs.weight: {e}"))?;
-                    let f = vec_of(&t)?;
-                    if f.len() != n_rot / 2 || f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
-                        anyhow::bail!(
-                            "rope_freqs.weight has {} values (want {} positive ones)",
-                            f.len(),
-                            n_rot / 2
-                        );
-                    }
-                    Some(f)
-                }
+            freq_factors,
+            neox: arch != "llama" && arch != "mistral",
+            freq_scale,
+            rope_mscale: md_f("rope.scaling.attn_factor").unwrap_or(1.0),
+            sliding,
+            // llama.cpp's choice for the 27B Gemmas (46 layers for Gemma 2, 62 for Gemma 3):
+            // 1/sqrt(n_embd / n_head); head dimension otherwise.
+            attn_scale: if (arch == "gemma2" && n_layer == 46)
+                || (arch == "gemma3" && n_layer == 62)
+            {
+                1.0 / ((n_embd / n_head) as f32).sqrt()
+            } else {
+                1.0 / (head_dim as f32).sqrt()
             },
-            gemma: gemma.then(|| Gemma {
-                // No (or a zero) window: no sliding layers, as llama.cpp reads it.
-                window: md_u("attention.sliding_window").ok().filter(|w| *w > 0),
-                pattern: md_u("attention.sliding_window_pattern").unwrap_or(6).max(1),
-                local_base: md_f("rope.freq_base_swa")
-                    .or_else(|| md_f("rope.local_freq_base"))
-                    .unwrap_or(10_000.0),
-                // Linear rope scaling (Gemma 3 4B and up) applies to the global layers only.
-                global_scale: md_f("rope.scaling.factor")
-                    .filter(|f| *f > 0.0)
-                    .map_or(1.0, |f| 1.0 / f),
-                // llama.cpp's choice for the 27B model (62 layers): 1/sqrt(n_embd / n_head).
-                attn_scale: if n_layer == 62 {
-                    1.0 / ((n_embd / n_head) as f32).sqrt()
-                } else {
-                    1.0 / (head_dim as f32).sqrt()
-                },
-            }),
+            scale_queries: gemma || arch == "phi3",
+            attn_softcap: (arch == "gemma2")
+                .then(|| md_f("attn_logit_softcapping").unwrap_or(50.0))
+                .filter(|c| *c != 0.0),
+            final_softcap: match arch.as_str() {
+                "gemma2" => Some(md_f("final_logit_softcapping").unwrap_or(30.0)),
+                "gemma3" => md_f("final_logit_softcapping"),
+                _ => None,
+            }
+            .filter(|c| *c != 0.0),
+            gemma,
         };
         let f32_weights = std::env::var_os("CORRAL_DEBUG_F32_WEIGHTS").is_some();
         let own = |name: &str| -> anyhow::Result<Option<QMat>> {
@@ -298,12 +422,12 @@ impl Llama {
         }
         let kv_dim = n_head_kv * head_dim;
         let q_dim = n_head * head_dim;
-        let n_ff = ct
-            .tensor_infos
-            .get("blk.0.ffn_gate.weight")
-            .and_then(|t| t.shape.dims2().ok())
-            .map(|(r, _)| r)
-            .unwrap_or(0);
+        let n_ff = md_u("feed_forward_length").unwrap_or_else(|_| {
+            ct.tensor_infos
+                .get("blk.0.ffn_gate.weight")
+                .and_then(|t| t.shape.dims2().ok())
+                .map_or(0, |(r, _)| r)
+        });
         let shape = |name: &str, rows: usize, cols: usize| -> anyhow::Result<()> {
             let info = ct
                 .tensor_infos
@@ -321,80 +445,138 @@ impl Llama {
                 anyhow::bail!("tensor {name} has shape {dims:?}, expected [{rows}, {cols}]")
             }
         };
+        let has = |name: &str| ct.tensor_infos.contains_key(name);
+        // Which optional parts each architecture has, as llama.cpp loads them.
+        let qk_norms = arch == "qwen3" || arch == "gemma3";
+        let fused_ffn = arch == "phi3";
         for i in 0..n_layer {
             let p = format!("blk.{i}");
             shape(&format!("{p}.attn_norm.weight"), 1, n_embd)?;
             shape(&format!("{p}.ffn_norm.weight"), 1, n_embd)?;
-            shape(&format!("{p}.attn_q.weight"), q_dim, n_embd)?;
-            shape(&format!("{p}.attn_k.weight"), kv_dim, n_embd)?;
-            shape(&format!("{p}.attn_v.weight"), kv_dim, n_embd)?;
+            if has(&format!("{p}.attn_qkv.weight")) {
+                shape(&format!("{p}.attn_qkv.weight"), q_dim + 2 * kv_dim, n_embd)?;
+            } else {
+                shape(&format!("{p}.attn_q.weight"), q_dim, n_embd)?;
+                shape(&format!("{p}.attn_k.weight"), kv_dim, n_embd)?;
+                shape(&format!("{p}.attn_v.weight"), kv_dim, n_embd)?;
+            }
+            for (b, n) in [
+                ("attn_qkv", q_dim + 2 * kv_dim),
+                ("attn_q", q_dim),
+                ("attn_k", kv_dim),
+                ("attn_v", kv_dim),
+                ("attn_output", n_embd),
+            ] {
+                let name = format!("{p}.{b}.bias");
+                if has(&name) {
+                    shape(&name, 1, n)?;
+                }
+            }
             shape(&format!("{p}.attn_output.weight"), n_embd, q_dim)?;
-            if gemma {
+            if qk_norms {
                 shape(&format!("{p}.attn_q_norm.weight"), 1, head_dim)?;
                 shape(&format!("{p}.attn_k_norm.weight"), 1, head_dim)?;
+            }
+            if gemma {
                 shape(&format!("{p}.post_attention_norm.weight"), 1, n_embd)?;
                 shape(&format!("{p}.post_ffw_norm.weight"), 1, n_embd)?;
             }
-            shape(&format!("{p}.ffn_gate.weight"), n_ff, n_embd)?;
-            shape(&format!("{p}.ffn_up.weight"), n_ff, n_embd)?;
+            if fused_ffn {
+                shape(&format!("{p}.ffn_up.weight"), 2 * n_ff, n_embd)?;
+            } else {
+                shape(&format!("{p}.ffn_gate.weight"), n_ff, n_embd)?;
+                shape(&format!("{p}.ffn_up.weight"), n_ff, n_embd)?;
+            }
             shape(&format!("{p}.ffn_down.weight"), n_embd, n_ff)?;
         }
         shape("output_norm.weight", 1, n_embd)?;
         shape("token_embd.weight", vocab, n_embd)?;
-        if ct.tensor_infos.contains_key("output.weight") {
+        // Gemma 2 always ties the output to the embedding (llama.cpp ignores an output.weight).
+        let tied = arch == "gemma2" || !has("output.weight");
+        if !tied {
             shape("output.weight", vocab, n_embd)?;
+        }
+        if has("output.bias") {
+            shape("output.bias", 1, vocab)?;
         }
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let p = format!("blk.{i}");
-            let mut opt = |name: &str| -> anyhow::Result<Option<Vec<f32>>> {
-                if gemma {
-                    Ok(Some(norm_vec(r, &format!("{p}.{name}.weight"))?))
+            let mut opt = |name: &str, wanted: bool| -> anyhow::Result<Option<Vec<f32>>> {
+                let name = format!("{p}.{name}");
+                if wanted && has(&name) {
+                    Ok(Some(norm_vec(r, &name)?))
                 } else {
                     Ok(None)
                 }
             };
             let (q_norm, k_norm, post_attn_norm, post_ffn_norm) = (
-                opt("attn_q_norm")?,
-                opt("attn_k_norm")?,
-                opt("post_attention_norm")?,
-                opt("post_ffw_norm")?,
+                opt("attn_q_norm.weight", qk_norms)?,
+                opt("attn_k_norm.weight", qk_norms)?,
+                opt("post_attention_norm.weight", gemma)?,
+                opt("post_ffw_norm.weight", gemma)?,
             );
+            // Biases: a fused one, or Q's, K's and V's (all three, or none), end to end.
+            let qkv_bias = match opt("attn_qkv.bias", true)? {
+                Some(b) => Some(b),
+                None => match (
+                    opt("attn_q.bias", true)?,
+                    opt("attn_k.bias", true)?,
+                    opt("attn_v.bias", true)?,
+                ) {
+                    (Some(q), Some(k), Some(v)) => Some([q, k, v].concat()),
+                    (None, None, None) => None,
+                    _ => anyhow::bail!("{p}: some of the q, k and v biases are missing"),
+                },
+            };
+            let wo_bias = opt("attn_output.bias", true)?;
+            let qkv = if has(&format!("{p}.attn_qkv.weight")) {
+                Qkv::Fused(mm(r, &format!("{p}.attn_qkv.weight"))?)
+            } else {
+                Qkv::Split(
+                    mm(r, &format!("{p}.attn_q.weight"))?,
+                    mm(r, &format!("{p}.attn_k.weight"))?,
+                    mm(r, &format!("{p}.attn_v.weight"))?,
+                )
+            };
+            let gate_up = if fused_ffn {
+                GateUp::Fused(mm(r, &format!("{p}.ffn_up.weight"))?)
+            } else {
+                GateUp::Split(
+                    mm(r, &format!("{p}.ffn_gate.weight"))?,
+                    mm(r, &format!("{p}.ffn_up.weight"))?,
+                )
+            };
             layers.push(Layer {
                 q_norm,
                 k_norm,
                 post_attn_norm,
                 post_ffn_norm,
                 attn_norm: norm_vec(r, &format!("{p}.attn_norm.weight"))?,
-                wq: mm(r, &format!("{p}.attn_q.weight"))?,
-                wk: mm(r, &format!("{p}.attn_k.weight"))?,
-                wv: mm(r, &format!("{p}.attn_v.weight"))?,
+                qkv,
+                qkv_bias,
                 wo: mm(r, &format!("{p}.attn_output.weight"))?,
+                wo_bias,
                 ffn_norm: norm_vec(r, &format!("{p}.ffn_norm.weight"))?,
-                w_gate: mm(r, &format!("{p}.ffn_gate.weight"))?,
-                w_up: mm(r, &format!("{p}.ffn_up.weight"))?,
+                gate_up,
                 w_down: mm(r, &format!("{p}.ffn_down.weight"))?,
             });
-            if layers[i].attn_norm.len() != n_embd {
-                anyhow::bail!(
-                    "blk.{i}.attn_norm has {} values, expected {n_embd}",
-                    layers[i].attn_norm.len()
-                );
-            }
         }
         let norm = norm_vec(r, "output_norm.weight")?;
         // Tied embeddings: no output.weight, the token embedding doubles as the output matrix.
         let output = mm(
             r,
-            if ct.tensor_infos.contains_key("output.weight") {
-                "output.weight"
-            } else {
+            if tied {
                 "token_embd.weight"
+            } else {
+                "output.weight"
             },
         )?;
-        if vocab == 0 || norm.len() != n_embd {
-            anyhow::bail!("inconsistent embedding shapes");
-        }
+        let output_bias = if has("output.bias") {
+            Some(norm_vec(r, "output.bias")?)
+        } else {
+            None
+        };
         Ok(Llama {
             k_cache: vec![Vec::new(); n_layer],
             v_cache: vec![Vec::new(); n_layer],
@@ -404,6 +586,7 @@ impl Llama {
             layers,
             norm,
             output,
+            output_bias,
             device: device.clone(),
         })
     }
@@ -483,7 +666,7 @@ impl Llama {
                 }
             }
         }
-        if c.gemma.is_some() {
+        if c.gemma {
             let s = (c.n_embd as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= s);
         }
@@ -502,47 +685,65 @@ impl Llama {
                         None => theta,
                     };
                     let t = if freq_scale == 1.0 { t } else { freq_scale * t };
-                    cos_sin[i * c.n_rot / 2 + k] = (t.cos(), t.sin());
+                    cos_sin[i * c.n_rot / 2 + k] = if c.rope_mscale == 1.0 {
+                        (t.cos(), t.sin())
+                    } else {
+                        (t.cos() * c.rope_mscale, t.sin() * c.rope_mscale)
+                    };
                     theta *= theta_scale;
                 }
             }
             cos_sin
         };
-        let global_cs = angles(
-            c.freq_base,
-            c.gemma.as_ref().map_or(1.0, |g| g.global_scale),
-        );
-        let local_cs = c.gemma.as_ref().map(|g| angles(g.local_base, 1.0));
+        let global_cs = angles(c.freq_base, c.freq_scale);
+        let local_cs = c.sliding.as_ref().map(|w| angles(w.base, w.scale));
         let group = c.n_head / c.n_head_kv;
-        let scale = c
-            .gemma
-            .as_ref()
-            .map_or(1.0 / (c.head_dim as f32).sqrt(), |g| g.attn_scale);
+        let scale = if c.scale_queries { 1.0 } else { c.attn_scale };
         for l in 0..c.n_layer {
             let layer = &self.layers[l];
-            // Gemma: every `pattern`-th layer is global, the others see a sliding window.
-            let window = c
-                .gemma
-                .as_ref()
-                .filter(|g| (l + 1) % g.pattern != 0)
-                .and_then(|g| g.window);
+            let window = c.sliding.as_ref().filter(|w| w.layers[l]).map(|w| w.window);
             let cos_sin = match (&local_cs, window) {
                 (Some(cs), Some(_)) => cs,
                 _ => &global_cs,
             };
             let h = rms_norm(&x, &layer.attn_norm, c.eps);
-            let mut qkv = self
-                .matmul_many(&[&layer.wq, &layer.wk, &layer.wv], &h, seq)?
-                .into_iter();
-            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
-                anyhow::bail!("attention projections missing");
+            let (mut q, mut k, mut v) = match &layer.qkv {
+                Qkv::Split(wq, wk, wv) => {
+                    let mut qkv = self.matmul_many(&[wq, wk, wv], &h, seq)?.into_iter();
+                    let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+                        anyhow::bail!("attention projections missing");
+                    };
+                    (q, k, v)
+                }
+                Qkv::Fused(w) => {
+                    let all = self.matmul(w, &h, seq)?;
+                    let width = c.q_dim + 2 * kv_dim;
+                    let part = |from: usize, n: usize| -> Vec<f32> {
+                        all.chunks_exact(width)
+                            .flat_map(|row| &row[from..from + n])
+                            .copied()
+                            .collect()
+                    };
+                    (
+                        part(0, c.q_dim),
+                        part(c.q_dim, kv_dim),
+                        part(c.q_dim + kv_dim, kv_dim),
+                    )
+                }
             };
+            if let Some(b) = &layer.qkv_bias {
+                let (bq, bkv) = b.split_at(c.q_dim);
+                let (bk, bv) = bkv.split_at(kv_dim);
+                add_rows(&mut q, bq);
+                add_rows(&mut k, bk);
+                add_rows(&mut v, bv);
+            }
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 q = rms_norm(&q, qn, c.eps);
                 k = rms_norm(&k, kn, c.eps);
             }
             ggml_math::with_fma(|| {
-                if c.gemma.is_some() {
+                if c.neox {
                     rope_neox(&mut q, c.n_head, c.head_dim, c.n_rot, cos_sin);
                     rope_neox(&mut k, c.n_head_kv, c.head_dim, c.n_rot, cos_sin);
                 } else {
@@ -550,6 +751,9 @@ impl Llama {
                     rope(&mut k, c.n_head_kv, c.head_dim, c.n_rot, cos_sin);
                 }
             });
+            if c.scale_queries {
+                q.iter_mut().for_each(|v| *v *= c.attn_scale);
+            }
             self.k_cache[l].extend(k.iter().map(|v| f16::from_f32(*v).to_f32()));
             self.v_cache[l].extend(v.iter().map(|v| f16::from_f32(*v).to_f32()));
             let kc = &self.k_cache[l];
@@ -569,6 +773,7 @@ impl Llama {
                 head_dim,
                 kv_dim,
                 scale,
+                softcap: c.attn_softcap,
                 order,
                 window,
             };
@@ -619,6 +824,9 @@ impl Llama {
                     });
             }
             let mut o = self.matmul(&layer.wo, &att, seq)?;
+            if let Some(b) = &layer.wo_bias {
+                add_rows(&mut o, b);
+            }
             // As llama.cpp does, only the row whose logits are wanted (the last) goes on from the
             // last layer's attention output: less work, and its feed-forward products then run
             // on one row, whose arithmetic differs from the many-row kind for the K types.
@@ -633,14 +841,28 @@ impl Llama {
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h = rms_norm(&x, &layer.ffn_norm, c.eps);
-            let mut gu = self
-                .matmul_many(&[&layer.w_gate, &layer.w_up], &h, rows)?
-                .into_iter();
-            let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
-                anyhow::bail!("feed-forward projections missing");
+            let (g, u) = match &layer.gate_up {
+                GateUp::Split(wg, wu) => {
+                    let mut gu = self.matmul_many(&[wg, wu], &h, rows)?.into_iter();
+                    let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
+                        anyhow::bail!("feed-forward projections missing");
+                    };
+                    (g, u)
+                }
+                GateUp::Fused(w) => {
+                    let both = self.matmul(w, &h, rows)?;
+                    let n_ff = both.len() / rows / 2;
+                    let half = |from: usize| -> Vec<f32> {
+                        both.chunks_exact(2 * n_ff)
+                            .flat_map(|row| &row[from..from + n_ff])
+                            .copied()
+                            .collect()
+                    };
+                    (half(0), half(n_ff))
+                }
             };
             let mut act = g;
-            if c.gemma.is_some() {
+            if c.gemma {
                 for (a, u) in act.iter_mut().zip(&u) {
                     *a = gelu_tanh(*a) * u;
                 }
@@ -660,7 +882,14 @@ impl Llama {
         let last = &x[x.len() - c.n_embd..];
         let h = rms_norm(last, &self.norm, c.eps);
         crate::engine::check_finite("final hidden state", &h)?;
-        Ok(self.matmul(&self.output, &h, 1)?)
+        let mut logits = self.matmul(&self.output, &h, 1)?;
+        if let Some(b) = &self.output_bias {
+            add_rows(&mut logits, b);
+        }
+        if let Some(cap) = c.final_softcap {
+            softcap(&mut logits, cap);
+        }
+        Ok(logits)
     }
 }
 
@@ -675,12 +904,24 @@ struct Attn<'a> {
     head_dim: usize,
     kv_dim: usize,
     scale: f32,
+    /// Gemma 2: scores capped by `cap * tanh(score / cap)` before the softmax.
+    softcap: Option<f32>,
     order: Order,
     /// A sliding-window layer's window: position p sees keys p - window + 1 ..= p.
     window: Option<usize>,
 }
 
 impl Attn<'_> {
+    /// A score as llama.cpp computes it from `q·k`: capped (Gemma 2), then scaled (in its
+    /// softmax; 1 where the queries were scaled instead).
+    #[inline(always)]
+    fn score(&self, dot: f32) -> f32 {
+        match self.softcap {
+            Some(cap) => (dot * (1.0 / cap)).tanh() * cap * self.scale,
+            None => dot * self.scale,
+        }
+    }
+
     /// The first key position `p` may see.
     #[inline(always)]
     fn first_key(&self, p: usize) -> usize {
@@ -707,7 +948,7 @@ impl Attn<'_> {
             *s = if j < lo {
                 f32::NEG_INFINITY
             } else {
-                ggml_math::dot(krow, &bufs.q16, self.order) * self.scale
+                self.score(ggml_math::dot(krow, &bufs.q16, self.order))
             };
         }
         ggml_math::softmax(scores);
@@ -749,7 +990,7 @@ impl Attn<'_> {
                 let krow = &self.kc[j * self.kv_dim + kvh * hd..][..hd];
                 let s = ggml_math::dot_many_tinyblas(krow, [q0, q1, q2, q3]);
                 for (p, v) in s.iter().enumerate() {
-                    bufs.scores[p * stride + j] = v * self.scale;
+                    bufs.scores[p * stride + j] = self.score(*v);
                 }
             }
             for (p, o) in outs.chunks_mut(hd).enumerate() {
@@ -777,6 +1018,19 @@ struct AttnBufs {
     scores: Vec<f32>,
     q16: Vec<f32>,
     scratch: Vec<f32>,
+}
+
+/// Adds `b` to each row of `x` (rows as long as `b`).
+fn add_rows(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_exact_mut(b.len()) {
+        row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+    }
+}
+
+/// `cap * tanh(x / cap)` in place, as ggml's scale, tanh, scale.
+fn softcap(x: &mut [f32], cap: f32) {
+    let inv = 1.0 / cap;
+    x.iter_mut().for_each(|v| *v = (*v * inv).tanh() * cap);
 }
 
 /// Row-wise RMS norm times `w`; the sum of squares accumulates in f64 as in ggml.

@@ -1,7 +1,7 @@
 //! `corral-runner`: loads one model and answers generation requests over its stdin/stdout.
 //! Started by the supervisor inside a sandbox; never touches the network.
 //!
-//! `corral-runner --model PATH --sha256 HEX [--threads N] [--keep-quantization] [--no-tighten]`
+//! `corral-runner --model PATH --sha256 HEX [--threads N] [--no-tighten]`
 //! (PATH: a GGUF file, or a safetensors checkpoint directory)
 
 mod constrain;
@@ -33,7 +33,6 @@ struct Args {
     model: PathBuf,
     sha256: Option<String>,
     threads: Option<usize>,
-    requantize: bool,
     tighten: bool,
 }
 
@@ -42,7 +41,6 @@ fn parse_args() -> anyhow::Result<Args> {
         model: PathBuf::new(),
         sha256: None,
         threads: None,
-        requantize: true,
         tighten: true,
     };
     let mut it = std::env::args().skip(1);
@@ -53,7 +51,6 @@ fn parse_args() -> anyhow::Result<Args> {
             "--threads" => {
                 a.threads = Some(it.next().context("--threads needs a number")?.parse()?)
             }
-            "--keep-quantization" => a.requantize = false,
             "--no-tighten" => a.tighten = false,
             other => bail!("unknown argument '{other}'"),
         }
@@ -191,7 +188,7 @@ fn run() -> anyhow::Result<()> {
             check_digest(&args.model, &digest::sha256_hex(&bytes), expected)?;
         }
         phase("sha256");
-        model::Model::load_gguf(&args.model, &bytes, args.requantize, &device)?
+        model::Model::load_gguf(&args.model, &bytes, &device)?
     };
     phase("weights");
     let tok = tokenizer::Tokenizer::new(meta.tokenizer)?;

@@ -92,8 +92,6 @@ pub struct RunnerSpec {
     pub model_path: PathBuf,
     pub sha256: Option<String>,
     pub binary: PathBuf,
-    /// Requantize slow quantization types at load (default true).
-    pub requantize: bool,
 }
 
 /// Reads frames from a pipe with a deadline.
@@ -209,9 +207,6 @@ impl Runner {
         if let Some(sha) = &spec.sha256 {
             argv.push("--sha256".into());
             argv.push(sha.into());
-        }
-        if !spec.requantize {
-            argv.push("--keep-quantization".into());
         }
         let cmd = plan::Command {
             argv,

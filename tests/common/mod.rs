@@ -253,7 +253,6 @@ pub fn start_runner(
         model_path: model.to_path_buf(),
         sha256: Some(sha256.into()),
         binary: corral::slm::runner::runner_binary(),
-        requantize: true,
     };
     corral::slm::runner::Runner::start(
         &spec,
