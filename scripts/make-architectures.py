@@ -11,7 +11,8 @@ From the default model (SmolLM2, a llama GGUF, Q4_1):
           the declared original one) and an attention factor on cos/sin
 From Gemma 3 270M (Q4_K_M):
   gemma2  no q/k norms (their usual scale folded into the Q and K rows), attention and final logit soft-capping, a sliding window of 16 tokens on
-          every other layer (so the fixture's prompts cross it)
+          every other layer (so the fixture's prompts cross it); its Q4_K tensors
+          requantized to Q8_0, since llama.cpp sums repacked Q4_K in another order
 
 Quantized tensors keep their bytes (rows are moved or joined whole), so the files exercise the
 same kernels as the originals. llama.cpp, built for this CPU by scripts/install-llama-cpp.sh,
@@ -198,6 +199,12 @@ def from_gemma3(src, dst):
             rms = head_rms(t, a, heads)
             factors = (np.tile(nw, heads) / np.repeat(rms, len(nw))).astype(np.float32)
             v.put(name, scale_rows(t, factors), t.tensor_type)
+            continue
+        if t.tensor_type == gguf.GGMLQuantizationType.Q4_K:
+            # llama.cpp repacks Q4_K rows at load and sums them in another order than ggml's
+            # reference (tests/quantized.rs); Q8_0 keeps the comparison exact.
+            q8 = quants.quantize(quants.dequantize(t.data, t.tensor_type), gguf.GGMLQuantizationType.Q8_0)
+            v.put(name, q8, gguf.GGMLQuantizationType.Q8_0)
             continue
         v.copy(name)
     # Gemma 3's sliding_window would be renamed too: replaced by a short one.
