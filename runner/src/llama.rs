@@ -338,7 +338,8 @@ impl Llama {
             gemma,
         };
         let f32_weights = std::env::var_os("CORRAL_DEBUG_F32_WEIGHTS").is_some();
-        let own = |name: &str| -> anyhow::Result<Option<QMat>> {
+        // Rows `rows` of a matrix (all when None) on our own kernels, when its type has them.
+        let own_rows = |name: &str, part: Option<(usize, usize)>| -> anyhow::Result<Option<QMat>> {
             let info = ct
                 .tensor_infos
                 .get(name)
@@ -350,13 +351,18 @@ impl Llama {
                 return Ok(None);
             }
             let (rows, cols) = info.shape.dims2()?;
-            let size = rows * cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            let start = usize::try_from(ct.tensor_data_offset + info.offset)?;
+            let row_bytes = cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let (first, n) = part.unwrap_or((0, rows));
+            if first + n > rows {
+                anyhow::bail!("tensor {name} has {rows} rows, not {}", first + n);
+            }
+            let start = usize::try_from(ct.tensor_data_offset + info.offset)? + first * row_bytes;
             let data = bytes
-                .get(start..start + size)
+                .get(start..start + n * row_bytes)
                 .ok_or_else(|| anyhow::anyhow!("tensor {name} lies outside the file"))?;
-            Ok(Some(QMat::new(w, rows, cols, data)?))
+            Ok(Some(QMat::new(w, n, cols, data)?))
         };
+        let own = |name: &str| own_rows(name, None);
         fn get<R: std::io::Read + std::io::Seek>(
             ct: &gguf_file::Content,
             r: &mut R,
@@ -530,8 +536,24 @@ impl Llama {
                 },
             };
             let wo_bias = opt("attn_output.bias", true)?;
-            let qkv = if has(&format!("{p}.attn_qkv.weight")) {
-                Qkv::Fused(mm(r, &format!("{p}.attn_qkv.weight"))?)
+            // A fused matrix on our own kernels is split at load (its rows are whole blocks):
+            // the products then run as the separate ones do, fused per pass by `matmul_many`.
+            let qkv_name = format!("{p}.attn_qkv.weight");
+            let qkv = if has(&qkv_name) {
+                let parts = [(0, q_dim), (q_dim, kv_dim), (q_dim + kv_dim, kv_dim)]
+                    .iter()
+                    .map(|part| own_rows(&qkv_name, Some(*part)))
+                    .collect::<anyhow::Result<Option<Vec<QMat>>>>()?;
+                match parts {
+                    Some(ms) => {
+                        let mut ms = ms.into_iter().map(Mat::Own);
+                        let (Some(q), Some(k), Some(v)) = (ms.next(), ms.next(), ms.next()) else {
+                            unreachable!("three parts")
+                        };
+                        Qkv::Split(q, k, v)
+                    }
+                    None => Qkv::Fused(mm(r, &qkv_name)?),
+                }
             } else {
                 Qkv::Split(
                     mm(r, &format!("{p}.attn_q.weight"))?,
@@ -539,8 +561,15 @@ impl Llama {
                     mm(r, &format!("{p}.attn_v.weight"))?,
                 )
             };
+            let up_name = format!("{p}.ffn_up.weight");
             let gate_up = if fused_ffn {
-                GateUp::Fused(mm(r, &format!("{p}.ffn_up.weight"))?)
+                match (
+                    own_rows(&up_name, Some((0, n_ff)))?,
+                    own_rows(&up_name, Some((n_ff, n_ff)))?,
+                ) {
+                    (Some(g), Some(u)) => GateUp::Split(Mat::Own(g), Mat::Own(u)),
+                    _ => GateUp::Fused(mm(r, &up_name)?),
+                }
             } else {
                 GateUp::Split(
                     mm(r, &format!("{p}.ffn_gate.weight"))?,
