@@ -38,7 +38,11 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+        // Llama 3.x templates write "Today Date: " from it (they fall back to a fixed date only
+        // when the function is missing).
+        env.add_function("strftime_now", |fmt: String| -> String {
+            strftime_utc(now_unix(), &fmt)
+        });
         // Hugging Face's `tojson` (Python's json.dumps with ensure_ascii=False): ", " and ": "
         // between items, no HTML escaping; minijinja's own is compact and escapes `<`, which
         // would change the tool lists and calls templates write from what the model was
@@ -74,7 +78,10 @@ impl ChatTemplate {
                 Ok(Value::from_safe_string(out))
             },
         );
-        env.set_trim_blocks(false);
+        // As Hugging Face's `apply_chat_template` (and llama.cpp's template engine) render them:
+        // the newline after a block tag dropped, and whitespace before one on its line.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         let format = Format::of_template(&src);
         env.add_template_owned("chat", src)?;
         let renders_tools = env
@@ -128,17 +135,116 @@ impl ChatTemplate {
         let tools = tools
             .filter(|t| native && !t.is_empty())
             .map(|t| Value::from_serialize(tools::openai_tools(t)));
-        tmpl.render(context! {
+        let ctx = context! {
             messages => msgs,
             tools => tools,
-            // Reasoning templates (Qwen3, SmolLM3) answer straight away when tools are
-            // offered: a `<think>` block would come before the call the grammar expects.
-            enable_thinking => if offered { Some(false) } else { None },
             add_generation_prompt => true,
             bos_token => self.bos.clone(),
             eos_token => self.eos.clone(),
+        };
+        // Reasoning templates (Qwen3, SmolLM3) answer straight away when tools are offered: a
+        // `<think>` block would come before the call the grammar expects. Otherwise the
+        // variable stays undefined, as Hugging Face leaves it (a defined `none` reads as "off"
+        // to SmolLM3's `is not defined` test).
+        tmpl.render(if offered {
+            context! { enable_thinking => false, ..ctx }
+        } else {
+            ctx
         })
     }
+}
+
+/// Seconds since the epoch (tests pin it to their goldens' instant).
+fn now_unix() -> i64 {
+    #[cfg(test)]
+    {
+        let pinned = tests::PINNED_NOW.load(std::sync::atomic::Ordering::Relaxed);
+        if pinned != 0 {
+            return pinned;
+        }
+    }
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Python's `datetime.strftime` for the directives chat templates use (%d %m %Y %y %b %B %a %A
+/// %H %I %M %S %p %j %e %%; others are kept as written), in UTC: a sandboxed runner has no time
+/// zone files.
+fn strftime_utc(secs: i64, fmt: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = secs.div_euclid(86_400);
+    let tod = secs.rem_euclid(86_400);
+    let (h, mi, se) = (tod / 3600, tod / 60 % 60, tod % 60);
+    // The civil date of a day count (proleptic Gregorian, eras of 400 years).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy_mar = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy_mar + 2) / 153;
+    let d = doy_mar - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let before = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334][(m - 1) as usize];
+    let yday = before + d + i64::from(leap && m > 2);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let month = MONTHS[(m - 1) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('e') => out.push_str(&format!("{d:>2}")),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            Some('b') => out.push_str(&month[..3]),
+            Some('B') => out.push_str(month),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('I') => out.push_str(&format!("{:02}", (h + 11) % 12 + 1)),
+            Some('M') => out.push_str(&format!("{mi:02}")),
+            Some('S') => out.push_str(&format!("{se:02}")),
+            Some('p') => out.push_str(if h < 12 { "AM" } else { "PM" }),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 /// Python's `json.dumps` options, as Hugging Face's `tojson` passes them (`ensure_ascii`
@@ -236,6 +342,81 @@ fn python_float(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `strftime_now`'s clock when not 0 (the golden renders' instant).
+    pub(super) static PINNED_NOW: std::sync::atomic::AtomicI64 =
+        std::sync::atomic::AtomicI64::new(0);
+
+    #[test]
+    fn strftime_writes_dates_as_python_does() {
+        // 2026-01-02 03:04:05 UTC, a Friday; 2024-02-29 23:59:59, a leap day (Thursday);
+        // 1999-12-31 12:00:00 (Friday).
+        let fmt = "%d %b %Y|%e|%m/%y|%B %A %a|%H:%M:%S %I%p|%j|%%|%Q";
+        assert_eq!(
+            strftime_utc(1_767_323_045, fmt),
+            "02 Jan 2026| 2|01/26|January Friday Fri|03:04:05 03AM|002|%|%Q"
+        );
+        assert_eq!(
+            strftime_utc(1_709_251_199, fmt),
+            "29 Feb 2024|29|02/24|February Thursday Thu|23:59:59 11PM|060|%|%Q"
+        );
+        assert_eq!(
+            strftime_utc(946_641_600, "%d %b %Y %H %I %p %j"),
+            "31 Dec 1999 12 12 PM 365"
+        );
+    }
+
+    /// Real models' templates (tests/fixtures/templates) render here exactly as Hugging Face's
+    /// `apply_chat_template` renders them (tests/fixtures/template-goldens.json, made with Jinja2
+    /// by scripts/make-template-goldens.py): plain chats, system prompts, multi-turn, non-ASCII,
+    /// tools offered and a tool call's round trip; a template's own errors stay errors.
+    #[test]
+    fn real_templates_render_as_hugging_face_renders_them() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let goldens: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("template-goldens.json")).unwrap(),
+        )
+        .unwrap();
+        PINNED_NOW.store(
+            goldens["now_unix"].as_i64().unwrap(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let mut checked = 0;
+        for t in goldens["templates"].as_array().unwrap() {
+            let file = t["file"].as_str().unwrap();
+            let src = std::fs::read_to_string(dir.join("templates").join(file)).unwrap();
+            let tmpl = ChatTemplate::new(
+                Some(src),
+                false,
+                t["bos"].as_str().unwrap().into(),
+                t["eos"].as_str().unwrap().into(),
+            )
+            .unwrap();
+            for c in t["cases"].as_array().unwrap() {
+                let name = c["name"].as_str().unwrap();
+                let messages: Vec<ChatMessage> =
+                    serde_json::from_value(c["messages"].clone()).unwrap();
+                let tools: Option<Vec<Function>> =
+                    serde_json::from_value(c["tools"].clone()).unwrap();
+                if tools.is_some() {
+                    assert!(tmpl.tool_format.is_some(), "{file}: renders no tools");
+                }
+                let got = tmpl.render(&messages, tools.as_deref());
+                match (c.get("rendered"), got) {
+                    (Some(want), Ok(got)) => {
+                        assert_eq!(got, want.as_str().unwrap(), "{file} {name}")
+                    }
+                    (None, Err(e)) => {
+                        let want = c["error"].as_str().unwrap();
+                        assert!(e.to_string().contains(want), "{file} {name}: {e}")
+                    }
+                    (want, got) => panic!("{file} {name}: want {want:?}, got {got:?}"),
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked >= 30, "{checked}");
+    }
 
     #[test]
     fn renders_a_model_template_with_python_methods_and_errors() {
