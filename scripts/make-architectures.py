@@ -22,7 +22,7 @@ recorded sha256 still matches are kept.
 
     scripts/make-architectures.py OUT [SMOLLM2.gguf GEMMA3.gguf]
 """
-import importlib.util, json, os, sys
+import importlib.util, json, math, os, sys
 
 import numpy as np
 
@@ -146,8 +146,12 @@ def from_smollm2(src, arch, dst):
         half = head_dim // 2
         v.f32("rope_factors_long.weight", np.linspace(1.0, 3.0, half))
         v.f32("rope_factors_short.weight", np.linspace(1.0, 1.2, half))
-        v.extra_kv += [("rope.scaling.original_context_length", 256, gguf.GGUFValueType.UINT32),
-                       ("rope.scaling.attn_factor", 1.1, gguf.GGUFValueType.FLOAT32)]
+        # As llama.cpp's converter writes LongRoPE: the attention factor from the context the
+        # model declares (8192) over the original one.
+        ctx, orig = int(v.val("context_length")), 256
+        attn = math.sqrt(1 + math.log(ctx / orig) / math.log(orig))
+        v.extra_kv += [("rope.scaling.original_context_length", orig, gguf.GGUFValueType.UINT32),
+                       ("rope.scaling.attn_factor", attn, gguf.GGUFValueType.FLOAT32)]
     for i in range(n_layer):
         p = f"blk.{i}"
         t = lambda n: v.tensors[f"{p}.{n}.weight"]

@@ -9,42 +9,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
 use corral::slm::runner::Runner;
 use corral_protocol::{ChatMessage, GenerateRequest, Input};
-
-/// The files and llama.cpp's answers, made (or reused while their hashes match) under
-/// target/architectures.
-fn reference() -> (PathBuf, serde_json::Value) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/architectures");
-    let gemma = model_named(
-        "gemma-3-270m-q4_k_m.gguf",
-        "scripts/fetch-model.sh gemma3-270m",
-    );
-    let out = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/make-architectures.py"
-        ))
-        .arg(&dir)
-        .arg(model_file())
-        .arg(&gemma)
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "scripts/make-architectures.py failed (it needs llama.cpp and the gguf package, which \
-         scripts/test.sh installs):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = std::fs::read_to_string(dir.join("architectures.json")).unwrap();
-    (dir, serde_json::from_str(&text).unwrap())
-}
 
 /// Every variant is made of types corral computes with ggml's arithmetic (Q4_1 for the
 /// SmolLM2-based ones; Q5_0, Q6_K and Q8_0 for gemma2, whose Q4_K rows the script requantizes
@@ -56,7 +27,7 @@ fn expected(_arch: &str) -> (usize, usize, f64) {
 
 #[test]
 fn each_architecture_reads_its_layout_as_llama_cpp_does() {
-    let (dir, reference) = reference();
+    let (dir, reference) = architectures_reference();
     let variants = reference["variants"].as_object().unwrap();
     assert_eq!(variants.len(), 4, "{:?}", variants.keys());
     let mut summary = Vec::new();

@@ -146,15 +146,72 @@ pub struct Llama {
     device: Device,
 }
 
+/// A tensor of the file (or of a converted checkpoint's, as an f32 QTensor).
+fn get<R: std::io::Read + std::io::Seek>(
+    ct: &gguf_file::Content,
+    r: &mut R,
+    loaded: Option<&Loaded>,
+    name: &str,
+) -> anyhow::Result<QTensor> {
+    if let Some(l) = loaded {
+        let l = l.borrow();
+        let t = l
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("tensor {name} is missing"))?;
+        return Ok(QTensor::quantize(
+            &t.to_dtype(candle_core::DType::F32)?,
+            GgmlDType::F32,
+        )?);
+    }
+    ct.tensor(r, name, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+}
+
 fn vec_of(t: &QTensor) -> candle_core::Result<Vec<f32>> {
     t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()
 }
 
+/// A converted checkpoint's tensors under GGUF names (f32, f16 or bf16), taken as the model is
+/// built so that each is held once.
+pub type Loaded = std::cell::RefCell<std::collections::HashMap<String, Tensor>>;
+
 impl Llama {
+    /// A model from a GGUF file (`bytes`, also read through `r`).
     pub fn from_gguf<R: std::io::Read + std::io::Seek>(
         ct: &gguf_file::Content,
         bytes: &[u8],
         r: &mut R,
+        device: &Device,
+        max_seq: usize,
+    ) -> anyhow::Result<Llama> {
+        Self::load(ct, bytes, r, None, device, max_seq)
+    }
+
+    /// A model from a checkpoint converted by `checkpoint.rs`: `ct` holds its metadata and
+    /// tensor shapes, `tensors` the tensors themselves.
+    pub fn from_tensors(
+        ct: &gguf_file::Content,
+        tensors: std::collections::HashMap<String, Tensor>,
+        device: &Device,
+        max_seq: usize,
+    ) -> anyhow::Result<Llama> {
+        let loaded = std::cell::RefCell::new(tensors);
+        let empty: &[u8] = &[];
+        Self::load(
+            ct,
+            empty,
+            &mut std::io::Cursor::new(empty),
+            Some(&loaded),
+            device,
+            max_seq,
+        )
+    }
+
+    fn load<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        bytes: &[u8],
+        r: &mut R,
+        loaded: Option<&Loaded>,
         device: &Device,
         max_seq: usize,
     ) -> anyhow::Result<Llama> {
@@ -225,10 +282,7 @@ impl Llama {
             if !ct.tensor_infos.contains_key(name) {
                 return Ok(None);
             }
-            let t = ct
-                .tensor(r, name, &Device::Cpu)
-                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
-            let f = vec_of(&t)?;
+            let f = vec_of(&get(ct, r, loaded, name)?)?;
             if f.len() != n_rot / 2 || f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
                 anyhow::bail!(
                     "{name} has {} values (want {} positive ones)",
@@ -363,26 +417,31 @@ impl Llama {
             Ok(Some(QMat::new(w, n, cols, data)?))
         };
         let own = |name: &str| own_rows(name, None);
-        fn get<R: std::io::Read + std::io::Seek>(
-            ct: &gguf_file::Content,
-            r: &mut R,
-            name: &str,
-        ) -> anyhow::Result<QTensor> {
-            ct.tensor(r, name, &Device::Cpu)
-                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
-        }
         let mm = |r: &mut R, name: &str| -> anyhow::Result<Mat> {
             if let Some(m) = own(name)? {
                 return Ok(Mat::Own(m));
             }
-            let t = get(ct, r, name)?;
+            if let Some(l) = loaded {
+                // Taken, not copied (the embedding stays: a tied output reads it again).
+                let t = if name == "token_embd.weight" {
+                    l.borrow().get(name).cloned()
+                } else {
+                    l.borrow_mut().remove(name)
+                };
+                let t = t.ok_or_else(|| anyhow::anyhow!("tensor {name} is missing"))?;
+                return Ok(Mat::Candle(QMatMul::Tensor(
+                    t.to_dtype(candle_core::DType::F32)?,
+                )));
+            }
+            let t = get(ct, r, None, name)?;
             if f32_weights {
                 return Ok(Mat::Candle(QMatMul::Tensor(t.dequantize(&Device::Cpu)?)));
             }
             Ok(Mat::Candle(QMatMul::from_qtensor(t)?))
         };
-        let norm_vec =
-            |r: &mut R, name: &str| -> anyhow::Result<Vec<f32>> { Ok(vec_of(&get(ct, r, name)?)?) };
+        let norm_vec = |r: &mut R, name: &str| -> anyhow::Result<Vec<f32>> {
+            Ok(vec_of(&get(ct, r, loaded, name)?)?)
+        };
         let embd_info = ct
             .tensor_infos
             .get("token_embd.weight")
@@ -417,7 +476,7 @@ impl Llama {
                 )
             }
             None => {
-                let t = vec_of(&get(ct, r, "token_embd.weight")?)?;
+                let t = vec_of(&get(ct, r, loaded, "token_embd.weight")?)?;
                 let v = t.len() / n_embd;
                 (Embedding::F32(t), v)
             }

@@ -4,6 +4,7 @@
 //! `corral-runner --model PATH --sha256 HEX [--threads N] [--no-tighten]`
 //! (PATH: a GGUF file, or a safetensors checkpoint directory)
 
+mod checkpoint;
 mod constrain;
 mod engine;
 mod ggml_math;
@@ -118,13 +119,15 @@ fn load_checkpoint_dir(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let bytes = std::fs::read(f).with_context(|| format!("{}", f.display()))?;
-        hashes.push((name.clone(), digest::sha256_hex(&bytes)));
         if name.ends_with(".safetensors") {
-            let ts = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-                .with_context(|| format!("{}", f.display()))?;
+            // Read tensor by tensor (hashed as read): the weights are held once.
+            let (ts, sha) =
+                checkpoint::read_safetensors(f).with_context(|| format!("{}", f.display()))?;
+            hashes.push((name.clone(), sha));
             tensors.extend(ts);
         } else {
+            let bytes = std::fs::read(f).with_context(|| format!("{}", f.display()))?;
+            hashes.push((name.clone(), digest::sha256_hex(&bytes)));
             let text =
                 String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8", f.display()))?;
             json.insert(name, text);

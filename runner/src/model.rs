@@ -1,38 +1,24 @@
 //! Loading a model: GGUF files of the architectures corral's own forward pass reads
 //! (`llama::ARCHITECTURES`: Llama/Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 and 3) and safetensors
-//! directories with a `tokenizer.json` (llama, Qwen2 and Phi-3 checkpoints, in f32 on Candle's
-//! models).
+//! directories with a `tokenizer.json` of the same families (converted at load, in f32, onto the
+//! same pass).
 
 use std::io::Cursor;
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType};
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::{llama, phi3, qwen2};
+use candle_core::{Device, Tensor};
 
 use crate::tokenizer::TokenizerSpec;
 
 /// The largest context window a runner offers (memory grows with it).
 const MAX_CONTEXT: usize = 4096;
 
-enum Weights {
-    Llama(crate::llama::Llama),
-    /// Safetensors checkpoints, computed in f32 by Candle's models.
-    SafeLlama {
-        model: llama::Llama,
-        config: llama::Config,
-        cache: llama::Cache,
-    },
-    SafeQwen2(qwen2::ModelForCausalLM),
-    SafePhi3(phi3::Model),
-}
-
 pub struct Model {
-    weights: Weights,
+    weights: crate::llama::Llama,
     pub architecture: String,
     pub context_length: usize,
     pub quantization: String,
-    device: Device,
 }
 
 impl std::fmt::Debug for Model {
@@ -132,89 +118,40 @@ impl Model {
             .map(|d| format!("{d:?}"))
             .collect::<Vec<_>>()
             .join("+");
-        let weights = Weights::Llama(crate::llama::Llama::from_gguf(
-            &ct,
-            bytes,
-            &mut file,
-            device,
-            context_length,
-        )?);
+        let weights =
+            crate::llama::Llama::from_gguf(&ct, bytes, &mut file, device, context_length)?;
         Ok((
             Model {
                 weights,
                 architecture,
                 context_length,
                 quantization,
-                device: device.clone(),
             },
             meta,
         ))
     }
 
     /// Whether `forward` at a `pos` short of what was fed before continues from the first
-    /// `pos` positions (corral's own kernels keep and cut their KV cache; candle's append).
+    /// `pos` positions (corral's own pass keeps and cuts its KV cache): always.
     pub fn resumable(&self) -> bool {
-        matches!(self.weights, Weights::Llama(_))
+        true
     }
 
     /// Logits for the last position of `tokens`, fed at position `pos` (0 starts a new sequence
     /// and clears the KV cache).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> anyhow::Result<Vec<f32>> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let logits = match &mut self.weights {
-            Weights::Llama(m) => return m.forward(tokens, pos),
-            Weights::SafeLlama {
-                model,
-                config,
-                cache,
-            } => {
-                if pos == 0 {
-                    *cache = llama::Cache::new(true, DType::F32, config, &self.device)?;
-                }
-                model.forward(&input, pos, cache)?
-            }
-            Weights::SafeQwen2(m) => {
-                if pos == 0 {
-                    m.clear_kv_cache();
-                }
-                m.forward(&input, pos)?
-            }
-            Weights::SafePhi3(m) => {
-                if pos == 0 {
-                    m.clear_kv_cache();
-                }
-                m.forward(&input, pos)?
-            }
-        };
-        // The last position's logits, whatever leading dimensions the model keeps.
-        let logits = logits.to_dtype(DType::F32)?.flatten_all()?;
-        let n = logits.dim(0)?;
-        let vocab = self.vocab_size().unwrap_or(n);
-        Ok(logits
-            .narrow(0, n - vocab.min(n), vocab.min(n))?
-            .to_vec1()?)
-    }
-
-    fn vocab_size(&self) -> Option<usize> {
-        match &self.weights {
-            Weights::Llama(m) => Some(m.vocab_size()),
-            Weights::SafeLlama { config, .. } => Some(config.vocab_size),
-            _ => None,
-        }
+        self.weights.forward(tokens, pos)
     }
 
     /// Loads a safetensors checkpoint: `config` is `config.json`, `tensors` the contents of every
-    /// `*.safetensors` file (already verified by the caller). Weights are computed in f32.
+    /// `*.safetensors` file (already verified by the caller). Converted as llama.cpp's converter
+    /// would (`checkpoint.rs`), in f32, and run on the same forward pass as GGUF files.
     pub fn load_safetensors(
         dir: &Path,
         config: &serde_json::Value,
         tensors: std::collections::HashMap<String, Tensor>,
         device: &Device,
     ) -> anyhow::Result<Model> {
-        let arch = config["model_type"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
         let mut dtypes: Vec<String> = tensors
             .values()
             .map(|t| format!("{:?}", t.dtype()))
@@ -222,46 +159,16 @@ impl Model {
         dtypes.sort();
         dtypes.dedup();
         let quantization = format!("{} -> F32", dtypes.join("+"));
-        let bad = |e: serde_json::Error| anyhow::anyhow!("{}/config.json: {e}", dir.display());
-        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, device);
-        let (weights, ctx) = match arch.as_str() {
-            "llama" | "mistral" => {
-                let raw: llama::LlamaConfig =
-                    serde_json::from_value(config.clone()).map_err(bad)?;
-                let ctx = raw.max_position_embeddings;
-                let config = raw.into_config(false);
-                let model = llama::Llama::load(vb, &config)?;
-                let cache = llama::Cache::new(true, DType::F32, &config, device)?;
-                (
-                    Weights::SafeLlama {
-                        model,
-                        config,
-                        cache,
-                    },
-                    ctx,
-                )
-            }
-            "qwen2" => {
-                let c: qwen2::Config = serde_json::from_value(config.clone()).map_err(bad)?;
-                let ctx = c.max_position_embeddings;
-                (Weights::SafeQwen2(qwen2::ModelForCausalLM::new(&c, vb)?), ctx)
-            }
-            "phi3" => {
-                let c: phi3::Config = serde_json::from_value(config.clone()).map_err(bad)?;
-                let ctx = c.max_position_embeddings;
-                (Weights::SafePhi3(phi3::Model::new(&c, vb)?), ctx)
-            }
-            other => anyhow::bail!(
-                "{}/config.json: model_type {other:?} is not supported (llama, mistral, qwen2 and phi3 are)",
-                dir.display()
-            ),
-        };
+        let (ct, tensors, arch) = crate::checkpoint::to_gguf(config, tensors)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        let ctx = md_u32(&ct, &format!("{arch}.context_length")).unwrap_or(2048) as usize;
+        let context_length = ctx.min(MAX_CONTEXT);
+        let weights = crate::llama::Llama::from_tensors(&ct, tensors, device, context_length)?;
         Ok(Model {
             weights,
-            architecture: arch,
-            context_length: ctx.min(MAX_CONTEXT),
+            architecture: arch.to_string(),
+            context_length,
             quantization,
-            device: device.clone(),
         })
     }
 }

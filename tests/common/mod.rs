@@ -430,3 +430,31 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// The files and llama.cpp's answers, made (or reused while their hashes match) under
+/// target/architectures.
+pub fn architectures_reference() -> (std::path::PathBuf, serde_json::Value) {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/architectures");
+    let gemma = model_named(
+        "gemma-3-270m-q4_k_m.gguf",
+        "scripts/fetch-model.sh gemma3-270m",
+    );
+    let out = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/make-architectures.py"
+        ))
+        .arg(&dir)
+        .arg(model_file())
+        .arg(&gemma)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "scripts/make-architectures.py failed (it needs llama.cpp and the gguf package, which \
+         scripts/test.sh installs):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(dir.join("architectures.json")).unwrap();
+    (dir, serde_json::from_str(&text).unwrap())
+}
