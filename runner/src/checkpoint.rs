@@ -469,6 +469,119 @@ mod tests {
         assert!(d.windows(2).all(|w| w[0] <= w[1]));
     }
 
+    /// Gemma 3 270M's weights (dequantized to f32) as a Hugging Face checkpoint holds them —
+    /// HF names, norms as `w` where the GGUF has `1 + w`, the config's keys — converted back by
+    /// `to_gguf`, compute the same logits as the file's own tensors and metadata (up to the
+    /// rounding of `(1 + w) - 1 + 1`), sliding layers and local rope base included.
+    #[test]
+    fn a_gemma3_checkpoint_computes_what_its_gguf_computes() {
+        use candle_core::Device;
+        let path = crate::llama::tests::model_named(
+            "gemma-3-270m-q4_k_m.gguf",
+            "scripts/fetch-model.sh gemma3-270m",
+        );
+        let mut f = std::fs::File::open(&path).unwrap();
+        let ct = gguf_file::Content::read(&mut f).unwrap();
+        let md = |k: &str| ct.metadata[&format!("gemma3.{k}")].clone();
+        let u = |k: &str| md(k).to_u32().unwrap();
+        let mut gguf_named = HashMap::new();
+        let mut hf = HashMap::new();
+        for name in ct.tensor_infos.keys() {
+            let t = ct
+                .tensor(&mut f, name, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            gguf_named.insert(name.clone(), t.clone());
+            let is_norm = name.ends_with("norm.weight");
+            let t = if is_norm { (t - 1.0).unwrap() } else { t };
+            let hf_name = match name.as_str() {
+                "token_embd.weight" => "model.embed_tokens.weight".to_string(),
+                "output_norm.weight" => "model.norm.weight".to_string(),
+                _ => {
+                    let (layer, rest) = name.strip_prefix("blk.").unwrap().split_once('.').unwrap();
+                    let p = format!("model.layers.{layer}");
+                    let part = match rest {
+                        "attn_norm.weight" => "input_layernorm",
+                        "post_attention_norm.weight" => "post_attention_layernorm",
+                        "ffn_norm.weight" => "pre_feedforward_layernorm",
+                        "post_ffw_norm.weight" => "post_feedforward_layernorm",
+                        "attn_q.weight" => "self_attn.q_proj",
+                        "attn_k.weight" => "self_attn.k_proj",
+                        "attn_v.weight" => "self_attn.v_proj",
+                        "attn_output.weight" => "self_attn.o_proj",
+                        "attn_q_norm.weight" => "self_attn.q_norm",
+                        "attn_k_norm.weight" => "self_attn.k_norm",
+                        "ffn_gate.weight" => "mlp.gate_proj",
+                        "ffn_up.weight" => "mlp.up_proj",
+                        "ffn_down.weight" => "mlp.down_proj",
+                        other => panic!("unexpected tensor {other}"),
+                    };
+                    format!("{p}.{part}.weight")
+                }
+            };
+            hf.insert(hf_name, t);
+        }
+        let config = serde_json::json!({
+            "model_type": "gemma3_text",
+            "hidden_size": u("embedding_length"),
+            "intermediate_size": u("feed_forward_length"),
+            "num_hidden_layers": u("block_count"),
+            "num_attention_heads": u("attention.head_count"),
+            "num_key_value_heads": u("attention.head_count_kv"),
+            "head_dim": u("attention.key_length"),
+            "max_position_embeddings": u("context_length"),
+            "rms_norm_eps": md("attention.layer_norm_rms_epsilon").to_f32().unwrap(),
+            "rope_theta": md("rope.freq_base").to_f32().unwrap(),
+            "rope_local_base_freq": 10000.0,
+            "sliding_window": u("attention.sliding_window"),
+            "sliding_window_pattern": 6,
+            "query_pre_attn_scalar": 256,
+        });
+        let (hf_ct, hf_tensors, arch) = to_gguf(&config, hf).unwrap();
+        assert_eq!(arch, "gemma3");
+        let mut from_hf =
+            crate::llama::Llama::from_tensors(&hf_ct, hf_tensors, &Device::Cpu, 4096).unwrap();
+        // The file's own metadata and tensor names, its tensors widened to f32 the same way.
+        let own_ct = gguf_file::Content {
+            magic: ct.magic,
+            metadata: ct.metadata.clone(),
+            tensor_infos: gguf_named
+                .iter()
+                .map(|(k, t)| {
+                    let info = gguf_file::TensorInfo {
+                        ggml_dtype: GgmlDType::F32,
+                        shape: t.dims().to_vec().into(),
+                        offset: 0,
+                    };
+                    (k.clone(), info)
+                })
+                .collect(),
+            tensor_data_offset: 0,
+        };
+        let mut from_file =
+            crate::llama::Llama::from_tensors(&own_ct, gguf_named, &Device::Cpu, 4096).unwrap();
+        // Longer than the 512-token window would be slow here; 24 positions still cross the
+        // local and global layers and both rope bases.
+        let tokens: Vec<u32> = (0..24).map(|i| 2 + (i * 7919) % 5000).collect();
+        let a = from_hf.forward(&tokens, 0).unwrap();
+        let b = from_file.forward(&tokens, 0).unwrap();
+        let argmax = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .unwrap()
+                .0
+        };
+        assert_eq!(argmax(&a), argmax(&b));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-2, "largest logit difference {worst}");
+    }
+
     #[test]
     fn unknown_families_and_rope_kinds_are_refused_by_name() {
         let e = to_gguf(&serde_json::json!({"model_type": "gpt2"}), HashMap::new()).unwrap_err();

@@ -1195,7 +1195,7 @@ fn gelu_f16_entry(bits: u16) -> u16 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1216,6 +1216,11 @@ mod tests {
     /// The default model's file (and others made from it), where `scripts/fetch-model.sh` puts
     /// it; missing, the test fails rather than skips.
     fn default_model() -> std::path::PathBuf {
+        model_named("SmolLM2-135M-Instruct.Q4_1.gguf", "scripts/fetch-model.sh")
+    }
+
+    /// A model file of the catalog's directory; missing is a failure, not a skip.
+    pub(crate) fn model_named(file: &str, fetch: &str) -> std::path::PathBuf {
         let dir = std::env::var_os("CORRAL_MODEL_DIR")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
@@ -1227,12 +1232,8 @@ mod tests {
                     })
                     .join("corral/models")
             });
-        let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-        assert!(
-            p.is_file(),
-            "{} is missing: run scripts/fetch-model.sh",
-            p.display()
-        );
+        let p = dir.join(file);
+        assert!(p.is_file(), "{} is missing: run {fetch}", p.display());
         p
     }
 
