@@ -150,7 +150,8 @@ def from_smollm2(src, arch, dst):
         # model declares (8192) over the original one.
         ctx, orig = int(v.val("context_length")), 256
         attn = math.sqrt(1 + math.log(ctx / orig) / math.log(orig))
-        v.extra_kv += [("rope.scaling.original_context_length", orig, gguf.GGUFValueType.UINT32),
+        v.extra_kv += [("rope.scaling.type", "longrope", gguf.GGUFValueType.STRING),
+                       ("rope.scaling.original_context_length", orig, gguf.GGUFValueType.UINT32),
                        ("rope.scaling.attn_factor", attn, gguf.GGUFValueType.FLOAT32)]
     for i in range(n_layer):
         p = f"blk.{i}"

@@ -132,6 +132,7 @@ fn gguf_to_checkpoint(gguf: &Path, dir: &Path, dtype: DType) {
         "num_hidden_layers": n_layer,
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
+        "head_dim": n_embd / n_head,
         "rms_norm_eps": md(&format!("{arch}.attention.layer_norm_rms_epsilon")).to_f32().unwrap(),
         "rope_theta": md(&format!("{arch}.rope.freq_base")).to_f32().unwrap(),
         "max_position_embeddings": u("context_length"),

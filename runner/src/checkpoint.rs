@@ -19,23 +19,97 @@ use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{DType, Tensor};
 use serde_json::Value;
 
-/// The GGUF architecture for a `config.json` (and the config itself: Gemma 3's multimodal
-/// checkpoints nest the language model's under `text_config`).
-fn architecture(config: &Value) -> anyhow::Result<(&'static str, &Value)> {
+/// The GGUF architecture for a `config.json`, and the language model's configuration as
+/// Hugging Face would read it: Gemma 3's multimodal checkpoints nest it under `text_config`
+/// (merged over the top level), keys a config leaves out take the family's defaults
+/// (transformers' config classes), and transformers 5's `rope_parameters` stand for
+/// `rope_theta`/`rope_scaling` (per layer type for Gemma 3).
+fn architecture(config: &Value) -> anyhow::Result<(&'static str, Value)> {
     let model_type = config["model_type"].as_str().unwrap_or_default();
-    Ok(match model_type {
-        "llama" | "mistral" => ("llama", config),
-        "qwen2" => ("qwen2", config),
-        "qwen3" => ("qwen3", config),
-        "phi3" => ("phi3", config),
-        "gemma2" => ("gemma2", config),
-        "gemma3_text" => ("gemma3", config),
-        "gemma3" if config["text_config"].is_object() => ("gemma3", &config["text_config"]),
+    let (arch, mut c) = match model_type {
+        "llama" | "mistral" => ("llama", config.clone()),
+        "qwen2" => ("qwen2", config.clone()),
+        "qwen3" => ("qwen3", config.clone()),
+        "phi3" => ("phi3", config.clone()),
+        "gemma2" => ("gemma2", config.clone()),
+        "gemma3_text" => ("gemma3", config.clone()),
+        "gemma3" if config["text_config"].is_object() => {
+            let mut merged = config.clone();
+            if let (Some(m), Some(t)) = (merged.as_object_mut(), config["text_config"].as_object())
+            {
+                for (k, v) in t {
+                    m.insert(k.clone(), v.clone());
+                }
+            }
+            ("gemma3", merged)
+        }
         other => anyhow::bail!(
             "model_type {other:?} is not supported (llama, mistral, qwen2, qwen3, phi3, gemma2, \
              gemma3 and gemma3_text are)"
         ),
-    })
+    };
+    let defaults = match arch {
+        "gemma3" => serde_json::json!({"num_attention_heads": 8, "num_key_value_heads": 4,
+            "head_dim": 256, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+            "sliding_window": 4096, "sliding_window_pattern": 6, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 131_072, "tie_word_embeddings": true}),
+        "gemma2" => serde_json::json!({"head_dim": 256, "rope_theta": 10_000.0,
+            "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true}),
+        "qwen3" => serde_json::json!({"head_dim": 128}),
+        _ => serde_json::json!({}),
+    };
+    let Some(m) = c.as_object_mut() else {
+        anyhow::bail!("config.json is not an object");
+    };
+    let rp = m.get("rope_parameters").cloned().unwrap_or(Value::Null);
+    if rp.is_object() {
+        let (full, sliding) = if rp["full_attention"].is_object() {
+            (
+                rp["full_attention"].clone(),
+                rp["sliding_attention"].clone(),
+            )
+        } else {
+            (rp.clone(), Value::Null)
+        };
+        if let Some(t) = full.get("rope_theta") {
+            m.entry("rope_theta").or_insert(t.clone());
+        }
+        if let Some(t) = sliding.get("rope_theta") {
+            m.entry("rope_local_base_freq").or_insert(t.clone());
+        }
+        let kind = full["rope_type"].as_str().unwrap_or("default");
+        if kind != "default" && !m.get("rope_scaling").is_some_and(Value::is_object) {
+            m.insert("rope_scaling".into(), full);
+        }
+    }
+    if let Some(d) = defaults.as_object() {
+        for (k, v) in d {
+            if m.get(k).is_none_or(Value::is_null) {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok((arch, c))
+}
+
+/// A multimodal checkpoint's language-model tensors under the plain names (`model.layers...`,
+/// `lm_head.weight`); its vision tower and projector dropped.
+fn language_model(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .filter(|(k, _)| !k.contains("vision_tower.") && !k.contains("multi_modal_projector."))
+        .map(|(k, v)| {
+            let k = if let Some(rest) = k.strip_prefix("language_model.") {
+                rest.to_string()
+            } else if let Some(rest) = k.strip_prefix("model.language_model.") {
+                format!("model.{rest}")
+            } else {
+                k
+            };
+            (k, v)
+        })
+        .collect()
 }
 
 /// A GGUF metadata value.
@@ -48,9 +122,11 @@ fn u32v(v: u64) -> anyhow::Result<gguf_file::Value> {
 /// architecture.
 pub fn to_gguf(
     config: &Value,
-    mut tensors: HashMap<String, Tensor>,
+    tensors: HashMap<String, Tensor>,
 ) -> anyhow::Result<(gguf_file::Content, HashMap<String, Tensor>, &'static str)> {
     let (arch, c) = architecture(config)?;
+    let c = &c;
+    let mut tensors = language_model(tensors);
     let num = |k: &str| c[k].as_u64();
     let req = |k: &str| num(k).ok_or_else(|| anyhow::anyhow!("config.json: {k} is missing"));
     let float = |k: &str| c[k].as_f64();
@@ -71,6 +147,13 @@ pub fn to_gguf(
     put("attention.key_length", u32v(head_dim)?);
     put("attention.value_length", u32v(head_dim)?);
     put("feed_forward_length", u32v(req("intermediate_size")?)?);
+    // Phi-3 family (Phi-4-mini): rotation over part of each head, as the converter counts it.
+    if let Some(pct) = float("partial_rotary_factor").filter(|p| *p < 1.0) {
+        put(
+            "rope.dimension_count",
+            u32v((pct * n_embd as f64) as u64 / n_head)?,
+        );
+    }
     put(
         "context_length",
         u32v(num("max_position_embeddings").unwrap_or(2048))?,
@@ -109,7 +192,9 @@ pub fn to_gguf(
         let factor = scaling["factor"].as_f64().unwrap_or(1.0);
         match kind {
             "linear" => put("rope.scaling.factor", gguf_file::Value::F32(factor as f32)),
-            "default" => {}
+            // Dynamic NTK changes nothing within the trained context; the converter writes
+            // such a model unscaled, as here.
+            "default" | "dynamic" => {}
             "llama3" => extra.push((
                 "rope_freqs.weight".into(),
                 llama3_divisors(head_dim as usize, base, factor, scaling),
@@ -150,8 +235,8 @@ pub fn to_gguf(
                 }
             }
             other => anyhow::bail!(
-                "config.json: rope_scaling of type '{other}' is not supported (linear, llama3 and \
-                 longrope are)"
+                "config.json: rope_scaling of type '{other}' is not supported (linear, llama3, \
+                 longrope and dynamic are)"
             ),
         }
     }
@@ -174,12 +259,12 @@ pub fn to_gguf(
     let mut buf = Buffer::default();
     buf.add("token_embd.weight", take("model.embed_tokens.weight")?)?;
     buf.add("output_norm.weight", norm(take("model.norm.weight")?)?)?;
-    let tied = c["tie_word_embeddings"].as_bool().unwrap_or(gemma);
-    match take("lm_head.weight") {
-        Ok(t) if !tied => buf.add("output.weight", t)?,
-        Ok(_) => {}
-        Err(_) if tied => {}
-        Err(_) => anyhow::bail!("tensor lm_head.weight is missing (tie_word_embeddings is false)"),
+    // As the converter: an lm_head is the output matrix wherever the checkpoint has one (Gemma
+    // always reads the embedding), its absence means tied embeddings.
+    if let Ok(t) = take("lm_head.weight") {
+        if !gemma {
+            buf.add("output.weight", t)?;
+        }
     }
     for i in 0..n_layer {
         let p = format!("model.layers.{i}");
@@ -227,9 +312,16 @@ pub fn to_gguf(
             buf.add(&b("attn_q.weight"), q)?;
             buf.add(&b("attn_k.weight"), k)?;
             buf.add(&b("attn_v.weight"), take(&format!("{a}.v_proj.weight"))?)?;
-            for x in ["q", "k", "v"] {
+            for (x, heads) in [("q", n_head), ("k", n_kv), ("v", 0)] {
                 if let Ok(bias) = take(&format!("{a}.{x}_proj.bias")) {
-                    buf.add(&b(&format!("attn_{x}.bias")), f32_of(bias)?)?;
+                    let mut bias = f32_of(bias)?;
+                    if arch == "llama" && heads > 0 {
+                        // Reordered like the rows they add to.
+                        let n = bias.elem_count();
+                        bias =
+                            interleave_rotary(bias.reshape((n, 1))?, heads as usize)?.reshape(n)?;
+                    }
+                    buf.add(&b(&format!("attn_{x}.bias")), bias)?;
                 }
             }
             buf.add(
@@ -255,6 +347,9 @@ pub fn to_gguf(
             &b("attn_output.weight"),
             take(&format!("{a}.o_proj.weight"))?,
         )?;
+        if let Ok(bias) = take(&format!("{a}.o_proj.bias")) {
+            buf.add(&b("attn_output.bias"), f32_of(bias)?)?;
+        }
         buf.add(
             &b("ffn_down.weight"),
             take(&format!("{p}.mlp.down_proj.weight"))?,
@@ -326,7 +421,9 @@ pub fn read_safetensors(
 ) -> anyhow::Result<(HashMap<String, Tensor>, String)> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
-    let mut f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    let file = std::fs::File::open(path)?;
+    let file_len = usize::try_from(file.metadata()?.len())?;
+    let mut f = std::io::BufReader::with_capacity(1 << 20, file);
     let mut hash = Sha256::new();
     let mut read = |n: usize, hash: &mut Sha256| -> anyhow::Result<Vec<u8>> {
         let mut buf = vec![0u8; n];
@@ -336,8 +433,8 @@ pub fn read_safetensors(
     };
     let len = read(8, &mut hash)?;
     let header_len = usize::try_from(u64::from_le_bytes(len.as_slice().try_into()?))?;
-    if header_len > 100 << 20 {
-        anyhow::bail!("header of {header_len} bytes");
+    if header_len > (100 << 20).min(file_len.saturating_sub(8)) {
+        anyhow::bail!("header of {header_len} bytes in a file of {file_len}");
     }
     let header: serde_json::Map<String, Value> =
         serde_json::from_slice(&read(header_len, &mut hash)?)?;
@@ -364,13 +461,11 @@ pub fn read_safetensors(
     let mut pos = 0usize;
     let mut tensors = HashMap::new();
     for (name, dtype, shape, start, end) in entries {
-        if start < pos || end < start {
-            anyhow::bail!("{name}: overlapping or reversed data_offsets");
+        if start < pos || end < start || end > file_len {
+            anyhow::bail!(
+                "{name}: data_offsets {start}..{end} overlap, reverse or pass the file's end"
+            );
         }
-        read(start - pos, &mut hash)?;
-        let bytes = read(end - start, &mut hash)?;
-        pos = end;
-        let elems: usize = shape.iter().product();
         let width = match dtype.as_str() {
             "F32" => 4,
             "F16" | "BF16" => 2,
@@ -378,9 +473,16 @@ pub fn read_safetensors(
                 anyhow::bail!("{name}: dtype {other} is not supported (F32, F16 and BF16 are)")
             }
         };
-        if bytes.len() != elems * width {
-            anyhow::bail!("{name}: {} bytes for {elems} {dtype} values", bytes.len());
+        let elems = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
+        if elems.and_then(|e| e.checked_mul(width)) != Some(end - start) {
+            anyhow::bail!(
+                "{name}: {} bytes for shape {shape:?} of {dtype}",
+                end - start
+            );
         }
+        read(start - pos, &mut hash)?;
+        let bytes = read(end - start, &mut hash)?;
+        pos = end;
         let dev = &candle_core::Device::Cpu;
         let t = match width {
             4 => {

@@ -146,6 +146,21 @@ pub struct Llama {
     device: Device,
 }
 
+/// The bytes `from..from + len` of a tensor's data in the file, if the arithmetic stays in range.
+fn span(
+    ct: &gguf_file::Content,
+    info: &gguf_file::TensorInfo,
+    from: usize,
+    len: usize,
+) -> Option<std::ops::Range<usize>> {
+    let start = ct
+        .tensor_data_offset
+        .checked_add(info.offset)
+        .and_then(|o| usize::try_from(o).ok())?
+        .checked_add(from)?;
+    Some(start..start.checked_add(len)?)
+}
+
 /// A tensor of the file (or of a converted checkpoint's, as an f32 QTensor).
 fn get<R: std::io::Read + std::io::Seek>(
     ct: &gguf_file::Content,
@@ -237,6 +252,15 @@ impl Llama {
         let n_head = md_u("attention.head_count")?;
         let n_head_kv = md_u("attention.head_count_kv").unwrap_or(n_head);
         let n_layer = md_u("block_count")?;
+        if n_layer == 0 || n_layer > ct.tensor_infos.len() {
+            anyhow::bail!(
+                "{n_layer} layers declared for {} tensors",
+                ct.tensor_infos.len()
+            );
+        }
+        // Every tensor the graph reads; a file with others is refused below (llama.cpp refuses
+        // files whose tensors its graph does not all create).
+        let used = std::cell::RefCell::new(std::collections::HashSet::<String>::new());
         if !ARCHITECTURES.contains(&arch.as_str()) {
             anyhow::bail!(
                 "unsupported GGUF architecture '{arch}' ({} are supported)",
@@ -259,29 +283,32 @@ impl Llama {
         if n_rot > head_dim || n_rot % 2 != 0 {
             anyhow::bail!("rope dimension {n_rot} does not fit head dimension {head_dim}");
         }
-        // Rope scaling as llama.cpp reads it: a linear factor for any architecture; YaRN (and
-        // the other extrapolating kinds) would compute other angles, so such files are refused
-        // rather than answered with the wrong ones.
+        // Rope scaling as llama.cpp reads it: a linear factor for any architecture, LongRoPE's
+        // factor tensors; YaRN would compute other angles, so such files are refused rather than
+        // answered with the wrong ones.
         let scaling_type = ct
             .metadata
             .get(&format!("{arch}.rope.scaling.type"))
             .and_then(|v| v.to_string().ok())
             .cloned()
-            .unwrap_or_else(|| "none".into());
-        if !matches!(scaling_type.as_str(), "none" | "linear") {
+            .unwrap_or_else(|| "linear".into());
+        if !matches!(scaling_type.as_str(), "none" | "linear" | "longrope") {
             anyhow::bail!(
-                "{arch}.rope.scaling.type is '{scaling_type}': only linear rope scaling is \
-                 supported"
+                "{arch}.rope.scaling.type is '{scaling_type}': only linear and LongRoPE rope \
+                 scaling are supported"
             );
         }
+        // A factor applies unless the type says none (llama.cpp's reading; LongRoPE's own
+        // factors are tensors, below).
         let freq_scale = md_f("rope.scaling.factor")
             .or_else(|| md_f("rope.scale_linear"))
-            .filter(|f| *f != 0.0)
+            .filter(|f| *f != 0.0 && scaling_type != "none")
             .map_or(1.0, |f| 1.0 / f);
         let factors = |r: &mut R, name: &str| -> anyhow::Result<Option<Vec<f32>>> {
             if !ct.tensor_infos.contains_key(name) {
                 return Ok(None);
             }
+            used.borrow_mut().insert(name.to_string());
             let f = vec_of(&get(ct, r, loaded, name)?)?;
             if f.len() != n_rot / 2 || f.iter().any(|v| !v.is_finite() || *v <= 0.0) {
                 anyhow::bail!(
@@ -300,11 +327,11 @@ impl Llama {
                 let orig = md_u("rope.scaling.original_context_length")
                     .or_else(|_| md_u("context_length"))
                     .unwrap_or(max_seq);
-                if max_seq > orig {
-                    factors(r, "rope_factors_long.weight")?
-                } else {
-                    factors(r, "rope_factors_short.weight")?
-                }
+                // (Both are the graph's, as llama.cpp loads both.)
+                let (long, short) = ("rope_factors_long.weight", "rope_factors_short.weight");
+                used.borrow_mut()
+                    .extend([long.to_string(), short.to_string()]);
+                factors(r, if max_seq > orig { long } else { short })?
             }
             _ => None,
         };
@@ -407,17 +434,21 @@ impl Llama {
             let (rows, cols) = info.shape.dims2()?;
             let row_bytes = cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
             let (first, n) = part.unwrap_or((0, rows));
-            if first + n > rows {
-                anyhow::bail!("tensor {name} has {rows} rows, not {}", first + n);
+            if first.saturating_add(n) > rows {
+                anyhow::bail!(
+                    "tensor {name} has {rows} rows, not {}",
+                    first.saturating_add(n)
+                );
             }
-            let start = usize::try_from(ct.tensor_data_offset + info.offset)? + first * row_bytes;
-            let data = bytes
-                .get(start..start + n * row_bytes)
+            used.borrow_mut().insert(name.to_string());
+            let data = span(ct, info, first * row_bytes, n * row_bytes)
+                .and_then(|r| bytes.get(r))
                 .ok_or_else(|| anyhow::anyhow!("tensor {name} lies outside the file"))?;
             Ok(Some(QMat::new(w, n, cols, data)?))
         };
         let own = |name: &str| own_rows(name, None);
         let mm = |r: &mut R, name: &str| -> anyhow::Result<Mat> {
+            used.borrow_mut().insert(name.to_string());
             if let Some(m) = own(name)? {
                 return Ok(Mat::Own(m));
             }
@@ -440,6 +471,7 @@ impl Llama {
             Ok(Mat::Candle(QMatMul::from_qtensor(t)?))
         };
         let norm_vec = |r: &mut R, name: &str| -> anyhow::Result<Vec<f32>> {
+            used.borrow_mut().insert(name.to_string());
             Ok(vec_of(&get(ct, r, loaded, name)?)?)
         };
         let embd_info = ct
@@ -447,6 +479,7 @@ impl Llama {
             .get("token_embd.weight")
             .ok_or_else(|| anyhow::anyhow!("tensor token_embd.weight is missing"))?;
         let embd_dtype = embd_info.ggml_dtype;
+        used.borrow_mut().insert("token_embd.weight".into());
         let (embd, vocab) = match own("token_embd.weight")? {
             Some(m) => {
                 let v = m.rows;
@@ -459,9 +492,8 @@ impl Llama {
             {
                 let (rows, cols) = embd_info.shape.dims2()?;
                 let row_bytes = cols / embd_dtype.block_size() * embd_dtype.type_size();
-                let start = usize::try_from(ct.tensor_data_offset + embd_info.offset)?;
-                let data = bytes
-                    .get(start..start + rows * row_bytes)
+                let data = span(ct, embd_info, 0, rows.saturating_mul(row_bytes))
+                    .and_then(|r| bytes.get(r))
                     .ok_or_else(|| {
                         anyhow::anyhow!("tensor token_embd.weight lies outside the file")
                     })?
@@ -581,7 +613,8 @@ impl Llama {
                 opt("post_attention_norm.weight", gemma)?,
                 opt("post_ffw_norm.weight", gemma)?,
             );
-            // Biases: a fused one, or Q's, K's and V's (all three, or none), end to end.
+            // Biases: a fused one, or Q's, K's and V's (each optional, zero when absent, as
+            // llama.cpp adds each it has), end to end.
             let qkv_bias = match opt("attn_qkv.bias", true)? {
                 Some(b) => Some(b),
                 None => match (
@@ -589,9 +622,15 @@ impl Llama {
                     opt("attn_k.bias", true)?,
                     opt("attn_v.bias", true)?,
                 ) {
-                    (Some(q), Some(k), Some(v)) => Some([q, k, v].concat()),
                     (None, None, None) => None,
-                    _ => anyhow::bail!("{p}: some of the q, k and v biases are missing"),
+                    (q, k, v) => Some(
+                        [
+                            q.unwrap_or_else(|| vec![0.0; q_dim]),
+                            k.unwrap_or_else(|| vec![0.0; kv_dim]),
+                            v.unwrap_or_else(|| vec![0.0; kv_dim]),
+                        ]
+                        .concat(),
+                    ),
                 },
             };
             let wo_bias = opt("attn_output.bias", true)?;
@@ -665,6 +704,20 @@ impl Llama {
         } else {
             None
         };
+        let used = used.into_inner();
+        let mut unused: Vec<&String> = ct
+            .tensor_infos
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .collect();
+        unused.sort();
+        if let Some(first) = unused.first() {
+            anyhow::bail!(
+                "tensor {first} (and {} more) is not part of the {arch} graph: this file's \
+                 layout is not one corral (or llama.cpp) reads",
+                unused.len() - 1
+            );
+        }
         Ok(Llama {
             k_cache: vec![Vec::new(); n_layer],
             v_cache: vec![Vec::new(); n_layer],
