@@ -305,58 +305,66 @@ impl QMat {
         // by row: measured, a four-row tile was slower there (the product is memory-bound).
         let compute = |ci: usize, dst: &mut [f32]| {
             let here = dst.len() / n;
-            let rows: Vec<(WType, Row<'_>)> = (0..here)
-                .map(|k| {
-                    let g = ci * chunk + k;
-                    let mi = starts.iter().rposition(|s| *s <= g).unwrap_or(0);
-                    (mats[mi].wtype, mats[mi].row(g - starts[mi]))
-                })
-                .collect();
+            let g0 = ci * chunk;
             let mut k = 0;
+            // The chunk's rows, matrix by matrix (rows looked up as they are computed: gathering
+            // them first wrote a row descriptor per weight row, every token).
             while k < here {
-                let wt = rows[k].0;
-                if wt.is_k() {
+                let mi = starts.iter().rposition(|s| *s <= g0 + k).unwrap_or(0);
+                let (m, first) = (mats[mi], starts[mi]);
+                let end = (first + m.rows - g0).min(here);
+                let wt = m.wtype;
+                if n == 1 && !wt.is_k() {
+                    // Decoding: one activation row, the rows one after another.
+                    rows_dot32(m, g0 + k - first, &mut dst[k..end], &a32[0], avx2);
+                    k = end;
+                    continue;
+                }
+                while k < end {
+                    let this = m.row(g0 + k - first);
+                    if wt.is_k() {
+                        let mut i = 0;
+                        // Many rows: four activation rows per pass over the weight row (its
+                        // values unpacked once), each result exactly `dot_k`'s tiled-order one.
+                        while avx2 && n >= 8 && i + 4 <= n {
+                            let a4 = [&ak[i][..], &ak[i + 1], &ak[i + 2], &ak[i + 3]];
+                            dst[k * n + i..][..4].copy_from_slice(&tile_k(wt, &this, a4));
+                            i += 4;
+                        }
+                        for (j, a) in ak.iter().enumerate().skip(i) {
+                            dst[k * n + j] = dot_k(wt, &this, a, avx2, n >= 8);
+                        }
+                        k += 1;
+                        continue;
+                    }
+                    if !(avx2 && n > 1 && k + 1 < end) {
+                        for (i, a) in a32.iter().enumerate() {
+                            dst[k * n + i] = dot32(wt, &this, a, avx2);
+                        }
+                        k += 1;
+                        continue;
+                    }
+                    let next = m.row(g0 + k + 1 - first);
+                    let ws = [&this, &next];
                     let mut i = 0;
-                    // Many rows: four activation rows per pass over the weight row (its values
-                    // unpacked once), each result exactly `dot_k`'s tiled-order one.
-                    while avx2 && n >= 8 && i + 4 <= n {
-                        let a4 = [&ak[i][..], &ak[i + 1], &ak[i + 2], &ak[i + 3]];
-                        dst[k * n + i..][..4].copy_from_slice(&tile_k(wt, &rows[k].1, a4));
-                        i += 4;
-                    }
-                    for (j, a) in ak.iter().enumerate().skip(i) {
-                        dst[k * n + j] = dot_k(wt, &rows[k].1, a, avx2, n >= 8);
-                    }
-                    k += 1;
-                    continue;
-                }
-                let pair = avx2 && n > 1 && k + 1 < here && rows[k + 1].0 == wt;
-                if !pair {
-                    for (i, a) in a32.iter().enumerate() {
-                        dst[k * n + i] = dot32(wt, &rows[k].1, a, avx2);
-                    }
-                    k += 1;
-                    continue;
-                }
-                let ws = [&rows[k].1, &rows[k + 1].1];
-                let mut i = 0;
-                while i < n {
-                    if i + 4 <= n {
-                        let a4 = [&a32[i][..], &a32[i + 1], &a32[i + 2], &a32[i + 3]];
-                        let out = tile::<2, 4>(wt, ws, a4);
-                        for (r, o) in out.iter().enumerate() {
-                            dst[(k + r) * n + i..][..4].copy_from_slice(o);
+                    while i < n {
+                        if i + 4 <= n {
+                            let a4 = [&a32[i][..], &a32[i + 1], &a32[i + 2], &a32[i + 3]];
+                            let out = tile::<2, 4>(wt, ws, a4);
+                            for (r, o) in out.iter().enumerate() {
+                                dst[(k + r) * n + i..][..4].copy_from_slice(o);
+                            }
+                            i += 4;
+                        } else {
+                            let out = tile::<2, 1>(wt, ws, [&a32[i]]);
+                            for (r, o) in out.iter().enumerate() {
+                                dst[(k + r) * n + i] = o[0];
+                            }
+                            i += 1;
                         }
-                        i += 4;
-                    } else {
-                        let out = tile::<2, 1>(wt, ws, [&a32[i]]);
-                        for (r, o) in out.iter().enumerate() {
-                            dst[(k + r) * n + i] = o[0];
-                        }
-                        i += 1;
                     }
+                    k += 2;
                 }
-                k += 2;
             }
         };
         if tasks == 1 {
@@ -575,6 +583,28 @@ fn unpack32_scalar(t: u8, q: &[u8]) -> [i32; QK] {
         v[j + 16] = hi - off;
     }
     v
+}
+
+/// Rows `r0..` of a block-32 matrix (as many as `out` holds) against one activation row: the
+/// type dispatched once for the run of rows.
+fn rows_dot32(m: &QMat, r0: usize, out: &mut [f32], a: &[ABlock], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 and FMA were detected at run time; the rows and `a` have the same blocks.
+        unsafe {
+            match m.wtype.code() {
+                T4_0 => avx2::rows_dot32::<T4_0>(m, r0, out, a),
+                T4_1 => avx2::rows_dot32::<T4_1>(m, r0, out, a),
+                T5_0 => avx2::rows_dot32::<T5_0>(m, r0, out, a),
+                T5_1 => avx2::rows_dot32::<T5_1>(m, r0, out, a),
+                _ => avx2::rows_dot32::<T8_0>(m, r0, out, a),
+            }
+        }
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot32(m.wtype, &m.row(r0 + j), a, avx2);
+    }
 }
 
 fn dot32(wt: WType, w: &Row<'_>, a: &[ABlock], avx2: bool) -> f32 {
@@ -926,6 +956,24 @@ mod avx2 {
         }
         // SAFETY: as above.
         unsafe { hsum(acc) + summs }
+    }
+
+    /// Rows `r0..` of `m` (as many as `out` holds) against one activation row, each as
+    /// `dot32` computes it.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `m` is of type `T` with `a`'s blocks per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_dot32<const T: u8>(
+        m: &super::QMat,
+        r0: usize,
+        out: &mut [f32],
+        a: &[ABlock],
+    ) {
+        for (j, o) in out.iter_mut().enumerate() {
+            // SAFETY: as the caller promised.
+            *o = unsafe { dot32::<T>(&m.row(r0 + j), a) };
+        }
     }
 
     /// `R` weight rows against `A` activation rows at once: each weight block is unpacked
