@@ -314,9 +314,14 @@ impl QMat {
                 let (m, first) = (mats[mi], starts[mi]);
                 let end = (first + m.rows - g0).min(here);
                 let wt = m.wtype;
-                if n == 1 && !wt.is_k() {
+                if n == 1 {
                     // Decoding: one activation row, the rows one after another.
-                    rows_dot32(m, g0 + k - first, &mut dst[k..end], &a32[0], avx2);
+                    let out = &mut dst[k..end];
+                    if wt.is_k() {
+                        rows_dot_k(m, g0 + k - first, out, &ak[0], avx2);
+                    } else {
+                        rows_dot32(m, g0 + k - first, out, &a32[0], avx2);
+                    }
                     k = end;
                     continue;
                 }
@@ -691,6 +696,26 @@ fn unpack_k(wt: WType, q: &[u8]) -> ([i32; QKK], [i32; 16]) {
 /// `d_w * d_a`), or `many`, for products of 8 rows or more (ggml's tiled matrix product: per
 /// super-block the exact integer sum `s1` and min term `s2`, then `acc += (d_w * s1 - dmin * s2)
 /// * d_a`, fused as its AVX2 build fuses them).
+/// Rows `r0..` of a K-type matrix (as many as `out` holds) against one activation row (the
+/// one-row order, `vec_dot`'s): the type dispatched once for the run of rows.
+fn rows_dot_k(m: &QMat, r0: usize, out: &mut [f32], a: &[KBlock], avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 and FMA were detected at run time; the rows and `a` have the same blocks.
+        unsafe {
+            match m.wtype {
+                WType::Q4K => avx2::rows_dot_k::<0>(m, r0, out, a),
+                WType::Q5K => avx2::rows_dot_k::<1>(m, r0, out, a),
+                _ => avx2::rows_dot_k::<2>(m, r0, out, a),
+            }
+        }
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot_k(m.wtype, &m.row(r0 + j), a, avx2, false);
+    }
+}
+
 fn dot_k(wt: WType, w: &Row<'_>, a: &[KBlock], avx2: bool, many: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx2 {
@@ -973,6 +998,24 @@ mod avx2 {
         for (j, o) in out.iter_mut().enumerate() {
             // SAFETY: as the caller promised.
             *o = unsafe { dot32::<T>(&m.row(r0 + j), a) };
+        }
+    }
+
+    /// Rows `r0..` of K-type `m` (as many as `out` holds) against one activation row, each as
+    /// `dot_k` computes it.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `m` is of K type `T` with `a`'s super-blocks per row.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_dot_k<const T: u8>(
+        m: &super::QMat,
+        r0: usize,
+        out: &mut [f32],
+        a: &[KBlock],
+    ) {
+        for (j, o) in out.iter_mut().enumerate() {
+            // SAFETY: as the caller promised.
+            *o = unsafe { dot_k::<T>(&m.row(r0 + j), a) };
         }
     }
 
