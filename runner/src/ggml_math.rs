@@ -61,14 +61,14 @@ pub fn silu(x: f32) -> f32 {
 
 /// Horizontal sum of eight lanes as `hsum(__m256)` in tinyBLAS and ggml's softmax compute it.
 #[inline(always)]
-fn hsum8(v: &[f32; 8]) -> f32 {
+pub(crate) fn hsum8(v: &[f32; 8]) -> f32 {
     let t = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
     (t[0] + t[2]) + (t[1] + t[3])
 }
 
 /// The reduction of `GGML_F32x8_REDUCE` over four 8-lane accumulators.
 #[inline(always)]
-fn reduce4x8(acc: &[[f32; 8]; 4]) -> f32 {
+pub(crate) fn reduce4x8(acc: &[[f32; 8]; 4]) -> f32 {
     let mut x = [0f32; 8];
     for (l, x) in x.iter_mut().enumerate() {
         *x = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);

@@ -32,6 +32,9 @@ pub enum WType {
     Q4K,
     Q5K,
     Q6K,
+    /// f16 weights: products as ggml's f16 paths compute them (activations rounded to f16,
+    /// `ggml_vec_dot_f16`'s order for one row, tinyBLAS's for more).
+    F16,
 }
 
 // Codes of the block-32 types for the const-generic kernels.
@@ -67,6 +70,7 @@ impl WType {
             GgmlDType::Q4K => WType::Q4K,
             GgmlDType::Q5K => WType::Q5K,
             GgmlDType::Q6K => WType::Q6K,
+            GgmlDType::F16 => WType::F16,
             _ => return None,
         })
     }
@@ -77,10 +81,10 @@ impl WType {
 
     /// Values per block.
     pub fn block(self) -> usize {
-        if self.is_k() {
-            QKK
-        } else {
-            QK
+        match self {
+            WType::F16 => 1,
+            _ if self.is_k() => QKK,
+            _ => QK,
         }
     }
 
@@ -95,6 +99,7 @@ impl WType {
             WType::Q4K => 144,
             WType::Q5K => 176,
             WType::Q6K => 210,
+            WType::F16 => 2,
         }
     }
 
@@ -108,6 +113,7 @@ impl WType {
             WType::Q4K => 16 + 128,
             WType::Q5K => 16 + 32 + 128,
             WType::Q6K => 128 + 64 + 16,
+            WType::F16 => 2,
         }
     }
 
@@ -174,6 +180,16 @@ impl QMat {
                 data.len()
             );
         }
+        if wtype == WType::F16 {
+            return Ok(QMat {
+                wtype,
+                rows,
+                cols,
+                d: Vec::new(),
+                m: Vec::new(),
+                q: data.to_vec(),
+            });
+        }
         let blocks = rows * cols / bs;
         let mut d = Vec::with_capacity(blocks);
         let mut m = Vec::new();
@@ -202,6 +218,7 @@ impl QMat {
                     q.extend_from_slice(&b[..208]);
                     d.push(f16_at(b, 208));
                 }
+                WType::F16 => unreachable!("taken whole above"),
             }
         }
         Ok(QMat {
@@ -217,6 +234,9 @@ impl QMat {
     /// Row `r` dequantized (an embedding lookup), as ggml's `dequantize_row_*` computes it.
     pub fn row_f32(&self, r: usize) -> Vec<f32> {
         let w = self.row(r);
+        if self.wtype == WType::F16 {
+            return f16_row(w.q);
+        }
         let kb = self.wtype.kept();
         let mut out = Vec::with_capacity(self.cols);
         for b in 0..self.cols / self.wtype.block() {
@@ -239,6 +259,7 @@ impl QMat {
                         out.extend(chunk.iter().map(|v| d1 * *v as f32 - m1));
                     }
                 }
+                WType::F16 => unreachable!("converted whole above"),
                 WType::Q6K => {
                     let (vals, sc) = unpack_k(self.wtype, q);
                     for (g, chunk) in vals.chunks_exact(16).enumerate() {
@@ -256,7 +277,11 @@ impl QMat {
         let nb = self.cols / self.wtype.block();
         let kb = self.wtype.kept();
         Row {
-            d: &self.d[r * nb..(r + 1) * nb],
+            d: if self.d.is_empty() {
+                &[]
+            } else {
+                &self.d[r * nb..(r + 1) * nb]
+            },
             m: if self.m.is_empty() {
                 &[]
             } else {
@@ -279,6 +304,14 @@ impl QMat {
         };
         let ak: Vec<Vec<KBlock>> = if mats.iter().any(|m| m.wtype.is_k()) {
             rows_in().map(quantize_row_k).collect()
+        } else {
+            Vec::new()
+        };
+        // f16 weights: the activations rounded to f16 (ggml converts them to the weights' type).
+        let a16: Vec<Vec<f32>> = if mats.iter().any(|m| m.wtype == WType::F16) {
+            rows_in()
+                .map(|r| r.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect())
+                .collect()
         } else {
             Vec::new()
         };
@@ -314,6 +347,11 @@ impl QMat {
                 let (m, first) = (mats[mi], starts[mi]);
                 let end = (first + m.rows - g0).min(here);
                 let wt = m.wtype;
+                if wt == WType::F16 {
+                    rows_f16(m, g0 + k - first, &mut dst[k * n..end * n], &a16);
+                    k = end;
+                    continue;
+                }
                 if n == 1 {
                     // Decoding: one activation row, the rows one after another.
                     let out = &mut dst[k..end];
@@ -467,7 +505,9 @@ struct Row<'a> {
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -588,6 +628,76 @@ fn unpack32_scalar(t: u8, q: &[u8]) -> [i32; QK] {
         v[j + 16] = hi - off;
     }
     v
+}
+
+/// An f16 row's values.
+fn f16_row(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
+}
+
+/// Rows `r0..` of an f16 matrix against the f16-rounded activation rows `acts`, into `out`
+/// (row-major: each weight row's results for every activation row): ggml's `vec_dot_f16` order
+/// for one activation row, tinyBLAS's for more (llama.cpp takes tinyBLAS from two rows on).
+fn rows_f16(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
+    use crate::ggml_math::{dot, dot_many_tinyblas, with_fma, Order};
+    let n = acts.len();
+    // tinyBLAS takes rows whose length is a multiple of its 8 lanes, vec_dot the rest.
+    let tiny = m.cols.is_multiple_of(8) && n >= 2;
+    // vec_dot_f16 runs its vectors over whole steps of 32 and adds what is left one by one in
+    // double precision.
+    let np = m.cols / 32 * 32;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        for (j, o) in out.chunks_mut(n).enumerate() {
+            let w = m.row(r0 + j).q;
+            let mut i = 0;
+            // SAFETY: AVX2, FMA and F16C were detected; `w` holds cols f16 values and every
+            // activation row cols f32 values.
+            unsafe {
+                while tiny && i + 4 <= n {
+                    let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
+                    o[i..i + 4].copy_from_slice(&avx2::f16_tiny(w, four));
+                    i += 4;
+                }
+                for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
+                    *o = if tiny {
+                        avx2::f16_tiny(w, [&a[..]])[0]
+                    } else {
+                        avx2::f16_vec_dot(w, a, np)
+                    };
+                }
+            }
+        }
+        return;
+    }
+    let order = if tiny { Order::TinyBlas } else { Order::VecDot };
+    let vec_dot = |w: &[f32], a: &[f32]| -> f32 {
+        let mut sum = f64::from(dot(&w[..np], &a[..np], Order::VecDot));
+        for (x, y) in w[np..].iter().zip(&a[np..]) {
+            sum += f64::from(x * y);
+        }
+        sum as f32
+    };
+    with_fma(|| {
+        for (j, o) in out.chunks_mut(n).enumerate() {
+            let w = f16_row(m.row(r0 + j).q);
+            let mut i = 0;
+            while order == Order::TinyBlas && i + 4 <= n {
+                let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
+                o[i..i + 4].copy_from_slice(&dot_many_tinyblas(&w, four));
+                i += 4;
+            }
+            for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
+                *o = match order {
+                    Order::TinyBlas => dot(&w, a, order),
+                    Order::VecDot => vec_dot(&w, a),
+                };
+            }
+        }
+    });
 }
 
 /// Rows `r0..` of a block-32 matrix (as many as `out` holds) against one activation row: the
@@ -1017,6 +1127,67 @@ mod avx2 {
             // SAFETY: as the caller promised.
             *o = unsafe { dot_k::<T>(&m.row(r0 + j), a) };
         }
+    }
+
+    /// An f16 row (`w`, little-endian bytes) against an activation row of f16-rounded values
+    /// as `ggml_vec_dot_f16` computes it: four 8-lane FMA accumulators over steps of 32 up to
+    /// `np`, ggml's reduction, then the rest one by one in double precision.
+    ///
+    /// # Safety
+    /// Needs AVX2, FMA and F16C; `w` holds `a.len()` values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn f16_vec_dot(w: &[u8], a: &[f32], np: usize) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in (0..np).step_by(32) {
+            for (j, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: i + 8j + 8 <= np <= the row's length, in both.
+                unsafe {
+                    let x =
+                        _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * (i + 8 * j)).cast()));
+                    let y = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
+                    *acc = _mm256_fmadd_ps(x, y, *acc);
+                }
+            }
+        }
+        let mut lanes = [[0f32; 8]; 4];
+        for (l, v) in lanes.iter_mut().zip(acc) {
+            // SAFETY: eight f32 fit.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+        }
+        let mut sum = f64::from(crate::ggml_math::reduce4x8(&lanes));
+        for (k, y) in a.iter().enumerate().skip(np) {
+            let x = half::f16::from_le_bytes([w[2 * k], w[2 * k + 1]]).to_f32();
+            sum += f64::from(x * y);
+        }
+        sum as f32
+    }
+
+    /// An f16 row against `P` activation rows as tinyBLAS computes each: one 8-lane FMA
+    /// accumulator per output over the whole row, then its horizontal sum.
+    ///
+    /// # Safety
+    /// Needs AVX2, FMA and F16C; `w` holds a multiple of 8 values, each activation row as many.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn f16_tiny<const P: usize>(w: &[u8], acts: [&[f32]; P]) -> [f32; P] {
+        let n = w.len() / 2;
+        let mut acc = [_mm256_setzero_ps(); P];
+        for g in (0..n).step_by(8) {
+            // SAFETY: g + 8 <= n values in the row and in each activation row.
+            let x = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * g).cast())) };
+            for (acc, a) in acc.iter_mut().zip(&acts) {
+                // SAFETY: as above.
+                let y = unsafe { _mm256_loadu_ps(a.as_ptr().add(g)) };
+                *acc = _mm256_fmadd_ps(x, y, *acc);
+            }
+        }
+        let mut out = [0f32; P];
+        for (o, v) in out.iter_mut().zip(acc) {
+            let mut l = [0f32; 8];
+            // SAFETY: eight f32 fit.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+            *o = crate::ggml_math::hsum8(&l);
+        }
+        out
     }
 
     /// `R` weight rows against `A` activation rows at once: each weight block is unpacked

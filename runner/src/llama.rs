@@ -432,6 +432,25 @@ impl Llama {
                 return Ok(None);
             }
             let (rows, cols) = info.shape.dims2()?;
+            if let Some(l) = loaded {
+                // A checkpoint's f16 matrix (the only own type one holds), taken from its tensor.
+                let (first, n) = part.unwrap_or((0, rows));
+                let t = l
+                    .borrow()
+                    .get(name)
+                    .ok_or_else(|| anyhow::anyhow!("tensor {name} is missing"))?
+                    .narrow(0, first, n)?;
+                if w != WType::F16 || t.dtype() != candle_core::DType::F16 {
+                    return Ok(None);
+                }
+                used.borrow_mut().insert(name.to_string());
+                let v = t.flatten_all()?.to_vec1::<half::f16>()?;
+                let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                if name != "token_embd.weight" && part.is_none() {
+                    l.borrow_mut().remove(name);
+                }
+                return Ok(Some(QMat::new(w, n, cols, &data)?));
+            }
             let row_bytes = cols / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
             let (first, n) = part.unwrap_or((0, rows));
             if first.saturating_add(n) > rows {
