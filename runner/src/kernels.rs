@@ -35,6 +35,9 @@ pub enum WType {
     /// f16 weights: products as ggml's f16 paths compute them (activations rounded to f16,
     /// `ggml_vec_dot_f16`'s order for one row, tinyBLAS's for more).
     F16,
+    /// bf16 weights: products as `ggml_vec_dot_bf16` computes them (activations rounded to
+    /// bf16; without AVX512-BF16 llama.cpp takes it for any number of rows).
+    BF16,
 }
 
 // Codes of the block-32 types for the const-generic kernels.
@@ -71,6 +74,7 @@ impl WType {
             GgmlDType::Q5K => WType::Q5K,
             GgmlDType::Q6K => WType::Q6K,
             GgmlDType::F16 => WType::F16,
+            GgmlDType::BF16 => WType::BF16,
             _ => return None,
         })
     }
@@ -82,7 +86,7 @@ impl WType {
     /// Values per block.
     pub fn block(self) -> usize {
         match self {
-            WType::F16 => 1,
+            WType::F16 | WType::BF16 => 1,
             _ if self.is_k() => QKK,
             _ => QK,
         }
@@ -99,7 +103,7 @@ impl WType {
             WType::Q4K => 144,
             WType::Q5K => 176,
             WType::Q6K => 210,
-            WType::F16 => 2,
+            WType::F16 | WType::BF16 => 2,
         }
     }
 
@@ -113,7 +117,7 @@ impl WType {
             WType::Q4K => 16 + 128,
             WType::Q5K => 16 + 32 + 128,
             WType::Q6K => 128 + 64 + 16,
-            WType::F16 => 2,
+            WType::F16 | WType::BF16 => 2,
         }
     }
 
@@ -180,7 +184,7 @@ impl QMat {
                 data.len()
             );
         }
-        if wtype == WType::F16 {
+        if matches!(wtype, WType::F16 | WType::BF16) {
             return Ok(QMat {
                 wtype,
                 rows,
@@ -218,7 +222,7 @@ impl QMat {
                     q.extend_from_slice(&b[..208]);
                     d.push(f16_at(b, 208));
                 }
-                WType::F16 => unreachable!("taken whole above"),
+                WType::F16 | WType::BF16 => unreachable!("taken whole above"),
             }
         }
         Ok(QMat {
@@ -234,8 +238,10 @@ impl QMat {
     /// Row `r` dequantized (an embedding lookup), as ggml's `dequantize_row_*` computes it.
     pub fn row_f32(&self, r: usize) -> Vec<f32> {
         let w = self.row(r);
-        if self.wtype == WType::F16 {
-            return f16_row(w.q);
+        match self.wtype {
+            WType::F16 => return f16_row(w.q),
+            WType::BF16 => return bf16_row(w.q),
+            _ => {}
         }
         let kb = self.wtype.kept();
         let mut out = Vec::with_capacity(self.cols);
@@ -259,7 +265,7 @@ impl QMat {
                         out.extend(chunk.iter().map(|v| d1 * *v as f32 - m1));
                     }
                 }
-                WType::F16 => unreachable!("converted whole above"),
+                WType::F16 | WType::BF16 => unreachable!("converted whole above"),
                 WType::Q6K => {
                     let (vals, sc) = unpack_k(self.wtype, q);
                     for (g, chunk) in vals.chunks_exact(16).enumerate() {
@@ -315,6 +321,18 @@ impl QMat {
         } else {
             Vec::new()
         };
+        // bf16 weights: the activations rounded to bf16.
+        let ab16: Vec<Vec<f32>> = if mats.iter().any(|m| m.wtype == WType::BF16) {
+            rows_in()
+                .map(|r| {
+                    r.iter()
+                        .map(|v| half::bf16::from_f32(*v).to_f32())
+                        .collect()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let total: usize = mats.iter().map(|m| m.rows).sum();
         let starts: Vec<usize> = mats
             .iter()
@@ -349,6 +367,11 @@ impl QMat {
                 let wt = m.wtype;
                 if wt == WType::F16 {
                     rows_f16(m, g0 + k - first, &mut dst[k * n..end * n], &a16);
+                    k = end;
+                    continue;
+                }
+                if wt == WType::BF16 {
+                    rows_bf16(m, g0 + k - first, &mut dst[k * n..end * n], &ab16);
                     k = end;
                     continue;
                 }
@@ -636,6 +659,91 @@ fn f16_row(bytes: &[u8]) -> Vec<f32> {
         .chunks_exact(2)
         .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
         .collect()
+}
+
+/// A bf16 row's values.
+#[inline(always)]
+fn bf16_row(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(2)
+        .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect()
+}
+
+/// `ggml_vec_dot_bf16`'s AVX2 arithmetic on values already widened: four 8-lane accumulators
+/// over steps of 32 (a fused multiply-add each, as GCC compiles ggml's multiply then add), its
+/// reduction, then the rest one by one in double precision.
+#[inline(always)]
+fn bf16_vec_dot(w: &[f32], a: &[f32]) -> f32 {
+    let n = w.len().min(a.len());
+    let np = n / 32 * 32;
+    let mut c = [[0f32; 8]; 4];
+    for i in (0..np).step_by(32) {
+        for (j, c) in c.iter_mut().enumerate() {
+            for l in 0..8 {
+                let k = i + 8 * j + l;
+                c[l] = w[k].mul_add(a[k], c[l]);
+            }
+        }
+    }
+    let v: [f32; 8] = std::array::from_fn(|l| (c[0][l] + c[2][l]) + (c[1][l] + c[3][l]));
+    let g = [v[4] + v[0], v[5] + v[1], v[6] + v[2], v[7] + v[3]];
+    let mut sum = f64::from((g[0] + g[2]) + (g[1] + g[3]));
+    for k in np..n {
+        sum += f64::from(w[k] * a[k]);
+    }
+    sum as f32
+}
+
+/// Rows `r0..` of a bf16 matrix against the bf16-rounded activation rows `acts`, into `out`
+/// (row-major, as `rows_f16`): `vec_dot_bf16` for one activation row, tinyBLAS (bf16 on AVX2:
+/// one FMA accumulator per output) for more, as llama.cpp chooses.
+fn rows_bf16(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
+    use crate::ggml_math::{dot, dot_many_tinyblas, Order};
+    let n = acts.len();
+    let tiny = m.cols.is_multiple_of(8) && n >= 2;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        for (j, o) in out.chunks_mut(n).enumerate() {
+            let w = m.row(r0 + j).q;
+            let mut i = 0;
+            // SAFETY: AVX2 and FMA were detected; `w` holds cols bf16 values and every
+            // activation row cols f32 values.
+            unsafe {
+                while tiny && i + 4 <= n {
+                    let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
+                    o[i..i + 4].copy_from_slice(&avx2::bf16_tiny(w, four));
+                    i += 4;
+                }
+                for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
+                    *o = if tiny {
+                        avx2::bf16_tiny(w, [&a[..]])[0]
+                    } else {
+                        avx2::bf16_vec_dot(w, a)
+                    };
+                }
+            }
+        }
+        return;
+    }
+    crate::ggml_math::with_fma(|| {
+        for (j, o) in out.chunks_mut(n).enumerate() {
+            let w = bf16_row(m.row(r0 + j).q);
+            let mut i = 0;
+            while tiny && i + 4 <= n {
+                let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
+                o[i..i + 4].copy_from_slice(&dot_many_tinyblas(&w, four));
+                i += 4;
+            }
+            for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
+                *o = if tiny {
+                    dot(&w, a, Order::TinyBlas)
+                } else {
+                    bf16_vec_dot(&w, a)
+                };
+            }
+        }
+    });
 }
 
 /// Rows `r0..` of an f16 matrix against the f16-rounded activation rows `acts`, into `out`
@@ -1162,6 +1270,78 @@ mod avx2 {
         sum as f32
     }
 
+    /// Eight bf16 values (little-endian bytes at `p`) widened to f32, as ggml's AVX2 `LOAD`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn bf16x8(p: *const u8) -> __m256 {
+        // SAFETY: the caller has 16 readable bytes at p.
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+                16,
+            ))
+        }
+    }
+
+    /// A bf16 row (`w`, little-endian bytes) against an activation row of bf16-rounded values as
+    /// `ggml_vec_dot_bf16` computes it on AVX2 (the `super::bf16_vec_dot` arithmetic).
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `w` holds `a.len()` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bf16_vec_dot(w: &[u8], a: &[f32]) -> f32 {
+        let n = a.len();
+        let np = n / 32 * 32;
+        let mut c = [_mm256_setzero_ps(); 4];
+        for i in (0..np).step_by(32) {
+            for (j, c) in c.iter_mut().enumerate() {
+                // SAFETY: i + 8j + 8 <= np values in both rows.
+                unsafe {
+                    let x = bf16x8(w.as_ptr().add(2 * (i + 8 * j)));
+                    let y = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
+                    *c = _mm256_fmadd_ps(x, y, *c);
+                }
+            }
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(c[0], c[2]), _mm256_add_ps(c[1], c[3]));
+        let g = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+        let g = _mm_add_ps(g, _mm_movehl_ps(g, g));
+        let g = _mm_add_ss(g, _mm_movehdup_ps(g));
+        let mut sum = f64::from(_mm_cvtss_f32(g));
+        for (k, y) in a.iter().enumerate().skip(np) {
+            let x = half::bf16::from_le_bytes([w[2 * k], w[2 * k + 1]]).to_f32();
+            sum += f64::from(x * y);
+        }
+        sum as f32
+    }
+
+    /// A bf16 row against `P` activation rows as tinyBLAS computes each (as `f16_tiny`).
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `w` holds a multiple of 8 values, each activation row as many.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn bf16_tiny<const P: usize>(w: &[u8], acts: [&[f32]; P]) -> [f32; P] {
+        let n = w.len() / 2;
+        let mut acc = [_mm256_setzero_ps(); P];
+        for g in (0..n).step_by(8) {
+            // SAFETY: g + 8 <= n values in the row and in each activation row.
+            let x = unsafe { bf16x8(w.as_ptr().add(2 * g)) };
+            for (acc, a) in acc.iter_mut().zip(&acts) {
+                // SAFETY: as above.
+                let y = unsafe { _mm256_loadu_ps(a.as_ptr().add(g)) };
+                *acc = _mm256_fmadd_ps(x, y, *acc);
+            }
+        }
+        let mut out = [0f32; P];
+        for (o, v) in out.iter_mut().zip(acc) {
+            let mut l = [0f32; 8];
+            // SAFETY: eight f32 fit.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+            *o = crate::ggml_math::hsum8(&l);
+        }
+        out
+    }
+
     /// An f16 row against `P` activation rows as tinyBLAS computes each: one 8-lane FMA
     /// accumulator per output over the whole row, then its horizontal sum.
     ///
@@ -1452,6 +1632,78 @@ mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
+
+    /// The f16 and bf16 products with AVX2 are the portable ones to the bit, for lengths that
+    /// are and are not whole steps of 32 (ggml's leftovers in double) and for one activation
+    /// row (vec_dot) and several (tinyBLAS).
+    #[test]
+    fn f16_and_bf16_products_agree_with_the_portable_path() {
+        if !has_avx2() {
+            return; // nothing to compare on this CPU: the portable path is the only one
+        }
+        for cols in [64usize, 96, 77, 8] {
+            let vals: Vec<f32> = (0..cols * 3)
+                .map(|i| ((i * 7919 % 1013) as f32 - 500.0) / 97.0)
+                .collect();
+            let acts: Vec<Vec<f32>> = (0..5)
+                .map(|k| {
+                    (0..cols)
+                        .map(|i| ((i * (k + 3) * 31 % 211) as f32 - 100.0) / 13.0)
+                        .collect()
+                })
+                .collect();
+            for wtype in [WType::F16, WType::BF16] {
+                let bytes: Vec<u8> = vals
+                    .iter()
+                    .flat_map(|v| match wtype {
+                        WType::F16 => half::f16::from_f32(*v).to_le_bytes(),
+                        _ => half::bf16::from_f32(*v).to_le_bytes(),
+                    })
+                    .collect();
+                let m = QMat::new(wtype, 3, cols, &bytes).unwrap();
+                let round = |v: &f32| match wtype {
+                    WType::F16 => half::f16::from_f32(*v).to_f32(),
+                    _ => half::bf16::from_f32(*v).to_f32(),
+                };
+                for n in [1usize, 5] {
+                    let a: Vec<Vec<f32>> = acts[..n]
+                        .iter()
+                        .map(|r| r.iter().map(round).collect())
+                        .collect();
+                    let mut fast = vec![0f32; 3 * n];
+                    let mut portable = vec![0f32; 3 * n];
+                    match wtype {
+                        WType::F16 => rows_f16(&m, 0, &mut fast, &a),
+                        _ => rows_bf16(&m, 0, &mut fast, &a),
+                    }
+                    // the portable path, as a CPU without AVX2 takes it
+                    for (j, o) in portable.chunks_mut(n).enumerate() {
+                        let w = m.row_f32(j);
+                        let tiny = cols % 8 == 0 && n >= 2;
+                        for (o, x) in o.iter_mut().zip(&a) {
+                            *o = crate::ggml_math::with_fma(|| {
+                                use crate::ggml_math::{dot, Order};
+                                if tiny {
+                                    dot(&w, x, Order::TinyBlas)
+                                } else if wtype == WType::BF16 {
+                                    bf16_vec_dot(&w, x)
+                                } else {
+                                    let np = cols / 32 * 32;
+                                    let mut s = f64::from(dot(&w[..np], &x[..np], Order::VecDot));
+                                    for (p, q) in w[np..].iter().zip(&x[np..]) {
+                                        s += f64::from(p * q);
+                                    }
+                                    s as f32
+                                }
+                            });
+                        }
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&fast), bits(&portable), "{wtype:?} cols {cols} n {n}");
+                }
+            }
+        }
+    }
 
     const TYPES: [(GgmlDType, WType); 8] = [
         (GgmlDType::Q4_0, WType::Q4_0),

@@ -433,19 +433,25 @@ impl Llama {
             }
             let (rows, cols) = info.shape.dims2()?;
             if let Some(l) = loaded {
-                // A checkpoint's f16 matrix (the only own type one holds), taken from its tensor.
+                // A checkpoint's f16 or bf16 matrix (the own types one holds), from its tensor.
                 let (first, n) = part.unwrap_or((0, rows));
                 let t = l
                     .borrow()
                     .get(name)
                     .ok_or_else(|| anyhow::anyhow!("tensor {name} is missing"))?
                     .narrow(0, first, n)?;
-                if w != WType::F16 || t.dtype() != candle_core::DType::F16 {
-                    return Ok(None);
-                }
+                let data: Vec<u8> = match (w, t.dtype()) {
+                    (WType::F16, candle_core::DType::F16) => {
+                        let v = t.flatten_all()?.to_vec1::<half::f16>()?;
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+                    }
+                    (WType::BF16, candle_core::DType::BF16) => {
+                        let v = t.flatten_all()?.to_vec1::<half::bf16>()?;
+                        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+                    }
+                    _ => return Ok(None),
+                };
                 used.borrow_mut().insert(name.to_string());
-                let v = t.flatten_all()?.to_vec1::<half::f16>()?;
-                let data: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 if name != "token_embd.weight" && part.is_none() {
                     l.borrow_mut().remove(name);
                 }
