@@ -680,9 +680,9 @@ fn bf16_vec_dot(w: &[f32], a: &[f32]) -> f32 {
     let mut c = [[0f32; 8]; 4];
     for i in (0..np).step_by(32) {
         for (j, c) in c.iter_mut().enumerate() {
-            for l in 0..8 {
+            for (l, c) in c.iter_mut().enumerate() {
                 let k = i + 8 * j + l;
-                c[l] = w[k].mul_add(a[k], c[l]);
+                *c = w[k].mul_add(a[k], *c);
             }
         }
     }
