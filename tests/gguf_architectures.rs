@@ -60,28 +60,11 @@ fn each_architecture_reads_its_layout_as_llama_cpp_does() {
                 prompt_ids.len(),
                 "{arch}: {prompt:?}"
             );
-            let eos = &r.ready.eos_token_ids;
-            let want: Vec<u32> = ids(&c["greedy_ids"])
-                .into_iter()
-                .filter(|t| !eos.contains(t))
-                .collect();
-            let got: Vec<u32> = done.tokens.iter().map(|t| t.token_id).collect();
-            let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
-            same += usize::from(got == want);
-            first += usize::from(agree >= 1);
-            for (tok, lp) in done
-                .tokens
-                .iter()
-                .zip(c["greedy_logprobs"].as_array().unwrap())
-                .take(agree)
-            {
-                worst_lp = worst_lp.max((f64::from(tok.logprob) - lp.as_f64().unwrap()).abs());
-            }
-            if got != want {
-                report.push(format!(
-                    "{arch} {prompt:?}: agree for {agree}: llama.cpp {want:?} corral {got:?}"
-                ));
-            }
+            let a = agreement(arch, &done, c, &r.ready.eos_token_ids);
+            same += usize::from(a.same);
+            first += usize::from(a.agree >= 1);
+            worst_lp = worst_lp.max(a.worst_lp);
+            report.extend(a.report);
         }
         r.shutdown();
         let n = cases.len();

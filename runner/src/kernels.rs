@@ -366,12 +366,12 @@ impl QMat {
                 let end = (first + m.rows - g0).min(here);
                 let wt = m.wtype;
                 if wt == WType::F16 {
-                    rows_f16(m, g0 + k - first, &mut dst[k * n..end * n], &a16);
+                    rows_half(m, g0 + k - first, &mut dst[k * n..end * n], &a16);
                     k = end;
                     continue;
                 }
                 if wt == WType::BF16 {
-                    rows_bf16(m, g0 + k - first, &mut dst[k * n..end * n], &ab16);
+                    rows_half(m, g0 + k - first, &mut dst[k * n..end * n], &ab16);
                     k = end;
                     continue;
                 }
@@ -695,94 +695,43 @@ fn bf16_vec_dot(w: &[f32], a: &[f32]) -> f32 {
     sum as f32
 }
 
-/// Rows `r0..` of a bf16 matrix against the bf16-rounded activation rows `acts`, into `out`
-/// (row-major, as `rows_f16`): `vec_dot_bf16` for one activation row, tinyBLAS (bf16 on AVX2:
-/// one FMA accumulator per output) for more, as llama.cpp chooses.
-fn rows_bf16(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
-    use crate::ggml_math::{dot, dot_many_tinyblas, Order};
-    let n = acts.len();
-    let tiny = m.cols.is_multiple_of(8) && n >= 2;
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        for (j, o) in out.chunks_mut(n).enumerate() {
-            let w = m.row(r0 + j).q;
-            let mut i = 0;
-            // SAFETY: AVX2 and FMA were detected; `w` holds cols bf16 values and every
-            // activation row cols f32 values.
-            unsafe {
-                while tiny && i + 4 <= n {
-                    let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
-                    o[i..i + 4].copy_from_slice(&avx2::bf16_tiny(w, four));
-                    i += 4;
-                }
-                for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
-                    *o = if tiny {
-                        avx2::bf16_tiny(w, [&a[..]])[0]
-                    } else {
-                        avx2::bf16_vec_dot(w, a)
-                    };
-                }
-            }
-        }
-        return;
-    }
-    crate::ggml_math::with_fma(|| {
-        for (j, o) in out.chunks_mut(n).enumerate() {
-            let w = bf16_row(m.row(r0 + j).q);
-            let mut i = 0;
-            while tiny && i + 4 <= n {
-                let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
-                o[i..i + 4].copy_from_slice(&dot_many_tinyblas(&w, four));
-                i += 4;
-            }
-            for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
-                *o = if tiny {
-                    dot(&w, a, Order::TinyBlas)
-                } else {
-                    bf16_vec_dot(&w, a)
-                };
-            }
-        }
-    });
-}
-
-/// Rows `r0..` of an f16 matrix against the f16-rounded activation rows `acts`, into `out`
-/// (row-major: each weight row's results for every activation row): ggml's `vec_dot_f16` order
-/// for one activation row, tinyBLAS's for more (llama.cpp takes tinyBLAS from two rows on).
-fn rows_f16(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
+/// Rows `r0..` of an f16 or bf16 matrix against the activation rows `acts` (rounded to the
+/// matrix's type), into `out` (row-major: each weight row's results for every activation row),
+/// as llama.cpp computes them: tinyBLAS (one 8-lane FMA accumulator per output) for two rows or
+/// more of a length that is whole 8-lane groups, else the type's `vec_dot` — `vec_dot_f16`'s
+/// four accumulators over steps of 32 and its reduction, or `vec_dot_bf16`'s (see
+/// `bf16_vec_dot`), each adding what is left past the last step of 32 one by one in double.
+fn rows_half(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
     use crate::ggml_math::{dot, dot_many_tinyblas, with_fma, Order};
     let n = acts.len();
-    // tinyBLAS takes rows whose length is a multiple of its 8 lanes, vec_dot the rest.
+    let bf = m.wtype == WType::BF16;
     let tiny = m.cols.is_multiple_of(8) && n >= 2;
-    // vec_dot_f16 runs its vectors over whole steps of 32 and adds what is left one by one in
-    // double precision.
     let np = m.cols / 32 * 32;
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         for (j, o) in out.chunks_mut(n).enumerate() {
             let w = m.row(r0 + j).q;
             let mut i = 0;
-            // SAFETY: AVX2, FMA and F16C were detected; `w` holds cols f16 values and every
+            // SAFETY: AVX2, FMA and F16C were detected; `w` holds cols 16-bit values and every
             // activation row cols f32 values.
             unsafe {
                 while tiny && i + 4 <= n {
                     let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
-                    o[i..i + 4].copy_from_slice(&avx2::f16_tiny(w, four));
+                    o[i..i + 4].copy_from_slice(&avx2::half_tiny(bf, w, four));
                     i += 4;
                 }
                 for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
-                    *o = if tiny {
-                        avx2::f16_tiny(w, [&a[..]])[0]
-                    } else {
-                        avx2::f16_vec_dot(w, a, np)
+                    *o = match (tiny, bf) {
+                        (true, _) => avx2::half_tiny(bf, w, [&a[..]])[0],
+                        (false, true) => avx2::bf16_vec_dot(w, a),
+                        (false, false) => avx2::f16_vec_dot(w, a, np),
                     };
                 }
             }
         }
         return;
     }
-    let order = if tiny { Order::TinyBlas } else { Order::VecDot };
-    let vec_dot = |w: &[f32], a: &[f32]| -> f32 {
+    let f16_vec_dot = |w: &[f32], a: &[f32]| -> f32 {
         let mut sum = f64::from(dot(&w[..np], &a[..np], Order::VecDot));
         for (x, y) in w[np..].iter().zip(&a[np..]) {
             sum += f64::from(x * y);
@@ -791,17 +740,18 @@ fn rows_f16(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
     };
     with_fma(|| {
         for (j, o) in out.chunks_mut(n).enumerate() {
-            let w = f16_row(m.row(r0 + j).q);
+            let w = m.row_f32(r0 + j);
             let mut i = 0;
-            while order == Order::TinyBlas && i + 4 <= n {
+            while tiny && i + 4 <= n {
                 let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
                 o[i..i + 4].copy_from_slice(&dot_many_tinyblas(&w, four));
                 i += 4;
             }
             for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
-                *o = match order {
-                    Order::TinyBlas => dot(&w, a, order),
-                    Order::VecDot => vec_dot(&w, a),
+                *o = match (tiny, bf) {
+                    (true, _) => dot(&w, a, Order::TinyBlas),
+                    (false, true) => bf16_vec_dot(&w, a),
+                    (false, false) => f16_vec_dot(&w, a),
                 };
             }
         }
@@ -1315,45 +1265,25 @@ mod avx2 {
         sum as f32
     }
 
-    /// A bf16 row against `P` activation rows as tinyBLAS computes each (as `f16_tiny`).
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `w` holds a multiple of 8 values, each activation row as many.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn bf16_tiny<const P: usize>(w: &[u8], acts: [&[f32]; P]) -> [f32; P] {
-        let n = w.len() / 2;
-        let mut acc = [_mm256_setzero_ps(); P];
-        for g in (0..n).step_by(8) {
-            // SAFETY: g + 8 <= n values in the row and in each activation row.
-            let x = unsafe { bf16x8(w.as_ptr().add(2 * g)) };
-            for (acc, a) in acc.iter_mut().zip(&acts) {
-                // SAFETY: as above.
-                let y = unsafe { _mm256_loadu_ps(a.as_ptr().add(g)) };
-                *acc = _mm256_fmadd_ps(x, y, *acc);
-            }
-        }
-        let mut out = [0f32; P];
-        for (o, v) in out.iter_mut().zip(acc) {
-            let mut l = [0f32; 8];
-            // SAFETY: eight f32 fit.
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
-            *o = crate::ggml_math::hsum8(&l);
-        }
-        out
-    }
-
-    /// An f16 row against `P` activation rows as tinyBLAS computes each: one 8-lane FMA
-    /// accumulator per output over the whole row, then its horizontal sum.
+    /// An f16 (or, with `bf`, bf16) row against `P` activation rows as tinyBLAS computes each:
+    /// one 8-lane FMA accumulator per output over the whole row, then its horizontal sum.
     ///
     /// # Safety
     /// Needs AVX2, FMA and F16C; `w` holds a multiple of 8 values, each activation row as many.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn f16_tiny<const P: usize>(w: &[u8], acts: [&[f32]; P]) -> [f32; P] {
+    pub unsafe fn half_tiny<const P: usize>(bf: bool, w: &[u8], acts: [&[f32]; P]) -> [f32; P] {
         let n = w.len() / 2;
         let mut acc = [_mm256_setzero_ps(); P];
         for g in (0..n).step_by(8) {
             // SAFETY: g + 8 <= n values in the row and in each activation row.
-            let x = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * g).cast())) };
+            let x = unsafe {
+                let p = w.as_ptr().add(2 * g);
+                if bf {
+                    bf16x8(p)
+                } else {
+                    _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+                }
+            };
             for (acc, a) in acc.iter_mut().zip(&acts) {
                 // SAFETY: as above.
                 let y = unsafe { _mm256_loadu_ps(a.as_ptr().add(g)) };
@@ -1672,10 +1602,7 @@ mod tests {
                         .collect();
                     let mut fast = vec![0f32; 3 * n];
                     let mut portable = vec![0f32; 3 * n];
-                    match wtype {
-                        WType::F16 => rows_f16(&m, 0, &mut fast, &a),
-                        _ => rows_bf16(&m, 0, &mut fast, &a),
-                    }
+                    rows_half(&m, 0, &mut fast, &a);
                     // the portable path, as a CPU without AVX2 takes it
                     for (j, o) in portable.chunks_mut(n).enumerate() {
                         let w = m.row_f32(j);

@@ -458,3 +458,45 @@ pub fn architectures_reference() -> (std::path::PathBuf, serde_json::Value) {
     let text = std::fs::read_to_string(dir.join("architectures.json")).unwrap();
     (dir, serde_json::from_str(&text).unwrap())
 }
+
+/// How a runner's greedy continuation compares with the one llama.cpp recorded for the same
+/// prompt (a case written by scripts/make-quantized.py's `greedy`): `same` when identical,
+/// `agree` the common prefix, `worst_lp` the largest log-probability difference over it, and
+/// a report line when they differ. End-of-sequence ids llama.cpp recorded are dropped (corral
+/// does not return them as tokens).
+pub struct Agreement {
+    pub same: bool,
+    pub agree: usize,
+    pub worst_lp: f64,
+    pub report: Option<String>,
+}
+
+pub fn agreement(
+    label: &str,
+    done: &corral_protocol::Done,
+    case: &serde_json::Value,
+    eos: &[u32],
+) -> Agreement {
+    let want: Vec<u32> = ids(&case["greedy_ids"])
+        .into_iter()
+        .filter(|t| !eos.contains(t))
+        .collect();
+    let got: Vec<u32> = done.tokens.iter().map(|t| t.token_id).collect();
+    let agree = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+    let worst_lp = done
+        .tokens
+        .iter()
+        .zip(case["greedy_logprobs"].as_array().unwrap())
+        .take(agree)
+        .map(|(tok, lp)| (f64::from(tok.logprob) - lp.as_f64().unwrap()).abs())
+        .fold(0f64, f64::max);
+    let prompt = case["prompt"].as_str().unwrap_or_default();
+    Agreement {
+        same: got == want,
+        agree,
+        worst_lp,
+        report: (got != want).then(|| {
+            format!("{label} {prompt:?}: agree for {agree}: llama.cpp {want:?} corral {got:?}")
+        }),
+    }
+}
