@@ -211,7 +211,7 @@ impl Engine {
         // (one token at least is fed again: its logits start the answer). Taken now: until
         // this request ends well, the state is nobody's to reuse.
         let reuse = match (self.cached.take(), &req.cache_key) {
-            (Some((key, done)), Some(k)) if key == *k && self.model.resumable() => done
+            (Some((key, done)), Some(k)) if key == *k => done
                 .iter()
                 .zip(&prompt)
                 .take_while(|(a, b)| a == b)

@@ -62,7 +62,7 @@ const fn has_min(t: u8) -> bool {
 }
 
 impl WType {
-    /// The types computed here; others (Q2_K, Q3_K, the IQ types, floats) go elsewhere.
+    /// The types computed here; others (Q2_K, Q3_K, the IQ types, F32) go elsewhere.
     pub fn from_ggml(t: GgmlDType) -> Option<WType> {
         Some(match t {
             GgmlDType::Q4_0 => WType::Q4_0,

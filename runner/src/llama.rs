@@ -1,14 +1,17 @@
-//! corral's own forward pass for llama-family GGUF models (SmolLM2, Llama, TinyLlama, Mistral).
+//! corral's own decoder forward pass, for every architecture in [`ARCHITECTURES`] (llama,
+//! mistral, qwen2, qwen3, phi3, gemma2, gemma3) with each one's options as llama.cpp's graph for
+//! it computes them, from GGUF files or from converted checkpoints (`checkpoint.rs`).
 //!
-//! Weight products for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K use corral's own kernels
-//! (`kernels.rs`) with ggml's arithmetic (Candle's quantized matmul drifts further from it),
-//! other types Candle's; everything
+//! Weight products for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16 and BF16 use corral's
+//! own kernels (`kernels.rs`) with ggml's arithmetic (Candle's quantized matmul drifts further
+//! from it), other types (F32) Candle's; everything
 //! between them is plain Rust that reproduces the float arithmetic of llama.cpp's x86 CPU path
 //! operation for operation (`ggml_math.rs`), so that greedy decoding agrees with it token for
 //! token and the log-probabilities to the last bits (`scripts/make-reference.py`, the parity test):
 //!
 //! - RMS norm accumulates the sum of squares in f64;
-//! - rotary embeddings rotate adjacent pairs, with angles advanced by repeated f32
+//! - rotary embeddings rotate adjacent pairs (llama, mistral) or halves (NeoX: the others),
+//!   with angles advanced by repeated f32
 //!   multiplication and the rotation in the fused multiply-adds GCC emits for ggml;
 //! - the KV cache holds f16; queries are rounded to f16 before `q·k`, and the softmax weights to
 //!   f16 before they multiply `v` (llama.cpp's `mul_mat` converts its f32 operand to the cache's

@@ -131,12 +131,6 @@ impl Model {
         ))
     }
 
-    /// Whether `forward` at a `pos` short of what was fed before continues from the first
-    /// `pos` positions (corral's own pass keeps and cuts its KV cache): always.
-    pub fn resumable(&self) -> bool {
-        true
-    }
-
     /// Logits for the last position of `tokens`, fed at position `pos` (0 starts a new sequence
     /// and clears the KV cache).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> anyhow::Result<Vec<f32>> {

@@ -413,6 +413,16 @@ fn the_chain_failing_is_the_callers_failure() {
     );
 }
 
+/// The text of the tokens streamed in `ups`.
+fn streamed_text(ups: &[Update]) -> String {
+    ups.iter()
+        .filter_map(|u| match u {
+            Update::Token(t) => Some(t.text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Runs `r` collecting the updates a streaming front end would see.
 fn streamed(c: &Case, r: &Request, hang_up: bool) -> (Outcome, Vec<Update>) {
     rt().block_on(async {
@@ -446,13 +456,7 @@ fn an_answer_that_may_be_replaced_is_held_one_that_may_not_streams() {
     let (o, ups) = streamed(&c, &r, false);
     assert!(o.streamed);
     assert!(matches!(&ups[0], Update::Streaming { model, .. } if model == "smollm2-135m-instruct"));
-    let text: String = ups
-        .iter()
-        .filter_map(|u| match u {
-            Update::Token(t) => Some(t.text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text = streamed_text(&ups);
     assert_eq!(text, "Teal it is.");
     assert_eq!(o.result.unwrap().text, text);
     // A policy may ask for streaming even with a chain to escalate to.
@@ -602,13 +606,7 @@ fn a_window_stream_comes_from_whichever_model_answers() {
         o.streamed && matches!(&ups[0], Update::Streaming { .. }),
         "{ups:?}"
     );
-    let text: String = ups
-        .iter()
-        .filter_map(|u| match u {
-            Update::Token(t) => Some(t.text.as_str()),
-            _ => None,
-        })
-        .collect();
+    let text = streamed_text(&ups);
     assert_eq!(text, "Teal it is.");
     assert_eq!(c.remote.called(), 0);
     // One shorter than the window is held whole and decided as a buffered one.
