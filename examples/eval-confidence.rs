@@ -1,141 +1,196 @@
-//! Confidence evaluation: a labelled question set (arithmetic of rising difficulty, short
-//! facts), answered greedily by the default model in its `secure` sandbox; reports, for each
-//! confidence method, the AUROC for predicting a correct answer and the accuracy of the most
-//! confident 20/30/50%. Run through `scripts/eval-confidence.sh`.
+//! Confidence evaluation (docs/confidence.md): answers the labelled set
+//! `examples/data/confidence-set.jsonl` (made by `scripts/make-confidence-set.py`) with a model
+//! in its sandbox, checks each answer, fits the learned calibrator on the set's tuning part and
+//! reports on its test part: every score's AUROC with a bootstrap interval, accuracy at 20/30/50%
+//! coverage, expected calibration error, reliability bins. Run through
+//! `scripts/eval-confidence.sh`.
+//!
+//! ```text
+//! eval-confidence [--model ID] [--set FILE] [--out DIR] [--rerun] [--write-calibrator]
+//! ```
+//!
+//! The answers are kept in `DIR/<model>.jsonl` (default `target/confidence`) and reused unless
+//! `--rerun`: fitting and reporting take a second, answering the set some minutes.
+//! `--write-calibrator` stores the fit as `models/calibrators/<model>.json`, the file the
+//! catalog entry names. A chat model is asked as `corral run` asks (the question as the user's
+//! message, greedy, at most 12 tokens); a model without a chat template gets
+//! `Question: ...\nAnswer:`, at most 24 tokens, and stops at the end of the line.
+//!
+//! The shipped calibrators must match this build's features ([`features::NAMES`]) for any
+//! configuration to load; after changing the features, give each file in `models/calibrators/`
+//! the new names (weights 0) and regenerate it with `--write-calibrator`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use corral::answer::Request;
+use corral::audit::Caller;
+use corral::confidence::calibrator::{self, Calibrator, Labelled};
+use corral::confidence::features::{self, Prompt, Tok};
 use corral::confidence::{self, Method, TokenStat};
 use corral::config::{Config, Sources};
 use corral::routing::calibrate::{calibrate, Sample};
 use corral::sandbox::HostSupport;
 use corral::slm::models;
 use corral::slm::runner::{runner_binary, Runner, RunnerSpec};
-use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling};
+use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling, TokenInfo};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
-struct Q {
-    kind: &'static str,
-    question: String,
+/// One item of the set.
+#[derive(Debug, Clone, Deserialize)]
+struct Item {
+    id: String,
+    kind: String,
+    subkind: String,
+    split: String,
+    prompt: String,
     answers: Vec<String>,
+    check: String,
+    #[serde(default)]
+    labels: Vec<String>,
 }
 
-/// Deterministic pseudo-random numbers for the question generator.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
+/// One answered item.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Answered {
+    id: String,
+    /// The text the request carried (what the features compare the answer with).
+    prompt_text: String,
+    task: String,
+    text: String,
+    truncated: bool,
+    tokens: Vec<TokenInfo>,
 }
 
-fn questions() -> Vec<Q> {
-    let mut r = Lcg(42);
-    let mut qs = Vec::new();
-    for (kind, lo, hi, op) in [
-        ("add-1digit", 1, 10, '+'),
-        ("add-2digit", 10, 100, '+'),
-        ("add-3digit", 100, 1000, '+'),
-        ("sub-2digit", 10, 100, '-'),
-        ("mul-1digit", 2, 10, '*'),
-        ("mul-2digit", 10, 100, '*'),
-    ] {
-        for _ in 0..12 {
-            let a = lo + r.next(hi - lo);
-            let b = lo + r.next(hi - lo);
-            let v = match op {
-                '+' => a as i64 + b as i64,
-                '-' => a as i64 - b as i64,
-                _ => a as i64 * b as i64,
-            };
-            qs.push(Q {
-                kind,
-                question: format!("What is {a} {op} {b}? Answer with the number only."),
-                answers: vec![v.to_string()],
-            });
+/// Lower-cased words (runs of letters, digits and inner apostrophes) and numbers (with sign,
+/// decimal point; thousands separators dropped) of `s`.
+fn words(s: &str) -> Vec<String> {
+    let s = s.to_lowercase();
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let cs: Vec<char> = s.chars().collect();
+    for (i, c) in cs.iter().enumerate() {
+        let next_digit = cs.get(i + 1).is_some_and(char::is_ascii_digit);
+        let prev_digit = i > 0 && cs[i - 1].is_ascii_digit();
+        let keep = c.is_alphanumeric()
+            || (*c == '-' && cur.is_empty() && next_digit)
+            || ((*c == '.' || *c == ',') && prev_digit && next_digit && !cur.is_empty());
+        if keep {
+            if *c != ',' {
+                cur.push(*c);
+            }
+        } else if !cur.is_empty() {
+            out.push(std::mem::take(&mut cur));
         }
     }
-    let facts: &[(&str, &[&str])] = &[
-        ("What is the capital of France?", &["paris"]),
-        ("What is the capital of Japan?", &["tokyo"]),
-        ("What is the capital of Italy?", &["rome"]),
-        ("What is the capital of Germany?", &["berlin"]),
-        ("What is the capital of Spain?", &["madrid"]),
-        ("What is the capital of Canada?", &["ottawa"]),
-        ("What is the capital of Australia?", &["canberra"]),
-        ("What is the capital of Egypt?", &["cairo"]),
-        ("What is the capital of Russia?", &["moscow"]),
-        ("What is the capital of China?", &["beijing"]),
-        ("What color is the sky on a clear day?", &["blue"]),
-        ("What color is grass?", &["green"]),
-        ("How many days are in a week?", &["7", "seven"]),
-        ("How many legs does a spider have?", &["8", "eight"]),
-        ("How many continents are there?", &["7", "seven"]),
-        (
-            "What is the largest planet in the solar system?",
-            &["jupiter"],
-        ),
-        ("What planet is known as the Red Planet?", &["mars"]),
-        ("Who wrote Romeo and Juliet?", &["shakespeare"]),
-        ("What is the chemical symbol for water?", &["h2o"]),
-        (
-            "What is the freezing point of water in Celsius?",
-            &["0", "zero"],
-        ),
-        ("What is the boiling point of water in Celsius?", &["100"]),
-        ("How many hours are in a day?", &["24"]),
-        ("What is the opposite of hot?", &["cold"]),
-        ("What animal is known as the king of the jungle?", &["lion"]),
-        ("What is the largest ocean on Earth?", &["pacific"]),
-        (
-            "Which gas do plants absorb from the air?",
-            &["carbon dioxide", "co2"],
-        ),
-        ("What is the square root of 64?", &["8", "eight"]),
-        ("How many months are in a year?", &["12", "twelve"]),
-        ("What is the first letter of the English alphabet?", &["a"]),
-        ("In which continent is Kenya?", &["africa"]),
-    ];
-    for (q, a) in facts {
-        qs.push(Q {
-            kind: "fact",
-            question: format!("{q} Answer in one or two words."),
-            answers: a.iter().map(|s| s.to_string()).collect(),
-        });
+    if !cur.is_empty() {
+        out.push(cur);
     }
-    qs
+    out
 }
 
-fn correct(answer: &str, q: &Q) -> bool {
-    let a = answer.to_lowercase();
-    if q.kind == "fact" {
-        return q.answers.iter().any(|x| {
-            if x.len() <= 2 {
-                a.split(|c: char| !c.is_alphanumeric())
-                    .any(|w| w == x.as_str())
+/// Whether `phrase` (its words) occurs as consecutive words of `ws`.
+fn has_phrase(ws: &[String], phrase: &str) -> bool {
+    let p = words(phrase);
+    !p.is_empty() && ws.windows(p.len()).any(|w| w == p.as_slice())
+}
+
+fn same_number(a: &str, b: &str) -> bool {
+    match (a.parse::<f64>(), b.parse::<f64>()) {
+        (Ok(x), Ok(y)) => (x - y).abs() < 1e-9,
+        _ => a == b,
+    }
+}
+
+/// The set's answer check (see scripts/make-confidence-set.py).
+fn correct(item: &Item, answer: &str) -> bool {
+    let ws = words(answer);
+    match item.check.as_str() {
+        "number" => item.answers.iter().any(|a| {
+            if a.chars().any(|c| c.is_ascii_digit()) {
+                ws.iter().any(|w| same_number(w, a))
             } else {
-                a.contains(x.as_str())
+                has_phrase(&ws, a)
             }
-        });
+        }),
+        "text" => item.answers.iter().any(|a| has_phrase(&ws, a)),
+        "label" => {
+            let gold = &item.answers[0];
+            let said = |l: &String| has_phrase(&ws, l);
+            let named: Vec<&String> = item.labels.iter().filter(|l| said(l)).collect();
+            if !named.is_empty() {
+                return named == [gold];
+            }
+            // A yes/no question answered by restating it ("91 is not a prime number"): the
+            // answer must name the question's numbers and another of its words, and is "no"
+            // when it negates.
+            let yes_no =
+                item.labels.len() == 2 && item.labels.iter().all(|l| l == "yes" || l == "no");
+            if !yes_no {
+                return false;
+            }
+            let asked = words(&item.prompt);
+            let restates = asked
+                .iter()
+                .filter(|w| w.chars().any(|c| c.is_ascii_digit()))
+                .all(|w| ws.contains(w))
+                && asked
+                    .iter()
+                    .filter(|w| w.len() > 3 && !w.chars().any(|c| c.is_ascii_digit()))
+                    .any(|w| ws.contains(w));
+            let negates = ws
+                .iter()
+                .any(|w| w == "not" || w == "isn't" || w == "never" || w.ends_with("n't"));
+            restates && (if negates { "no" } else { "yes" }) == gold
+        }
+        other => panic!("{}: unknown check {other}", item.id),
     }
-    // The last number in the answer ("8 + 7 = 15" answers 15).
-    let numbers: Vec<&str> = a
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .collect();
-    numbers
-        .last()
-        .is_some_and(|n| *n == q.answers[0].trim_start_matches('-'))
-        && (q.answers[0].starts_with('-')
-            == a.contains(&format!("-{}", q.answers[0].trim_start_matches('-'))))
 }
 
-fn main() {
-    let config = Config::load(&Sources::default()).expect("config");
-    let model = models::lookup(&config.slm.models, corral::catalog::DEFAULT_MODEL).unwrap();
-    let path = models::require(&config.slm.model_dir, model).unwrap();
-    let profile = config.profiles.resolve("secure").unwrap();
+struct Args {
+    model: String,
+    set: PathBuf,
+    out: PathBuf,
+    rerun: bool,
+    write: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        model: corral::catalog::DEFAULT_MODEL.to_string(),
+        set: PathBuf::from("examples/data/confidence-set.jsonl"),
+        out: PathBuf::from("target/confidence"),
+        rerun: false,
+        write: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--model" => a.model = it.next().expect("--model ID"),
+            "--set" => a.set = it.next().expect("--set FILE").into(),
+            "--out" => a.out = it.next().expect("--out DIR").into(),
+            "--rerun" => a.rerun = true,
+            "--write-calibrator" => a.write = true,
+            other => {
+                panic!("unknown argument {other} (see the header of examples/eval-confidence.rs)")
+            }
+        }
+    }
+    a
+}
+
+/// Answers every item with the model, in its sandbox.
+fn answer_all(config: &Config, model_id: &str, items: &[Item]) -> Vec<Answered> {
+    let model = models::lookup(&config.slm.models, model_id).expect("model in the catalog");
+    let path = models::require(&config.slm.model_dir, model).expect("model file");
+    let profile_name = model
+        .sandbox_profile
+        .clone()
+        .unwrap_or_else(|| "secure".into());
+    let profile = config.profiles.resolve(&profile_name).expect("profile");
     let spec = RunnerSpec {
         model_path: path,
         sha256: model.sha256.clone(),
@@ -143,118 +198,417 @@ fn main() {
     };
     let mut runner =
         Runner::start(&spec, &profile, &config.sandbox, &HostSupport::probe()).expect("runner");
-    let qs = questions();
-    let mut labels = Vec::new();
-    let mut scores: Vec<Vec<f64>> = vec![Vec::new(); Method::ALL.len()];
-    let mut by_kind: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-    for q in &qs {
-        let req = GenerateRequest {
-            id: 0,
-            input: Input::Messages(vec![ChatMessage::new("user", q.question.clone())]),
+    let chat = runner.ready.has_chat_template;
+    let mut out = Vec::new();
+    for (n, item) in items.iter().enumerate() {
+        // What routing sees of the request (the task type is a feature).
+        let req = Request::chat("eval", vec![("user".into(), item.prompt.clone())]);
+        let task = config
+            .routing
+            .decide(&req.context(&Caller::default()))
+            .task
+            .task
+            .as_str()
+            .to_string();
+        // A base model writes digits one token each and stops at the end of its line: it
+        // gets room for a three-digit sum spelt out.
+        let (input, prompt_text, stop, max_tokens) = if chat {
+            (
+                Input::Messages(vec![ChatMessage::new("user", item.prompt.clone())]),
+                item.prompt.clone(),
+                vec![],
+                12,
+            )
+        } else {
+            let p = format!("Question: {}\nAnswer:", item.prompt);
+            (Input::Prompt(p.clone()), p, vec!["\n".to_string()], 24)
+        };
+        let g = GenerateRequest {
+            id: n as u64,
+            input,
             sampling: Sampling::default(),
-            max_tokens: 12,
-            stop: vec!["\n".into()],
+            max_tokens,
+            stop,
             top_logprobs: 0,
             stream: false,
             ignore_eos: false,
             constraint: None,
             tools: None,
-            max_tokens_explicit: false,
+            max_tokens_explicit: true,
             cache_key: None,
         };
-        let done = runner.generate(req, &mut |_| {}).expect("generate");
-        let stats: Vec<TokenStat> = done
-            .tokens
-            .iter()
-            .map(|t| TokenStat {
-                logprob: t.logprob,
-                entropy: t.entropy,
-            })
-            .collect();
-        let ok = correct(&done.text, q);
-        labels.push(ok);
-        let e = by_kind.entry(q.kind).or_default();
-        e.0 += usize::from(ok);
-        e.1 += 1;
-        for (i, m) in Method::ALL.iter().enumerate() {
-            scores[i].push(confidence::score(&stats, *m).unwrap_or(0.0));
-        }
+        let done = runner.generate(g, &mut |_| {}).expect("generate");
+        let a = Answered {
+            id: item.id.clone(),
+            prompt_text,
+            task,
+            truncated: done.finish_reason == corral_protocol::FinishReason::Length,
+            text: done.text.clone(),
+            tokens: done.tokens,
+        };
         eprintln!(
-            "{:<5} {:<60} -> {:?}",
-            if ok { "ok" } else { "WRONG" },
-            q.question,
-            done.text
+            "[{}/{}] {:<5} {:<24} {:<50} -> {:?}",
+            n + 1,
+            items.len(),
+            if correct(item, &a.text) {
+                "ok"
+            } else {
+                "WRONG"
+            },
+            item.subkind,
+            item.prompt,
+            a.text
         );
+        out.push(a);
     }
     runner.shutdown();
-    let n_ok = labels.iter().filter(|l| **l).count();
-    println!(
-        "questions: {}  correct: {} ({:.1}%)",
-        qs.len(),
-        n_ok,
-        100.0 * n_ok as f64 / qs.len() as f64
-    );
-    for (k, (ok, n)) in &by_kind {
-        println!("  {k:<12} {ok}/{n}");
-    }
-    println!("\n| method | AUROC | accuracy of top 20% | top 30% | top 50% |");
-    println!("| --- | --- | --- | --- | --- |");
-    for (i, m) in Method::ALL.iter().enumerate() {
-        let f = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.3}"));
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            m.name(),
-            f(confidence::auroc(&scores[i], &labels)),
-            f(confidence::accuracy_of_top(&scores[i], &labels, 0.2)),
-            f(confidence::accuracy_of_top(&scores[i], &labels, 0.3)),
-            f(confidence::accuracy_of_top(&scores[i], &labels, 0.5)),
-        );
-    }
+    out
+}
 
-    // Threshold calibration (src/routing/calibrate.rs), validated by 2-fold cross-validation on
-    // this set: calibrate on half the questions, measure the other half, and swap.
-    let gm = Method::ALL
+/// Everything computed for one answered item.
+struct Row {
+    item: Item,
+    ok: bool,
+    task: String,
+    features: Option<features::Features>,
+    /// Plain scores over every token and over the span.
+    all: Vec<f64>,
+    span: Vec<f64>,
+}
+
+fn rows(items: &[Item], answered: &[Answered]) -> Vec<Row> {
+    let by_id: BTreeMap<&str, &Answered> = answered.iter().map(|a| (a.id.as_str(), a)).collect();
+    items
         .iter()
-        .position(|m| *m == confidence::DEFAULT_METHOD)
-        .unwrap_or(0);
-    println!("\n| target accuracy | fold | threshold | held-out accepted | held-out accuracy |");
-    println!("| --- | --- | --- | --- | --- |");
-    for target in [0.5, 0.6, 0.7, 0.8] {
-        for fold in 0..2 {
-            let part = |keep: usize| -> Vec<Sample> {
-                (0..labels.len())
-                    .filter(|i| i % 2 == keep)
-                    .map(|i| Sample {
-                        score: scores[gm][i],
-                        correct: labels[i],
-                    })
+        .map(|item| {
+            let a = by_id
+                .get(item.id.as_str())
+                .unwrap_or_else(|| panic!("{}: not answered (run with --rerun)", item.id));
+            let toks: Vec<Tok<'_>> = a
+                .tokens
+                .iter()
+                .filter(|t| !t.forced)
+                .map(|t| Tok {
+                    stat: TokenStat::from(t),
+                    text: &t.text,
+                })
+                .collect();
+            let prompt = Prompt::new(&a.prompt_text);
+            let in_span = features::span(&toks, &prompt);
+            let stats: Vec<TokenStat> = toks.iter().map(|t| t.stat).collect();
+            let span_stats: Vec<TokenStat> = toks
+                .iter()
+                .zip(&in_span)
+                .filter(|(_, s)| **s)
+                .map(|(t, _)| t.stat)
+                .collect();
+            let plain = |s: &[TokenStat]| -> Vec<f64> {
+                Method::PLAIN
+                    .iter()
+                    .map(|m| confidence::score(s, *m).unwrap_or(0.0))
                     .collect()
             };
-            let (train, test) = (part(fold), part(1 - fold));
-            let c = calibrate(&train, target, 10);
-            let (acc, n) = match c.threshold {
-                Some(t) => {
-                    let kept: Vec<&Sample> = test.iter().filter(|s| s.score >= t).collect();
-                    let ok = kept.iter().filter(|s| s.correct).count();
-                    (
-                        if kept.is_empty() {
-                            "n/a".to_string()
-                        } else {
-                            format!("{:.3}", ok as f64 / kept.len() as f64)
-                        },
-                        format!("{}/{}", kept.len(), test.len()),
-                    )
-                }
-                None => (
-                    "everything escalated".to_string(),
-                    format!("0/{}", test.len()),
-                ),
-            };
-            println!(
-                "| {target} | {fold} | {} | {n} | {acc} |",
-                c.threshold
-                    .map_or("none".to_string(), |t| format!("{t:.3}"))
-            );
+            Row {
+                item: item.clone(),
+                ok: correct(item, &a.text),
+                task: a.task.clone(),
+                features: features::features(&toks, &prompt, a.truncated),
+                all: plain(&stats),
+                span: plain(&span_stats),
+            }
+        })
+        .collect()
+}
+
+fn labelled(rows: &[&Row], keep: &[usize]) -> Vec<Labelled> {
+    rows.iter()
+        .map(|r| Labelled {
+            features: r.features.as_ref().map_or_else(
+                || vec![0.0; features::NAMES.len()],
+                |f| keep_only(&f.values, keep),
+            ),
+            task: r.task.clone(),
+            correct: r.ok,
+            group: r.item.kind.clone(),
+        })
+        .collect()
+}
+
+/// `values` with the features not in `keep` set to 0 (a constant: the fit ignores it).
+fn keep_only(values: &[f64], keep: &[usize]) -> Vec<f64> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if keep.contains(&i) { *v } else { 0.0 })
+        .collect()
+}
+
+/// One line of the report: a score's AUROC (with interval), accuracy at coverage, ECE.
+fn line(name: &str, s: &[f64], labels: &[bool]) -> serde_json::Value {
+    let q = calibrator::quality(s, labels);
+    let ci = calibrator::auroc_interval(s, labels, 1000, 7);
+    let acc = |f| confidence::accuracy_of_top(s, labels, f);
+    let f = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.3}"));
+    println!(
+        "| {name} | {} | {} | {} | {} | {} | {:.3} |",
+        f(q.auroc),
+        ci.map_or("n/a".into(), |(lo, hi)| format!("{lo:.3}–{hi:.3}")),
+        f(acc(0.2)),
+        f(acc(0.3)),
+        f(acc(0.5)),
+        q.ece,
+    );
+    json!({"name": name, "auroc": q.auroc, "interval": ci, "top20": acc(0.2), "top30": acc(0.3),
+           "top50": acc(0.5), "ece": q.ece, "brier": q.brier,
+           "reliability": calibrator::reliability(s, labels, 10)})
+}
+
+const HEADER: &str = "| score | AUROC | 95% interval | accuracy at 20% | 30% | 50% | ECE |\n| --- | --- | --- | --- | --- | --- | --- |";
+
+fn main() {
+    let a = args();
+    let config = Config::load(&Sources::default()).expect("config");
+    let items: Vec<Item> = std::fs::read_to_string(&a.set)
+        .unwrap_or_else(|e| panic!("{}: {e}", a.set.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("set line"))
+        .collect();
+    std::fs::create_dir_all(&a.out).unwrap();
+    let records = a.out.join(format!("{}.jsonl", a.model));
+    let answered: Vec<Answered> = if a.rerun || !records.exists() {
+        let answered = answer_all(&config, &a.model, &items);
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&records).unwrap());
+        for r in &answered {
+            writeln!(f, "{}", serde_json::to_string(r).unwrap()).unwrap();
         }
+        answered
+    } else {
+        std::io::BufReader::new(std::fs::File::open(&records).unwrap())
+            .lines()
+            .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+            .collect()
+    };
+    let rows = rows(&items, &answered);
+    let tune: Vec<&Row> = rows.iter().filter(|r| r.item.split == "tune").collect();
+    let test: Vec<&Row> = rows.iter().filter(|r| r.item.split == "test").collect();
+    let count = |rs: &[&Row]| rs.iter().filter(|r| r.ok).count();
+    println!(
+        "model {}: {} items, tuning part {} ({} correct), test part {} ({} correct)\n",
+        a.model,
+        rows.len(),
+        tune.len(),
+        count(&tune),
+        test.len(),
+        count(&test)
+    );
+    let mut kinds: BTreeMap<(String, String), (usize, usize)> = BTreeMap::new();
+    for r in &rows {
+        let e = kinds
+            .entry((r.item.kind.clone(), r.item.split.clone()))
+            .or_default();
+        e.0 += usize::from(r.ok);
+        e.1 += 1;
+    }
+    println!("| kind | part | correct |\n| --- | --- | --- |");
+    for ((k, s), (ok, n)) in &kinds {
+        println!("| {k} | {s} | {ok}/{n} |");
+    }
+
+    // The learned scores, fitted on the tuning part only.
+    let all_features: Vec<usize> = (0..features::NAMES.len()).collect();
+    let no_span: Vec<usize> = features::NAMES
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            !n.starts_with("span_") && !["echo_share", "copied_span", "new_words"].contains(n)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let fitted_on = format!("{}: tuning part, {} items", a.set.display(), tune.len());
+    let cal = Calibrator::fit(&a.model, &labelled(&tune, &all_features), &fitted_on)
+        .expect("the tuning part has correct and wrong answers");
+    let cal_no_span = Calibrator::fit(&a.model, &labelled(&tune, &no_span), "")
+        .expect("the tuning part has correct and wrong answers");
+    let predict = |c: &Calibrator, rs: &[&Row], keep: &[usize]| -> Vec<f64> {
+        labelled(rs, keep)
+            .iter()
+            .map(|l| c.predict_values(&l.features, &l.task))
+            .collect()
+    };
+
+    let mut report = serde_json::Map::new();
+    report.insert("model".into(), json!(a.model));
+    for (part, rs) in [("test", &test), ("tune", &tune)] {
+        let labels: Vec<bool> = rs.iter().map(|r| r.ok).collect();
+        println!(
+            "\n{} part ({} items, {} correct):\n\n{HEADER}",
+            part,
+            rs.len(),
+            count(rs)
+        );
+        let mut lines = vec![
+            line("calibrated", &predict(&cal, rs, &all_features), &labels),
+            line(
+                "calibrated, no span features",
+                &predict(&cal_no_span, rs, &no_span),
+                &labels,
+            ),
+        ];
+        for (i, m) in Method::PLAIN.iter().enumerate() {
+            let all: Vec<f64> = rs.iter().map(|r| r.all[i]).collect();
+            let span: Vec<f64> = rs.iter().map(|r| r.span[i]).collect();
+            lines.push(line(m.name(), &all, &labels));
+            lines.push(line(&format!("{} over the span", m.name()), &span, &labels));
+        }
+        report.insert(part.into(), json!(lines));
+    }
+
+    // The test part by whether its kind was in the tuning part.
+    let tuned: Vec<&str> = tune.iter().map(|r| r.item.kind.as_str()).collect();
+    for (name, keep) in [
+        ("kinds the tuning part has", true),
+        ("kinds the tuning part lacks", false),
+    ] {
+        let rs: Vec<&Row> = test
+            .iter()
+            .copied()
+            .filter(|r| tuned.contains(&r.item.kind.as_str()) == keep)
+            .collect();
+        let labels: Vec<bool> = rs.iter().map(|r| r.ok).collect();
+        println!(
+            "\ntest part, {name} ({} items, {} correct):\n\n{HEADER}",
+            rs.len(),
+            count(&rs)
+        );
+        line("calibrated", &predict(&cal, &rs, &all_features), &labels);
+        let gm: Vec<f64> = rs.iter().map(|r| r.all[0]).collect();
+        line("geometric_mean", &gm, &labels);
+    }
+
+    // Each feature alone on the test part (oriented by its sign on the tuning part).
+    println!("\neach feature alone, test part (sign from the tuning part):\n\n| feature | AUROC |\n| --- | --- |");
+    let tl: Vec<bool> = tune.iter().map(|r| r.ok).collect();
+    let sl: Vec<bool> = test.iter().map(|r| r.ok).collect();
+    for (i, name) in features::NAMES.iter().enumerate() {
+        let v = |rs: &[&Row]| -> Vec<f64> {
+            rs.iter()
+                .map(|r| r.features.as_ref().map_or(0.0, |f| f.values[i]))
+                .collect()
+        };
+        let sign = if confidence::auroc(&v(&tune), &tl).unwrap_or(0.5) < 0.5 {
+            -1.0
+        } else {
+            1.0
+        };
+        let s: Vec<f64> = v(&test).iter().map(|x| sign * x).collect();
+        println!(
+            "| {}{name} | {} |",
+            if sign < 0.0 { "−" } else { "" },
+            confidence::auroc(&s, &sl).map_or("n/a".into(), |x| format!("{x:.3}"))
+        );
+    }
+    // The test part by kind, and its arithmetic and facts (the kind of set the project's
+    // goal for unseen questions is measured on).
+    println!("\ntest part by kind:\n\n| kind | items | correct | calibrated AUROC | accuracy at 30% | geometric_mean AUROC |\n| --- | --- | --- | --- | --- | --- |");
+    let kinds: std::collections::BTreeSet<&str> =
+        test.iter().map(|r| r.item.kind.as_str()).collect();
+    let groups: Vec<(String, Vec<&Row>)> = kinds
+        .iter()
+        .map(|k| {
+            (
+                k.to_string(),
+                test.iter().copied().filter(|r| r.item.kind == *k).collect(),
+            )
+        })
+        .chain(std::iter::once((
+            "arithmetic, countries and elements".to_string(),
+            test.iter()
+                .copied()
+                .filter(|r| {
+                    matches!(
+                        r.item.kind.as_str(),
+                        "arithmetic" | "countries" | "elements"
+                    )
+                })
+                .collect(),
+        )))
+        .collect();
+    for (k, rs) in &groups {
+        let labels: Vec<bool> = rs.iter().map(|r| r.ok).collect();
+        let f = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.3}"));
+        let gm: Vec<f64> = rs.iter().map(|r| r.all[0]).collect();
+        let p = predict(&cal, rs, &all_features);
+        println!(
+            "| {k} | {} | {} | {} | {} | {} |",
+            rs.len(),
+            count(rs),
+            f(confidence::auroc(&p, &labels)),
+            f(confidence::accuracy_of_top(&p, &labels, 0.3)),
+            f(confidence::auroc(&gm, &labels)),
+        );
+    }
+    // Thresholds picked from the tuning part's calibrated scores (the Wilson-bound calibration
+    // feedback uses, src/routing/calibrate.rs), applied to the test part.
+    println!("\nthresholds from the tuning part, applied to the test part:\n\n| target accuracy | threshold | test accepted | test accuracy |\n| --- | --- | --- | --- |");
+    let tune_p = predict(&cal, &tune, &all_features);
+    let test_p = predict(&cal, &test, &all_features);
+    for target in [0.5, 0.6, 0.7, 0.8] {
+        let samples: Vec<Sample> = tune_p
+            .iter()
+            .zip(&tune)
+            .map(|(p, r)| Sample {
+                score: *p,
+                correct: r.ok,
+            })
+            .collect();
+        let c = calibrate(&samples, target, 10);
+        let (accepted, acc) = match c.threshold {
+            Some(t) => {
+                let kept: Vec<bool> = test_p
+                    .iter()
+                    .zip(&test)
+                    .filter(|(p, _)| **p >= t)
+                    .map(|(_, r)| r.ok)
+                    .collect();
+                let ok = kept.iter().filter(|k| **k).count();
+                (
+                    format!("{}/{}", kept.len(), test.len()),
+                    if kept.is_empty() {
+                        "n/a".to_string()
+                    } else {
+                        format!("{:.3}", ok as f64 / kept.len() as f64)
+                    },
+                )
+            }
+            None => (
+                format!("0/{}", test.len()),
+                "everything escalated".to_string(),
+            ),
+        };
+        println!(
+            "| {target} | {} | {accepted} | {acc} |",
+            c.threshold
+                .map_or("none".to_string(), |t| format!("{t:.3}"))
+        );
+    }
+    println!(
+        "\ncalibrator: l2 {}, bias {:.3}, tasks {:?}",
+        cal.l2, cal.bias, cal.tasks
+    );
+    for (n, w) in features::NAMES.iter().zip(&cal.weights) {
+        println!("  {n:<24} {w:+.3}");
+    }
+    for (t, w) in cal.tasks.iter().zip(&cal.weights[features::NAMES.len()..]) {
+        println!("  task {t:<19} {w:+.3}");
+    }
+    let report_path = a.out.join(format!("{}-report.json", a.model));
+    std::fs::write(&report_path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("\nreport: {}", report_path.display());
+    if a.write {
+        let path = PathBuf::from(format!("models/calibrators/{}.json", a.model));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, serde_json::to_string_pretty(&cal).unwrap() + "\n").unwrap();
+        println!("calibrator: {}", path.display());
     }
 }

@@ -496,6 +496,63 @@ action = {{ type = "prefer_slm", streaming = "stream" }}
     assert_eq!(st["answers"], 5);
     assert_eq!(st["escalated"], 4);
     assert_eq!(st["feedback"], 1);
+    // The labelled answer carried its confidence features: the monitor measures the calibrator
+    // in force on it, and a refit needs more labels than one.
+    let cal = &mon["calibrators"][0];
+    assert_eq!(cal["model"], "smollm2-135m-instruct");
+    assert_eq!(cal["labelled"], 1);
+    assert_eq!(cal["quality"]["items"], 1);
+    assert!(cal["in_force"]["fitted_on"]
+        .as_str()
+        .unwrap()
+        .contains("tuning part"));
+    let refit = json!({"model": "smollm2-135m-instruct", "apply": true});
+    let (code, v, _) = post(&s, "/admin/calibrator", Some(KEY), refit.clone());
+    assert_eq!(code, 403, "{v}");
+    let (code, v, _) = post(&s, "/admin/calibrator", Some(ADMIN), refit.clone());
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at least 30"),
+        "{v}"
+    );
+    // Forty more labelled answers (the capitals judged good, the rest not): the refit is fitted
+    // on them with the evaluation's code and put in force.
+    let questions = [
+        ("What is the capital of France?", true),
+        ("What is 48 times 37?", false),
+        ("What is the capital of Japan?", true),
+        ("Spell 'rabbit' backwards.", false),
+    ];
+    for i in 0..40 {
+        let (q, good) = questions[i % questions.len()];
+        let (code, v, _) = post(&s, "/v1/chat/completions", Some(KEY), chat(q, 12));
+        assert_eq!(code, 200, "{v}");
+        let rid = v["corral"]["request_id"].as_str().unwrap().to_string();
+        let fb = json!({"request_id": rid, "actual_quality": if good { 1.0 } else { 0.0 }});
+        let (code, v, _) = post(&s, "/admin/feedback", Some(ADMIN), fb);
+        assert_eq!(code, 200, "{v}");
+    }
+    let (code, v, _) = post(&s, "/admin/calibrator", Some(ADMIN), refit);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["applied"], true);
+    assert_eq!(v["labelled"], 41);
+    assert_eq!(v["calibrator"]["model"], "smollm2-135m-instruct");
+    assert_eq!(v["calibrator"]["items"], 41);
+    assert!(v["in_force"]["auroc"].is_number(), "{v}");
+    let (_, resp) = call(
+        "GET",
+        &format!("{}/admin/monitor", s.url),
+        Some(ADMIN),
+        None,
+    );
+    let mon: Value = resp.into_json().unwrap();
+    assert_eq!(
+        mon["calibrators"][0]["in_force"]["fitted_on"],
+        "feedback: 41 labelled answers"
+    );
 }
 
 fn runner_pids(server: u32) -> Vec<i32> {

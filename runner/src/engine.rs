@@ -430,6 +430,8 @@ impl Engine {
             text,
             logprob: raw[id as usize] - stats.log_z,
             entropy: stats.entropy,
+            margin: stats.margin,
+            top_entropy: stats.top_entropy,
             top: stats
                 .top
                 .iter()

@@ -16,20 +16,52 @@ pub struct RawStats {
     pub entropy: f32,
     /// The `n` most likely tokens with their log-probabilities, most likely first.
     pub top: Vec<(u32, f32)>,
+    /// Log-probability of the most likely token minus that of the second (nats, >= 0).
+    pub margin: f32,
+    /// Entropy (nats) of the five most likely tokens' probabilities, renormalised: how the
+    /// model hesitates among its real candidates, without the long tail's mass.
+    pub top_entropy: f32,
 }
+
+/// How many of the best tokens [`RawStats::top_entropy`] is over.
+pub const TOP_ENTROPY_K: usize = 5;
 
 pub fn raw_stats(logits: &[f32], n: usize) -> RawStats {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     let mut weighted = 0f64;
+    // The best TOP_ENTROPY_K logits, in descending order (NEG_INFINITY: not yet filled).
+    let mut best = [f32::NEG_INFINITY; TOP_ENTROPY_K];
     for &l in logits {
         let e = f64::from(l - max).exp();
         sum += e;
         weighted += e * f64::from(l - max);
+        if l > best[TOP_ENTROPY_K - 1] {
+            let mut at = TOP_ENTROPY_K - 1;
+            while at > 0 && l > best[at - 1] {
+                best[at] = best[at - 1];
+                at -= 1;
+            }
+            best[at] = l;
+        }
     }
     let log_z = max + sum.ln() as f32;
     // H = log Z' - E[l - max], with Z' the sum of exp(l - max)
     let entropy = (sum.ln() - weighted / sum).max(0.0) as f32;
+    let margin = if best[1].is_finite() {
+        best[0] - best[1]
+    } else {
+        0.0
+    };
+    let top_entropy = {
+        let (mut z, mut w) = (0f64, 0f64);
+        for &b in best.iter().filter(|b| b.is_finite()) {
+            let e = f64::from(b - max).exp();
+            z += e;
+            w += e * f64::from(b - max);
+        }
+        (z.ln() - w / z).max(0.0) as f32
+    };
     let top = if n == 0 {
         Vec::new()
     } else {
@@ -52,6 +84,8 @@ pub fn raw_stats(logits: &[f32], n: usize) -> RawStats {
         log_z,
         entropy,
         top,
+        margin,
+        top_entropy,
     }
 }
 
@@ -208,6 +242,26 @@ mod tests {
         assert!((s.top[0].1 - p[0].ln()).abs() < 1e-5);
         let uniform = raw_stats(&[0.0; 8], 0);
         assert!((uniform.entropy - 8f32.ln()).abs() < 1e-5);
+        // Five-best entropy and margin: the tail past the fifth token does not count.
+        assert!((uniform.top_entropy - 5f32.ln()).abs() < 1e-5);
+        assert_eq!(uniform.margin, 0.0);
+        let tail = [5.0f32, 3.0, 9.0, 1.0, 1.0, -2.0, 8.0, 0.5];
+        let s = raw_stats(&tail, 0);
+        assert!((s.margin - 1.0).abs() < 1e-6);
+        let best = [9.0f32, 8.0, 5.0, 3.0, 1.0];
+        let z: f32 = best.iter().map(|b| b.exp()).sum();
+        let h5: f32 = -best
+            .iter()
+            .map(|b| (b.exp() / z) * (b.exp() / z).ln())
+            .sum::<f32>();
+        assert!(
+            (s.top_entropy - h5).abs() < 1e-5,
+            "{} vs {h5}",
+            s.top_entropy
+        );
+        let two = raw_stats(&[0.0, 1.0], 0);
+        assert!((two.margin - 1.0).abs() < 1e-6);
+        assert!(two.top_entropy < two.entropy + 1e-6);
     }
 
     #[test]

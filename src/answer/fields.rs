@@ -144,6 +144,8 @@ mod tests {
             text: text.into(),
             logprob,
             entropy: 0.0,
+            margin: 0.0,
+            top_entropy: 0.0,
             top: vec![],
             forced,
         }

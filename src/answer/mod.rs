@@ -51,6 +51,8 @@ pub struct Pipeline {
     /// Whose prompt state runners reuse for whom (`server.pool.prefix_cache`,
     /// `prefix_cache_shared`).
     pub prefix_cache: PrefixCache,
+    /// Each model's confidence calibrator (`slm.calibrators`).
+    pub calibrators: confidence::calibrator::Calibrators,
 }
 
 /// Which requests may reuse the prompt state a runner kept from the one before.
@@ -306,7 +308,8 @@ impl Pipeline {
                 .await
                 .map_err(|e| Failure::Remote(e.to_string()))?,
         };
-        let method = self.router.method;
+        // A remote answer has only its log-probabilities: a plain method scores it.
+        let method = self.router.method.plain();
         Ok(Answer {
             confidence: r
                 .token_logprobs
@@ -439,7 +442,13 @@ impl Pipeline {
             }
             return (Err(Failure::Unsupported(error)), None);
         }
-        let method = rt.method;
+        let scorer = confidence::Scorer::new(
+            rt.method,
+            self.calibrators.get(model),
+            &req.prompt_text(),
+            d.task.task.as_str(),
+        );
+        let method = scorer.method();
         let need = d.confidence_required.unwrap_or(0.0);
         let escalate_low = d.fallback_available && rt.on_low_confidence && need > 0.0;
         // Held back while it may still be replaced, unless the deciding policy says otherwise;
@@ -463,7 +472,7 @@ impl Pipeline {
         let early = || {
             ((buffer || window > 0) && escalate_low && (rt.decide_early || rt.early_floor > 0.0))
                 .then(|| Early {
-                    running: confidence::Running::new(method),
+                    running: scorer.running(),
                     threshold: f64::from(need),
                     max_tokens: req.max_tokens as usize,
                     decide: rt.decide_early,
@@ -504,13 +513,15 @@ impl Pipeline {
                     floor,
                 } => {
                     let stats = scored(&tokens);
-                    let score = confidence::score(&stats, method);
+                    let score = scorer.score(&tokens, false);
                     let run = SlmRun {
                         model: model.to_string(),
                         profile: profile.to_string(),
                         done: None,
                         ready: None,
                         score,
+                        method: Some(method),
+                        features: None,
                         scores: confidence::all_scores(&stats),
                         error: None,
                         time: start.elapsed(),
@@ -602,7 +613,9 @@ impl Pipeline {
             return (Err(f), Some(run));
         };
         let stats = scored(&tokens);
-        let score = confidence::score(&stats, method);
+        let truncated = done.finish_reason == FinishReason::Length;
+        let score = scorer.score(&tokens, truncated);
+        let features = scorer.features(&tokens, truncated).map(|f| f.values);
         let low = score.is_none_or(|s| s < f64::from(need));
         // A JSON answer's fields, and the first one the decision's field thresholds find wanting
         // (a field that is missing has no confidence at all).
@@ -623,6 +636,8 @@ impl Pipeline {
             done: Some(done),
             ready: Some(ready),
             score,
+            method: Some(method),
+            features,
             scores: confidence::all_scores(&stats),
             error: None,
             time,
@@ -836,7 +851,8 @@ async fn collect(
                 // Until the answer goes out, it is scored as it comes.
                 if let Some(e) = early.as_deref_mut().filter(|_| !started) {
                     if !t.forced {
-                        e.running.push(confidence::TokenStat::from(&t));
+                        e.running
+                            .push_text(confidence::TokenStat::from(&t), &t.text);
                     }
                     if let Some((best, floor)) = e.check(tokens.len() + 1) {
                         // Closing the channel cancels the job: the runner stops at its next

@@ -23,7 +23,7 @@ pub fn slm_json(run: &SlmRun, method: Method) -> Value {
         "text": run.text(),
         "model": run.model,
         "profile": run.profile,
-        "confidence": {"score": run.score, "method": method.name(), "scores": scores},
+        "confidence": {"score": run.score, "method": run.method.unwrap_or(method).name(), "scores": scores},
         "usage": done.map(|d| json!({"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens})),
         "timings": {
             "load_ms": ready.map(|r| r.load_ms),

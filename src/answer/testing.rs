@@ -60,6 +60,13 @@ pub fn token(text: &str, logprob: f32) -> TokenInfo {
         text: text.to_string(),
         logprob,
         entropy: -logprob,
+        // As if the runner-up held the rest of the mass.
+        margin: (logprob - (1.0 - logprob.exp()).max(1e-9).ln()).max(0.0),
+        top_entropy: {
+            let p = logprob.exp().clamp(1e-9, 1.0);
+            let q = (1.0 - p).max(1e-9);
+            -(p * p.ln() + q * q.ln())
+        },
         top: vec![],
         forced: false,
     }

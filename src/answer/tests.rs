@@ -53,6 +53,7 @@ fn case(toml_text: &str, scripts: Vec<Script>) -> Case {
         remote: remote.clone(),
         audit: true,
         prefix_cache: Default::default(),
+        calibrators: Default::default(),
     };
     Case {
         local,
@@ -880,4 +881,80 @@ fn a_local_tool_call_is_offered_checked_and_answered_in_openais_shape() {
         answer(&c, &tool_request(None)).result,
         Err(Failure::Local { .. })
     ));
+}
+
+#[test]
+fn the_default_score_is_the_calibrated_probability_of_the_models_answer_being_right() {
+    let cfg = config(FALLBACK);
+    assert_eq!(cfg.routing.method, confidence::Method::Calibrated);
+    let local = Arc::new(ScriptedModel::new(vec![
+        // Short, sure, and done.
+        Script::Answer(vec![
+            ("The", -0.01),
+            (" capital", -0.01),
+            (" of", -0.01),
+            (" Peru", -0.01),
+            (" is", -0.01),
+            (" Lima", -0.05),
+            (".", -0.02),
+        ]),
+        // Rambling, unsure, cut off at the token limit before any number.
+        Script::Answer(vec![
+            ("To", -0.9),
+            (" calculate", -1.1),
+            (" 57", -0.3),
+            (" times", -0.2),
+            (" 8", -0.1),
+            (",", -0.6),
+            (" we", -0.8),
+            (" need", -1.3),
+            (" to", -0.4),
+            (" multiply", -1.6),
+            (" the", -1.2),
+            (" two", -1.4),
+        ]),
+        Script::Answer(vec![("Lima", -0.05)]),
+    ]));
+    let remote = Arc::new(ScriptedChain::new(vec![Ok("456")]));
+    let p = Pipeline {
+        router: cfg.routing.clone(),
+        local: local.clone(),
+        remote: remote.clone(),
+        audit: false,
+        prefix_cache: Default::default(),
+        calibrators: cfg.slm.calibrators.clone(),
+    };
+    let o = rt().block_on(p.answer(&caller(None), &req("What is the capital of Peru?"), None));
+    let a = o.result.as_ref().unwrap();
+    assert_eq!(
+        (a.source, a.method),
+        (Source::Slm, confidence::Method::Calibrated)
+    );
+    let sure = a.confidence.unwrap();
+    assert!(sure > 0.5, "{sure}");
+    // The features the score came from travel with the run (feedback refits from them).
+    let run = a.slm.as_ref().unwrap();
+    assert_eq!(
+        run.features.as_ref().map(Vec::len),
+        Some(confidence::features::NAMES.len())
+    );
+    let mut ask = req("What is 57 times 8?");
+    ask.max_tokens = 12;
+    let o = rt().block_on(p.answer(&caller(None), &ask, None));
+    let a = o.result.as_ref().unwrap();
+    assert_eq!(a.source, Source::Llm, "escalated");
+    let Some(Escalation::LowConfidence { score, method, .. }) = &a.escalation else {
+        panic!("{:?}", a.escalation)
+    };
+    assert_eq!(*method, confidence::Method::Calibrated);
+    assert!(score.unwrap() < 0.5 && score.unwrap() < sure, "{score:?}");
+    // A model without a calibrator is scored with geometric_mean, and says so.
+    let plain = Pipeline {
+        calibrators: Default::default(),
+        ..p.clone()
+    };
+    let o = rt().block_on(plain.answer(&caller(None), &req("What is the capital of Peru?"), None));
+    let a = o.result.as_ref().unwrap();
+    assert_eq!(a.method, confidence::Method::GeometricMean);
+    assert!((a.confidence.unwrap() - (-0.05f64).exp()).abs() < 1e-6);
 }

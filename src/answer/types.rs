@@ -591,7 +591,13 @@ pub struct SlmRun {
     pub ready: Option<Box<Ready>>,
     /// The decision's method's score.
     pub score: Option<f64>,
-    /// Every method's score.
+    /// The method it was computed with (`calibrated` needs the model's calibrator; without
+    /// one the score is `geometric_mean`'s). `None`: no score was computed.
+    pub method: Option<Method>,
+    /// The answer's features ([`crate::confidence::features::NAMES`]), what a calibrator is fitted
+    /// on when feedback labels the answer.
+    pub features: Option<Vec<f64>>,
+    /// Every plain method's score.
     pub scores: Vec<(Method, Option<f64>)>,
     pub error: Option<String>,
     /// Wall time in the local model, retries and queueing included.
@@ -613,6 +619,8 @@ impl SlmRun {
             done: None,
             ready: None,
             score: None,
+            method: None,
+            features: None,
             scores: vec![],
             error: Some(error.to_string()),
             time,

@@ -278,6 +278,7 @@ pub fn run_with(
         remote: Arc::new(Providers::from_config(&config.providers)),
         audit: audit_log.is_some(),
         prefix_cache: Default::default(),
+        calibrators: config.slm.calibrators.clone(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

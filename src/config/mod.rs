@@ -66,6 +66,8 @@ pub struct SlmConfig {
     pub models: Catalog,
     pub agent_model_maps: BTreeMap<String, Vec<String>>,
     pub model_dir: PathBuf,
+    /// Each model's confidence calibrator (the catalog entry's `calibrator`).
+    pub calibrators: crate::confidence::calibrator::Calibrators,
 }
 
 #[derive(Debug, Clone)]
@@ -347,6 +349,11 @@ fn compile(
                 )
             })?;
     }
+    let calibrators = crate::confidence::calibrator::Calibrators::new(
+        models
+            .calibrators()
+            .map_err(|(id, msg)| invalid(&format!("model '{id}'"), msg))?,
+    );
     // An entry names a catalog model, an alias, `PROVIDER/MODEL` of a configured provider, or
     // is a pattern (`openai/*`).
     for (agent, ids) in &raw.slm.model_allow_lists.agent_model_maps {
@@ -456,6 +463,7 @@ fn compile(
             models,
             agent_model_maps: raw.slm.model_allow_lists.agent_model_maps,
             model_dir,
+            calibrators,
         },
         logging: LoggingConfig {
             filter: raw.logging.level,

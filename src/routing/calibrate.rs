@@ -13,12 +13,18 @@
 //! samples from over-accepting: with 5 answers all correct the observed error is 0%, but the bound
 //! is 35%, so a 90% target is not met until enough evidence accumulates. When no threshold meets
 //! the target, the task gets none (everything escalates) and the result says so.
+//!
+//! Feedback on an answer that carried confidence features (every local answer does) is also kept
+//! per model as a [`Labelled`] row: `/admin/monitor` measures the calibrator in force on them and
+//! `POST /admin/calibrator` refits one from them with the evaluation's own fitting code
+//! ([`crate::confidence::calibrator`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
 use super::task::TaskType;
+use crate::confidence::calibrator::Labelled;
 
 /// One labelled answer: its confidence score and whether it was good enough.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -124,6 +130,8 @@ struct Decided {
     model: String,
     task: TaskType,
     score: f64,
+    /// The answer's confidence features, when it had any.
+    features: Option<Vec<f64>>,
 }
 
 /// Counts, confidence distributions, escalation rates, and feedback, per model and task type.
@@ -133,6 +141,8 @@ pub struct Monitor {
     /// Recent decisions, oldest first (bounded: feedback for very old requests is refused).
     recent: VecDeque<Decided>,
     capacity: usize,
+    /// Labelled answers with their features, per model: what a calibrator is refitted on.
+    labelled: BTreeMap<String, Vec<Labelled>>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -159,6 +169,7 @@ impl Monitor {
         model: &str,
         task: &TaskType,
         score: f64,
+        features: Option<Vec<f64>>,
         escalated: bool,
     ) {
         let st = self
@@ -177,6 +188,7 @@ impl Monitor {
             model: model.to_string(),
             task: task.clone(),
             score,
+            features,
         });
     }
 
@@ -198,15 +210,38 @@ impl Monitor {
             .find(|d| d.request_id == request_id)
             .cloned()
             .ok_or_else(|| FeedbackError::Unknown(request_id.to_string()))?;
+        let correct = actual_quality >= good;
+        if let Some(features) = d.features {
+            let labelled = self.labelled.entry(d.model.clone()).or_default();
+            if labelled.len() == self.capacity {
+                labelled.remove(0);
+            }
+            labelled.push(Labelled {
+                features,
+                task: d.task.as_str().to_string(),
+                correct,
+                group: String::new(),
+            });
+        }
         self.stats
             .entry((d.model, d.task))
             .or_default()
             .samples
             .push(Sample {
                 score: d.score,
-                correct: actual_quality >= good,
+                correct,
             });
         Ok(())
+    }
+
+    /// The labelled answers of `model` that carry features (oldest first).
+    pub fn labelled(&self, model: &str) -> &[Labelled] {
+        self.labelled.get(model).map_or(&[], Vec::as_slice)
+    }
+
+    /// Models with labelled answers.
+    pub fn labelled_models(&self) -> impl Iterator<Item = &str> {
+        self.labelled.keys().map(String::as_str)
     }
 
     pub fn stats(&self) -> impl Iterator<Item = (&(String, TaskType), &Stats)> {
@@ -278,7 +313,7 @@ mod tests {
         let qa = TaskType::QA;
         for i in 0..60 {
             let score = i as f64 / 60.0;
-            m.record(&format!("r{i}"), "smol", &qa, score, score < 0.5);
+            m.record(&format!("r{i}"), "smol", &qa, score, None, score < 0.5);
             m.feedback(&format!("r{i}"), if score > 0.4 { 1.0 } else { 0.0 }, 0.5)
                 .unwrap();
         }
@@ -294,5 +329,27 @@ mod tests {
         let cal = m.calibrate(0.9, 10);
         let t = cal[&qa].threshold.unwrap();
         assert!((0.4..0.5).contains(&t), "{cal:?}");
+        // Answers without features (none were given) leave nothing to refit on.
+        assert!(m.labelled("smol").is_empty());
+    }
+
+    #[test]
+    fn labelled_features_are_kept_per_model_and_bounded() {
+        let mut m = Monitor::new(3);
+        for i in 0..5 {
+            let f = vec![i as f64; 2];
+            m.record(&format!("r{i}"), "smol", &TaskType::QA, 0.5, Some(f), false);
+            m.feedback(&format!("r{i}"), if i % 2 == 0 { 1.0 } else { 0.2 }, 0.5)
+                .unwrap();
+        }
+        let l = m.labelled("smol");
+        assert_eq!(l.len(), 3, "the oldest labels go first");
+        assert_eq!(l[0].features, vec![2.0, 2.0]);
+        assert_eq!(
+            l.iter().map(|s| s.correct).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        assert_eq!(l[0].task, "QA");
+        assert_eq!(m.labelled_models().collect::<Vec<_>>(), ["smol"]);
     }
 }

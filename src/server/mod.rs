@@ -162,6 +162,7 @@ impl State {
                 scope: live.config.server.pool.prefix_cache,
                 shared: live.config.server.pool.prefix_cache_shared.clone(),
             },
+            calibrators: live.config.slm.calibrators.clone(),
         }
     }
 

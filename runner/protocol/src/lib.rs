@@ -279,6 +279,12 @@ pub struct TokenInfo {
     pub logprob: f32,
     /// Entropy (nats) of the full distribution at this step.
     pub entropy: f32,
+    /// The best token's log-probability minus the second best's (nats).
+    #[serde(default)]
+    pub margin: f32,
+    /// Entropy (nats) of the five best tokens' probabilities, renormalised.
+    #[serde(default)]
+    pub top_entropy: f32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top: Vec<TopLogprob>,
     /// The constraint allowed only this token: it says nothing of the model's confidence.

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{body_of, St};
+use crate::confidence::calibrator;
 use crate::server::error::ApiError;
 use crate::server::openai;
 
@@ -94,11 +95,120 @@ pub async fn monitor(
         .collect();
     let target = q.target.unwrap_or(0.9);
     let cal = m.calibrate(target, q.min_accepted.unwrap_or(30));
+    // The calibrator in force, measured on the answers feedback labelled.
+    let calibrators = state.live().config.slm.calibrators.clone();
+    let quality: Vec<Value> = m
+        .labelled_models()
+        .map(|model| {
+            let data = m.labelled(model);
+            let current = calibrators.get(model);
+            let q = current.as_ref().map(|c| {
+                let p: Vec<f64> = data
+                    .iter()
+                    .map(|s| c.predict_values(&s.features, &s.task))
+                    .collect();
+                let labels: Vec<bool> = data.iter().map(|s| s.correct).collect();
+                calibrator::quality(&p, &labels)
+            });
+            json!({
+                "model": model, "labelled": data.len(),
+                "in_force": current.as_ref().map(|c| json!({"fitted_on": c.fitted_on, "items": c.items})),
+                "quality": q,
+                "refit_possible": data.len() >= MIN_REFIT,
+            })
+        })
+        .collect();
     let spend = *crate::server::lock(&state.spend);
     Json(json!({
         "stats": stats,
         "calibration": {"target_accuracy": target, "by_task": cal},
+        "calibrators": quality,
         "spend": {"remote_usd": spend.remote_usd, "avoided_usd": spend.avoided_usd},
+    }))
+    .into_response()
+}
+
+/// Labelled answers a refit needs at least.
+const MIN_REFIT: usize = 30;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Refit {
+    model: String,
+    /// Put the refit in force (until the next reload or restart).
+    #[serde(default)]
+    apply: bool,
+}
+
+/// `POST /admin/calibrator {"model", "apply"}`: refits `model`'s confidence calibrator on the
+/// answers `/admin/feedback` labelled, with the evaluation's fitting code; returns it (to store
+/// beside the model's catalog entry), its cross-validated quality on that feedback and the
+/// quality of the calibrator in force on the same answers. `apply: true` puts it in force.
+pub async fn refit(
+    AxState(state): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let live = state.live();
+    let parsed = (|| {
+        live.keys.admin(&headers)?;
+        let body = body_of(body, live.config.server.max_request_body_bytes)?;
+        let r: Refit = openai::parse(&body)?;
+        let data = crate::server::lock(&state.monitor)
+            .labelled(&r.model)
+            .to_vec();
+        let correct = data.iter().filter(|s| s.correct).count();
+        if data.len() < MIN_REFIT || correct == 0 || correct == data.len() {
+            return Err(ApiError::invalid(
+                format!(
+                    "refitting '{}' needs at least {MIN_REFIT} labelled answers, correct and wrong ones both; feedback has labelled {} ({correct} correct)",
+                    r.model,
+                    data.len()
+                ),
+                Some("model"),
+            ));
+        }
+        Ok::<_, ApiError>((r, data))
+    })();
+    let (r, data) = match parsed {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let current = live.config.slm.calibrators.get(&r.model);
+    let model = r.model.clone();
+    let fitted = tokio::task::spawn_blocking(move || {
+        let labels: Vec<bool> = data.iter().map(|s| s.correct).collect();
+        let in_force = current.map(|c| {
+            let p: Vec<f64> = data
+                .iter()
+                .map(|s| c.predict_values(&s.features, &s.task))
+                .collect();
+            calibrator::quality(&p, &labels)
+        });
+        let fitted_on = format!("feedback: {} labelled answers", data.len());
+        let c = calibrator::Calibrator::fit(&model, &data, &fitted_on);
+        let cv = calibrator::cross_validated(&model, &data);
+        (c, cv, in_force)
+    })
+    .await;
+    let (Some(c), cv, in_force) = (match fitted {
+        Ok(x) => x,
+        Err(e) => return ApiError::internal(format!("refit task: {e}")).into_response(),
+    }) else {
+        return ApiError::invalid("the feedback could not be fitted", Some("model"))
+            .into_response();
+    };
+    if r.apply {
+        live.config.slm.calibrators.set(&r.model, c.clone());
+        tracing::info!(model = %r.model, items = c.items, "calibrator refitted from feedback is in force");
+    }
+    Json(json!({
+        "model": r.model,
+        "labelled": c.items,
+        "calibrator": c,
+        "cross_validated": cv,
+        "in_force": in_force,
+        "applied": r.apply,
     }))
     .into_response()
 }

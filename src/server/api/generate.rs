@@ -446,7 +446,14 @@ fn record(
                 &[("model", &run.model), ("task", task.as_str())],
                 s,
             );
-            crate::server::lock(&state.monitor).record(&req.id, &run.model, task, s, escalated);
+            crate::server::lock(&state.monitor).record(
+                &req.id,
+                &run.model,
+                task,
+                s,
+                run.features.clone(),
+                escalated,
+            );
         }
     }
     if let Some((log, audit)) = state.audit.as_ref().zip(audit) {

@@ -3,7 +3,8 @@
 //! - `generate.rs`: `/v1/chat/completions` and `/v1/completions` (JSON or server-sent events);
 //! - `shape.rs`: the OpenAI response, chunk and log-probability shapes, `x-corral-*` headers;
 //! - `info.rs`: `/v1/models`, `/v1/route`, `/healthz`, `/readyz`, `/metrics`;
-//! - `admin.rs`: `/admin/reload`, `/admin/feedback`, `/admin/monitor`, `/admin/allow_lists`.
+//! - `admin.rs`: `/admin/reload`, `/admin/feedback`, `/admin/monitor`, `/admin/calibrator`,
+//!   `/admin/allow_lists`.
 //!
 //! Every request gets an id (`x-request-id`) and one `tracing` span carrying it, the caller,
 //! the model asked for and the route taken.
@@ -45,6 +46,7 @@ pub fn app(state: Arc<State>) -> Router {
         .route("/admin/reload", post(admin::reload))
         .route("/admin/feedback", post(admin::feedback))
         .route("/admin/monitor", get(admin::monitor))
+        .route("/admin/calibrator", post(admin::refit))
         .route("/admin/allow_lists", post(admin::allow_list))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(
