@@ -320,16 +320,17 @@ fn rows(items: &[Item], answered: &[Answered]) -> Vec<Row> {
         .collect()
 }
 
+/// The rows with an answer (an empty one has no features, and no score in production: it is
+/// below any threshold), as the fit sees them.
 fn labelled(rows: &[&Row], keep: &[usize]) -> Vec<Labelled> {
     rows.iter()
-        .map(|r| Labelled {
-            features: r.features.as_ref().map_or_else(
-                || vec![0.0; features::NAMES.len()],
-                |f| keep_only(&f.values, keep),
-            ),
-            task: r.task.clone(),
-            correct: r.ok,
-            group: r.item.kind.clone(),
+        .filter_map(|r| {
+            Some(Labelled {
+                features: keep_only(&r.features.as_ref()?.values, keep),
+                task: r.task.clone(),
+                correct: r.ok,
+                group: r.item.kind.clone(),
+            })
         })
         .collect()
 }
@@ -430,10 +431,14 @@ fn main() {
         .expect("the tuning part has correct and wrong answers");
     let cal_no_span = Calibrator::fit(&a.model, &labelled(&tune, &no_span), "")
         .expect("the tuning part has correct and wrong answers");
+    // An empty answer scores 0 (no score: below any threshold).
     let predict = |c: &Calibrator, rs: &[&Row], keep: &[usize]| -> Vec<f64> {
-        labelled(rs, keep)
-            .iter()
-            .map(|l| c.predict_values(&l.features, &l.task))
+        rs.iter()
+            .map(|r| {
+                r.features.as_ref().map_or(0.0, |f| {
+                    c.predict_values(&keep_only(&f.values, keep), &r.task)
+                })
+            })
             .collect()
     };
 

@@ -23,6 +23,9 @@ pub struct RawStats {
     pub top_entropy: f32,
 }
 
+/// The margin reported when only one token is possible.
+pub const MARGIN_ALONE: f32 = 30.0;
+
 /// How many of the best tokens [`RawStats::top_entropy`] is over.
 pub const TOP_ENTROPY_K: usize = 5;
 
@@ -48,10 +51,12 @@ pub fn raw_stats(logits: &[f32], n: usize) -> RawStats {
     let log_z = max + sum.ln() as f32;
     // H = log Z' - E[l - max], with Z' the sum of exp(l - max)
     let entropy = (sum.ln() - weighted / sum).max(0.0) as f32;
+    // One possible token: as certain as a step can be (a large finite margin: JSON has no
+    // infinity).
     let margin = if best[1].is_finite() {
         best[0] - best[1]
     } else {
-        0.0
+        MARGIN_ALONE
     };
     let top_entropy = {
         let (mut z, mut w) = (0f64, 0f64);

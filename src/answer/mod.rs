@@ -203,12 +203,15 @@ impl Early {
         if self.decide && best < self.threshold {
             return Some((best, None));
         }
-        let below_floor = self
-            .running
-            .score()
-            .is_some_and(|s| s < f64::from(self.floor));
-        (self.floor > 0.0 && self.running.len() >= self.floor_after && below_floor)
-            .then_some((best, Some(self.floor)))
+        // The running score only when the floor applies (a calibrated one is recomputed from
+        // every token so far).
+        let below_floor = self.floor > 0.0
+            && self.running.len() >= self.floor_after
+            && self
+                .running
+                .score()
+                .is_some_and(|s| s < f64::from(self.floor));
+        below_floor.then_some((best, Some(self.floor)))
     }
 }
 
@@ -445,7 +448,7 @@ impl Pipeline {
         let scorer = confidence::Scorer::new(
             rt.method,
             self.calibrators.get(model),
-            &req.prompt_text(),
+            &req.question_text(),
             d.task.task.as_str(),
         );
         let method = scorer.method();
@@ -521,7 +524,8 @@ impl Pipeline {
                         ready: None,
                         score,
                         method: Some(method),
-                        features: None,
+                        // Cut short by the decision: it never reached its limit.
+                        features: scorer.features(&tokens, false).map(|f| f.values),
                         scores: confidence::all_scores(&stats),
                         error: None,
                         time: start.elapsed(),

@@ -172,6 +172,21 @@ impl Request {
         }
     }
 
+    /// What the answer answers, for its confidence features: the last user message (the
+    /// question, without a system prompt or earlier turns), or a completion's prompt.
+    pub fn question_text(&self) -> String {
+        match &self.input {
+            Input::Prompt(p) => p.clone(),
+            Input::Messages(_) => self
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .map(|m| m.content.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     /// What routing decides on.
     pub fn context(&self, caller: &Caller) -> RequestContext {
         RequestContext {

@@ -178,6 +178,15 @@ impl Catalog {
         let mut out = BTreeMap::new();
         for (id, (m, origin)) in &self.models {
             match load_calibrator(m, origin) {
+                Ok(Some(c)) if c.model != *id => {
+                    return Err((
+                        id.clone(),
+                        format!(
+                            "{origin}: calibrator: fitted for model '{}', not '{id}'",
+                            c.model
+                        ),
+                    ))
+                }
                 Ok(Some(c)) => {
                     out.insert(id.clone(), c);
                 }

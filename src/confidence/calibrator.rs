@@ -61,21 +61,29 @@ pub struct Labelled {
     pub group: String,
 }
 
-/// The cross-validation folds of `data`: one per group when there are at least three groups,
-/// else five by position. Each fold is the indices held out.
-fn folds(data: &[Labelled]) -> Vec<Vec<usize>> {
+/// The cross-validation fold of each row of `data`: one fold per group when there are at least
+/// three groups, else five by position.
+fn folds(data: &[Labelled]) -> (Vec<usize>, usize) {
     let mut groups: Vec<&str> = data.iter().map(|s| s.group.as_str()).collect();
     groups.sort_unstable();
     groups.dedup();
     if groups.len() >= 3 && !groups.contains(&"") {
-        return groups
+        let ids = data
             .iter()
-            .map(|g| (0..data.len()).filter(|i| data[*i].group == *g).collect())
+            .map(|s| groups.binary_search(&s.group.as_str()).unwrap_or(0))
             .collect();
+        return (ids, groups.len());
     }
-    let k = 5.min(data.len());
-    (0..k)
-        .map(|f| (0..data.len()).filter(|i| i % k == f).collect())
+    let k = 5.min(data.len()).max(1);
+    ((0..data.len()).map(|i| i % k).collect(), k)
+}
+
+/// The rows of `data` outside fold `f`.
+fn outside(data: &[Labelled], fold: &[usize], f: usize) -> Vec<Labelled> {
+    data.iter()
+        .zip(fold)
+        .filter(|(_, k)| **k != f)
+        .map(|(s, _)| s.clone())
         .collect()
 }
 
@@ -93,6 +101,13 @@ pub struct Calibrator {
     /// Standardisation of each feature: (x - mean) / scale.
     pub mean: Vec<f64>,
     pub scale: Vec<f64>,
+    /// The range each feature had in the fit: a value outside it is clipped to it before the
+    /// weights apply, so an answer unlike any the fit saw (a 200-token answer to a fit on
+    /// 12-token ones, a long system prompt) is not extrapolated linearly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub low: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub high: Vec<f64>,
     /// One weight per feature, then one per task.
     pub weights: Vec<f64>,
     pub bias: f64,
@@ -125,7 +140,12 @@ impl Calibrator {
             ));
         }
         let d = features::NAMES.len();
-        let ok = c.mean.len() == d
+        let ranges = (c.low.is_empty() && c.high.is_empty())
+            || (c.low.len() == d
+                && c.high.len() == d
+                && c.low.iter().zip(&c.high).all(|(l, h)| l <= h));
+        let ok = ranges
+            && c.mean.len() == d
             && c.scale.len() == d
             && c.weights.len() == d + c.tasks.len()
             && c.scale.iter().all(|s| s.is_finite() && *s > 0.0)
@@ -137,9 +157,11 @@ impl Calibrator {
         Ok(c)
     }
 
-    /// The probability that an answer with `f` for a request of type `task` is correct.
-    pub fn predict(&self, f: &Features, task: &str) -> f64 {
-        self.predict_values(&f.values, task)
+    /// The probability that an answer with `f` for a request of type `task` is correct;
+    /// `None` when a feature is not a number.
+    pub fn predict(&self, f: &Features, task: &str) -> Option<f64> {
+        let p = self.predict_values(&f.values, task);
+        p.is_finite().then_some(p)
     }
 
     pub fn predict_values(&self, values: &[f64], task: &str) -> f64 {
@@ -147,12 +169,19 @@ impl Calibrator {
         sigmoid(self.bias + dot(&self.weights, &x))
     }
 
-    /// The standardised row: features, then the task's one-hot.
+    /// The standardised row: features (clipped to the fit's range), then the task's one-hot.
     fn row(&self, values: &[f64], task: &str) -> Vec<f64> {
         let mut x: Vec<f64> = values
             .iter()
+            .enumerate()
             .zip(self.mean.iter().zip(&self.scale))
-            .map(|(v, (m, s))| (v - m) / s)
+            .map(|((i, v), (m, s))| {
+                let v = match (self.low.get(i), self.high.get(i)) {
+                    (Some(l), Some(h)) => v.clamp(*l, *h),
+                    _ => *v,
+                };
+                (v - m) / s
+            })
             .collect();
         x.extend(self.tasks.iter().map(|t| f64::from(u8::from(t == task))));
         x
@@ -167,20 +196,16 @@ impl Calibrator {
             return None;
         }
         let grid = [0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0];
-        let folds = folds(data);
+        let (fold, k) = folds(data);
         let mut best = (f64::INFINITY, 30.0);
         for l2 in grid {
             let mut loss = 0.0;
-            for held in &folds {
-                let train: Vec<Labelled> = (0..data.len())
-                    .filter(|i| !held.contains(i))
-                    .map(|i| data[i].clone())
-                    .collect();
-                let Some(c) = Self::fit_with(model, &train, l2, "") else {
+            for f in 0..k {
+                let Some(c) = Self::fit_with(model, &outside(data, &fold, f), l2, "") else {
                     loss = f64::INFINITY;
                     break;
                 };
-                for s in held.iter().map(|i| &data[*i]) {
+                for (s, _) in data.iter().zip(&fold).filter(|(_, g)| **g == f) {
                     let p = c
                         .predict_values(&s.features, &s.task)
                         .clamp(1e-6, 1.0 - 1e-6);
@@ -203,7 +228,11 @@ impl Calibrator {
         fitted_on: &str,
     ) -> Option<Calibrator> {
         let d = features::NAMES.len();
-        if data.is_empty() || data.iter().any(|s| s.features.len() != d) {
+        if data.is_empty()
+            || data
+                .iter()
+                .any(|s| s.features.len() != d || s.features.iter().any(|v| !v.is_finite()))
+        {
             return None;
         }
         let n = data.len() as f64;
@@ -223,6 +252,14 @@ impl Calibrator {
             // A constant feature keeps scale 1 (it then contributes nothing).
             *q = if *q > 1e-12 { q.sqrt() } else { 1.0 };
         }
+        let mut low = vec![f64::INFINITY; d];
+        let mut high = vec![f64::NEG_INFINITY; d];
+        for s in data {
+            for (i, v) in s.features.iter().enumerate() {
+                low[i] = low[i].min(*v);
+                high[i] = high[i].max(*v);
+            }
+        }
         // Tasks seen at least 5 times get their own weight.
         let mut tasks: Vec<String> = Vec::new();
         for s in data {
@@ -239,6 +276,8 @@ impl Calibrator {
             tasks,
             mean,
             scale,
+            low,
+            high,
             bias: 0.0,
             l2,
             fitted_on: fitted_on.to_string(),
@@ -299,13 +338,10 @@ impl Calibrator {
 /// lacks a class.
 pub fn cross_validated(model: &str, data: &[Labelled]) -> Option<Quality> {
     let mut p = vec![0.0; data.len()];
-    for held in folds(data) {
-        let train: Vec<Labelled> = (0..data.len())
-            .filter(|i| !held.contains(i))
-            .map(|i| data[i].clone())
-            .collect();
-        let c = Calibrator::fit(model, &train, "")?;
-        for i in held {
+    let (fold, k) = folds(data);
+    for f in 0..k {
+        let c = Calibrator::fit(model, &outside(data, &fold, f), "")?;
+        for (i, _) in fold.iter().enumerate().filter(|(_, g)| **g == f) {
             p[i] = c.predict_values(&data[i].features, &data[i].task);
         }
     }
@@ -531,6 +567,14 @@ mod tests {
         other.features.swap(0, 1);
         let err = Calibrator::from_json(&serde_json::to_string(&other).unwrap()).unwrap_err();
         assert!(err.contains("features"), "{err}");
+        // A feature beyond the range it had in the fit is clipped, not extrapolated.
+        let at = |v: f64| {
+            let mut f = train[0].features.clone();
+            f[0] = v;
+            c.predict_values(&f, "QA")
+        };
+        assert_eq!(at(-3.0), at(-300.0));
+        assert!(at(-1.0) > at(-2.0));
         // One class only: nothing to fit.
         let all: Vec<Labelled> = train
             .iter()

@@ -290,7 +290,9 @@ fn found_span(tokens: &[Tok<'_>], prompt: &Prompt) -> (Vec<bool>, u8, usize) {
     if chosen.is_empty() {
         return (vec![true; tokens.len()], 3, 0);
     }
+    // One sweep: tokens and the chosen words both run left to right.
     let mut at = 0;
+    let mut w = 0;
     let span = tokens
         .iter()
         .map(|t| {
@@ -299,7 +301,10 @@ fn found_span(tokens: &[Tok<'_>], prompt: &Prompt) -> (Vec<bool>, u8, usize) {
             // A token with no text of its own (part of a character) goes with its neighbours:
             // it counts when the character it starts does.
             let e = e.max(s + 1);
-            chosen.iter().any(|w| s < w.end && e > w.start)
+            while w < chosen.len() && chosen[w].end <= s {
+                w += 1;
+            }
+            w < chosen.len() && chosen[w].start < e
         })
         .collect();
     (span, rule, n_new)

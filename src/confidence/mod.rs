@@ -115,7 +115,8 @@ pub struct Scorer {
 }
 
 impl Scorer {
-    /// `calibrator` is used only when `method` is `calibrated`.
+    /// `calibrator` is used only when `method` is `calibrated`; `prompt` is what the answer
+    /// answers (the last user message, or a completion's prompt).
     pub fn new(
         method: Method,
         calibrator: Option<Arc<Calibrator>>,
@@ -124,11 +125,8 @@ impl Scorer {
     ) -> Scorer {
         let calibrator = calibrator.filter(|_| method == Method::Calibrated);
         Scorer {
-            prompt: Arc::new(if calibrator.is_some() {
-                features::Prompt::new(prompt)
-            } else {
-                features::Prompt::default()
-            }),
+            // Built whatever the method: the features are recorded for feedback refits too.
+            prompt: Arc::new(features::Prompt::new(prompt)),
             method,
             calibrator,
             task: task.to_string(),
@@ -180,7 +178,7 @@ impl Scorer {
         match &self.calibrator {
             Some(c) => self
                 .features(tokens, truncated)
-                .map(|f| c.predict(&f, &self.task)),
+                .and_then(|f| c.predict(&f, &self.task)),
             None => {
                 let stats: Vec<TokenStat> = tokens
                     .iter()
@@ -320,7 +318,7 @@ impl Running {
                 .map(|(stat, text)| features::Tok { stat: *stat, text })
                 .collect();
             return features::features(&toks, &scorer.prompt, false)
-                .map(|f| c.predict(&f, &scorer.task));
+                .and_then(|f| c.predict(&f, &scorer.task));
         }
         (self.n > 0).then(|| self.with_certain(0))
     }

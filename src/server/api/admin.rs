@@ -95,12 +95,17 @@ pub async fn monitor(
         .collect();
     let target = q.target.unwrap_or(0.9);
     let cal = m.calibrate(target, q.min_accepted.unwrap_or(30));
+    // The labelled answers, copied out: measuring them does not hold the monitor.
+    let labelled: Vec<(String, Vec<calibrator::Labelled>)> = m
+        .labelled_models()
+        .map(|model| (model.to_string(), m.labelled(model).to_vec()))
+        .collect();
+    drop(m);
     // The calibrator in force, measured on the answers feedback labelled.
     let calibrators = state.live().config.slm.calibrators.clone();
-    let quality: Vec<Value> = m
-        .labelled_models()
-        .map(|model| {
-            let data = m.labelled(model);
+    let quality: Vec<Value> = labelled
+        .iter()
+        .map(|(model, data)| {
             let current = calibrators.get(model);
             let q = current.as_ref().map(|c| {
                 let p: Vec<f64> = data
@@ -130,6 +135,11 @@ pub async fn monitor(
 
 /// Labelled answers a refit needs at least.
 const MIN_REFIT: usize = 30;
+/// A refit is fitted on the most recent this many labelled answers (a bounded cost: each
+/// refit fits a few hundred times for its penalty and its cross-validation).
+const MAX_REFIT: usize = 5_000;
+/// One refit at a time.
+static REFITTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -154,9 +164,11 @@ pub async fn refit(
         live.keys.admin(&headers)?;
         let body = body_of(body, live.config.server.max_request_body_bytes)?;
         let r: Refit = openai::parse(&body)?;
-        let data = crate::server::lock(&state.monitor)
-            .labelled(&r.model)
-            .to_vec();
+        let data = {
+            let m = crate::server::lock(&state.monitor);
+            let all = m.labelled(&r.model);
+            all[all.len().saturating_sub(MAX_REFIT)..].to_vec()
+        };
         let correct = data.iter().filter(|s| s.correct).count();
         if data.len() < MIN_REFIT || correct == 0 || correct == data.len() {
             return Err(ApiError::invalid(
@@ -174,9 +186,20 @@ pub async fn refit(
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
+    if REFITTING.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return ApiError::rate_limited("a calibrator refit is already running", 5).into_response();
+    }
     let current = live.config.slm.calibrators.get(&r.model);
     let model = r.model.clone();
     let fitted = tokio::task::spawn_blocking(move || {
+        /// Lets the next refit start however this one ends.
+        struct Done;
+        impl Drop for Done {
+            fn drop(&mut self) {
+                REFITTING.store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _done = Done;
         let labels: Vec<bool> = data.iter().map(|s| s.correct).collect();
         let in_force = current.map(|c| {
             let p: Vec<f64> = data
@@ -199,7 +222,8 @@ pub async fn refit(
             .into_response();
     };
     if r.apply {
-        live.config.slm.calibrators.set(&r.model, c.clone());
+        // The configuration in force now (a reload during the fit replaced `live`).
+        state.live().config.slm.calibrators.set(&r.model, c.clone());
         tracing::info!(model = %r.model, items = c.items, "calibrator refitted from feedback is in force");
     }
     Json(json!({
