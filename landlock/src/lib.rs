@@ -201,6 +201,15 @@ pub fn forbid_file_access() -> std::io::Result<()> {
     let Some(abi) = abi_version() else {
         return Ok(());
     };
+    // `landlock_restrict_self` restricts the calling thread and the threads it starts later,
+    // not threads that already run (the kernel's all-threads flag is ABI 8). The runner calls
+    // this before it starts any: were one running, it would escape the restriction, so refuse.
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(std::io::Error::other(format!(
+            "{threads} threads are running: a Landlock self-restriction would leave all but this one unrestricted"
+        )));
+    }
     let ruleset = create_ruleset(Handled {
         fs: fs_rights(abi),
         net: 0,
@@ -216,4 +225,29 @@ pub fn forbid_file_access() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The threads of this process (`/proc/self/task`).
+pub fn thread_count() -> std::io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn threads_are_counted() {
+        let before = super::thread_count().unwrap();
+        assert!(before >= 1);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            ready_tx.send(()).unwrap();
+            rx.recv().ok();
+        });
+        ready_rx.recv().unwrap();
+        assert!(super::thread_count().unwrap() > before.min(1));
+        assert!(super::thread_count().unwrap() >= 2);
+        tx.send(()).unwrap();
+        t.join().unwrap();
+    }
 }

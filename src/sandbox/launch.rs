@@ -120,41 +120,30 @@ pub struct Sandbox {
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two fds into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(SandboxError::Os {
-            what: "pipe2",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: both fds are new and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SandboxError::Os {
+        what: "pipe2",
+        source: e.into(),
+    })
 }
 
-fn read_byte(fd: RawFd) -> Option<u8> {
-    let mut b = 0u8;
+fn read_byte(fd: BorrowedFd<'_>) -> Option<u8> {
+    let mut b = [0u8];
     loop {
-        // SAFETY: reads at most one byte into a stack variable.
-        let r = unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) };
-        if r == 1 {
-            return Some(b);
+        match nix::unistd::read(fd, &mut b) {
+            Ok(1) => return Some(b[0]),
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => return None,
         }
-        if r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        return None;
     }
 }
 
-fn write_byte(fd: RawFd, b: u8) -> bool {
-    // SAFETY: writes one byte from a stack variable.
-    unsafe { libc::write(fd, (&b as *const u8).cast(), 1) == 1 }
+fn write_byte(fd: BorrowedFd<'_>, b: u8) -> bool {
+    matches!(nix::unistd::write(fd, &[b]), Ok(1))
 }
 
 /// Waits for one byte on `fd` until `deadline`: `Ok(Some(b))`, `Ok(None)` at EOF or error,
 /// `Err(())` when the deadline passed first.
-fn read_byte_until(fd: RawFd, deadline: Instant) -> Result<Option<u8>, ()> {
+fn read_byte_until(fd: BorrowedFd<'_>, deadline: Instant) -> Result<Option<u8>, ()> {
     if !wait_readable(fd, deadline) {
         return Err(());
     }
@@ -162,30 +151,22 @@ fn read_byte_until(fd: RawFd, deadline: Instant) -> Result<Option<u8>, ()> {
 }
 
 /// Polls `fd` for input (or hang-up) until `deadline`; false when the deadline passed.
-fn wait_readable(fd: RawFd, deadline: Instant) -> bool {
+fn wait_readable(fd: BorrowedFd<'_>, deadline: Instant) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: poll on one pollfd on this stack.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r > 0 {
-            return true;
-        }
-        if r == 0 && left.is_zero() {
-            return false;
-        }
-        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return true; // let the read report the error
+        let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        match poll(&mut pfd, timeout) {
+            Ok(n) if n > 0 => return true,
+            Ok(_) if left.is_zero() => return false,
+            Err(e) if e != nix::errno::Errno::EINTR => return true, // the read reports it
+            _ => {}
         }
         if left.is_zero() {
             return false;
         }
-        // r == 0 with time left (rounding) or EINTR: poll again.
+        // Nothing yet with time left (rounding) or EINTR: poll again.
     }
 }
 
@@ -440,8 +421,8 @@ pub fn spawn(
         });
     }
     let t_cgroup = Instant::now();
-    if !write_byte(from_parent_w.as_raw_fd(), b'c') {
-        return Err(child_failure(err_r.as_raw_fd(), plan));
+    if !write_byte(from_parent_w.as_fd(), b'c') {
+        return Err(child_failure(err_r.as_fd(), plan));
     }
     if let Some(cg) = sandbox.cgroup.as_ref().filter(|_| !born_in_cgroup) {
         cg.add_remaining(pid).map_err(SandboxError::Cgroup)?;
@@ -455,27 +436,25 @@ pub fn spawn(
             })?;
         sandbox.egress = Some(proxy);
     }
-    match read_byte_until(to_parent_r.as_raw_fd(), deadline) {
+    match read_byte_until(to_parent_r.as_fd(), deadline) {
         Ok(Some(b'u')) => {}
-        Ok(_) => return Err(child_failure(err_r.as_raw_fd(), plan)),
+        Ok(_) => return Err(child_failure(err_r.as_fd(), plan)),
         Err(()) => return Err(timed_out()),
     }
     let t_root = Instant::now();
     if plan.new_userns {
         write_id_maps(pid, plan.uid, plan.gid)?;
     }
-    if !write_byte(from_parent_w.as_raw_fd(), b'm') {
-        return Err(child_failure(err_r.as_raw_fd(), plan));
+    if !write_byte(from_parent_w.as_fd(), b'm') {
+        return Err(child_failure(err_r.as_fd(), plan));
     }
     // EOF on the error pipe: execve succeeded (the pipe is close-on-exec).
-    if !wait_readable(err_r.as_raw_fd(), deadline) {
+    if !wait_readable(err_r.as_fd(), deadline) {
         return Err(timed_out());
     }
     let mut msg = [0u8; 12];
-    // SAFETY: reads into a stack buffer of the given size.
-    let n = unsafe { libc::read(err_r.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
-    if n > 0 {
-        return Err(decode_failure(&msg, n as usize, plan));
+    if let Ok(n @ 1..) = nix::unistd::read(err_r.as_fd(), &mut msg) {
+        return Err(decode_failure(&msg, n, plan));
     }
     drop(from_parent_w);
     let t_exec = Instant::now();
@@ -520,18 +499,18 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 fn clone_child(flags: i32, cgroup_fd: Option<RawFd>) -> std::io::Result<(i32, bool)> {
     // Every signal blocked across the clone: the child must not run the supervisor's handlers
     // (it unblocks them once their dispositions are back to default, just before execve).
-    // SAFETY: sigset manipulation on stack values; pthread_sigmask on the calling thread.
-    let old = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        old
-    };
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+    let mut old = SigSet::empty();
+    pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )?;
     let r = clone_child_blocked(flags, cgroup_fd);
     if !matches!(r, Ok((0, _))) {
-        // SAFETY: restores this thread's mask saved above (the child keeps everything blocked).
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        // Restores this thread's mask (the child keeps everything blocked). The child must not
+        // run this: nix's wrapper is not a raw system call.
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     }
     r
 }
@@ -595,11 +574,10 @@ fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<(), SandboxError> {
     Ok(())
 }
 
-fn child_failure(err_fd: RawFd, plan: &Plan) -> SandboxError {
+fn child_failure(err_fd: BorrowedFd<'_>, plan: &Plan) -> SandboxError {
     let mut msg = [0u8; 12];
-    // SAFETY: reads into a stack buffer of the given size.
-    let n = unsafe { libc::read(err_fd, msg.as_mut_ptr().cast(), msg.len()) };
-    decode_failure(&msg, n.max(0) as usize, plan)
+    let n = nix::unistd::read(err_fd, &mut msg).unwrap_or(0);
+    decode_failure(&msg, n, plan)
 }
 
 fn decode_failure(msg: &[u8; 12], n: usize, plan: &Plan) -> SandboxError {
@@ -743,28 +721,27 @@ impl Sandbox {
             if self.try_wait()?.is_some() {
                 return Ok(self.outcome.as_ref());
             }
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
             let timeout = match deadline {
-                None => -1,
+                None => PollTimeout::NONE,
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Ok(None);
                     }
-                    i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)
+                    PollTimeout::try_from(left.max(Duration::from_millis(1)))
+                        .unwrap_or(PollTimeout::MAX)
                 }
             };
-            let mut pfd = libc::pollfd {
-                fd: self.pidfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: poll on one pollfd we own.
-            let r = unsafe { libc::poll(&mut pfd, 1, timeout) };
-            if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return Err(SandboxError::Os {
-                    what: "poll",
-                    source: std::io::Error::last_os_error(),
-                });
+            let mut pfd = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut pfd, timeout) {
+                Err(e) if e != nix::errno::Errno::EINTR => {
+                    return Err(SandboxError::Os {
+                        what: "poll",
+                        source: e.into(),
+                    })
+                }
+                _ => {}
             }
         }
     }

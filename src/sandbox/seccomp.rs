@@ -32,6 +32,8 @@ const BPF_JGT_K: u16 = 0x05 | 0x20; // BPF_JMP | BPF_JGT | BPF_K
 const BPF_JSET_K: u16 = 0x05 | 0x40; // BPF_JMP | BPF_JSET | BPF_K
 const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
 const BPF_ALU_AND_K: u16 = 0x04 | 0x50; // BPF_ALU | BPF_AND | BPF_K
+/// Never emitted here; the evaluator reads it (other compilers' long jumps).
+const BPF_JA: u16 = 0x05; // BPF_JMP | BPF_JA
 
 // struct seccomp_data offsets.
 const OFF_NR: u32 = 0;
@@ -385,8 +387,19 @@ fn push_block(prog: &mut Vec<SockFilter>, s: Sysno, block: Vec<SockFilter>) {
     prog.extend(block);
 }
 
+/// The calls a deny-list filter refuses: `denylist.toml`'s `[never]` and `[denied]` parts.
+pub fn deny_base() -> Vec<Sysno> {
+    let t = tables();
+    t.never.keys().chain(t.denied.keys()).copied().collect()
+}
+
 /// Runs `prog` on one syscall the way the kernel would (for tests and `profile show`).
 pub fn evaluate(prog: &[SockFilter], arch: u32, nr: u32, args: [u64; 6]) -> u32 {
+    evaluate_counted(prog, arch, nr, args).0
+}
+
+/// [`evaluate`], and how many instructions the kernel would run to decide.
+pub fn evaluate_counted(prog: &[SockFilter], arch: u32, nr: u32, args: [u64; 6]) -> (u32, usize) {
     let mut data = [0u8; 64];
     data[0..4].copy_from_slice(&nr.to_ne_bytes());
     data[4..8].copy_from_slice(&arch.to_ne_bytes());
@@ -395,31 +408,34 @@ pub fn evaluate(prog: &[SockFilter], arch: u32, nr: u32, args: [u64; 6]) -> u32 
     }
     let mut acc: u32 = 0;
     let mut pc = 0usize;
+    let mut steps = 0usize;
     while let Some(ins) = prog.get(pc) {
+        steps += 1;
         match ins.code {
             BPF_LD_W_ABS => {
                 let o = ins.k as usize;
                 acc = u32::from_ne_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
                 pc += 1;
             }
-            BPF_RET_K => return ins.k,
+            BPF_RET_K => return (ins.k, steps),
             BPF_ALU_AND_K => {
                 acc &= ins.k;
                 pc += 1;
             }
+            BPF_JA => pc += 1 + ins.k as usize,
             code => {
                 let taken = match code {
                     BPF_JEQ_K => acc == ins.k,
                     BPF_JGE_K => acc >= ins.k,
                     BPF_JGT_K => acc > ins.k,
                     BPF_JSET_K => acc & ins.k != 0,
-                    _ => return RET_KILL_PROCESS,
+                    _ => return (RET_KILL_PROCESS, steps),
                 };
                 pc += 1 + usize::from(if taken { ins.jt } else { ins.jf });
             }
         }
     }
-    RET_KILL_PROCESS
+    (RET_KILL_PROCESS, steps)
 }
 
 /// The native audit architecture value the filter accepts.
