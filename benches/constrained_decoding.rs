@@ -55,6 +55,7 @@ fn main() {
         model_path: model.clone().into(),
         sha256: None,
         binary: corral::slm::runner::runner_binary(),
+        slots: 1,
     };
     let profile = corral::profile::ProfileRegistry::builtin()
         .resolve("secure")

@@ -195,6 +195,7 @@ fn answer_all(config: &Config, model_id: &str, items: &[Item]) -> Vec<Answered> 
         model_path: path,
         sha256: model.sha256.clone(),
         binary: runner_binary(),
+        slots: 1,
     };
     let mut runner =
         Runner::start(&spec, &profile, &config.sandbox, &HostSupport::probe()).expect("runner");

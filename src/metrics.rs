@@ -96,6 +96,11 @@ const HELP: &[(&str, &str, &str)] = &[
         "CPU time of each runner's cgroup so far (updated after every request), by pool and runner slot",
     ),
     (
+        "corral_runner_sequences",
+        "gauge",
+        "Requests each runner holds now (decoded together, up to server.pool.slots), by pool and runner slot",
+    ),
+    (
         "corral_queue_depth",
         "gauge",
         "Requests waiting for a runner, by pool",

@@ -17,6 +17,28 @@ fn start(profile: &str) -> Runner {
     start_runner(&model_file(), SHA, profile).unwrap()
 }
 
+/// A runner of the default model under the built-in `secure` profile changed by `edit`,
+/// decoding up to `slots` requests together.
+fn start_with(slots: usize, edit: impl FnOnce(&mut corral::profile::Profile)) -> Runner {
+    let mut profile = corral::profile::ProfileRegistry::builtin()
+        .resolve("secure")
+        .unwrap();
+    edit(&mut profile);
+    let spec = corral::slm::runner::RunnerSpec {
+        model_path: model_file(),
+        sha256: Some(SHA.into()),
+        binary: corral::slm::runner::runner_binary(),
+        slots,
+    };
+    Runner::start(
+        &spec,
+        &profile,
+        &corral::sandbox::SandboxConfig::default(),
+        &corral::sandbox::HostSupport::probe(),
+    )
+    .unwrap()
+}
+
 fn greedy(prompt: &str, max_tokens: u32) -> GenerateRequest {
     greedy_request(Input::Prompt(prompt.into()), max_tokens)
 }
@@ -796,23 +818,150 @@ fn a_callers_repeated_prefix_is_reused_and_never_another_callers() {
         assert_eq!(x.token_id, y.token_id);
         assert!((x.logprob - y.logprob).abs() < 1e-3, "{x:?} vs {y:?}");
     }
-    // Another caller with the very same prompt reuses nothing of key a's, and takes the state
-    // over: key a's next request starts from scratch too.
-    let _ = r
-        .generate(ask("Where is Lima?", Some("key:a")), &mut |_| {})
-        .unwrap();
+    // Another caller with the very same prompt reuses nothing of key a's, and key a's state
+    // stays key a's: its next request still starts after the shared prefix.
     let other = r
         .generate(ask("Where is Lima?", Some("key:b")), &mut |_| {})
         .unwrap();
     assert_eq!(other.cached_tokens, 0);
     let back = r
-        .generate(ask("Where is Lima?", Some("key:a")), &mut |_| {})
+        .generate(ask("Where is Oslo?", Some("key:a")), &mut |_| {})
         .unwrap();
-    assert_eq!(back.cached_tokens, 0);
+    assert!(
+        back.cached_tokens as f64 > 0.8 * f64::from(back.prompt_tokens),
+        "key a's state survived key b's request: {} of {} reused",
+        back.cached_tokens,
+        back.prompt_tokens
+    );
+    // Key b has its own state now.
+    let b_again = r
+        .generate(ask("Where is Oslo?", Some("key:b")), &mut |_| {})
+        .unwrap();
+    assert!(b_again.cached_tokens as f64 > 0.8 * f64::from(b_again.prompt_tokens));
     // An identical prompt reuses all but its last token (which must be fed to answer).
     let same = r
-        .generate(ask("Where is Lima?", Some("key:a")), &mut |_| {})
+        .generate(ask("Where is Oslo?", Some("key:a")), &mut |_| {})
         .unwrap();
     assert_eq!(same.cached_tokens, same.prompt_tokens - 1);
-    assert_eq!(same.text, plain.text);
+    assert_eq!(same.text, cold.text);
+}
+
+#[test]
+fn kept_prompt_states_give_way_under_the_runners_memory_limit() {
+    // A memory limit that leaves the runner a KV budget of 16 MiB beside its weights: room for
+    // one ~270-token state of this model (45 KiB a position), not two.
+    let weights_mb = std::fs::metadata(model_file()).unwrap().len() >> 20;
+    let limit = 2 * weights_mb + 256 + 16;
+    assert_eq!(
+        corral::slm::runner::kv_budget_mb(limit, &model_file()),
+        Some(16)
+    );
+    let mut r = start_with(1, |p| p.max_memory_mb = limit);
+    let system = "You are a careful assistant for a shipping company. ".repeat(24);
+    let ask = |q: &str, key: &str| {
+        let mut g = with_system(&system, q);
+        g.cache_key = Some(key.into());
+        g
+    };
+    let mut run = |q: &str, key: &str| r.generate(ask(q, key), &mut |_| {}).unwrap();
+    let a = run("Where is Oslo?", "key:a");
+    assert!(a.prompt_tokens > 200, "{} prompt tokens", a.prompt_tokens);
+    // Within the budget: key a's state is reused.
+    let hit = run("Where is Lima?", "key:a");
+    assert!(hit.cached_tokens > 200, "{}", hit.cached_tokens);
+    // Key b's request needs the room: key a's state goes (never shared: b reuses nothing).
+    let b = run("Where is Lima?", "key:b");
+    assert_eq!(b.cached_tokens, 0);
+    let evicted = run("Where is Oslo?", "key:a");
+    assert_eq!(
+        evicted.cached_tokens, 0,
+        "key a's state was dropped for key b's"
+    );
+    // The runner stayed within its memory limit all along.
+    let peak = r.stats().memory_peak_bytes.unwrap_or(0);
+    assert!(peak > 0 && peak <= limit << 20, "peak {peak} bytes");
+    r.shutdown();
+}
+
+/// Requests sent to one runner at once, each answered on its own: its tokens streamed with its
+/// id, its own `done`.
+fn batch(r: &mut Runner, reqs: Vec<GenerateRequest>) -> Vec<corral_protocol::Done> {
+    use corral::slm::runner::Progress;
+    let mut fs: Vec<_> = reqs.into_iter().map(|q| r.submit(q).unwrap()).collect();
+    let mut done: Vec<Option<corral_protocol::Done>> = fs.iter().map(|_| None).collect();
+    let mut streamed: Vec<String> = fs.iter().map(|_| String::new()).collect();
+    while done.iter().any(Option::is_none) {
+        let Some(frame) = r.poll(Instant::now() + Duration::from_secs(60)).unwrap() else {
+            panic!("no frame within a minute");
+        };
+        let id = Runner::frame_id(&frame).unwrap();
+        let i = fs.iter().position(|f| f.id == id).unwrap();
+        match r.take(&mut fs[i], frame).unwrap() {
+            Progress::Token(t) => streamed[i].push_str(&t.text),
+            Progress::Done(d) => {
+                assert!(done[i].is_none());
+                if !streamed[i].is_empty() {
+                    assert_eq!(streamed[i], d.text);
+                }
+                done[i] = Some(*d);
+            }
+        }
+    }
+    done.into_iter().map(Option::unwrap).collect()
+}
+
+#[test]
+fn requests_decoded_together_answer_as_they_do_alone() {
+    let mut r = start_with(4, |_| {});
+    assert_eq!(r.ready.slots, 4);
+    let prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "Water boils at",
+        "The three primary colours are",
+    ];
+    let alone: Vec<_> = prompts
+        .iter()
+        .map(|p| r.generate(greedy(p, 24), &mut |_| {}).unwrap())
+        .collect();
+    // Each its own settings: two streamed, one with top alternatives, one stopped by a stop
+    // sequence, one cut by a smaller max_tokens.
+    let reqs: Vec<GenerateRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut g = greedy(p, if i == 3 { 5 } else { 24 });
+            g.stream = i % 2 == 0;
+            g.top_logprobs = if i == 1 { 3 } else { 0 };
+            g
+        })
+        .collect();
+    let together = batch(&mut r, reqs);
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        let n = b.completion_tokens as usize;
+        if i == 3 {
+            assert_eq!(n, 5, "its own max_tokens");
+            assert_eq!(b.finish_reason, corral_protocol::FinishReason::Length);
+        }
+        // Batched rows take the many-row products: greedy answers agree on the tokens they
+        // share (a near-tie may go the other way late in an answer; the first 5 must agree).
+        let a_ids: Vec<u32> = a.tokens.iter().map(|t| t.token_id).collect();
+        assert!(
+            a.text.starts_with(&b.text[..b.text.len().min(8)]),
+            "{i}: {:?} vs {:?}",
+            a.text,
+            b.text
+        );
+        if !b.tokens.is_empty() {
+            let b_ids: Vec<u32> = b.tokens.iter().map(|t| t.token_id).collect();
+            assert_eq!(a_ids[..5], b_ids[..5], "{i}");
+            for (x, y) in a.tokens.iter().zip(&b.tokens).take(5) {
+                assert!((x.logprob - y.logprob).abs() < 0.05, "{i}: {x:?} vs {y:?}");
+            }
+        }
+        if i == 1 {
+            assert!(b.tokens.iter().all(|t| t.top.len() == 3));
+        }
+    }
+    r.shutdown();
 }

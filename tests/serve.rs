@@ -595,10 +595,23 @@ fn runner_pids(server: u32) -> Vec<i32> {
     out
 }
 
+/// Waits until `/readyz` says the warm runners have loaded.
+fn wait_ready(s: &Server) {
+    let t = Instant::now();
+    loop {
+        let (code, _) = call("GET", &format!("{}/readyz", s.url), None, None);
+        if code == 200 {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "never ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_killed_runner_loses_no_request_and_a_full_queue_is_429() {
     let s = serve(&config_text(
-        "[server.pool]\nrunners = 1\nqueue_depth = 0\nwarm = [\"smollm2-135m-instruct\"]\n",
+        "[server.pool]\nrunners = 1\nslots = 1\nqueue_depth = 0\nwarm = [\"smollm2-135m-instruct\"]\n",
     ));
     // Ready once the warm runner has loaded.
     let t = Instant::now();
@@ -642,6 +655,78 @@ fn a_killed_runner_loses_no_request_and_a_full_queue_is_429() {
     let m = m.into_string().unwrap();
     assert!(m.contains("corral_runner_restarts_total{pool=\"smollm2-135m-instruct/secure\",cause=\"failed\"} 1"), "{m}");
     assert!(s.log.lock().unwrap().contains("killed by signal 9"));
+}
+
+/// The value of the first metric line starting with `prefix`.
+fn metric(s: &Server, prefix: &str) -> Option<f64> {
+    let (_, resp) = call("GET", &format!("{}/metrics", s.url), None, None);
+    let m = resp.into_string().unwrap();
+    m.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn requests_share_a_runner_and_its_crash_mid_batch_loses_none() {
+    let s = serve(&config_text(
+        "[server.pool]\nrunners = 1\nslots = 4\nqueue_depth = 0\nwarm = [\"smollm2-135m-instruct\"]\n",
+    ));
+    wait_ready(&s);
+    // Greedy continuations of counts: none ends before its 100 tokens.
+    let prompts = [
+        "1, 2, 3, 4,",
+        "100, 101, 102,",
+        "5, 10, 15, 20,",
+        "2, 4, 6, 8,",
+    ];
+    let calls: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let url = s.url.clone();
+            let body = json!({"model": "auto", "temperature": 0, "max_tokens": 100,
+                              "prompt": p});
+            std::thread::spawn(move || {
+                let (code, resp) = call(
+                    "POST",
+                    &format!("{url}/v1/completions"),
+                    Some(KEY),
+                    Some(body),
+                );
+                (code, resp.into_json::<Value>().unwrap())
+            })
+        })
+        .collect();
+    // All four are decoded together by the one runner (a queue of depth 0 took them: the
+    // runner's free slots count as room) ...
+    let t = Instant::now();
+    while metric(&s, "corral_runner_sequences{") != Some(4.0) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never four in flight"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ... and a fifth is refused: every slot is taken and the queue holds none.
+    let (code, e, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("hi", 2));
+    assert_eq!(code, 429, "{e}");
+    // Kill the runner mid-batch: every request it held is retried on a fresh runner and
+    // completes; none is dropped.
+    std::thread::sleep(Duration::from_millis(500));
+    let pids = runner_pids(s.child.id());
+    assert!(!pids.is_empty(), "no runner found");
+    for p in &pids {
+        // SAFETY: sending a signal to a process we found by its command line.
+        unsafe { libc::kill(*p, libc::SIGKILL) };
+    }
+    for c in calls {
+        let (code, v) = c.join().unwrap();
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 100, "{v}");
+    }
+    let (_, m) = call("GET", &format!("{}/metrics", s.url), None, None);
+    let m = m.into_string().unwrap();
+    assert!(m.contains("corral_runner_restarts_total{pool=\"smollm2-135m-instruct/secure\",cause=\"failed\"} 1"), "{m}");
 }
 
 #[test]
@@ -1284,7 +1369,7 @@ fn a_prompt_longer_than_the_context_is_the_callers_400_and_the_runner_stays() {
 #[test]
 fn a_client_that_goes_away_cancels_its_generation_and_frees_the_runner() {
     let s = serve(&config_text(
-        "[server.pool]\nrunners = 1\nwarm = [\"smollm2-135m-instruct\"]\n",
+        "[server.pool]\nrunners = 1\nslots = 1\nwarm = [\"smollm2-135m-instruct\"]\n",
     ));
     let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
     assert_eq!(code, 200);
@@ -1318,7 +1403,7 @@ fn a_client_that_goes_away_cancels_its_generation_and_frees_the_runner() {
         t.elapsed()
     );
     // A request that runs past server.request_timeout_seconds is cancelled too.
-    let mut s2_cfg = config_text("[server.pool]\nrunners = 1\n");
+    let mut s2_cfg = config_text("[server.pool]\nrunners = 1\nslots = 1\n");
     s2_cfg = s2_cfg.replace("[server]\n", "[server]\nrequest_timeout_seconds = 2\n");
     let s2 = serve(&s2_cfg);
     let long = json!({"model": "auto", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
@@ -1353,7 +1438,7 @@ fn a_client_that_goes_away_cancels_its_generation_and_frees_the_runner() {
 #[test]
 fn callers_that_gave_up_free_their_queue_places_and_the_queue_timeout_fires_on_time() {
     let s = serve(&config_text(
-        "[server.pool]\nrunners = 1\nqueue_depth = 2\nqueue_timeout_seconds = 3\nwarm = [\"smollm2-135m-instruct\"]\n",
+        "[server.pool]\nrunners = 1\nslots = 1\nqueue_depth = 2\nqueue_timeout_seconds = 3\nwarm = [\"smollm2-135m-instruct\"]\n",
     ));
     let (code, _, _) = post(&s, "/v1/chat/completions", Some(KEY), chat("Say hi.", 3));
     assert_eq!(code, 200);

@@ -642,7 +642,7 @@ mod tests {
         });
         let (hf_ct, hf_tensors, arch) = to_gguf(&config, hf).unwrap();
         assert_eq!(arch, "gemma3");
-        let mut from_hf =
+        let from_hf =
             crate::llama::Llama::from_tensors(&hf_ct, hf_tensors, &Device::Cpu, 4096).unwrap();
         // The file's own metadata and tensor names, its tensors widened to f32 the same way.
         let own_ct = gguf_file::Content {
@@ -661,13 +661,17 @@ mod tests {
                 .collect(),
             tensor_data_offset: 0,
         };
-        let mut from_file =
+        let from_file =
             crate::llama::Llama::from_tensors(&own_ct, gguf_named, &Device::Cpu, 4096).unwrap();
         // Longer than the 512-token window would be slow here; 24 positions still cross the
         // local and global layers and both rope bases.
         let tokens: Vec<u32> = (0..24).map(|i| 2 + (i * 7919) % 5000).collect();
-        let a = from_hf.forward(&tokens, 0).unwrap();
-        let b = from_file.forward(&tokens, 0).unwrap();
+        let a = from_hf
+            .forward(&mut from_hf.new_cache(), &tokens, 0)
+            .unwrap();
+        let b = from_file
+            .forward(&mut from_file.new_cache(), &tokens, 0)
+            .unwrap();
         let argmax = |v: &[f32]| {
             v.iter()
                 .enumerate()

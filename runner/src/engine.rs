@@ -1,20 +1,34 @@
-//! One model, one request at a time: prompt -> tokens -> prefill -> sample/decode loop, with
-//! per-token log-probabilities, stop sequences held back until they cannot match, cancellation
-//! between tokens, and timings.
+//! One model, many requests: each request is a [`Seq`] (its prompt, its cache, its sampling,
+//! stop sequences, grammar and cancel); [`Engine::step`] feeds every running sequence through
+//! the model in one batched pass (a decoding sequence its last token, a new one a chunk of its
+//! prompt) and lets each sample its next token. Per-token log-probabilities, stop sequences held
+//! back until they cannot match, timings; a prompt-prefix cache per caller.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use corral_protocol::{
     ChatMessage, Done, FinishReason, GenerateRequest, Input, TokenInfo, ToolChoice, Tools,
     TopLogprob, MAX_TOP_LOGPROBS,
 };
+use llguidance::Matcher;
 
 use crate::constrain::{schema_of, Grammars};
+use crate::llama::{Item, KvCache};
 use crate::model::Model;
 use crate::sampler::{self, Rng};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{Tokenizer, Utf8Stream};
-use crate::tools::Parsed;
+use crate::tools::{Format, Parsed};
+
+/// Prompt tokens fed per step, in all, while other sequences are decoding: a new request's
+/// prefill is cut into chunks of this size, so running streams go on between them (a step of
+/// 64 prompt tokens costs about what 64 / 150 s does on two cores). Alone, a prompt is fed
+/// whole.
+pub const PREFILL_CHUNK: usize = 64;
+
+/// Prompt states kept for reuse at most (besides the memory budget).
+const MAX_CACHED: usize = 16;
 
 pub struct Engine {
     pub model: Model,
@@ -22,9 +36,85 @@ pub struct Engine {
     pub template: ChatTemplate,
     /// The vocabulary as the grammar library sees it, built on the first constrained request.
     pub grammars: Option<Grammars>,
-    /// The tokens whose state the model holds from the last request, and that request's
-    /// `cache_key`: the next request of the same key starts after their common prefix.
-    pub cached: Option<(String, Vec<u32>)>,
+    /// Finished requests' states, for their callers' next requests.
+    pub prefixes: PrefixCache,
+    /// Bytes of KV state the runner may hold, running sequences and kept states together: kept
+    /// states are dropped (oldest first) to stay within it, and a request whose worst case
+    /// would pass it waits until running ones finish (one runs whatever its size).
+    pub kv_budget: usize,
+}
+
+/// A finished request's state: the tokens whose keys and values `cache` holds.
+struct Cached {
+    key: String,
+    tokens: Vec<u32>,
+    cache: KvCache,
+}
+
+/// Finished requests' states, least recently used first, each under its request's
+/// `cache_key`: a request of the same key starts after the longest common prefix with one of
+/// them; states of other keys are never looked at, so no caller's timing depends on another's
+/// prompts.
+#[derive(Default)]
+pub struct PrefixCache {
+    entries: VecDeque<Cached>,
+}
+
+impl PrefixCache {
+    /// Bytes of KV state kept.
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(|c| c.cache.bytes()).sum()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The state of `key` sharing the longest prefix with `prompt`, and how many of its tokens
+    /// to reuse (all but the prompt's last at most: its logits start the answer). Taken out:
+    /// until the request ends well, the state is nobody's to reuse.
+    pub fn take(&mut self, key: &str, prompt: &[u32]) -> Option<(KvCache, usize)> {
+        let mut best: Option<(usize, usize)> = None;
+        for (i, c) in self.entries.iter().enumerate() {
+            if c.key != key {
+                continue;
+            }
+            let common = c
+                .tokens
+                .iter()
+                .zip(prompt)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(prompt.len().saturating_sub(1));
+            if common > 0 && best.is_none_or(|(_, n)| common > n) {
+                best = Some((i, common));
+            }
+        }
+        let (i, n) = best?;
+        self.entries.remove(i).map(|c| (c.cache, n))
+    }
+
+    /// Keeps a finished request's state (the newest); a state of the same key that it extends
+    /// or repeats goes.
+    pub fn put(&mut self, key: String, tokens: Vec<u32>, cache: KvCache) {
+        if tokens.is_empty() {
+            return;
+        }
+        self.entries
+            .retain(|c| !(c.key == key && tokens.starts_with(&c.tokens)));
+        self.entries.push_back(Cached { key, tokens, cache });
+    }
+
+    /// Drops states, least recently used first, until at most `max` are kept and their bytes
+    /// and `running` fit `budget`.
+    pub fn trim(&mut self, running: usize, budget: usize, max: usize) {
+        while !self.entries.is_empty()
+            && (self.entries.len() > max || running.saturating_add(self.bytes()) > budget)
+        {
+            self.entries.pop_front();
+        }
+    }
 }
 
 impl std::fmt::Debug for Engine {
@@ -97,7 +187,74 @@ pub fn check_finite(what: &'static str, v: &[f32]) -> Result<(), NonFinite> {
     })
 }
 
+/// One request being answered: everything its generation loop keeps between tokens.
+pub struct Seq {
+    pub id: u64,
+    req: GenerateRequest,
+    received: Instant,
+    stops: Vec<String>,
+    format: Format,
+    matcher: Option<Matcher>,
+    prompt_len: usize,
+    /// Prompt, then answer tokens.
+    history: Vec<u32>,
+    /// Tokens of `history` whose state `cache` holds.
+    fed: usize,
+    cache: KvCache,
+    reused: usize,
+    max_new: usize,
+    top_n: usize,
+    rng: Rng,
+    utf8: Utf8Stream,
+    text: String,
+    emitted: usize,
+    tokens: Vec<TokenInfo>,
+    held: usize,
+    generated: usize,
+    finish: FinishReason,
+    cut_by_stop: bool,
+    prefill_ms: f64,
+    ttft_ms: f64,
+    decode_start: Option<Instant>,
+    constraint_s: f64,
+}
+
+impl Seq {
+    /// Tokens this request may hold in the cache at most (its prompt and its longest answer).
+    pub fn worst_case_tokens(&self) -> usize {
+        self.prompt_len + self.max_new
+    }
+
+    fn tools(&self) -> Option<&Tools> {
+        self.req.tools.as_ref().filter(|t| !t.functions.is_empty())
+    }
+
+    /// Tokens still to feed before the next logits.
+    fn pending(&self) -> &[u32] {
+        &self.history[self.fed..]
+    }
+}
+
+/// What happened to a sequence in a step.
+pub enum Outcome {
+    /// Answered (or cancelled, or cut by `max_tokens`).
+    Done(Box<Done>),
+    /// Failed; the error says whose fault (see [`NonFinite`], [`TooLong`]).
+    Failed(anyhow::Error),
+}
+
 impl Engine {
+    pub fn new(model: Model, tokenizer: Tokenizer, template: ChatTemplate) -> Engine {
+        Engine {
+            model,
+            tokenizer,
+            template,
+            grammars: None,
+            prefixes: PrefixCache::default(),
+            kv_budget: usize::MAX,
+        }
+    }
+
     pub fn prompt_tokens(&self, input: &Input, tools: Option<&Tools>) -> anyhow::Result<Vec<u32>> {
         Ok(match input {
             Input::Messages(m) => {
@@ -139,14 +296,20 @@ impl Engine {
             .ok_or_else(|| anyhow::anyhow!("no grammar"))
     }
 
-    pub fn generate(&mut self, req: &GenerateRequest, sink: &mut dyn Sink) -> anyhow::Result<Done> {
+    /// Drops kept states, least recently used first, until they and `running` bytes fit the
+    /// budget.
+    pub fn trim_cache(&mut self, running: usize) {
+        self.prefixes.trim(running, self.kv_budget, MAX_CACHED);
+    }
+
+    /// Checks a request and prepares its sequence: the prompt's tokens (refused when empty or
+    /// past the context), its grammar (built, and a schema checked, before any compute), and
+    /// the longest prefix a kept state of the same caller offers. Nothing is computed yet.
+    pub fn start(&mut self, req: GenerateRequest) -> anyhow::Result<Seq> {
         let received = Instant::now();
         // An empty stop string would end every answer at once: ignore it.
         let stops: Vec<String> = req.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
         let tools = req.tools.as_ref().filter(|t| !t.functions.is_empty());
-        // Tools that may be called (not `none`): the answer may be a call.
-        let offered = tools.filter(|t| t.choice != ToolChoice::None);
-        let mut held = 0usize;
         let prompt = self.prompt_tokens(&req.input, tools)?;
         let ctx = self.model.context_length;
         if prompt.is_empty() {
@@ -168,11 +331,10 @@ impl Engine {
             ))
             .into());
         }
-        // A constrained answer: the matcher is built (and a schema checked) before any compute.
-        // With tools, the grammar admits calls of the offered functions (and, under `auto`, a
-        // text answer: free, or under the JSON constraint).
+        // A constrained answer: with tools, the grammar admits calls of the offered functions
+        // (and, under `auto`, a text answer: free, or under the JSON constraint).
         let format = self.template.call_format();
-        let mut matcher = match (tools, &req.constraint) {
+        let matcher = match (tools, &req.constraint) {
             (None, None) => None,
             (None, Some(c)) => Some(
                 self.grammars()?
@@ -195,182 +357,315 @@ impl Engine {
                 )
             }
         };
-        let vocab = self.tokenizer.vocab_size();
+        // The kept state of the same caller sharing the longest prefix with this prompt (one
+        // token at least is fed again: its logits start the answer). Taken: until this request
+        // ends well, the state is nobody's to reuse. Other callers' states are never looked at.
+        let (cache, reused) = req
+            .cache_key
+            .as_deref()
+            .and_then(|k| self.prefixes.take(k, &prompt))
+            .unwrap_or_else(|| (self.model.new_cache(), 0));
         let top_n = req.top_logprobs.min(MAX_TOP_LOGPROBS) as usize;
         let max_new = (req.max_tokens as usize).min(ctx - prompt.len());
-        let mut rng = req.sampling.seed.map_or_else(Rng::from_entropy, Rng::new);
-        let mut history = prompt.clone();
-        let mut utf8 = Utf8Stream::default();
-        let mut text = String::new();
-        let mut emitted = 0usize;
-        let mut tokens = Vec::new();
-        let mut finish = FinishReason::Length;
-        let mut cut_by_stop = false;
+        let rng = req.sampling.seed.map_or_else(Rng::from_entropy, Rng::new);
+        Ok(Seq {
+            id: req.id,
+            received,
+            stops,
+            format,
+            matcher,
+            prompt_len: prompt.len(),
+            history: prompt,
+            fed: reused,
+            cache,
+            reused,
+            max_new,
+            top_n,
+            rng,
+            utf8: Utf8Stream::default(),
+            text: String::new(),
+            emitted: 0,
+            tokens: Vec::new(),
+            held: 0,
+            generated: 0,
+            finish: FinishReason::Length,
+            cut_by_stop: false,
+            prefill_ms: 0.0,
+            ttft_ms: 0.0,
+            decode_start: None,
+            constraint_s: 0.0,
+            req,
+        })
+    }
 
-        // The longest prefix the previous request of the same key left in the model's state
-        // (one token at least is fed again: its logits start the answer). Taken now: until
-        // this request ends well, the state is nobody's to reuse.
-        let reuse = match (self.cached.take(), &req.cache_key) {
-            (Some((key, done)), Some(k)) if key == *k => done
-                .iter()
-                .zip(&prompt)
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(prompt.len() - 1),
-            _ => 0,
-        };
-        let t0 = Instant::now();
-        let mut logits = self.model.forward(&prompt[reuse..], reuse)?;
-        check_finite("logits", &logits)?;
-        // Tokens of `history` whose state the model holds.
-        let mut fed = prompt.len();
-        let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let mut ttft_ms = 0.0;
-        let decode_start = Instant::now();
-        let mut generated = 0usize;
-        let mut constraint_s = 0.0;
-        while generated < max_new {
-            if sink.cancelled(req.id) {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            let stats = sampler::raw_stats(&logits, top_n);
-            let raw = logits.clone();
-            // Under a constraint only the tokens that keep the answer valid may be sampled; the
-            // reported log-probabilities stay the model's own (`raw`).
-            let mut forced = false;
-            if let Some(m) = matcher.as_mut() {
-                let t = Instant::now();
-                let mask = m
-                    .compute_mask_or_eos()
-                    .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
-                forced = mask.num_set() == 1;
-                mask.iter_unset_entries(|i| {
-                    if let Some(l) = logits.get_mut(i) {
-                        *l = f32::NEG_INFINITY;
-                    }
-                });
-                for l in logits.iter_mut().skip(vocab) {
-                    *l = f32::NEG_INFINITY;
-                }
-                constraint_s += t.elapsed().as_secs_f64();
-            }
-            let next = sampler::sample(&mut logits, &req.sampling, &history, &mut rng);
-            if generated == 0 {
-                ttft_ms = received.elapsed().as_secs_f64() * 1e3;
-            }
-            generated += 1;
-            if (!req.ignore_eos || matcher.is_some()) && self.tokenizer.eos.contains(&next) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if let Some(m) = matcher.as_mut() {
-                let t = Instant::now();
-                m.consume_token(next)
-                    .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
-                constraint_s += t.elapsed().as_secs_f64();
-            }
-            history.push(next);
-            text.push_str(&utf8.push(self.tokenizer.token_bytes(next)));
-            // What may still be a call is held back (its tokens too: they get their text once
-            // it is known to be text), and stop sequences do not cut it.
-            if offered.is_some() && format.may_be_call(&text) {
-                tokens.push(self.token_info(next, &raw, &stats, top_n, String::new(), forced));
-                held += 1;
-                if matcher.as_ref().is_some_and(|m| m.is_stopped()) {
-                    finish = FinishReason::Stop;
-                    break;
-                }
-                // A call just closed that repeats an earlier one: the model is looping.
-                if let Some(t) = offered.filter(|_| text.ends_with(format.call_end())) {
-                    if format.parse(&text, t).repeats() {
-                        finish = FinishReason::Stop;
-                        break;
-                    }
-                }
-                if generated < max_new {
-                    logits = self.model.forward(&[next], history.len() - 1)?;
-                    check_finite("logits", &logits)?;
-                    fed = history.len();
-                }
-                continue;
-            }
-            let mut stop_at = None;
-            for s in &stops {
-                let from = floor_boundary(&text, emitted.saturating_sub(s.len()));
-                if let Some(i) = text[from..].find(s.as_str()) {
-                    let at = from + i;
-                    stop_at = Some(stop_at.map_or(at, |x: usize| x.min(at)));
-                }
-            }
-            if let Some(at) = stop_at {
-                text.truncate(at);
-            }
-            let safe = if stop_at.is_some() {
-                text.len()
+    /// One step for every sequence in `seqs`: those whose caller cancelled end; the rest are
+    /// fed through the model together (a decoding sequence its last token, a prefilling one
+    /// its prompt, or a chunk of it while others decode) and those with logits choose their
+    /// next token. Returns the sequences that ended, removed from `seqs`, each with its
+    /// outcome; a finished sequence's state is kept for its caller's next request.
+    pub fn step(&mut self, seqs: &mut Vec<Seq>, sink: &mut dyn Sink) -> Vec<(u64, Outcome)> {
+        let mut ended = Vec::new();
+        let mut i = 0;
+        while i < seqs.len() {
+            if sink.cancelled(seqs[i].id) {
+                let mut s = seqs.remove(i);
+                s.finish = FinishReason::Cancelled;
+                ended.push((s.id, self.finish(s, sink)));
             } else {
-                floor_boundary(&text, text.len() - held_back(&text, &stops))
-            };
-            let delta = text
-                .get(emitted..safe.max(emitted))
-                .unwrap_or_default()
-                .to_string();
-            emitted = safe.max(emitted);
-            let mut info = self.token_info(next, &raw, &stats, top_n, delta, forced);
-            if held > 0 {
-                // Held tokens turned out to be text: each gets its own part of it.
-                let start = tokens.len() - held;
-                let used = split_text(&mut tokens[start..], &info.text);
-                info.text = info.text[used..].to_string();
-                if req.stream {
-                    for t in &tokens[start..] {
-                        sink.token(req.id, t)?;
-                    }
-                }
-                held = 0;
-            }
-            if req.stream {
-                sink.token(req.id, &info)?;
-            }
-            tokens.push(info);
-            // The grammar is complete: nothing more may follow.
-            if matcher.as_ref().is_some_and(|m| m.is_stopped()) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if stop_at.is_some() {
-                cut_by_stop = true;
-                finish = FinishReason::Stop;
-                break;
-            }
-            if generated < max_new {
-                logits = self.model.forward(&[next], history.len() - 1)?;
-                check_finite("logits", &logits)?;
-                fed = history.len();
+                i += 1;
             }
         }
-        // An incomplete character left at the end is part of the answer, unless a stop sequence
-        // cut the text before it.
-        if !cut_by_stop {
-            text.push_str(&utf8.finish());
+        if seqs.is_empty() {
+            return ended;
+        }
+        // What each sequence feeds: decoding ones their one token; prompts whole when nobody
+        // decodes, else chunks within the step's budget (at least one token each, oldest
+        // first, so every prompt advances).
+        let decoding = seqs.iter().any(|s| s.generated > 0);
+        let mut budget = if decoding { PREFILL_CHUNK } else { usize::MAX };
+        let take: Vec<usize> = seqs
+            .iter()
+            .map(|s| {
+                let n = s.pending().len();
+                if s.generated > 0 {
+                    return n;
+                }
+                let t = n.min(budget).max(1);
+                budget = budget.saturating_sub(t);
+                t
+            })
+            .collect();
+        let t0 = Instant::now();
+        let result = {
+            let mut items: Vec<Item<'_>> = seqs
+                .iter_mut()
+                .zip(&take)
+                .map(|(s, &n)| {
+                    let pending = s.history.len() - s.fed;
+                    Item {
+                        cache: &mut s.cache,
+                        tokens: &s.history[s.fed..s.fed + n],
+                        pos: s.fed,
+                        logits: n == pending,
+                    }
+                })
+                .collect();
+            self.model.forward_batch(&mut items)
+        };
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // Whose input broke the pass is not known: every sequence in it fails.
+                let msg = format!("{e:#}");
+                let model_fault = e.downcast_ref::<NonFinite>().is_some();
+                for s in seqs.drain(..) {
+                    let err = if model_fault {
+                        anyhow::Error::new(NonFinite {
+                            what: "final hidden state",
+                            nan: 0,
+                            inf: 0,
+                            total: 0,
+                        })
+                        .context(msg.clone())
+                    } else {
+                        anyhow::anyhow!("{msg}")
+                    };
+                    ended.push((s.id, Outcome::Failed(err)));
+                }
+                return ended;
+            }
+        };
+        let pass_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut keep = Vec::with_capacity(seqs.len());
+        for ((mut s, n), l) in seqs.drain(..).zip(take).zip(logits) {
+            s.fed += n;
+            if s.generated == 0 {
+                s.prefill_ms += pass_ms;
+            }
+            let Some(l) = l else {
+                keep.push(s);
+                continue;
+            };
+            match self.accept(&mut s, l, sink) {
+                Ok(true) => keep.push(s),
+                Ok(false) => ended.push((s.id, self.finish(s, sink))),
+                Err(e) => ended.push((s.id, Outcome::Failed(e))),
+            }
+        }
+        *seqs = keep;
+        ended
+    }
+
+    /// Chooses a sequence's next token from its logits; false when the answer is complete.
+    fn accept(
+        &mut self,
+        s: &mut Seq,
+        mut logits: Vec<f32>,
+        sink: &mut dyn Sink,
+    ) -> anyhow::Result<bool> {
+        check_finite("logits", &logits)?;
+        if s.decode_start.is_none() {
+            s.decode_start = Some(Instant::now());
+        }
+        if s.generated >= s.max_new {
+            return Ok(false);
+        }
+        let vocab = self.tokenizer.vocab_size();
+        let top_n = s.top_n;
+        let stats = sampler::raw_stats(&logits, top_n);
+        let raw = logits.clone();
+        // Under a constraint only the tokens that keep the answer valid may be sampled; the
+        // reported log-probabilities stay the model's own (`raw`).
+        let mut forced = false;
+        if let Some(m) = s.matcher.as_mut() {
+            let t = Instant::now();
+            let mask = m
+                .compute_mask_or_eos()
+                .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
+            forced = mask.num_set() == 1;
+            mask.iter_unset_entries(|i| {
+                if let Some(l) = logits.get_mut(i) {
+                    *l = f32::NEG_INFINITY;
+                }
+            });
+            for l in logits.iter_mut().skip(vocab) {
+                *l = f32::NEG_INFINITY;
+            }
+            s.constraint_s += t.elapsed().as_secs_f64();
+        }
+        let next = sampler::sample(&mut logits, &s.req.sampling, &s.history, &mut s.rng);
+        if s.generated == 0 {
+            s.ttft_ms = s.received.elapsed().as_secs_f64() * 1e3;
+        }
+        s.generated += 1;
+        if (!s.req.ignore_eos || s.matcher.is_some()) && self.tokenizer.eos.contains(&next) {
+            s.finish = FinishReason::Stop;
+            return Ok(false);
+        }
+        if let Some(m) = s.matcher.as_mut() {
+            let t = Instant::now();
+            m.consume_token(next)
+                .map_err(|e| anyhow::anyhow!("constrained decoding: {e}"))?;
+            s.constraint_s += t.elapsed().as_secs_f64();
+        }
+        s.history.push(next);
+        s.text
+            .push_str(&s.utf8.push(self.tokenizer.token_bytes(next)));
+        let more = s.generated < s.max_new;
+        // What may still be a call is held back (its tokens too: they get their text once it
+        // is known to be text), and stop sequences do not cut it.
+        let offered = s.tools().filter(|t| t.choice != ToolChoice::None).cloned();
+        if offered.is_some() && s.format.may_be_call(&s.text) {
+            let info = token_info(
+                &self.tokenizer,
+                next,
+                &raw,
+                &stats,
+                top_n,
+                String::new(),
+                forced,
+            );
+            s.tokens.push(info);
+            s.held += 1;
+            if s.matcher.as_ref().is_some_and(|m| m.is_stopped()) {
+                s.finish = FinishReason::Stop;
+                return Ok(false);
+            }
+            // A call just closed that repeats an earlier one: the model is looping.
+            if let Some(t) = offered.filter(|_| s.text.ends_with(s.format.call_end())) {
+                if s.format.parse(&s.text, &t).repeats() {
+                    s.finish = FinishReason::Stop;
+                    return Ok(false);
+                }
+            }
+            return Ok(more);
+        }
+        let mut stop_at = None;
+        for st in &s.stops {
+            let from = floor_boundary(&s.text, s.emitted.saturating_sub(st.len()));
+            if let Some(i) = s.text[from..].find(st.as_str()) {
+                let at = from + i;
+                stop_at = Some(stop_at.map_or(at, |x: usize| x.min(at)));
+            }
+        }
+        if let Some(at) = stop_at {
+            s.text.truncate(at);
+        }
+        let safe = if stop_at.is_some() {
+            s.text.len()
+        } else {
+            floor_boundary(&s.text, s.text.len() - held_back(&s.text, &s.stops))
+        };
+        let delta = s
+            .text
+            .get(s.emitted..safe.max(s.emitted))
+            .unwrap_or_default()
+            .to_string();
+        s.emitted = safe.max(s.emitted);
+        let mut info = token_info(&self.tokenizer, next, &raw, &stats, top_n, delta, forced);
+        if s.held > 0 {
+            // Held tokens turned out to be text: each gets its own part of it.
+            let start = s.tokens.len() - s.held;
+            let used = split_text(&mut s.tokens[start..], &info.text);
+            info.text = info.text[used..].to_string();
+            if s.req.stream {
+                for t in &s.tokens[start..] {
+                    sink.token(s.id, t)?;
+                }
+            }
+            s.held = 0;
+        }
+        if s.req.stream {
+            sink.token(s.id, &info)?;
+        }
+        s.tokens.push(info);
+        // The grammar is complete: nothing more may follow.
+        if s.matcher.as_ref().is_some_and(|m| m.is_stopped()) {
+            s.finish = FinishReason::Stop;
+            return Ok(false);
+        }
+        if stop_at.is_some() {
+            s.cut_by_stop = true;
+            s.finish = FinishReason::Stop;
+            return Ok(false);
+        }
+        Ok(more)
+    }
+
+    /// Ends a sequence whose caller cancelled it (a waiting one, before any compute).
+    pub fn cancel(&mut self, mut s: Seq, sink: &mut dyn Sink) -> Outcome {
+        s.finish = FinishReason::Cancelled;
+        self.finish(s, sink)
+    }
+
+    /// A sequence's answer (tokens held back to the end are streamed now); its state is kept
+    /// for its caller's next request.
+    fn finish(&mut self, mut s: Seq, sink: &mut dyn Sink) -> Outcome {
+        // An incomplete character left at the end is part of the answer, unless a stop
+        // sequence cut the text before it.
+        if !s.cut_by_stop {
+            let rest = s.utf8.finish();
+            s.text.push_str(&rest);
         }
         // An answer of calls is its calls, without text; of one cut short, the calls before it.
         let mut tool_calls = Vec::new();
-        if let Some(t) = tools {
-            let parsed = format.parse(&text, t);
+        if let Some(t) = s.tools().cloned() {
+            let parsed = s.format.parse(&s.text, &t);
             let repeated = parsed.repeats();
             match parsed {
                 Parsed::Text => {
                     // Held to the end (text that looked like a call's start, or a JSON text
                     // answer in a syntax whose calls are JSON too): stop sequences apply now,
                     // and the held tokens get their text.
-                    if held > 0 {
-                        if let Some(at) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-                            text.truncate(at);
-                            finish = FinishReason::Stop;
+                    if s.held > 0 {
+                        if let Some(at) =
+                            s.stops.iter().filter_map(|x| s.text.find(x.as_str())).min()
+                        {
+                            s.text.truncate(at);
+                            s.finish = FinishReason::Stop;
                         }
-                        let start = tokens.len() - held;
-                        split_text(&mut tokens[start..], &text);
+                        let start = s.tokens.len() - s.held;
+                        split_text(&mut s.tokens[start..], &s.text);
                     }
                 }
                 Parsed::Calls(mut calls) | Parsed::Incomplete(mut calls) => {
@@ -379,71 +674,79 @@ impl Engine {
                         calls.pop();
                     }
                     tool_calls = calls;
-                    text.clear();
-                }
-            }
-            if req.stream && held > 0 {
-                for t in &tokens[tokens.len() - held..] {
-                    sink.token(req.id, t)?;
+                    s.text.clear();
                 }
             }
         }
-        let decode_s = decode_start.elapsed().as_secs_f64();
-        let completion = tokens.len();
-        if let Some(k) = &req.cache_key {
-            history.truncate(fed);
-            self.cached = Some((k.clone(), history));
+        let decode_s = s.decode_start.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let completion = s.tokens.len();
+        if s.req.stream && s.held > 0 && s.tools().is_some() {
+            for t in &s.tokens[completion - s.held..] {
+                if let Err(e) = sink.token(s.id, t) {
+                    return Outcome::Failed(e.into());
+                }
+            }
         }
-        Ok(Done {
-            id: req.id,
-            finish_reason: finish,
-            text,
-            prompt_tokens: prompt.len() as u32,
+        let done = Done {
+            id: s.id,
+            finish_reason: s.finish,
+            text: std::mem::take(&mut s.text),
+            prompt_tokens: s.prompt_len as u32,
             completion_tokens: completion as u32,
-            prefill_ms,
-            ttft_ms,
+            prefill_ms: s.prefill_ms,
+            ttft_ms: s.ttft_ms,
             decode_tokens_per_s: if completion > 1 && decode_s > 0.0 {
                 (completion - 1) as f64 / decode_s
             } else {
                 0.0
             },
-            constraint_ms: constraint_s * 1e3,
-            tokens: if req.stream { Vec::new() } else { tokens },
+            constraint_ms: s.constraint_s * 1e3,
+            tokens: if s.req.stream {
+                Vec::new()
+            } else {
+                std::mem::take(&mut s.tokens)
+            },
             tool_calls,
-            cached_tokens: reuse as u32,
-        })
-    }
-
-    /// A generated token's report: its raw log-probability and alternatives.
-    fn token_info(
-        &self,
-        id: u32,
-        raw: &[f32],
-        stats: &sampler::RawStats,
-        top_n: usize,
-        text: String,
-        forced: bool,
-    ) -> TokenInfo {
-        TokenInfo {
-            token_id: id,
-            bytes: self.tokenizer.token_bytes(id).to_vec(),
-            text,
-            logprob: raw[id as usize] - stats.log_z,
-            entropy: stats.entropy,
-            margin: stats.margin,
-            top_entropy: stats.top_entropy,
-            top: stats
-                .top
-                .iter()
-                .take(top_n)
-                .map(|(id, lp)| TopLogprob {
-                    token_id: *id,
-                    bytes: self.tokenizer.token_bytes(*id).to_vec(),
-                    logprob: *lp,
-                })
-                .collect(),
-            forced,
+            cached_tokens: s.reused as u32,
+        };
+        if let Some(k) = s.req.cache_key.take() {
+            let mut tokens = std::mem::take(&mut s.history);
+            tokens.truncate(s.fed.min(s.cache.len()));
+            self.prefixes.put(k, tokens, s.cache);
         }
+        Outcome::Done(Box::new(done))
+    }
+}
+
+/// A generated token's report: its raw log-probability and alternatives.
+fn token_info(
+    tok: &Tokenizer,
+    id: u32,
+    raw: &[f32],
+    stats: &sampler::RawStats,
+    top_n: usize,
+    text: String,
+    forced: bool,
+) -> TokenInfo {
+    TokenInfo {
+        token_id: id,
+        bytes: tok.token_bytes(id).to_vec(),
+        text,
+        logprob: raw[id as usize] - stats.log_z,
+        entropy: stats.entropy,
+        margin: stats.margin,
+        top_entropy: stats.top_entropy,
+        top: stats
+            .top
+            .iter()
+            .take(top_n)
+            .map(|(id, lp)| TopLogprob {
+                token_id: *id,
+                bytes: tok.token_bytes(*id).to_vec(),
+                logprob: *lp,
+            })
+            .collect(),
+        forced,
     }
 }
 
@@ -463,7 +766,61 @@ fn split_text(tokens: &mut [TokenInfo], text: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::held_back;
+    use super::{held_back, PrefixCache};
+    use crate::llama::KvCache;
+
+    /// A state of `n` positions (1 KiB each: 2 layers, keys and values of 64 f32).
+    fn state(n: usize) -> KvCache {
+        KvCache::filled(2, n, 64)
+    }
+
+    #[test]
+    fn a_kept_state_serves_its_own_key_only_and_the_longest_prefix_wins() {
+        let mut c = PrefixCache::default();
+        let prompt: Vec<u32> = (1..=10).collect();
+        c.put("a".into(), prompt[..6].to_vec(), state(6));
+        c.put("a".into(), vec![1, 2, 9], state(3));
+        c.put("b".into(), prompt.clone(), state(10));
+        assert_eq!(c.len(), 3);
+        // Key b's state matches all of it, but key c has nothing: a miss.
+        assert!(c.take("c", &prompt).is_none());
+        // Key a: the state sharing six tokens, not the one sharing two.
+        let (kv, n) = c.take("a", &prompt).unwrap();
+        assert_eq!((kv.len(), n), (6, 6));
+        // Taken out: a second request of key a gets the shorter one, then nothing.
+        assert_eq!(c.take("a", &prompt).map(|(_, n)| n), Some(2));
+        assert!(c.take("a", &prompt).is_none());
+        // The same prompt again leaves its last token to be fed.
+        assert_eq!(c.take("b", &prompt).map(|(_, n)| n), Some(9));
+        assert!(c.take("b", &[7, 8]).is_none(), "no common prefix: a miss");
+    }
+
+    #[test]
+    fn a_state_that_extends_another_of_its_key_replaces_it() {
+        let mut c = PrefixCache::default();
+        c.put("a".into(), vec![1, 2, 3], state(3));
+        c.put("b".into(), vec![1, 2, 3], state(3));
+        c.put("a".into(), vec![1, 2, 3, 4, 5], state(5));
+        assert_eq!(c.len(), 2, "key b's copy stays, key a's shorter one goes");
+    }
+
+    #[test]
+    fn states_are_dropped_least_recently_used_first_to_fit_the_budget() {
+        let mut c = PrefixCache::default();
+        for (i, key) in ["a", "b", "c"].iter().enumerate() {
+            c.put((*key).into(), vec![i as u32 + 1; 4], state(4));
+        }
+        let each = state(4).bytes();
+        assert_eq!(c.bytes(), 3 * each);
+        // Running sequences take two states' worth of a four-state budget: the oldest goes.
+        c.trim(2 * each, 4 * each, 16);
+        assert_eq!(c.len(), 2);
+        assert!(c.take("a", &[1, 1, 1, 1, 9]).is_none(), "a was the oldest");
+        assert!(c.take("b", &[2, 2, 2, 2, 9]).is_some());
+        // A count limit applies too.
+        c.trim(0, usize::MAX, 0);
+        assert_eq!(c.len(), 0);
+    }
 
     #[test]
     fn holds_back_possible_stop_prefixes() {

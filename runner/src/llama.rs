@@ -142,11 +142,52 @@ pub struct Llama {
     norm: Vec<f32>,
     output: Mat,
     output_bias: Option<Vec<f32>>,
-    /// Per layer: `[position][kv_head * head_dim]`, grown as the sequence grows. Values are
-    /// rounded to f16 (llama.cpp's cache type) but kept as f32, so reading them costs nothing.
-    k_cache: Vec<Vec<f32>>,
-    v_cache: Vec<Vec<f32>>,
     device: Device,
+}
+
+/// One sequence's keys and values. Per layer: `[position][kv_head * head_dim]`, grown as the
+/// sequence grows. Values are rounded to f16 (llama.cpp's cache type) but kept as f32, so
+/// reading them costs nothing.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Values per position in each layer.
+    kv_dim: usize,
+}
+
+impl KvCache {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        match self.k.first() {
+            Some(k) if self.kv_dim > 0 => k.len() / self.kv_dim,
+            _ => 0,
+        }
+    }
+
+    /// A cache of `positions` positions of `layers` layers, `kv_dim` values each (for tests).
+    #[cfg(test)]
+    pub fn filled(layers: usize, positions: usize, kv_dim: usize) -> KvCache {
+        KvCache {
+            k: vec![vec![0.5; positions * kv_dim]; layers],
+            v: vec![vec![0.5; positions * kv_dim]; layers],
+            kv_dim,
+        }
+    }
+
+    /// Bytes of keys and values held (each layer's two vectors).
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+    }
+}
+
+/// One sequence's part of a batched forward pass: `tokens` placed at positions `pos..` of
+/// `cache` (which is cut back to `pos` first), and whether its last token's logits are wanted.
+pub struct Item<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub pos: usize,
+    pub logits: bool,
 }
 
 /// The bytes `from..from + len` of a tensor's data in the file, if the arithmetic stays in range.
@@ -747,8 +788,6 @@ impl Llama {
             );
         }
         Ok(Llama {
-            k_cache: vec![Vec::new(); n_layer],
-            v_cache: vec![Vec::new(); n_layer],
             cfg,
             embd,
             vocab,
@@ -792,25 +831,78 @@ impl Llama {
         }
     }
 
-    /// Logits of the last of `tokens`, placed at positions `pos..`; `pos == 0` starts over.
-    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> anyhow::Result<Vec<f32>> {
-        let c = self.cfg.clone();
-        let seq = tokens.len();
-        if pos + seq > c.max_seq {
-            anyhow::bail!(
-                "position {} exceeds the context of {}",
-                pos + seq,
-                c.max_seq
-            );
+    /// A cache for a new sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            k: vec![Vec::new(); self.cfg.n_layer],
+            v: vec![Vec::new(); self.cfg.n_layer],
+            kv_dim: self.cfg.n_head_kv * self.cfg.head_dim,
         }
+    }
+
+    /// Bytes one position of a sequence takes in its cache.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.cfg.n_layer * self.cfg.n_head_kv * self.cfg.head_dim * 4
+    }
+
+    /// Logits of the last of `tokens`, placed at positions `pos..` of `cache`.
+    #[cfg(test)]
+    pub fn forward(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        pos: usize,
+    ) -> anyhow::Result<Vec<f32>> {
+        let mut items = [Item {
+            cache,
+            tokens,
+            pos,
+            logits: true,
+        }];
+        let mut out = self.forward_batch(&mut items)?;
+        out.pop()
+            .flatten()
+            .ok_or_else(|| anyhow::anyhow!("no logits"))
+    }
+
+    /// Several sequences in one pass: their rows go through every weight product together
+    /// (one pass over the weights for all), each attends over its own cache. Returns, per item,
+    /// the logits of its last token when it asked for them. One item computes exactly what a
+    /// single-sequence pass would; rows batched with others take the many-row products, whose
+    /// arithmetic differs in the last digits (as in llama.cpp's batches).
+    pub fn forward_batch(&self, items: &mut [Item<'_>]) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
+        let c = &self.cfg;
         let kv_dim = c.n_head_kv * c.head_dim;
-        for l in 0..c.n_layer {
-            self.k_cache[l].resize(pos * kv_dim, 0.0);
-            self.v_cache[l].resize(pos * kv_dim, 0.0);
+        // Row ranges of each item in the batch, and each row's position.
+        let mut spans = Vec::with_capacity(items.len());
+        let mut positions = Vec::new();
+        for it in items.iter_mut() {
+            if it.tokens.is_empty() {
+                anyhow::bail!("no tokens to feed");
+            }
+            if it.pos + it.tokens.len() > c.max_seq {
+                anyhow::bail!(
+                    "position {} exceeds the context of {}",
+                    it.pos + it.tokens.len(),
+                    c.max_seq
+                );
+            }
+            if it.cache.k.len() != c.n_layer || it.cache.kv_dim != kv_dim || it.pos > it.cache.len()
+            {
+                anyhow::bail!("a cache that does not belong to this sequence");
+            }
+            for l in 0..c.n_layer {
+                it.cache.k[l].truncate(it.pos * kv_dim);
+                it.cache.v[l].truncate(it.pos * kv_dim);
+            }
+            let from = positions.len();
+            positions.extend(it.pos..it.pos + it.tokens.len());
+            spans.push(from..positions.len());
         }
+        let total = positions.len();
         let vocab = self.vocab_size();
-        let mut x = vec![0f32; seq * c.n_embd];
-        for (i, &t) in tokens.iter().enumerate() {
+        let mut x = vec![0f32; total * c.n_embd];
+        for (i, &t) in items.iter().flat_map(|it| it.tokens).enumerate() {
             let t = t as usize;
             if t >= vocab {
                 anyhow::bail!("token id {t} outside the vocabulary");
@@ -839,13 +931,14 @@ impl Llama {
             let s = (c.n_embd as f32).sqrt();
             x.iter_mut().for_each(|v| *v *= s);
         }
-        // Rotary angles for each position: theta_k = pos * base^(-2k/n_rot), by repeated f32
-        // multiplication as ggml computes them (Gemma's sliding layers have a base of their own).
+        // Rotary angles for each row's position: theta_k = pos * base^(-2k/n_rot), by repeated
+        // f32 multiplication as ggml computes them (Gemma's sliding layers have a base of their
+        // own).
         let angles = |base: f32, freq_scale: f32| {
             let theta_scale = base.powf(-2.0 / c.n_rot as f32);
-            let mut cos_sin = vec![(0f32, 0f32); seq * c.n_rot / 2];
-            for i in 0..seq {
-                let mut theta = (pos + i) as f32;
+            let mut cos_sin = vec![(0f32, 0f32); total * c.n_rot / 2];
+            for (i, &p) in positions.iter().enumerate() {
+                let mut theta = p as f32;
                 for k in 0..c.n_rot / 2 {
                     // ggml: theta = freq_scale * (p * theta_scale^k / freq_factor_k); unscaled,
                     // bit for bit the old angle.
@@ -868,6 +961,14 @@ impl Llama {
         let local_cs = c.sliding.as_ref().map(|w| angles(w.base, w.scale));
         let group = c.n_head / c.n_head_kv;
         let scale = if c.scale_queries { 1.0 } else { c.attn_scale };
+        // The rows that go on past the last layer's attention: the last of each item that
+        // wants logits.
+        let wanted: Vec<usize> = items
+            .iter()
+            .zip(&spans)
+            .filter(|(it, _)| it.logits)
+            .map(|(_, s)| s.end - 1)
+            .collect();
         for l in 0..c.n_layer {
             let layer = &self.layers[l];
             let window = c.sliding.as_ref().filter(|w| w.layers[l]).map(|w| w.window);
@@ -878,14 +979,14 @@ impl Llama {
             let h = rms_norm(&x, &layer.attn_norm, c.eps);
             let (mut q, mut k, mut v) = match &layer.qkv {
                 Qkv::Split(wq, wk, wv) => {
-                    let mut qkv = self.matmul_many(&[wq, wk, wv], &h, seq)?.into_iter();
+                    let mut qkv = self.matmul_many(&[wq, wk, wv], &h, total)?.into_iter();
                     let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                         anyhow::bail!("attention projections missing");
                     };
                     (q, k, v)
                 }
                 Qkv::Fused(w) => {
-                    let all = self.matmul(w, &h, seq)?;
+                    let all = self.matmul(w, &h, total)?;
                     let width = c.q_dim + 2 * kv_dim;
                     let part = |from: usize, n: usize| -> Vec<f32> {
                         all.chunks_exact(width)
@@ -923,87 +1024,58 @@ impl Llama {
             if c.scale_queries {
                 q.iter_mut().for_each(|v| *v *= c.attn_scale);
             }
-            self.k_cache[l].extend(k.iter().map(|v| f16::from_f32(*v).to_f32()));
-            self.v_cache[l].extend(v.iter().map(|v| f16::from_f32(*v).to_f32()));
-            let kc = &self.k_cache[l];
-            let vc = &self.v_cache[l];
-            let mut att = vec![0f32; seq * c.q_dim];
-            let order = Order::for_rows(seq);
-            // One (position, head) per task: each writes its own slice of `att` with the same
-            // arithmetic as a single thread would, so the result does not depend on the split.
-            let head_dim = c.head_dim;
-            let a = Attn {
-                q: &q,
-                kc,
-                vc,
-                pos,
-                n_head: c.n_head,
-                group,
-                head_dim,
-                kv_dim,
-                scale,
-                softcap: c.attn_softcap,
-                order,
-                window,
-            };
-            let bufs = || AttnBufs {
-                scores: vec![0f32; pos + seq],
-                q16: vec![0f32; head_dim],
-                scratch: vec![0f32; 32 * head_dim],
-            };
-            if seq >= 2 {
-                // Prefill: per head, blocks of positions; within a block four queries share
-                // each key row (`Attn::block`). Computed head-major, then put back in place.
-                let mut att_t = vec![0f32; c.n_head * seq * head_dim];
-                let block_bufs = || AttnBufs {
-                    scores: vec![0f32; 4 * (pos + seq)],
-                    q16: vec![0f32; 4 * head_dim],
-                    scratch: vec![0f32; 32 * head_dim],
+            let mut att = vec![0f32; total * c.q_dim];
+            for (it, span) in items.iter_mut().zip(&spans) {
+                let rows = span.len();
+                it.cache.k[l].extend(
+                    k[span.start * kv_dim..span.end * kv_dim]
+                        .iter()
+                        .map(|v| f16::from_f32(*v).to_f32()),
+                );
+                it.cache.v[l].extend(
+                    v[span.start * kv_dim..span.end * kv_dim]
+                        .iter()
+                        .map(|v| f16::from_f32(*v).to_f32()),
+                );
+                let a = Attn {
+                    q: &q[span.start * c.q_dim..span.end * c.q_dim],
+                    kc: &it.cache.k[l],
+                    vc: &it.cache.v[l],
+                    pos: it.pos,
+                    n_head: c.n_head,
+                    group,
+                    head_dim: c.head_dim,
+                    kv_dim,
+                    scale,
+                    softcap: c.attn_softcap,
+                    order: Order::for_rows(rows),
+                    window,
                 };
-                att_t
-                    .par_chunks_mut(seq * head_dim)
-                    .enumerate()
-                    .for_each(|(hh, head_out)| {
-                        head_out
-                            .par_chunks_mut(POS_BLOCK * head_dim)
-                            .enumerate()
-                            .for_each_init(block_bufs, |b, (blk, out)| {
-                                ggml_math::with_fma(|| a.block(b, hh, blk * POS_BLOCK, out));
-                            });
-                    });
-                for hh in 0..c.n_head {
-                    for i in 0..seq {
-                        att[(i * c.n_head + hh) * head_dim..][..head_dim]
-                            .copy_from_slice(&att_t[(hh * seq + i) * head_dim..][..head_dim]);
-                    }
-                }
-            } else if (pos + seq) * c.n_head * head_dim < 32_768 {
-                // Decoding a short context: not worth the threads.
-                let mut b = bufs();
-                ggml_math::with_fma(|| {
-                    for (idx, out) in att.chunks_mut(head_dim).enumerate() {
-                        a.one(&mut b, idx, out);
-                    }
-                });
-            } else {
-                att.par_chunks_mut(head_dim)
-                    .enumerate()
-                    .for_each_init(bufs, |b, (idx, out)| {
-                        ggml_math::with_fma(|| a.one(b, idx, out));
-                    });
+                a.run(&mut att[span.start * c.q_dim..span.end * c.q_dim], rows);
             }
-            let mut o = self.matmul(&layer.wo, &att, seq)?;
+            let mut o = self.matmul(&layer.wo, &att, total)?;
             if let Some(b) = &layer.wo_bias {
                 add_rows(&mut o, b);
             }
-            // As llama.cpp does, only the row whose logits are wanted (the last) goes on from the
-            // last layer's attention output: less work, and its feed-forward products then run
-            // on one row, whose arithmetic differs from the many-row kind for the K types.
-            let mut rows = seq;
-            if l + 1 == c.n_layer && seq > 1 {
-                o.drain(..(seq - 1) * c.n_embd);
-                x.drain(..(seq - 1) * c.n_embd);
-                rows = 1;
+            // As llama.cpp does, only the rows whose logits are wanted go on from the last
+            // layer's attention output: less work, and a lone sequence's feed-forward products
+            // then run on one row, whose arithmetic differs from the many-row kind for the K
+            // types.
+            let mut rows = total;
+            if l + 1 == c.n_layer && wanted.len() < total {
+                let keep = |m: &[f32]| -> Vec<f32> {
+                    wanted
+                        .iter()
+                        .flat_map(|&r| &m[r * c.n_embd..(r + 1) * c.n_embd])
+                        .copied()
+                        .collect()
+                };
+                o = keep(&o);
+                x = keep(&x);
+                rows = wanted.len();
+                if rows == 0 {
+                    break;
+                }
             }
             if let Some(w) = &layer.post_attn_norm {
                 o = rms_norm(&o, w, c.eps);
@@ -1048,17 +1120,27 @@ impl Llama {
             }
             x.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
         }
-        let last = &x[x.len() - c.n_embd..];
-        let h = rms_norm(last, &self.norm, c.eps);
+        let mut out: Vec<Option<Vec<f32>>> = items.iter().map(|_| None).collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let h = rms_norm(&x, &self.norm, c.eps);
         crate::engine::check_finite("final hidden state", &h)?;
-        let mut logits = self.matmul(&self.output, &h, 1)?;
+        let mut logits = self.matmul(&self.output, &h, wanted.len())?;
+        let width = logits.len() / wanted.len();
         if let Some(b) = &self.output_bias {
             add_rows(&mut logits, b);
         }
         if let Some(cap) = c.final_softcap {
             softcap(&mut logits, cap);
         }
-        Ok(logits)
+        let mut rows = logits.chunks_exact(width);
+        for (o, it) in out.iter_mut().zip(items.iter()) {
+            if it.logits {
+                *o = rows.next().map(<[f32]>::to_vec);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -1081,6 +1163,61 @@ struct Attn<'a> {
 }
 
 impl Attn<'_> {
+    /// Every query row (`seq` positions of `n_head` heads) into `att`, `[position][head]`.
+    fn run(&self, att: &mut [f32], seq: usize) {
+        let head_dim = self.head_dim;
+        let n_head = self.n_head;
+        let pos = self.pos;
+        let bufs = || AttnBufs {
+            scores: vec![0f32; pos + seq],
+            q16: vec![0f32; head_dim],
+            scratch: vec![0f32; 32 * head_dim],
+        };
+        if seq >= 2 {
+            // Prefill: per head, blocks of positions; within a block four queries share each
+            // key row (`Attn::block`). Computed head-major, then put back in place. One
+            // (block, head) per task: each writes its own slice with the same arithmetic as a
+            // single thread would, so the result does not depend on the split.
+            let mut att_t = vec![0f32; n_head * seq * head_dim];
+            let block_bufs = || AttnBufs {
+                scores: vec![0f32; 4 * (pos + seq)],
+                q16: vec![0f32; 4 * head_dim],
+                scratch: vec![0f32; 32 * head_dim],
+            };
+            att_t
+                .par_chunks_mut(seq * head_dim)
+                .enumerate()
+                .for_each(|(hh, head_out)| {
+                    head_out
+                        .par_chunks_mut(POS_BLOCK * head_dim)
+                        .enumerate()
+                        .for_each_init(block_bufs, |b, (blk, out)| {
+                            ggml_math::with_fma(|| self.block(b, hh, blk * POS_BLOCK, out));
+                        });
+                });
+            for hh in 0..n_head {
+                for i in 0..seq {
+                    att[(i * n_head + hh) * head_dim..][..head_dim]
+                        .copy_from_slice(&att_t[(hh * seq + i) * head_dim..][..head_dim]);
+                }
+            }
+        } else if (pos + seq) * n_head * head_dim < 32_768 {
+            // Decoding a short context: not worth the threads.
+            let mut b = bufs();
+            ggml_math::with_fma(|| {
+                for (idx, out) in att.chunks_mut(head_dim).enumerate() {
+                    self.one(&mut b, idx, out);
+                }
+            });
+        } else {
+            att.par_chunks_mut(head_dim)
+                .enumerate()
+                .for_each_init(bufs, |b, (idx, out)| {
+                    ggml_math::with_fma(|| self.one(b, idx, out));
+                });
+        }
+    }
+
     /// A score as llama.cpp computes it from `q·k`: capped (Gemma 2), then scaled (in its
     /// softmax; 1 where the queries were scaled instead).
     #[inline(always)]
@@ -1350,7 +1487,7 @@ pub(crate) mod tests {
         let bytes = std::fs::read(model).unwrap();
         let mut cur = std::io::Cursor::new(&bytes);
         let ct = gguf_file::Content::read(&mut cur).unwrap();
-        let mut m = Llama::from_gguf(&ct, &bytes, &mut cur, &Device::Cpu, 512).unwrap();
+        let m = Llama::from_gguf(&ct, &bytes, &mut cur, &Device::Cpu, 512).unwrap();
         let ids = |v: &serde_json::Value| -> Vec<u32> {
             v.as_array()
                 .unwrap()
@@ -1362,7 +1499,8 @@ pub(crate) mod tests {
         for c in meta["cases"].as_array().unwrap() {
             let prompt = ids(&c["prompt_ids"]);
             let gen = ids(&c["greedy_ids"]);
-            let mut logits = m.forward(&prompt, 0).unwrap();
+            let mut cache = m.new_cache();
+            let mut logits = m.forward(&mut cache, &prompt, 0).unwrap();
             for (step, tok) in gen.iter().enumerate() {
                 let row = &exact[kls.len() * n_vocab..][..n_vocab];
                 let max = logits.iter().fold(f64::MIN, |a, b| a.max(f64::from(*b)));
@@ -1381,7 +1519,7 @@ pub(crate) mod tests {
                     })
                     .sum();
                 kls.push(kl);
-                logits = m.forward(&[*tok], prompt.len() + step).unwrap();
+                logits = m.forward(&mut cache, &[*tok], prompt.len() + step).unwrap();
             }
         }
         let mean = kls.iter().sum::<f64>() / kls.len() as f64;

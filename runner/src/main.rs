@@ -1,8 +1,10 @@
 //! `corral-runner`: loads one model and answers generation requests over its stdin/stdout.
 //! Started by the supervisor inside a sandbox; never touches the network.
 //!
-//! `corral-runner --model PATH --sha256 HEX [--threads N] [--no-tighten]`
-//! (PATH: a GGUF file, or a safetensors checkpoint directory)
+//! `corral-runner --model PATH --sha256 HEX [--threads N] [--slots N] [--kv-budget-mb M]
+//! [--no-tighten]` (PATH: a GGUF file, or a safetensors checkpoint directory). Up to `--slots`
+//! requests are decoded together (one batched pass per step); their KV state and the prompt
+//! states kept for reuse stay within `--kv-budget-mb`.
 
 mod checkpoint;
 mod constrain;
@@ -18,7 +20,7 @@ mod template;
 mod tokenizer;
 mod tools;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -34,6 +36,8 @@ struct Args {
     model: PathBuf,
     sha256: Option<String>,
     threads: Option<usize>,
+    slots: usize,
+    kv_budget_mb: Option<usize>,
     tighten: bool,
 }
 
@@ -42,6 +46,8 @@ fn parse_args() -> anyhow::Result<Args> {
         model: PathBuf::new(),
         sha256: None,
         threads: None,
+        slots: 1,
+        kv_budget_mb: None,
         tighten: true,
     };
     let mut it = std::env::args().skip(1);
@@ -51,6 +57,19 @@ fn parse_args() -> anyhow::Result<Args> {
             "--sha256" => a.sha256 = Some(it.next().context("--sha256 needs a hex digest")?),
             "--threads" => {
                 a.threads = Some(it.next().context("--threads needs a number")?.parse()?)
+            }
+            "--slots" => {
+                a.slots = it.next().context("--slots needs a number")?.parse()?;
+                if a.slots == 0 {
+                    bail!("--slots must be at least 1");
+                }
+            }
+            "--kv-budget-mb" => {
+                a.kv_budget_mb = Some(
+                    it.next()
+                        .context("--kv-budget-mb needs a number")?
+                        .parse()?,
+                )
             }
             "--no-tighten" => a.tighten = false,
             other => bail!("unknown argument '{other}'"),
@@ -65,7 +84,10 @@ fn parse_args() -> anyhow::Result<Args> {
 struct StdoutSink<'a, W: Write> {
     out: &'a mut W,
     inbox: &'a mpsc::Receiver<Request>,
+    /// Messages that arrived during a step, handled after it.
     queued: &'a mut VecDeque<Request>,
+    /// Running requests whose cancel has been read.
+    cancelled: &'a HashSet<u64>,
 }
 
 impl<W: Write> engine::Sink for StdoutSink<'_, W> {
@@ -82,13 +104,35 @@ impl<W: Write> engine::Sink for StdoutSink<'_, W> {
 
     fn cancelled(&mut self, id: u64) -> bool {
         while let Ok(msg) = self.inbox.try_recv() {
-            match msg {
-                Request::Cancel { id: c } if c == id => return true,
-                Request::Cancel { .. } => {}
-                other => self.queued.push_back(other),
-            }
+            self.queued.push_back(msg);
         }
-        false
+        self.cancelled.contains(&id)
+            || self
+                .queued
+                .iter()
+                .any(|m| matches!(m, Request::Cancel { id: c } if *c == id))
+    }
+}
+
+/// A request's outcome as its frame.
+fn outcome_frame(id: u64, outcome: engine::Outcome) -> Response {
+    match outcome {
+        engine::Outcome::Done(d) => Response::Done(*d),
+        engine::Outcome::Failed(e) => error_frame(id, &e),
+    }
+}
+
+fn error_frame(id: u64, e: &anyhow::Error) -> Response {
+    Response::Error {
+        id: Some(id),
+        message: format!("{e:#}"),
+        kind: if e.downcast_ref::<engine::NonFinite>().is_some() {
+            ErrorKind::Model
+        } else if e.downcast_ref::<engine::TooLong>().is_some() {
+            ErrorKind::Context
+        } else {
+            ErrorKind::Request
+        },
     }
 }
 
@@ -216,13 +260,19 @@ fn run() -> anyhow::Result<()> {
         has_chat_template: template.from_model,
         threads: threads as u32,
         load_ms: started.elapsed().as_secs_f64() * 1e3,
+        slots: 1,
+        kv_bytes_per_token: 0,
     };
-    let mut engine = engine::Engine {
-        model,
-        tokenizer: tok,
-        template,
-        grammars: None,
-        cached: None,
+    let slots = args.slots;
+    let mut engine = engine::Engine::new(model, tok, template);
+    if let Some(mb) = args.kv_budget_mb {
+        engine.kv_budget = mb.saturating_mul(1 << 20);
+    }
+    let kv_per_token = engine.model.kv_bytes_per_token();
+    let ready = Ready {
+        slots: slots as u32,
+        kv_bytes_per_token: kv_per_token as u64,
+        ..ready
     };
     if args.tighten {
         // Everything is in memory now: no further file system access at all.
@@ -252,46 +302,89 @@ fn run() -> anyhow::Result<()> {
         }
     });
     let mut queued: VecDeque<Request> = VecDeque::new();
+    let mut running: Vec<engine::Seq> = Vec::new();
+    // Started requests waiting for a slot, or for KV room.
+    let mut waiting: VecDeque<engine::Seq> = VecDeque::new();
+    let mut cancelled: HashSet<u64> = HashSet::new();
     loop {
-        let msg = match queued.pop_front() {
-            Some(m) => m,
-            None => match inbox.recv() {
-                Ok(m) => m,
+        // Nothing to compute: wait for the next message.
+        if running.is_empty() && waiting.is_empty() && queued.is_empty() {
+            match inbox.recv() {
+                Ok(m) => queued.push_back(m),
                 Err(_) => return Ok(()), // stdin closed: the supervisor is done with us
-            },
-        };
-        match msg {
-            Request::Shutdown => return Ok(()),
-            Request::Cancel { .. } => {}
-            Request::Tokenize { id, text, special } => {
-                let ids = engine.tokenizer.encode(&text, special, false);
-                write_frame(&mut out, &Response::Tokens { id, ids })?;
             }
-            Request::Generate(req) => {
-                let mut sink = StdoutSink {
-                    out: &mut out,
-                    inbox: &inbox,
-                    queued: &mut queued,
-                };
-                match engine.generate(&req, &mut sink) {
-                    Ok(done) => write_frame(&mut out, &Response::Done(done))?,
-                    Err(e) => write_frame(
-                        &mut out,
-                        &Response::Error {
-                            id: Some(req.id),
-                            message: format!("{e:#}"),
-                            kind: if e.downcast_ref::<engine::NonFinite>().is_some() {
-                                ErrorKind::Model
-                            } else if e.downcast_ref::<engine::TooLong>().is_some() {
-                                ErrorKind::Context
-                            } else {
-                                ErrorKind::Request
-                            },
-                        },
-                    )?,
+        }
+        loop {
+            match inbox.try_recv() {
+                Ok(m) => queued.push_back(m),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
+            }
+        }
+        while let Some(msg) = queued.pop_front() {
+            match msg {
+                Request::Shutdown => return Ok(()),
+                Request::Cancel { id } => {
+                    if let Some(i) = waiting.iter().position(|s| s.id == id) {
+                        if let Some(s) = waiting.remove(i) {
+                            let mut sink = StdoutSink {
+                                out: &mut out,
+                                inbox: &inbox,
+                                queued: &mut VecDeque::new(),
+                                cancelled: &cancelled,
+                            };
+                            let outcome = engine.cancel(s, &mut sink);
+                            write_frame(&mut out, &outcome_frame(id, outcome))?;
+                        }
+                    } else if running.iter().any(|s| s.id == id) {
+                        cancelled.insert(id);
+                    }
+                }
+                Request::Tokenize { id, text, special } => {
+                    let ids = engine.tokenizer.encode(&text, special, false);
+                    write_frame(&mut out, &Response::Tokens { id, ids })?;
+                }
+                Request::Generate(req) => {
+                    let id = req.id;
+                    match engine.start(*req) {
+                        Ok(seq) => waiting.push_back(seq),
+                        Err(e) => write_frame(&mut out, &error_frame(id, &e))?,
+                    }
                 }
             }
         }
+        // Admission: a free slot, and room for the request's worst case beside the running
+        // ones (one runs whatever its size); kept prompt states give way first.
+        let reserved = |r: &[engine::Seq]| -> usize {
+            r.iter()
+                .map(|s| s.worst_case_tokens().saturating_mul(kv_per_token))
+                .sum()
+        };
+        while running.len() < slots {
+            let Some(next) = waiting.front() else { break };
+            let need = next.worst_case_tokens().saturating_mul(kv_per_token);
+            if !running.is_empty() && reserved(&running).saturating_add(need) > engine.kv_budget {
+                break;
+            }
+            running.extend(waiting.pop_front());
+        }
+        engine.trim_cache(reserved(&running));
+        if running.is_empty() {
+            continue;
+        }
+        let ended = {
+            let mut sink = StdoutSink {
+                out: &mut out,
+                inbox: &inbox,
+                queued: &mut queued,
+                cancelled: &cancelled,
+            };
+            engine.step(&mut running, &mut sink)
+        };
+        for (id, outcome) in ended {
+            write_frame(&mut out, &outcome_frame(id, outcome))?;
+        }
+        cancelled.retain(|id| running.iter().any(|s| s.id == *id));
     }
 }
 

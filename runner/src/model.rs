@@ -131,10 +131,22 @@ impl Model {
         ))
     }
 
-    /// Logits for the last position of `tokens`, fed at position `pos` (0 starts a new sequence
-    /// and clears the KV cache).
-    pub fn forward(&mut self, tokens: &[u32], pos: usize) -> anyhow::Result<Vec<f32>> {
-        self.weights.forward(tokens, pos)
+    /// Several sequences in one pass ([`crate::llama::Llama::forward_batch`]).
+    pub fn forward_batch(
+        &self,
+        items: &mut [crate::llama::Item<'_>],
+    ) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
+        self.weights.forward_batch(items)
+    }
+
+    /// An empty cache for a new sequence.
+    pub fn new_cache(&self) -> crate::llama::KvCache {
+        self.weights.new_cache()
+    }
+
+    /// Bytes a sequence's cache takes per position.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.weights.kv_bytes_per_token()
     }
 
     /// Loads a safetensors checkpoint: `config` is `config.json`, `tensors` the contents of every

@@ -167,6 +167,8 @@ impl LocalModel for ScriptedModel {
                     has_chat_template: true,
                     threads: 1,
                     load_ms: 0.0,
+                    slots: 1,
+                    kv_bytes_per_token: 0,
                 };
                 let _ = tx.send(Event::Done(Box::new(done), Box::new(ready)));
             }

@@ -39,7 +39,7 @@ pub mod settings;
 use crate::metrics::Metrics;
 use crate::profile::Profile;
 use crate::sandbox::{HostSupport, LimitHit, SandboxConfig, SandboxError};
-use crate::slm::runner::{Runner, RunnerError, RunnerSpec};
+use crate::slm::runner::{InFlight, Progress, Runner, RunnerError, RunnerSpec, STOP_POLL};
 use queue::JobQueue;
 pub use settings::{PoolConfig, PrefixScope, RawPool};
 
@@ -155,6 +155,8 @@ impl Pool {
         warm: bool,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Arc<Pool>> {
+        let mut launch = launch;
+        launch.spec.slots = cfg.slots;
         let queue = Arc::new(JobQueue::new(cfg.queue_depth, cfg.queue_timeout));
         let pool = Arc::new(Pool {
             name: name.clone(),
@@ -280,6 +282,17 @@ struct Worker {
     aborting: Arc<AtomicBool>,
 }
 
+/// How a worker's serving of requests ended.
+enum Served {
+    /// The runner is kept; `answered`: at least one request was answered (the runner works).
+    Kept { answered: bool },
+    /// The runner must go (`cause` for the restart metric; `failure`: counts toward backoff).
+    Replace { cause: &'static str, failure: bool },
+}
+
+/// How often a worker with a free slot looks at the queue while its runner computes.
+const ADMIT_POLL: Duration = Duration::from_millis(10);
+
 /// The wait before the next start after `failures` consecutive failed starts or runs.
 fn backoff(failures: u32) -> Duration {
     if failures == 0 {
@@ -307,7 +320,10 @@ impl Worker {
             let next = if runner.is_none() && warm && failures > 0 && !self.aborting() {
                 // A warm runner that failed to start is tried again after the backoff, without
                 // waiting for a request to need it.
-                match self.queue.pop(Some(backoff(failures))) {
+                match self
+                    .queue
+                    .pop_for(Some(backoff(failures)), self.launch.spec.slots)
+                {
                     Err(RecvTimeoutError::Timeout) => {
                         match self.start_runner() {
                             Ok(r) => {
@@ -330,9 +346,9 @@ impl Worker {
                 if let Some(t) = self.idle_timeout {
                     wait = wait.min(t.saturating_sub(idle_since.elapsed()));
                 }
-                self.queue.pop(Some(wait))
+                self.queue.pop_for(Some(wait), self.launch.spec.slots)
             } else {
-                self.queue.pop(None)
+                self.queue.pop_for(None, self.launch.spec.slots)
             };
             let job = match next {
                 Ok(j) => j,
@@ -357,26 +373,18 @@ impl Worker {
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
             };
+            // The queue counts this worker's other slots as open from the moment it took the
+            // job (given back below if no runner serves it).
+            let mut open = self.launch.spec.slots.max(1) - 1;
             idle_since = Instant::now();
             self.metrics.set(
                 "corral_queue_depth",
                 &[("pool", &self.pool)],
                 self.queue.waiting() as f64,
             );
-            if self.aborting() {
-                let _ = job.events.send(Event::Failed {
-                    kind: FailKind::ShuttingDown,
-                    error: "the server is shutting down".into(),
-                    retryable: false,
-                });
-                continue;
-            }
-            if job.enqueued.elapsed() > self.queue_timeout {
-                let _ = job.events.send(Event::Failed {
-                    kind: FailKind::QueueTimeout,
-                    error: "queue timeout".into(),
-                    retryable: false,
-                });
+            if self.aborting() || job.enqueued.elapsed() > self.queue_timeout {
+                self.refuse(job);
+                self.queue.set_open(open, 0);
                 continue;
             }
             let r = match runner.as_mut() {
@@ -391,79 +399,259 @@ impl Worker {
                             self.start_failed(&e, false);
                             failures += 1;
                             let _ = job.events.send(failed(&e, true));
+                            self.queue.set_open(open, 0);
                             continue;
                         }
                     }
                 }
             };
-            let events = job.events.clone();
-            // A caller that went away (a closed stream, a request past its deadline: the API
-            // drops its receiver) cancels the generation, so the runner is free at once.
-            let result = r.generate_until(
-                job.req,
-                &mut |t| {
-                    let _ = events.send(Event::Token(t.clone()));
-                },
-                &|| events.is_closed(),
-            );
+            let end = self.serve(r, job, &mut served, &mut open);
+            self.queue.set_open(open, 0);
             idle_since = Instant::now();
-            // Live cgroup usage of this runner (the gauges of a runner that exits are its last).
-            let st = r.stats();
-            let slot = self.slot.to_string();
-            let labels = [("pool", self.pool.as_str()), ("runner", slot.as_str())];
-            if let Some(b) = st.memory_peak_bytes {
-                self.metrics
-                    .set("corral_runner_memory_peak_bytes", &labels, b as f64);
-            }
-            if let Some(ns) = st.cpu_usage_ns {
-                self.metrics
-                    .set("corral_runner_cpu_seconds", &labels, ns as f64 / 1e9);
-            }
-            match result {
-                Ok(done) if done.finish_reason == corral_protocol::FinishReason::Cancelled => {
-                    failures = 0;
-                    tracing::info!(pool = %self.pool, tokens = done.completion_tokens, "generation cancelled: its caller went away or ran out of time");
-                }
-                Ok(done) => {
-                    failures = 0;
-                    served += 1;
-                    let ready = r.ready.clone();
-                    let _ = job
-                        .events
-                        .send(Event::Done(Box::new(done), Box::new(ready)));
+            match end {
+                Served::Kept { answered } => {
+                    if answered {
+                        failures = 0;
+                    }
                     if self.recycle_after.is_some_and(|n| served >= n) {
                         served = 0;
                         self.stop(runner.take(), "recycled");
                     }
                 }
-                Err(e @ RunnerError::CancelIgnored(_)) => {
-                    // Nobody waits for this answer; the runner was busy in a prefill it could
-                    // not leave and has been killed. Replaced like any stopped runner, without
-                    // counting as a failure (no backoff).
-                    tracing::info!(pool = %self.pool, error = %e, "cancelled generation: runner replaced");
-                    self.stop(runner.take(), "cancel_ignored");
+                Served::Replace { cause, failure } => {
+                    if failure {
+                        failures += 1;
+                    }
+                    served = 0;
+                    self.stop(runner.take(), cause);
+                }
+            }
+        }
+        self.stop(runner.take(), "shutdown");
+    }
+
+    /// Serves `first`, and whatever the queue holds while the runner has a free slot, until
+    /// nothing is in flight: each frame goes to its request; a request's own failure (refused,
+    /// too long, a model's unusable output) fails it alone; a runner that dies, hangs past a
+    /// request's time limit, ignores a cancel or breaks the protocol fails every request it
+    /// held (each retryable: its caller retries it once on a fresh runner or escalates it) and
+    /// is replaced. `open` is the number of free slots declared to the queue.
+    fn serve(&self, r: &mut Runner, first: Job, served: &mut u64, open: &mut usize) -> Served {
+        struct Slot {
+            job: Job,
+            f: InFlight,
+        }
+        let slots = r.slots();
+        let mut active: Vec<Slot> = Vec::new();
+        let mut next = Some(first);
+        let mut answered = false;
+        // Requests in flight as the gauge last showed them.
+        let mut shown = usize::MAX;
+        // Every request in flight fails with `e` (the runner is gone or untrusted).
+        let fail_all = |active: Vec<Slot>, e: &RunnerError| {
+            for s in active {
+                let _ = s.job.events.send(failed(e, false));
+            }
+        };
+        loop {
+            // A runner due for recycling takes nothing more: it drains, then is replaced.
+            let due = self.recycle_after.is_some_and(|n| *served >= n);
+            while active.len() < slots {
+                let Some(job) = next
+                    .take()
+                    .or_else(|| (!due).then(|| self.queue.try_pop()).flatten())
+                else {
+                    break;
+                };
+                if self.aborting() || job.enqueued.elapsed() > self.queue_timeout {
+                    self.refuse(job);
+                    continue;
+                }
+                match r.submit(job.req.clone()) {
+                    Ok(f) => active.push(Slot { job, f }),
+                    Err(e @ RunnerError::Refused(_)) => {
+                        // Too large a frame: the request's fault, the runner is fine.
+                        let _ = job.events.send(failed(&e, false));
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
+                        let _ = job.events.send(failed(&e, false));
+                        fail_all(active, &e);
+                        return Served::Replace {
+                            cause: "failed",
+                            failure: true,
+                        };
+                    }
+                }
+            }
+            let free = if self.aborting() || due {
+                0
+            } else {
+                slots - active.len()
+            };
+            if self.queue_open_changed(open, free) || active.len() != shown {
+                shown = active.len();
+                let slot = self.slot.to_string();
+                self.metrics.set(
+                    "corral_runner_sequences",
+                    &[("pool", self.pool.as_str()), ("runner", slot.as_str())],
+                    shown as f64,
+                );
+            }
+            if active.is_empty() {
+                return Served::Kept { answered };
+            }
+            // With a free slot the queue is looked at again soon; either way every request's
+            // caller and time limit are checked at least every STOP_POLL.
+            let wait = if free > 0 { ADMIT_POLL } else { STOP_POLL };
+            let mut until = Instant::now() + wait;
+            for s in &active {
+                until = until.min(s.f.deadline);
+            }
+            let frame = match r.poll(until) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
+                    fail_all(active, &e);
+                    return Served::Replace {
+                        cause: "failed",
+                        failure: true,
+                    };
+                }
+            };
+            {
+                let closed: Vec<(u64, bool)> = active
+                    .iter()
+                    .map(|s| (s.f.id, s.job.events.is_closed()))
+                    .collect();
+                let stop = |id: u64| closed.iter().any(|(i, c)| *i == id && *c);
+                let checked = r.check_time(active.iter_mut().map(|s| &mut s.f), &stop);
+                if let Err(e) = checked {
+                    let cancel_ignored = matches!(e, RunnerError::CancelIgnored(_));
+                    if cancel_ignored {
+                        // Nobody waits for that answer; the runner was busy in a prefill it
+                        // could not leave and has been killed. Replaced like any stopped
+                        // runner, without counting as a failure (no backoff).
+                        tracing::info!(pool = %self.pool, error = %e, "cancelled generation: runner replaced");
+                    } else {
+                        tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
+                    }
+                    for s in active {
+                        // Requests whose callers are gone need no answer; the others were
+                        // killed with the runner and may be retried.
+                        let err = if cancel_ignored {
+                            RunnerError::Died(None)
+                        } else {
+                            RunnerError::TimeLimit(r.time_limit())
+                        };
+                        if !s.job.events.is_closed() {
+                            let _ = s.job.events.send(failed(&err, false));
+                        }
+                    }
+                    return Served::Replace {
+                        cause: if cancel_ignored {
+                            "cancel_ignored"
+                        } else {
+                            "failed"
+                        },
+                        failure: !cancel_ignored,
+                    };
+                }
+            }
+            let Some(frame) = frame else { continue };
+            let Some(i) =
+                Runner::frame_id(&frame).and_then(|id| active.iter().position(|s| s.f.id == id))
+            else {
+                let e =
+                    RunnerError::Protocol(format!("a frame for no request in flight: {frame:?}"));
+                tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
+                fail_all(active, &e);
+                return Served::Replace {
+                    cause: "failed",
+                    failure: true,
+                };
+            };
+            match r.take(&mut active[i].f, frame) {
+                Ok(Progress::Token(t)) => {
+                    let _ = active[i].job.events.send(Event::Token(t));
+                }
+                Ok(Progress::Done(done)) => {
+                    let s = active.remove(i);
+                    self.record_usage(r);
+                    answered = true;
+                    if done.finish_reason == corral_protocol::FinishReason::Cancelled {
+                        tracing::info!(pool = %self.pool, tokens = done.completion_tokens, "generation cancelled: its caller went away or ran out of time");
+                    } else {
+                        *served += 1;
+                        let ready = r.ready.clone();
+                        let _ = s.job.events.send(Event::Done(done, Box::new(ready)));
+                    }
                 }
                 Err(e @ RunnerError::Model(_)) => {
                     // The model, not the process: a fresh runner of the same weights would do
                     // the same. Kept; the request fails over (escalation) or gets 503.
                     tracing::error!(pool = %self.pool, error = %e, "the model's output is unusable");
-                    let _ = job.events.send(failed(&e, false));
+                    let s = active.remove(i);
+                    let _ = s.job.events.send(failed(&e, false));
                 }
                 Err(e @ (RunnerError::Refused(_) | RunnerError::TooLong(_))) => {
                     // The request, not the runner: answered as the caller's error (or taken by
                     // the chain, when too long for this model), runner kept.
-                    let _ = job.events.send(failed(&e, false));
+                    let s = active.remove(i);
+                    let _ = s.job.events.send(failed(&e, false));
                 }
                 Err(e) => {
-                    failures += 1;
-                    served = 0;
                     tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
-                    self.stop(runner.take(), "failed");
-                    let _ = job.events.send(failed(&e, false));
+                    fail_all(active, &e);
+                    return Served::Replace {
+                        cause: "failed",
+                        failure: true,
+                    };
                 }
             }
         }
-        self.stop(runner.take(), "shutdown");
+    }
+
+    /// Fails a job the server is shutting down for, or that waited past the queue timeout.
+    fn refuse(&self, job: Job) {
+        let _ = job.events.send(if self.aborting() {
+            Event::Failed {
+                kind: FailKind::ShuttingDown,
+                error: "the server is shutting down".into(),
+                retryable: false,
+            }
+        } else {
+            Event::Failed {
+                kind: FailKind::QueueTimeout,
+                error: "queue timeout".into(),
+                retryable: false,
+            }
+        });
+    }
+
+    /// Declares `free` slots to the queue (`open` held the last count); whether it changed.
+    fn queue_open_changed(&self, open: &mut usize, free: usize) -> bool {
+        if *open == free {
+            return false;
+        }
+        self.queue.set_open(*open, free);
+        *open = free;
+        true
+    }
+
+    /// Live cgroup usage of a runner (the gauges of a runner that exits are its last).
+    fn record_usage(&self, r: &Runner) {
+        let st = r.stats();
+        let slot = self.slot.to_string();
+        let labels = [("pool", self.pool.as_str()), ("runner", slot.as_str())];
+        if let Some(b) = st.memory_peak_bytes {
+            self.metrics
+                .set("corral_runner_memory_peak_bytes", &labels, b as f64);
+        }
+        if let Some(ns) = st.cpu_usage_ns {
+            self.metrics
+                .set("corral_runner_cpu_seconds", &labels, ns as f64 / 1e9);
+        }
     }
 
     fn aborting(&self) -> bool {

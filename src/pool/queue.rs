@@ -31,6 +31,8 @@ struct State {
     jobs: VecDeque<Job>,
     /// Workers blocked in [`JobQueue::pop`].
     waiting: usize,
+    /// Free slots of workers serving requests (each takes more through [`JobQueue::try_pop`]).
+    open: usize,
     closed: bool,
 }
 
@@ -53,7 +55,7 @@ impl JobQueue {
     pub fn push(&self, job: Job) -> Result<(), Box<Job>> {
         let mut s = self.lock();
         s.jobs.retain(|j| !j.events.is_closed());
-        if s.closed || s.jobs.len() >= self.capacity + s.waiting {
+        if s.closed || s.jobs.len() >= self.capacity + s.waiting + s.open {
             return Err(Box::new(job));
         }
         s.jobs.push_back(job);
@@ -66,6 +68,15 @@ impl JobQueue {
     /// The next job whose caller is still there, waiting at most `wait` (`None`: until one
     /// comes). `Disconnected` once the queue is closed and empty.
     pub fn pop(&self, wait: Option<Duration>) -> Result<Job, RecvTimeoutError> {
+        self.pop_for(wait, 1)
+    }
+
+    /// [`JobQueue::pop`] for a worker that can take `room` jobs at once: while it waits, `room`
+    /// jobs count as taken at once; once it has one, its other `room - 1` free slots stay
+    /// counted (as open, see [`JobQueue::set_open`]) so that callers arriving together are
+    /// not refused while it starts the first.
+    pub fn pop_for(&self, wait: Option<Duration>, room: usize) -> Result<Job, RecvTimeoutError> {
+        let room = room.max(1);
         let deadline = wait.map(|w| Instant::now() + w);
         let mut s = self.lock();
         loop {
@@ -74,6 +85,7 @@ impl JobQueue {
                     if s.closed && s.jobs.is_empty() {
                         self.timer.notify_all(); // its last job is gone: the timer may end
                     }
+                    s.open += room - 1;
                     return Ok(j);
                 }
             }
@@ -81,13 +93,13 @@ impl JobQueue {
                 self.timer.notify_all();
                 return Err(RecvTimeoutError::Disconnected);
             }
-            s.waiting += 1;
+            s.waiting += room;
             s = match deadline {
                 None => self.work.wait(s).unwrap_or_else(PoisonError::into_inner),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        s.waiting -= 1;
+                        s.waiting -= room;
                         return Err(RecvTimeoutError::Timeout);
                     }
                     self.work
@@ -96,8 +108,29 @@ impl JobQueue {
                         .0
                 }
             };
-            s.waiting -= 1;
+            s.waiting -= room;
         }
+    }
+
+    /// The next job whose caller is still there, if one waits (for a worker with a free slot).
+    pub fn try_pop(&self) -> Option<Job> {
+        let mut s = self.lock();
+        while let Some(j) = s.jobs.pop_front() {
+            if !j.events.is_closed() {
+                if s.closed && s.jobs.is_empty() {
+                    self.timer.notify_all();
+                }
+                return Some(j);
+            }
+        }
+        None
+    }
+
+    /// A serving worker's free slots went from `was` to `now` (they count as room, like a
+    /// waiting worker).
+    pub fn set_open(&self, was: usize, now: usize) {
+        let mut s = self.lock();
+        s.open = (s.open + now).saturating_sub(was);
     }
 
     /// Jobs waiting whose callers are still there.

@@ -11,6 +11,10 @@ use serde::Deserialize;
 pub struct RawPool {
     /// Runners per (model, profile) pool.
     pub runners: usize,
+    /// Requests each runner decodes together (continuous batching): up to this many sequences
+    /// share one pass over the weights per step, within the KV budget the profile's memory
+    /// leaves. 1: one request at a time.
+    pub slots: usize,
     /// Model ids whose pools start at boot (`/readyz` waits for them); others start on first use.
     pub warm: Vec<String>,
     /// A runner idle this long is stopped (it restarts on the next request). 0: never.
@@ -43,6 +47,7 @@ impl Default for RawPool {
     fn default() -> Self {
         RawPool {
             runners: 1,
+            slots: 4,
             warm: vec![],
             idle_timeout_seconds: 600,
             queue_depth: 32,
@@ -57,6 +62,7 @@ impl Default for RawPool {
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     pub runners: usize,
+    pub slots: usize,
     pub warm: Vec<String>,
     pub idle_timeout: Option<Duration>,
     pub queue_depth: usize,
@@ -71,6 +77,7 @@ impl Default for PoolConfig {
         // The defaults of the raw form always validate.
         compile_pool(&RawPool::default(), &|_| true).unwrap_or(PoolConfig {
             runners: 1,
+            slots: 4,
             warm: vec![],
             idle_timeout: None,
             queue_depth: 32,
@@ -88,6 +95,9 @@ pub fn compile_pool(
 ) -> Result<PoolConfig, (String, String)> {
     if raw.runners == 0 || raw.runners > 64 {
         return Err(("server.pool.runners".into(), "must be within 1..=64".into()));
+    }
+    if raw.slots == 0 || raw.slots > 64 {
+        return Err(("server.pool.slots".into(), "must be within 1..=64".into()));
     }
     if raw.queue_timeout_seconds == 0 {
         return Err((
@@ -113,6 +123,7 @@ pub fn compile_pool(
     }
     Ok(PoolConfig {
         runners: raw.runners,
+        slots: raw.slots,
         warm: raw.warm.clone(),
         idle_timeout: (raw.idle_timeout_seconds > 0)
             .then(|| Duration::from_secs(raw.idle_timeout_seconds)),

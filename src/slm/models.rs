@@ -82,6 +82,7 @@ pub fn runner_spec(
         model_path: require(model_dir, m)?,
         sha256: m.sha256.clone(),
         binary: super::runner::runner_binary(),
+        slots: 1,
     })
 }
 

@@ -92,6 +92,41 @@ pub struct RunnerSpec {
     pub model_path: PathBuf,
     pub sha256: Option<String>,
     pub binary: PathBuf,
+    /// Requests the runner decodes together at most (`server.pool.slots`).
+    pub slots: usize,
+}
+
+/// Memory a runner needs besides its weights and KV state (tokenizer, grammar tables,
+/// activations, the allocator's slack).
+const RUNNER_OVERHEAD_MB: u64 = 256;
+
+/// The KV budget a runner gets under a memory limit of `limit_mb` (0: none): what is left after
+/// its weights (counted twice: the file is read whole, then laid out) and its overhead, at least
+/// 16 MiB. The memory cgroup stays the hard limit; the budget keeps batching and the prompt
+/// cache inside it.
+pub fn kv_budget_mb(limit_mb: u64, model: &Path) -> Option<u64> {
+    if limit_mb == 0 {
+        return None;
+    }
+    let weights = model_bytes(model) >> 20;
+    Some(
+        limit_mb
+            .saturating_sub(2 * weights)
+            .saturating_sub(RUNNER_OVERHEAD_MB)
+            .max(16),
+    )
+}
+
+/// Bytes of a model file, or of a checkpoint directory's files.
+fn model_bytes(model: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    if model.is_dir() {
+        corral_protocol::digest::model_dir_files(model)
+            .map(|fs| fs.iter().map(|f| size(f)).sum())
+            .unwrap_or(0)
+    } else {
+        size(model)
+    }
 }
 
 /// Reads frames from a pipe with a deadline.
@@ -161,6 +196,29 @@ impl FrameReader {
     }
 }
 
+/// A generation request the runner holds, as the supervisor tracks it.
+#[derive(Debug)]
+pub struct InFlight {
+    pub id: u64,
+    stream: bool,
+    max_tokens: u32,
+    top_n: u32,
+    /// Text of the tokens streamed so far.
+    streamed: String,
+    count: u32,
+    /// When `cancel` was sent.
+    pub cancelled: Option<Instant>,
+    /// Past this the runner is killed (the profile's `max_execution_time_seconds`).
+    pub deadline: Instant,
+}
+
+/// What a frame meant for its request.
+#[derive(Debug)]
+pub enum Progress {
+    Token(TokenInfo),
+    Done(Box<Done>),
+}
+
 /// A started runner with its model loaded.
 #[derive(Debug)]
 pub struct Runner {
@@ -208,6 +266,14 @@ impl Runner {
             argv.push("--sha256".into());
             argv.push(sha.into());
         }
+        if spec.slots > 1 {
+            argv.push("--slots".into());
+            argv.push(spec.slots.to_string().into());
+        }
+        if let Some(mb) = kv_budget_mb(profile.max_memory_mb, &spec.model_path) {
+            argv.push("--kv-budget-mb".into());
+            argv.push(mb.to_string().into());
+        }
         let cmd = plan::Command {
             argv,
             env: vec![],
@@ -244,6 +310,8 @@ impl Runner {
                 has_chat_template: false,
                 threads: 0,
                 load_ms: 0.0,
+                slots: 1,
+                kv_bytes_per_token: 0,
             },
             profile: profile.name.clone(),
             time_limit: profile.max_execution_time,
@@ -362,117 +430,179 @@ impl Runner {
     /// token and every [`STOP_POLL`] while waiting; the runner stays usable.
     pub fn generate_until(
         &mut self,
-        mut req: GenerateRequest,
+        req: GenerateRequest,
         on_token: &mut dyn FnMut(&TokenInfo),
         stop: &dyn Fn() -> bool,
     ) -> Result<Done> {
-        req.id = self.next_id;
-        self.next_id += 1;
-        let top_n = req.top_logprobs.min(MAX_TOP_LOGPROBS);
-        req.top_logprobs = top_n;
-        let deadline = Instant::now() + self.time_limit;
-        self.send(&Request::Generate(Box::new(req.clone())), deadline)?;
-        let mut streamed = String::new();
-        let mut count = 0u32;
-        let mut cancelled: Option<Instant> = None;
+        let mut f = self.submit(req)?;
         loop {
             let frame = loop {
-                match self
-                    .reader
-                    .next((Instant::now() + STOP_POLL).min(deadline))?
-                {
-                    Read_::Frame(r) => break r,
-                    Read_::Eof => return Err(self.died()),
-                    Read_::Timeout if Instant::now() >= deadline => return Err(self.overran()),
-                    Read_::Timeout => {}
+                if let Some(r) = self.poll((Instant::now() + STOP_POLL).min(f.deadline))? {
+                    break r;
                 }
-                match cancelled {
-                    None if stop() => {
-                        self.send(&Request::Cancel { id: req.id }, deadline)?;
-                        cancelled = Some(Instant::now());
-                    }
-                    // Deaf to cancel (the runner honours it between tokens, and a long prefill
-                    // has none): end the process rather than let it compute for nobody.
-                    Some(at) if at.elapsed() >= CANCEL_GRACE => {
-                        self.sandbox.kill();
-                        let _ = self.sandbox.wait_until(None);
-                        return Err(RunnerError::CancelIgnored(CANCEL_GRACE));
-                    }
-                    _ => {}
-                }
+                self.check_time([&mut f], &|_| stop())?;
             };
-            if cancelled.is_none() && stop() {
-                self.send(&Request::Cancel { id: req.id }, deadline)?;
-                cancelled = Some(Instant::now());
+            if f.cancelled.is_none() && stop() {
+                self.cancel(&mut f)?;
             }
-            match frame {
-                Response::Token { id, token } => {
-                    if id != req.id || !req.stream {
-                        return Err(RunnerError::Protocol(format!(
-                            "token for request {id}, expected {}",
-                            req.id
-                        )));
-                    }
-                    self.check_token(&token, top_n)?;
-                    count += 1;
-                    if count > req.max_tokens {
-                        return Err(RunnerError::Protocol("more tokens than max_tokens".into()));
-                    }
-                    streamed.push_str(&token.text);
-                    on_token(&token);
-                }
-                Response::Done(done) => {
-                    if done.id != req.id {
-                        return Err(RunnerError::Protocol(format!(
-                            "done for request {}, expected {}",
-                            done.id, req.id
-                        )));
-                    }
-                    for t in &done.tokens {
-                        self.check_token(t, top_n)?;
-                    }
-                    let n = if req.stream {
-                        count
-                    } else {
-                        done.tokens.len() as u32
-                    };
-                    if done.completion_tokens != n || n > req.max_tokens {
-                        return Err(RunnerError::Protocol(format!(
-                            "done reports {} tokens, {n} were sent",
-                            done.completion_tokens
-                        )));
-                    }
-                    if !done.text.starts_with(&streamed) {
-                        return Err(RunnerError::Protocol(
-                            "final text does not extend the streamed text".into(),
-                        ));
-                    }
-                    if !(done.prefill_ms.is_finite()
-                        && done.ttft_ms.is_finite()
-                        && done.decode_tokens_per_s.is_finite())
-                    {
-                        return Err(RunnerError::Protocol("non-finite timings".into()));
-                    }
-                    return Ok(done);
-                }
-                Response::Error {
-                    message,
-                    kind: ErrorKind::Request,
-                    ..
-                } => return Err(RunnerError::Refused(message)),
-                Response::Error {
-                    message,
-                    kind: ErrorKind::Model,
-                    ..
-                } => return Err(RunnerError::Model(message)),
-                Response::Error {
-                    message,
-                    kind: ErrorKind::Context,
-                    ..
-                } => return Err(RunnerError::TooLong(message)),
-                other => return Err(RunnerError::Protocol(format!("unexpected frame {other:?}"))),
+            match self.take(&mut f, frame)? {
+                Progress::Token(t) => on_token(&t),
+                Progress::Done(d) => return Ok(*d),
             }
         }
+    }
+
+    /// Sends a generation request; the runner answers it (with others it holds) through
+    /// [`Runner::poll`] and [`Runner::take`].
+    pub fn submit(&mut self, mut req: GenerateRequest) -> Result<InFlight> {
+        req.id = self.next_id;
+        self.next_id += 1;
+        req.top_logprobs = req.top_logprobs.min(MAX_TOP_LOGPROBS);
+        let deadline = Instant::now() + self.time_limit;
+        self.send(&Request::Generate(Box::new(req.clone())), deadline)?;
+        Ok(InFlight {
+            id: req.id,
+            stream: req.stream,
+            max_tokens: req.max_tokens,
+            top_n: req.top_logprobs,
+            streamed: String::new(),
+            count: 0,
+            cancelled: None,
+            deadline,
+        })
+    }
+
+    /// Asks the runner to end a request (it answers `done` with finish reason `cancelled`).
+    pub fn cancel(&mut self, f: &mut InFlight) -> Result<()> {
+        if f.cancelled.is_none() {
+            self.send(&Request::Cancel { id: f.id }, f.deadline)?;
+            f.cancelled = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The next frame the runner sends before `until` (`None` when none came); an ended
+    /// stream is the runner's death.
+    pub fn poll(&mut self, until: Instant) -> Result<Option<Response>> {
+        match self.reader.next(until)? {
+            Read_::Frame(r) => Ok(Some(r)),
+            Read_::Eof => Err(self.died()),
+            Read_::Timeout => Ok(None),
+        }
+    }
+
+    /// The limits of requests in flight: one past its time limit, or cancelled and not
+    /// answered within [`CANCEL_GRACE`] (a prefill has no point to stop at), ends the runner;
+    /// one for whose id `stop` says so is cancelled.
+    pub fn check_time<'a>(
+        &mut self,
+        fs: impl IntoIterator<Item = &'a mut InFlight>,
+        stop: &dyn Fn(u64) -> bool,
+    ) -> Result<()> {
+        let now = Instant::now();
+        for f in fs {
+            if now >= f.deadline {
+                return Err(self.overran());
+            }
+            match f.cancelled {
+                None if stop(f.id) => self.cancel(f)?,
+                Some(at) if at.elapsed() >= CANCEL_GRACE => {
+                    self.sandbox.kill();
+                    let _ = self.sandbox.wait_until(None);
+                    return Err(RunnerError::CancelIgnored(CANCEL_GRACE));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A frame for request `f`, validated: a token (counted, checked against the vocabulary
+    /// and `max_tokens`) or its answer. The request's own failures (refused, too long, a model
+    /// whose output is unusable) are errors the runner survives; anything else means the
+    /// runner can no longer be trusted.
+    pub fn take(&self, f: &mut InFlight, frame: Response) -> Result<Progress> {
+        match frame {
+            Response::Token { id, token } => {
+                if id != f.id || !f.stream {
+                    return Err(RunnerError::Protocol(format!(
+                        "token for request {id}, expected {}",
+                        f.id
+                    )));
+                }
+                self.check_token(&token, f.top_n)?;
+                f.count += 1;
+                if f.count > f.max_tokens {
+                    return Err(RunnerError::Protocol("more tokens than max_tokens".into()));
+                }
+                f.streamed.push_str(&token.text);
+                Ok(Progress::Token(token))
+            }
+            Response::Done(done) => {
+                if done.id != f.id {
+                    return Err(RunnerError::Protocol(format!(
+                        "done for request {}, expected {}",
+                        done.id, f.id
+                    )));
+                }
+                for t in &done.tokens {
+                    self.check_token(t, f.top_n)?;
+                }
+                let n = if f.stream {
+                    f.count
+                } else {
+                    done.tokens.len() as u32
+                };
+                if done.completion_tokens != n || n > f.max_tokens {
+                    return Err(RunnerError::Protocol(format!(
+                        "done reports {} tokens, {n} were sent",
+                        done.completion_tokens
+                    )));
+                }
+                if !done.text.starts_with(&f.streamed) {
+                    return Err(RunnerError::Protocol(
+                        "final text does not extend the streamed text".into(),
+                    ));
+                }
+                if !(done.prefill_ms.is_finite()
+                    && done.ttft_ms.is_finite()
+                    && done.decode_tokens_per_s.is_finite())
+                {
+                    return Err(RunnerError::Protocol("non-finite timings".into()));
+                }
+                Ok(Progress::Done(Box::new(done)))
+            }
+            Response::Error {
+                id: Some(id),
+                message,
+                kind,
+            } if id == f.id => Err(match kind {
+                ErrorKind::Request => RunnerError::Refused(message),
+                ErrorKind::Model => RunnerError::Model(message),
+                ErrorKind::Context => RunnerError::TooLong(message),
+            }),
+            other => Err(RunnerError::Protocol(format!("unexpected frame {other:?}"))),
+        }
+    }
+
+    /// The request a frame is about, if it names one.
+    pub fn frame_id(frame: &Response) -> Option<u64> {
+        match frame {
+            Response::Token { id, .. } | Response::Tokens { id, .. } => Some(*id),
+            Response::Done(d) => Some(d.id),
+            Response::Error { id, .. } => *id,
+            Response::Ready(_) => None,
+        }
+    }
+
+    /// The profile's time limit per request.
+    pub fn time_limit(&self) -> Duration {
+        self.time_limit
+    }
+
+    /// Requests the runner decodes together at most.
+    pub fn slots(&self) -> usize {
+        self.ready.slots.max(1) as usize
     }
 
     /// The runner's tokenization of `text` (for parity tests and prompt accounting).

@@ -253,6 +253,7 @@ pub fn start_runner(
         model_path: model.to_path_buf(),
         sha256: Some(sha256.into()),
         binary: corral::slm::runner::runner_binary(),
+        slots: 1,
     };
     corral::slm::runner::Runner::start(
         &spec,

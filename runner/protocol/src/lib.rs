@@ -265,6 +265,16 @@ pub struct Ready {
     pub has_chat_template: bool,
     pub threads: u32,
     pub load_ms: f64,
+    /// Requests the runner decodes together at most (`--slots`; 1 for runners before it).
+    #[serde(default = "one_slot")]
+    pub slots: u32,
+    /// Bytes one position of a sequence takes in the runner's KV cache.
+    #[serde(default)]
+    pub kv_bytes_per_token: u64,
+}
+
+fn one_slot() -> u32 {
+    1
 }
 
 /// One generated token, with log-probabilities from the raw distribution (log-softmax of the
