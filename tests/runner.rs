@@ -886,10 +886,16 @@ fn kept_prompt_states_give_way_under_the_runners_memory_limit() {
 /// Requests sent to one runner at once, each answered on its own: its tokens streamed with its
 /// id, its own `done`.
 fn batch(r: &mut Runner, reqs: Vec<GenerateRequest>) -> Vec<corral_protocol::Done> {
+    batch_started(r, reqs).into_iter().map(|(d, _)| d).collect()
+}
+
+/// [`batch`], with whether each request was announced as started after waiting.
+fn batch_started(r: &mut Runner, reqs: Vec<GenerateRequest>) -> Vec<(corral_protocol::Done, bool)> {
     use corral::slm::runner::Progress;
     let mut fs: Vec<_> = reqs.into_iter().map(|q| r.submit(q).unwrap()).collect();
     let mut done: Vec<Option<corral_protocol::Done>> = fs.iter().map(|_| None).collect();
     let mut streamed: Vec<String> = fs.iter().map(|_| String::new()).collect();
+    let mut started = vec![false; fs.len()];
     while done.iter().any(Option::is_none) {
         let Some(frame) = r.poll(Instant::now() + Duration::from_secs(60)).unwrap() else {
             panic!("no frame within a minute");
@@ -897,6 +903,10 @@ fn batch(r: &mut Runner, reqs: Vec<GenerateRequest>) -> Vec<corral_protocol::Don
         let id = Runner::frame_id(&frame).unwrap();
         let i = fs.iter().position(|f| f.id == id).unwrap();
         match r.take(&mut fs[i], frame).unwrap() {
+            Progress::Started => {
+                assert!(done[i].is_none() && streamed[i].is_empty());
+                started[i] = true;
+            }
             Progress::Token(t) => streamed[i].push_str(&t.text),
             Progress::Done(d) => {
                 assert!(done[i].is_none());
@@ -907,7 +917,29 @@ fn batch(r: &mut Runner, reqs: Vec<GenerateRequest>) -> Vec<corral_protocol::Don
             }
         }
     }
-    done.into_iter().map(Option::unwrap).collect()
+    done.into_iter().map(Option::unwrap).zip(started).collect()
+}
+
+#[test]
+fn a_request_without_room_waits_in_the_runner_and_is_told_when_it_starts() {
+    // Two slots, but a KV budget of 16 MiB: two ~300-token requests (13 MiB each at their
+    // worst) do not fit together, so the second waits for the first.
+    let weights_mb = std::fs::metadata(model_file()).unwrap().len() >> 20;
+    let mut r = start_with(2, |p| p.max_memory_mb = 2 * weights_mb + 256 + 16);
+    let system = "You are a careful assistant for a shipping company. ".repeat(24);
+    let reqs = vec![
+        with_system(&system, "Where is Oslo?"),
+        with_system(&system, "Where is Lima?"),
+    ];
+    let out = batch_started(&mut r, reqs);
+    assert!(!out[0].1, "the first started at once");
+    assert!(out[1].1, "the second waited and was announced");
+    for (d, _) in &out {
+        assert!(d.completion_tokens > 0);
+    }
+    // The second's time to first token includes its wait.
+    assert!(out[1].0.ttft_ms > out[0].0.ttft_ms);
+    r.shutdown();
 }
 
 #[test]

@@ -23,9 +23,12 @@ use crate::tools::{Format, Parsed};
 
 /// Prompt tokens fed per step, in all, while other sequences are decoding: a new request's
 /// prefill is cut into chunks of this size, so running streams go on between them (a step of
-/// 64 prompt tokens costs about what 64 / 150 s does on two cores). Alone, a prompt is fed
-/// whole.
+/// 64 prompt tokens costs about what 64 / 150 s does on two cores).
 pub const PREFILL_CHUNK: usize = 64;
+
+/// Prompt tokens fed per step when nothing decodes: llama.cpp's default micro-batch. Bounds a
+/// step's activations and the time a cancel waits for the next step.
+pub const PREFILL_MAX: usize = 512;
 
 /// Prompt states kept for reuse at most (besides the memory budget).
 const MAX_CACHED: usize = 16;
@@ -103,6 +106,8 @@ impl PrefixCache {
         }
         self.entries
             .retain(|c| !(c.key == key && tokens.starts_with(&c.tokens)));
+        let mut cache = cache;
+        cache.shrink();
         self.entries.push_back(Cached { key, tokens, cache });
     }
 
@@ -303,8 +308,8 @@ impl Engine {
     }
 
     /// Checks a request and prepares its sequence: the prompt's tokens (refused when empty or
-    /// past the context), its grammar (built, and a schema checked, before any compute), and
-    /// the longest prefix a kept state of the same caller offers. Nothing is computed yet.
+    /// past the context) and its grammar (built, and a schema checked, before any compute).
+    /// Nothing is computed yet; [`Engine::admit`] gives it its cache when it starts to run.
     pub fn start(&mut self, req: GenerateRequest) -> anyhow::Result<Seq> {
         let received = Instant::now();
         // An empty stop string would end every answer at once: ignore it.
@@ -357,14 +362,6 @@ impl Engine {
                 )
             }
         };
-        // The kept state of the same caller sharing the longest prefix with this prompt (one
-        // token at least is fed again: its logits start the answer). Taken: until this request
-        // ends well, the state is nobody's to reuse. Other callers' states are never looked at.
-        let (cache, reused) = req
-            .cache_key
-            .as_deref()
-            .and_then(|k| self.prefixes.take(k, &prompt))
-            .unwrap_or_else(|| (self.model.new_cache(), 0));
         let top_n = req.top_logprobs.min(MAX_TOP_LOGPROBS) as usize;
         let max_new = (req.max_tokens as usize).min(ctx - prompt.len());
         let rng = req.sampling.seed.map_or_else(Rng::from_entropy, Rng::new);
@@ -376,9 +373,9 @@ impl Engine {
             matcher,
             prompt_len: prompt.len(),
             history: prompt,
-            fed: reused,
-            cache,
-            reused,
+            fed: 0,
+            cache: KvCache::default(),
+            reused: 0,
             max_new,
             top_n,
             rng,
@@ -396,6 +393,22 @@ impl Engine {
             constraint_s: 0.0,
             req,
         })
+    }
+
+    /// A sequence starts running: it takes the longest prefix one of its caller's kept states
+    /// offers (or a new cache), with room for its worst case allocated now.
+    pub fn admit(&mut self, s: &mut Seq) {
+        let prompt = &s.history[..s.prompt_len];
+        let (cache, reused) = s
+            .req
+            .cache_key
+            .as_deref()
+            .and_then(|k| self.prefixes.take(k, prompt))
+            .unwrap_or_else(|| (self.model.new_cache(), 0));
+        s.cache = cache;
+        s.fed = reused;
+        s.reused = reused;
+        s.cache.reserve(s.worst_case_tokens());
     }
 
     /// One step for every sequence in `seqs`: those whose caller cancelled end; the rest are
@@ -422,7 +435,7 @@ impl Engine {
         // decodes, else chunks within the step's budget (at least one token each, oldest
         // first, so every prompt advances).
         let decoding = seqs.iter().any(|s| s.generated > 0);
-        let mut budget = if decoding { PREFILL_CHUNK } else { usize::MAX };
+        let mut budget = if decoding { PREFILL_CHUNK } else { PREFILL_MAX };
         let take: Vec<usize> = seqs
             .iter()
             .map(|s| {
@@ -453,7 +466,14 @@ impl Engine {
             self.model.forward_batch(&mut items)
         };
         let logits = match result {
-            Ok(l) => l,
+            Ok(l) if l.len() == seqs.len() => l,
+            Ok(l) => {
+                let e = anyhow::anyhow!("{} results for {} sequences", l.len(), seqs.len());
+                for s in seqs.drain(..) {
+                    ended.push((s.id, Outcome::Failed(anyhow::anyhow!("{e}"))));
+                }
+                return ended;
+            }
             Err(e) => {
                 // Whose input broke the pass is not known: every sequence in it fails.
                 let msg = format!("{e:#}");

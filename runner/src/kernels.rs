@@ -421,6 +421,19 @@ impl QMat {
                                 dst[(k + r) * n + i..][..4].copy_from_slice(o);
                             }
                             i += 4;
+                        } else if i + 3 == n {
+                            let a3 = [&a32[i][..], &a32[i + 1], &a32[i + 2]];
+                            let out = tile::<2, 3>(wt, ws, a3);
+                            for (r, o) in out.iter().enumerate() {
+                                dst[(k + r) * n + i..][..3].copy_from_slice(o);
+                            }
+                            i += 3;
+                        } else if i + 2 == n {
+                            let out = tile::<2, 2>(wt, ws, [&a32[i][..], &a32[i + 1]]);
+                            for (r, o) in out.iter().enumerate() {
+                                dst[(k + r) * n + i..][..2].copy_from_slice(o);
+                            }
+                            i += 2;
                         } else {
                             let out = tile::<2, 1>(wt, ws, [&a32[i]]);
                             for (r, o) in out.iter().enumerate() {

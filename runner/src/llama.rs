@@ -175,9 +175,27 @@ impl KvCache {
         }
     }
 
-    /// Bytes of keys and values held (each layer's two vectors).
+    /// Bytes of keys and values allocated (each layer's two vectors).
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+        self.k.iter().chain(&self.v).map(|l| l.capacity() * 4).sum()
+    }
+
+    /// Room for `positions` positions allocated now, exactly (a vector left to grow would
+    /// double, holding up to twice what the budget counts).
+    pub fn reserve(&mut self, positions: usize) {
+        let want = positions * self.kv_dim;
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            if l.capacity() < want {
+                l.reserve_exact(want - l.len());
+            }
+        }
+    }
+
+    /// Gives back the room past what it holds.
+    pub fn shrink(&mut self) {
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.shrink_to_fit();
+        }
     }
 }
 
@@ -1124,8 +1142,19 @@ impl Llama {
         if wanted.is_empty() {
             return Ok(out);
         }
-        let h = rms_norm(&x, &self.norm, c.eps);
-        crate::engine::check_finite("final hidden state", &h)?;
+        let mut h = rms_norm(&x, &self.norm, c.eps);
+        // A row whose hidden state is not finite gets NaN logits, so that its own sequence
+        // fails (8-bit activation quantization before the output matrix could turn it into
+        // finite logits); the other rows of the batch go on.
+        let broken: Vec<bool> = h
+            .chunks_exact(c.n_embd)
+            .map(|r| crate::engine::check_finite("final hidden state", r).is_err())
+            .collect();
+        for (row, bad) in h.chunks_exact_mut(c.n_embd).zip(&broken) {
+            if *bad {
+                row.fill(0.0);
+            }
+        }
         let mut logits = self.matmul(&self.output, &h, wanted.len())?;
         let width = logits.len() / wanted.len();
         if let Some(b) = &self.output_bias {
@@ -1133,6 +1162,11 @@ impl Llama {
         }
         if let Some(cap) = c.final_softcap {
             softcap(&mut logits, cap);
+        }
+        for (row, bad) in logits.chunks_exact_mut(width).zip(&broken) {
+            if *bad {
+                row.fill(f32::NAN);
+            }
         }
         let mut rows = logits.chunks_exact(width);
         for (o, it) in out.iter_mut().zip(items.iter()) {

@@ -265,9 +265,8 @@ fn run() -> anyhow::Result<()> {
     };
     let slots = args.slots;
     let mut engine = engine::Engine::new(model, tok, template);
-    if let Some(mb) = args.kv_budget_mb {
-        engine.kv_budget = mb.saturating_mul(1 << 20);
-    }
+    // Without a budget from the supervisor (no memory limit), 2 GiB of KV state.
+    engine.kv_budget = args.kv_budget_mb.unwrap_or(2048).saturating_mul(1 << 20);
     let kv_per_token = engine.model.kv_bytes_per_token();
     let ready = Ready {
         slots: slots as u32,
@@ -306,6 +305,8 @@ fn run() -> anyhow::Result<()> {
     // Started requests waiting for a slot, or for KV room.
     let mut waiting: VecDeque<engine::Seq> = VecDeque::new();
     let mut cancelled: HashSet<u64> = HashSet::new();
+    // Waiting requests that were not started at once (told `started` when they are).
+    let mut held: HashSet<u64> = HashSet::new();
     loop {
         // Nothing to compute: wait for the next message.
         if running.is_empty() && waiting.is_empty() && queued.is_empty() {
@@ -326,6 +327,7 @@ fn run() -> anyhow::Result<()> {
                 Request::Shutdown => return Ok(()),
                 Request::Cancel { id } => {
                     if let Some(i) = waiting.iter().position(|s| s.id == id) {
+                        held.remove(&id);
                         if let Some(s) = waiting.remove(i) {
                             let mut sink = StdoutSink {
                                 out: &mut out,
@@ -366,8 +368,15 @@ fn run() -> anyhow::Result<()> {
             if !running.is_empty() && reserved(&running).saturating_add(need) > engine.kv_budget {
                 break;
             }
-            running.extend(waiting.pop_front());
+            if let Some(mut seq) = waiting.pop_front() {
+                if held.remove(&seq.id) {
+                    write_frame(&mut out, &Response::Started { id: seq.id })?;
+                }
+                engine.admit(&mut seq);
+                running.push(seq);
+            }
         }
+        held.extend(waiting.iter().map(|s| s.id));
         engine.trim_cache(reserved(&running));
         if running.is_empty() {
             continue;

@@ -2,15 +2,17 @@
 //!
 //! Each pool has `server.pool.runners` worker threads sharing one bounded queue. A worker owns
 //! one sandboxed `corral-runner` at a time: it starts it (at boot for `server.pool.warm` models,
-//! else on the first request), feeds it one request at a time, and stops it after
-//! `idle_timeout_seconds` without work or `recycle_after_requests` requests. The worker thread is
+//! else on the first request), feeds it up to `server.pool.slots` requests at once (the runner
+//! decodes them together; frames come back tagged with their request's id), and stops it after
+//! `idle_timeout_seconds` without work or `recycle_after_requests` requests (a runner due for
+//! recycling takes no new request and is replaced once the ones it holds end). The worker thread is
 //! the runner's parent for its whole life, which matters: the runner is started with
 //! `PR_SET_PDEATHSIG`, which fires when the *thread* that forked it exits.
 //!
 //! A runner that crashes, is OOM-killed or hangs past its profile's
 //! `max_execution_time_seconds` is killed (the sandbox's cgroup goes with it), counted in
 //! `corral_runner_restarts_total` with its limit hits, and replaced after a backoff that grows
-//! with consecutive failures (0.1 s doubling to 5 s). The request it was serving gets
+//! with consecutive failures (0.1 s doubling to 5 s). Every request it was serving gets
 //! [`Event::Failed`] with `retryable`, and the API layer retries it once or escalates it
 //! (see `crate::answer`): nothing is dropped silently.
 //!
@@ -18,9 +20,9 @@
 //! replaced if it fails, so a runner that died or wedged while idle is found before a request
 //! meets it.
 //!
-//! Runners are shared between callers: a runner keeps nothing of a request once it is answered
-//! (each request is prefilled from scratch) and the sandbox's job is to protect the host from
-//! the model, which holds for every caller alike; per-tenant pools would multiply the memory of
+//! Runners are shared between callers: the prompt states a runner keeps are keyed by caller
+//! (`server.pool.prefix_cache`) and never reused across callers unless an operator opts in, and
+//! the sandbox's job is to protect the host from the model, which holds for every caller alike; per-tenant pools would multiply the memory of
 //! every loaded model. `recycle_after_requests` bounds how long one process lives for operators
 //! who want fresh processes regularly.
 
@@ -572,6 +574,7 @@ impl Worker {
                 };
             };
             match r.take(&mut active[i].f, frame) {
+                Ok(Progress::Started) => {}
                 Ok(Progress::Token(t)) => {
                     let _ = active[i].job.events.send(Event::Token(t));
                 }

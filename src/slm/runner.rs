@@ -45,7 +45,7 @@ pub enum RunnerError {
     Load(String),
     #[error("runner i/o: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the runner did not stop within {0:?} of being cancelled (a prefill cannot be interrupted) and was killed")]
+    #[error("the runner did not stop within {0:?} of being cancelled (a prefill step cannot be interrupted) and was killed")]
     CancelIgnored(Duration),
 }
 
@@ -215,6 +215,8 @@ pub struct InFlight {
 /// What a frame meant for its request.
 #[derive(Debug)]
 pub enum Progress {
+    /// The runner started computing it (after holding it back).
+    Started,
     Token(TokenInfo),
     Done(Box<Done>),
 }
@@ -326,6 +328,8 @@ impl Runner {
                     ));
                 }
                 runner.ready = r;
+                // Never more than the supervisor asked for (its queue counts on it).
+                runner.ready.slots = runner.ready.slots.clamp(1, spec.slots.max(1) as u32);
             }
             Response::Error { message, .. } => return Err(RunnerError::Load(message)),
             other => {
@@ -446,6 +450,7 @@ impl Runner {
                 self.cancel(&mut f)?;
             }
             match self.take(&mut f, frame)? {
+                Progress::Started => {}
                 Progress::Token(t) => on_token(&t),
                 Progress::Done(d) => return Ok(*d),
             }
@@ -523,6 +528,11 @@ impl Runner {
     /// runner can no longer be trusted.
     pub fn take(&self, f: &mut InFlight, frame: Response) -> Result<Progress> {
         match frame {
+            Response::Started { id } if id == f.id => {
+                // It waited in the runner for a slot or for memory: its time starts now.
+                f.deadline = Instant::now() + self.time_limit;
+                Ok(Progress::Started)
+            }
             Response::Token { id, token } => {
                 if id != f.id || !f.stream {
                     return Err(RunnerError::Protocol(format!(
@@ -588,7 +598,9 @@ impl Runner {
     /// The request a frame is about, if it names one.
     pub fn frame_id(frame: &Response) -> Option<u64> {
         match frame {
-            Response::Token { id, .. } | Response::Tokens { id, .. } => Some(*id),
+            Response::Token { id, .. } | Response::Tokens { id, .. } | Response::Started { id } => {
+                Some(*id)
+            }
             Response::Done(d) => Some(d.id),
             Response::Error { id, .. } => *id,
             Response::Ready(_) => None,

@@ -226,6 +226,11 @@ pub enum Response {
         token: TokenInfo,
     },
     Done(Done),
+    /// A `generate` the runner held back (every slot busy, or no room for its KV state) is
+    /// being computed from now on: its time limit starts again here.
+    Started {
+        id: u64,
+    },
     Tokens {
         id: u64,
         ids: Vec<u32>,
