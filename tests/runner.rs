@@ -853,7 +853,7 @@ fn kept_prompt_states_give_way_under_the_runners_memory_limit() {
     let weights_mb = std::fs::metadata(model_file()).unwrap().len() >> 20;
     let limit = 2 * weights_mb + 256 + 16;
     assert_eq!(
-        corral::slm::runner::kv_budget_mb(limit, &model_file()),
+        corral::slm::runner::kv_budget_mb(limit, &model_file(), 1),
         Some(16)
     );
     let mut r = start_with(1, |p| p.max_memory_mb = limit);

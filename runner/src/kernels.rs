@@ -145,6 +145,8 @@ pub struct QMat {
     m: Vec<f32>,
     /// Per block: `wtype.kept()` bytes.
     q: Vec<u8>,
+    /// The rows interleaved in groups of 8 for batched products (built on first use).
+    grouped: std::sync::OnceLock<Grouped>,
 }
 
 /// One block-32 activation block: scale, sum term (Q8_1's, used with Q4_1/Q5_1), 32 values.
@@ -192,6 +194,7 @@ impl QMat {
                 d: Vec::new(),
                 m: Vec::new(),
                 q: data.to_vec(),
+                grouped: std::sync::OnceLock::new(),
             });
         }
         let blocks = rows * cols / bs;
@@ -232,6 +235,7 @@ impl QMat {
             d,
             m,
             q,
+            grouped: std::sync::OnceLock::new(),
         })
     }
 
@@ -299,7 +303,21 @@ impl QMat {
 
     /// Several matrices with the same input width applied to the same `x` (Q, K and V; gate and
     /// up): one activation quantization per kind and one parallel region instead of one each.
+    #[cfg(test)]
     pub fn matmul_many(mats: &[&QMat], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        QMat::matmul_many_batched(mats, x, n, false)
+    }
+
+    /// [`QMat::matmul_many`]; with `batched` (rows of different sequences decoded together),
+    /// Q4_0, Q4_1 and Q8_0 matrices take the grouped layout's products (`Grouped`): several
+    /// times less work per output than the one-row kernels, rounded differently in the last
+    /// digits (a lone sequence and a prompt keep ggml's exact arithmetic).
+    pub fn matmul_many_batched(
+        mats: &[&QMat],
+        x: &[f32],
+        n: usize,
+        batched: bool,
+    ) -> Vec<Vec<f32>> {
         let cols = mats[0].cols;
         debug_assert!(mats.iter().all(|m| m.cols == cols));
         let rows_in = || x.chunks_exact(cols).take(n);
@@ -333,6 +351,24 @@ impl QMat {
         } else {
             Vec::new()
         };
+        if batched && n >= 2 && has_avx2() && mats.iter().all(|m| m.groupable()) {
+            // Q4_0 takes its offset of 8 off as 8 · Σ a per block.
+            let sums: Vec<Vec<i32>> = if mats.iter().any(|m| m.wtype == WType::Q4_0) {
+                a32.iter()
+                    .map(|row| {
+                        row.iter()
+                            .map(|b| b.q.iter().map(|v| i32::from(*v)).sum())
+                            .collect()
+                    })
+                    .collect()
+            } else {
+                vec![Vec::new(); n]
+            };
+            return mats
+                .iter()
+                .map(|m| m.grouped_product(&a32, &sums))
+                .collect();
+        }
         let total: usize = mats.iter().map(|m| m.rows).sum();
         let starts: Vec<usize> = mats
             .iter()
@@ -472,8 +508,124 @@ impl QMat {
     }
 
     /// `x` holds `n` rows of `cols` values; returns `n` rows of `rows` values.
+    #[cfg(test)]
     pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
         QMat::matmul_many(&[self], x, n).pop().unwrap_or_default()
+    }
+}
+
+/// A block-32 matrix's rows in groups of 8, interleaved for products against several
+/// activation rows at once (batched decoding, where the one-row kernels' per-output work
+/// dominates): each 32-byte chunk holds four bytes of each of 8 rows, so one `maddubs` works for
+/// 8 outputs and one float conversion and FMA per block finish all 8. Built on first batched use
+/// (a copy of the quantized values beside the row-major ones). Sums are exact integers per
+/// block, then one float FMA per block and row: the float rounding differs in the last digits
+/// from the one-row products (which keep ggml's lane order), as llama.cpp's batched products do.
+#[derive(Debug)]
+struct Grouped {
+    /// Per group, per block: the 8 rows' scales.
+    d: Vec<f32>,
+    /// Per group, per block: the 8 rows' mins (Q4_1).
+    m: Vec<f32>,
+    /// Per group, per block, chunks of 32 bytes: chunk j, bytes 4i..4i+4 = row i's quantized
+    /// bytes 4j..4j+4 (Q4: 4 chunks of nibble bytes, low nibbles values 4j.., high 16 + 4j..;
+    /// Q8_0: 8 chunks of values).
+    q: Vec<u8>,
+}
+
+/// Rows per interleaved group.
+const GROUP: usize = 8;
+
+impl QMat {
+    /// Whether this matrix has the grouped layout for batched products.
+    fn groupable(&self) -> bool {
+        matches!(self.wtype, WType::Q4_0 | WType::Q4_1 | WType::Q8_0)
+            && self.rows.is_multiple_of(GROUP)
+    }
+
+    /// The grouped copy of this matrix (built once, on first use).
+    fn grouped(&self) -> &Grouped {
+        self.grouped.get_or_init(|| {
+            let nb = self.cols / QK;
+            let kb = self.wtype.kept();
+            let chunks = kb / 4; // 4 for Q4 (16 bytes a block), 8 for Q8_0
+
+            let groups = self.rows / GROUP;
+            let mut d = Vec::with_capacity(self.rows * nb);
+            let mut m = Vec::new();
+            let mut q = vec![0u8; self.rows * nb * kb];
+            for g in 0..groups {
+                for b in 0..nb {
+                    for i in 0..GROUP {
+                        let r = g * GROUP + i;
+                        d.push(self.d[r * nb + b]);
+                        if !self.m.is_empty() {
+                            m.push(self.m[r * nb + b]);
+                        }
+                        let src = &self.q[(r * nb + b) * kb..][..kb];
+                        for j in 0..chunks {
+                            let dst = ((g * nb + b) * chunks + j) * 32 + 4 * i;
+                            q[dst..dst + 4].copy_from_slice(&src[4 * j..4 * j + 4]);
+                        }
+                    }
+                }
+            }
+            Grouped { d, m, q }
+        })
+    }
+
+    /// `n` activation rows (quantized, with their integer sums for Q4_0) against the grouped
+    /// rows: returns `n` rows of `self.rows` values.
+    fn grouped_product(&self, a32: &[Vec<ABlock>], sums: &[Vec<i32>]) -> Vec<f32> {
+        let n = a32.len();
+        let g = self.grouped();
+        let nb = self.cols / QK;
+        let kb = self.wtype.kept();
+        let groups = self.rows / GROUP;
+        let code = self.wtype.code();
+        let mut tmp = vec![0f32; groups * n * GROUP];
+        let one_group = |gi: usize, dst: &mut [f32]| {
+            let gq = &g.q[gi * nb * kb * GROUP..][..nb * kb * GROUP];
+            let gd = &g.d[gi * nb * GROUP..][..nb * GROUP];
+            let gm = if g.m.is_empty() {
+                &[][..]
+            } else {
+                &g.m[gi * nb * GROUP..][..nb * GROUP]
+            };
+            let mut a0 = 0;
+            while a0 < n {
+                let take = (n - a0).min(4);
+                let out = &mut dst[a0 * GROUP..(a0 + take) * GROUP];
+                // SAFETY: only called when AVX2 and FMA were detected; the grouped layout holds
+                // `nb` blocks per row of this type, as every activation row does.
+                unsafe {
+                    match take {
+                        4 => avx2::group32::<4>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
+                        3 => avx2::group32::<3>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
+                        2 => avx2::group32::<2>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
+                        _ => avx2::group32::<1>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
+                    }
+                }
+                a0 += take;
+            }
+        };
+        if groups * n * self.cols < 400_000 {
+            for (gi, dst) in tmp.chunks_mut(n * GROUP).enumerate() {
+                one_group(gi, dst);
+            }
+        } else {
+            tmp.par_chunks_mut(n * GROUP)
+                .enumerate()
+                .for_each(|(gi, dst)| one_group(gi, dst));
+        }
+        let mut out = vec![0f32; n * self.rows];
+        for gi in 0..groups {
+            for a in 0..n {
+                out[a * self.rows + gi * GROUP..][..GROUP]
+                    .copy_from_slice(&tmp[(gi * n + a) * GROUP..][..GROUP]);
+            }
+        }
+        out
     }
 }
 
@@ -1363,6 +1515,103 @@ mod avx2 {
         out
     }
 
+    /// One group of 8 interleaved rows (see `Grouped`) against `A` activation rows: `out` gets,
+    /// per activation, the 8 rows' products. Q4_0/Q4_1: the nibbles unpacked once per block for
+    /// all activations, products summed in 16 bits within a block (at most 8 · 2 · 15 · 128),
+    /// then widened; Q4_0's offset of 8 taken off as `8 Σ a` per block. Q8_0: signs moved
+    /// onto the activations (`maddubs` needs one unsigned side), summed in 32 bits.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; `gq`, `gd`, `gm` hold one group's blocks of type `code`, and every
+    /// activation row as many blocks.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // activation a of every array in lockstep
+    pub unsafe fn group32<const A: usize>(
+        code: u8,
+        gq: &[u8],
+        gd: &[f32],
+        gm: &[f32],
+        acts: &[Vec<ABlock>],
+        sums: &[Vec<i32>],
+        out: &mut [f32],
+    ) {
+        let nb = gd.len() / 8;
+        let ones = _mm256_set1_epi16(1);
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut acc = [_mm256_setzero_ps(); A];
+        let word = |q: &[i8; QK], at: usize| -> i32 {
+            i32::from_le_bytes([
+                q[at] as u8,
+                q[at + 1] as u8,
+                q[at + 2] as u8,
+                q[at + 3] as u8,
+            ])
+        };
+        for b in 0..nb {
+            let mut s32 = [_mm256_setzero_si256(); A];
+            if code == T8_0 {
+                for j in 0..8 {
+                    // SAFETY: a Q8_0 block of a group is 8 chunks of 32 bytes.
+                    let p = unsafe { _mm256_loadu_si256(gq[(b * 8 + j) * 32..].as_ptr().cast()) };
+                    let ap = _mm256_sign_epi8(p, p);
+                    for a in 0..A {
+                        let x = _mm256_set1_epi32(word(&acts[a][b].q, 4 * j));
+                        let y = _mm256_sign_epi8(x, p);
+                        s32[a] = _mm256_add_epi32(
+                            s32[a],
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(ap, y), ones),
+                        );
+                    }
+                }
+            } else {
+                let mut s16 = [_mm256_setzero_si256(); A];
+                for j in 0..4 {
+                    // SAFETY: a Q4 block of a group is 4 chunks of 32 bytes.
+                    let p = unsafe { _mm256_loadu_si256(gq[(b * 4 + j) * 32..].as_ptr().cast()) };
+                    let lo = _mm256_and_si256(p, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
+                    for a in 0..A {
+                        let q = &acts[a][b].q;
+                        let x0 = _mm256_set1_epi32(word(q, 4 * j));
+                        let x1 = _mm256_set1_epi32(word(q, 16 + 4 * j));
+                        s16[a] = _mm256_add_epi16(
+                            s16[a],
+                            _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, x0),
+                                _mm256_maddubs_epi16(hi, x1),
+                            ),
+                        );
+                    }
+                }
+                for a in 0..A {
+                    s32[a] = _mm256_madd_epi16(s16[a], ones);
+                    if code == T4_0 {
+                        s32[a] = _mm256_sub_epi32(s32[a], _mm256_set1_epi32(8 * sums[a][b]));
+                    }
+                }
+            }
+            // SAFETY: 8 scales (and mins) per block of the group.
+            let dv = unsafe { _mm256_loadu_ps(gd[b * 8..].as_ptr()) };
+            for a in 0..A {
+                let ab = &acts[a][b];
+                acc[a] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(s32[a]),
+                    _mm256_mul_ps(dv, _mm256_set1_ps(ab.d)),
+                    acc[a],
+                );
+                if code == T4_1 {
+                    // SAFETY: as above.
+                    let mv = unsafe { _mm256_loadu_ps(gm[b * 8..].as_ptr()) };
+                    acc[a] = _mm256_fmadd_ps(mv, _mm256_set1_ps(ab.s), acc[a]);
+                }
+            }
+        }
+        for a in 0..A {
+            // SAFETY: out holds 8 values per activation.
+            unsafe { _mm256_storeu_ps(out[a * 8..].as_mut_ptr(), acc[a]) };
+        }
+    }
+
     /// One super-block's scaled integer sums against activation block `y`, in ggml's 8 AVX2
     /// lanes (its `vec_dot_*_q8_K` lane contents; integer sums, so any order of adding gives
     /// the same lanes): Σ scale · maddubs(values, q8) per chunk, less Q6_K's offset of 32 as
@@ -1670,6 +1919,37 @@ mod tests {
             QMat::new(wtype, rows, cols, &q.data().unwrap()).unwrap(),
             exact,
         )
+    }
+
+    /// The grouped layout (batched decoding) gives the row-major products up to float rounding.
+    #[test]
+    fn grouped_products_agree_with_the_row_major_ones() {
+        if !has_avx2() {
+            return;
+        }
+        let (rows, cols) = (24, 512);
+        for (dtype, seed) in [
+            (GgmlDType::Q4_0, 11),
+            (GgmlDType::Q4_1, 13),
+            (GgmlDType::Q8_0, 17),
+        ] {
+            let (m, _) = quantized(dtype, rows, cols, seed);
+            assert!(m.groupable());
+            for n in [2, 3, 4, 5, 8] {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 7919 + seed) % 2001) as f32 / 1000.0 - 1.0)
+                    .collect();
+                let want = QMat::matmul_many(&[&m], &x, n).pop().unwrap();
+                let got = QMat::matmul_many_batched(&[&m], &x, n, true).pop().unwrap();
+                assert_eq!(want.len(), got.len());
+                for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                        "{dtype:?} n={n} [{i}]: {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     /// Every type: rows dequantize as Candle (ggml's reference) does, and products match the

@@ -821,26 +821,39 @@ impl Llama {
         self.vocab
     }
 
-    /// Several products of the same input, fused when our own kernels compute them all.
+    /// Several products of the same input, fused when our own kernels compute them all;
+    /// `batched`: rows of several sequences (the grouped products, `QMat::matmul_many_batched`).
     fn matmul_many(
         &self,
         ws: &[&Mat],
         x: &[f32],
         rows: usize,
+        batched: bool,
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let own: Option<Vec<&QMat>> = ws
             .iter()
             .map(|w| if let Mat::Own(m) = w { Some(m) } else { None })
             .collect();
         match own {
-            Some(ms) => Ok(QMat::matmul_many(&ms, x, rows)),
-            None => ws.iter().map(|w| self.matmul(w, x, rows)).collect(),
+            Some(ms) => Ok(QMat::matmul_many_batched(&ms, x, rows, batched)),
+            None => ws
+                .iter()
+                .map(|w| self.matmul(w, x, rows, batched))
+                .collect(),
         }
     }
 
-    fn matmul(&self, w: &Mat, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+    fn matmul(
+        &self,
+        w: &Mat,
+        x: &[f32],
+        rows: usize,
+        batched: bool,
+    ) -> candle_core::Result<Vec<f32>> {
         match w {
-            Mat::Own(m) => Ok(m.matmul(x, rows)),
+            Mat::Own(m) => Ok(QMat::matmul_many_batched(&[m], x, rows, batched)
+                .pop()
+                .unwrap_or_default()),
             Mat::Candle(m) => {
                 let cols = x.len() / rows;
                 let t = Tensor::from_slice(x, (rows, cols), &self.device)?;
@@ -891,6 +904,9 @@ impl Llama {
     pub fn forward_batch(&self, items: &mut [Item<'_>]) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
         let c = &self.cfg;
         let kv_dim = c.n_head_kv * c.head_dim;
+        // Rows of several sequences: the grouped products (a lone sequence, prompt or decode,
+        // keeps the exact one-row and tiled arithmetic).
+        let batched = items.len() > 1;
         // Row ranges of each item in the batch, and each row's position.
         let mut spans = Vec::with_capacity(items.len());
         let mut positions = Vec::new();
@@ -997,14 +1013,16 @@ impl Llama {
             let h = rms_norm(&x, &layer.attn_norm, c.eps);
             let (mut q, mut k, mut v) = match &layer.qkv {
                 Qkv::Split(wq, wk, wv) => {
-                    let mut qkv = self.matmul_many(&[wq, wk, wv], &h, total)?.into_iter();
+                    let mut qkv = self
+                        .matmul_many(&[wq, wk, wv], &h, total, batched)?
+                        .into_iter();
                     let (Some(q), Some(k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                         anyhow::bail!("attention projections missing");
                     };
                     (q, k, v)
                 }
                 Qkv::Fused(w) => {
-                    let all = self.matmul(w, &h, total)?;
+                    let all = self.matmul(w, &h, total, batched)?;
                     let width = c.q_dim + 2 * kv_dim;
                     let part = |from: usize, n: usize| -> Vec<f32> {
                         all.chunks_exact(width)
@@ -1044,7 +1062,6 @@ impl Llama {
             }
             let mut att = vec![0f32; total * c.q_dim];
             for (it, span) in items.iter_mut().zip(&spans) {
-                let rows = span.len();
                 it.cache.k[l].extend(
                     k[span.start * kv_dim..span.end * kv_dim]
                         .iter()
@@ -1055,7 +1072,11 @@ impl Llama {
                         .iter()
                         .map(|v| f16::from_f32(*v).to_f32()),
                 );
-                let a = Attn {
+            }
+            let attns: Vec<Attn<'_>> = items
+                .iter()
+                .zip(&spans)
+                .map(|(it, span)| Attn {
                     q: &q[span.start * c.q_dim..span.end * c.q_dim],
                     kc: &it.cache.k[l],
                     vc: &it.cache.v[l],
@@ -1066,12 +1087,35 @@ impl Llama {
                     kv_dim,
                     scale,
                     softcap: c.attn_softcap,
-                    order: Order::for_rows(rows),
+                    order: Order::for_rows(span.len()),
                     window,
+                })
+                .collect();
+            if batched && spans.iter().all(|s| s.len() == 1) {
+                // Several sequences decoding: every (sequence, head) in one parallel region
+                // (one per sequence cost a region each, per layer), each computed as alone.
+                let longest = items.iter().map(|it| it.pos + 1).max().unwrap_or(1);
+                let (n_head, head_dim) = (c.n_head, c.head_dim);
+                let bufs = || AttnBufs {
+                    scores: vec![0f32; longest],
+                    q16: vec![0f32; head_dim],
+                    scratch: vec![0f32; 32 * head_dim],
                 };
-                a.run(&mut att[span.start * c.q_dim..span.end * c.q_dim], rows);
+                att.par_chunks_mut(head_dim)
+                    .enumerate()
+                    .for_each_init(bufs, |b, (idx, out)| {
+                        let a = &attns[idx / n_head];
+                        ggml_math::with_fma(|| a.one(b, idx % n_head, out));
+                    });
+            } else {
+                for (a, span) in attns.iter().zip(&spans) {
+                    a.run(
+                        &mut att[span.start * c.q_dim..span.end * c.q_dim],
+                        span.len(),
+                    );
+                }
             }
-            let mut o = self.matmul(&layer.wo, &att, total)?;
+            let mut o = self.matmul(&layer.wo, &att, total, batched)?;
             if let Some(b) = &layer.wo_bias {
                 add_rows(&mut o, b);
             }
@@ -1102,14 +1146,14 @@ impl Llama {
             let h = rms_norm(&x, &layer.ffn_norm, c.eps);
             let (g, u) = match &layer.gate_up {
                 GateUp::Split(wg, wu) => {
-                    let mut gu = self.matmul_many(&[wg, wu], &h, rows)?.into_iter();
+                    let mut gu = self.matmul_many(&[wg, wu], &h, rows, batched)?.into_iter();
                     let (Some(g), Some(u)) = (gu.next(), gu.next()) else {
                         anyhow::bail!("feed-forward projections missing");
                     };
                     (g, u)
                 }
                 GateUp::Fused(w) => {
-                    let both = self.matmul(w, &h, rows)?;
+                    let both = self.matmul(w, &h, rows, batched)?;
                     let n_ff = both.len() / rows / 2;
                     let half = |from: usize| -> Vec<f32> {
                         both.chunks_exact(2 * n_ff)
@@ -1132,7 +1176,7 @@ impl Llama {
                     }
                 });
             }
-            let mut d = self.matmul(&layer.w_down, &act, rows)?;
+            let mut d = self.matmul(&layer.w_down, &act, rows, batched)?;
             if let Some(w) = &layer.post_ffn_norm {
                 d = rms_norm(&d, w, c.eps);
             }
@@ -1155,7 +1199,7 @@ impl Llama {
                 row.fill(0.0);
             }
         }
-        let mut logits = self.matmul(&self.output, &h, wanted.len())?;
+        let mut logits = self.matmul(&self.output, &h, wanted.len(), batched)?;
         let width = logits.len() / wanted.len();
         if let Some(b) = &self.output_bias {
             add_rows(&mut logits, b);
