@@ -16,6 +16,7 @@ import json, os, sys
 
 import numpy as np
 
+import reference_llama  # noqa: F401  (before llama_cpp: see its docstring)
 import gguf
 from llama_cpp import Llama
 

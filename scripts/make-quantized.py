@@ -18,6 +18,7 @@ from collections import Counter
 
 import numpy as np
 
+import reference_llama  # noqa: F401  (before llama_cpp: see its docstring)
 import llama_cpp
 from llama_cpp import Llama
 

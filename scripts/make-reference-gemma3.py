@@ -12,6 +12,7 @@ import json, os, sys
 
 import numpy as np
 
+import reference_llama  # noqa: F401  (before llama_cpp: see its docstring)
 from llama_cpp import Llama
 
 MODEL = sys.argv[1] if len(sys.argv) > 1 else os.path.expanduser(

@@ -975,8 +975,10 @@ fn requests_decoded_together_answer_as_they_do_alone() {
             assert_eq!(n, 5, "its own max_tokens");
             assert_eq!(b.finish_reason, corral_protocol::FinishReason::Length);
         }
-        // Batched rows take the many-row products: greedy answers agree on the tokens they
-        // share (a near-tie may go the other way late in an answer; the first 5 must agree).
+        // Batched rows take the grouped products, rounded differently from a lone sequence's
+        // (8-bit activations then round some values the other way, layer after layer, as in
+        // llama.cpp's batches): greedy answers agree on their first tokens and their
+        // log-probabilities stay close; a near-tie later in an answer may go the other way.
         let a_ids: Vec<u32> = a.tokens.iter().map(|t| t.token_id).collect();
         assert!(
             a.text.starts_with(&b.text[..b.text.len().min(8)]),
@@ -987,9 +989,20 @@ fn requests_decoded_together_answer_as_they_do_alone() {
         if !b.tokens.is_empty() {
             let b_ids: Vec<u32> = b.tokens.iter().map(|t| t.token_id).collect();
             assert_eq!(a_ids[..5], b_ids[..5], "{i}");
-            for (x, y) in a.tokens.iter().zip(&b.tokens).take(5) {
-                assert!((x.logprob - y.logprob).abs() < 0.05, "{i}: {x:?} vs {y:?}");
-            }
+            let shared = a_ids.iter().zip(&b_ids).take_while(|(x, y)| x == y).count();
+            let diffs: Vec<f32> = a
+                .tokens
+                .iter()
+                .zip(&b.tokens)
+                .take(shared)
+                .map(|(x, y)| (x.logprob - y.logprob).abs())
+                .collect();
+            let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+            let worst = diffs.iter().fold(0f32, |m, d| m.max(*d));
+            assert!(
+                mean < 0.1 && worst < 0.35,
+                "{i}: mean {mean}, worst {worst}"
+            );
         }
         if i == 1 {
             assert!(b.tokens.iter().all(|t| t.top.len() == 3));
