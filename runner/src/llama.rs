@@ -90,6 +90,7 @@ pub const ARCHITECTURES: &[&str] = &[
 ];
 
 /// The weights of Q, K and V: three matrices, or one whose rows are Q's, K's then V's (Phi-3).
+#[allow(clippy::large_enum_variant)] // one per layer, never moved in a loop: size is no cost
 enum Qkv {
     Split(Mat, Mat, Mat),
     Fused(Mat),
