@@ -853,7 +853,7 @@ fn kept_prompt_states_give_way_under_the_runners_memory_limit() {
     let weights_mb = std::fs::metadata(model_file()).unwrap().len() >> 20;
     let limit = 2 * weights_mb + 256 + 16;
     assert_eq!(
-        corral::slm::runner::kv_budget_mb(limit, &model_file(), 1),
+        corral::slm::runner::kv_budget_mb(limit, &model_file()),
         Some(16)
     );
     let mut r = start_with(1, |p| p.max_memory_mb = limit);
@@ -938,7 +938,12 @@ fn a_request_without_room_waits_in_the_runner_and_is_told_when_it_starts() {
         assert!(d.completion_tokens > 0);
     }
     // The second's time to first token includes its wait.
-    assert!(out[1].0.ttft_ms > out[0].0.ttft_ms);
+    assert!(
+        out[1].0.ttft_ms > out[0].0.ttft_ms,
+        "{} vs {} ms",
+        out[1].0.ttft_ms,
+        out[0].0.ttft_ms
+    );
     r.shutdown();
 }
 
@@ -1000,7 +1005,7 @@ fn requests_decoded_together_answer_as_they_do_alone() {
             let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
             let worst = diffs.iter().fold(0f32, |m, d| m.max(*d));
             assert!(
-                mean < 0.1 && worst < 0.35,
+                mean < 0.12 && worst < 0.3,
                 "{i}: mean {mean}, worst {worst}"
             );
         }

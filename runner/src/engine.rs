@@ -310,8 +310,8 @@ impl Engine {
     /// Checks a request and prepares its sequence: the prompt's tokens (refused when empty or
     /// past the context) and its grammar (built, and a schema checked, before any compute).
     /// Nothing is computed yet; [`Engine::admit`] gives it its cache when it starts to run.
-    pub fn start(&mut self, req: GenerateRequest) -> anyhow::Result<Seq> {
-        let received = Instant::now();
+    /// `received`: when the request was read (its time to first token counts from there).
+    pub fn start(&mut self, req: GenerateRequest, received: Instant) -> anyhow::Result<Seq> {
         // An empty stop string would end every answer at once: ignore it.
         let stops: Vec<String> = req.stop.iter().filter(|s| !s.is_empty()).cloned().collect();
         let tools = req.tools.as_ref().filter(|t| !t.functions.is_empty());

@@ -308,10 +308,11 @@ impl QMat {
         QMat::matmul_many_batched(mats, x, n, false)
     }
 
-    /// [`QMat::matmul_many`]; with `batched` (rows of different sequences decoded together),
-    /// Q4_0, Q4_1 and Q8_0 matrices take the grouped layout's products (`Grouped`): several
-    /// times less work per output than the one-row kernels, rounded differently in the last
-    /// digits (a lone sequence and a prompt keep ggml's exact arithmetic).
+    /// Several matrices with the same input width applied to the same `x`; with `batched`
+    /// (rows of several sequences in one pass), Q4_0, Q4_1 and Q8_0 matrices take the grouped
+    /// layout's products (`Grouped`): less work per output than the one-row kernels, rounded
+    /// differently in the last digits (a lone sequence, prompt and decoding, keeps ggml's exact
+    /// arithmetic).
     pub fn matmul_many_batched(
         mats: &[&QMat],
         x: &[f32],
@@ -537,6 +538,15 @@ struct Grouped {
 const GROUP: usize = 8;
 
 impl QMat {
+    /// Bytes the grouped copy of this matrix takes once built (0 when it has none).
+    pub fn grouped_bytes(&self) -> usize {
+        if !self.groupable() {
+            return 0;
+        }
+        let blocks = self.rows * self.cols / QK;
+        blocks * (self.wtype.kept() + 4 * if self.m.is_empty() { 1 } else { 2 })
+    }
+
     /// Whether this matrix has the grouped layout for batched products.
     fn groupable(&self) -> bool {
         matches!(self.wtype, WType::Q4_0 | WType::Q4_1 | WType::Q8_0)
@@ -552,7 +562,7 @@ impl QMat {
 
             let groups = self.rows / GROUP;
             let mut d = Vec::with_capacity(self.rows * nb);
-            let mut m = Vec::new();
+            let mut m = Vec::with_capacity(self.m.len());
             let mut q = vec![0u8; self.rows * nb * kb];
             for g in 0..groups {
                 for b in 0..nb {
@@ -598,6 +608,7 @@ impl QMat {
                 let out = &mut dst[a0 * GROUP..(a0 + take) * GROUP];
                 // SAFETY: only called when AVX2 and FMA were detected; the grouped layout holds
                 // `nb` blocks per row of this type, as every activation row does.
+                #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match take {
                         4 => avx2::group32::<4>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
@@ -606,6 +617,13 @@ impl QMat {
                         _ => avx2::group32::<1>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
                     }
                 }
+                #[cfg(not(target_arch = "x86_64"))]
+                unreachable!(
+                    "grouped products need AVX2 ({code}, {}, {}, {})",
+                    gq.len(),
+                    gd.len() + gm.len(),
+                    out.len()
+                );
                 a0 += take;
             }
         };

@@ -863,6 +863,27 @@ impl Llama {
         }
     }
 
+    /// Bytes the grouped copies of the weights take once batched products have run.
+    pub fn grouped_bytes(&self) -> usize {
+        let own = |m: &Mat| match m {
+            Mat::Own(q) => q.grouped_bytes(),
+            Mat::Candle(_) => 0,
+        };
+        let mut total = own(&self.output);
+        for l in &self.layers {
+            total += match &l.qkv {
+                Qkv::Split(a, b, c) => own(a) + own(b) + own(c),
+                Qkv::Fused(a) => own(a),
+            };
+            total += match &l.gate_up {
+                GateUp::Split(a, b) => own(a) + own(b),
+                GateUp::Fused(a) => own(a),
+            };
+            total += own(&l.wo) + own(&l.w_down);
+        }
+        total
+    }
+
     /// A cache for a new sequence.
     pub fn new_cache(&self) -> KvCache {
         KvCache {
@@ -905,8 +926,9 @@ impl Llama {
     pub fn forward_batch(&self, items: &mut [Item<'_>]) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
         let c = &self.cfg;
         let kv_dim = c.n_head_kv * c.head_dim;
-        // Rows of several sequences: the grouped products (a lone sequence, prompt or decode,
-        // keeps the exact one-row and tiled arithmetic).
+        // Rows of several sequences (decoding, or prompt chunks beside them): the grouped
+        // products. A lone sequence, prompt or decode, keeps the exact one-row and tiled
+        // arithmetic.
         let batched = items.len() > 1;
         // Row ranges of each item in the batch, and each row's position.
         let mut spans = Vec::with_capacity(items.len());

@@ -83,9 +83,9 @@ fn parse_args() -> anyhow::Result<Args> {
 
 struct StdoutSink<'a, W: Write> {
     out: &'a mut W,
-    inbox: &'a mpsc::Receiver<Request>,
-    /// Messages that arrived during a step, handled after it.
-    queued: &'a mut VecDeque<Request>,
+    inbox: &'a mpsc::Receiver<(Instant, Request)>,
+    /// Messages that arrived during a step (with when they were read), handled after it.
+    queued: &'a mut VecDeque<(Instant, Request)>,
     /// Running requests whose cancel has been read.
     cancelled: &'a HashSet<u64>,
 }
@@ -110,7 +110,7 @@ impl<W: Write> engine::Sink for StdoutSink<'_, W> {
             || self
                 .queued
                 .iter()
-                .any(|m| matches!(m, Request::Cancel { id: c } if *c == id))
+                .any(|(_, m)| matches!(m, Request::Cancel { id: c } if *c == id))
     }
 }
 
@@ -265,8 +265,16 @@ fn run() -> anyhow::Result<()> {
     };
     let slots = args.slots;
     let mut engine = engine::Engine::new(model, tok, template);
-    // Without a budget from the supervisor (no memory limit), 2 GiB of KV state.
+    // Without a budget from the supervisor (no memory limit), 2 GiB of KV state. With more
+    // than one slot, the grouped copies of the weights batched products build come out of it
+    // (16 MiB are always left).
     engine.kv_budget = args.kv_budget_mb.unwrap_or(2048).saturating_mul(1 << 20);
+    if slots > 1 {
+        engine.kv_budget = engine
+            .kv_budget
+            .saturating_sub(engine.model.grouped_bytes())
+            .max(16 << 20);
+    }
     let kv_per_token = engine.model.kv_bytes_per_token();
     let ready = Ready {
         slots: slots as u32,
@@ -282,13 +290,15 @@ fn run() -> anyhow::Result<()> {
     let mut out = BufWriter::new(stdout.lock());
     write_frame(&mut out, &Response::Ready(ready))?;
 
-    let (tx, inbox) = mpsc::channel::<Request>();
+    // Each request with the moment it was read: a request's time to first token counts from
+    // there, though the loop takes it only between steps.
+    let (tx, inbox) = mpsc::channel::<(Instant, Request)>();
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         loop {
             match read_frame::<Request>(&mut stdin, MAX_REQUEST_FRAME) {
                 Ok(Some(req)) => {
-                    if tx.send(req).is_err() {
+                    if tx.send((Instant::now(), req)).is_err() {
                         break;
                     }
                 }
@@ -300,7 +310,7 @@ fn run() -> anyhow::Result<()> {
             }
         }
     });
-    let mut queued: VecDeque<Request> = VecDeque::new();
+    let mut queued: VecDeque<(Instant, Request)> = VecDeque::new();
     let mut running: Vec<engine::Seq> = Vec::new();
     // Started requests waiting for a slot, or for KV room.
     let mut waiting: VecDeque<engine::Seq> = VecDeque::new();
@@ -322,7 +332,7 @@ fn run() -> anyhow::Result<()> {
                 Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
             }
         }
-        while let Some(msg) = queued.pop_front() {
+        while let Some((read_at, msg)) = queued.pop_front() {
             match msg {
                 Request::Shutdown => return Ok(()),
                 Request::Cancel { id } => {
@@ -348,7 +358,7 @@ fn run() -> anyhow::Result<()> {
                 }
                 Request::Generate(req) => {
                     let id = req.id;
-                    match engine.start(*req) {
+                    match engine.start(*req, read_at) {
                         Ok(seq) => waiting.push_back(seq),
                         Err(e) => write_frame(&mut out, &error_frame(id, &e))?,
                     }

@@ -139,6 +139,11 @@ impl Model {
         self.weights.forward_batch(items)
     }
 
+    /// Bytes the grouped copies of the weights take once batched products have run.
+    pub fn grouped_bytes(&self) -> usize {
+        self.weights.grouped_bytes()
+    }
+
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> crate::llama::KvCache {
         self.weights.new_cache()

@@ -100,20 +100,19 @@ pub struct RunnerSpec {
 /// activations, the allocator's slack).
 const RUNNER_OVERHEAD_MB: u64 = 256;
 
-/// The KV budget a runner decoding up to `slots` requests together gets under a memory limit of
-/// `limit_mb` (0: none): what is left after its weights (counted twice: the file is read whole,
-/// then laid out; three times with more than one slot, for the grouped copy batched products
-/// use) and its overhead, at least 16 MiB. The memory cgroup stays the hard limit; the budget
-/// keeps batching and the prompt cache inside it.
-pub fn kv_budget_mb(limit_mb: u64, model: &Path, slots: usize) -> Option<u64> {
+/// The KV budget a runner gets under a memory limit of `limit_mb` (0: none): what is left after
+/// its weights (counted twice: the file is read whole, then laid out) and its overhead, at least
+/// 16 MiB (a runner with more than one slot takes the grouped copies of its block-32 weights out
+/// of it, knowing which they are). The memory cgroup stays the hard limit; the budget keeps
+/// batching and the prompt cache inside it.
+pub fn kv_budget_mb(limit_mb: u64, model: &Path) -> Option<u64> {
     if limit_mb == 0 {
         return None;
     }
     let weights = model_bytes(model) >> 20;
-    let copies = if slots > 1 { 3 } else { 2 };
     Some(
         limit_mb
-            .saturating_sub(copies * weights)
+            .saturating_sub(2 * weights)
             .saturating_sub(RUNNER_OVERHEAD_MB)
             .max(16),
     )
@@ -274,7 +273,7 @@ impl Runner {
             argv.push("--slots".into());
             argv.push(spec.slots.to_string().into());
         }
-        if let Some(mb) = kv_budget_mb(profile.max_memory_mb, &spec.model_path, spec.slots) {
+        if let Some(mb) = kv_budget_mb(profile.max_memory_mb, &spec.model_path) {
             argv.push("--kv-budget-mb".into());
             argv.push(mb.to_string().into());
         }
