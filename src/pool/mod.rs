@@ -449,10 +449,16 @@ impl Worker {
         let mut answered = false;
         // Requests in flight as the gauge last showed them.
         let mut shown = usize::MAX;
-        // Every request in flight fails with `e` (the runner is gone or untrusted).
-        let fail_all = |active: Vec<Slot>, e: &RunnerError| {
+        // The runner is gone or untrusted: every request in flight fails with `e` (each
+        // retryable), and the runner is replaced.
+        let runner_failed = |active: Vec<Slot>, e: &RunnerError| {
+            tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
             for s in active {
                 let _ = s.job.events.send(failed(e, false));
+            }
+            Served::Replace {
+                cause: "failed",
+                failure: true,
             }
         };
         loop {
@@ -476,13 +482,8 @@ impl Worker {
                         let _ = job.events.send(failed(&e, false));
                     }
                     Err(e) => {
-                        tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
                         let _ = job.events.send(failed(&e, false));
-                        fail_all(active, &e);
-                        return Served::Replace {
-                            cause: "failed",
-                            failure: true,
-                        };
+                        return runner_failed(active, &e);
                     }
                 }
             }
@@ -513,12 +514,7 @@ impl Worker {
             let frame = match r.poll(until) {
                 Ok(f) => f,
                 Err(e) => {
-                    tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
-                    fail_all(active, &e);
-                    return Served::Replace {
-                        cause: "failed",
-                        failure: true,
-                    };
+                    return runner_failed(active, &e);
                 }
             };
             {
@@ -566,12 +562,7 @@ impl Worker {
             else {
                 let e =
                     RunnerError::Protocol(format!("a frame for no request in flight: {frame:?}"));
-                tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
-                fail_all(active, &e);
-                return Served::Replace {
-                    cause: "failed",
-                    failure: true,
-                };
+                return runner_failed(active, &e);
             };
             match r.take(&mut active[i].f, frame) {
                 Ok(Progress::Started) => {}
@@ -604,12 +595,7 @@ impl Worker {
                     let _ = s.job.events.send(failed(&e, false));
                 }
                 Err(e) => {
-                    tracing::warn!(pool = %self.pool, error = %e, "runner failed: replacing it");
-                    fail_all(active, &e);
-                    return Served::Replace {
-                        cause: "failed",
-                        failure: true,
-                    };
+                    return runner_failed(active, &e);
                 }
             }
         }
