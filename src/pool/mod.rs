@@ -409,6 +409,13 @@ impl Worker {
             };
             let end = self.serve(r, job, &mut served, &mut open);
             self.queue.set_open(open, 0);
+            // Nothing is in flight any more (a failed runner's requests included).
+            let slot = self.slot.to_string();
+            self.metrics.set(
+                "corral_runner_sequences",
+                &[("pool", self.pool.as_str()), ("runner", slot.as_str())],
+                0.0,
+            );
             idle_since = Instant::now();
             match end {
                 Served::Kept { answered } => {
