@@ -604,13 +604,15 @@ impl QMat {
             };
             let mut a0 = 0;
             while a0 < n {
-                let take = (n - a0).min(4);
+                // Eight activation rows per pass over the group, else up to four.
+                let take = if n - a0 >= 8 { 8 } else { (n - a0).min(4) };
                 let out = &mut dst[a0 * GROUP..(a0 + take) * GROUP];
                 // SAFETY: only called when AVX2 and FMA were detected; the grouped layout holds
                 // `nb` blocks per row of this type, as every activation row does.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match take {
+                        8 => avx2::group32::<8>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
                         4 => avx2::group32::<4>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
                         3 => avx2::group32::<3>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
                         2 => avx2::group32::<2>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
