@@ -3,8 +3,10 @@
 
 For N concurrent streams (1, 2, 4, 8 by default) each row sends N streamed completions at once
 (greedy continuations of counts, so none ends early; max_tokens TOKENS each) and reports the
-aggregate speed (all streams' tokens over the wall time from sending to the last token) and
-the p50/p99 time to first token:
+aggregate decode speed (tokens that arrived while all N streams were decoding — from the last
+stream's first token to the first stream's end — over that window), the overall speed (all
+tokens over the wall time from sending to the last token, prefills included) and the p50/p99
+time to first token:
 
   one runner, slots = N        continuous batching: one pass over the weights per step for all
   N runners, slots = 1         the same number of single-sequence runners (each its own copy of
@@ -43,7 +45,7 @@ def stream(port, prompt, t0, out):
     r = conn.getresponse()
     if r.status != 200:
         raise SystemExit(f"{r.status} {r.read()[:300]!r}")
-    first, buf, tokens = None, b"", 0
+    first, buf, tokens, times = None, b"", 0, []
     while True:
         data = r.read1(65536)
         if not data:
@@ -55,12 +57,15 @@ def stream(port, prompt, t0, out):
                 continue
             c = json.loads(line[6:])
             ch = c.get("choices") or [{}]
-            if first is None and ch[0].get("text"):
-                first = time.perf_counter() - t0
+            if ch[0].get("text"):
+                now = time.perf_counter() - t0
+                times.append(now)
+                if first is None:
+                    first = now
             if c.get("usage"):
                 tokens = c["usage"]["completion_tokens"]
     conn.close()
-    out.append((first, tokens, time.perf_counter() - t0))
+    out.append((first, tokens, time.perf_counter() - t0, times))
 
 
 def row(n, runners, slots):
@@ -91,25 +96,30 @@ def row(n, runners, slots):
     total = sum(o[1] for o in out)
     ttft = sorted(o[0] for o in out)
     p99 = ttft[min(len(ttft) - 1, int(round(0.99 * (len(ttft) - 1))))]
-    return total / wall, statistics.median(ttft), p99, total
+    # The window in which every stream was decoding.
+    lo, hi = max(o[0] for o in out), min(o[3][-1] for o in out)
+    inside = sum(1 for o in out for t in o[3] if lo < t <= hi)
+    decode = inside / (hi - lo) if hi > lo else float("nan")
+    return decode, total / wall, statistics.median(ttft), p99
 
 
 def main():
     print(f"CPU: {cpu()}; {TOKENS} tokens per stream, greedy; SmolLM2-135M-Instruct Q4_1")
-    print(f"{'streams':>7} {'path':<24}{'aggregate tok/s':>16}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}")
-    base = None
+    print(f"{'streams':>7} {'path':<24}{'decode tok/s':>13}{'overall tok/s':>14}{'TTFT p50 ms':>13}{'TTFT p99 ms':>13}")
+    base, base_all = None, None
     for n in COUNTS:
         rows = [("1 runner, slots = %d" % n, row(n, 1, n))]
         if n > 1:
             rows.append(("%d runners, slots = 1" % n, row(n, n, 1)))
-        for name, (agg, p50, p99, _) in rows:
-            print(f"{n:>7} {name:<24}{agg:16.1f}{p50 * 1e3:13.0f}{p99 * 1e3:13.0f}")
+        for name, (dec, agg, p50, p99) in rows:
+            print(f"{n:>7} {name:<24}{dec:13.1f}{agg:14.1f}{p50 * 1e3:13.0f}{p99 * 1e3:13.0f}")
         if n == 1:
-            base = rows[0][1][0]
+            base, base_all = rows[0][1][0], rows[0][1][1]
         elif base:
             b = rows[0][1][0]
-            print(f"{'':>7} batched vs one stream: {b / base:.2f}x; batched vs {n} runners: "
-                  f"{b / rows[1][1][0]:.2f}x")
+            print(f"{'':>7} decode: batched vs one stream {b / base:.2f}x, batched vs {n} runners "
+                  f"{b / rows[1][1][0]:.2f}x; overall: {rows[0][1][1] / base_all:.2f}x and "
+                  f"{rows[0][1][1] / rows[1][1][1]:.2f}x")
 
 
 if __name__ == "__main__":
