@@ -846,17 +846,28 @@ fn a_callers_repeated_prefix_is_reused_and_never_another_callers() {
     assert_eq!(same.text, cold.text);
 }
 
+/// A memory limit under which a runner with `slots` slots gets the smallest KV budget (16 MiB):
+/// the runner sizes its budget from what the limit leaves beside the loaded model, so a runner
+/// under `secure` says what that is, and the limit is set 8 MiB above it.
+fn limit_for_16_mib(slots: usize) -> u64 {
+    let probe = start_with(slots, |_| {});
+    let secure = corral::profile::ProfileRegistry::builtin()
+        .resolve("secure")
+        .unwrap()
+        .max_memory_mb;
+    let budget = probe.ready.kv_budget_mb;
+    probe.shutdown();
+    assert!(budget > 16 && budget < secure, "{budget} MiB");
+    secure - budget + 8
+}
+
 #[test]
 fn kept_prompt_states_give_way_under_the_runners_memory_limit() {
-    // A memory limit that leaves the runner a KV budget of 16 MiB beside its weights: room for
-    // one ~270-token state of this model (45 KiB a position), not two.
-    let weights_mb = std::fs::metadata(model_file()).unwrap().len() >> 20;
-    let limit = 2 * weights_mb + 256 + 16;
-    assert_eq!(
-        corral::slm::runner::kv_budget_mb(limit, &model_file()),
-        Some(16)
-    );
+    // A memory limit that leaves the runner a KV budget of 16 MiB beside its loaded model: room
+    // for one ~270-token state of this model (45 KiB a position), not two.
+    let limit = limit_for_16_mib(1);
     let mut r = start_with(1, |p| p.max_memory_mb = limit);
+    assert_eq!(r.ready.kv_budget_mb, 16);
     let system = "You are a careful assistant for a shipping company. ".repeat(24);
     let ask = |q: &str, key: &str| {
         let mut g = with_system(&system, q);
@@ -924,8 +935,9 @@ fn batch_started(r: &mut Runner, reqs: Vec<GenerateRequest>) -> Vec<(corral_prot
 fn a_request_without_room_waits_in_the_runner_and_is_told_when_it_starts() {
     // Two slots, but a KV budget of 16 MiB: two ~300-token requests (13 MiB each at their
     // worst) do not fit together, so the second waits for the first.
-    let weights_mb = std::fs::metadata(model_file()).unwrap().len() >> 20;
-    let mut r = start_with(2, |p| p.max_memory_mb = 2 * weights_mb + 256 + 16);
+    let limit = limit_for_16_mib(2);
+    let mut r = start_with(2, |p| p.max_memory_mb = limit);
+    assert_eq!(r.ready.kv_budget_mb, 16);
     let system = "You are a careful assistant for a shipping company. ".repeat(24);
     let reqs = vec![
         with_system(&system, "Where is Oslo?"),

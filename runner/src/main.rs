@@ -1,10 +1,11 @@
 //! `corral-runner`: loads one model and answers generation requests over its stdin/stdout.
 //! Started by the supervisor inside a sandbox; never touches the network.
 //!
-//! `corral-runner --model PATH --sha256 HEX [--threads N] [--slots N] [--kv-budget-mb M]
-//! [--no-tighten]` (PATH: a GGUF file, or a safetensors checkpoint directory). Up to `--slots`
-//! requests are decoded together (one batched pass per step); their KV state and the prompt
-//! states kept for reuse stay within `--kv-budget-mb`.
+//! `corral-runner --model PATH --sha256 HEX [--threads N] [--slots N] [--memory-limit-mb L |
+//! --kv-budget-mb M] [--no-tighten]` (PATH: a GGUF file, or a safetensors checkpoint
+//! directory). Up to `--slots` requests are decoded together (one batched pass per step); their
+//! KV state and the prompt states kept for reuse stay within `--kv-budget-mb`, or within what
+//! the memory limit leaves beside the loaded model.
 
 mod checkpoint;
 mod constrain;
@@ -38,6 +39,7 @@ struct Args {
     threads: Option<usize>,
     slots: usize,
     kv_budget_mb: Option<usize>,
+    memory_limit_mb: Option<usize>,
     tighten: bool,
 }
 
@@ -48,6 +50,7 @@ fn parse_args() -> anyhow::Result<Args> {
         threads: None,
         slots: 1,
         kv_budget_mb: None,
+        memory_limit_mb: None,
         tighten: true,
     };
     let mut it = std::env::args().skip(1);
@@ -68,6 +71,13 @@ fn parse_args() -> anyhow::Result<Args> {
                 a.kv_budget_mb = Some(
                     it.next()
                         .context("--kv-budget-mb needs a number")?
+                        .parse()?,
+                )
+            }
+            "--memory-limit-mb" => {
+                a.memory_limit_mb = Some(
+                    it.next()
+                        .context("--memory-limit-mb needs a number")?
                         .parse()?,
                 )
             }
@@ -134,6 +144,25 @@ fn error_frame(id: u64, e: &anyhow::Error) -> Response {
             ErrorKind::Request
         },
     }
+}
+
+/// Memory a runner needs beyond its weights and KV state while it serves (activations of a
+/// prefill chunk, grammar tables, the allocator's slack).
+const RUNTIME_MARGIN: usize = 128 << 20;
+
+/// This process's resident memory now (`/proc/self/statm`; read before Landlock forbids it).
+fn resident_bytes() -> usize {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages.saturating_mul(usize::try_from(page).unwrap_or(4096))
 }
 
 fn check_digest(path: &std::path::Path, got: &str, expected: &str) -> anyhow::Result<()> {
@@ -262,23 +291,35 @@ fn run() -> anyhow::Result<()> {
         load_ms: started.elapsed().as_secs_f64() * 1e3,
         slots: 1,
         kv_bytes_per_token: 0,
+        kv_budget_mb: 0,
     };
     let slots = args.slots;
     let mut engine = engine::Engine::new(model, tok, template);
-    // Without a budget from the supervisor (no memory limit), 2 GiB of KV state. With more
-    // than one slot, the grouped copies of the weights batched products build come out of it
-    // (16 MiB are always left).
-    engine.kv_budget = args.kv_budget_mb.unwrap_or(2048).saturating_mul(1 << 20);
-    if slots > 1 {
-        engine.kv_budget = engine
-            .kv_budget
-            .saturating_sub(engine.model.grouped_bytes())
-            .max(16 << 20);
+    // The KV budget: given, or what the memory limit leaves beside what this process holds
+    // now that the model is loaded (measured, not guessed from the file's size: a model whose
+    // embedding is widened at load holds far more than its file), the grouped copies batched
+    // products will build (with more than one slot) and a margin; 2 GiB without a limit.
+    // 16 MiB at least.
+    let grouped = if slots > 1 {
+        engine.model.grouped_bytes()
+    } else {
+        0
+    };
+    engine.kv_budget = match (args.kv_budget_mb, args.memory_limit_mb) {
+        (Some(mb), _) => mb.saturating_mul(1 << 20),
+        (None, Some(limit)) => limit
+            .saturating_mul(1 << 20)
+            .saturating_sub(resident_bytes())
+            .saturating_sub(grouped)
+            .saturating_sub(RUNTIME_MARGIN),
+        (None, None) => (2048usize << 20).saturating_sub(grouped),
     }
+    .max(16 << 20);
     let kv_per_token = engine.model.kv_bytes_per_token();
     let ready = Ready {
         slots: slots as u32,
         kv_bytes_per_token: kv_per_token as u64,
+        kv_budget_mb: (engine.kv_budget >> 20) as u64,
         ..ready
     };
     if args.tighten {

@@ -169,6 +169,7 @@ impl LocalModel for ScriptedModel {
                     load_ms: 0.0,
                     slots: 1,
                     kv_bytes_per_token: 0,
+                    kv_budget_mb: 0,
                 };
                 let _ = tx.send(Event::Done(Box::new(done), Box::new(ready)));
             }

@@ -96,40 +96,6 @@ pub struct RunnerSpec {
     pub slots: usize,
 }
 
-/// Memory a runner needs besides its weights and KV state (tokenizer, grammar tables,
-/// activations, the allocator's slack).
-const RUNNER_OVERHEAD_MB: u64 = 256;
-
-/// The KV budget a runner gets under a memory limit of `limit_mb` (0: none): what is left after
-/// its weights (counted twice: the file is read whole, then laid out) and its overhead, at least
-/// 16 MiB (a runner with more than one slot takes the grouped copies of its block-32 weights out
-/// of it, knowing which they are). The memory cgroup stays the hard limit; the budget keeps
-/// batching and the prompt cache inside it.
-pub fn kv_budget_mb(limit_mb: u64, model: &Path) -> Option<u64> {
-    if limit_mb == 0 {
-        return None;
-    }
-    let weights = model_bytes(model) >> 20;
-    Some(
-        limit_mb
-            .saturating_sub(2 * weights)
-            .saturating_sub(RUNNER_OVERHEAD_MB)
-            .max(16),
-    )
-}
-
-/// Bytes of a model file, or of a checkpoint directory's files.
-fn model_bytes(model: &Path) -> u64 {
-    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    if model.is_dir() {
-        corral_protocol::digest::model_dir_files(model)
-            .map(|fs| fs.iter().map(|f| size(f)).sum())
-            .unwrap_or(0)
-    } else {
-        size(model)
-    }
-}
-
 /// Reads frames from a pipe with a deadline.
 #[derive(Debug)]
 struct FrameReader {
@@ -273,9 +239,10 @@ impl Runner {
             argv.push("--slots".into());
             argv.push(spec.slots.to_string().into());
         }
-        if let Some(mb) = kv_budget_mb(profile.max_memory_mb, &spec.model_path) {
-            argv.push("--kv-budget-mb".into());
-            argv.push(mb.to_string().into());
+        if profile.max_memory_mb > 0 {
+            // The runner sizes its KV budget from what this leaves beside the loaded model.
+            argv.push("--memory-limit-mb".into());
+            argv.push(profile.max_memory_mb.to_string().into());
         }
         let cmd = plan::Command {
             argv,
@@ -315,6 +282,7 @@ impl Runner {
                 load_ms: 0.0,
                 slots: 1,
                 kv_bytes_per_token: 0,
+                kv_budget_mb: 0,
             },
             profile: profile.name.clone(),
             time_limit: profile.max_execution_time,

@@ -276,6 +276,9 @@ pub struct Ready {
     /// Bytes one position of a sequence takes in the runner's KV cache.
     #[serde(default)]
     pub kv_bytes_per_token: u64,
+    /// MiB of KV state (running requests and kept prompt states) the runner holds at most.
+    #[serde(default)]
+    pub kv_budget_mb: u64,
 }
 
 fn one_slot() -> u32 {
