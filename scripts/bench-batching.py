@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 
-from bench_common import cpu, free_port, wait_http
+from bench_common import cpu, free_port, sse_chunks, wait_http
 
 TOKENS = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 COUNTS = [int(a) for a in sys.argv[2:]] or [1, 2, 4, 8]
@@ -45,25 +45,16 @@ def stream(port, prompt, t0, out):
     r = conn.getresponse()
     if r.status != 200:
         raise SystemExit(f"{r.status} {r.read()[:300]!r}")
-    first, buf, tokens, times = None, b"", 0, []
-    while True:
-        data = r.read1(65536)
-        if not data:
-            break
-        buf += data
-        while b"\n" in buf:
-            line, _, buf = buf.partition(b"\n")
-            if not line.startswith(b"data: {"):
-                continue
-            c = json.loads(line[6:])
-            ch = c.get("choices") or [{}]
-            if ch[0].get("text"):
-                now = time.perf_counter() - t0
-                times.append(now)
-                if first is None:
-                    first = now
-            if c.get("usage"):
-                tokens = c["usage"]["completion_tokens"]
+    first, tokens, times = None, 0, []
+    for c in sse_chunks(r):
+        ch = c.get("choices") or [{}]
+        if ch[0].get("text"):
+            now = time.perf_counter() - t0
+            times.append(now)
+            if first is None:
+                first = now
+        if c.get("usage"):
+            tokens = c["usage"]["completion_tokens"]
     conn.close()
     out.append((first, tokens, time.perf_counter() - t0, times))
 

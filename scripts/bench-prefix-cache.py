@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from bench_common import cpu, free_port, wait_http
+from bench_common import cpu, free_port, sse_chunks, wait_http
 
 QUESTIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,23 +50,14 @@ def corral_ttft(port, question):
     r = conn.getresponse()
     if r.status != 200:
         raise SystemExit(f"{r.status} {r.read()[:300]!r}")
-    first, buf, prompt, cached = None, b"", 0, 0
-    while True:
-        data = r.read1(65536)
-        if not data:
-            break
-        buf += data
-        while b"\n" in buf:
-            line, _, buf = buf.partition(b"\n")
-            if not line.startswith(b"data: {"):
-                continue
-            c = json.loads(line[6:])
-            ch = c.get("choices") or [{}]
-            if first is None and (ch[0].get("delta") or {}).get("content"):
-                first = time.perf_counter() - t
-            if c.get("usage"):
-                prompt = c["usage"]["prompt_tokens"]
-                cached = c["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    first, prompt, cached = None, 0, 0
+    for c in sse_chunks(r):
+        ch = c.get("choices") or [{}]
+        if first is None and (ch[0].get("delta") or {}).get("content"):
+            first = time.perf_counter() - t
+        if c.get("usage"):
+            prompt = c["usage"]["prompt_tokens"]
+            cached = c["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
     conn.close()
     return first, prompt, cached
 

@@ -1,5 +1,6 @@
 """Helpers the bench-*.py scripts share: free ports, waiting for a server, naming the CPU."""
 import http.client
+import json
 import platform
 import socket
 import time
@@ -39,3 +40,17 @@ def cpu():
     except OSError:
         pass
     return platform.processor()
+
+
+def sse_chunks(response):
+    """The JSON objects of a streamed response's `data: {...}` lines, each as it arrives."""
+    buf = b""
+    while True:
+        data = response.read1(65536)
+        if not data:
+            return
+        buf += data
+        while b"\n" in buf:
+            line, _, buf = buf.partition(b"\n")
+            if line.startswith(b"data: {"):
+                yield json.loads(line[6:])

@@ -613,16 +613,7 @@ fn a_killed_runner_loses_no_request_and_a_full_queue_is_429() {
     let s = serve(&config_text(
         "[server.pool]\nrunners = 1\nslots = 1\nqueue_depth = 0\nwarm = [\"smollm2-135m-instruct\"]\n",
     ));
-    // Ready once the warm runner has loaded.
-    let t = Instant::now();
-    loop {
-        let (code, _) = call("GET", &format!("{}/readyz", s.url), None, None);
-        if code == 200 {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "never ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_ready(&s);
     let url = s.url.clone();
     let long = std::thread::spawn(move || {
         let (code, resp) = call(

@@ -195,6 +195,8 @@ pub fn check_finite(what: &'static str, v: &[f32]) -> Result<(), NonFinite> {
 /// One request being answered: everything its generation loop keeps between tokens.
 pub struct Seq {
     pub id: u64,
+    /// It waited for a slot or for KV room (the supervisor is told when it starts).
+    pub waited: bool,
     req: GenerateRequest,
     received: Instant,
     stops: Vec<String>,
@@ -367,6 +369,7 @@ impl Engine {
         let rng = req.sampling.seed.map_or_else(Rng::from_entropy, Rng::new);
         Ok(Seq {
             id: req.id,
+            waited: false,
             received,
             stops,
             format,
@@ -465,32 +468,25 @@ impl Engine {
                 .collect();
             self.model.forward_batch(&mut items)
         };
-        let logits = match result {
-            Ok(l) if l.len() == seqs.len() => l,
-            Ok(l) => {
-                let e = anyhow::anyhow!("{} results for {} sequences", l.len(), seqs.len());
-                for s in seqs.drain(..) {
-                    ended.push((s.id, Outcome::Failed(anyhow::anyhow!("{e}"))));
-                }
-                return ended;
+        let checked = result.and_then(|l| {
+            if l.len() == seqs.len() {
+                Ok(l)
+            } else {
+                Err(anyhow::anyhow!(
+                    "{} results for {} sequences",
+                    l.len(),
+                    seqs.len()
+                ))
             }
+        });
+        let logits = match checked {
+            Ok(l) => l,
             Err(e) => {
-                // Whose input broke the pass is not known: every sequence in it fails.
+                // Whose input broke the pass is not known: every sequence in it fails. (A row
+                // whose values are not finite fails only its own sequence, in `accept`.)
                 let msg = format!("{e:#}");
-                let model_fault = e.downcast_ref::<NonFinite>().is_some();
                 for s in seqs.drain(..) {
-                    let err = if model_fault {
-                        anyhow::Error::new(NonFinite {
-                            what: "final hidden state",
-                            nan: 0,
-                            inf: 0,
-                            total: 0,
-                        })
-                        .context(msg.clone())
-                    } else {
-                        anyhow::anyhow!("{msg}")
-                    };
-                    ended.push((s.id, Outcome::Failed(err)));
+                    ended.push((s.id, Outcome::Failed(anyhow::anyhow!("{msg}"))));
                 }
                 return ended;
             }

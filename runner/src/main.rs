@@ -356,8 +356,6 @@ fn run() -> anyhow::Result<()> {
     // Started requests waiting for a slot, or for KV room.
     let mut waiting: VecDeque<engine::Seq> = VecDeque::new();
     let mut cancelled: HashSet<u64> = HashSet::new();
-    // Waiting requests that were not started at once (told `started` when they are).
-    let mut held: HashSet<u64> = HashSet::new();
     loop {
         // Nothing to compute: wait for the next message.
         if running.is_empty() && waiting.is_empty() && queued.is_empty() {
@@ -378,7 +376,6 @@ fn run() -> anyhow::Result<()> {
                 Request::Shutdown => return Ok(()),
                 Request::Cancel { id } => {
                     if let Some(i) = waiting.iter().position(|s| s.id == id) {
-                        held.remove(&id);
                         if let Some(s) = waiting.remove(i) {
                             let mut sink = StdoutSink {
                                 out: &mut out,
@@ -420,14 +417,16 @@ fn run() -> anyhow::Result<()> {
                 break;
             }
             if let Some(mut seq) = waiting.pop_front() {
-                if held.remove(&seq.id) {
+                if seq.waited {
                     write_frame(&mut out, &Response::Started { id: seq.id })?;
                 }
                 engine.admit(&mut seq);
                 running.push(seq);
             }
         }
-        held.extend(waiting.iter().map(|s| s.id));
+        for s in waiting.iter_mut() {
+            s.waited = true;
+        }
         engine.trim_cache(reserved(&running));
         if running.is_empty() {
             continue;

@@ -502,13 +502,7 @@ pub fn auroc_interval(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: &mut u64) -> f64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (*seed >> 11) as f64 / (1u64 << 53) as f64
-    }
+    use crate::confidence::tests::lcg;
 
     /// Answers whose correctness follows a known logistic law in two of the features.
     fn synthetic(n: usize, seed: &mut u64) -> Vec<Labelled> {

@@ -400,7 +400,7 @@ mod tests {
     use super::*;
 
     /// A small deterministic generator (no dependency for a test's noise).
-    fn lcg(seed: &mut u64) -> f64 {
+    pub(super) fn lcg(seed: &mut u64) -> f64 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);

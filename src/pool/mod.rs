@@ -525,12 +525,10 @@ impl Worker {
                 }
             };
             {
-                let closed: Vec<(u64, bool)> = active
-                    .iter()
-                    .map(|s| (s.f.id, s.job.events.is_closed()))
-                    .collect();
-                let stop = |id: u64| closed.iter().any(|(i, c)| *i == id && *c);
-                let checked = r.check_time(active.iter_mut().map(|s| &mut s.f), &stop);
+                let checked = active.iter_mut().try_for_each(|s| {
+                    let gone = s.job.events.is_closed();
+                    r.check_time(&mut s.f, gone)
+                });
                 if let Err(e) = checked {
                     let cancel_ignored = matches!(e, RunnerError::CancelIgnored(_));
                     if cancel_ignored {

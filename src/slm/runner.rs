@@ -413,7 +413,7 @@ impl Runner {
                 if let Some(r) = self.poll((Instant::now() + STOP_POLL).min(f.deadline))? {
                     break r;
                 }
-                self.check_time([&mut f], &|_| stop())?;
+                self.check_time(&mut f, stop())?;
             };
             if f.cancelled.is_none() && stop() {
                 self.cancel(&mut f)?;
@@ -465,28 +465,21 @@ impl Runner {
         }
     }
 
-    /// The limits of requests in flight: one past its time limit, or cancelled and not
-    /// answered within [`CANCEL_GRACE`] (a prefill has no point to stop at), ends the runner;
-    /// one for whose id `stop` says so is cancelled.
-    pub fn check_time<'a>(
-        &mut self,
-        fs: impl IntoIterator<Item = &'a mut InFlight>,
-        stop: &dyn Fn(u64) -> bool,
-    ) -> Result<()> {
-        let now = Instant::now();
-        for f in fs {
-            if now >= f.deadline {
-                return Err(self.overran());
+    /// The limits of a request in flight: past its time limit, or cancelled and not answered
+    /// within [`CANCEL_GRACE`] (a prefill step has no point to stop at), it ends the runner;
+    /// with `stop` (its caller is gone) it is cancelled.
+    pub fn check_time(&mut self, f: &mut InFlight, stop: bool) -> Result<()> {
+        if Instant::now() >= f.deadline {
+            return Err(self.overran());
+        }
+        match f.cancelled {
+            None if stop => self.cancel(f)?,
+            Some(at) if at.elapsed() >= CANCEL_GRACE => {
+                self.sandbox.kill();
+                let _ = self.sandbox.wait_until(None);
+                return Err(RunnerError::CancelIgnored(CANCEL_GRACE));
             }
-            match f.cancelled {
-                None if stop(f.id) => self.cancel(f)?,
-                Some(at) if at.elapsed() >= CANCEL_GRACE => {
-                    self.sandbox.kill();
-                    let _ = self.sandbox.wait_until(None);
-                    return Err(RunnerError::CancelIgnored(CANCEL_GRACE));
-                }
-                _ => {}
-            }
+            _ => {}
         }
         Ok(())
     }
