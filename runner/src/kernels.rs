@@ -8,8 +8,12 @@
 //! values (Q8_K: `d = max / -127` as f32, with per-16 sums) for the K types. Each block then
 //! contributes `d_w * d_a * Σ q_w q_a` (plus the min terms of Q4_1, Q5_1, Q4_K and Q5_K).
 //!
-//! The AVX2 kernels are chosen at run time (`is_x86_feature_detected!`), with a scalar fallback
-//! that computes the same integer sums (its float sums go in block order, not in lanes). Output
+//! The x86 kernels are written once (`x86_kernels`) and built twice: for AVX2+FMA+F16C and for
+//! AVX-512 F/BW/VL with VNNI (`vpdpbusd`/`vpdpwssd` for the 8-bit products, 32 registers for
+//! larger tiles). Both compute ggml's AVX2 arithmetic, bit for bit: corral reproduces one fixed
+//! order on every x86 host (docs/performance.md says why). Which build runs is chosen once at
+//! run time (`kernel_isa`, from `is_x86_feature_detected!`), with a scalar fallback that
+//! computes the same integer sums (its float sums go in block order, not in lanes). Output
 //! rows are split across the rayon pool, whose size the runner sets from the profile's CPU limit.
 //! Why our own rather than Candle's: Candle's generic path for these types runs 2.5–7× slower
 //! here and sums in another order, so its greedy answers drift from llama.cpp's.
@@ -17,6 +21,19 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 use rayon::prelude::*;
+
+/// Calls `$call`, a kernel of the x86 kernel modules, in the build `$isa` names (AVX2's where it
+/// names no x86 build: callers check for AVX2 first).
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd {
+    ($isa:expr, $($call:tt)+) => {
+        if $isa == Isa::Avx512 {
+            avx512::$($call)+
+        } else {
+            avx2::$($call)+
+        }
+    };
+}
 
 pub const QK: usize = 32;
 /// Values per K-quant super-block.
@@ -319,16 +336,21 @@ impl QMat {
         n: usize,
         batched: bool,
     ) -> Vec<Vec<f32>> {
+        QMat::matmul_with(kernel_isa(), mats, x, n, batched)
+    }
+
+    /// `matmul_many_batched` with the kernels of `isa` (which the CPU must have).
+    fn matmul_with(isa: Isa, mats: &[&QMat], x: &[f32], n: usize, batched: bool) -> Vec<Vec<f32>> {
         let cols = mats[0].cols;
         debug_assert!(mats.iter().all(|m| m.cols == cols));
         let rows_in = || x.chunks_exact(cols).take(n);
         let a32: Vec<Vec<ABlock>> = if mats.iter().any(|m| !m.wtype.is_k()) {
-            rows_in().map(quantize_row).collect()
+            rows_in().map(|r| quantize_row(isa, r)).collect()
         } else {
             Vec::new()
         };
         let ak: Vec<Vec<KBlock>> = if mats.iter().any(|m| m.wtype.is_k()) {
-            rows_in().map(quantize_row_k).collect()
+            rows_in().map(|r| quantize_row_k(isa, r)).collect()
         } else {
             Vec::new()
         };
@@ -352,7 +374,7 @@ impl QMat {
         } else {
             Vec::new()
         };
-        if batched && n >= 2 && has_avx2() && mats.iter().all(|m| m.groupable()) {
+        if batched && n >= 2 && isa != Isa::Portable && mats.iter().all(|m| m.groupable()) {
             // Q4_0 takes its offset of 8 off as 8 · Σ a per block.
             let sums: Vec<Vec<i32>> = if mats.iter().any(|m| m.wtype == WType::Q4_0) {
                 a32.iter()
@@ -367,7 +389,7 @@ impl QMat {
             };
             return mats
                 .iter()
-                .map(|m| m.grouped_product(&a32, &sums))
+                .map(|m| m.grouped_product(isa, &a32, &sums))
                 .collect();
         }
         let total: usize = mats.iter().map(|m| m.rows).sum();
@@ -379,7 +401,7 @@ impl QMat {
                 Some(s)
             })
             .collect();
-        let avx2 = has_avx2();
+        let avx2 = isa != Isa::Portable;
         let threads = rayon::current_num_threads().max(1);
         let tasks = if total * cols * n < 400_000 {
             1
@@ -403,12 +425,12 @@ impl QMat {
                 let end = (first + m.rows - g0).min(here);
                 let wt = m.wtype;
                 if wt == WType::F16 {
-                    rows_half(m, g0 + k - first, &mut dst[k * n..end * n], &a16);
+                    rows_half(isa, m, g0 + k - first, &mut dst[k * n..end * n], &a16);
                     k = end;
                     continue;
                 }
                 if wt == WType::BF16 {
-                    rows_half(m, g0 + k - first, &mut dst[k * n..end * n], &ab16);
+                    rows_half(isa, m, g0 + k - first, &mut dst[k * n..end * n], &ab16);
                     k = end;
                     continue;
                 }
@@ -416,9 +438,9 @@ impl QMat {
                     // Decoding: one activation row, the rows one after another.
                     let out = &mut dst[k..end];
                     if wt.is_k() {
-                        rows_dot_k(m, g0 + k - first, out, &ak[0], avx2);
+                        rows_dot_k(m, g0 + k - first, out, &ak[0], isa);
                     } else {
-                        rows_dot32(m, g0 + k - first, out, &a32[0], avx2);
+                        rows_dot32(m, g0 + k - first, out, &a32[0], isa);
                     }
                     k = end;
                     continue;
@@ -431,54 +453,38 @@ impl QMat {
                         // values unpacked once), each result exactly `dot_k`'s tiled-order one.
                         while avx2 && n >= 8 && i + 4 <= n {
                             let a4 = [&ak[i][..], &ak[i + 1], &ak[i + 2], &ak[i + 3]];
-                            dst[k * n + i..][..4].copy_from_slice(&tile_k(wt, &this, a4));
+                            dst[k * n + i..][..4].copy_from_slice(&tile_k(isa, wt, &this, a4));
                             i += 4;
                         }
                         for (j, a) in ak.iter().enumerate().skip(i) {
-                            dst[k * n + j] = dot_k(wt, &this, a, avx2, n >= 8);
+                            dst[k * n + j] = dot_k(wt, &this, a, isa, n >= 8);
                         }
                         k += 1;
                         continue;
                     }
                     if !(avx2 && n > 1 && k + 1 < end) {
                         for (i, a) in a32.iter().enumerate() {
-                            dst[k * n + i] = dot32(wt, &this, a, avx2);
+                            dst[k * n + i] = dot32(wt, &this, a, isa);
                         }
                         k += 1;
                         continue;
                     }
-                    let next = m.row(g0 + k + 1 - first);
-                    let ws = [&this, &next];
-                    let mut i = 0;
-                    while i < n {
-                        if i + 4 <= n {
-                            let a4 = [&a32[i][..], &a32[i + 1], &a32[i + 2], &a32[i + 3]];
-                            let out = tile::<2, 4>(wt, ws, a4);
-                            for (r, o) in out.iter().enumerate() {
-                                dst[(k + r) * n + i..][..4].copy_from_slice(o);
-                            }
-                            i += 4;
-                        } else if i + 3 == n {
-                            let a3 = [&a32[i][..], &a32[i + 1], &a32[i + 2]];
-                            let out = tile::<2, 3>(wt, ws, a3);
-                            for (r, o) in out.iter().enumerate() {
-                                dst[(k + r) * n + i..][..3].copy_from_slice(o);
-                            }
-                            i += 3;
-                        } else if i + 2 == n {
-                            let out = tile::<2, 2>(wt, ws, [&a32[i][..], &a32[i + 1]]);
-                            for (r, o) in out.iter().enumerate() {
-                                dst[(k + r) * n + i..][..2].copy_from_slice(o);
-                            }
-                            i += 2;
-                        } else {
-                            let out = tile::<2, 1>(wt, ws, [&a32[i]]);
-                            for (r, o) in out.iter().enumerate() {
-                                dst[(k + r) * n + i] = o[0];
-                            }
-                            i += 1;
-                        }
+                    // With AVX-512's 32 registers, four weight rows at once: each activation
+                    // block read from cache serves twice the products.
+                    if isa == Isa::Avx512 && k + 3 < end {
+                        let ws = [0, 1, 2, 3].map(|r| m.row(g0 + k + r - first));
+                        tile_rows(
+                            isa,
+                            wt,
+                            [&ws[0], &ws[1], &ws[2], &ws[3]],
+                            &a32,
+                            &mut dst[k * n..],
+                        );
+                        k += 4;
+                        continue;
                     }
+                    let next = m.row(g0 + k + 1 - first);
+                    tile_rows(isa, wt, [&this, &next], &a32, &mut dst[k * n..]);
                     k += 2;
                 }
             }
@@ -586,7 +592,7 @@ impl QMat {
 
     /// `n` activation rows (quantized, with their integer sums for Q4_0) against the grouped
     /// rows: returns `n` rows of `self.rows` values.
-    fn grouped_product(&self, a32: &[Vec<ABlock>], sums: &[Vec<i32>]) -> Vec<f32> {
+    fn grouped_product(&self, isa: Isa, a32: &[Vec<ABlock>], sums: &[Vec<i32>]) -> Vec<f32> {
         let n = a32.len();
         let g = self.grouped();
         let nb = self.cols / QK;
@@ -612,11 +618,26 @@ impl QMat {
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
                     match take {
-                        8 => avx2::group32::<8>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
-                        4 => avx2::group32::<4>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
-                        3 => avx2::group32::<3>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
-                        2 => avx2::group32::<2>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
-                        _ => avx2::group32::<1>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out),
+                        8 => simd!(
+                            isa,
+                            group32::<8>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out)
+                        ),
+                        4 => simd!(
+                            isa,
+                            group32::<4>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out)
+                        ),
+                        3 => simd!(
+                            isa,
+                            group32::<3>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out)
+                        ),
+                        2 => simd!(
+                            isa,
+                            group32::<2>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out)
+                        ),
+                        _ => simd!(
+                            isa,
+                            group32::<1>(code, gq, gd, gm, &a32[a0..], &sums[a0..], out)
+                        ),
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -649,9 +670,53 @@ impl QMat {
     }
 }
 
-/// `R` rows of one block-32 type against `A` activation rows with the AVX2 tiles (the caller
+/// `R` rows of one block-32 type against every activation row, four at a time (`tile`):
+/// `dst[r * n + i]` gets row `r`'s product with activation row `i`.
+fn tile_rows<const R: usize>(
+    isa: Isa,
+    wt: WType,
+    ws: [&Row<'_>; R],
+    a32: &[Vec<ABlock>],
+    dst: &mut [f32],
+) {
+    let n = a32.len();
+    let mut put =
+        |i: usize, out: &[f32], r: usize| dst[r * n + i..][..out.len()].copy_from_slice(out);
+    let mut i = 0;
+    while i < n {
+        if i + 4 <= n {
+            let a4 = [&a32[i][..], &a32[i + 1], &a32[i + 2], &a32[i + 3]];
+            for (r, o) in tile::<R, 4>(isa, wt, ws, a4).iter().enumerate() {
+                put(i, o, r);
+            }
+            i += 4;
+        } else if i + 3 == n {
+            let a3 = [&a32[i][..], &a32[i + 1], &a32[i + 2]];
+            for (r, o) in tile::<R, 3>(isa, wt, ws, a3).iter().enumerate() {
+                put(i, o, r);
+            }
+            i += 3;
+        } else if i + 2 == n {
+            for (r, o) in tile::<R, 2>(isa, wt, ws, [&a32[i][..], &a32[i + 1]])
+                .iter()
+                .enumerate()
+            {
+                put(i, o, r);
+            }
+            i += 2;
+        } else {
+            for (r, o) in tile::<R, 1>(isa, wt, ws, [&a32[i]]).iter().enumerate() {
+                put(i, o, r);
+            }
+            i += 1;
+        }
+    }
+}
+
+/// `R` rows of one block-32 type against `A` activation rows with the x86 tiles (the caller
 /// checked AVX2 and FMA).
 fn tile<const R: usize, const A: usize>(
+    isa: Isa,
     wt: WType,
     ws: [&Row<'_>; R],
     acts: [&[ABlock]; A],
@@ -662,11 +727,11 @@ fn tile<const R: usize, const A: usize>(
         // activations come from the same matrix product, so their block counts match.
         unsafe {
             match wt.code() {
-                T4_0 => avx2::tile32::<T4_0, R, A>(ws, acts),
-                T4_1 => avx2::tile32::<T4_1, R, A>(ws, acts),
-                T5_0 => avx2::tile32::<T5_0, R, A>(ws, acts),
-                T5_1 => avx2::tile32::<T5_1, R, A>(ws, acts),
-                _ => avx2::tile32::<T8_0, R, A>(ws, acts),
+                T4_0 => simd!(isa, tile32::<T4_0, R, A>(ws, acts)),
+                T4_1 => simd!(isa, tile32::<T4_1, R, A>(ws, acts)),
+                T5_0 => simd!(isa, tile32::<T5_0, R, A>(ws, acts)),
+                T5_1 => simd!(isa, tile32::<T5_1, R, A>(ws, acts)),
+                _ => simd!(isa, tile32::<T8_0, R, A>(ws, acts)),
             }
         }
     }
@@ -675,7 +740,7 @@ fn tile<const R: usize, const A: usize>(
         let mut out = [[0f32; A]; R];
         for (r, w) in ws.iter().enumerate() {
             for (j, a) in acts.iter().enumerate() {
-                out[r][j] = dot32(wt, w, a, false);
+                out[r][j] = dot32(wt, w, a, Isa::Portable);
             }
         }
         out
@@ -684,22 +749,22 @@ fn tile<const R: usize, const A: usize>(
 
 /// A K-type row against four activation rows in the tiled (many-row) order (the caller checked
 /// AVX2 and FMA).
-fn tile_k(wt: WType, w: &Row<'_>, acts: [&[KBlock]; 4]) -> [f32; 4] {
+fn tile_k(isa: Isa, wt: WType, w: &Row<'_>, acts: [&[KBlock]; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: only called when AVX2 and FMA were detected; the row and the activations come
         // from the same matrix product, so their super-block counts match.
         unsafe {
             match wt {
-                WType::Q4K => avx2::tile_k::<0, 4>(w, acts),
-                WType::Q5K => avx2::tile_k::<1, 4>(w, acts),
-                _ => avx2::tile_k::<2, 4>(w, acts),
+                WType::Q4K => simd!(isa, tile_k::<0, 4>(w, acts)),
+                WType::Q5K => simd!(isa, tile_k::<1, 4>(w, acts)),
+                _ => simd!(isa, tile_k::<2, 4>(w, acts)),
             }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        acts.map(|a| dot_k(wt, w, a, false, true))
+        acts.map(|a| dot_k(wt, w, a, Isa::Portable, true))
     }
 }
 
@@ -710,26 +775,69 @@ struct Row<'a> {
     q: &'a [u8],
 }
 
-fn has_avx2() -> bool {
+/// The kernels' instruction set, chosen once from what the CPU reports: `Avx512` where it has
+/// AVX-512 F/BW/VL and VNNI (with AVX2, FMA and F16C), `Avx2` where it has AVX2, FMA and F16C,
+/// else the portable code. `CORRAL_KERNELS=avx2` or `=portable` picks a lesser one (to compare
+/// them); every choice computes the same numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512-vnni",
+        }
+    }
+}
+
+pub fn kernel_isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        let best = detected_isa();
+        match std::env::var("CORRAL_KERNELS").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") if best != Isa::Portable => Isa::Avx2,
+            _ => best,
+        }
+    })
+}
+
+fn detected_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
+        use std::is_x86_feature_detected as has;
+        if !(has!("avx2") && has!("fma") && has!("f16c")) {
+            return Isa::Portable;
+        }
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+            return Isa::Avx512;
+        }
+        Isa::Avx2
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        Isa::Portable
     }
+}
+
+#[cfg(test)]
+fn has_avx2() -> bool {
+    kernel_isa() != Isa::Portable
 }
 
 /// ggml's `quantize_row_q8_1` (the `s` term is used by Q4_1 and Q5_1 only; for the other types
 /// it is `quantize_row_q8_0`).
-fn quantize_row(x: &[f32]) -> Vec<ABlock> {
+fn quantize_row(isa: Isa, x: &[f32]) -> Vec<ABlock> {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if isa != Isa::Portable {
         // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { avx2::quantize_row(x) };
+        return unsafe { simd!(isa, quantize_row(x)) };
     }
     quantize_row_scalar(x)
 }
@@ -759,7 +867,7 @@ fn quantize_row_scalar(x: &[f32]) -> Vec<ABlock> {
 
 /// ggml's `quantize_row_q8_K` (its reference version, which is what x86 builds run): the
 /// value of largest magnitude maps to -127, `d` is the f32 inverse of that scale.
-fn quantize_row_k(x: &[f32]) -> Vec<KBlock> {
+fn quantize_row_k(isa: Isa, x: &[f32]) -> Vec<KBlock> {
     x.chunks_exact(QKK)
         .map(|b| {
             let (mut max, mut amax) = (0f32, 0f32);
@@ -779,9 +887,9 @@ fn quantize_row_k(x: &[f32]) -> Vec<KBlock> {
             }
             let iscale = -127.0 / max;
             #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
+            if isa != Isa::Portable {
                 // SAFETY: AVX2 and FMA were detected at run time; b has 256 values.
-                unsafe { avx2::round_k(iscale, b, &mut out.q) };
+                unsafe { simd!(isa, round_k(iscale, b, &mut out.q)) };
             } else {
                 round_k(iscale, b, &mut out.q);
             }
@@ -886,14 +994,14 @@ fn bf16_vec_dot(w: &[f32], a: &[f32]) -> f32 {
 /// more of a length that is whole 8-lane groups, else the type's `vec_dot` — `vec_dot_f16`'s
 /// four accumulators over steps of 32 and its reduction, or `vec_dot_bf16`'s (see
 /// `bf16_vec_dot`), each adding what is left past the last step of 32 one by one in double.
-fn rows_half(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
+fn rows_half(isa: Isa, m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
     use crate::ggml_math::{dot, dot_many_tinyblas, with_fma, Order};
     let n = acts.len();
     let bf = m.wtype == WType::BF16;
     let tiny = m.cols.is_multiple_of(8) && n >= 2;
     let np = m.cols / 32 * 32;
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
+    if isa != Isa::Portable {
         for (j, o) in out.chunks_mut(n).enumerate() {
             let w = m.row(r0 + j).q;
             let mut i = 0;
@@ -902,14 +1010,14 @@ fn rows_half(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
             unsafe {
                 while tiny && i + 4 <= n {
                     let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
-                    o[i..i + 4].copy_from_slice(&avx2::half_tiny(bf, w, four));
+                    o[i..i + 4].copy_from_slice(&simd!(isa, half_tiny(bf, w, four)));
                     i += 4;
                 }
                 for (o, a) in o[i..].iter_mut().zip(&acts[i..]) {
                     *o = match (tiny, bf) {
-                        (true, _) => avx2::half_tiny(bf, w, [&a[..]])[0],
-                        (false, true) => avx2::bf16_vec_dot(w, a),
-                        (false, false) => avx2::f16_vec_dot(w, a, np),
+                        (true, _) => simd!(isa, half_tiny(bf, w, [&a[..]]))[0],
+                        (false, true) => simd!(isa, bf16_vec_dot(w, a)),
+                        (false, false) => simd!(isa, f16_vec_dot(w, a, np)),
                     };
                 }
             }
@@ -945,41 +1053,41 @@ fn rows_half(m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
 
 /// Rows `r0..` of a block-32 matrix (as many as `out` holds) against one activation row: the
 /// type dispatched once for the run of rows.
-fn rows_dot32(m: &QMat, r0: usize, out: &mut [f32], a: &[ABlock], avx2: bool) {
+fn rows_dot32(m: &QMat, r0: usize, out: &mut [f32], a: &[ABlock], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
+    if isa != Isa::Portable {
         // SAFETY: AVX2 and FMA were detected at run time; the rows and `a` have the same blocks.
         unsafe {
             match m.wtype.code() {
-                T4_0 => avx2::rows_dot32::<T4_0>(m, r0, out, a),
-                T4_1 => avx2::rows_dot32::<T4_1>(m, r0, out, a),
-                T5_0 => avx2::rows_dot32::<T5_0>(m, r0, out, a),
-                T5_1 => avx2::rows_dot32::<T5_1>(m, r0, out, a),
-                _ => avx2::rows_dot32::<T8_0>(m, r0, out, a),
+                T4_0 => simd!(isa, rows_dot32::<T4_0>(m, r0, out, a)),
+                T4_1 => simd!(isa, rows_dot32::<T4_1>(m, r0, out, a)),
+                T5_0 => simd!(isa, rows_dot32::<T5_0>(m, r0, out, a)),
+                T5_1 => simd!(isa, rows_dot32::<T5_1>(m, r0, out, a)),
+                _ => simd!(isa, rows_dot32::<T8_0>(m, r0, out, a)),
             }
         }
         return;
     }
     for (j, o) in out.iter_mut().enumerate() {
-        *o = dot32(m.wtype, &m.row(r0 + j), a, avx2);
+        *o = dot32(m.wtype, &m.row(r0 + j), a, isa);
     }
 }
 
-fn dot32(wt: WType, w: &Row<'_>, a: &[ABlock], avx2: bool) -> f32 {
+fn dot32(wt: WType, w: &Row<'_>, a: &[ABlock], isa: Isa) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
+    if isa != Isa::Portable {
         // SAFETY: AVX2 and FMA were detected at run time; `w` and `a` have the same blocks.
         return unsafe {
             match wt.code() {
-                T4_0 => avx2::dot32::<T4_0>(w, a),
-                T4_1 => avx2::dot32::<T4_1>(w, a),
-                T5_0 => avx2::dot32::<T5_0>(w, a),
-                T5_1 => avx2::dot32::<T5_1>(w, a),
-                _ => avx2::dot32::<T8_0>(w, a),
+                T4_0 => simd!(isa, dot32::<T4_0>(w, a)),
+                T4_1 => simd!(isa, dot32::<T4_1>(w, a)),
+                T5_0 => simd!(isa, dot32::<T5_0>(w, a)),
+                T5_1 => simd!(isa, dot32::<T5_1>(w, a)),
+                _ => simd!(isa, dot32::<T8_0>(w, a)),
             }
         };
     }
-    let _ = avx2;
+    let _ = isa;
     let t = wt.code();
     let kb = kept32(t);
     let mut sum = 0f32;
@@ -1051,40 +1159,40 @@ fn unpack_k(wt: WType, q: &[u8]) -> ([i32; QKK], [i32; 16]) {
 /// * d_a`, fused as its AVX2 build fuses them).
 /// Rows `r0..` of a K-type matrix (as many as `out` holds) against one activation row (the
 /// one-row order, `vec_dot`'s): the type dispatched once for the run of rows.
-fn rows_dot_k(m: &QMat, r0: usize, out: &mut [f32], a: &[KBlock], avx2: bool) {
+fn rows_dot_k(m: &QMat, r0: usize, out: &mut [f32], a: &[KBlock], isa: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
+    if isa != Isa::Portable {
         // SAFETY: AVX2 and FMA were detected at run time; the rows and `a` have the same blocks.
         unsafe {
             match m.wtype {
-                WType::Q4K => avx2::rows_dot_k::<0>(m, r0, out, a),
-                WType::Q5K => avx2::rows_dot_k::<1>(m, r0, out, a),
-                _ => avx2::rows_dot_k::<2>(m, r0, out, a),
+                WType::Q4K => simd!(isa, rows_dot_k::<0>(m, r0, out, a)),
+                WType::Q5K => simd!(isa, rows_dot_k::<1>(m, r0, out, a)),
+                _ => simd!(isa, rows_dot_k::<2>(m, r0, out, a)),
             }
         }
         return;
     }
     for (j, o) in out.iter_mut().enumerate() {
-        *o = dot_k(m.wtype, &m.row(r0 + j), a, avx2, false);
+        *o = dot_k(m.wtype, &m.row(r0 + j), a, isa, false);
     }
 }
 
-fn dot_k(wt: WType, w: &Row<'_>, a: &[KBlock], avx2: bool, many: bool) -> f32 {
+fn dot_k(wt: WType, w: &Row<'_>, a: &[KBlock], isa: Isa, many: bool) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if avx2 {
+    if isa != Isa::Portable {
         // SAFETY: AVX2 and FMA were detected at run time; `w` and `a` have the same blocks.
         return unsafe {
             match (wt, many) {
-                (WType::Q4K, false) => avx2::dot_k::<0>(w, a),
-                (WType::Q5K, false) => avx2::dot_k::<1>(w, a),
-                (_, false) => avx2::dot_k::<2>(w, a),
-                (WType::Q4K, true) => avx2::tile_k::<0, 1>(w, [a])[0],
-                (WType::Q5K, true) => avx2::tile_k::<1, 1>(w, [a])[0],
-                (_, true) => avx2::tile_k::<2, 1>(w, [a])[0],
+                (WType::Q4K, false) => simd!(isa, dot_k::<0>(w, a)),
+                (WType::Q5K, false) => simd!(isa, dot_k::<1>(w, a)),
+                (_, false) => simd!(isa, dot_k::<2>(w, a)),
+                (WType::Q4K, true) => simd!(isa, tile_k::<0, 1>(w, [a]))[0],
+                (WType::Q5K, true) => simd!(isa, tile_k::<1, 1>(w, [a]))[0],
+                (_, true) => simd!(isa, tile_k::<2, 1>(w, [a]))[0],
             }
         };
     }
-    let _ = avx2;
+    let _ = isa;
     let kb = wt.kept();
     let mut sum = 0f32;
     for (i, y) in a.iter().enumerate() {
@@ -1112,731 +1220,807 @@ fn dot_k(wt: WType, w: &Row<'_>, a: &[KBlock], avx2: bool, many: bool) -> f32 {
     sum
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{has_min, kept32, ABlock, KBlock, Row, QK, T4_0, T4_1, T5_0, T5_1, T8_0};
-    use half::f16;
-    use std::arch::x86_64::*;
+/// The x86 kernels, written once and compiled twice (`avx2`, `avx512`): `$fma` and `$f16c` are
+/// the target features of the two kinds of function, `$vnni` whether `vpdpbusd`/`vpdpwssd`
+/// replace `maddubs`+`madd`. Both builds compute the same integers and the same float operations
+/// in the same order (ggml's AVX2 order), so their results are bit for bit the same; the
+/// AVX-512 build gains VNNI's fused integer dot products and 32 vector registers.
+macro_rules! x86_kernels {
+    ($fma:literal, $f16c:literal, $vnni:literal) => {
+        const VNNI: bool = $vnni;
+        use super::{has_min, kept32, ABlock, KBlock, Row, QK, T4_0, T4_1, T5_0, T5_1, T8_0};
+        use half::f16;
+        use std::arch::x86_64::*;
 
-    /// `quantize_row_scalar` with the rounding done by `vroundps` (nearest, ties to even).
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn quantize_row(x: &[f32]) -> Vec<ABlock> {
-        let mut out = Vec::with_capacity(x.len() / QK);
-        let sign = _mm256_set1_ps(-0.0);
-        for b in x.chunks_exact(QK) {
-            // SAFETY: b has 32 floats: four loads of 8.
-            let v = unsafe {
-                [
-                    _mm256_loadu_ps(b.as_ptr()),
-                    _mm256_loadu_ps(b.as_ptr().add(8)),
-                    _mm256_loadu_ps(b.as_ptr().add(16)),
-                    _mm256_loadu_ps(b.as_ptr().add(24)),
-                ]
-            };
-            let mut m = _mm256_andnot_ps(sign, v[0]);
-            for vv in &v[1..] {
-                m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vv));
+        /// `quantize_row_scalar` with the rounding done by `vroundps` (nearest, ties to even).
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA.
+        #[target_feature(enable = $fma)]
+        pub unsafe fn quantize_row(x: &[f32]) -> Vec<ABlock> {
+            let mut out = Vec::with_capacity(x.len() / QK);
+            let sign = _mm256_set1_ps(-0.0);
+            for b in x.chunks_exact(QK) {
+                // SAFETY: b has 32 floats: four loads of 8.
+                let v = unsafe {
+                    [
+                        _mm256_loadu_ps(b.as_ptr()),
+                        _mm256_loadu_ps(b.as_ptr().add(8)),
+                        _mm256_loadu_ps(b.as_ptr().add(16)),
+                        _mm256_loadu_ps(b.as_ptr().add(24)),
+                    ]
+                };
+                let mut m = _mm256_andnot_ps(sign, v[0]);
+                for vv in &v[1..] {
+                    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vv));
+                }
+                let mut lanes = [0f32; 8];
+                // SAFETY: lanes holds 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+                let amax = lanes.iter().fold(0f32, |a, l| a.max(*l));
+                let d = amax / 127.0;
+                let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+                let mut q = [0i8; QK];
+                let mut sum = 0i32;
+                for (k, vv) in v.iter().enumerate() {
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                        _mm256_mul_ps(*vv, id),
+                    );
+                    let i = _mm256_cvtps_epi32(r);
+                    let mut ints = [0i32; 8];
+                    // SAFETY: ints holds 8 i32.
+                    unsafe { _mm256_storeu_si256(ints.as_mut_ptr().cast(), i) };
+                    for (j, iv) in ints.iter().enumerate() {
+                        q[k * 8 + j] = *iv as i8;
+                        sum += iv;
+                    }
+                }
+                out.push(ABlock {
+                    d: f16::from_f32(d).to_f32(),
+                    s: f16::from_f32(sum as f32 * d).to_f32(),
+                    q,
+                });
             }
-            let mut lanes = [0f32; 8];
-            // SAFETY: lanes holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
-            let amax = lanes.iter().fold(0f32, |a, l| a.max(*l));
-            let d = amax / 127.0;
-            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-            let mut q = [0i8; QK];
-            let mut sum = 0i32;
-            for (k, vv) in v.iter().enumerate() {
+            out
+        }
+
+        /// `super::round_k` with `vroundps` (nearest, ties to even) for eight values at a time.
+        ///
+        /// # Safety
+        /// Needs AVX2; `x` and `q` have the same length, a multiple of 8.
+        #[target_feature(enable = $fma)]
+        pub unsafe fn round_k(iscale: f32, x: &[f32], q: &mut [i8]) {
+            let s = _mm256_set1_ps(iscale);
+            let cap = _mm256_set1_epi32(127);
+            for (xs, qs) in x.chunks_exact(8).zip(q.chunks_exact_mut(8)) {
+                // SAFETY: xs has 8 floats.
+                let v = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
                 let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm256_mul_ps(*vv, id),
+                    _mm256_mul_ps(v, s),
                 );
-                let i = _mm256_cvtps_epi32(r);
+                let i = _mm256_min_epi32(_mm256_cvtps_epi32(r), cap);
                 let mut ints = [0i32; 8];
                 // SAFETY: ints holds 8 i32.
                 unsafe { _mm256_storeu_si256(ints.as_mut_ptr().cast(), i) };
-                for (j, iv) in ints.iter().enumerate() {
-                    q[k * 8 + j] = *iv as i8;
-                    sum += iv;
+                for (o, v) in qs.iter_mut().zip(ints) {
+                    *o = v as i8;
                 }
             }
-            out.push(ABlock {
-                d: f16::from_f32(d).to_f32(),
-                s: f16::from_f32(sum as f32 * d).to_f32(),
-                q,
-            });
         }
-        out
-    }
 
-    /// `super::round_k` with `vroundps` (nearest, ties to even) for eight values at a time.
-    ///
-    /// # Safety
-    /// Needs AVX2; `x` and `q` have the same length, a multiple of 8.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn round_k(iscale: f32, x: &[f32], q: &mut [i8]) {
-        let s = _mm256_set1_ps(iscale);
-        let cap = _mm256_set1_epi32(127);
-        for (xs, qs) in x.chunks_exact(8).zip(q.chunks_exact_mut(8)) {
-            // SAFETY: xs has 8 floats.
-            let v = unsafe { _mm256_loadu_ps(xs.as_ptr()) };
-            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                _mm256_mul_ps(v, s),
+        /// Horizontal sum of 8 f32 lanes (high half plus low half, then pairs: ggml's order).
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA (the caller checked them at run time, as every kernel here does).
+        #[target_feature(enable = $fma)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let lo = _mm256_castps256_ps128(v);
+            let hi = _mm256_extractf128_ps::<1>(v);
+            let s = _mm_add_ps(lo, hi);
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+
+        /// The wrapping sum of the i32 lanes of two vectors (an exact integer wherever ggml's is).
+        ///
+        /// # Safety
+        /// Needs AVX2.
+        #[target_feature(enable = $fma)]
+        unsafe fn hsum_i32(a: __m128i, b: __m128i) -> i32 {
+            let mut lanes = [0i32; 8];
+            // SAFETY: lanes holds 8 i32.
+            unsafe {
+                _mm_storeu_si128(lanes.as_mut_ptr().cast(), a);
+                _mm_storeu_si128(lanes.as_mut_ptr().add(4).cast(), b);
+            }
+            lanes.iter().fold(0i32, |s, l| s.wrapping_add(*l))
+        }
+
+        /// 32 unsigned times 32 signed bytes, summed into 8 i32 lanes, as f32.
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA (the caller checked them at run time, as every kernel here does).
+        #[allow(unused_unsafe)] // needed where VNNI is not enabled (the dead branch)
+        #[target_feature(enable = $fma)]
+        unsafe fn mul_sum_us8(u: __m256i, s: __m256i) -> __m256 {
+            if VNNI {
+                // SAFETY: VNNI is only set where AVX512-VNNI/VL are enabled for this function. The
+                // lanes equal maddubs + madd's: no pair of products here reaches maddubs's i16
+                // saturation (|u| ≤ 128 against |s| ≤ 127, or u ≤ 31).
+                return _mm256_cvtepi32_ps(unsafe {
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+                });
+            }
+            let dot16 = _mm256_maddubs_epi16(u, s);
+            let dot32 = _mm256_madd_epi16(dot16, _mm256_set1_epi16(1));
+            _mm256_cvtepi32_ps(dot32)
+        }
+
+        /// Bit `j` of the 4 bytes at `p` as byte `j` of the result (0xff where set).
+        ///
+        /// # Safety
+        /// Needs AVX2; `p` has 4 bytes.
+        #[target_feature(enable = $fma)]
+        unsafe fn bits_to_bytes(p: &[u8]) -> __m256i {
+            let x = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+            // Byte j takes source byte j / 8, then keeps bit j % 8.
+            let spread = _mm256_shuffle_epi8(
+                _mm256_set1_epi32(x as i32),
+                _mm256_set_epi64x(
+                    0x0303030303030303,
+                    0x0202020202020202,
+                    0x0101010101010101,
+                    0,
+                ),
             );
-            let i = _mm256_min_epi32(_mm256_cvtps_epi32(r), cap);
-            let mut ints = [0i32; 8];
-            // SAFETY: ints holds 8 i32.
-            unsafe { _mm256_storeu_si256(ints.as_mut_ptr().cast(), i) };
-            for (o, v) in qs.iter_mut().zip(ints) {
-                *o = v as i8;
+            let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+            _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+        }
+
+        /// A block-32 type's 32 values as bytes (see `unpack32_scalar`).
+        ///
+        /// # Safety
+        /// Needs AVX2; `q` has the type's `kept32` bytes.
+        #[target_feature(enable = $fma)]
+        #[inline]
+        unsafe fn unpack32<const T: u8>(q: &[u8]) -> __m256i {
+            if T == T8_0 {
+                // SAFETY: q has 32 bytes.
+                return unsafe { _mm256_loadu_si256(q.as_ptr().cast()) };
             }
-        }
-    }
-
-    /// Horizontal sum of 8 f32 lanes (high half plus low half, then pairs: ggml's order).
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA (the caller checked them at run time, as every kernel here does).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
-    /// The wrapping sum of the i32 lanes of two vectors (an exact integer wherever ggml's is).
-    ///
-    /// # Safety
-    /// Needs AVX2.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum_i32(a: __m128i, b: __m128i) -> i32 {
-        let mut lanes = [0i32; 8];
-        // SAFETY: lanes holds 8 i32.
-        unsafe {
-            _mm_storeu_si128(lanes.as_mut_ptr().cast(), a);
-            _mm_storeu_si128(lanes.as_mut_ptr().add(4).cast(), b);
-        }
-        lanes.iter().fold(0i32, |s, l| s.wrapping_add(*l))
-    }
-
-    /// 32 unsigned times 32 signed bytes, summed into 8 i32 lanes, as f32.
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA (the caller checked them at run time, as every kernel here does).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn mul_sum_us8(u: __m256i, s: __m256i) -> __m256 {
-        let dot16 = _mm256_maddubs_epi16(u, s);
-        let dot32 = _mm256_madd_epi16(dot16, _mm256_set1_epi16(1));
-        _mm256_cvtepi32_ps(dot32)
-    }
-
-    /// Bit `j` of the 4 bytes at `p` as byte `j` of the result (0xff where set).
-    ///
-    /// # Safety
-    /// Needs AVX2; `p` has 4 bytes.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn bits_to_bytes(p: &[u8]) -> __m256i {
-        let x = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
-        // Byte j takes source byte j / 8, then keeps bit j % 8.
-        let spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(x as i32),
-            _mm256_set_epi64x(
-                0x0303030303030303,
-                0x0202020202020202,
-                0x0101010101010101,
-                0,
-            ),
-        );
-        let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
-        _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
-    }
-
-    /// A block-32 type's 32 values as bytes (see `unpack32_scalar`).
-    ///
-    /// # Safety
-    /// Needs AVX2; `q` has the type's `kept32` bytes.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn unpack32<const T: u8>(q: &[u8]) -> __m256i {
-        if T == T8_0 {
-            // SAFETY: q has 32 bytes.
-            return unsafe { _mm256_loadu_si256(q.as_ptr().cast()) };
-        }
-        let nib = if T == T5_0 || T == T5_1 {
-            &q[4..20]
-        } else {
-            &q[..16]
-        };
-        // SAFETY: nib has 16 bytes.
-        let lo = unsafe { _mm_loadu_si128(nib.as_ptr().cast()) };
-        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo);
-        let x = _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
-        match T {
-            T4_0 => _mm256_sub_epi8(x, _mm256_set1_epi8(8)),
-            T4_1 => x,
-            T5_0 => {
-                // (q | h << 4) - 16: where the high bit is clear, q - 16 is q | 0xf0.
-                // SAFETY: q has 4 bytes of high bits first.
-                let h = unsafe { bits_to_bytes(q) };
-                _mm256_or_si256(x, _mm256_andnot_si256(h, _mm256_set1_epi8(0xf0u8 as i8)))
-            }
-            _ => {
-                // SAFETY: as above.
-                let h = unsafe { bits_to_bytes(q) };
-                _mm256_or_si256(x, _mm256_and_si256(h, _mm256_set1_epi8(0x10)))
-            }
-        }
-    }
-
-    /// One block's 8 lane sums of weight values times activation values, as f32 (ggml's
-    /// `mul_sum_i8_pairs_float` for the signed types: |x| times y with x's sign moved onto y,
-    /// since `maddubs` needs one unsigned side).
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn block_sum<const T: u8>(x: __m256i, y: __m256i) -> __m256 {
-        // SAFETY: AVX2/FMA are enabled for this function.
-        unsafe {
-            if has_min(T) {
-                mul_sum_us8(x, y)
+            let nib = if T == T5_0 || T == T5_1 {
+                &q[4..20]
             } else {
-                mul_sum_us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
-            }
-        }
-    }
-
-    /// A block-32 row against one activation row (ggml's `ggml_vec_dot_{q4_0,q4_1,q5_0,q5_1,
-    /// q8_0}_q8_{0,1}` for AVX2).
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `w` holds whole blocks of type `T` matching `a`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot32<const T: u8>(w: &Row<'_>, a: &[ABlock]) -> f32 {
-        let kb = kept32(T);
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        for (b, ab) in a.iter().enumerate() {
-            if has_min(T) {
-                summs += w.m[b] * ab.s;
-            }
-            // SAFETY: the block has kb bytes; ab.q has 32.
-            let p = unsafe {
-                let x = unpack32::<T>(&w.q[b * kb..(b + 1) * kb]);
-                block_sum::<T>(x, _mm256_loadu_si256(ab.q.as_ptr().cast()))
+                &q[..16]
             };
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d[b] * ab.d), p, acc);
+            // SAFETY: nib has 16 bytes.
+            let lo = unsafe { _mm_loadu_si128(nib.as_ptr().cast()) };
+            let both = _mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo);
+            let x = _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+            match T {
+                T4_0 => _mm256_sub_epi8(x, _mm256_set1_epi8(8)),
+                T4_1 => x,
+                T5_0 => {
+                    // (q | h << 4) - 16: where the high bit is clear, q - 16 is q | 0xf0.
+                    // SAFETY: q has 4 bytes of high bits first.
+                    let h = unsafe { bits_to_bytes(q) };
+                    _mm256_or_si256(x, _mm256_andnot_si256(h, _mm256_set1_epi8(0xf0u8 as i8)))
+                }
+                _ => {
+                    // SAFETY: as above.
+                    let h = unsafe { bits_to_bytes(q) };
+                    _mm256_or_si256(x, _mm256_and_si256(h, _mm256_set1_epi8(0x10)))
+                }
+            }
         }
-        // SAFETY: as above.
-        unsafe { hsum(acc) + summs }
-    }
 
-    /// Rows `r0..` of `m` (as many as `out` holds) against one activation row, each as
-    /// `dot32` computes it.
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `m` is of type `T` with `a`'s blocks per row.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows_dot32<const T: u8>(
-        m: &super::QMat,
-        r0: usize,
-        out: &mut [f32],
-        a: &[ABlock],
-    ) {
-        for (j, o) in out.iter_mut().enumerate() {
-            // SAFETY: as the caller promised.
-            *o = unsafe { dot32::<T>(&m.row(r0 + j), a) };
+        /// One block's 8 lane sums of weight values times activation values, as f32 (ggml's
+        /// `mul_sum_i8_pairs_float` for the signed types: |x| times y with x's sign moved onto y,
+        /// since `maddubs` needs one unsigned side).
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA.
+        #[target_feature(enable = $fma)]
+        #[inline]
+        unsafe fn block_sum<const T: u8>(x: __m256i, y: __m256i) -> __m256 {
+            // SAFETY: AVX2/FMA are enabled for this function.
+            unsafe {
+                if has_min(T) {
+                    mul_sum_us8(x, y)
+                } else {
+                    mul_sum_us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+                }
+            }
         }
-    }
 
-    /// Rows `r0..` of K-type `m` (as many as `out` holds) against one activation row, each as
-    /// `dot_k` computes it.
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `m` is of K type `T` with `a`'s super-blocks per row.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows_dot_k<const T: u8>(
-        m: &super::QMat,
-        r0: usize,
-        out: &mut [f32],
-        a: &[KBlock],
-    ) {
-        for (j, o) in out.iter_mut().enumerate() {
-            // SAFETY: as the caller promised.
-            *o = unsafe { dot_k::<T>(&m.row(r0 + j), a) };
+        /// A block-32 row against one activation row (ggml's `ggml_vec_dot_{q4_0,q4_1,q5_0,q5_1,
+        /// q8_0}_q8_{0,1}` for AVX2).
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `w` holds whole blocks of type `T` matching `a`.
+        #[target_feature(enable = $fma)]
+        pub unsafe fn dot32<const T: u8>(w: &Row<'_>, a: &[ABlock]) -> f32 {
+            let kb = kept32(T);
+            let mut acc = _mm256_setzero_ps();
+            let mut summs = 0f32;
+            for (b, ab) in a.iter().enumerate() {
+                if has_min(T) {
+                    summs += w.m[b] * ab.s;
+                }
+                // SAFETY: the block has kb bytes; ab.q has 32.
+                let p = unsafe {
+                    let x = unpack32::<T>(&w.q[b * kb..(b + 1) * kb]);
+                    block_sum::<T>(x, _mm256_loadu_si256(ab.q.as_ptr().cast()))
+                };
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(w.d[b] * ab.d), p, acc);
+            }
+            // SAFETY: as above.
+            unsafe { hsum(acc) + summs }
         }
-    }
 
-    /// An f16 row (`w`, little-endian bytes) against an activation row of f16-rounded values
-    /// as `ggml_vec_dot_f16` computes it: four 8-lane FMA accumulators over steps of 32 up to
-    /// `np`, ggml's reduction, then the rest one by one in double precision.
-    ///
-    /// # Safety
-    /// Needs AVX2, FMA and F16C; `w` holds `a.len()` values.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn f16_vec_dot(w: &[u8], a: &[f32], np: usize) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for i in (0..np).step_by(32) {
-            for (j, acc) in acc.iter_mut().enumerate() {
-                // SAFETY: i + 8j + 8 <= np <= the row's length, in both.
-                unsafe {
-                    let x =
-                        _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * (i + 8 * j)).cast()));
-                    let y = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
+        /// Rows `r0..` of `m` (as many as `out` holds) against one activation row, each as
+        /// `dot32` computes it.
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `m` is of type `T` with `a`'s blocks per row.
+        #[target_feature(enable = $fma)]
+        pub unsafe fn rows_dot32<const T: u8>(
+            m: &super::QMat,
+            r0: usize,
+            out: &mut [f32],
+            a: &[ABlock],
+        ) {
+            for (j, o) in out.iter_mut().enumerate() {
+                // SAFETY: as the caller promised.
+                *o = unsafe { dot32::<T>(&m.row(r0 + j), a) };
+            }
+        }
+
+        /// Rows `r0..` of K-type `m` (as many as `out` holds) against one activation row, each as
+        /// `dot_k` computes it.
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `m` is of K type `T` with `a`'s super-blocks per row.
+        #[target_feature(enable = $fma)]
+        pub unsafe fn rows_dot_k<const T: u8>(
+            m: &super::QMat,
+            r0: usize,
+            out: &mut [f32],
+            a: &[KBlock],
+        ) {
+            for (j, o) in out.iter_mut().enumerate() {
+                // SAFETY: as the caller promised.
+                *o = unsafe { dot_k::<T>(&m.row(r0 + j), a) };
+            }
+        }
+
+        /// An f16 row (`w`, little-endian bytes) against an activation row of f16-rounded values
+        /// as `ggml_vec_dot_f16` computes it: four 8-lane FMA accumulators over steps of 32 up to
+        /// `np`, ggml's reduction, then the rest one by one in double precision.
+        ///
+        /// # Safety
+        /// Needs AVX2, FMA and F16C; `w` holds `a.len()` values.
+        #[target_feature(enable = $f16c)]
+        pub unsafe fn f16_vec_dot(w: &[u8], a: &[f32], np: usize) -> f32 {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for i in (0..np).step_by(32) {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: i + 8j + 8 <= np <= the row's length, in both.
+                    unsafe {
+                        let x = _mm256_cvtph_ps(_mm_loadu_si128(
+                            w.as_ptr().add(2 * (i + 8 * j)).cast(),
+                        ));
+                        let y = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
+                        *acc = _mm256_fmadd_ps(x, y, *acc);
+                    }
+                }
+            }
+            let mut lanes = [[0f32; 8]; 4];
+            for (l, v) in lanes.iter_mut().zip(acc) {
+                // SAFETY: eight f32 fit.
+                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+            }
+            let mut sum = f64::from(crate::ggml_math::reduce4x8(&lanes));
+            for (k, y) in a.iter().enumerate().skip(np) {
+                let x = half::f16::from_le_bytes([w[2 * k], w[2 * k + 1]]).to_f32();
+                sum += f64::from(x * y);
+            }
+            sum as f32
+        }
+
+        /// Eight bf16 values (little-endian bytes at `p`) widened to f32, as ggml's AVX2 `LOAD`.
+        #[target_feature(enable = $fma)]
+        #[inline]
+        unsafe fn bf16x8(p: *const u8) -> __m256 {
+            // SAFETY: the caller has 16 readable bytes at p.
+            unsafe {
+                _mm256_castsi256_ps(_mm256_slli_epi32(
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+                    16,
+                ))
+            }
+        }
+
+        /// A bf16 row (`w`, little-endian bytes) against an activation row of bf16-rounded
+        /// values as `ggml_vec_dot_bf16` computes it on AVX2 (the `super::bf16_vec_dot`
+        /// arithmetic).
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `w` holds `a.len()` values.
+        #[target_feature(enable = $fma)]
+        pub unsafe fn bf16_vec_dot(w: &[u8], a: &[f32]) -> f32 {
+            let n = a.len();
+            let np = n / 32 * 32;
+            let mut c = [_mm256_setzero_ps(); 4];
+            for i in (0..np).step_by(32) {
+                for (j, c) in c.iter_mut().enumerate() {
+                    // SAFETY: i + 8j + 8 <= np values in both rows.
+                    unsafe {
+                        let x = bf16x8(w.as_ptr().add(2 * (i + 8 * j)));
+                        let y = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
+                        *c = _mm256_fmadd_ps(x, y, *c);
+                    }
+                }
+            }
+            let v = _mm256_add_ps(_mm256_add_ps(c[0], c[2]), _mm256_add_ps(c[1], c[3]));
+            let g = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+            let g = _mm_add_ps(g, _mm_movehl_ps(g, g));
+            let g = _mm_add_ss(g, _mm_movehdup_ps(g));
+            let mut sum = f64::from(_mm_cvtss_f32(g));
+            for (k, y) in a.iter().enumerate().skip(np) {
+                let x = half::bf16::from_le_bytes([w[2 * k], w[2 * k + 1]]).to_f32();
+                sum += f64::from(x * y);
+            }
+            sum as f32
+        }
+
+        /// An f16 (or, with `bf`, bf16) row against `P` activation rows as tinyBLAS computes each:
+        /// one 8-lane FMA accumulator per output over the whole row, then its horizontal sum.
+        ///
+        /// # Safety
+        /// Needs AVX2, FMA and F16C; `w` holds a multiple of 8 values, each activation row as many.
+        #[target_feature(enable = $f16c)]
+        pub unsafe fn half_tiny<const P: usize>(bf: bool, w: &[u8], acts: [&[f32]; P]) -> [f32; P] {
+            let n = w.len() / 2;
+            let mut acc = [_mm256_setzero_ps(); P];
+            for g in (0..n).step_by(8) {
+                // SAFETY: g + 8 <= n values in the row and in each activation row.
+                let x = unsafe {
+                    let p = w.as_ptr().add(2 * g);
+                    if bf {
+                        bf16x8(p)
+                    } else {
+                        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+                    }
+                };
+                for (acc, a) in acc.iter_mut().zip(&acts) {
+                    // SAFETY: as above.
+                    let y = unsafe { _mm256_loadu_ps(a.as_ptr().add(g)) };
                     *acc = _mm256_fmadd_ps(x, y, *acc);
                 }
             }
-        }
-        let mut lanes = [[0f32; 8]; 4];
-        for (l, v) in lanes.iter_mut().zip(acc) {
-            // SAFETY: eight f32 fit.
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
-        }
-        let mut sum = f64::from(crate::ggml_math::reduce4x8(&lanes));
-        for (k, y) in a.iter().enumerate().skip(np) {
-            let x = half::f16::from_le_bytes([w[2 * k], w[2 * k + 1]]).to_f32();
-            sum += f64::from(x * y);
-        }
-        sum as f32
-    }
-
-    /// Eight bf16 values (little-endian bytes at `p`) widened to f32, as ggml's AVX2 `LOAD`.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    unsafe fn bf16x8(p: *const u8) -> __m256 {
-        // SAFETY: the caller has 16 readable bytes at p.
-        unsafe {
-            _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
-                16,
-            ))
-        }
-    }
-
-    /// A bf16 row (`w`, little-endian bytes) against an activation row of bf16-rounded values as
-    /// `ggml_vec_dot_bf16` computes it on AVX2 (the `super::bf16_vec_dot` arithmetic).
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `w` holds `a.len()` values.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn bf16_vec_dot(w: &[u8], a: &[f32]) -> f32 {
-        let n = a.len();
-        let np = n / 32 * 32;
-        let mut c = [_mm256_setzero_ps(); 4];
-        for i in (0..np).step_by(32) {
-            for (j, c) in c.iter_mut().enumerate() {
-                // SAFETY: i + 8j + 8 <= np values in both rows.
-                unsafe {
-                    let x = bf16x8(w.as_ptr().add(2 * (i + 8 * j)));
-                    let y = _mm256_loadu_ps(a.as_ptr().add(i + 8 * j));
-                    *c = _mm256_fmadd_ps(x, y, *c);
-                }
+            let mut out = [0f32; P];
+            for (o, v) in out.iter_mut().zip(acc) {
+                let mut l = [0f32; 8];
+                // SAFETY: eight f32 fit.
+                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
+                *o = crate::ggml_math::hsum8(&l);
             }
+            out
         }
-        let v = _mm256_add_ps(_mm256_add_ps(c[0], c[2]), _mm256_add_ps(c[1], c[3]));
-        let g = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
-        let g = _mm_add_ps(g, _mm_movehl_ps(g, g));
-        let g = _mm_add_ss(g, _mm_movehdup_ps(g));
-        let mut sum = f64::from(_mm_cvtss_f32(g));
-        for (k, y) in a.iter().enumerate().skip(np) {
-            let x = half::bf16::from_le_bytes([w[2 * k], w[2 * k + 1]]).to_f32();
-            sum += f64::from(x * y);
-        }
-        sum as f32
-    }
 
-    /// An f16 (or, with `bf`, bf16) row against `P` activation rows as tinyBLAS computes each:
-    /// one 8-lane FMA accumulator per output over the whole row, then its horizontal sum.
-    ///
-    /// # Safety
-    /// Needs AVX2, FMA and F16C; `w` holds a multiple of 8 values, each activation row as many.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn half_tiny<const P: usize>(bf: bool, w: &[u8], acts: [&[f32]; P]) -> [f32; P] {
-        let n = w.len() / 2;
-        let mut acc = [_mm256_setzero_ps(); P];
-        for g in (0..n).step_by(8) {
-            // SAFETY: g + 8 <= n values in the row and in each activation row.
-            let x = unsafe {
-                let p = w.as_ptr().add(2 * g);
-                if bf {
-                    bf16x8(p)
-                } else {
-                    _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-                }
-            };
-            for (acc, a) in acc.iter_mut().zip(&acts) {
-                // SAFETY: as above.
-                let y = unsafe { _mm256_loadu_ps(a.as_ptr().add(g)) };
-                *acc = _mm256_fmadd_ps(x, y, *acc);
-            }
-        }
-        let mut out = [0f32; P];
-        for (o, v) in out.iter_mut().zip(acc) {
-            let mut l = [0f32; 8];
-            // SAFETY: eight f32 fit.
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
-            *o = crate::ggml_math::hsum8(&l);
-        }
-        out
-    }
-
-    /// `R` weight rows against `A` activation rows at once: each weight block is unpacked
-    /// once for the `A` activations and each activation block loaded once for the `R` rows, and
-    /// the `R × A` accumulators are independent chains (one block-ordered FMA chain per
-    /// output, as in `dot32`, so each result is bit for bit the single product's).
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; every row holds whole blocks of type `T` matching every activation
-    /// row.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::needless_range_loop)] // block b of every row and activation in lockstep
-    pub unsafe fn tile32<const T: u8, const R: usize, const A: usize>(
-        ws: [&Row<'_>; R],
-        acts: [&[ABlock]; A],
-    ) -> [[f32; A]; R] {
-        let kb = kept32(T);
-        let mut acc = [[_mm256_setzero_ps(); A]; R];
-        let mut summs = [[0f32; A]; R];
-        let nb = acts[0].len();
-        for b in 0..nb {
-            let mut y = [_mm256_setzero_si256(); A];
-            for j in 0..A {
-                // SAFETY: an activation block has 32 bytes.
-                y[j] = unsafe { _mm256_loadu_si256(acts[j][b].q.as_ptr().cast()) };
-            }
-            for r in 0..R {
-                let w = ws[r];
-                // SAFETY: the block has kb bytes.
-                let x = unsafe { unpack32::<T>(&w.q[b * kb..(b + 1) * kb]) };
-                let d = w.d[b];
+        /// `R` weight rows against `A` activation rows at once: each weight block is unpacked
+        /// once for the `A` activations and each activation block loaded once for the `R` rows, and
+        /// the `R × A` accumulators are independent chains (one block-ordered FMA chain per
+        /// output, as in `dot32`, so each result is bit for bit the single product's).
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; every row holds whole blocks of type `T` matching every activation
+        /// row.
+        #[allow(unused_unsafe)] // needed where VNNI is not enabled (the dead branch)
+        #[target_feature(enable = $fma)]
+        #[allow(clippy::needless_range_loop)] // block b of every row and activation in lockstep
+        pub unsafe fn tile32<const T: u8, const R: usize, const A: usize>(
+            ws: [&Row<'_>; R],
+            acts: [&[ABlock]; A],
+        ) -> [[f32; A]; R] {
+            let kb = kept32(T);
+            let mut acc = [[_mm256_setzero_ps(); A]; R];
+            let mut summs = [[0f32; A]; R];
+            let nb = acts[0].len();
+            // With VNNI, the signed types put the activations on `vpdpbusd`'s unsigned side as
+            // y + 128 and start each sum at -128 Σx (per lane, once per weight block): one
+            // instruction per product instead of moving signs, and the same exact integers.
+            let flip = _mm256_set1_epi8(0x80u8 as i8);
+            for b in 0..nb {
+                let mut y = [_mm256_setzero_si256(); A];
+                let mut da = [_mm256_setzero_ps(); A];
                 for j in 0..A {
-                    let ab = &acts[j][b];
-                    if has_min(T) {
-                        summs[r][j] += w.m[b] * ab.s;
+                    // SAFETY: an activation block has 32 bytes.
+                    y[j] = unsafe { _mm256_loadu_si256(acts[j][b].q.as_ptr().cast()) };
+                    if VNNI && !has_min(T) {
+                        y[j] = _mm256_xor_si256(y[j], flip);
                     }
-                    // SAFETY: AVX2/FMA are enabled for this function.
-                    let p = unsafe { block_sum::<T>(x, y[j]) };
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * ab.d), p, acc[r][j]);
+                    da[j] = _mm256_set1_ps(acts[j][b].d);
                 }
-            }
-        }
-        let mut out = [[0f32; A]; R];
-        for r in 0..R {
-            for j in 0..A {
-                // SAFETY: as above.
-                out[r][j] = unsafe { hsum(acc[r][j]) } + summs[r][j];
-            }
-        }
-        out
-    }
-
-    /// One group of 8 interleaved rows (see `Grouped`) against `A` activation rows: `out` gets,
-    /// per activation, the 8 rows' products. Q4_0/Q4_1: the nibbles unpacked once per block for
-    /// all activations, products summed in 16 bits within a block (at most 8 · 2 · 15 · 128),
-    /// then widened; Q4_0's offset of 8 taken off as `8 Σ a` per block. Q8_0: signs moved
-    /// onto the activations (`maddubs` needs one unsigned side), summed in 32 bits.
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `gq`, `gd`, `gm` hold one group's blocks of type `code`, and every
-    /// activation row as many blocks.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::needless_range_loop)] // activation a of every array in lockstep
-    pub unsafe fn group32<const A: usize>(
-        code: u8,
-        gq: &[u8],
-        gd: &[f32],
-        gm: &[f32],
-        acts: &[Vec<ABlock>],
-        sums: &[Vec<i32>],
-        out: &mut [f32],
-    ) {
-        let nb = gd.len() / 8;
-        let ones = _mm256_set1_epi16(1);
-        let mask = _mm256_set1_epi8(0x0f);
-        let mut acc = [_mm256_setzero_ps(); A];
-        let word = |q: &[i8; QK], at: usize| -> i32 {
-            i32::from_le_bytes([
-                q[at] as u8,
-                q[at + 1] as u8,
-                q[at + 2] as u8,
-                q[at + 3] as u8,
-            ])
-        };
-        for b in 0..nb {
-            let mut s32 = [_mm256_setzero_si256(); A];
-            if code == T8_0 {
-                for j in 0..8 {
-                    // SAFETY: a Q8_0 block of a group is 8 chunks of 32 bytes.
-                    let p = unsafe { _mm256_loadu_si256(gq[(b * 8 + j) * 32..].as_ptr().cast()) };
-                    let ap = _mm256_sign_epi8(p, p);
-                    for a in 0..A {
-                        let x = _mm256_set1_epi32(word(&acts[a][b].q, 4 * j));
-                        let y = _mm256_sign_epi8(x, p);
-                        s32[a] = _mm256_add_epi32(
-                            s32[a],
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(ap, y), ones),
-                        );
-                    }
-                }
-            } else {
-                let mut s16 = [_mm256_setzero_si256(); A];
-                for j in 0..4 {
-                    // SAFETY: a Q4 block of a group is 4 chunks of 32 bytes.
-                    let p = unsafe { _mm256_loadu_si256(gq[(b * 4 + j) * 32..].as_ptr().cast()) };
-                    let lo = _mm256_and_si256(p, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
-                    for a in 0..A {
-                        let q = &acts[a][b].q;
-                        let x0 = _mm256_set1_epi32(word(q, 4 * j));
-                        let x1 = _mm256_set1_epi32(word(q, 16 + 4 * j));
-                        s16[a] = _mm256_add_epi16(
-                            s16[a],
-                            _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo, x0),
-                                _mm256_maddubs_epi16(hi, x1),
-                            ),
-                        );
-                    }
-                }
-                for a in 0..A {
-                    s32[a] = _mm256_madd_epi16(s16[a], ones);
-                    if code == T4_0 {
-                        s32[a] = _mm256_sub_epi32(s32[a], _mm256_set1_epi32(8 * sums[a][b]));
-                    }
-                }
-            }
-            // SAFETY: 8 scales (and mins) per block of the group.
-            let dv = unsafe { _mm256_loadu_ps(gd[b * 8..].as_ptr()) };
-            for a in 0..A {
-                let ab = &acts[a][b];
-                acc[a] = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(s32[a]),
-                    _mm256_mul_ps(dv, _mm256_set1_ps(ab.d)),
-                    acc[a],
-                );
-                if code == T4_1 {
-                    // SAFETY: as above.
-                    let mv = unsafe { _mm256_loadu_ps(gm[b * 8..].as_ptr()) };
-                    acc[a] = _mm256_fmadd_ps(mv, _mm256_set1_ps(ab.s), acc[a]);
-                }
-            }
-        }
-        for a in 0..A {
-            // SAFETY: out holds 8 values per activation.
-            unsafe { _mm256_storeu_ps(out[a * 8..].as_mut_ptr(), acc[a]) };
-        }
-    }
-
-    /// One super-block's scaled integer sums against activation block `y`, in ggml's 8 AVX2
-    /// lanes (its `vec_dot_*_q8_K` lane contents; integer sums, so any order of adding gives
-    /// the same lanes): Σ scale · maddubs(values, q8) per chunk, less Q6_K's offset of 32 as
-    /// `32 · Σ scale · bsum` per lane pair. `T`: 0 Q4_K, 1 Q5_K, 2 Q6_K.
-    ///
-    /// # Safety
-    /// Needs AVX2; `blk` holds the type's kept bytes for one super-block.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn lanes<const T: u8>(
-        v: &[__m256i; 8],
-        sc: &[__m256i; 8],
-        blk: &[u8],
-        y: &KBlock,
-    ) -> __m256i {
-        let mut sumi = _mm256_setzero_si256();
-        for c in 0..8 {
-            // SAFETY: y.q has 256 bytes.
-            let q8 = unsafe { _mm256_loadu_si256(y.q[32 * c..].as_ptr().cast()) };
-            let p = _mm256_madd_epi16(sc[c], _mm256_maddubs_epi16(v[c], q8));
-            sumi = _mm256_add_epi32(sumi, p);
-        }
-        if T == 2 {
-            // SAFETY: y.bsums has 16 i16, blk[192..208] the 16 scales.
-            let (q8sums, sc16) = unsafe {
-                (
-                    _mm256_loadu_si256(y.bsums.as_ptr().cast()),
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128(blk[192..].as_ptr().cast())),
-                )
-            };
-            sumi = _mm256_sub_epi32(
-                sumi,
-                _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, sc16)),
-            );
-        }
-        sumi
-    }
-
-    /// A K-type row against Q8_K activations in ggml's one-row order (`ggml_vec_dot_q4_K_q8_K`,
-    /// `_q5_K_`, `_q6_K_` for AVX2): per super-block the lanes converted and FMA'd with
-    /// `d_a * d_w`; the min terms (Q4_K, Q5_K) a 4-lane FMA chain (Q4_K) or a scalar FMA'd sum
-    /// (Q5_K), as there.
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `w` holds whole super-blocks of the type matching `a`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_k<const T: u8>(w: &Row<'_>, a: &[KBlock]) -> f32 {
-        let kb = [144, 176, 208][T as usize];
-        let mut acc = _mm256_setzero_ps();
-        let mut acc_m = _mm_setzero_ps();
-        let mut summs = 0f32;
-        for (i, y) in a.iter().enumerate() {
-            let blk = &w.q[i * kb..(i + 1) * kb];
-            // SAFETY: blk holds one super-block (the layouts of `QMat::new`), y one activation
-            // block; AVX2/FMA are enabled here.
-            unsafe {
-                let (v, sc) = unpack_k::<T>(blk);
-                let sumi = lanes::<T>(&v, &sc, blk, y);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(y.d * w.d[i]), _mm256_cvtepi32_ps(sumi), acc);
-                if T < 2 {
-                    let dmin = -y.d * w.m[i];
-                    let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(blk[8..].as_ptr().cast()));
-                    let q8sums = _mm256_loadu_si256(y.bsums.as_ptr().cast());
-                    let q8s = _mm_hadd_epi16(
-                        _mm256_castsi256_si128(q8sums),
-                        _mm256_extracti128_si256::<1>(q8sums),
-                    );
-                    let prod = _mm_madd_epi16(mins, q8s);
-                    if T == 1 {
-                        summs = dmin.mul_add(hsum_i32(prod, _mm_setzero_si128()) as f32, summs);
+                for r in 0..R {
+                    let w = ws[r];
+                    // SAFETY: the block has kb bytes.
+                    let x = unsafe { unpack32::<T>(&w.q[b * kb..(b + 1) * kb]) };
+                    let dw = _mm256_set1_ps(w.d[b]);
+                    let start = if VNNI && !has_min(T) {
+                        // SAFETY: VNNI is only set where AVX512-VNNI/VL are enabled here.
+                        let c = unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, x) };
+                        _mm256_sub_epi32(_mm256_setzero_si256(), c)
                     } else {
-                        acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+                        _mm256_setzero_si256()
+                    };
+                    for j in 0..A {
+                        if has_min(T) {
+                            summs[r][j] += w.m[b] * acts[j][b].s;
+                        }
+                        let p = if VNNI {
+                            // SAFETY: as above.
+                            _mm256_cvtepi32_ps(unsafe {
+                                if has_min(T) {
+                                    _mm256_dpbusd_epi32(start, x, y[j])
+                                } else {
+                                    _mm256_dpbusd_epi32(start, y[j], x)
+                                }
+                            })
+                        } else {
+                            // SAFETY: AVX2/FMA are enabled for this function.
+                            unsafe { block_sum::<T>(x, y[j]) }
+                        };
+                        // d_w · d_a rounded to f32 as ggml's scalar product is.
+                        acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da[j]), p, acc[r][j]);
                     }
                 }
             }
+            let mut out = [[0f32; A]; R];
+            for r in 0..R {
+                for j in 0..A {
+                    // SAFETY: as above.
+                    out[r][j] = unsafe { hsum(acc[r][j]) } + summs[r][j];
+                }
+            }
+            out
         }
-        acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-        acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
-        // SAFETY: AVX2/FMA are enabled for this function.
-        let h = unsafe { hsum(acc) };
-        match T {
-            0 => h + _mm_cvtss_f32(acc_m),
-            1 => h + summs,
-            _ => h,
-        }
-    }
 
-    /// One K super-block's 256 values as 8 chunks of 32 unsigned bytes in element order, with
-    /// each chunk's scales as 16 i16 lanes (Q4_K/Q5_K: one scale per chunk; Q6_K: one per 16
-    /// values, whose offset of 32 the caller takes off with the bsums). `T`: 0 Q4_K, 1 Q5_K,
-    /// 2 Q6_K.
-    ///
-    /// # Safety
-    /// Needs AVX2; `blk` holds the type's kept bytes for one super-block.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn unpack_k<const T: u8>(blk: &[u8]) -> ([__m256i; 8], [__m256i; 8]) {
-        let m4 = _mm256_set1_epi8(0x0f);
-        let mut v = [_mm256_setzero_si256(); 8];
-        let mut sc = [_mm256_setzero_si256(); 8];
-        // SAFETY: every load reads 32 bytes inside blk (the layouts of `QMat::new`).
-        unsafe {
-            if T < 2 {
-                let qs_at = if T == 1 { 48 } else { 16 };
-                let hbits = if T == 1 {
-                    _mm256_loadu_si256(blk[16..].as_ptr().cast())
+        /// One group of 8 interleaved rows (see `Grouped`) against `A` activation rows: `out`
+        /// gets, per activation, the 8 rows' products. Q4_0/Q4_1: the nibbles unpacked once per
+        /// block for all activations, products summed in 16 bits within a block (at most
+        /// 8 · 2 · 15 · 128), then widened; Q4_0's offset of 8 taken off as `8 Σ a` per block.
+        /// Q8_0: signs moved onto the activations (`maddubs` needs one unsigned side), summed in
+        /// 32 bits.
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `gq`, `gd`, `gm` hold one group's blocks of type `code`, and every
+        /// activation row as many blocks.
+        #[target_feature(enable = $fma)]
+        #[allow(clippy::needless_range_loop)] // activation a of every array in lockstep
+        pub unsafe fn group32<const A: usize>(
+            code: u8,
+            gq: &[u8],
+            gd: &[f32],
+            gm: &[f32],
+            acts: &[Vec<ABlock>],
+            sums: &[Vec<i32>],
+            out: &mut [f32],
+        ) {
+            let nb = gd.len() / 8;
+            let ones = _mm256_set1_epi16(1);
+            let mask = _mm256_set1_epi8(0x0f);
+            let mut acc = [_mm256_setzero_ps(); A];
+            let word = |q: &[i8; QK], at: usize| -> i32 {
+                i32::from_le_bytes([
+                    q[at] as u8,
+                    q[at + 1] as u8,
+                    q[at + 2] as u8,
+                    q[at + 3] as u8,
+                ])
+            };
+            for b in 0..nb {
+                let mut s32 = [_mm256_setzero_si256(); A];
+                if code == T8_0 {
+                    for j in 0..8 {
+                        let at = gq[(b * 8 + j) * 32..].as_ptr();
+                        // SAFETY: a Q8_0 block of a group is 8 chunks of 32 bytes.
+                        let p = unsafe { _mm256_loadu_si256(at.cast()) };
+                        let ap = _mm256_sign_epi8(p, p);
+                        for a in 0..A {
+                            let x = _mm256_set1_epi32(word(&acts[a][b].q, 4 * j));
+                            let y = _mm256_sign_epi8(x, p);
+                            s32[a] = _mm256_add_epi32(
+                                s32[a],
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(ap, y), ones),
+                            );
+                        }
+                    }
                 } else {
-                    _mm256_setzero_si256()
-                };
-                let sixteen = _mm256_set1_epi8(16);
-                for j in 0..4 {
-                    let bits = _mm256_loadu_si256(blk[qs_at + 32 * j..].as_ptr().cast());
-                    let mut lo = _mm256_and_si256(bits, m4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4);
-                    if T == 1 {
-                        let bl = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
-                        let bh = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
-                        let hl = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl);
-                        let hh = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh);
-                        lo = _mm256_add_epi8(lo, _mm256_and_si256(hl, sixteen));
-                        hi = _mm256_add_epi8(hi, _mm256_and_si256(hh, sixteen));
+                    let mut s16 = [_mm256_setzero_si256(); A];
+                    for j in 0..4 {
+                        let at = gq[(b * 4 + j) * 32..].as_ptr();
+                        // SAFETY: a Q4 block of a group is 4 chunks of 32 bytes.
+                        let p = unsafe { _mm256_loadu_si256(at.cast()) };
+                        let lo = _mm256_and_si256(p, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
+                        for a in 0..A {
+                            let q = &acts[a][b].q;
+                            let x0 = _mm256_set1_epi32(word(q, 4 * j));
+                            let x1 = _mm256_set1_epi32(word(q, 16 + 4 * j));
+                            s16[a] = _mm256_add_epi16(
+                                s16[a],
+                                _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, x0),
+                                    _mm256_maddubs_epi16(hi, x1),
+                                ),
+                            );
+                        }
                     }
-                    v[2 * j] = lo;
-                    v[2 * j + 1] = hi;
-                    sc[2 * j] = _mm256_set1_epi16(i16::from(blk[2 * j]));
-                    sc[2 * j + 1] = _mm256_set1_epi16(i16::from(blk[2 * j + 1]));
+                    for a in 0..A {
+                        s32[a] = _mm256_madd_epi16(s16[a], ones);
+                        if code == T4_0 {
+                            s32[a] = _mm256_sub_epi32(s32[a], _mm256_set1_epi32(8 * sums[a][b]));
+                        }
+                    }
                 }
-            } else {
-                let m15 = _mm256_set1_epi8(15);
-                let scales = &blk[192..208];
-                for j in 0..2 {
-                    let b1 = _mm256_loadu_si256(blk[64 * j..].as_ptr().cast());
-                    let b2 = _mm256_loadu_si256(blk[64 * j + 32..].as_ptr().cast());
-                    let bh = _mm256_loadu_si256(blk[128 + 32 * j..].as_ptr().cast());
-                    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(bh, _mm256_set1_epi8(3)));
-                    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(bh, _mm256_set1_epi8(12)));
-                    let h2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
-                    let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(
-                        bh,
-                        _mm256_set1_epi8(0xc0u8 as i8),
-                    ));
-                    v[4 * j] = _mm256_or_si256(_mm256_and_si256(b1, m15), h0);
-                    v[4 * j + 1] = _mm256_or_si256(_mm256_and_si256(b2, m15), h1);
-                    v[4 * j + 2] =
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m15), h2);
-                    v[4 * j + 3] =
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m15), h3);
-                    for k in 0..4 {
-                        let s = 8 * j + 2 * k;
-                        sc[4 * j + k] = _mm256_set_m128i(
-                            _mm_set1_epi16(i16::from(scales[s + 1] as i8)),
-                            _mm_set1_epi16(i16::from(scales[s] as i8)),
-                        );
+                // SAFETY: 8 scales (and mins) per block of the group.
+                let dv = unsafe { _mm256_loadu_ps(gd[b * 8..].as_ptr()) };
+                for a in 0..A {
+                    let ab = &acts[a][b];
+                    acc[a] = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(s32[a]),
+                        _mm256_mul_ps(dv, _mm256_set1_ps(ab.d)),
+                        acc[a],
+                    );
+                    if code == T4_1 {
+                        // SAFETY: as above.
+                        let mv = unsafe { _mm256_loadu_ps(gm[b * 8..].as_ptr()) };
+                        acc[a] = _mm256_fmadd_ps(mv, _mm256_set1_ps(ab.s), acc[a]);
                     }
                 }
             }
+            for a in 0..A {
+                // SAFETY: out holds 8 values per activation.
+                unsafe { _mm256_storeu_ps(out[a * 8..].as_mut_ptr(), acc[a]) };
+            }
         }
-        (v, sc)
-    }
 
-    /// A K-type row against `A` activation rows in ggml's tiled (many-row) order (see
-    /// `super::dot_k`): per super-block the weight values are unpacked once, the exact integer
-    /// sums `s1` (and, for Q4_K/Q5_K, the min term `s2`) formed for each activation row, then
-    /// `acc = (d_w · s1 − dmin · s2) · d_a + acc`, fused as ggml's AVX2 build fuses them.
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; `w` holds whole super-blocks of the type matching every activation row.
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::needless_range_loop)] // super-block i of the row and every activation row
-    pub unsafe fn tile_k<const T: u8, const A: usize>(
-        w: &Row<'_>,
-        acts: [&[KBlock]; A],
-    ) -> [f32; A] {
-        let kb = [144, 176, 208][T as usize];
-        let mut out = [0f32; A];
-        for i in 0..acts[0].len() {
-            let blk = &w.q[i * kb..(i + 1) * kb];
-            // SAFETY: blk holds one super-block; AVX2/FMA are enabled here.
-            let (v, sc) = unsafe { unpack_k::<T>(blk) };
-            for (j, a) in acts.iter().enumerate() {
-                let y = &a[i];
-                // SAFETY: as above; y is one activation block.
-                let s1 = unsafe {
-                    let sumi = lanes::<T>(&v, &sc, blk, y);
-                    hsum_i32(
-                        _mm256_castsi256_si128(sumi),
-                        _mm256_extracti128_si256::<1>(sumi),
+        /// One super-block's scaled integer sums against activation block `y`, in ggml's 8 AVX2
+        /// lanes (its `vec_dot_*_q8_K` lane contents; integer sums, so any order of adding gives
+        /// the same lanes): Σ scale · maddubs(values, q8) per chunk, less Q6_K's offset of 32 as
+        /// `32 · Σ scale · bsum` per lane pair. `T`: 0 Q4_K, 1 Q5_K, 2 Q6_K.
+        ///
+        /// # Safety
+        /// Needs AVX2; `blk` holds the type's kept bytes for one super-block.
+        #[allow(unused_unsafe)] // needed where VNNI is not enabled (the dead branch)
+        #[target_feature(enable = $fma)]
+        #[inline]
+        unsafe fn lanes<const T: u8>(
+            v: &[__m256i; 8],
+            sc: &[__m256i; 8],
+            blk: &[u8],
+            y: &KBlock,
+        ) -> __m256i {
+            let mut sumi = _mm256_setzero_si256();
+            for c in 0..8 {
+                // SAFETY: y.q has 256 bytes.
+                let q8 = unsafe { _mm256_loadu_si256(y.q[32 * c..].as_ptr().cast()) };
+                let p16 = _mm256_maddubs_epi16(v[c], q8);
+                sumi = if VNNI {
+                    // SAFETY: as in `mul_sum_us8`; the same wrapping i32 sums as madd then add.
+                    unsafe { _mm256_dpwssd_epi32(sumi, sc[c], p16) }
+                } else {
+                    _mm256_add_epi32(sumi, _mm256_madd_epi16(sc[c], p16))
+                };
+            }
+            if T == 2 {
+                // SAFETY: y.bsums has 16 i16, blk[192..208] the 16 scales.
+                let (q8sums, sc16) = unsafe {
+                    (
+                        _mm256_loadu_si256(y.bsums.as_ptr().cast()),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(blk[192..].as_ptr().cast())),
                     )
                 };
-                if T == 2 {
-                    out[j] = (w.d[i] * s1 as f32).mul_add(y.d, out[j]);
-                } else {
-                    let s2: i32 = (0..8)
-                        .map(|g| {
-                            i32::from(blk[8 + g])
-                                * (i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]))
-                        })
-                        .sum();
-                    let res = (-w.m[i]).mul_add(s2 as f32, w.d[i] * s1 as f32);
-                    out[j] = res.mul_add(y.d, out[j]);
+                sumi = _mm256_sub_epi32(
+                    sumi,
+                    _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, sc16)),
+                );
+            }
+            sumi
+        }
+
+        /// A K-type row against Q8_K activations in ggml's one-row order (`ggml_vec_dot_q4_K_q8_K`,
+        /// `_q5_K_`, `_q6_K_` for AVX2): per super-block the lanes converted and FMA'd with
+        /// `d_a * d_w`; the min terms (Q4_K, Q5_K) a 4-lane FMA chain (Q4_K) or a scalar FMA'd sum
+        /// (Q5_K), as there.
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `w` holds whole super-blocks of the type matching `a`.
+        #[target_feature(enable = $fma)]
+        pub unsafe fn dot_k<const T: u8>(w: &Row<'_>, a: &[KBlock]) -> f32 {
+            let kb = [144, 176, 208][T as usize];
+            let mut acc = _mm256_setzero_ps();
+            let mut acc_m = _mm_setzero_ps();
+            let mut summs = 0f32;
+            for (i, y) in a.iter().enumerate() {
+                let blk = &w.q[i * kb..(i + 1) * kb];
+                // SAFETY: blk holds one super-block (the layouts of `QMat::new`), y one activation
+                // block; AVX2/FMA are enabled here.
+                unsafe {
+                    let (v, sc) = unpack_k::<T>(blk);
+                    let sumi = lanes::<T>(&v, &sc, blk, y);
+                    acc = _mm256_fmadd_ps(
+                        _mm256_set1_ps(y.d * w.d[i]),
+                        _mm256_cvtepi32_ps(sumi),
+                        acc,
+                    );
+                    if T < 2 {
+                        let dmin = -y.d * w.m[i];
+                        let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(blk[8..].as_ptr().cast()));
+                        let q8sums = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+                        let q8s = _mm_hadd_epi16(
+                            _mm256_castsi256_si128(q8sums),
+                            _mm256_extracti128_si256::<1>(q8sums),
+                        );
+                        let prod = _mm_madd_epi16(mins, q8s);
+                        if T == 1 {
+                            summs = dmin.mul_add(hsum_i32(prod, _mm_setzero_si128()) as f32, summs);
+                        } else {
+                            acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
+                        }
+                    }
                 }
             }
+            acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
+            acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
+            // SAFETY: AVX2/FMA are enabled for this function.
+            let h = unsafe { hsum(acc) };
+            match T {
+                0 => h + _mm_cvtss_f32(acc_m),
+                1 => h + summs,
+                _ => h,
+            }
         }
-        out
-    }
+
+        /// One K super-block's 256 values as 8 chunks of 32 unsigned bytes in element order, with
+        /// each chunk's scales as 16 i16 lanes (Q4_K/Q5_K: one scale per chunk; Q6_K: one per 16
+        /// values, whose offset of 32 the caller takes off with the bsums). `T`: 0 Q4_K, 1 Q5_K,
+        /// 2 Q6_K.
+        ///
+        /// # Safety
+        /// Needs AVX2; `blk` holds the type's kept bytes for one super-block.
+        #[target_feature(enable = $fma)]
+        #[inline]
+        unsafe fn unpack_k<const T: u8>(blk: &[u8]) -> ([__m256i; 8], [__m256i; 8]) {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let mut v = [_mm256_setzero_si256(); 8];
+            let mut sc = [_mm256_setzero_si256(); 8];
+            // SAFETY: every load reads 32 bytes inside blk (the layouts of `QMat::new`).
+            unsafe {
+                if T < 2 {
+                    let qs_at = if T == 1 { 48 } else { 16 };
+                    let hbits = if T == 1 {
+                        _mm256_loadu_si256(blk[16..].as_ptr().cast())
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    let sixteen = _mm256_set1_epi8(16);
+                    for j in 0..4 {
+                        let bits = _mm256_loadu_si256(blk[qs_at + 32 * j..].as_ptr().cast());
+                        let mut lo = _mm256_and_si256(bits, m4);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(bits), m4);
+                        if T == 1 {
+                            let bl = _mm256_set1_epi8((1u8 << (2 * j)) as i8);
+                            let bh = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
+                            let hl = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bl), bl);
+                            let hh = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bh), bh);
+                            lo = _mm256_add_epi8(lo, _mm256_and_si256(hl, sixteen));
+                            hi = _mm256_add_epi8(hi, _mm256_and_si256(hh, sixteen));
+                        }
+                        v[2 * j] = lo;
+                        v[2 * j + 1] = hi;
+                        sc[2 * j] = _mm256_set1_epi16(i16::from(blk[2 * j]));
+                        sc[2 * j + 1] = _mm256_set1_epi16(i16::from(blk[2 * j + 1]));
+                    }
+                } else {
+                    let m15 = _mm256_set1_epi8(15);
+                    let scales = &blk[192..208];
+                    for j in 0..2 {
+                        let b1 = _mm256_loadu_si256(blk[64 * j..].as_ptr().cast());
+                        let b2 = _mm256_loadu_si256(blk[64 * j + 32..].as_ptr().cast());
+                        let bh = _mm256_loadu_si256(blk[128 + 32 * j..].as_ptr().cast());
+                        let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(bh, _mm256_set1_epi8(3)));
+                        let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(bh, _mm256_set1_epi8(12)));
+                        let h2 = _mm256_and_si256(bh, _mm256_set1_epi8(48));
+                        let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(
+                            bh,
+                            _mm256_set1_epi8(0xc0u8 as i8),
+                        ));
+                        v[4 * j] = _mm256_or_si256(_mm256_and_si256(b1, m15), h0);
+                        v[4 * j + 1] = _mm256_or_si256(_mm256_and_si256(b2, m15), h1);
+                        v[4 * j + 2] =
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b1), m15), h2);
+                        v[4 * j + 3] =
+                            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(b2), m15), h3);
+                        for k in 0..4 {
+                            let s = 8 * j + 2 * k;
+                            sc[4 * j + k] = _mm256_set_m128i(
+                                _mm_set1_epi16(i16::from(scales[s + 1] as i8)),
+                                _mm_set1_epi16(i16::from(scales[s] as i8)),
+                            );
+                        }
+                    }
+                }
+            }
+            (v, sc)
+        }
+
+        /// A K-type row against `A` activation rows in ggml's tiled (many-row) order (see
+        /// `super::dot_k`): per super-block the weight values are unpacked once, the exact integer
+        /// sums `s1` (and, for Q4_K/Q5_K, the min term `s2`) formed for each activation row, then
+        /// `acc = (d_w · s1 − dmin · s2) · d_a + acc`, fused as ggml's AVX2 build fuses them.
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `w` holds whole super-blocks of the type matching every activation
+        /// row.
+        #[target_feature(enable = $fma)]
+        #[allow(clippy::needless_range_loop)] // super-block i of the row and every activation row
+        pub unsafe fn tile_k<const T: u8, const A: usize>(
+            w: &Row<'_>,
+            acts: [&[KBlock]; A],
+        ) -> [f32; A] {
+            let kb = [144, 176, 208][T as usize];
+            let mut out = [0f32; A];
+            for i in 0..acts[0].len() {
+                let blk = &w.q[i * kb..(i + 1) * kb];
+                // SAFETY: blk holds one super-block; AVX2/FMA are enabled here.
+                let (v, sc) = unsafe { unpack_k::<T>(blk) };
+                for (j, a) in acts.iter().enumerate() {
+                    let y = &a[i];
+                    // SAFETY: as above; y is one activation block.
+                    let s1 = unsafe {
+                        let sumi = lanes::<T>(&v, &sc, blk, y);
+                        hsum_i32(
+                            _mm256_castsi256_si128(sumi),
+                            _mm256_extracti128_si256::<1>(sumi),
+                        )
+                    };
+                    if T == 2 {
+                        out[j] = (w.d[i] * s1 as f32).mul_add(y.d, out[j]);
+                    } else {
+                        let s2: i32 = (0..8)
+                            .map(|g| {
+                                i32::from(blk[8 + g])
+                                    * (i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]))
+                            })
+                            .sum();
+                        let res = (-w.m[i]).mul_add(s2 as f32, w.d[i] * s1 as f32);
+                        out[j] = res.mul_add(y.d, out[j]);
+                    }
+                }
+            }
+            out
+        }
+    };
+}
+
+/// ggml's AVX2 kernels (AVX2, FMA, F16C).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    x86_kernels!("avx2,fma", "avx2,fma,f16c", false);
+}
+
+/// The same kernels where the CPU has AVX-512 F/BW/VL and VNNI (see `x86_kernels`).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    x86_kernels!(
+        "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni",
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        true
+    );
 }
 
 #[cfg(test)]
@@ -1884,7 +2068,7 @@ mod tests {
                         .collect();
                     let mut fast = vec![0f32; 3 * n];
                     let mut portable = vec![0f32; 3 * n];
-                    rows_half(&m, 0, &mut fast, &a);
+                    rows_half(kernel_isa(), &m, 0, &mut fast, &a);
                     // the portable path, as a CPU without AVX2 takes it
                     for (j, o) in portable.chunks_mut(n).enumerate() {
                         let w = m.row_f32(j);
@@ -1942,6 +2126,38 @@ mod tests {
     }
 
     /// The grouped layout (batched decoding) gives the row-major products up to float rounding.
+    /// The AVX-512 build of the kernels computes AVX2's bits (`x86_kernels`): every weight
+    /// type, one activation row (decoding) and many (the tiles: 1–3 leftover activation rows, 4
+    /// and 2 weight rows at once, the K types' 4-row tiles), row-major and grouped. Where the CPU
+    /// lacks AVX-512 VNNI there is nothing to compare and the test says so.
+    #[test]
+    fn avx512_kernels_give_the_avx2_bits() {
+        if detected_isa() != Isa::Avx512 {
+            eprintln!("this CPU has no AVX-512 VNNI: the AVX-512 kernels cannot run here");
+            return;
+        }
+        let all = TYPES
+            .iter()
+            .map(|(d, _)| *d)
+            .chain([GgmlDType::F16, GgmlDType::BF16]);
+        for (t, dtype) in all.enumerate() {
+            // 23 rows: five 4-row tiles, a 2-row tile and a lone row.
+            let (m, _) = quantized(dtype, 23, 512, 31 + t);
+            for n in [1, 2, 3, 4, 5, 7, 8, 9, 13] {
+                let x: Vec<f32> = (0..n * 512)
+                    .map(|i| ((i * 7919 + t) % 2003) as f32 / 1001.0 - 1.0)
+                    .collect();
+                for batched in [false, true] {
+                    let a = QMat::matmul_with(Isa::Avx2, &[&m], &x, n, batched);
+                    let b = QMat::matmul_with(Isa::Avx512, &[&m], &x, n, batched);
+                    let bits =
+                        |v: &[Vec<f32>]| -> Vec<u32> { v[0].iter().map(|f| f.to_bits()).collect() };
+                    assert_eq!(bits(&a), bits(&b), "{dtype:?} n={n} batched={batched}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn grouped_products_agree_with_the_row_major_ones() {
         if !has_avx2() {
@@ -2014,29 +2230,29 @@ mod tests {
                 }
             }
             // The scalar and AVX2 paths quantize alike and sum the same integers.
-            let acts = quantize_row(&x[..cols]);
+            let acts = quantize_row(kernel_isa(), &x[..cols]);
             let scalar = quantize_row_scalar(&x[..cols]);
             for (a, b) in acts.iter().zip(&scalar) {
                 assert_eq!((a.q, a.d, a.s), (b.q, b.d, b.s));
             }
-            let ak = quantize_row_k(&x[..cols]);
+            let ak = quantize_row_k(kernel_isa(), &x[..cols]);
             for r in 0..rows {
                 let row = m.row(r);
                 let (a, b) = if wtype.is_k() {
                     // The many-row order is one scalar chain: both paths give the same bits.
                     assert_eq!(
-                        dot_k(wtype, &row, &ak, false, true).to_bits(),
-                        dot_k(wtype, &row, &ak, has_avx2(), true).to_bits(),
+                        dot_k(wtype, &row, &ak, Isa::Portable, true).to_bits(),
+                        dot_k(wtype, &row, &ak, kernel_isa(), true).to_bits(),
                         "{wtype:?}"
                     );
                     (
-                        dot_k(wtype, &row, &ak, false, false),
-                        dot_k(wtype, &row, &ak, has_avx2(), false),
+                        dot_k(wtype, &row, &ak, Isa::Portable, false),
+                        dot_k(wtype, &row, &ak, kernel_isa(), false),
                     )
                 } else {
                     (
-                        dot32(wtype, &row, &acts, false),
-                        dot32(wtype, &row, &acts, has_avx2()),
+                        dot32(wtype, &row, &acts, Isa::Portable),
+                        dot32(wtype, &row, &acts, kernel_isa()),
                     )
                 };
                 assert!(
@@ -2054,7 +2270,7 @@ mod tests {
         let x: Vec<f32> = (0..512)
             .map(|i| ((i * 37 % 101) as f32 - 40.0) / 7.0)
             .collect();
-        let blocks = quantize_row_k(&x);
+        let blocks = quantize_row_k(kernel_isa(), &x);
         for (b, xb) in blocks.iter().zip(x.chunks(QKK)) {
             let (pos, _) = xb.iter().enumerate().fold((0, 0f32), |(p, m), (i, v)| {
                 if v.abs() > m {
@@ -2071,7 +2287,10 @@ mod tests {
                 assert!((b.d * *q as f32 - v).abs() <= b.d.abs() * 0.5 + 1e-6);
             }
         }
-        assert!(quantize_row_k(&[0.0; QKK])[0].q.iter().all(|q| *q == 0));
+        assert!(quantize_row_k(kernel_isa(), &[0.0; QKK])[0]
+            .q
+            .iter()
+            .all(|q| *q == 0));
         // The SIMD rounding is the scalar one, ties to even included.
         let ties: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) * 0.5).collect();
         let (mut a, mut b) = ([0i8; QKK], [0i8; QKK]);
@@ -2079,7 +2298,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: AVX2 and FMA were detected.
-            unsafe { avx2::round_k(1.0, &ties, &mut b) };
+            unsafe { simd!(kernel_isa(), round_k(1.0, &ties, &mut b)) };
             assert_eq!(a, b);
         }
         round_k(1.0, &ties, &mut a);
@@ -2136,12 +2355,12 @@ mod tests {
             let x: Vec<f32> = (0..n * 512).map(|i| ((i * 13) as f32).sin()).collect();
             let all = m.matmul(&x, n);
             for i in 0..n {
-                let a = quantize_row_k(&x[i * 512..(i + 1) * 512]);
+                let a = quantize_row_k(kernel_isa(), &x[i * 512..(i + 1) * 512]);
                 for r in 0..19 {
-                    let want = dot_k(m.wtype, &m.row(r), &a, false, true);
+                    let want = dot_k(m.wtype, &m.row(r), &a, Isa::Portable, true);
                     let got = all[i * 19 + r];
                     assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} act {i} row {r}");
-                    let one = dot_k(m.wtype, &m.row(r), &a, false, false);
+                    let one = dot_k(m.wtype, &m.row(r), &a, Isa::Portable, false);
                     assert!((got - one).abs() <= 1e-4 * one.abs().max(1.0));
                 }
             }

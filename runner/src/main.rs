@@ -288,6 +288,7 @@ fn run() -> anyhow::Result<()> {
         eos_token_ids: tok.eos.clone(),
         has_chat_template: template.from_model,
         threads: threads as u32,
+        kernels: kernels::kernel_isa().name().to_string(),
         load_ms: started.elapsed().as_secs_f64() * 1e3,
         slots: 1,
         kv_bytes_per_token: 0,

@@ -37,6 +37,7 @@ pub fn slm_json(run: &SlmRun, method: Method) -> Value {
             "architecture": ready.map(|r| r.architecture.as_str()),
             "quantization": ready.map(|r| r.quantization.as_str()),
             "threads": ready.map(|r| r.threads),
+            "kernels": ready.map(|r| r.kernels.as_str()),
         },
     });
     if let Some(calls) = done.map(|d| &d.tool_calls).filter(|c| !c.is_empty()) {

@@ -166,6 +166,7 @@ impl LocalModel for ScriptedModel {
                     eos_token_ids: vec![0],
                     has_chat_template: true,
                     threads: 1,
+                    kernels: String::new(),
                     load_ms: 0.0,
                     slots: 1,
                     kv_bytes_per_token: 0,

@@ -279,6 +279,7 @@ impl Runner {
                 eos_token_ids: vec![],
                 has_chat_template: false,
                 threads: 0,
+                kernels: String::new(),
                 load_ms: 0.0,
                 slots: 1,
                 kv_bytes_per_token: 0,

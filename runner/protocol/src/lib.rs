@@ -269,6 +269,10 @@ pub struct Ready {
     pub eos_token_ids: Vec<u32>,
     pub has_chat_template: bool,
     pub threads: u32,
+    /// The instruction set of the runner's weight products (`avx512-vnni`, `avx2`, `portable`;
+    /// empty from runners before it).
+    #[serde(default)]
+    pub kernels: String,
     pub load_ms: f64,
     /// Requests the runner decodes together at most (`--slots`; 1 for runners before it).
     #[serde(default = "one_slot")]
