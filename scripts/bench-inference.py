@@ -2,7 +2,7 @@
 """Inference benchmark, same machine, same run, same GGUF, greedy, 2 threads:
 llama.cpp (PyPI llama-cpp-python) versus corral's runner unsandboxed versus corral sandboxed
 (`corral run` under the secure profile). Prints decode tok/s, prefill tok/s, time to first token,
-runner spawn + load, and the ratios. Run through scripts/bench-inference.sh. Another model:
+runner spawn + load, and the ratios; the three take turns round by round (REPS rounds, medians). Run through scripts/bench-inference.sh. Another model:
 CORRAL_BENCH_MODEL=FILE.gguf CORRAL_BENCH_MODEL_ID=<catalog id> (e.g. Gemma 3 270M:
 ~/.local/share/corral/models/gemma-3-270m-q4_k_m.gguf, gemma3-270m)."""
 import json, os, statistics, struct, subprocess, sys, time
@@ -18,14 +18,16 @@ PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trai
           f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n")
 
 
-def llama_cpp():
-    from llama_cpp import Llama
-    t0 = time.perf_counter()
-    llm = Llama(model_path=MODEL, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
-    load = time.perf_counter() - t0
-    ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
-    out = []
-    for _ in range(REPS):
+class LlamaCpp:
+    def __init__(self):
+        from llama_cpp import Llama
+        t0 = time.perf_counter()
+        self.llm = Llama(model_path=MODEL, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        self.ids = self.llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
+
+    def rep(self):
+        llm, ids = self.llm, self.ids
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
@@ -35,8 +37,7 @@ def llama_cpp():
             llm.eval([tok])
             tok = llm.sample(temp=0.0, top_k=1)
         t2 = time.perf_counter()
-        out.append({"prefill_tps": len(ids) / (t1 - t0), "ttft_ms": (t1 - t0) * 1e3, "decode_tps": (N - 1) / (t2 - t1)})
-    return {"load_ms": load * 1e3, "prompt_tokens": len(ids), **median(out)}
+        return {"prefill_tps": len(ids) / (t1 - t0), "ttft_ms": (t1 - t0) * 1e3, "decode_tps": (N - 1) / (t2 - t1)}
 
 
 def frame(p, obj):
@@ -50,31 +51,32 @@ def read(p):
     return json.loads(p.stdout.read(n))
 
 
-def corral_unsandboxed():
-    t0 = time.perf_counter()
-    p = subprocess.Popen([RUNNER, "--model", MODEL, "--no-tighten", "--threads", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    ready = read(p)
-    load = time.perf_counter() - t0
-    out = []
-    for _ in range(REPS):
-        frame(p, {"type": "generate", "id": 1, "input": {"prompt": PROMPT}, "max_tokens": N, "stream": False, "ignore_eos": True})
-        d = read(p)
-        out.append({"prefill_tps": d["prompt_tokens"] / (d["prefill_ms"] / 1e3), "ttft_ms": d["ttft_ms"], "decode_tps": d["decode_tokens_per_s"]})
-    frame(p, {"type": "shutdown"})
-    p.wait()
-    return {"load_ms": load * 1e3, "runner_load_ms": ready["load_ms"], **median(out)}
+class Runner:
+    """corral's runner, unsandboxed, kept loaded across rounds (CORRAL_KERNELS passes through)."""
+
+    def __init__(self):
+        t0 = time.perf_counter()
+        self.p = subprocess.Popen([RUNNER, "--model", MODEL, "--no-tighten", "--threads", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.ready = read(self.p)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+
+    def rep(self):
+        frame(self.p, {"type": "generate", "id": 1, "input": {"prompt": PROMPT}, "max_tokens": N, "stream": False, "ignore_eos": True})
+        d = read(self.p)
+        return {"prefill_tps": d["prompt_tokens"] / (d["prefill_ms"] / 1e3), "ttft_ms": d["ttft_ms"], "decode_tps": d["decode_tokens_per_s"]}
+
+    def close(self):
+        frame(self.p, {"type": "shutdown"})
+        self.p.wait()
 
 
-def corral_sandboxed():
-    out, loads = [], []
-    for _ in range(REPS):
-        model = ["--model", os.environ["CORRAL_BENCH_MODEL_ID"]] if os.environ.get("CORRAL_BENCH_MODEL_ID") else []
-        r = subprocess.run([CORRAL, "run", "--json", "--ignore-eos", "--max-tokens", str(N), *model, USER], capture_output=True, check=True)
-        v = json.loads(r.stdout)
-        t = v["timings"]
-        loads.append(t["startup_ms"])
-        out.append({"prefill_tps": v["usage"]["prompt_tokens"] / (t["prefill_ms"] / 1e3), "ttft_ms": t["ttft_ms"], "decode_tps": t["decode_tokens_per_s"]})
-    return {"load_ms": statistics.median(loads), **median(out)}
+def sandboxed_rep():
+    """One `corral run` under the secure profile: spawn, sandbox, load, answer."""
+    model = ["--model", os.environ["CORRAL_BENCH_MODEL_ID"]] if os.environ.get("CORRAL_BENCH_MODEL_ID") else []
+    r = subprocess.run([CORRAL, "run", "--json", "--ignore-eos", "--max-tokens", str(N), *model, USER], capture_output=True, check=True)
+    v = json.loads(r.stdout)
+    t = v["timings"]
+    return {"load_ms": t["startup_ms"], "prefill_tps": v["usage"]["prompt_tokens"] / (t["prefill_ms"] / 1e3), "ttft_ms": t["ttft_ms"], "decode_tps": t["decode_tokens_per_s"]}
 
 
 def median(rows):
@@ -91,12 +93,26 @@ def cpu():
 
 def main():
     print(f"CPU: {cpu()}, 2 threads, model {os.path.basename(MODEL)}")
-    res = {"llama.cpp": llama_cpp(), "corral (unsandboxed)": corral_unsandboxed()}
     # `corral run` loads catalog models: a file outside the catalog (CORRAL_BENCH_MODEL without
     # CORRAL_BENCH_MODEL_ID, e.g. tests/quantized.rs's files) is measured unsandboxed only.
     sandboxed = "CORRAL_BENCH_MODEL" not in os.environ or bool(os.environ.get("CORRAL_BENCH_MODEL_ID"))
+    llama, runner = LlamaCpp(), Runner()
+    print(f"corral kernels: {runner.ready.get('kernels', '?')}")
+    rounds = {"llama.cpp": [], "corral (unsandboxed)": [], "corral (sandboxed, secure)": []}
+    # The peers take turns, round by round: this VM's speed drifts by 10-20% within minutes, and
+    # a drift shared by both sides of a round cancels in its ratio.
+    for i in range(REPS):
+        l, u = llama.rep(), runner.rep()
+        rounds["llama.cpp"].append(l)
+        rounds["corral (unsandboxed)"].append(u)
+        if sandboxed:
+            rounds["corral (sandboxed, secure)"].append(sandboxed_rep())
+        print(f"round {i + 1}: decode {u['decode_tps'] / l['decode_tps']:.2f}x, prefill {u['prefill_tps'] / l['prefill_tps']:.2f}x")
+    runner.close()
+    res = {"llama.cpp": {"load_ms": llama.load_ms, "prompt_tokens": len(llama.ids), **median(rounds["llama.cpp"])},
+           "corral (unsandboxed)": {"load_ms": runner.load_ms, "runner_load_ms": runner.ready["load_ms"], **median(rounds["corral (unsandboxed)"])}}
     if sandboxed:
-        res["corral (sandboxed, secure)"] = corral_sandboxed()
+        res["corral (sandboxed, secure)"] = median(rounds["corral (sandboxed, secure)"])
     print(f"{'':28} {'decode tok/s':>12} {'prefill tok/s':>13} {'ttft ms':>8} {'spawn+load ms':>14}")
     for k, v in res.items():
         print(f"{k:28} {v['decode_tps']:12.1f} {v['prefill_tps']:13.1f} {v['ttft_ms']:8.1f} {v['load_ms']:14.1f}")

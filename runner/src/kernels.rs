@@ -503,10 +503,16 @@ impl QMat {
                 if n == 1 {
                     return part.to_vec();
                 }
+                // [row][activation] to [activation][row], eight activation rows at a time (each
+                // pass reads `part` in order and writes eight output rows in order).
                 let mut out = vec![0f32; n * m.rows];
-                for r in 0..m.rows {
-                    for i in 0..n {
-                        out[i * m.rows + r] = part[r * n + i];
+                for i0 in (0..n).step_by(8) {
+                    let w = (n - i0).min(8);
+                    let outs = &mut out[i0 * m.rows..(i0 + w) * m.rows];
+                    for (r, src) in part.chunks_exact(n).enumerate() {
+                        for (k, v) in src[i0..i0 + w].iter().enumerate() {
+                            outs[k * m.rows + r] = *v;
+                        }
                     }
                 }
                 out
@@ -684,6 +690,26 @@ fn tile_rows<const R: usize>(
         |i: usize, out: &[f32], r: usize| dst[r * n + i..][..out.len()].copy_from_slice(out);
     let mut i = 0;
     while i < n {
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 && i + 8 <= n {
+            let a8: [&[ABlock]; 8] = std::array::from_fn(|k| &a32[i + k][..]);
+            // SAFETY: AVX-512 F/BW/VL/VNNI were detected (`Isa::Avx512`); the rows and the
+            // activations come from the same product, so their block counts match.
+            let out = unsafe {
+                match wt.code() {
+                    T4_0 => avx512_wide::tile32x8::<T4_0, R>(ws, a8),
+                    T4_1 => avx512_wide::tile32x8::<T4_1, R>(ws, a8),
+                    T5_0 => avx512_wide::tile32x8::<T5_0, R>(ws, a8),
+                    T5_1 => avx512_wide::tile32x8::<T5_1, R>(ws, a8),
+                    _ => avx512_wide::tile32x8::<T8_0, R>(ws, a8),
+                }
+            };
+            for (r, o) in out.iter().enumerate() {
+                put(i, o, r);
+            }
+            i += 8;
+            continue;
+        }
         if i + 4 <= n {
             let a4 = [&a32[i][..], &a32[i + 1], &a32[i + 2], &a32[i + 3]];
             for (r, o) in tile::<R, 4>(isa, wt, ws, a4).iter().enumerate() {
@@ -1313,7 +1339,7 @@ macro_rules! x86_kernels {
         /// # Safety
         /// Needs AVX2 and FMA (the caller checked them at run time, as every kernel here does).
         #[target_feature(enable = $fma)]
-        unsafe fn hsum(v: __m256) -> f32 {
+        pub(super) unsafe fn hsum(v: __m256) -> f32 {
             let lo = _mm256_castps256_ps128(v);
             let hi = _mm256_extractf128_ps::<1>(v);
             let s = _mm_add_ps(lo, hi);
@@ -1327,14 +1353,13 @@ macro_rules! x86_kernels {
         /// # Safety
         /// Needs AVX2.
         #[target_feature(enable = $fma)]
+        #[inline]
         unsafe fn hsum_i32(a: __m128i, b: __m128i) -> i32 {
-            let mut lanes = [0i32; 8];
-            // SAFETY: lanes holds 8 i32.
-            unsafe {
-                _mm_storeu_si128(lanes.as_mut_ptr().cast(), a);
-                _mm_storeu_si128(lanes.as_mut_ptr().add(4).cast(), b);
-            }
-            lanes.iter().fold(0i32, |s, l| s.wrapping_add(*l))
+            // Integer sums wrap alike in any order: add in registers.
+            let s = _mm_add_epi32(a, b);
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+            _mm_cvtsi128_si32(s)
         }
 
         /// 32 unsigned times 32 signed bytes, summed into 8 i32 lanes, as f32.
@@ -1382,9 +1407,10 @@ macro_rules! x86_kernels {
         ///
         /// # Safety
         /// Needs AVX2; `q` has the type's `kept32` bytes.
+        #[allow(unused_unsafe)] // needed where VNNI is not enabled (the dead branch)
         #[target_feature(enable = $fma)]
         #[inline]
-        unsafe fn unpack32<const T: u8>(q: &[u8]) -> __m256i {
+        pub(super) unsafe fn unpack32<const T: u8>(q: &[u8]) -> __m256i {
             if T == T8_0 {
                 // SAFETY: q has 32 bytes.
                 return unsafe { _mm256_loadu_si256(q.as_ptr().cast()) };
@@ -1398,6 +1424,19 @@ macro_rules! x86_kernels {
             let lo = unsafe { _mm_loadu_si128(nib.as_ptr().cast()) };
             let both = _mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo);
             let x = _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+            if VNNI && (T == T5_0 || T == T5_1) {
+                // AVX-512 BW/VL: the 32 high bits are a mask register as they are.
+                let bits = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+                let sixteen = _mm256_set1_epi8(16);
+                // SAFETY: VNNI is only set where AVX512-BW/VL are enabled for this function.
+                return unsafe {
+                    if T == T5_0 {
+                        _mm256_mask_sub_epi8(x, !bits, x, sixteen)
+                    } else {
+                        _mm256_mask_add_epi8(x, bits, x, sixteen)
+                    }
+                };
+            }
             match T {
                 T4_0 => _mm256_sub_epi8(x, _mm256_set1_epi8(8)),
                 T4_1 => x,
@@ -1991,12 +2030,18 @@ macro_rules! x86_kernels {
                     if T == 2 {
                         out[j] = (w.d[i] * s1 as f32).mul_add(y.d, out[j]);
                     } else {
-                        let s2: i32 = (0..8)
-                            .map(|g| {
-                                i32::from(blk[8 + g])
-                                    * (i32::from(y.bsums[2 * g]) + i32::from(y.bsums[2 * g + 1]))
-                            })
-                            .sum();
+                        // Σ min_g · (bsums_2g + bsums_2g+1) over the 8 groups, in registers
+                        // (each pair sum at most 32 · 128: no i16 overflow).
+                        // SAFETY: blk[8..16] are the 8 mins, y.bsums 16 i16; AVX2 is enabled.
+                        let s2 = unsafe {
+                            let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(blk[8..].as_ptr().cast()));
+                            let q8sums = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+                            let q8s = _mm_hadd_epi16(
+                                _mm256_castsi256_si128(q8sums),
+                                _mm256_extracti128_si256::<1>(q8sums),
+                            );
+                            hsum_i32(_mm_madd_epi16(mins, q8s), _mm_setzero_si128())
+                        };
                         let res = (-w.m[i]).mul_add(s2 as f32, w.d[i] * s1 as f32);
                         out[j] = res.mul_add(y.d, out[j]);
                     }
@@ -2021,6 +2066,105 @@ mod avx512 {
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         true
     );
+}
+
+/// AVX-512's 512-bit registers for the many-row block-32 products: two activation rows per
+/// register (one per 256-bit half), so each instruction does two of `tile32`'s products. Each
+/// half computes exactly the lanes `tile32` computes for its activation row (the same integers,
+/// the same float operations in the same order), so the results are `tile32`'s bits.
+#[cfg(target_arch = "x86_64")]
+mod avx512_wide {
+    use super::avx512::{hsum, unpack32};
+    use super::{has_min, kept32, ABlock, Row};
+    use std::arch::x86_64::*;
+
+    /// Two 256-bit halves as one register.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    fn join(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    /// `R` rows of type `T` against 8 activation rows (`tile32`'s products, two per register).
+    ///
+    /// # Safety
+    /// Needs AVX2, FMA and AVX-512 F/BW/VL/VNNI; the rows hold whole blocks of type `T`, as
+    /// many as every activation row.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::needless_range_loop)] // block b of every row and activation in lockstep
+    pub unsafe fn tile32x8<const T: u8, const R: usize>(
+        ws: [&Row<'_>; R],
+        acts: [&[ABlock]; 8],
+    ) -> [[f32; 8]; R] {
+        let kb = kept32(T);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        let mut summs = [[0f32; 8]; R];
+        let flip = _mm512_set1_epi8(0x80u8 as i8);
+        let nb = acts[0].len();
+        for b in 0..nb {
+            let mut y = [_mm512_setzero_si512(); 4];
+            let mut da = [_mm512_setzero_ps(); 4];
+            for p in 0..4 {
+                let (a0, a1) = (&acts[2 * p][b], &acts[2 * p + 1][b]);
+                // SAFETY: an activation block has 32 bytes.
+                let (lo, hi) = unsafe {
+                    (
+                        _mm256_loadu_si256(a0.q.as_ptr().cast()),
+                        _mm256_loadu_si256(a1.q.as_ptr().cast()),
+                    )
+                };
+                y[p] = join(lo, hi);
+                if !has_min(T) {
+                    // y + 128 on vpdpbusd's unsigned side (see `tile32`).
+                    y[p] = _mm512_xor_si512(y[p], flip);
+                }
+                da[p] = _mm512_castsi512_ps(join(
+                    _mm256_castps_si256(_mm256_set1_ps(a0.d)),
+                    _mm256_castps_si256(_mm256_set1_ps(a1.d)),
+                ));
+            }
+            for r in 0..R {
+                let w = ws[r];
+                // SAFETY: the block has kb bytes.
+                let x1 = unsafe { unpack32::<T>(&w.q[b * kb..(b + 1) * kb]) };
+                let x = _mm512_broadcast_i64x4(x1);
+                let dw = _mm512_set1_ps(w.d[b]);
+                let start = if has_min(T) {
+                    _mm512_setzero_si512()
+                } else {
+                    let c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, x);
+                    _mm512_sub_epi32(_mm512_setzero_si512(), c)
+                };
+                for p in 0..4 {
+                    if has_min(T) {
+                        summs[r][2 * p] += w.m[b] * acts[2 * p][b].s;
+                        summs[r][2 * p + 1] += w.m[b] * acts[2 * p + 1][b].s;
+                    }
+                    let s = if has_min(T) {
+                        _mm512_dpbusd_epi32(start, x, y[p])
+                    } else {
+                        _mm512_dpbusd_epi32(start, y[p], x)
+                    };
+                    let scale = _mm512_mul_ps(dw, da[p]);
+                    acc[r][p] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r][p]);
+                }
+            }
+        }
+        let mut out = [[0f32; 8]; R];
+        for r in 0..R {
+            for p in 0..4 {
+                let v = acc[r][p];
+                let lo = _mm512_castps512_ps256(v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                // SAFETY: AVX2/FMA are enabled here.
+                unsafe {
+                    out[r][2 * p] = hsum(lo) + summs[r][2 * p];
+                    out[r][2 * p + 1] = hsum(hi) + summs[r][2 * p + 1];
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
