@@ -7,7 +7,8 @@ in the last digits and greedy near-ties can go the other way. The same script th
 an AVX2-only llama-cpp-python into target/llama-cpp-avx2; the reference scripts import that one,
 and mark its version (`+ggml-avx2`) so that references cached from the other build are remade.
 On such a CPU without that build, a reference script stops (rather than compare against sums
-corral does not claim to reproduce).
+corral does not claim to reproduce). CORRAL_REFERENCE_LLAMA=host imports the host's build
+instead, to measure it.
 """
 import os
 import sys
@@ -27,7 +28,11 @@ def _has_avx512():
     return False
 
 
-if os.path.isdir(os.path.join(AVX2_BUILD, "llama_cpp")):
+if os.environ.get("CORRAL_REFERENCE_LLAMA") == "host":
+    # Measuring the host's own build (docs/performance.md compares both builds' closeness to
+    # exact arithmetic); never what the tests compare against.
+    pass
+elif os.path.isdir(os.path.join(AVX2_BUILD, "llama_cpp")):
     sys.path.insert(0, AVX2_BUILD)
     import llama_cpp  # noqa: E402
 

@@ -1737,6 +1737,7 @@ macro_rules! x86_kernels {
         /// # Safety
         /// Needs AVX2 and FMA; `gq`, `gd`, `gm` hold one group's blocks of type `code`, and every
         /// activation row as many blocks.
+        #[allow(unused_unsafe)] // needed where VNNI is not enabled (the dead branch)
         #[target_feature(enable = $fma)]
         #[allow(clippy::needless_range_loop)] // activation a of every array in lockstep
         pub unsafe fn group32<const A: usize>(
@@ -1750,6 +1751,7 @@ macro_rules! x86_kernels {
         ) {
             let nb = gd.len() / 8;
             let ones = _mm256_set1_epi16(1);
+            let flip = _mm256_set1_epi8(0x80u8 as i8);
             let mask = _mm256_set1_epi8(0x0f);
             let mut acc = [_mm256_setzero_ps(); A];
             let word = |q: &[i8; QK], at: usize| -> i32 {
@@ -1763,10 +1765,24 @@ macro_rules! x86_kernels {
             for b in 0..nb {
                 let mut s32 = [_mm256_setzero_si256(); A];
                 if code == T8_0 {
+                    let mut corr = _mm256_setzero_si256();
                     for j in 0..8 {
                         let at = gq[(b * 8 + j) * 32..].as_ptr();
                         // SAFETY: a Q8_0 block of a group is 8 chunks of 32 bytes.
                         let p = unsafe { _mm256_loadu_si256(at.cast()) };
+                        if VNNI {
+                            // Activations on the unsigned side as x + 128; the 128 · Σ p it
+                            // adds is taken off once per block below.
+                            for a in 0..A {
+                                let x = word(&acts[a][b].q, 4 * j) ^ 0x8080_8080u32 as i32;
+                                let (s, xv) = (s32[a], _mm256_set1_epi32(x));
+                                // SAFETY: VNNI is only set where AVX512-VNNI/VL are enabled.
+                                s32[a] = unsafe { _mm256_dpbusd_epi32(s, xv, p) };
+                            }
+                            // SAFETY: as above.
+                            corr = unsafe { _mm256_dpbusd_epi32(corr, flip, p) };
+                            continue;
+                        }
                         let ap = _mm256_sign_epi8(p, p);
                         for a in 0..A {
                             let x = _mm256_set1_epi32(word(&acts[a][b].q, 4 * j));
@@ -1775,6 +1791,33 @@ macro_rules! x86_kernels {
                                 s32[a],
                                 _mm256_madd_epi16(_mm256_maddubs_epi16(ap, y), ones),
                             );
+                        }
+                    }
+                    if VNNI {
+                        for a in 0..A {
+                            s32[a] = _mm256_sub_epi32(s32[a], corr);
+                        }
+                    }
+                } else if VNNI {
+                    for j in 0..4 {
+                        let at = gq[(b * 4 + j) * 32..].as_ptr();
+                        // SAFETY: a Q4 block of a group is 4 chunks of 32 bytes.
+                        let p = unsafe { _mm256_loadu_si256(at.cast()) };
+                        let lo = _mm256_and_si256(p, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(p), mask);
+                        for a in 0..A {
+                            let q = &acts[a][b].q;
+                            let x0 = _mm256_set1_epi32(word(q, 4 * j));
+                            let x1 = _mm256_set1_epi32(word(q, 16 + 4 * j));
+                            // SAFETY: VNNI is only set where AVX512-VNNI/VL are enabled.
+                            s32[a] = unsafe {
+                                _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(s32[a], lo, x0), hi, x1)
+                            };
+                        }
+                    }
+                    if code == T4_0 {
+                        for a in 0..A {
+                            s32[a] = _mm256_sub_epi32(s32[a], _mm256_set1_epi32(8 * sums[a][b]));
                         }
                     }
                 } else {

@@ -243,7 +243,6 @@ fn run() -> anyhow::Result<()> {
         .max(1);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
-
     // Read the file once: hash it, then parse it from memory.
     let phase = |name: &str| {
         if std::env::var_os("CORRAL_RUNNER_TIMINGS").is_some() {
@@ -328,6 +327,25 @@ fn run() -> anyhow::Result<()> {
         harden::forbid_file_access().context("tightening the sandbox after load")?;
     }
 
+    // The serving loop runs on one of the compute pool's threads: each parallel region of the
+    // forward pass (~150 a token) then starts on a thread that is already a worker, instead of
+    // being handed to the pool and waited for (a wake-up and a sleep every region). The pool
+    // starts only now, after tightening: Landlock confines the thread that asks and the
+    // threads it starts afterwards, not threads already running.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("starting the compute threads")?;
+    pool.install(move || serve(engine, ready, slots, kv_per_token))
+}
+
+/// Answers requests until stdin closes or a `shutdown` frame arrives.
+fn serve(
+    mut engine: engine::Engine,
+    ready: Ready,
+    slots: usize,
+    kv_per_token: usize,
+) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     write_frame(&mut out, &Response::Ready(ready))?;
