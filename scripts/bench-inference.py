@@ -13,6 +13,7 @@ CORRAL = os.path.join(ROOT, "target/release/corral")
 RUNNER = os.path.join(ROOT, "target/release/corral-runner")
 N = 128
 REPS = int(os.environ.get("REPS", "3"))
+PREFILLS = 7  # prompt-only runs per round for the prefill figure
 USER = "Write a long story about a dragon who learns to paint."
 PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
           f"<|im_start|>user\n{USER}<|im_end|>\n<|im_start|>assistant\n")
@@ -25,6 +26,14 @@ class LlamaCpp:
         self.llm = Llama(model_path=MODEL, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.ids = self.llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
+
+    def prefill_ms(self):
+        """The prompt alone: milliseconds."""
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(self.ids)
+        self.llm.sample(temp=0.0, top_k=1)
+        return (time.perf_counter() - t0) * 1e3
 
     def rep(self):
         llm, ids = self.llm, self.ids
@@ -63,7 +72,13 @@ class Runner:
     def rep(self):
         frame(self.p, {"type": "generate", "id": 1, "input": {"prompt": PROMPT}, "max_tokens": N, "stream": False, "ignore_eos": True})
         d = read(self.p)
+        self.ready_tokens = d["prompt_tokens"]
         return {"prefill_tps": d["prompt_tokens"] / (d["prefill_ms"] / 1e3), "ttft_ms": d["ttft_ms"], "decode_tps": d["decode_tokens_per_s"]}
+
+    def prefill_ms(self):
+        """The prompt alone (one token answered): the runner's prefill milliseconds."""
+        frame(self.p, {"type": "generate", "id": 2, "input": {"prompt": PROMPT}, "max_tokens": 1, "stream": False})
+        return read(self.p)["prefill_ms"]
 
     def close(self):
         frame(self.p, {"type": "shutdown"})
@@ -103,6 +118,14 @@ def main():
     # a drift shared by both sides of a round cancels in its ratio.
     for i in range(REPS):
         l, u = llama.rep(), runner.rep()
+        # Prefill: PREFILLS prompt-only runs each, taking turns one by one (a 42-token prefill
+        # takes ~0.1 s: too short for one measurement on this VM); the medians.
+        lp, up = [], []
+        for _ in range(PREFILLS):
+            lp.append(llama.prefill_ms())
+            up.append(runner.prefill_ms())
+        l["prefill_tps"] = len(llama.ids) / (statistics.median(lp) / 1e3)
+        u["prefill_tps"] = runner.ready_tokens / (statistics.median(up) / 1e3)
         rounds["llama.cpp"].append(l)
         rounds["corral (unsandboxed)"].append(u)
         if sandboxed:
