@@ -648,7 +648,7 @@ impl QMat {
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 unreachable!(
-                    "grouped products need AVX2 ({code}, {}, {}, {})",
+                    "grouped products need AVX2 ({isa:?}, {code}, {}, {}, {})",
                     gq.len(),
                     gd.len() + gm.len(),
                     out.len()
@@ -763,6 +763,7 @@ fn tile<const R: usize, const A: usize>(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = isa;
         let mut out = [[0f32; A]; R];
         for (r, w) in ws.iter().enumerate() {
             for (j, a) in acts.iter().enumerate() {
@@ -790,6 +791,7 @@ fn tile_k(isa: Isa, wt: WType, w: &Row<'_>, acts: [&[KBlock]; 4]) -> [f32; 4] {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = isa;
         acts.map(|a| dot_k(wt, w, a, Isa::Portable, true))
     }
 }
@@ -804,8 +806,10 @@ struct Row<'a> {
 /// The kernels' instruction set, chosen once from what the CPU reports: `Avx512` where it has
 /// AVX-512 F/BW/VL and VNNI (with AVX2, FMA and F16C), `Avx2` where it has AVX2, FMA and F16C,
 /// else the portable code. `CORRAL_KERNELS=avx2` or `=portable` picks a lesser one (to compare
-/// them); every choice computes the same numbers.
+/// them). The two x86 builds compute the same bits; the portable code the same integer sums, its
+/// float sums in block order rather than in ggml's lanes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // no x86 build elsewhere
 pub enum Isa {
     Portable,
     Avx2,
@@ -860,6 +864,8 @@ fn has_avx2() -> bool {
 /// ggml's `quantize_row_q8_1` (the `s` term is used by Q4_1 and Q5_1 only; for the other types
 /// it is `quantize_row_q8_0`).
 fn quantize_row(isa: Isa, x: &[f32]) -> Vec<ABlock> {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
         // SAFETY: AVX2 and FMA were detected at run time.
@@ -894,6 +900,8 @@ fn quantize_row_scalar(x: &[f32]) -> Vec<ABlock> {
 /// ggml's `quantize_row_q8_K` (its reference version, which is what x86 builds run): the
 /// value of largest magnitude maps to -127, `d` is the f32 inverse of that scale.
 fn quantize_row_k(isa: Isa, x: &[f32]) -> Vec<KBlock> {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     x.chunks_exact(QKK)
         .map(|b| {
             let (mut max, mut amax) = (0f32, 0f32);
@@ -1021,6 +1029,8 @@ fn bf16_vec_dot(w: &[f32], a: &[f32]) -> f32 {
 /// four accumulators over steps of 32 and its reduction, or `vec_dot_bf16`'s (see
 /// `bf16_vec_dot`), each adding what is left past the last step of 32 one by one in double.
 fn rows_half(isa: Isa, m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     use crate::ggml_math::{dot, dot_many_tinyblas, with_fma, Order};
     let n = acts.len();
     let bf = m.wtype == WType::BF16;
@@ -1251,6 +1261,7 @@ fn dot_k(wt: WType, w: &Row<'_>, a: &[KBlock], isa: Isa, many: bool) -> f32 {
 /// replace `maddubs`+`madd`. Both builds compute the same integers and the same float operations
 /// in the same order (ggml's AVX2 order), so their results are bit for bit the same; the
 /// AVX-512 build gains VNNI's fused integer dot products and 32 vector registers.
+#[cfg(target_arch = "x86_64")]
 macro_rules! x86_kernels {
     ($fma:literal, $f16c:literal, $vnni:literal) => {
         const VNNI: bool = $vnni;
@@ -2327,19 +2338,27 @@ mod tests {
             .iter()
             .map(|(d, _)| *d)
             .chain([GgmlDType::F16, GgmlDType::BF16]);
+        // 23 rows: five 4-row tiles, a 2-row tile and a lone row; 24: whole groups of 8, so that
+        // the batched products take the grouped layout (Q4_0, Q4_1, Q8_0).
         for (t, dtype) in all.enumerate() {
-            // 23 rows: five 4-row tiles, a 2-row tile and a lone row.
-            let (m, _) = quantized(dtype, 23, 512, 31 + t);
-            for n in [1, 2, 3, 4, 5, 7, 8, 9, 13] {
-                let x: Vec<f32> = (0..n * 512)
-                    .map(|i| ((i * 7919 + t) % 2003) as f32 / 1001.0 - 1.0)
-                    .collect();
-                for batched in [false, true] {
-                    let a = QMat::matmul_with(Isa::Avx2, &[&m], &x, n, batched);
-                    let b = QMat::matmul_with(Isa::Avx512, &[&m], &x, n, batched);
-                    let bits =
-                        |v: &[Vec<f32>]| -> Vec<u32> { v[0].iter().map(|f| f.to_bits()).collect() };
-                    assert_eq!(bits(&a), bits(&b), "{dtype:?} n={n} batched={batched}");
+            for rows in [23, 24] {
+                let (m, _) = quantized(dtype, rows, 512, 31 + t);
+                for n in [1, 2, 3, 4, 5, 7, 8, 9, 13] {
+                    let x: Vec<f32> = (0..n * 512)
+                        .map(|i| ((i * 7919 + t) % 2003) as f32 / 1001.0 - 1.0)
+                        .collect();
+                    for batched in [false, true] {
+                        let a = QMat::matmul_with(Isa::Avx2, &[&m], &x, n, batched);
+                        let b = QMat::matmul_with(Isa::Avx512, &[&m], &x, n, batched);
+                        let bits = |v: &[Vec<f32>]| -> Vec<u32> {
+                            v[0].iter().map(|f| f.to_bits()).collect()
+                        };
+                        assert_eq!(
+                            bits(&a),
+                            bits(&b),
+                            "{dtype:?} rows={rows} n={n} batched={batched}"
+                        );
+                    }
                 }
             }
         }

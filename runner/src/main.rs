@@ -334,6 +334,9 @@ fn run() -> anyhow::Result<()> {
     // threads it starts afterwards, not threads already running.
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
+        // The main thread's 8 MiB, not a worker's default 2 MiB: template rendering, schema
+        // walks and grammar building run here too.
+        .stack_size(8 << 20)
         .build()
         .context("starting the compute threads")?;
     pool.install(move || serve(engine, ready, slots, kv_per_token))
