@@ -225,6 +225,18 @@ impl<'a> ColumnDot<'a> {
 #[inline(always)]
 pub fn softmax(s: &mut [f32]) {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU was just found to support AVX2 and FMA.
+        unsafe { x86::softmax_rest(s, max) };
+        return;
+    }
+    softmax_rest(s, max);
+}
+
+/// `softmax` after the maximum: one lane at a time.
+#[inline(always)]
+fn softmax_rest(s: &mut [f32], max: f32) {
     let mut sum = 0f64;
     for block in s.chunks_mut(8) {
         // positions past the end are masked (-inf) in ggml's padded cache: they add 0
@@ -243,6 +255,152 @@ pub fn softmax(s: &mut [f32]) {
     let inv = (1.0 / sum) as f32;
     for x in s.iter_mut() {
         *x *= inv;
+    }
+}
+
+/// `expf` and the softmax eight lanes at a time, as ggml's AVX2 code computes them: every lane
+/// goes through exactly the operations of the one-lane functions above (so the bits are theirs),
+/// with both of `expf`'s paths computed and blended where any lane needs the scaled one.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::c;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub fn expf8(x: __m256) -> __m256 {
+        let r = _mm256_set1_ps(c(0x4b40_0000));
+        let z = _mm256_fmadd_ps(x, _mm256_set1_ps(c(0x3fb8_aa3b)), r);
+        let n = _mm256_sub_ps(z, r);
+        let neg_n = _mm256_xor_ps(n, _mm256_set1_ps(-0.0));
+        let b = _mm256_fmadd_ps(
+            neg_n,
+            _mm256_set1_ps(c(0x35bf_be8e)),
+            _mm256_fmadd_ps(neg_n, _mm256_set1_ps(c(0x3f31_7200)), x),
+        );
+        let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+        let k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_set1_epi32(0x3f80_0000)));
+        let u = _mm256_mul_ps(b, b);
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(
+                    _mm256_set1_ps(c(0x3c07_2010)),
+                    b,
+                    _mm256_set1_ps(c(0x3d2b_9f17)),
+                ),
+                u,
+                _mm256_fmadd_ps(
+                    _mm256_set1_ps(c(0x3e2a_af33)),
+                    b,
+                    _mm256_set1_ps(c(0x3eff_fedb)),
+                ),
+            ),
+            u,
+            _mm256_mul_ps(_mm256_set1_ps(c(0x3f7f_fff6)), b),
+        );
+        let fast = _mm256_fmadd_ps(j, k, k);
+        let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        // Ordered compares: false for NaN, as the one-lane `>` is.
+        let scaled = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(126.0));
+        if _mm256_movemask_ps(scaled) == 0 {
+            return fast;
+        }
+        let le0 = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps()));
+        let g = _mm256_and_si256(le0, _mm256_set1_epi32(0x8200_0000u32 as i32));
+        let s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f00_0000)));
+        let s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+        let huge = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
+        let slow = _mm256_blendv_ps(
+            _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1),
+            _mm256_mul_ps(s1, s1),
+            huge,
+        );
+        _mm256_blendv_ps(fast, slow, scaled)
+    }
+
+    /// `super::softmax_rest`, eight lanes at a time; a last partial block one lane at a time.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_rest(s: &mut [f32], max: f32) {
+        let mut sum = 0f64;
+        let m = _mm256_set1_ps(max);
+        let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut blocks = s.chunks_exact_mut(8);
+        for block in &mut blocks {
+            // SAFETY: block holds 8 f32.
+            let x = unsafe { _mm256_loadu_ps(block.as_ptr()) };
+            let masked = _mm256_cmp_ps::<_CMP_EQ_OQ>(x, neg_inf);
+            let v = _mm256_andnot_ps(masked, expf8(_mm256_sub_ps(x, m)));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(block.as_mut_ptr(), v) };
+            // hsum8's order: the halves, then pairs.
+            let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            sum += f64::from(_mm_cvtss_f32(h));
+        }
+        let rest = blocks.into_remainder();
+        if !rest.is_empty() {
+            let mut v = [0f32; 8];
+            for (v, x) in v.iter_mut().zip(rest.iter_mut()) {
+                *x = if *x == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    super::expf(*x - max)
+                };
+                *v = *x;
+            }
+            sum += f64::from(super::hsum8(&v));
+        }
+        let inv = _mm256_set1_ps((1.0 / sum) as f32);
+        let mut blocks = s.chunks_exact_mut(8);
+        for block in &mut blocks {
+            // SAFETY: block holds 8 f32.
+            unsafe {
+                let x = _mm256_loadu_ps(block.as_ptr());
+                _mm256_storeu_ps(block.as_mut_ptr(), _mm256_mul_ps(x, inv));
+            }
+        }
+        let inv = (1.0 / sum) as f32;
+        for x in blocks.into_remainder() {
+            *x *= inv;
+        }
+    }
+}
+
+/// Rounds every value to the nearest f16 (ties to even) and back, in place: what ggml's f16 KV
+/// cache and its conversion of f32 operands to f16 do. With F16C eight at a time (the same
+/// rounding as `half`'s one-by-one conversion, which costs a call per value).
+pub fn round_f16(xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx,f16c")]
+        fn eights(xs: &mut [f32]) -> usize {
+            use std::arch::x86_64::*;
+            let mut chunks = xs.chunks_exact_mut(8);
+            for c in &mut chunks {
+                // SAFETY: c holds 8 f32.
+                unsafe {
+                    let v = _mm256_loadu_ps(c.as_ptr());
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                    _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+                }
+            }
+            xs.len() / 8 * 8
+        }
+        if std::is_x86_feature_detected!("avx") && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU was just found to support AVX and F16C.
+            let done = unsafe { eights(xs) };
+            for x in &mut xs[done..] {
+                *x = half::f16::from_f32(*x).to_f32();
+            }
+            return;
+        }
+    }
+    for x in xs {
+        *x = half::f16::from_f32(*x).to_f32();
     }
 }
 
@@ -267,6 +425,108 @@ pub fn with_fma<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eight_lane_expf_and_softmax_are_the_one_lane_ones() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+                eprintln!("no AVX2/FMA here: only the one-lane code runs");
+                return;
+            }
+            use std::arch::x86_64::*;
+            // Both paths of expf (|n| > 126 and > 192), overflow, underflow, ±0, NaN.
+            let mut xs: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.07).collect();
+            xs.extend([
+                0.0,
+                -0.0,
+                88.7,
+                89.0,
+                -87.0,
+                -88.0,
+                -104.0,
+                -200.0,
+                f32::NAN,
+            ]);
+            xs.extend([
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                1e-30,
+                -1e-30,
+                0.5,
+                -0.5,
+                3.0,
+            ]);
+            for c in xs.chunks_exact(8) {
+                let mut got = [0f32; 8];
+                // SAFETY: AVX2 and FMA were just detected; c and got hold 8 f32.
+                unsafe {
+                    let v = x86::expf8(_mm256_loadu_ps(c.as_ptr()));
+                    _mm256_storeu_ps(got.as_mut_ptr(), v);
+                }
+                for (x, g) in c.iter().zip(got) {
+                    let want = expf(*x);
+                    assert!(
+                        g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                        "expf({x}): {g} vs {want}"
+                    );
+                }
+            }
+            for n in [1, 7, 8, 9, 64, 100, 1027] {
+                let mut a: Vec<f32> = (0..n)
+                    .map(|i| {
+                        ((i * 7919 % 1000) as f32 - 500.0) * if i % 3 == 0 { 0.5 } else { 0.02 }
+                    })
+                    .collect();
+                if n > 8 {
+                    a[3] = f32::NEG_INFINITY;
+                    a[n - 2] = f32::NEG_INFINITY;
+                }
+                let mut want = a.clone();
+                let max = want.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                softmax_rest(&mut want, max);
+                softmax(&mut a);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&want), "n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_rounding_in_bulk_is_halfs() {
+        // Ties, subnormals, overflow to infinity, signed zeros and a NaN, and a leftover past 8.
+        let mut xs: Vec<f32> = vec![
+            1.0 + 1.0 / 2048.0,
+            1.0 + 3.0 / 2048.0,
+            -(1.0 + 1.0 / 2048.0),
+            6.0e-8,
+            3.0e-8,
+            -1.0e-6,
+            65504.0,
+            65520.0,
+            1.0e6,
+            -0.0,
+            0.0,
+            f32::NAN,
+            0.1,
+            0.7,
+            123.456,
+            -9.87e-3,
+            1.0e-5,
+        ];
+        xs.extend((0..100).map(|i| (i as f32 * 0.37).sin() * 10f32.powi(i % 9 - 4)));
+        let want: Vec<f32> = xs
+            .iter()
+            .map(|x| half::f16::from_f32(*x).to_f32())
+            .collect();
+        round_f16(&mut xs);
+        for (i, (a, b)) in xs.iter().zip(&want).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "[{i}] {a} vs {b}"
+            );
+        }
+    }
 
     #[test]
     fn dot_many_is_each_dot_to_the_bit() {

@@ -1084,17 +1084,12 @@ impl Llama {
                 q.iter_mut().for_each(|v| *v *= c.attn_scale);
             }
             let mut att = vec![0f32; total * c.q_dim];
+            // The cache holds f16 values (as f32), as llama.cpp's does.
+            ggml_math::round_f16(&mut k);
+            ggml_math::round_f16(&mut v);
             for (it, span) in items.iter_mut().zip(&spans) {
-                it.cache.k[l].extend(
-                    k[span.start * kv_dim..span.end * kv_dim]
-                        .iter()
-                        .map(|v| f16::from_f32(*v).to_f32()),
-                );
-                it.cache.v[l].extend(
-                    v[span.start * kv_dim..span.end * kv_dim]
-                        .iter()
-                        .map(|v| f16::from_f32(*v).to_f32()),
-                );
+                it.cache.k[l].extend_from_slice(&k[span.start * kv_dim..span.end * kv_dim]);
+                it.cache.v[l].extend_from_slice(&v[span.start * kv_dim..span.end * kv_dim]);
             }
             let attns: Vec<Attn<'_>> = items
                 .iter()
@@ -1344,10 +1339,8 @@ impl Attn<'_> {
         let hd = self.head_dim;
         let n_ctx = self.pos + i + 1;
         let kvh = hh / self.group;
-        let qrow = &self.q[idx * hd..][..hd];
-        for (d, qv) in bufs.q16.iter_mut().zip(qrow) {
-            *d = f16::from_f32(*qv).to_f32();
-        }
+        bufs.q16.copy_from_slice(&self.q[idx * hd..][..hd]);
+        ggml_math::round_f16(&mut bufs.q16);
         let scores = &mut bufs.scores[..n_ctx];
         let lo = self.first_key(n_ctx - 1);
         for (j, s) in scores.iter_mut().enumerate() {
@@ -1359,10 +1352,11 @@ impl Attn<'_> {
             };
         }
         ggml_math::softmax(scores);
+        // The weights enter the V product as f16 (ggml converts them to the cache's type).
+        ggml_math::round_f16(scores);
         let mut acc = ColumnDot::new(&mut bufs.scratch, hd, self.order);
-        for (j, s) in scores.iter().enumerate() {
-            let p = f16::from_f32(*s).to_f32();
-            acc.add(j, p, &self.vc[j * self.kv_dim + kvh * hd..][..hd]);
+        for (j, p) in scores.iter().enumerate() {
+            acc.add(j, *p, &self.vc[j * self.kv_dim + kvh * hd..][..hd]);
         }
         acc.finish(out);
     }
@@ -1384,10 +1378,9 @@ impl Attn<'_> {
             for p in 0..4 {
                 // Rows past the end repeat the last query (their results are dropped).
                 let i = first + p.min(count - 1);
-                let qrow = &self.q[(i * self.n_head + hh) * hd..][..hd];
-                for (d, qv) in bufs.q16[p * hd..][..hd].iter_mut().zip(qrow) {
-                    *d = f16::from_f32(*qv).to_f32();
-                }
+                let q16 = &mut bufs.q16[p * hd..][..hd];
+                q16.copy_from_slice(&self.q[(i * self.n_head + hh) * hd..][..hd]);
+                ggml_math::round_f16(q16);
             }
             let n_max = self.pos + first + count; // the last query's causal window
             let (q0, rest) = bufs.q16.split_at(hd);
@@ -1406,10 +1399,10 @@ impl Attn<'_> {
                 let scores = &mut bufs.scores[p * stride..][..n_ctx];
                 scores[..lo].fill(f32::NEG_INFINITY);
                 ggml_math::softmax(scores);
+                ggml_math::round_f16(scores);
                 let mut acc = ColumnDot::new(&mut bufs.scratch, hd, self.order);
-                for (j, s) in scores.iter().enumerate() {
-                    let w = f16::from_f32(*s).to_f32();
-                    acc.add(j, w, &self.vc[j * self.kv_dim + kvh * hd..][..hd]);
+                for (j, w) in scores.iter().enumerate() {
+                    acc.add(j, *w, &self.vc[j * self.kv_dim + kvh * hd..][..hd]);
                 }
                 acc.finish(o);
             }
