@@ -1275,10 +1275,24 @@ impl Attn<'_> {
             // (block, head) per task: each writes its own slice with the same arithmetic as a
             // single thread would, so the result does not depend on the split.
             let mut att_t = vec![0f32; n_head * seq * head_dim];
+            // V transposed, `[kv head][dim][position]`: each output dim is then one contiguous
+            // dot product over the positions for four queries at once, in tinyBLAS's order (as
+            // llama.cpp computes it from its transposed V cache), instead of a scattered
+            // accumulation per query and position.
+            let n_kv = pos + seq;
+            let kv_heads = self.kv_dim / head_dim;
+            let mut vt = vec![0f32; self.kv_dim * n_kv];
+            for (j, row) in self.vc.chunks_exact(self.kv_dim).take(n_kv).enumerate() {
+                for (c, v) in row.iter().enumerate() {
+                    vt[c * n_kv + j] = *v;
+                }
+            }
+            debug_assert_eq!(kv_heads * head_dim, self.kv_dim);
+            let vt = &vt;
             let block_bufs = || AttnBufs {
                 scores: vec![0f32; 4 * (pos + seq)],
                 q16: vec![0f32; 4 * head_dim],
-                scratch: vec![0f32; 32 * head_dim],
+                scratch: Vec::new(), // the V products read `vt` instead
             };
             att_t
                 .par_chunks_mut(seq * head_dim)
@@ -1288,7 +1302,7 @@ impl Attn<'_> {
                         .par_chunks_mut(POS_BLOCK * head_dim)
                         .enumerate()
                         .for_each_init(block_bufs, |b, (blk, out)| {
-                            ggml_math::with_fma(|| self.block(b, hh, blk * POS_BLOCK, out));
+                            self.block_fma(b, hh, blk * POS_BLOCK, out, (vt, n_kv));
                         });
                 });
             for hh in 0..n_head {
@@ -1363,12 +1377,52 @@ impl Attn<'_> {
 }
 
 impl Attn<'_> {
+    /// `block`, compiled with AVX2 and FMA where the CPU has them (`mul_add` one instruction
+    /// instead of a call into libm; the results are identical). A function of its own rather
+    /// than a closure in `ggml_math::with_fma`: a body this large is not inlined into one.
+    fn block_fma(
+        &self,
+        bufs: &mut AttnBufs,
+        hh: usize,
+        i0: usize,
+        out: &mut [f32],
+        vt: (&[f32], usize),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            fn fast(
+                a: &Attn<'_>,
+                bufs: &mut AttnBufs,
+                hh: usize,
+                i0: usize,
+                out: &mut [f32],
+                vt: (&[f32], usize),
+            ) {
+                a.block(bufs, hh, i0, out, vt);
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU was just found to support AVX2 and FMA.
+                unsafe { fast(self, bufs, hh, i0, out, vt) };
+                return;
+            }
+        }
+        self.block(bufs, hh, i0, out, vt);
+    }
+
     /// Positions `i0..` (as many as `out` holds rows) of head `hh`, four at a time: each key row
     /// is read once for the four queries and their dot products run as independent chains
     /// (`dot_many_tinyblas`: each to the bit what `dot` gives, the prefill order). `out` is
     /// this head's rows for those positions.
     #[inline(always)]
-    fn block(&self, bufs: &mut AttnBufs, hh: usize, i0: usize, out: &mut [f32]) {
+    fn block(
+        &self,
+        bufs: &mut AttnBufs,
+        hh: usize,
+        i0: usize,
+        out: &mut [f32],
+        (vt, n_kv): (&[f32], usize),
+    ) {
         let hd = self.head_dim;
         let kvh = hh / self.group;
         let stride = self.pos + out.len() / hd + i0;
@@ -1393,18 +1447,26 @@ impl Attn<'_> {
                     bufs.scores[p * stride + j] = self.score(*v);
                 }
             }
-            for (p, o) in outs.chunks_mut(hd).enumerate() {
+            for p in 0..count {
                 let n_ctx = self.pos + first + p + 1;
                 let lo = self.first_key(n_ctx - 1);
-                let scores = &mut bufs.scores[p * stride..][..n_ctx];
+                let scores = &mut bufs.scores[p * stride..][..n_max];
                 scores[..lo].fill(f32::NEG_INFINITY);
-                ggml_math::softmax(scores);
-                ggml_math::round_f16(scores);
-                let mut acc = ColumnDot::new(&mut bufs.scratch, hd, self.order);
-                for (j, w) in scores.iter().enumerate() {
-                    acc.add(j, *w, &self.vc[j * self.kv_dim + kvh * hd..][..hd]);
+                ggml_math::softmax(&mut scores[..n_ctx]);
+                ggml_math::round_f16(&mut scores[..n_ctx]);
+                // Past its causal window a query weighs each value 0, as ggml's masked row
+                // does: the sums of `dot_many_tinyblas` over the block's window are then the
+                // query's own.
+                scores[n_ctx..].fill(0.0);
+            }
+            let rows: [&[f32]; 4] =
+                std::array::from_fn(|p| &bufs.scores[p.min(count - 1) * stride..][..n_max]);
+            for d in 0..hd {
+                let column = &vt[(kvh * hd + d) * n_kv..][..n_max];
+                let r = ggml_math::dot_many_tinyblas(column, rows);
+                for (p, v) in r.iter().take(count).enumerate() {
+                    outs[p * hd + d] = *v;
                 }
-                acc.finish(o);
             }
         }
     }
@@ -1509,6 +1571,77 @@ fn gelu_f16_entry(bits: u16) -> u16 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The prefill attention (`Attn::block`: four queries per pass, V transposed) gives each
+    /// query, to the bit, the one-query-at-a-time sums in tinyBLAS's order: its scores over its
+    /// own causal (or sliding) window, softmax, weights rounded to f16, then each output dim
+    /// summed over the positions in 8 lanes.
+    #[test]
+    fn prefill_attention_is_each_query_alone() {
+        let (n_head, group, hd) = (4, 2, 24);
+        let kv_dim = n_head / group * hd;
+        let (pos, seq) = (5, 37);
+        let n = pos + seq;
+        let val = |i: usize, k: usize| ((i * 7919 + k * 104729) % 2003) as f32 / 1001.0 - 1.0;
+        let q: Vec<f32> = (0..seq * n_head * hd).map(|i| val(i, 1)).collect();
+        let mut kc: Vec<f32> = (0..n * kv_dim).map(|i| val(i, 2) * 3.0).collect();
+        let mut vc: Vec<f32> = (0..n * kv_dim).map(|i| val(i, 3)).collect();
+        ggml_math::round_f16(&mut kc);
+        ggml_math::round_f16(&mut vc);
+        for window in [None, Some(7)] {
+            let a = Attn {
+                q: &q,
+                kc: &kc,
+                vc: &vc,
+                pos,
+                n_head,
+                group,
+                head_dim: hd,
+                kv_dim,
+                scale: 0.3,
+                softcap: None,
+                order: Order::TinyBlas,
+                window,
+            };
+            let mut got = vec![0f32; seq * n_head * hd];
+            a.run(&mut got, seq);
+            for i in 0..seq {
+                for hh in 0..n_head {
+                    let kvh = hh / group;
+                    let mut q16 = q[(i * n_head + hh) * hd..][..hd].to_vec();
+                    ggml_math::round_f16(&mut q16);
+                    let n_ctx = pos + i + 1;
+                    let lo = window.map_or(0, |w| (n_ctx).saturating_sub(w));
+                    let mut sc: Vec<f32> = (0..n_ctx)
+                        .map(|j| {
+                            let k = &kc[j * kv_dim + kvh * hd..][..hd];
+                            if j < lo {
+                                f32::NEG_INFINITY
+                            } else {
+                                ggml_math::dot(k, &q16, Order::TinyBlas) * 0.3
+                            }
+                        })
+                        .collect();
+                    ggml_math::softmax(&mut sc);
+                    ggml_math::round_f16(&mut sc);
+                    let mut scratch = vec![0f32; 32 * hd];
+                    let mut acc = ColumnDot::new(&mut scratch, hd, Order::TinyBlas);
+                    for (j, w) in sc.iter().enumerate() {
+                        acc.add(j, *w, &vc[j * kv_dim + kvh * hd..][..hd]);
+                    }
+                    let mut want = vec![0f32; hd];
+                    acc.finish(&mut want);
+                    let g = &got[(i * n_head + hh) * hd..][..hd];
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(g),
+                        bits(&want),
+                        "window {window:?} position {i} head {hh}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_and_rope_basics() {
