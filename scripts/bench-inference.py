@@ -116,6 +116,7 @@ def main():
     rounds = {"llama.cpp": [], "corral (unsandboxed)": [], "corral (sandboxed, secure)": []}
     # The peers take turns, round by round: this VM's speed drifts by 10-20% within minutes, and
     # a drift shared by both sides of a round cancels in its ratio.
+    ratios = []
     for i in range(REPS):
         l, u = llama.rep(), runner.rep()
         # Prefill: PREFILLS prompt-only runs each, taking turns one by one (a 42-token prefill
@@ -130,7 +131,8 @@ def main():
         rounds["corral (unsandboxed)"].append(u)
         if sandboxed:
             rounds["corral (sandboxed, secure)"].append(sandboxed_rep())
-        print(f"round {i + 1}: decode {u['decode_tps'] / l['decode_tps']:.2f}x, prefill {u['prefill_tps'] / l['prefill_tps']:.2f}x")
+        ratios.append((u['decode_tps'] / l['decode_tps'], u['prefill_tps'] / l['prefill_tps']))
+        print(f"round {i + 1}: decode {ratios[-1][0]:.2f}x, prefill {ratios[-1][1]:.2f}x")
     runner.close()
     res = {"llama.cpp": {"load_ms": llama.load_ms, "prompt_tokens": len(llama.ids), **median(rounds["llama.cpp"])},
            "corral (unsandboxed)": {"load_ms": runner.load_ms, "runner_load_ms": runner.ready["load_ms"], **median(rounds["corral (unsandboxed)"])}}
@@ -144,6 +146,8 @@ def main():
     boxed = f" (sandboxed {s['decode_tps'] / l['decode_tps']:.2f}x)" if s else " (not measured sandboxed: not a catalog model)"
     print(f"\ndecode: corral/llama.cpp = {u['decode_tps'] / l['decode_tps']:.2f}x{boxed}")
     print(f"prefill: corral/llama.cpp = {u['prefill_tps'] / l['prefill_tps']:.2f}x")
+    print(f"median of the rounds' ratios (drift within a round cancels): decode "
+          f"{statistics.median(r[0] for r in ratios):.2f}x, prefill {statistics.median(r[1] for r in ratios):.2f}x")
     if s:
         print(f"sandbox overhead on decode: {100 * (1 - s['decode_tps'] / u['decode_tps']):.1f}%")
     print(json.dumps(res))
