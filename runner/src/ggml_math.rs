@@ -196,6 +196,36 @@ impl<'a> ColumnDot<'a> {
         }
     }
 
+    /// `add(j, w[j], row j)` for every `j` in `0..w.len()`, row `j` being
+    /// `rows[j * stride..][..dims]`. With AVX-512, in `ggml_vec_dot_f16`'s order (`VecDot`, whose
+    /// slot for position `j` is `j % 32`) and dims in whole 16s, sixteen slots at a time held in
+    /// registers (with AVX2, eight slots of 8 dims): each slot's sums are the same operations in
+    /// the same order as `add`'s.
+    pub fn add_all(&mut self, w: &[f32], rows: &[f32], stride: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if self.order == Order::VecDot
+            && self.dims.is_multiple_of(8)
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && rows.len() >= self.dims
+            && w.len() <= (rows.len() - self.dims) / stride.max(1) + 1
+        {
+            // Every row read lies inside `rows` (checked just above: row w.len() - 1 ends
+            // within it).
+            if self.dims.is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F and FMA were just detected.
+                unsafe { x86::column_dot_vecdot_512(self.acc, self.dims, w, rows, stride) };
+            } else {
+                // SAFETY: AVX2 and FMA were just detected.
+                unsafe { x86::column_dot_vecdot_256(self.acc, self.dims, w, rows, stride) };
+            }
+            return;
+        }
+        for (j, wj) in w.iter().enumerate() {
+            self.add(j, *wj, &rows[j * stride..][..self.dims]);
+        }
+    }
+
     pub fn finish(self, out: &mut [f32]) {
         let lane = |a: usize, l: usize, d: usize| self.acc[(a * 8 + l) * self.dims + d];
         for (d, o) in out.iter_mut().enumerate().take(self.dims) {
@@ -316,6 +346,99 @@ mod x86 {
             huge,
         );
         _mm256_blendv_ps(fast, slow, scaled)
+    }
+
+    /// `ColumnDot::add_all` in the `VecDot` order: for each 16 dims and each half of the 32
+    /// slots, the 16 slot accumulators stay in registers while the positions stream past
+    /// (position `j` goes to slot `j % 32`).
+    ///
+    /// # Safety
+    /// Needs AVX-512F and FMA; `acc` holds `32 * dims` values, `dims` is a multiple of 16, and
+    /// `rows[j * stride..][..dims]` lies inside `rows` for every `j < w.len()`.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn column_dot_vecdot_512(
+        acc: &mut [f32],
+        dims: usize,
+        w: &[f32],
+        rows: &[f32],
+        stride: usize,
+    ) {
+        let n = w.len();
+        debug_assert!(acc.len() >= 32 * dims && dims.is_multiple_of(16));
+        for d0 in (0..dims).step_by(16) {
+            for half in 0..2 {
+                let mut a = [_mm512_setzero_ps(); 16];
+                for (s, a) in a.iter_mut().enumerate() {
+                    // SAFETY: slot half * 16 + s has dims values at d0..d0 + 16.
+                    *a = unsafe { _mm512_loadu_ps(acc.as_ptr().add((half * 16 + s) * dims + d0)) };
+                }
+                let mut j0 = half * 16;
+                while j0 < n {
+                    let m = (n - j0).min(16);
+                    for (s, a) in a.iter_mut().enumerate() {
+                        if s < m {
+                            let j = j0 + s;
+                            // SAFETY: row j lies inside rows (the caller's promise).
+                            let v = unsafe { _mm512_loadu_ps(rows.as_ptr().add(j * stride + d0)) };
+                            *a = _mm512_fmadd_ps(v, _mm512_set1_ps(w[j]), *a);
+                        }
+                    }
+                    j0 += 32;
+                }
+                for (s, a) in a.iter().enumerate() {
+                    // SAFETY: as for the loads.
+                    unsafe {
+                        _mm512_storeu_ps(acc.as_mut_ptr().add((half * 16 + s) * dims + d0), *a)
+                    };
+                }
+            }
+        }
+    }
+
+    /// `column_dot_vecdot_512` with 256-bit registers: eight dims, a quarter of the slots at a
+    /// time.
+    ///
+    /// # Safety
+    /// Needs AVX2 and FMA; as `column_dot_vecdot_512`, with `dims` a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn column_dot_vecdot_256(
+        acc: &mut [f32],
+        dims: usize,
+        w: &[f32],
+        rows: &[f32],
+        stride: usize,
+    ) {
+        let n = w.len();
+        debug_assert!(acc.len() >= 32 * dims && dims.is_multiple_of(8));
+        for d0 in (0..dims).step_by(8) {
+            for quarter in 0..4 {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for (s, a) in a.iter_mut().enumerate() {
+                    // SAFETY: slot quarter * 8 + s has dims values at d0..d0 + 8.
+                    *a =
+                        unsafe { _mm256_loadu_ps(acc.as_ptr().add((quarter * 8 + s) * dims + d0)) };
+                }
+                let mut j0 = quarter * 8;
+                while j0 < n {
+                    let m = (n - j0).min(8);
+                    for (s, a) in a.iter_mut().enumerate() {
+                        if s < m {
+                            let j = j0 + s;
+                            // SAFETY: row j lies inside rows (the caller's promise).
+                            let v = unsafe { _mm256_loadu_ps(rows.as_ptr().add(j * stride + d0)) };
+                            *a = _mm256_fmadd_ps(v, _mm256_set1_ps(w[j]), *a);
+                        }
+                    }
+                    j0 += 32;
+                }
+                for (s, a) in a.iter().enumerate() {
+                    // SAFETY: as for the loads.
+                    unsafe {
+                        _mm256_storeu_ps(acc.as_mut_ptr().add((quarter * 8 + s) * dims + d0), *a)
+                    };
+                }
+            }
+        }
     }
 
     /// `super::softmax_rest`, eight lanes at a time; a last partial block one lane at a time.
@@ -488,6 +611,48 @@ mod tests {
                 softmax(&mut a);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&a), bits(&want), "n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn column_sums_of_all_rows_at_once_are_row_by_rows() {
+        for (dims, stride) in [(64, 192), (16, 16), (24, 48)] {
+            for n in [1, 5, 16, 17, 31, 32, 33, 100, 257] {
+                let rows: Vec<f32> = (0..n * stride)
+                    .map(|i| ((i * 7919 % 1999) as f32 - 999.0) / 333.0)
+                    .collect();
+                let w: Vec<f32> = (0..n).map(|j| ((j * 31 % 97) as f32) / 97.0).collect();
+                let (mut s1, mut s2) = (vec![0f32; 32 * dims], vec![0f32; 32 * dims]);
+                let (mut o1, mut o2) = (vec![0f32; dims], vec![0f32; dims]);
+                let mut one = ColumnDot::new(&mut s1, dims, Order::VecDot);
+                for (j, wj) in w.iter().enumerate() {
+                    one.add(j, *wj, &rows[j * stride..][..dims]);
+                }
+                one.finish(&mut o1);
+                let mut all = ColumnDot::new(&mut s2, dims, Order::VecDot);
+                all.add_all(&w, &rows, stride);
+                all.finish(&mut o2);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&o1), bits(&o2), "dims {dims} n {n}");
+                // The 256-bit path too, where it would not be chosen (AVX-512 present).
+                #[cfg(target_arch = "x86_64")]
+                if dims % 8 == 0
+                    && std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                {
+                    let mut s3 = vec![0f32; 32 * dims];
+                    // SAFETY: AVX2 and FMA were just detected; rows hold n rows of stride.
+                    unsafe { x86::column_dot_vecdot_256(&mut s3, dims, &w, &rows, stride) };
+                    let mut o3 = vec![0f32; dims];
+                    ColumnDot {
+                        acc: &mut s3,
+                        dims,
+                        order: Order::VecDot,
+                    }
+                    .finish(&mut o3);
+                    assert_eq!(bits(&o1), bits(&o3), "256-bit: dims {dims} n {n}");
+                }
             }
         }
     }

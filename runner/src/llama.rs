@@ -1369,9 +1369,7 @@ impl Attn<'_> {
         // The weights enter the V product as f16 (ggml converts them to the cache's type).
         ggml_math::round_f16(scores);
         let mut acc = ColumnDot::new(&mut bufs.scratch, hd, self.order);
-        for (j, p) in scores.iter().enumerate() {
-            acc.add(j, *p, &self.vc[j * self.kv_dim + kvh * hd..][..hd]);
-        }
+        acc.add_all(scores, &self.vc[kvh * hd..], self.kv_dim);
         acc.finish(out);
     }
 }
