@@ -72,7 +72,7 @@ class Runner:
     def rep(self):
         frame(self.p, {"type": "generate", "id": 1, "input": {"prompt": PROMPT}, "max_tokens": N, "stream": False, "ignore_eos": True})
         d = read(self.p)
-        self.ready_tokens = d["prompt_tokens"]
+        self.prompt_tokens = d["prompt_tokens"]
         return {"prefill_tps": d["prompt_tokens"] / (d["prefill_ms"] / 1e3), "ttft_ms": d["ttft_ms"], "decode_tps": d["decode_tokens_per_s"]}
 
     def prefill_ms(self):
@@ -126,7 +126,7 @@ def main():
             lp.append(llama.prefill_ms())
             up.append(runner.prefill_ms())
         l["prefill_tps"] = len(llama.ids) / (statistics.median(lp) / 1e3)
-        u["prefill_tps"] = runner.ready_tokens / (statistics.median(up) / 1e3)
+        u["prefill_tps"] = runner.prompt_tokens / (statistics.median(up) / 1e3)
         rounds["llama.cpp"].append(l)
         rounds["corral (unsandboxed)"].append(u)
         if sandboxed:

@@ -348,98 +348,75 @@ mod x86 {
         _mm256_blendv_ps(fast, slow, scaled)
     }
 
-    /// `ColumnDot::add_all` in the `VecDot` order: for each 16 dims and each half of the 32
-    /// slots, the 16 slot accumulators stay in registers while the positions stream past
-    /// (position `j` goes to slot `j % 32`).
+    /// `ColumnDot::add_all` in the `VecDot` order, `$lanes` dims per register: for each `$lanes`
+    /// dims and each `$lanes` of the 32 slots, the slot accumulators stay in registers while the
+    /// positions stream past (position `j` goes to slot `j % 32`).
     ///
     /// # Safety
-    /// Needs AVX-512F and FMA; `acc` holds `32 * dims` values, `dims` is a multiple of 16, and
-    /// `rows[j * stride..][..dims]` lies inside `rows` for every `j < w.len()`.
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    pub unsafe fn column_dot_vecdot_512(
-        acc: &mut [f32],
-        dims: usize,
-        w: &[f32],
-        rows: &[f32],
-        stride: usize,
-    ) {
-        let n = w.len();
-        debug_assert!(acc.len() >= 32 * dims && dims.is_multiple_of(16));
-        for d0 in (0..dims).step_by(16) {
-            for half in 0..2 {
-                let mut a = [_mm512_setzero_ps(); 16];
-                for (s, a) in a.iter_mut().enumerate() {
-                    // SAFETY: slot half * 16 + s has dims values at d0..d0 + 16.
-                    *a = unsafe { _mm512_loadu_ps(acc.as_ptr().add((half * 16 + s) * dims + d0)) };
-                }
-                let mut j0 = half * 16;
-                while j0 < n {
-                    let m = (n - j0).min(16);
-                    for (s, a) in a.iter_mut().enumerate() {
-                        if s < m {
-                            let j = j0 + s;
-                            // SAFETY: row j lies inside rows (the caller's promise).
-                            let v = unsafe { _mm512_loadu_ps(rows.as_ptr().add(j * stride + d0)) };
-                            *a = _mm512_fmadd_ps(v, _mm512_set1_ps(w[j]), *a);
+    /// Needs the target features named; `acc` holds `32 * dims` values, `dims` is a multiple of
+    /// `$lanes`, and `rows[j * stride..][..dims]` lies inside `rows` for every `j < w.len()`.
+    macro_rules! column_dot_vecdot {
+        ($name:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $store:ident,
+         $fmadd:ident, $set1:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(
+                acc: &mut [f32],
+                dims: usize,
+                w: &[f32],
+                rows: &[f32],
+                stride: usize,
+            ) {
+                let n = w.len();
+                debug_assert!(acc.len() >= 32 * dims && dims.is_multiple_of($lanes));
+                for d0 in (0..dims).step_by($lanes) {
+                    for first in (0..32).step_by($lanes) {
+                        let mut a = [$zero(); $lanes];
+                        for (s, a) in a.iter_mut().enumerate() {
+                            // SAFETY: slot first + s has dims values at d0..d0 + $lanes.
+                            *a = unsafe { $load(acc.as_ptr().add((first + s) * dims + d0)) };
+                        }
+                        let mut j0 = first;
+                        while j0 < n {
+                            let m = (n - j0).min($lanes);
+                            for (s, a) in a.iter_mut().enumerate() {
+                                if s < m {
+                                    let j = j0 + s;
+                                    // SAFETY: row j lies inside rows (the caller's promise).
+                                    let v = unsafe { $load(rows.as_ptr().add(j * stride + d0)) };
+                                    *a = $fmadd(v, $set1(w[j]), *a);
+                                }
+                            }
+                            j0 += 32;
+                        }
+                        for (s, a) in a.iter().enumerate() {
+                            // SAFETY: as for the loads.
+                            unsafe { $store(acc.as_mut_ptr().add((first + s) * dims + d0), *a) };
                         }
                     }
-                    j0 += 32;
-                }
-                for (s, a) in a.iter().enumerate() {
-                    // SAFETY: as for the loads.
-                    unsafe {
-                        _mm512_storeu_ps(acc.as_mut_ptr().add((half * 16 + s) * dims + d0), *a)
-                    };
                 }
             }
-        }
+        };
     }
-
-    /// `column_dot_vecdot_512` with 256-bit registers: eight dims, a quarter of the slots at a
-    /// time.
-    ///
-    /// # Safety
-    /// Needs AVX2 and FMA; as `column_dot_vecdot_512`, with `dims` a multiple of 8.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn column_dot_vecdot_256(
-        acc: &mut [f32],
-        dims: usize,
-        w: &[f32],
-        rows: &[f32],
-        stride: usize,
-    ) {
-        let n = w.len();
-        debug_assert!(acc.len() >= 32 * dims && dims.is_multiple_of(8));
-        for d0 in (0..dims).step_by(8) {
-            for quarter in 0..4 {
-                let mut a = [_mm256_setzero_ps(); 8];
-                for (s, a) in a.iter_mut().enumerate() {
-                    // SAFETY: slot quarter * 8 + s has dims values at d0..d0 + 8.
-                    *a =
-                        unsafe { _mm256_loadu_ps(acc.as_ptr().add((quarter * 8 + s) * dims + d0)) };
-                }
-                let mut j0 = quarter * 8;
-                while j0 < n {
-                    let m = (n - j0).min(8);
-                    for (s, a) in a.iter_mut().enumerate() {
-                        if s < m {
-                            let j = j0 + s;
-                            // SAFETY: row j lies inside rows (the caller's promise).
-                            let v = unsafe { _mm256_loadu_ps(rows.as_ptr().add(j * stride + d0)) };
-                            *a = _mm256_fmadd_ps(v, _mm256_set1_ps(w[j]), *a);
-                        }
-                    }
-                    j0 += 32;
-                }
-                for (s, a) in a.iter().enumerate() {
-                    // SAFETY: as for the loads.
-                    unsafe {
-                        _mm256_storeu_ps(acc.as_mut_ptr().add((quarter * 8 + s) * dims + d0), *a)
-                    };
-                }
-            }
-        }
-    }
+    column_dot_vecdot!(
+        column_dot_vecdot_512,
+        "avx2,fma,avx512f",
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps,
+        _mm512_set1_ps
+    );
+    column_dot_vecdot!(
+        column_dot_vecdot_256,
+        "avx2,fma",
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps,
+        _mm256_set1_ps
+    );
 
     /// `super::softmax_rest`, eight lanes at a time; a last partial block one lane at a time.
     ///

@@ -1280,14 +1280,13 @@ impl Attn<'_> {
             // llama.cpp computes it from its transposed V cache), instead of a scattered
             // accumulation per query and position.
             let n_kv = pos + seq;
-            let kv_heads = self.kv_dim / head_dim;
             let mut vt = vec![0f32; self.kv_dim * n_kv];
             for (j, row) in self.vc.chunks_exact(self.kv_dim).take(n_kv).enumerate() {
                 for (c, v) in row.iter().enumerate() {
                     vt[c * n_kv + j] = *v;
                 }
             }
-            debug_assert_eq!(kv_heads * head_dim, self.kv_dim);
+            debug_assert!(self.kv_dim.is_multiple_of(head_dim));
             let vt = &vt;
             let block_bufs = || AttnBufs {
                 scores: vec![0f32; 4 * (pos + seq)],

@@ -243,6 +243,7 @@ fn run() -> anyhow::Result<()> {
         .max(1);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+
     // Read the file once: hash it, then parse it from memory.
     let phase = |name: &str| {
         if std::env::var_os("CORRAL_RUNNER_TIMINGS").is_some() {
