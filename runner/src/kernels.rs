@@ -182,6 +182,50 @@ struct KBlock {
     bsums: [i16; QKK / 16],
 }
 
+/// Eight Q8_K activation rows laid out for `tile_k8`: per super-block, chunk by chunk of 32
+/// values, the eight rows' bytes side by side; the rows' scales; and their 16-value sums paired
+/// as `vpmaddwd`/`vpdpwssd` read them (lane = activation row), in 16-value groups (`bs`, Q6_K's
+/// scales) and in 32-value groups (`gs`, Q4_K/Q5_K's mins). Built once per product and read by
+/// every weight row.
+struct KTile8 {
+    q: Vec<[i8; 8 * QKK]>,
+    d: Vec<[f32; 8]>,
+    bs: Vec<[[i32; 8]; 8]>,
+    gs: Vec<[[i32; 8]; 4]>,
+}
+
+impl KTile8 {
+    fn new(acts: &[Vec<KBlock>]) -> KTile8 {
+        debug_assert_eq!(acts.len(), 8);
+        let nb = acts[0].len();
+        let pair = |lo: i16, hi: i16| (u32::from(lo as u16) | (u32::from(hi as u16) << 16)) as i32;
+        let mut t = KTile8 {
+            q: vec![[0; 8 * QKK]; nb],
+            d: vec![[0.0; 8]; nb],
+            bs: vec![[[0; 8]; 8]; nb],
+            gs: vec![[[0; 8]; 4]; nb],
+        };
+        for i in 0..nb {
+            for (j, a) in acts.iter().enumerate() {
+                let y = &a[i];
+                for c in 0..8 {
+                    t.q[i][(c * 8 + j) * 32..][..32].copy_from_slice(&y.q[c * 32..][..32]);
+                }
+                t.d[i][j] = y.d;
+                for k in 0..8 {
+                    t.bs[i][k][j] = pair(y.bsums[2 * k], y.bsums[2 * k + 1]);
+                }
+                // 32-value sums: at most 32 · 128 in size, an i16 as in ggml's `hadd`.
+                let g = |g: usize| y.bsums[2 * g].wrapping_add(y.bsums[2 * g + 1]);
+                for k in 0..4 {
+                    t.gs[i][k][j] = pair(g(2 * k), g(2 * k + 1));
+                }
+            }
+        }
+        t
+    }
+}
+
 /// Scale and min `j` (0..8) of a Q4_K/Q5_K super-block's packed 12 bytes.
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -369,6 +413,13 @@ impl QMat {
         } else {
             rows_in().map(|r| quantize_row_k(isa, r)).collect()
         };
+        // Eight activation rows at a time, laid out for `tile_k8`.
+        #[cfg(target_arch = "x86_64")]
+        let k8: Vec<KTile8> = if isa != Isa::Portable && n >= 8 {
+            ak.chunks_exact(8).map(KTile8::new).collect()
+        } else {
+            Vec::new()
+        };
         // f16 weights: the activations rounded to f16 (ggml converts them to the weights' type).
         let a16: Vec<Vec<f32>> = if mats.iter().any(|m| m.wtype == WType::F16) {
             rows_in()
@@ -464,8 +515,14 @@ impl QMat {
                     let this = m.row(g0 + k - first);
                     if wt.is_k() {
                         let mut i = 0;
-                        // Many rows: four activation rows per pass over the weight row (its
-                        // values unpacked once), each result exactly `dot_k`'s tiled-order one.
+                        // Many rows: eight, then four activation rows per pass over the weight
+                        // row (its values unpacked once), each result exactly `dot_k`'s
+                        // tiled-order one.
+                        #[cfg(target_arch = "x86_64")]
+                        for t in &k8 {
+                            dst[k * n + i..][..8].copy_from_slice(&tile_k8(isa, wt, &this, t));
+                            i += 8;
+                        }
                         while avx2 && n >= 8 && i + 4 <= n {
                             let a4 = [&ak[i][..], &ak[i + 1], &ak[i + 2], &ak[i + 3]];
                             dst[k * n + i..][..4].copy_from_slice(&tile_k(isa, wt, &this, a4));
@@ -818,6 +875,21 @@ fn tile_k(isa: Isa, wt: WType, w: &Row<'_>, acts: [&[KBlock]; 4]) -> [f32; 4] {
     {
         let _ = isa;
         acts.map(|a| dot_k(wt, w, a, Isa::Portable, true))
+    }
+}
+
+/// A K-type row against a tile of eight activation rows (`tile_k8`; the caller checked AVX2
+/// and FMA).
+#[cfg(target_arch = "x86_64")]
+fn tile_k8(isa: Isa, wt: WType, w: &Row<'_>, t: &KTile8) -> [f32; 8] {
+    // SAFETY: only called when AVX2 and FMA were detected; the row and the tile come from the
+    // same matrix product, so their super-block counts match.
+    unsafe {
+        match wt {
+            WType::Q4K => simd!(isa, tile_k8::<0>(w, t)),
+            WType::Q5K => simd!(isa, tile_k8::<1>(w, t)),
+            _ => simd!(isa, tile_k8::<2>(w, t)),
+        }
     }
 }
 
@@ -2128,6 +2200,91 @@ macro_rules! x86_kernels {
             }
             out
         }
+
+        /// `tile_k` for eight activation rows at once, to the bit: the weight values unpacked
+        /// once per super-block for all eight; the integer sums (exact in any order) reduced for
+        /// the eight rows together, the min (Q4_K/Q5_K) or `-32·Σ scale·bsum` (Q6_K) terms taken
+        /// as pair products against the tile's prepared sums, and the float steps done in the
+        /// eight lanes with `tile_k`'s operations in its order.
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `w` holds whole super-blocks of K type `T`, as many as `t`.
+        #[target_feature(enable = $fma)]
+        #[allow(unused_unsafe)] // needed where VNNI is not enabled (the dead branch)
+        pub unsafe fn tile_k8<const T: u8>(w: &Row<'_>, t: &super::KTile8) -> [f32; 8] {
+            let kb = [144, 176, 208][T as usize];
+            let mut out = _mm256_setzero_ps();
+            let dot2 = |acc: __m256i, a: __m256i, b: __m256i| {
+                if VNNI {
+                    // SAFETY: VNNI is enabled in this build of the kernels.
+                    unsafe { _mm256_dpwssd_epi32(acc, a, b) }
+                } else {
+                    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+                }
+            };
+            for i in 0..t.d.len() {
+                let blk = &w.q[i * kb..(i + 1) * kb];
+                // SAFETY: blk holds one super-block; AVX2/FMA are enabled here.
+                let (v, sc) = unsafe { unpack_k::<T>(blk) };
+                let qa = &t.q[i];
+                let mut acc = [_mm256_setzero_si256(); 8];
+                for c in 0..8 {
+                    for j in 0..8 {
+                        // SAFETY: qa has 8 × 8 chunks of 32 bytes.
+                        let q8 =
+                            unsafe { _mm256_loadu_si256(qa[(c * 8 + j) * 32..].as_ptr().cast()) };
+                        acc[j] = dot2(acc[j], sc[c], _mm256_maddubs_epi16(v[c], q8));
+                    }
+                }
+                // The eight rows' lane sums side by side.
+                let t01 = _mm256_hadd_epi32(acc[0], acc[1]);
+                let t23 = _mm256_hadd_epi32(acc[2], acc[3]);
+                let t45 = _mm256_hadd_epi32(acc[4], acc[5]);
+                let t67 = _mm256_hadd_epi32(acc[6], acc[7]);
+                let u0 = _mm256_hadd_epi32(t01, t23);
+                let u1 = _mm256_hadd_epi32(t45, t67);
+                let mut s1 = _mm256_add_epi32(
+                    _mm256_permute2x128_si256::<0x20>(u0, u1),
+                    _mm256_permute2x128_si256::<0x31>(u0, u1),
+                );
+                // A pair of i16 as one i32, broadcast.
+                let pair = |lo: i16, hi: i16| {
+                    _mm256_set1_epi32((u32::from(lo as u16) | (u32::from(hi as u16) << 16)) as i32)
+                };
+                // SAFETY (the loads below): the prepared sums are 8 i32 each.
+                let load = |v: &[i32; 8]| unsafe { _mm256_loadu_si256(v.as_ptr().cast()) };
+                let dw = _mm256_set1_ps(w.d[i]);
+                // SAFETY: the tile has 8 scales per super-block.
+                let yd = unsafe { _mm256_loadu_ps(t.d[i].as_ptr()) };
+                if T == 2 {
+                    let scales = &blk[192..208];
+                    let mut corr = _mm256_setzero_si256();
+                    for k in 0..8 {
+                        let p = pair(
+                            i16::from(scales[2 * k] as i8),
+                            i16::from(scales[2 * k + 1] as i8),
+                        );
+                        corr = dot2(corr, p, load(&t.bs[i][k]));
+                    }
+                    s1 = _mm256_sub_epi32(s1, _mm256_slli_epi32::<5>(corr));
+                    let p = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(s1));
+                    out = _mm256_fmadd_ps(p, yd, out);
+                } else {
+                    let mut s2 = _mm256_setzero_si256();
+                    for k in 0..4 {
+                        let p = pair(i16::from(blk[8 + 2 * k]), i16::from(blk[9 + 2 * k]));
+                        s2 = dot2(s2, p, load(&t.gs[i][k]));
+                    }
+                    let p = _mm256_mul_ps(dw, _mm256_cvtepi32_ps(s1));
+                    let res = _mm256_fmadd_ps(_mm256_set1_ps(-w.m[i]), _mm256_cvtepi32_ps(s2), p);
+                    out = _mm256_fmadd_ps(res, yd, out);
+                }
+            }
+            let mut r = [0f32; 8];
+            // SAFETY: r holds 8 floats.
+            unsafe { _mm256_storeu_ps(r.as_mut_ptr(), out) };
+            r
+        }
     };
 }
 
@@ -2580,14 +2737,15 @@ mod tests {
         }
     }
 
-    /// Eight activation rows or more take ggml's tiled order for the K types (four at a time
-    /// through `tile_k`, the rest one by one): every result is bit for bit the scalar tiled-order
+    /// Eight activation rows or more take ggml's tiled order for the K types (eight at a time
+    /// through `tile_k8`, then four through `tile_k`, the rest one by one): every result is bit for bit the scalar tiled-order
     /// product's, and within rounding of the one-row (`vec_dot`) order.
     #[test]
     fn many_row_k_products_follow_the_tiled_order() {
         for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
             let (m, _) = quantized(dtype, 19, 512, 13);
-            let n = 11;
+            // 21 rows: two tiles of eight, one of four, one alone.
+            let n = 21;
             let x: Vec<f32> = (0..n * 512).map(|i| ((i * 13) as f32).sin()).collect();
             let all = m.matmul(&x, n);
             for i in 0..n {
