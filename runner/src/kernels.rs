@@ -2230,9 +2230,9 @@ macro_rules! x86_kernels {
                 let mut acc = [_mm256_setzero_si256(); 8];
                 for c in 0..8 {
                     for j in 0..8 {
+                        let at = qa[(c * 8 + j) * 32..].as_ptr();
                         // SAFETY: qa has 8 × 8 chunks of 32 bytes.
-                        let q8 =
-                            unsafe { _mm256_loadu_si256(qa[(c * 8 + j) * 32..].as_ptr().cast()) };
+                        let q8 = unsafe { _mm256_loadu_si256(at.cast()) };
                         acc[j] = dot2(acc[j], sc[c], _mm256_maddubs_epi16(v[c], q8));
                     }
                 }
@@ -2251,8 +2251,10 @@ macro_rules! x86_kernels {
                 let pair = |lo: i16, hi: i16| {
                     _mm256_set1_epi32((u32::from(lo as u16) | (u32::from(hi as u16) << 16)) as i32)
                 };
-                // SAFETY (the loads below): the prepared sums are 8 i32 each.
-                let load = |v: &[i32; 8]| unsafe { _mm256_loadu_si256(v.as_ptr().cast()) };
+                let load = |v: &[i32; 8]| {
+                    // SAFETY: the prepared sums are 8 i32 each.
+                    unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
+                };
                 let dw = _mm256_set1_ps(w.d[i]);
                 // SAFETY: the tile has 8 scales per super-block.
                 let yd = unsafe { _mm256_loadu_ps(t.d[i].as_ptr()) };
