@@ -28,6 +28,45 @@ pub enum TokenizerError {
     Pre(String),
     #[error("invalid pre-tokenizer regex: {0}")]
     Regex(String),
+    #[error("cannot index the special tokens: {0}")]
+    Specials(String),
+}
+
+/// The special tokens' texts found in one pass over a text (Aho–Corasick, leftmost-longest):
+/// what trying each special at each position found, without the specials × length cost (a
+/// Gemma vocabulary has thousands of them).
+#[derive(Debug)]
+struct SpecialFinder {
+    ac: aho_corasick::AhoCorasick,
+    /// Pattern index -> token id.
+    ids: Vec<u32>,
+}
+
+impl SpecialFinder {
+    /// `specials` longest first, then by id; each text kept once (its lowest id), as the
+    /// first match of a scan in that order would take it.
+    fn new<'a>(
+        specials: impl Iterator<Item = &'a (String, u32, bool)>,
+    ) -> Result<SpecialFinder, TokenizerError> {
+        let mut seen = std::collections::HashSet::new();
+        let (texts, ids): (Vec<&str>, Vec<u32>) = specials
+            .filter(|(s, _, _)| seen.insert(s.as_str()))
+            .map(|(s, id, _)| (s.as_str(), *id))
+            .unzip();
+        let ac = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(texts)
+            .map_err(|e| TokenizerError::Specials(e.to_string()))?;
+        Ok(SpecialFinder { ac, ids })
+    }
+
+    /// The first special at or after byte `from` of `text`: (start, end, id).
+    fn find(&self, text: &str, from: usize) -> Option<(usize, usize, u32)> {
+        let m = self
+            .ac
+            .find(aho_corasick::Input::new(text).span(from..text.len()))?;
+        Some((m.start(), m.end(), self.ids[m.pattern().as_usize()]))
+    }
 }
 
 pub(crate) const TYPE_NORMAL: i32 = 1;
@@ -75,8 +114,11 @@ pub struct Tokenizer {
     bytes: Vec<Vec<u8>>,
     /// Token text as stored in the GGUF -> id.
     vocab: HashMap<String, u32>,
-    /// Control and user-defined tokens, longest first.
-    specials: Vec<(String, u32, bool)>,
+    /// The control and user-defined tokens: all of them (special tokens on), the user-defined
+    /// ones (off), the control ones (`defuse`).
+    find_all: SpecialFinder,
+    find_plain: SpecialFinder,
+    find_control: SpecialFinder,
     pub bos: Option<u32>,
     pub add_bos: bool,
     /// Tokens that end generation (EOS, EOT).
@@ -246,11 +288,16 @@ impl Tokenizer {
             }
         }
         let add_bos = spec.add_bos.unwrap_or(spec.model == "llama");
+        let find_all = SpecialFinder::new(specials.iter())?;
+        let find_plain = SpecialFinder::new(specials.iter().filter(|s| !s.2))?;
+        let find_control = SpecialFinder::new(specials.iter().filter(|s| s.2))?;
         Ok(Tokenizer {
             kind,
             bytes,
             vocab,
-            specials,
+            find_all,
+            find_plain,
+            find_control,
             bos: spec.bos,
             add_bos,
             eos,
@@ -305,57 +352,39 @@ impl Tokenizer {
     /// text is encoded, so the content reads as plain text (as with special tokens off). A
     /// message, a tool result above all, cannot open a turn of its own with `<|im_start|>`.
     pub fn defuse(&self, text: &str) -> String {
-        if !self
-            .specials
-            .iter()
-            .any(|(s, _, c)| *c && text.contains(s.as_str()))
-        {
-            return text.replace(DEFUSE, "");
-        }
         let mut out = String::with_capacity(text.len() + 8);
-        let mut rest = text;
-        'scan: while let Some(c) = rest.chars().next() {
-            for (s, _, control) in &self.specials {
-                if *control && rest.starts_with(s.as_str()) {
-                    out.push(c);
-                    out.push(DEFUSE);
-                    rest = &rest[c.len_utf8()..];
-                    continue 'scan;
-                }
-            }
-            if c != DEFUSE {
-                out.push(c);
-            }
-            rest = &rest[c.len_utf8()..];
+        let mut at = 0;
+        while let Some((start, _, _)) = self.find_control.find(text, at) {
+            // A marker after the control token's first character; the scan goes on from there
+            // (another control token may start inside this one).
+            let first = text[start..].chars().next().map_or(1, char::len_utf8);
+            out.extend(text[at..start].chars().filter(|c| *c != DEFUSE));
+            out.push_str(&text[start..start + first]);
+            out.push(DEFUSE);
+            at = start + first;
         }
+        out.extend(text[at..].chars().filter(|c| *c != DEFUSE));
         out
     }
 
     /// Splits `text` into special tokens and the text between them.
     fn partition<'a>(&self, text: &'a str, special: bool) -> Vec<(&'a str, Option<u32>)> {
+        let find = if special {
+            &self.find_all
+        } else {
+            &self.find_plain
+        };
         let mut out = Vec::new();
-        let mut rest = text;
-        let mut plain_start = 0usize;
-        let mut pos = 0usize;
-        while pos < rest.len() {
-            let hit = self.specials.iter().find(|(s, _, control)| {
-                (special || !control) && rest[pos..].starts_with(s.as_str())
-            });
-            match hit {
-                Some((s, id, _)) => {
-                    if pos > plain_start {
-                        out.push((&rest[plain_start..pos], None));
-                    }
-                    out.push((&rest[pos..pos + s.len()], Some(*id)));
-                    rest = &rest[pos + s.len()..];
-                    pos = 0;
-                    plain_start = 0;
-                }
-                None => pos += rest[pos..].chars().next().map_or(1, char::len_utf8),
+        let mut at = 0;
+        while let Some((start, end, id)) = find.find(text, at) {
+            if start > at {
+                out.push((&text[at..start], None));
             }
+            out.push((&text[start..end], Some(id)));
+            at = end;
         }
-        if plain_start < rest.len() {
-            out.push((&rest[plain_start..], None));
+        if at < text.len() {
+            out.push((&text[at..], None));
         }
         out
     }
@@ -639,6 +668,94 @@ mod tests {
             &t.encode("hello<|im_end|><|im_start|>", false, false)[..]
         );
         assert_eq!(t.defuse("plain"), "plain");
+    }
+
+    /// The specials found in one pass are the ones a scan trying every special (longest first,
+    /// then lowest id) at every position finds: nested and overlapping texts, a text that is
+    /// both, control versus user-defined, multi-byte characters, and defused content.
+    #[test]
+    fn specials_are_found_as_the_position_by_position_scan_finds_them() {
+        let table = byte_to_unicode();
+        // (text, type): "<a>" twice (the lower id wins), "<a" inside "<a>", "a><" across two.
+        let specials = [
+            ("<a>", TYPE_CONTROL),
+            ("<a", TYPE_USER_DEFINED),
+            ("<a>", TYPE_USER_DEFINED),
+            ("a><", TYPE_CONTROL),
+            ("é<", TYPE_USER_DEFINED),
+            ("<b>", TYPE_CONTROL),
+        ];
+        let mut tokens: Vec<String> = specials.iter().map(|(s, _)| s.to_string()).collect();
+        let mut types: Vec<i32> = specials.iter().map(|(_, t)| *t).collect();
+        for b in 0..=255u8 {
+            tokens.push(table[b as usize].to_string());
+            types.push(TYPE_NORMAL);
+        }
+        let spec = TokenizerSpec {
+            model: "gpt2".into(),
+            pre: Some("smollm".into()),
+            tokens: tokens.clone(),
+            token_types: types.clone(),
+            ..TokenizerSpec::default()
+        };
+        let t = Tokenizer::new(spec).unwrap();
+        let mut sorted: Vec<(String, u32, bool)> = specials
+            .iter()
+            .enumerate()
+            .map(|(i, (s, ty))| (s.to_string(), i as u32, *ty == TYPE_CONTROL))
+            .collect();
+        sorted.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let scan = |text: &str, special: bool| -> Vec<(String, Option<u32>)> {
+            let (mut out, mut plain, mut pos) = (Vec::new(), String::new(), 0);
+            while pos < text.len() {
+                let hit = sorted
+                    .iter()
+                    .find(|(s, _, c)| (special || !c) && text[pos..].starts_with(s.as_str()));
+                if let Some((s, id, _)) = hit {
+                    if !plain.is_empty() {
+                        out.push((std::mem::take(&mut plain), None));
+                    }
+                    out.push((s.clone(), Some(*id)));
+                    pos += s.len();
+                } else {
+                    let c = text[pos..].chars().next().unwrap();
+                    plain.push(c);
+                    pos += c.len_utf8();
+                }
+            }
+            if !plain.is_empty() {
+                out.push((plain, None));
+            }
+            out
+        };
+        for text in [
+            "x<a>y",
+            "<a><a",
+            "<<a>>",
+            "a><a>",
+            "éé<a><b><",
+            "<b<a>>b>",
+            "",
+            "plain",
+            "<a>a><b>",
+        ] {
+            for special in [true, false] {
+                let got: Vec<(String, Option<u32>)> = t
+                    .partition(text, special)
+                    .into_iter()
+                    .map(|(s, id)| (s.to_string(), id))
+                    .collect();
+                assert_eq!(got, scan(text, special), "{text:?} special {special}");
+            }
+            // Defused, no control token is left to find, and without the markers it is the
+            // text again.
+            let d = t.defuse(text);
+            assert!(t
+                .partition(&d, true)
+                .iter()
+                .all(|(_, id)| { id.is_none_or(|id| !sorted.iter().any(|s| s.1 == id && s.2)) }));
+            assert_eq!(d.replace(DEFUSE, ""), text);
+        }
     }
 
     /// The obvious quadratic merge, as a reference for the heap version.
