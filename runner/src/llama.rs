@@ -1184,9 +1184,7 @@ impl Llama {
             };
             let mut act = g;
             if c.gemma {
-                for (a, u) in act.iter_mut().zip(&u) {
-                    *a = gelu_tanh(*a) * u;
-                }
+                gelu_tanh_mul(&mut act, &u);
             } else {
                 ggml_math::with_fma(|| {
                     for (a, u) in act.iter_mut().zip(&u) {
@@ -1542,18 +1540,29 @@ fn rope_neox(x: &mut [f32], n_head: usize, head_dim: usize, n_rot: usize, cos_si
 /// GELU (tanh approximation, Gemma's feed-forward activation) as ggml's CPU path computes it:
 /// the input rounded to f16, looked up in a table of f32 GELU values rounded to f16; saturated
 /// outside (-10, 10).
-fn gelu_tanh(x: f32) -> f32 {
-    if x <= -10.0 {
-        return 0.0;
-    }
-    if x >= 10.0 {
-        return x;
-    }
+/// `act[i] = GELU(act[i]) · up[i]` for the whole gate at once (the inputs rounded to f16
+/// eight at a time).
+fn gelu_tanh_mul(act: &mut [f32], up: &[f32]) {
     // ggml looks GELU up in a table of every f16 input (GGML_GELU_FP16), each entry the f32
-    // formula rounded to f16: the same table, built once.
-    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| (0..=u16::MAX).map(gelu_f16_entry).collect());
-    f16::from_bits(table[usize::from(f16::from_f32(x).to_bits())]).to_f32()
+    // formula rounded to f16: the same table, built once, its entries kept as f32.
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|b| f16::from_bits(gelu_f16_entry(b)).to_f32())
+            .collect()
+    });
+    let mut bits = vec![0u16; act.len()];
+    ggml_math::f16_bits(act, &mut bits);
+    for ((a, u), b) in act.iter_mut().zip(up).zip(&bits) {
+        let g = if *a <= -10.0 {
+            0.0
+        } else if *a >= 10.0 {
+            *a
+        } else {
+            table[usize::from(*b)]
+        };
+        *a = g * u;
+    }
 }
 
 /// ggml's `ggml_gelu_f32` of an f16 input, rounded to f16 (one entry of its table).
@@ -1568,6 +1577,37 @@ fn gelu_f16_entry(bits: u16) -> u16 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The whole-gate GELU is each value's: rounded to f16 by `half`, looked up in ggml's table
+    /// (each entry rounded to f16), saturated outside (-10, 10), times the up value.
+    #[test]
+    fn gelu_of_a_gate_is_each_values_table_entry() {
+        let mut xs: Vec<f32> = (0..203).map(|i| (i as f32 - 101.0) * 0.11).collect();
+        xs.extend([
+            -10.0,
+            10.0,
+            -9.999,
+            9.999,
+            1e-8,
+            -6.1e-5,
+            65519.0,
+            1e6,
+            f32::NAN,
+        ]);
+        let up: Vec<f32> = (0..xs.len()).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        let mut got = xs.clone();
+        gelu_tanh_mul(&mut got, &up);
+        for ((x, u), g) in xs.iter().zip(&up).zip(&got) {
+            let want = if *x <= -10.0 {
+                0.0
+            } else if *x >= 10.0 {
+                *x
+            } else {
+                f16::from_bits(gelu_f16_entry(f16::from_f32(*x).to_bits())).to_f32()
+            } * u;
+            assert_eq!(g.to_bits(), want.to_bits(), "x = {x}");
+        }
+    }
 
     /// The prefill attention (`Attn::block`: four queries per pass, V transposed) gives each
     /// query, to the bit, the one-query-at-a-time sums in tinyBLAS's order: its scores over its
