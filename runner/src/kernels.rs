@@ -226,6 +226,75 @@ impl KTile8 {
     }
 }
 
+/// 64 bytes, aligned as a 512-bit register.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Z64<T: Copy, const N: usize>([T; N]);
+
+/// Eight block-32 activation rows laid out for `avx512_wide::tile32x8s` (the signed weight
+/// types, whose values go on `vpdpbusd`'s unsigned side as `x + K`): per block and pair of rows
+/// `p` (rows 2p and 2p+1, one per 256-bit half), their 64 bytes, their scales in 8 lanes each,
+/// and `-K` times each lane's sum of four activation bytes for the `K` of every signed type in
+/// the product (8 for Q4_0, 16 for Q5_0, 128 for Q8_0). Built once per product.
+#[cfg(target_arch = "x86_64")]
+struct ATile8 {
+    y: Vec<[Z64<i8, 64>; 4]>,
+    d: Vec<[Z64<f32, 16>; 4]>,
+    /// Indexed as `offset_slot(T)`.
+    start: [Vec<[Z64<i32, 16>; 4]>; 3],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ATile8 {
+    /// The slot of `start` and the `K` of signed type `t`.
+    const fn offset_slot(t: u8) -> (usize, i32) {
+        match t {
+            T4_0 => (0, 8),
+            T5_0 => (1, 16),
+            _ => (2, 128),
+        }
+    }
+
+    fn new(acts: &[Vec<ABlock>], types: &[u8]) -> ATile8 {
+        debug_assert_eq!(acts.len(), 8);
+        let nb = acts[0].len();
+        let mut t = ATile8 {
+            y: vec![[Z64([0; 64]); 4]; nb],
+            d: vec![[Z64([0.0; 16]); 4]; nb],
+            start: [Vec::new(), Vec::new(), Vec::new()],
+        };
+        for b in 0..nb {
+            for p in 0..4 {
+                for h in 0..2 {
+                    let a = &acts[2 * p + h][b];
+                    t.y[b][p].0[32 * h..32 * h + 32].copy_from_slice(&a.q);
+                    t.d[b][p].0[8 * h..8 * h + 8].fill(a.d);
+                }
+            }
+        }
+        for &ty in types {
+            let (slot, k) = ATile8::offset_slot(ty);
+            if !t.start[slot].is_empty() {
+                continue;
+            }
+            t.start[slot] =
+                t.y.iter()
+                    .map(|ys| {
+                        ys.map(|y| {
+                            Z64(std::array::from_fn(|l| {
+                                -k * y.0[4 * l..4 * l + 4]
+                                    .iter()
+                                    .map(|v| i32::from(*v))
+                                    .sum::<i32>()
+                            }))
+                        })
+                    })
+                    .collect();
+        }
+        t
+    }
+}
+
 /// Scale and min `j` (0..8) of a Q4_K/Q5_K super-block's packed 12 bytes.
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -413,13 +482,6 @@ impl QMat {
         } else {
             rows_in().map(|r| quantize_row_k(isa, r)).collect()
         };
-        // Eight activation rows at a time, laid out for `tile_k8`.
-        #[cfg(target_arch = "x86_64")]
-        let k8: Vec<KTile8> = if isa != Isa::Portable && n >= 8 {
-            ak.chunks_exact(8).map(KTile8::new).collect()
-        } else {
-            Vec::new()
-        };
         // f16 weights: the activations rounded to f16 (ggml converts them to the weights' type).
         let a16: Vec<Vec<f32>> = if mats.iter().any(|m| m.wtype == WType::F16) {
             rows_in()
@@ -458,6 +520,29 @@ impl QMat {
                 .map(|m| m.grouped_product(isa, &a32, &sums))
                 .collect();
         }
+        // Eight activation rows at a time laid out for `tile32x8s` (AVX-512, signed types).
+        #[cfg(target_arch = "x86_64")]
+        let a8: Vec<ATile8> = {
+            let signed: Vec<u8> = mats
+                .iter()
+                .filter(|m| matches!(m.wtype, WType::Q4_0 | WType::Q5_0 | WType::Q8_0))
+                .map(|m| m.wtype.code())
+                .collect();
+            if isa == Isa::Avx512 && n >= 8 && !signed.is_empty() {
+                a32.chunks_exact(8)
+                    .map(|c| ATile8::new(c, &signed))
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        };
+        // Eight activation rows at a time, laid out for `tile_k8`.
+        #[cfg(target_arch = "x86_64")]
+        let k8: Vec<KTile8> = if isa != Isa::Portable && n >= 8 {
+            ak.chunks_exact(8).map(KTile8::new).collect()
+        } else {
+            Vec::new()
+        };
         let total: usize = mats.iter().map(|m| m.rows).sum();
         let starts: Vec<usize> = mats
             .iter()
@@ -550,13 +635,23 @@ impl QMat {
                             wt,
                             [&ws[0], &ws[1], &ws[2], &ws[3]],
                             &a32,
+                            #[cfg(target_arch = "x86_64")]
+                            &a8,
                             &mut dst[k * n..],
                         );
                         k += 4;
                         continue;
                     }
                     let next = m.row(g0 + k + 1 - first);
-                    tile_rows(isa, wt, [&this, &next], &a32, &mut dst[k * n..]);
+                    tile_rows(
+                        isa,
+                        wt,
+                        [&this, &next],
+                        &a32,
+                        #[cfg(target_arch = "x86_64")]
+                        &a8,
+                        &mut dst[k * n..],
+                    );
                     k += 2;
                 }
             }
@@ -765,6 +860,7 @@ fn tile_rows<const R: usize>(
     wt: WType,
     ws: [&Row<'_>; R],
     a32: &[Vec<ABlock>],
+    #[cfg(target_arch = "x86_64")] a8: &[ATile8],
     dst: &mut [f32],
 ) {
     let n = a32.len();
@@ -774,16 +870,20 @@ fn tile_rows<const R: usize>(
     while i < n {
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 && i + 8 <= n {
-            let a8: [&[ABlock]; 8] = std::array::from_fn(|k| &a32[i + k][..]);
+            let acts8: [&[ABlock]; 8] = std::array::from_fn(|k| &a32[i + k][..]);
             // SAFETY: AVX-512 F/BW/VL/VNNI were detected (`Isa::Avx512`); the rows and the
-            // activations come from the same product, so their block counts match.
+            // activations (and the tile, made from them with every signed type of the
+            // product) come from the same product, so their block counts match.
             let out = unsafe {
-                match wt.code() {
-                    T4_0 => avx512_wide::tile32x8::<T4_0, R>(ws, a8),
-                    T4_1 => avx512_wide::tile32x8::<T4_1, R>(ws, a8),
-                    T5_0 => avx512_wide::tile32x8::<T5_0, R>(ws, a8),
-                    T5_1 => avx512_wide::tile32x8::<T5_1, R>(ws, a8),
-                    _ => avx512_wide::tile32x8::<T8_0, R>(ws, a8),
+                match (wt.code(), a8.get(i / 8)) {
+                    (T4_0, Some(t)) => avx512_wide::tile32x8s::<T4_0, R>(ws, t),
+                    (T5_0, Some(t)) => avx512_wide::tile32x8s::<T5_0, R>(ws, t),
+                    (T8_0, Some(t)) => avx512_wide::tile32x8s::<T8_0, R>(ws, t),
+                    (T4_0, None) => avx512_wide::tile32x8::<T4_0, R>(ws, acts8),
+                    (T4_1, _) => avx512_wide::tile32x8::<T4_1, R>(ws, acts8),
+                    (T5_0, None) => avx512_wide::tile32x8::<T5_0, R>(ws, acts8),
+                    (T5_1, _) => avx512_wide::tile32x8::<T5_1, R>(ws, acts8),
+                    _ => avx512_wide::tile32x8::<T8_0, R>(ws, acts8),
                 }
             };
             for (r, o) in out.iter().enumerate() {
@@ -2313,7 +2413,7 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx512_wide {
     use super::avx512::{hsum, unpack32};
-    use super::{has_min, kept32, ABlock, Row};
+    use super::{has_min, kept32, ABlock, ATile8, Row, T5_0, T8_0};
     use std::arch::x86_64::*;
 
     /// Two 256-bit halves as one register.
@@ -2403,6 +2503,95 @@ mod avx512_wide {
                 unsafe {
                     out[r][2 * p] = hsum(lo) + summs[r][2 * p];
                     out[r][2 * p + 1] = hsum(hi) + summs[r][2 * p + 1];
+                }
+            }
+        }
+        out
+    }
+
+    /// A signed type's block as `vpdpbusd`'s unsigned side: `x + K` (`ATile8::offset_slot`),
+    /// which is the stored nibbles (Q4_0), the nibbles with the high bit as 16 (Q5_0), or the
+    /// byte with its sign bit flipped (Q8_0).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn unpack32u<const T: u8>(q: &[u8]) -> __m256i {
+        if T == T8_0 {
+            // SAFETY: q has 32 bytes.
+            let x = unsafe { _mm256_loadu_si256(q.as_ptr().cast()) };
+            return _mm256_xor_si256(x, _mm256_set1_epi8(0x80u8 as i8));
+        }
+        let nib = if T == T5_0 { &q[4..20] } else { &q[..16] };
+        // SAFETY: nib has 16 bytes.
+        let lo = unsafe { _mm_loadu_si128(nib.as_ptr().cast()) };
+        let x = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo),
+            _mm256_set1_epi8(0x0f),
+        );
+        if T == T5_0 {
+            let bits = u32::from_le_bytes([q[0], q[1], q[2], q[3]]);
+            return _mm256_mask_add_epi8(x, bits, x, _mm256_set1_epi8(16));
+        }
+        x
+    }
+
+    /// `tile32x8` for the signed types (Q4_0, Q5_0, Q8_0) against a prepared tile, to the bit:
+    /// the weights on `vpdpbusd`'s unsigned side as `x + K` and each lane started at `-K` times
+    /// its four activation bytes' sum (the same exact integers as `tile32`'s), the activation
+    /// pairs and their scales read ready-made. No per-row start product, no joins, and the
+    /// sixteen accumulators stay in registers.
+    ///
+    /// # Safety
+    /// Needs AVX2, FMA and AVX-512 F/BW/VL/VNNI; the rows hold whole blocks of type `T`, as
+    /// many as the tile; the tile has type `T`'s starts.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[allow(clippy::needless_range_loop)] // block b of every row and of the tile in lockstep
+    pub unsafe fn tile32x8s<const T: u8, const R: usize>(
+        ws: [&Row<'_>; R],
+        t: &ATile8,
+    ) -> [[f32; 8]; R] {
+        let kb = kept32(T);
+        let start = &t.start[ATile8::offset_slot(T).0];
+        debug_assert_eq!(start.len(), t.y.len());
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for b in 0..t.y.len() {
+            // SAFETY: each is 64 aligned bytes.
+            let y: [__m512i; 4] =
+                std::array::from_fn(|p| unsafe { _mm512_load_si512(t.y[b][p].0.as_ptr().cast()) });
+            for r in 0..R {
+                let w = ws[r];
+                // The same block `R` rows on, as in `tile32x8`.
+                _mm_prefetch::<_MM_HINT_T0>(
+                    w.q.as_ptr().wrapping_add(b * kb + R * w.q.len()).cast(),
+                );
+                // SAFETY: the block has kb bytes.
+                let x =
+                    _mm512_broadcast_i64x4(unsafe { unpack32u::<T>(&w.q[b * kb..(b + 1) * kb]) });
+                let dw = _mm512_set1_ps(w.d[b]);
+                for p in 0..4 {
+                    // SAFETY: 64 aligned bytes each.
+                    let (s0, da) = unsafe {
+                        (
+                            _mm512_load_si512(start[b][p].0.as_ptr().cast()),
+                            _mm512_load_ps(t.d[b][p].0.as_ptr()),
+                        )
+                    };
+                    let s = _mm512_dpbusd_epi32(s0, x, y[p]);
+                    let scale = _mm512_mul_ps(dw, da);
+                    acc[r][p] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[r][p]);
+                }
+            }
+        }
+        let mut out = [[0f32; 8]; R];
+        for r in 0..R {
+            for p in 0..4 {
+                let v = acc[r][p];
+                let lo = _mm512_castps512_ps256(v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                // SAFETY: AVX2/FMA are enabled here. `+ 0.0` as `tile32x8` adds its (zero) min
+                // terms: a sum of -0.0 comes out as +0.0 there too.
+                unsafe {
+                    out[r][2 * p] = hsum(lo) + 0.0;
+                    out[r][2 * p + 1] = hsum(hi) + 0.0;
                 }
             }
         }
