@@ -263,12 +263,12 @@ impl ATile8 {
             d: vec![[Z64([0.0; 16]); 4]; nb],
             start: [Vec::new(), Vec::new(), Vec::new()],
         };
-        for b in 0..nb {
-            for p in 0..4 {
+        for (b, (ys, ds)) in t.y.iter_mut().zip(&mut t.d).enumerate() {
+            for (p, (y, d)) in ys.iter_mut().zip(ds).enumerate() {
                 for h in 0..2 {
                     let a = &acts[2 * p + h][b];
-                    t.y[b][p].0[32 * h..32 * h + 32].copy_from_slice(&a.q);
-                    t.d[b][p].0[8 * h..8 * h + 8].fill(a.d);
+                    y.0[32 * h..32 * h + 32].copy_from_slice(&a.q);
+                    d.0[8 * h..8 * h + 8].fill(a.d);
                 }
             }
         }
