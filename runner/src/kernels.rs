@@ -642,6 +642,22 @@ impl QMat {
                         k += 4;
                         continue;
                     }
+                    if isa == Isa::Avx2 {
+                        // 16 registers: one weight row against eight activation rows keeps the
+                        // eight accumulators in registers (two rows against four spilled them,
+                        // and each spilled one made its FMA chain wait on memory).
+                        tile_rows(
+                            isa,
+                            wt,
+                            [&this],
+                            &a32,
+                            #[cfg(target_arch = "x86_64")]
+                            &a8,
+                            &mut dst[k * n..],
+                        );
+                        k += 1;
+                        continue;
+                    }
                     let next = m.row(g0 + k + 1 - first);
                     tile_rows(
                         isa,
@@ -889,6 +905,24 @@ fn tile_rows<const R: usize>(
             for (r, o) in out.iter().enumerate() {
                 put(i, o, r);
             }
+            i += 8;
+            continue;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if R == 1 && isa == Isa::Avx2 && i + 8 <= n {
+            let acts8: [&[ABlock]; 8] = std::array::from_fn(|k| &a32[i + k][..]);
+            // SAFETY: AVX2 and FMA were detected (`Isa::Avx2`); the row and the activations
+            // come from the same product, so their block counts match.
+            let out = unsafe {
+                match wt.code() {
+                    T4_0 => avx2::tile32_row8::<T4_0>(ws[0], acts8),
+                    T4_1 => avx2::tile32_row8::<T4_1>(ws[0], acts8),
+                    T5_0 => avx2::tile32_row8::<T5_0>(ws[0], acts8),
+                    T5_1 => avx2::tile32_row8::<T5_1>(ws[0], acts8),
+                    _ => avx2::tile32_row8::<T8_0>(ws[0], acts8),
+                }
+            };
+            put(i, &out, 0);
             i += 8;
             continue;
         }
@@ -1931,6 +1965,47 @@ macro_rules! x86_kernels {
                     // SAFETY: as above.
                     out[r][j] = unsafe { hsum(acc[r][j]) } + summs[r][j];
                 }
+            }
+            out
+        }
+
+        /// One row against eight activation rows, as `tile32` computes each product (the same
+        /// operations in the same order, so the same bits), for AVX2 without VNNI: each
+        /// activation block is loaded where it is used, so the eight accumulators, the weight
+        /// block and its absolute value fit in the 16 registers (`tile32` with two rows and
+        /// four activation rows keeps those in registers and spills accumulators, whose FMA
+        /// chains then wait on memory).
+        ///
+        /// # Safety
+        /// Needs AVX2 and FMA; `w` holds whole blocks of type `T`, as many as every activation.
+        #[target_feature(enable = $fma)]
+        #[allow(dead_code)] // the AVX-512 build takes its wider tiles instead
+        #[allow(clippy::needless_range_loop)] // activation j and its accumulator in lockstep
+        pub unsafe fn tile32_row8<const T: u8>(w: &Row<'_>, acts: [&[ABlock]; 8]) -> [f32; 8] {
+            let kb = kept32(T);
+            let nb = acts[0].len();
+            debug_assert!(acts.iter().all(|a| a.len() == nb) && w.q.len() >= nb * kb);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut summs = [0f32; 8];
+            for b in 0..nb {
+                // SAFETY: the block has kb bytes.
+                let x = unsafe { unpack32::<T>(w.q.get_unchecked(b * kb..(b + 1) * kb)) };
+                let dw = w.d[b];
+                for j in 0..8 {
+                    // SAFETY: every activation row has nb blocks (checked above).
+                    let a = unsafe { acts[j].get_unchecked(b) };
+                    if has_min(T) {
+                        summs[j] += w.m[b] * a.s;
+                    }
+                    // SAFETY: an activation block has 32 bytes; AVX2/FMA are enabled.
+                    let p = unsafe { block_sum::<T>(x, _mm256_loadu_si256(a.q.as_ptr().cast())) };
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw * a.d), p, acc[j]);
+                }
+            }
+            let mut out = [0f32; 8];
+            for j in 0..8 {
+                // SAFETY: as above.
+                out[j] = unsafe { hsum(acc[j]) } + summs[j];
             }
             out
         }
