@@ -1269,7 +1269,50 @@ fn rows_half(isa: Isa, m: &QMat, r0: usize, out: &mut [f32], acts: &[Vec<f32>]) 
     let np = m.cols / 32 * 32;
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
-        for (j, o) in out.chunks_mut(n).enumerate() {
+        // Many activation rows: several weight rows against four activation rows at a time
+        // (four with AVX-512's 32 registers, two with AVX2's 16), each output its own 8-lane
+        // chain as in `half_tiny`.
+        let rows = out.len() / n;
+        let mut j = 0;
+        if tiny && n >= 4 {
+            let wide = isa == Isa::Avx512;
+            while j + if wide { 4 } else { 2 } <= rows {
+                let mut i = 0;
+                while i + 4 <= n {
+                    let four = [&acts[i][..], &acts[i + 1], &acts[i + 2], &acts[i + 3]];
+                    // SAFETY: AVX2, FMA and F16C (and, for `wide`, AVX-512 F/VL) were
+                    // detected; every row holds cols 16-bit values, every activation cols f32.
+                    unsafe {
+                        if wide {
+                            let ws = std::array::from_fn(|k| m.row(r0 + j + k).q);
+                            let res = avx512::half_tiny_rows::<4, 4>(bf, ws, four);
+                            for (k, r) in res.iter().enumerate() {
+                                out[(j + k) * n + i..][..4].copy_from_slice(r);
+                            }
+                        } else {
+                            let ws = std::array::from_fn(|k| m.row(r0 + j + k).q);
+                            let res = avx2::half_tiny_rows::<2, 4>(bf, ws, four);
+                            for (k, r) in res.iter().enumerate() {
+                                out[(j + k) * n + i..][..4].copy_from_slice(r);
+                            }
+                        }
+                    }
+                    i += 4;
+                }
+                for k in 0..if wide { 4 } else { 2 } {
+                    let w = m.row(r0 + j + k).q;
+                    for (o, a) in out[(j + k) * n + i..(j + k + 1) * n]
+                        .iter_mut()
+                        .zip(&acts[i..])
+                    {
+                        // SAFETY: as below.
+                        *o = unsafe { simd!(isa, half_tiny(bf, w, [&a[..]]))[0] };
+                    }
+                }
+                j += if wide { 4 } else { 2 };
+            }
+        }
+        for (j, o) in out.chunks_mut(n).enumerate().skip(j) {
             let w = m.row(r0 + j).q;
             let mut i = 0;
             // SAFETY: AVX2, FMA and F16C were detected; `w` holds cols 16-bit values and every
@@ -1887,6 +1930,55 @@ macro_rules! x86_kernels {
                 // SAFETY: eight f32 fit.
                 unsafe { _mm256_storeu_ps(l.as_mut_ptr(), v) };
                 *o = crate::ggml_math::hsum8(&l);
+            }
+            out
+        }
+
+        /// `R` f16 (or bf16) rows against `P` activation rows, each output exactly `half_tiny`'s
+        /// (its own 8-lane FMA chain over the row, then the horizontal sum): each activation
+        /// chunk loaded once for the `R` rows.
+        ///
+        /// # Safety
+        /// Needs AVX2, FMA and F16C; every row holds a multiple of 8 values, each activation
+        /// row as many.
+        #[target_feature(enable = $f16c)]
+        #[allow(dead_code)] // each build uses the width its registers allow
+        #[allow(clippy::needless_range_loop)] // row r, activation j and their accumulator
+        pub unsafe fn half_tiny_rows<const R: usize, const P: usize>(
+            bf: bool,
+            ws: [&[u8]; R],
+            acts: [&[f32]; P],
+        ) -> [[f32; P]; R] {
+            let n = ws[0].len() / 2;
+            let mut acc = [[_mm256_setzero_ps(); P]; R];
+            for g in (0..n).step_by(8) {
+                // SAFETY: g + 8 <= n values in every row and activation row.
+                let x: [__m256; R] = std::array::from_fn(|r| unsafe {
+                    let p = ws[r].as_ptr().add(2 * g);
+                    if bf {
+                        bf16x8(p)
+                    } else {
+                        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+                    }
+                });
+                for (j, a) in acts.iter().enumerate() {
+                    // SAFETY: as above.
+                    let y = unsafe { _mm256_loadu_ps(a.as_ptr().add(g)) };
+                    for r in 0..R {
+                        acc[r][j] = _mm256_fmadd_ps(x[r], y, acc[r][j]);
+                    }
+                }
+            }
+            // By index, the accumulators' values: iterating references to them made the
+            // compiler keep the array in memory and store every FMA's result.
+            let mut out = [[0f32; P]; R];
+            for r in 0..R {
+                for j in 0..P {
+                    let mut l = [0f32; 8];
+                    // SAFETY: eight f32 fit.
+                    unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc[r][j]) };
+                    out[r][j] = crate::ggml_math::hsum8(&l);
+                }
             }
             out
         }
@@ -2688,11 +2780,13 @@ mod tests {
         if !has_avx2() {
             return; // nothing to compare on this CPU: the portable path is the only one
         }
+        // Nine rows: the AVX2 build's pairs and the AVX-512 build's fours, and one left over.
+        const ROWS: usize = 9;
         for cols in [64usize, 96, 77, 8] {
-            let vals: Vec<f32> = (0..cols * 3)
+            let vals: Vec<f32> = (0..cols * ROWS)
                 .map(|i| ((i * 7919 % 1013) as f32 - 500.0) / 97.0)
                 .collect();
-            let acts: Vec<Vec<f32>> = (0..5)
+            let acts: Vec<Vec<f32>> = (0..9)
                 .map(|k| {
                     (0..cols)
                         .map(|i| ((i * (k + 3) * 31 % 211) as f32 - 100.0) / 13.0)
@@ -2707,18 +2801,18 @@ mod tests {
                         _ => half::bf16::from_f32(*v).to_le_bytes(),
                     })
                     .collect();
-                let m = QMat::new(wtype, 3, cols, &bytes).unwrap();
+                let m = QMat::new(wtype, ROWS, cols, &bytes).unwrap();
                 let round = |v: &f32| match wtype {
                     WType::F16 => half::f16::from_f32(*v).to_f32(),
                     _ => half::bf16::from_f32(*v).to_f32(),
                 };
-                for n in [1usize, 5] {
+                for n in [1usize, 5, 9] {
                     let a: Vec<Vec<f32>> = acts[..n]
                         .iter()
                         .map(|r| r.iter().map(round).collect())
                         .collect();
-                    let mut fast = vec![0f32; 3 * n];
-                    let mut portable = vec![0f32; 3 * n];
+                    let mut fast = vec![0f32; ROWS * n];
+                    let mut portable = vec![0f32; ROWS * n];
                     rows_half(kernel_isa(), &m, 0, &mut fast, &a);
                     // the portable path, as a CPU without AVX2 takes it
                     for (j, o) in portable.chunks_mut(n).enumerate() {
