@@ -466,7 +466,7 @@ impl Engine {
                     }
                 })
                 .collect();
-            self.model.forward_batch(&mut items)
+            crate::awake::with_workers_awake(|| self.model.forward_batch(&mut items))
         };
         let checked = result.and_then(|l| {
             if l.len() == seqs.len() {

@@ -7,6 +7,7 @@
 //! KV state and the prompt states kept for reuse stay within `--kv-budget-mb`, or within what
 //! the memory limit leaves beside the loaded model.
 
+mod awake;
 mod checkpoint;
 mod constrain;
 mod engine;

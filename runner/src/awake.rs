@@ -1,0 +1,78 @@
+//! Keeping the compute pool's other workers awake through one forward pass.
+//!
+//! A forward pass is a few hundred short parallel regions (a matrix product, an attention
+//! block) with short serial steps between them (norms, RoPE, the gate's activation). rayon puts
+//! an idle worker to sleep after a few dozen `sched_yield`s, and waking it for the next region
+//! costs more than some regions last: measured on a 42-token prompt, the runner context-switched
+//! ~270 times per prefill and one worker did 60% of the work (the caller finished a product's
+//! chunks alone before the sleeper woke). So for the length of a pass each other worker runs a
+//! job that takes whatever work appears in the pool (`rayon::yield_now`) and spins in between,
+//! as llama.cpp's threads spin between its graph's nodes. Nothing spins between passes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Runs `f` on the current worker of a pool while the pool's other workers stay awake to take
+/// its parallel work; outside a pool, or in a pool of one, just runs `f`.
+pub fn with_workers_awake<R>(f: impl FnOnce() -> R) -> R {
+    let me = rayon::current_thread_index();
+    let others = rayon::current_num_threads().saturating_sub(1);
+    if me.is_none() || others == 0 {
+        return f();
+    }
+    let done = AtomicBool::new(false);
+    /// Ends the spinning when the pass ends, even by unwinding (the scope waits for the
+    /// spinners before it returns or goes on unwinding).
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    rayon::in_place_scope(|s| {
+        for _ in 0..others {
+            s.spawn(|_| {
+                // Taken back by the caller itself (it ran out of other work while waiting):
+                // there is no one to keep awake.
+                if rayon::current_thread_index() == me {
+                    return;
+                }
+                while !done.load(Ordering::Acquire) {
+                    if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+        let _done = Done(&done);
+        f()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// Inside a pool the pass's parallel work is done and its value returned; the spinners end
+    /// with the pass (the call returns), also when the pass panics; outside a pool it just runs.
+    #[test]
+    fn the_pass_runs_and_the_spinners_end_with_it() {
+        assert_eq!(with_workers_awake(|| 7), 7);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for _ in 0..50 {
+                let sum: u64 =
+                    with_workers_awake(|| (0..10_000u64).into_par_iter().map(|x| x * x).sum());
+                assert_eq!(sum, (0..10_000u64).map(|x| x * x).sum::<u64>());
+            }
+            let r = std::panic::catch_unwind(|| with_workers_awake(|| panic!("pass failed")));
+            assert!(r.is_err());
+            // The pool still works after the panic (no spinner left holding a worker).
+            let v: Vec<u32> = (0..100).into_par_iter().map(|x| x + 1).collect();
+            assert_eq!(v.len(), 100);
+        });
+    }
+}
