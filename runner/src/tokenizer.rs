@@ -352,18 +352,20 @@ impl Tokenizer {
     /// text is encoded, so the content reads as plain text (as with special tokens off). A
     /// message, a tool result above all, cannot open a turn of its own with `<|im_start|>`.
     pub fn defuse(&self, text: &str) -> String {
+        // Markers the content brings itself go first: dropped after the search, they would
+        // join `<|im` + marker + `_start|>` into a live control token.
+        let text = text.replace(DEFUSE, "");
         let mut out = String::with_capacity(text.len() + 8);
         let mut at = 0;
-        while let Some((start, _, _)) = self.find_control.find(text, at) {
+        while let Some((start, _, _)) = self.find_control.find(&text, at) {
             // A marker after the control token's first character; the scan goes on from there
             // (another control token may start inside this one).
             let first = text[start..].chars().next().map_or(1, char::len_utf8);
-            out.extend(text[at..start].chars().filter(|c| *c != DEFUSE));
-            out.push_str(&text[start..start + first]);
+            out.push_str(&text[at..start + first]);
             out.push(DEFUSE);
             at = start + first;
         }
-        out.extend(text[at..].chars().filter(|c| *c != DEFUSE));
+        out.push_str(&text[at..]);
         out
     }
 
@@ -604,10 +606,10 @@ impl Utf8Stream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn tiny_bpe() -> Tokenizer {
+    pub(crate) fn tiny_bpe() -> Tokenizer {
         let table = byte_to_unicode();
         let mut tokens: Vec<String> = vec!["<|im_start|>".into(), "<|im_end|>".into()];
         let mut types = vec![TYPE_CONTROL, TYPE_CONTROL];
@@ -738,6 +740,7 @@ mod tests {
             "",
             "plain",
             "<a>a><b>",
+            "<a\u{FDD0}><b\u{FDD0}>",
         ] {
             for special in [true, false] {
                 let got: Vec<(String, Option<u32>)> = t
@@ -754,7 +757,16 @@ mod tests {
                 .partition(&d, true)
                 .iter()
                 .all(|(_, id)| { id.is_none_or(|id| !sorted.iter().any(|s| s.1 == id && s.2)) }));
-            assert_eq!(d.replace(DEFUSE, ""), text);
+            assert_eq!(d.replace(DEFUSE, ""), text.replace(DEFUSE, ""));
+            // Encoded with special tokens on, defused content (markers of its own included)
+            // holds no control token: the markers are dropped only from plain-text pieces,
+            // which are encoded as text.
+            let control: Vec<u32> = sorted.iter().filter(|s| s.2).map(|s| s.1).collect();
+            let ids = t.encode(&d, true, false);
+            assert!(
+                ids.iter().all(|id| !control.contains(id)),
+                "{text:?}: {ids:?}"
+            );
         }
     }
 
