@@ -15,8 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// its parallel work; outside a pool, or in a pool of one, just runs `f`.
 pub fn with_workers_awake<R>(f: impl FnOnce() -> R) -> R {
     let me = rayon::current_thread_index();
-    let others = rayon::current_num_threads().saturating_sub(1);
-    if me.is_none() || others == 0 {
+    if me.is_none() || rayon::current_num_threads() < 2 {
         return f();
     }
     let done = AtomicBool::new(false);
@@ -29,20 +28,19 @@ pub fn with_workers_awake<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     rayon::in_place_scope(|s| {
-        for _ in 0..others {
-            s.spawn(|_| {
-                // Taken back by the caller itself (it ran out of other work while waiting):
-                // there is no one to keep awake.
-                if rayon::current_thread_index() == me {
-                    return;
+        // One job on each worker of the pool (a job per worker pushed on the caller's own
+        // queue could be taken, one inside another, by a single worker).
+        s.spawn_broadcast(|_, ctx| {
+            // The caller's own copy, run when it waits for work: no one to keep awake.
+            if Some(ctx.index()) == me {
+                return;
+            }
+            while !done.load(Ordering::Acquire) {
+                if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                    std::hint::spin_loop();
                 }
-                while !done.load(Ordering::Acquire) {
-                    if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
-                        std::hint::spin_loop();
-                    }
-                }
-            });
-        }
+            }
+        });
         let _done = Done(&done);
         f()
     })

@@ -187,6 +187,7 @@ struct KBlock {
 /// as `vpmaddwd`/`vpdpwssd` read them (lane = activation row), in 16-value groups (`bs`, Q6_K's
 /// scales) and in 32-value groups (`gs`, Q4_K/Q5_K's mins). Built once per product and read by
 /// every weight row.
+#[cfg(target_arch = "x86_64")]
 struct KTile8 {
     q: Vec<[i8; 8 * QKK]>,
     d: Vec<[f32; 8]>,
@@ -194,6 +195,7 @@ struct KTile8 {
     gs: Vec<[[i32; 8]; 4]>,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl KTile8 {
     fn new(acts: &[Vec<KBlock>]) -> KTile8 {
         debug_assert_eq!(acts.len(), 8);
@@ -227,6 +229,7 @@ impl KTile8 {
 }
 
 /// 64 bytes, aligned as a 512-bit register.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Z64<T: Copy, const N: usize>([T; N]);
@@ -462,7 +465,7 @@ impl QMat {
         let wide = n * cols >= 8192 && rayon::current_num_threads() > 1;
         let quantized = |f: &(dyn Fn(&[f32]) -> Vec<ABlock> + Sync)| -> Vec<Vec<ABlock>> {
             if wide {
-                x[..n * cols].par_chunks_exact(cols).map(f).collect()
+                x.par_chunks_exact(cols).take(n).map(f).collect()
             } else {
                 rows_in().map(f).collect()
             }
@@ -475,8 +478,8 @@ impl QMat {
         let ak: Vec<Vec<KBlock>> = if !mats.iter().any(|m| m.wtype.is_k()) {
             Vec::new()
         } else if wide {
-            x[..n * cols]
-                .par_chunks_exact(cols)
+            x.par_chunks_exact(cols)
+                .take(n)
                 .map(|r| quantize_row_k(isa, r))
                 .collect()
         } else {
@@ -529,7 +532,7 @@ impl QMat {
                 .map(|m| m.wtype.code())
                 .collect();
             if isa == Isa::Avx512 && n >= 8 && !signed.is_empty() {
-                a32.chunks_exact(8)
+                a32.par_chunks_exact(8)
                     .map(|c| ATile8::new(c, &signed))
                     .collect()
             } else {
@@ -539,7 +542,7 @@ impl QMat {
         // Eight activation rows at a time, laid out for `tile_k8`.
         #[cfg(target_arch = "x86_64")]
         let k8: Vec<KTile8> = if isa != Isa::Portable && n >= 8 {
-            ak.chunks_exact(8).map(KTile8::new).collect()
+            ak.par_chunks_exact(8).map(KTile8::new).collect()
         } else {
             Vec::new()
         };
@@ -619,6 +622,22 @@ impl QMat {
                         k += 1;
                         continue;
                     }
+                    if isa == Isa::Avx2 && n >= 8 {
+                        // 16 registers: one weight row against eight activation rows keeps the
+                        // eight accumulators in registers (two rows against four spilled them,
+                        // and each spilled one made its FMA chain wait on memory).
+                        tile_rows(
+                            isa,
+                            wt,
+                            [&this],
+                            &a32,
+                            #[cfg(target_arch = "x86_64")]
+                            &a8,
+                            &mut dst[k * n..],
+                        );
+                        k += 1;
+                        continue;
+                    }
                     if !(avx2 && n > 1 && k + 1 < end) {
                         for (i, a) in a32.iter().enumerate() {
                             dst[k * n + i] = dot32(wt, &this, a, isa);
@@ -640,22 +659,6 @@ impl QMat {
                             &mut dst[k * n..],
                         );
                         k += 4;
-                        continue;
-                    }
-                    if isa == Isa::Avx2 {
-                        // 16 registers: one weight row against eight activation rows keeps the
-                        // eight accumulators in registers (two rows against four spilled them,
-                        // and each spilled one made its FMA chain wait on memory).
-                        tile_rows(
-                            isa,
-                            wt,
-                            [&this],
-                            &a32,
-                            #[cfg(target_arch = "x86_64")]
-                            &a8,
-                            &mut dst[k * n..],
-                        );
-                        k += 1;
                         continue;
                     }
                     let next = m.row(g0 + k + 1 - first);
@@ -699,12 +702,12 @@ impl QMat {
                     }
                 };
                 if tasks == 1 {
-                    for (c, outs) in out.chunks_mut(8 * m.rows).enumerate() {
+                    for (c, outs) in out.chunks_mut((8 * m.rows).max(1)).enumerate() {
                         transpose(c, outs);
                     }
                 } else {
                     // On every thread too: serial, it was 3% of a prefill.
-                    out.par_chunks_mut(8 * m.rows)
+                    out.par_chunks_mut((8 * m.rows).max(1))
                         .enumerate()
                         .for_each(|(c, outs)| transpose(c, outs));
                 }
