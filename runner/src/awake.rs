@@ -37,7 +37,9 @@ pub fn with_workers_awake<R>(f: impl FnOnce() -> R) -> R {
             }
             while !done.load(Ordering::Acquire) {
                 if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
-                    std::hint::spin_loop();
+                    // Gives the core up when anything else wants it (other runners' threads on
+                    // the same cores); returns at once when nothing does.
+                    std::thread::yield_now();
                 }
             }
         });
