@@ -5,7 +5,8 @@ built from the schema by LlamaGrammar.from_json_schema) and for corral's runner 
 llguidance), the cost of each, corral's mask time per token, and a local tool call (corral only:
 llama.cpp's Python binding has no grammar-constrained tool calls to compare with). Run through
 scripts/bench-constrained.sh."""
-import json, os, statistics, struct, subprocess, time
+import json, os, statistics, subprocess, time
+from bench_common import frame, read
 
 MODEL = os.path.expanduser(os.environ.get("CORRAL_BENCH_MODEL", "~/.local/share/corral/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -56,17 +57,6 @@ def llama_cpp():
         con.append(tps)
         lens.append(n)
     return {"free": statistics.median(free), "json": statistics.median(con), "json_tokens": statistics.median(lens)}
-
-
-def frame(p, obj):
-    b = json.dumps(obj).encode()
-    p.stdin.write(struct.pack("<I", len(b)) + b)
-    p.stdin.flush()
-
-
-def read(p):
-    n = struct.unpack("<I", p.stdout.read(4))[0]
-    return json.loads(p.stdout.read(n))
 
 
 def corral():

@@ -5,7 +5,8 @@ llama.cpp (PyPI llama-cpp-python) versus corral's runner unsandboxed versus corr
 runner spawn + load, and the ratios; the three take turns round by round (REPS rounds, medians). Run through scripts/bench-inference.sh. Another model:
 CORRAL_BENCH_MODEL=FILE.gguf CORRAL_BENCH_MODEL_ID=<catalog id> (e.g. Gemma 3 270M:
 ~/.local/share/corral/models/gemma-3-270m-q4_k_m.gguf, gemma3-270m)."""
-import json, os, statistics, struct, subprocess, sys, time
+import json, os, statistics, subprocess, time
+from bench_common import frame, read
 
 MODEL = os.path.expanduser(os.environ.get("CORRAL_BENCH_MODEL", "~/.local/share/corral/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -47,17 +48,6 @@ class LlamaCpp:
             tok = llm.sample(temp=0.0, top_k=1)
         t2 = time.perf_counter()
         return {"prefill_tps": len(ids) / (t1 - t0), "ttft_ms": (t1 - t0) * 1e3, "decode_tps": (N - 1) / (t2 - t1)}
-
-
-def frame(p, obj):
-    b = json.dumps(obj).encode()
-    p.stdin.write(struct.pack("<I", len(b)) + b)
-    p.stdin.flush()
-
-
-def read(p):
-    n = struct.unpack("<I", p.stdout.read(4))[0]
-    return json.loads(p.stdout.read(n))
 
 
 class Runner:

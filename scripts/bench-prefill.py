@@ -10,7 +10,8 @@ RUNNER defaults to target/release/corral-runner. `WORDS=N` prompts with N words 
 (different each time: no prefix reuse) instead of the 42-token chat prompt of
 scripts/bench-inference.py; `CORRAL_KERNELS=avx2` and `PYTHONPATH=target/llama-cpp-avx2` put both
 sides on their AVX2 builds (on an AVX-512 host)."""
-import json, os, statistics, struct, subprocess, sys, time
+import os, statistics, subprocess, sys, time
+from bench_common import frame, read
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -22,17 +23,6 @@ def prompt(k, words):
     if words:
         return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for i in range(words))
     return PROMPT
-
-
-def frame(p, obj):
-    b = json.dumps(obj).encode()
-    p.stdin.write(struct.pack("<I", len(b)) + b)
-    p.stdin.flush()
-
-
-def read(p):
-    n = struct.unpack("<I", p.stdout.read(4))[0]
-    return json.loads(p.stdout.read(n))
 
 
 def main():

@@ -3,6 +3,7 @@ import http.client
 import json
 import platform
 import socket
+import struct
 import time
 
 
@@ -54,3 +55,16 @@ def sse_chunks(response):
             line, _, buf = buf.partition(b"\n")
             if line.startswith(b"data: {"):
                 yield json.loads(line[6:])
+
+
+def frame(p, obj):
+    """One request to a runner process over its framed protocol (docs/runner-protocol.md)."""
+    b = json.dumps(obj).encode()
+    p.stdin.write(struct.pack("<I", len(b)) + b)
+    p.stdin.flush()
+
+
+def read(p):
+    """One frame from a runner process."""
+    n = struct.unpack("<I", p.stdout.read(4))[0]
+    return json.loads(p.stdout.read(n))

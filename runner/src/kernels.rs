@@ -2663,6 +2663,22 @@ mod avx512_wide {
                 }
             }
         }
+        // SAFETY: the same features are enabled here.
+        unsafe { finish(acc, &summs) }
+    }
+
+    /// The results of the 8-row tiles' accumulators: each 256-bit half's lanes summed as
+    /// `tile32` sums them, plus the min terms.
+    ///
+    /// # Safety
+    /// Needs AVX2, FMA and AVX-512 F.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // row r, pair p and their accumulator
+    unsafe fn finish<const R: usize>(
+        acc: [[__m512; 4]; R],
+        summs: &[[f32; 8]; R],
+    ) -> [[f32; 8]; R] {
         let mut out = [[0f32; 8]; R];
         for r in 0..R {
             for p in 0..4 {
@@ -2751,21 +2767,9 @@ mod avx512_wide {
                 }
             }
         }
-        let mut out = [[0f32; 8]; R];
-        for r in 0..R {
-            for p in 0..4 {
-                let v = acc[r][p];
-                let lo = _mm512_castps512_ps256(v);
-                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-                // SAFETY: AVX2/FMA are enabled here. `+ 0.0` as `tile32x8` adds its (zero) min
-                // terms: a sum of -0.0 comes out as +0.0 there too.
-                unsafe {
-                    out[r][2 * p] = hsum(lo) + 0.0;
-                    out[r][2 * p + 1] = hsum(hi) + 0.0;
-                }
-            }
-        }
-        out
+        // SAFETY: the same features are enabled here. Zero min terms added as `tile32x8` adds
+        // them for these types (a sum of -0.0 comes out as +0.0 there too).
+        unsafe { finish(acc, &[[0.0; 8]; R]) }
     }
 }
 
