@@ -564,7 +564,8 @@ impl QMat {
         };
         let chunk = total.div_ceil(tasks).max(1);
         let mut all = vec![0f32; total * n];
-        // Prefill: two rows against four activation rows at once (`avx2::tile32`; each result
+        // Prefill: tiles of weight rows against activation rows (AVX-512: four rows against
+        // eight, `avx512_wide`; AVX2: one row against eight, `tile32_row8`; each result
         // computed exactly as the one-by-one product). Decoding (one activation row) goes row
         // by row: measured, a four-row tile was slower there (the product is memory-bound).
         let compute = |ci: usize, dst: &mut [f32]| {
