@@ -463,27 +463,15 @@ impl QMat {
         // A prompt's rows are quantized on every thread (one thread alone was a few percent of
         // a prefill while the other waited).
         let wide = n * cols >= 8192 && rayon::current_num_threads() > 1;
-        let quantized = |f: &(dyn Fn(&[f32]) -> Vec<ABlock> + Sync)| -> Vec<Vec<ABlock>> {
-            if wide {
-                x.par_chunks_exact(cols).take(n).map(f).collect()
-            } else {
-                rows_in().map(f).collect()
-            }
-        };
         let a32: Vec<Vec<ABlock>> = if mats.iter().any(|m| !m.wtype.is_k()) {
-            quantized(&|r| quantize_row(isa, r))
+            per_row(x, cols, n, wide, |r| quantize_row(isa, r))
         } else {
             Vec::new()
         };
-        let ak: Vec<Vec<KBlock>> = if !mats.iter().any(|m| m.wtype.is_k()) {
-            Vec::new()
-        } else if wide {
-            x.par_chunks_exact(cols)
-                .take(n)
-                .map(|r| quantize_row_k(isa, r))
-                .collect()
+        let ak: Vec<Vec<KBlock>> = if mats.iter().any(|m| m.wtype.is_k()) {
+            per_row(x, cols, n, wide, |r| quantize_row_k(isa, r))
         } else {
-            rows_in().map(|r| quantize_row_k(isa, r)).collect()
+            Vec::new()
         };
         // f16 weights: the activations rounded to f16 (ggml converts them to the weights' type).
         let a16: Vec<Vec<f32>> = if mats.iter().any(|m| m.wtype == WType::F16) {
@@ -870,6 +858,21 @@ impl QMat {
             }
         }
         out
+    }
+}
+
+/// `f` of each of the first `n` rows of `cols` values in `x`, on every thread when `wide`.
+fn per_row<T: Send>(
+    x: &[f32],
+    cols: usize,
+    n: usize,
+    wide: bool,
+    f: impl Fn(&[f32]) -> T + Sync + Send,
+) -> Vec<T> {
+    if wide {
+        x.par_chunks_exact(cols).take(n).map(f).collect()
+    } else {
+        x.chunks_exact(cols).take(n).map(f).collect()
     }
 }
 
