@@ -11,8 +11,23 @@
 //! between its graph's nodes. Nothing spins between passes; a busy loop on a pause instead of
 //! the yield took the cores from other runners sharing them (four runners on two cores: 86
 //! tok/s against 137).
+//!
+//! A spinner also leaves after [`IDLE_LIMIT`] without work, and that is not only thrift: rayon
+//! may start a worker's spinner *inside* another job. A worker that stole part of the pass
+//! before it saw its spinner, and then waits in that part for a piece someone else took, runs
+//! whatever it finds while it waits, its spinner included; the spinner then sits on top of the
+//! stolen part, which cannot finish until the spinner returns, while the pass (and so the
+//! spinner's end) waits for that part. Waiting for the pass alone deadlocked one forward pass
+//! in some ten thousand (a runner hung mid-request in CI); with the limit such a pass loses at
+//! most that much time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a spinner goes on without finding work before it leaves the rest of the pass to
+/// rayon's own sleeping and waking: longer than the serial steps between a pass's parallel
+/// regions, short enough that a spinner started inside another job (see above) costs little.
+pub const IDLE_LIMIT: Duration = Duration::from_millis(2);
 
 /// Runs `f` on the current worker of a pool while the pool's other workers stay awake to take
 /// its parallel work; outside a pool, or in a pool of one, just runs `f`.
@@ -38,12 +53,21 @@ pub fn with_workers_awake<R>(f: impl FnOnce() -> R) -> R {
             if Some(ctx.index()) == me {
                 return;
             }
+            let mut idle_since: Option<Instant> = None;
             while !done.load(Ordering::Acquire) {
-                if !matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
-                    // Gives the core up when anything else wants it (other runners' threads on
-                    // the same cores); returns at once when nothing does.
-                    std::thread::yield_now();
+                if matches!(rayon::yield_now(), Some(rayon::Yield::Executed)) {
+                    idle_since = None;
+                    continue;
                 }
+                let now = Instant::now();
+                match idle_since {
+                    None => idle_since = Some(now),
+                    Some(t) if now.duration_since(t) >= IDLE_LIMIT => return,
+                    Some(_) => {}
+                }
+                // Gives the core up when anything else wants it (other runners' threads on
+                // the same cores); returns at once when nothing does.
+                std::thread::yield_now();
             }
         });
         let _done = Done(&done);
@@ -77,5 +101,41 @@ mod tests {
             let v: Vec<u32> = (0..100).into_par_iter().map(|x| x + 1).collect();
             assert_eq!(v.len(), 100);
         });
+    }
+
+    /// Many short passes in a row, each a few parallel regions with a serial step between the
+    /// passes (a decode): every pass ends. A worker can take part of a pass before its spinner
+    /// and then run the spinner inside that part; spinning until the pass ends then deadlocked
+    /// within a few thousand passes, in every run of this test.
+    #[test]
+    fn passes_end_even_when_a_spinner_starts_inside_the_pass_s_own_work() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut v = vec![0f32; 4096];
+                for i in 0..100_000u32 {
+                    with_workers_awake(|| {
+                        for _ in 0..4 {
+                            v.par_chunks_mut(64).for_each(|c| {
+                                for x in c.iter_mut() {
+                                    *x = (*x + 1.0).sqrt();
+                                }
+                            });
+                        }
+                    });
+                    let gap: f32 = (0..i % 50).map(|k| (k as f32).sqrt()).sum();
+                    std::hint::black_box(gap);
+                }
+                tx.send(v[0]).unwrap();
+            });
+        });
+        let v = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("100,000 passes did not end within two minutes: a pass deadlocked");
+        assert!(v > 1.0 && v < 2.0, "{v}");
     }
 }
