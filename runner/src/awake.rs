@@ -26,8 +26,11 @@ use std::time::{Duration, Instant};
 
 /// How long a spinner goes on without finding work before it leaves the rest of the pass to
 /// rayon's own sleeping and waking: longer than the serial steps between a pass's parallel
-/// regions, short enough that a spinner started inside another job (see above) costs little.
-pub const IDLE_LIMIT: Duration = Duration::from_millis(2);
+/// regions, even in a 512-token prompt chunk, and short enough that a spinner started inside
+/// another job (see above), about once in ten thousand passes, costs little. (2 ms made a
+/// 400-token Gemma prefill a few percent slower in some rounds; 10 and 20 ms did not differ
+/// from no limit within this VM's noise.)
+pub const IDLE_LIMIT: Duration = Duration::from_millis(10);
 
 /// Runs `f` on the current worker of a pool while the pool's other workers stay awake to take
 /// its parallel work; outside a pool, or in a pool of one, just runs `f`.
