@@ -7,7 +7,13 @@
 //!
 //! ```text
 //! eval-confidence [--model ID] [--set FILE] [--out DIR] [--rerun] [--write-calibrator]
+//!                 [--samples K] [--sample-temperature T]
 //! ```
+//!
+//! `--samples K` (an experiment, not what the server does): each question is also answered K
+//! times more under sampling (temperature T, default 0.7, seeds 1..K, the K decoded together),
+//! and the report adds *sampling consistency* — how much the sampled answers agree with the
+//! greedy one — alone and mixed with the calibrated score (one weight chosen on the tuning part).
 //!
 //! The answers are kept in `DIR/<model>.jsonl` (default `target/confidence`) and reused unless
 //! `--rerun`: fitting and reporting take a second, answering the set some minutes.
@@ -34,7 +40,7 @@ use corral::config::{Config, Sources};
 use corral::routing::calibrate::{calibrate, Sample};
 use corral::sandbox::HostSupport;
 use corral::slm::models;
-use corral::slm::runner::{runner_binary, Runner, RunnerSpec};
+use corral::slm::runner::{runner_binary, Progress, Runner, RunnerSpec};
 use corral_protocol::{ChatMessage, GenerateRequest, Input, Sampling, TokenInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -63,6 +69,9 @@ struct Answered {
     text: String,
     truncated: bool,
     tokens: Vec<TokenInfo>,
+    /// The same question answered again under sampling (`--samples`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    samples: Vec<String>,
 }
 
 /// Lower-cased words (runs of letters, digits and inner apostrophes) and numbers (with sign,
@@ -156,6 +165,8 @@ struct Args {
     out: PathBuf,
     rerun: bool,
     write: bool,
+    samples: usize,
+    sample_temperature: f32,
 }
 
 fn args() -> Args {
@@ -165,6 +176,8 @@ fn args() -> Args {
         out: PathBuf::from("target/confidence"),
         rerun: false,
         write: false,
+        samples: 0,
+        sample_temperature: 0.7,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -174,6 +187,13 @@ fn args() -> Args {
             "--out" => a.out = it.next().expect("--out DIR").into(),
             "--rerun" => a.rerun = true,
             "--write-calibrator" => a.write = true,
+            "--samples" => a.samples = it.next().and_then(|k| k.parse().ok()).expect("--samples K"),
+            "--sample-temperature" => {
+                a.sample_temperature = it
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .expect("--sample-temperature T")
+            }
             other => {
                 panic!("unknown argument {other} (see the header of examples/eval-confidence.rs)")
             }
@@ -183,7 +203,13 @@ fn args() -> Args {
 }
 
 /// Answers every item with the model, in its sandbox.
-fn answer_all(config: &Config, model_id: &str, items: &[Item]) -> Vec<Answered> {
+fn answer_all(
+    config: &Config,
+    model_id: &str,
+    items: &[Item],
+    samples: usize,
+    temperature: f32,
+) -> Vec<Answered> {
     let model = models::lookup(&config.slm.models, model_id).expect("model in the catalog");
     let path = models::require(&config.slm.model_dir, model).expect("model file");
     let profile_name = model
@@ -195,7 +221,7 @@ fn answer_all(config: &Config, model_id: &str, items: &[Item]) -> Vec<Answered> 
         model_path: path,
         sha256: model.sha256.clone(),
         binary: runner_binary(),
-        slots: 1,
+        slots: samples.max(1),
     };
     let mut runner =
         Runner::start(&spec, &profile, &config.sandbox, &HostSupport::probe()).expect("runner");
@@ -238,6 +264,9 @@ fn answer_all(config: &Config, model_id: &str, items: &[Item]) -> Vec<Answered> 
             max_tokens_explicit: true,
             cache_key: None,
         };
+        // The greedy answer alone (a batch rounds differently in the last digits), then the
+        // samples together.
+        let sampled = sample(&mut runner, &g, samples, temperature);
         let done = runner.generate(g, &mut |_| {}).expect("generate");
         let a = Answered {
             id: item.id.clone(),
@@ -246,6 +275,7 @@ fn answer_all(config: &Config, model_id: &str, items: &[Item]) -> Vec<Answered> 
             truncated: done.finish_reason == corral_protocol::FinishReason::Length,
             text: done.text.clone(),
             tokens: done.tokens,
+            samples: sampled,
         };
         eprintln!(
             "[{}/{}] {:<5} {:<24} {:<50} -> {:?}",
@@ -266,6 +296,73 @@ fn answer_all(config: &Config, model_id: &str, items: &[Item]) -> Vec<Answered> 
     out
 }
 
+/// `k` answers to `g` under sampling at `temperature` (seeds 1..=k), decoded together.
+fn sample(runner: &mut Runner, g: &GenerateRequest, k: usize, temperature: f32) -> Vec<String> {
+    let mut flights: Vec<(corral::slm::runner::InFlight, Option<String>)> = (1..=k as u64)
+        .map(|seed| {
+            let mut r = g.clone();
+            r.sampling = Sampling {
+                temperature,
+                seed: Some(seed),
+                ..Sampling::default()
+            };
+            (runner.submit(r).expect("submit"), None)
+        })
+        .collect();
+    while flights.iter().any(|(_, t)| t.is_none()) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let frame = runner
+            .poll(until)
+            .expect("runner")
+            .expect("a frame within 60 s");
+        let id = Runner::frame_id(&frame).expect("a frame for a request");
+        let (f, text) = flights
+            .iter_mut()
+            .find(|(f, _)| f.id == id)
+            .expect("a request in flight");
+        if let Progress::Done(d) = runner.take(f, frame).expect("frame") {
+            *text = Some(d.text);
+        }
+    }
+    flights.into_iter().filter_map(|(_, t)| t).collect()
+}
+
+/// The words an answer commits to: its words and numbers ([`words`]) less a few function
+/// words and less the words of the question.
+fn atoms(answer: &str, prompt: &str) -> std::collections::BTreeSet<String> {
+    const FUNCTION: [&str; 24] = [
+        "the", "a", "an", "is", "are", "was", "of", "in", "to", "and", "it", "its", "answer",
+        "that", "this", "be", "as", "for", "on", "with", "by", "or", "which", "so",
+    ];
+    let asked = words(prompt);
+    words(answer)
+        .into_iter()
+        .filter(|w| !FUNCTION.contains(&w.as_str()) && !asked.contains(w))
+        .collect()
+}
+
+/// Sampling consistency: the mean, over the sampled answers, of the Jaccard similarity of their
+/// atoms with the greedy answer's ([`atoms`]; both empty = 1). `None` without samples.
+fn consistency(greedy: &str, samples: &[String], prompt: &str) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let g = atoms(greedy, prompt);
+    let sum: f64 = samples
+        .iter()
+        .map(|s| {
+            let a = atoms(s, prompt);
+            let union = g.union(&a).count();
+            if union == 0 {
+                1.0
+            } else {
+                g.intersection(&a).count() as f64 / union as f64
+            }
+        })
+        .sum();
+    Some(sum / samples.len() as f64)
+}
+
 /// Everything computed for one answered item.
 struct Row {
     item: Item,
@@ -275,6 +372,8 @@ struct Row {
     /// Plain scores over every token and over the span.
     all: Vec<f64>,
     span: Vec<f64>,
+    /// Sampling consistency ([`consistency`]), when the answers have samples.
+    consistency: Option<f64>,
 }
 
 fn rows(items: &[Item], answered: &[Answered]) -> Vec<Row> {
@@ -316,6 +415,7 @@ fn rows(items: &[Item], answered: &[Answered]) -> Vec<Row> {
                 features: features::features(&toks, &prompt, a.truncated),
                 all: plain(&stats),
                 span: plain(&span_stats),
+                consistency: consistency(&a.text, &a.samples, &item.prompt),
             }
         })
         .collect()
@@ -379,7 +479,7 @@ fn main() {
     std::fs::create_dir_all(&a.out).unwrap();
     let records = a.out.join(format!("{}.jsonl", a.model));
     let answered: Vec<Answered> = if a.rerun || !records.exists() {
-        let answered = answer_all(&config, &a.model, &items);
+        let answered = answer_all(&config, &a.model, &items, a.samples, a.sample_temperature);
         let mut f = std::io::BufWriter::new(std::fs::File::create(&records).unwrap());
         for r in &answered {
             writeln!(f, "{}", serde_json::to_string(r).unwrap()).unwrap();
@@ -443,6 +543,61 @@ fn main() {
             .collect()
     };
 
+    // Sampling consistency, alone and mixed with the calibrated score: w · calibrated +
+    // (1 − w) · consistency, w chosen on the tuning part (the best AUROC there, steps of 0.05).
+    let sampled = rows.iter().all(|r| r.consistency.is_some());
+    let k = answered.first().map_or(0, |x| x.samples.len());
+    let cons =
+        |rs: &[&Row]| -> Vec<f64> { rs.iter().map(|r| r.consistency.unwrap_or(0.0)).collect() };
+    let mix = |w: f64, rs: &[&Row]| -> Vec<f64> {
+        predict(&cal, rs, &all_features)
+            .iter()
+            .zip(cons(rs))
+            .map(|(p, c)| w * p + (1.0 - w) * c)
+            .collect()
+    };
+    let mix_w = if sampled {
+        // The tuning part's calibrated scores out of fold (each kind predicted by a fit on the
+        // others): in-sample ones would favour the calibrator.
+        let mut oof = vec![0.0; tune.len()];
+        let tuned_kinds: std::collections::BTreeSet<&str> =
+            tune.iter().map(|r| r.item.kind.as_str()).collect();
+        for kind in tuned_kinds {
+            let others: Vec<&Row> = tune
+                .iter()
+                .copied()
+                .filter(|r| r.item.kind != kind)
+                .collect();
+            let Some(c) = Calibrator::fit(&a.model, &labelled(&others, &all_features), "") else {
+                continue;
+            };
+            for (i, r) in tune.iter().enumerate().filter(|(_, r)| r.item.kind == kind) {
+                oof[i] = r
+                    .features
+                    .as_ref()
+                    .map_or(0.0, |f| c.predict_values(&f.values, &r.task));
+            }
+        }
+        let tl: Vec<bool> = tune.iter().map(|r| r.ok).collect();
+        let tc = cons(&tune);
+        (0..=20)
+            .map(|i| f64::from(i) * 0.05)
+            .max_by(|x, y| {
+                let q = |w: f64| {
+                    let m: Vec<f64> = oof
+                        .iter()
+                        .zip(&tc)
+                        .map(|(p, c)| w * p + (1.0 - w) * c)
+                        .collect();
+                    confidence::auroc(&m, &tl).unwrap_or(0.0)
+                };
+                q(*x).total_cmp(&q(*y))
+            })
+            .unwrap_or(0.5)
+    } else {
+        0.5
+    };
+
     let mut report = serde_json::Map::new();
     report.insert("model".into(), json!(a.model));
     for (part, rs) in [("test", &test), ("tune", &tune)] {
@@ -466,6 +621,18 @@ fn main() {
             let span: Vec<f64> = rs.iter().map(|r| r.span[i]).collect();
             lines.push(line(m.name(), &all, &labels));
             lines.push(line(&format!("{} over the span", m.name()), &span, &labels));
+        }
+        if sampled {
+            lines.push(line(
+                &format!("consistency ({k} samples)"),
+                &cons(rs),
+                &labels,
+            ));
+            lines.push(line(
+                &format!("{mix_w:.2} · calibrated + {:.2} · consistency", 1.0 - mix_w),
+                &mix(mix_w, rs),
+                &labels,
+            ));
         }
         report.insert(part.into(), json!(lines));
     }
