@@ -657,6 +657,14 @@ fn main() {
         line("calibrated", &predict(&cal, &rs, &all_features), &labels);
         let gm: Vec<f64> = rs.iter().map(|r| r.all[0]).collect();
         line("geometric_mean", &gm, &labels);
+        if sampled {
+            line(&format!("consistency ({k} samples)"), &cons(&rs), &labels);
+            line(
+                &format!("{mix_w:.2} · calibrated + {:.2} · consistency", 1.0 - mix_w),
+                &mix(mix_w, &rs),
+                &labels,
+            );
+        }
     }
 
     // Each feature alone on the test part (oriented by its sign on the tuning part).
@@ -683,7 +691,11 @@ fn main() {
     }
     // The test part by kind, and its arithmetic and facts (the kind of set the project's
     // goal for unseen questions is measured on).
-    println!("\ntest part by kind:\n\n| kind | items | correct | calibrated AUROC | accuracy at 30% | geometric_mean AUROC |\n| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "\ntest part by kind:\n\n| kind | items | correct | calibrated AUROC | accuracy at 30% | geometric_mean AUROC |{}\n| --- | --- | --- | --- | --- | --- |{}",
+        if sampled { " consistency AUROC | mixed AUROC |" } else { "" },
+        if sampled { " --- | --- |" } else { "" }
+    );
     let kinds: std::collections::BTreeSet<&str> =
         test.iter().map(|r| r.item.kind.as_str()).collect();
     let groups: Vec<(String, Vec<&Row>)> = kinds
@@ -712,8 +724,18 @@ fn main() {
         let f = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.3}"));
         let gm: Vec<f64> = rs.iter().map(|r| r.all[0]).collect();
         let p = predict(&cal, rs, &all_features);
+        // With samples: the consistency's AUROC and the mixture's, after the row's columns.
+        let sampled_cols = if sampled {
+            format!(
+                " {} | {} |",
+                f(confidence::auroc(&cons(rs), &labels)),
+                f(confidence::auroc(&mix(mix_w, rs), &labels))
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "| {k} | {} | {} | {} | {} | {} |",
+            "| {k} | {} | {} | {} | {} | {} |{sampled_cols}",
             rs.len(),
             count(rs),
             f(confidence::auroc(&p, &labels)),
