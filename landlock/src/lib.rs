@@ -204,7 +204,14 @@ pub fn forbid_file_access() -> std::io::Result<()> {
     // `landlock_restrict_self` restricts the calling thread and the threads it starts later,
     // not threads that already run (the kernel's all-threads flag is ABI 8). The runner calls
     // this before it starts any: were one running, it would escape the restriction, so refuse.
-    let threads = thread_count()?;
+    // A thread its caller has just joined can still be listed for a moment (the kernel wakes
+    // the joiner before it removes the thread): give such a thread 100 ms to go.
+    let mut threads = thread_count()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+    while threads != 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        threads = thread_count()?;
+    }
     if threads != 1 {
         return Err(std::io::Error::other(format!(
             "{threads} threads are running: a Landlock self-restriction would leave all but this one unrestricted"

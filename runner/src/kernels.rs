@@ -331,9 +331,11 @@ impl QMat {
             });
         }
         let blocks = rows * cols / bs;
-        let mut d = Vec::with_capacity(blocks);
+        let mut d: Vec<f32> = Vec::with_capacity(blocks);
         let mut m = Vec::new();
-        let mut q = Vec::with_capacity(blocks * wtype.kept());
+        let mut q: Vec<u8> = Vec::with_capacity(blocks * wtype.kept());
+        crate::files::populate(q.spare_capacity_mut());
+        crate::files::populate(d.spare_capacity_mut());
         for b in data.chunks_exact(per) {
             match wtype {
                 WType::Q4_0 | WType::Q5_0 | WType::Q8_0 => {
@@ -349,7 +351,7 @@ impl QMat {
                     d.push(f16_at(b, 0));
                     m.push(f16_at(b, 2));
                     let packed = &b[4..16];
-                    let sm: Vec<(u8, u8)> = (0..8).map(|j| scale_min_k4(j, packed)).collect();
+                    let sm: [(u8, u8); 8] = std::array::from_fn(|j| scale_min_k4(j, packed));
                     q.extend(sm.iter().map(|p| p.0));
                     q.extend(sm.iter().map(|p| p.1));
                     q.extend_from_slice(&b[16..]);

@@ -11,6 +11,7 @@ mod awake;
 mod checkpoint;
 mod constrain;
 mod engine;
+mod files;
 mod ggml_math;
 mod harden;
 mod hf;
@@ -255,28 +256,37 @@ fn run() -> anyhow::Result<()> {
         }
     };
     let device = candle_core::Device::Cpu;
-    let (model, meta) = if args.model.is_dir() {
-        load_checkpoint_dir(&args.model, args.sha256.as_deref(), &device)?
+    let (model, chat_template, tok) = if args.model.is_dir() {
+        let (model, meta) = load_checkpoint_dir(&args.model, args.sha256.as_deref(), &device)?;
+        phase("weights");
+        let tok = tokenizer::Tokenizer::new(meta.tokenizer)?;
+        (model, meta.chat_template, tok)
     } else {
-        let bytes =
-            std::fs::read(&args.model).with_context(|| format!("{}", args.model.display()))?;
-        phase("read");
-        if let Some(expected) = &args.sha256 {
-            check_digest(&args.model, &digest::sha256_hex(&bytes), expected)?;
-        }
-        phase("sha256");
-        model::Model::load_gguf(&args.model, &bytes, &device)?
+        // Hashed while it is read; checked before any of it is parsed.
+        let bytes = match &args.sha256 {
+            Some(expected) => {
+                let (bytes, got) = files::read_hashed(&args.model)
+                    .with_context(|| format!("{}", args.model.display()))?;
+                check_digest(&args.model, &got, expected)?;
+                bytes
+            }
+            None => {
+                std::fs::read(&args.model).with_context(|| format!("{}", args.model.display()))?
+            }
+        };
+        phase("read and sha256");
+        let (model, chat_template, tok) =
+            model::Model::load_gguf_with(&args.model, &bytes, &device, tokenizer::Tokenizer::new)?;
+        (model, chat_template, tok?)
     };
-    phase("weights");
-    let tok = tokenizer::Tokenizer::new(meta.tokenizer)?;
-    phase("tokenizer");
+    phase("weights and tokenizer");
     let name = |id: Option<u32>| {
         id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
             .unwrap_or_default()
     };
     let knows_chatml = tok.token_id("<|im_start|>").is_some();
     let template = template::ChatTemplate::new(
-        meta.chat_template,
+        chat_template,
         knows_chatml,
         name(tok.bos),
         name(tok.eos.first().copied()),
