@@ -203,7 +203,8 @@ pub fn forbid_file_access() -> std::io::Result<()> {
     };
     // `landlock_restrict_self` restricts the calling thread and the threads it starts later,
     // not threads that already run (the kernel's all-threads flag is ABI 8). The runner calls
-    // this before it starts any: were one running, it would escape the restriction, so refuse.
+    // this after its loading threads have ended and before it starts its pool: were another
+    // thread running, it would escape the restriction, so refuse.
     // A thread its caller has just joined can still be listed for a moment (the kernel wakes
     // the joiner before it removes the thread): give such a thread 100 ms to go.
     let mut threads = thread_count()?;
