@@ -121,12 +121,19 @@ impl Model {
             .map(|d| format!("{d:?}"))
             .collect::<Vec<_>>()
             .join("+");
-        let (weights, side) = std::thread::scope(|s| {
-            let side = s.spawn(move || side(spec));
+        let (weights, side) = std::thread::scope(|s| -> anyhow::Result<_> {
+            // The main thread's stack size: the tokenizer compiles its pre-tokenizer patterns.
+            let side = std::thread::Builder::new()
+                .name("tokenizer".into())
+                .stack_size(8 << 20)
+                .spawn_scoped(s, move || side(spec))
+                .map_err(|e| {
+                    anyhow::anyhow!("starting the thread that loads the tokenizer: {e}")
+                })?;
             let weights =
                 crate::llama::Llama::from_gguf(&ct, bytes, &mut file, device, context_length);
-            (weights, side.join())
-        });
+            Ok((weights, side.join()))
+        })?;
         let side = side.map_err(|_| anyhow::anyhow!("loading the tokenizer panicked"))?;
         Ok((
             Model {
