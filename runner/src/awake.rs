@@ -17,9 +17,9 @@
 //! before it saw its spinner, and then waits in that part for a piece someone else took, runs
 //! whatever it finds while it waits, its spinner included; the spinner then sits on top of the
 //! stolen part, which cannot finish until the spinner returns, while the pass (and so the
-//! spinner's end) waits for that part. Waiting for the pass alone deadlocked one forward pass
-//! in some ten thousand (a runner hung mid-request in CI); with the limit such a pass loses at
-//! most that much time.
+//! spinner's end) waits for that part. Waiting for the pass alone deadlocked a loop of short
+//! passes within some thousands, in every run (and a runner mid-request in CI); with the limit
+//! such a pass loses at most that much time.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 /// How long a spinner goes on without finding work before it leaves the rest of the pass to
 /// rayon's own sleeping and waking: longer than the serial steps between a pass's parallel
 /// regions, even in a 512-token prompt chunk, and short enough that a spinner started inside
-/// another job (see above), about once in ten thousand passes, costs little. (2 ms made a
+/// another job (see above), rare, costs little. (2 ms made a
 /// 400-token Gemma prefill a few percent slower in some rounds; 10 and 20 ms did not differ
 /// from no limit within this VM's noise.)
 pub const IDLE_LIMIT: Duration = Duration::from_millis(10);
