@@ -597,6 +597,20 @@ fn main() {
     } else {
         0.5
     };
+    // The report's lines for consistency and the mixture (none without samples).
+    let sampled_lines = |rs: &[&Row], labels: &[bool]| -> Vec<serde_json::Value> {
+        if !sampled {
+            return Vec::new();
+        }
+        vec![
+            line(&format!("consistency ({k} samples)"), &cons(rs), labels),
+            line(
+                &format!("{mix_w:.2} · calibrated + {:.2} · consistency", 1.0 - mix_w),
+                &mix(mix_w, rs),
+                labels,
+            ),
+        ]
+    };
 
     let mut report = serde_json::Map::new();
     report.insert("model".into(), json!(a.model));
@@ -622,18 +636,7 @@ fn main() {
             lines.push(line(m.name(), &all, &labels));
             lines.push(line(&format!("{} over the span", m.name()), &span, &labels));
         }
-        if sampled {
-            lines.push(line(
-                &format!("consistency ({k} samples)"),
-                &cons(rs),
-                &labels,
-            ));
-            lines.push(line(
-                &format!("{mix_w:.2} · calibrated + {:.2} · consistency", 1.0 - mix_w),
-                &mix(mix_w, rs),
-                &labels,
-            ));
-        }
+        lines.extend(sampled_lines(rs, &labels));
         report.insert(part.into(), json!(lines));
     }
 
@@ -657,14 +660,7 @@ fn main() {
         line("calibrated", &predict(&cal, &rs, &all_features), &labels);
         let gm: Vec<f64> = rs.iter().map(|r| r.all[0]).collect();
         line("geometric_mean", &gm, &labels);
-        if sampled {
-            line(&format!("consistency ({k} samples)"), &cons(&rs), &labels);
-            line(
-                &format!("{mix_w:.2} · calibrated + {:.2} · consistency", 1.0 - mix_w),
-                &mix(mix_w, &rs),
-                &labels,
-            );
-        }
+        sampled_lines(&rs, &labels);
     }
 
     // Each feature alone on the test part (oriented by its sign on the tuning part).

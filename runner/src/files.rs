@@ -72,7 +72,7 @@ fn read_hashed_in(path: &Path, chunk: usize) -> io::Result<(Vec<u8>, String)> {
             .join()
             .map_err(|_| io::Error::other("the hashing thread panicked"))?;
         read?;
-        Ok(d.iter().map(|b| format!("{b:02x}")).collect())
+        Ok(corral_protocol::digest::hex(&d))
     })?;
     let mut more = [0u8; 1];
     if f.read(&mut more)? != 0 {

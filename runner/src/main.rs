@@ -275,9 +275,7 @@ fn run() -> anyhow::Result<()> {
             }
         };
         phase("read and sha256");
-        let (model, chat_template, tok) =
-            model::Model::load_gguf_with(&args.model, &bytes, &device, tokenizer::Tokenizer::new)?;
-        (model, chat_template, tok?)
+        model::Model::load_gguf(&args.model, &bytes, &device)?
     };
     phase("weights and tokenizer");
     let name = |id: Option<u32>| {

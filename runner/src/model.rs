@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, GgmlDType};
 use candle_core::{Device, Tensor};
 
-use crate::tokenizer::TokenizerSpec;
+use crate::tokenizer::{Tokenizer, TokenizerSpec};
 
 /// The largest context window a runner offers (memory grows with it).
 const MAX_CONTEXT: usize = 4096;
@@ -91,17 +91,15 @@ fn tokenizer_spec(ct: &gguf_file::Content) -> TokenizerSpec {
 }
 
 impl Model {
-    /// Loads a GGUF model from the file's bytes (read once: the caller also hashes them), with
-    /// `side` run on the tokenizer's description on a second thread while the weights are laid
-    /// out (building Gemma's 262k-token tokenizer took 90 ms of a
-    /// 530 ms load); returns the model, the chat template and what `side` returned. The thread
-    /// has ended when this returns.
-    pub fn load_gguf_with<T: Send>(
+    /// Loads a GGUF model from the file's bytes (read once: the caller also hashes them) with
+    /// its tokenizer, built on a second thread while the weights are laid out (Gemma's
+    /// 262k-token tokenizer took 90 ms of a 530 ms load), and its chat template. The thread has
+    /// ended when this returns.
+    pub fn load_gguf(
         path: &Path,
         bytes: &[u8],
         device: &Device,
-        side: impl FnOnce(TokenizerSpec) -> T + Send,
-    ) -> anyhow::Result<(Model, Option<String>, T)> {
+    ) -> anyhow::Result<(Model, Option<String>, Tokenizer)> {
         let mut file = Cursor::new(bytes);
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
@@ -121,20 +119,20 @@ impl Model {
             .map(|d| format!("{d:?}"))
             .collect::<Vec<_>>()
             .join("+");
-        let (weights, side) = std::thread::scope(|s| -> anyhow::Result<_> {
+        let (weights, tok) = std::thread::scope(|s| -> anyhow::Result<_> {
             // The main thread's stack size: the tokenizer compiles its pre-tokenizer patterns.
-            let side = std::thread::Builder::new()
+            let tok = std::thread::Builder::new()
                 .name("tokenizer".into())
                 .stack_size(8 << 20)
-                .spawn_scoped(s, move || side(spec))
+                .spawn_scoped(s, move || Tokenizer::new(spec))
                 .map_err(|e| {
                     anyhow::anyhow!("starting the thread that loads the tokenizer: {e}")
                 })?;
             let weights =
                 crate::llama::Llama::from_gguf(&ct, bytes, &mut file, device, context_length);
-            Ok((weights, side.join()))
+            Ok((weights, tok.join()))
         })?;
-        let side = side.map_err(|_| anyhow::anyhow!("loading the tokenizer panicked"))?;
+        let tok = tok.map_err(|_| anyhow::anyhow!("loading the tokenizer panicked"))??;
         Ok((
             Model {
                 weights: weights?,
@@ -143,7 +141,7 @@ impl Model {
                 quantization,
             },
             chat_template,
-            side,
+            tok,
         ))
     }
 
