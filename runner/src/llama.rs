@@ -38,6 +38,31 @@ enum Mat {
     Candle(QMatMul),
 }
 
+#[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+impl Mat {
+    /// The matrix in f32, row-major: each quantized value as ggml dequantizes it.
+    fn to_f32(&self) -> anyhow::Result<Vec<f32>> {
+        match self {
+            Mat::Own(m) => {
+                let mut out = Vec::with_capacity(m.rows * m.cols);
+                for r in 0..m.rows {
+                    out.extend_from_slice(&m.row_f32(r));
+                }
+                Ok(out)
+            }
+            Mat::Candle(QMatMul::QTensor(t)) => Ok(vec_of(t)?),
+            Mat::Candle(QMatMul::Tensor(t)) => Ok(t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?),
+            Mat::Candle(QMatMul::TensorF16(t)) => Ok(t
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1()?),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub n_embd: usize,
@@ -155,11 +180,26 @@ pub struct KvCache {
     v: Vec<Vec<f32>>,
     /// Values per position in each layer.
     kv_dim: usize,
+    /// A device model's cache (`gpu.rs`): the keys and values live on the device.
+    pub(crate) dev: Option<crate::gpu::DevKv>,
 }
 
 impl KvCache {
+    /// An empty cache on a device.
+    pub(crate) fn on_device(kv_dim: usize, dev: crate::gpu::DevKv) -> KvCache {
+        KvCache {
+            k: Vec::new(),
+            v: Vec::new(),
+            kv_dim,
+            dev: Some(dev),
+        }
+    }
+
     /// Positions held.
     pub fn len(&self) -> usize {
+        if let Some(d) = &self.dev {
+            return d.len;
+        }
         match self.k.first() {
             Some(k) if self.kv_dim > 0 => k.len() / self.kv_dim,
             _ => 0,
@@ -173,17 +213,26 @@ impl KvCache {
             k: vec![vec![0.5; positions * kv_dim]; layers],
             v: vec![vec![0.5; positions * kv_dim]; layers],
             kv_dim,
+            dev: None,
         }
     }
 
     /// Bytes of keys and values allocated (each layer's two vectors).
     pub fn bytes(&self) -> usize {
+        if let Some(d) = &self.dev {
+            return d.bytes;
+        }
         self.k.iter().chain(&self.v).map(|l| l.capacity() * 4).sum()
     }
 
     /// Room for `positions` positions allocated now, exactly (a vector left to grow would
     /// double, holding up to twice what the budget counts).
     pub fn reserve(&mut self, positions: usize) {
+        if let Some(d) = &mut self.dev {
+            // allocated by the next pass, exactly (a device buffer cannot grow in place)
+            d.want = d.want.max(positions);
+            return;
+        }
         let want = positions * self.kv_dim;
         for l in self.k.iter_mut().chain(self.v.iter_mut()) {
             if l.capacity() < want {
@@ -818,6 +867,67 @@ impl Llama {
         })
     }
 
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    pub(crate) fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    /// Layer `l`'s weights in f32 (dequantized; fused matrices split), for a device.
+    pub(crate) fn export_layer(&self, l: usize) -> anyhow::Result<crate::gpu::HostLayer> {
+        let c = &self.cfg;
+        let kv_dim = c.n_head_kv * c.head_dim;
+        let layer = self
+            .layers
+            .get(l)
+            .ok_or_else(|| anyhow::anyhow!("no layer {l}"))?;
+        let (q, k, v) = match &layer.qkv {
+            Qkv::Split(q, k, v) => (q.to_f32()?, k.to_f32()?, v.to_f32()?),
+            Qkv::Fused(w) => {
+                let mut all = w.to_f32()?;
+                let v = all.split_off((c.q_dim + kv_dim) * c.n_embd);
+                let k = all.split_off(c.q_dim * c.n_embd);
+                (all, k, v)
+            }
+        };
+        let (gate, up) = match &layer.gate_up {
+            GateUp::Split(g, u) => (g.to_f32()?, u.to_f32()?),
+            GateUp::Fused(w) => {
+                let mut all = w.to_f32()?;
+                let up = all.split_off(all.len() / 2);
+                (all, up)
+            }
+        };
+        Ok(crate::gpu::HostLayer {
+            attn_norm: layer.attn_norm.clone(),
+            q,
+            k,
+            v,
+            qkv_bias: layer.qkv_bias.clone(),
+            q_norm: layer.q_norm.clone(),
+            k_norm: layer.k_norm.clone(),
+            wo: layer.wo.to_f32()?,
+            wo_bias: layer.wo_bias.clone(),
+            post_attn_norm: layer.post_attn_norm.clone(),
+            ffn_norm: layer.ffn_norm.clone(),
+            gate,
+            up,
+            down: layer.w_down.to_f32()?,
+            post_ffn_norm: layer.post_ffn_norm.clone(),
+        })
+    }
+
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    /// The final norm, the output matrix (f32) and its bias, for a device.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn export_output(&self) -> anyhow::Result<(Vec<f32>, Vec<f32>, Option<Vec<f32>>)> {
+        Ok((
+            self.norm.clone(),
+            self.output.to_f32()?,
+            self.output_bias.clone(),
+        ))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.vocab
     }
@@ -890,6 +1000,7 @@ impl Llama {
             k: vec![Vec::new(); self.cfg.n_layer],
             v: vec![Vec::new(); self.cfg.n_layer],
             kv_dim: self.cfg.n_head_kv * self.cfg.head_dim,
+            dev: None,
         }
     }
 
@@ -916,6 +1027,84 @@ impl Llama {
         out.pop()
             .flatten()
             .ok_or_else(|| anyhow::anyhow!("no logits"))
+    }
+
+    /// The embedding rows of `tokens` (scaled by sqrt(n_embd) for Gemma), `[token][n_embd]`.
+    pub(crate) fn embed(&self, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+        let c = &self.cfg;
+        let vocab = self.vocab_size();
+        let mut x = vec![0f32; tokens.len() * c.n_embd];
+        for (i, &t) in tokens.iter().enumerate() {
+            let t = t as usize;
+            if t >= vocab {
+                anyhow::bail!("token id {t} outside the vocabulary");
+            }
+            let dst = &mut x[i * c.n_embd..(i + 1) * c.n_embd];
+            match &self.embd {
+                Embedding::Quant(m) => dst.copy_from_slice(&m.row_f32(t)),
+                Embedding::F32(e) => dst.copy_from_slice(&e[t * c.n_embd..(t + 1) * c.n_embd]),
+                Embedding::Rows {
+                    dtype,
+                    data,
+                    row_bytes,
+                } => {
+                    let row = &data[t * row_bytes..(t + 1) * row_bytes];
+                    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        *dtype,
+                        row,
+                        vec![1, c.n_embd],
+                        &Device::Cpu,
+                    )?;
+                    dst.copy_from_slice(&q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?);
+                }
+            }
+        }
+        if c.gemma {
+            let s = (c.n_embd as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        Ok(x)
+    }
+
+    /// Per position, the rotary `(cos, sin)` of each of the `n_rot / 2` frequencies: for the
+    /// full-attention layers, and for the sliding ones where they rotate with a base of their
+    /// own.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn rope_tables(
+        &self,
+        positions: &[usize],
+    ) -> (Vec<(f32, f32)>, Option<Vec<(f32, f32)>>) {
+        let c = &self.cfg;
+        // Rotary angles for each row's position: theta_k = pos * base^(-2k/n_rot), by repeated
+        // f32 multiplication as ggml computes them (Gemma's sliding layers have a base of their
+        // own).
+        let angles = |base: f32, freq_scale: f32| {
+            let theta_scale = base.powf(-2.0 / c.n_rot as f32);
+            let mut cos_sin = vec![(0f32, 0f32); positions.len() * c.n_rot / 2];
+            for (i, &p) in positions.iter().enumerate() {
+                let mut theta = p as f32;
+                for k in 0..c.n_rot / 2 {
+                    // ggml: theta = freq_scale * (p * theta_scale^k / freq_factor_k); unscaled,
+                    // bit for bit the old angle.
+                    let t = match &c.freq_factors {
+                        Some(f) => theta / f[k],
+                        None => theta,
+                    };
+                    let t = if freq_scale == 1.0 { t } else { freq_scale * t };
+                    cos_sin[i * c.n_rot / 2 + k] = if c.rope_mscale == 1.0 {
+                        (t.cos(), t.sin())
+                    } else {
+                        (t.cos() * c.rope_mscale, t.sin() * c.rope_mscale)
+                    };
+                    theta *= theta_scale;
+                }
+            }
+            cos_sin
+        };
+        (
+            angles(c.freq_base, c.freq_scale),
+            c.sliding.as_ref().map(|w| angles(w.base, w.scale)),
+        )
     }
 
     /// Several sequences in one pass: their rows go through every weight product together
@@ -957,65 +1146,9 @@ impl Llama {
             spans.push(from..positions.len());
         }
         let total = positions.len();
-        let vocab = self.vocab_size();
-        let mut x = vec![0f32; total * c.n_embd];
-        for (i, &t) in items.iter().flat_map(|it| it.tokens).enumerate() {
-            let t = t as usize;
-            if t >= vocab {
-                anyhow::bail!("token id {t} outside the vocabulary");
-            }
-            let dst = &mut x[i * c.n_embd..(i + 1) * c.n_embd];
-            match &self.embd {
-                Embedding::Quant(m) => dst.copy_from_slice(&m.row_f32(t)),
-                Embedding::F32(e) => dst.copy_from_slice(&e[t * c.n_embd..(t + 1) * c.n_embd]),
-                Embedding::Rows {
-                    dtype,
-                    data,
-                    row_bytes,
-                } => {
-                    let row = &data[t * row_bytes..(t + 1) * row_bytes];
-                    let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                        *dtype,
-                        row,
-                        vec![1, c.n_embd],
-                        &Device::Cpu,
-                    )?;
-                    dst.copy_from_slice(&q.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?);
-                }
-            }
-        }
-        if c.gemma {
-            let s = (c.n_embd as f32).sqrt();
-            x.iter_mut().for_each(|v| *v *= s);
-        }
-        // Rotary angles for each row's position: theta_k = pos * base^(-2k/n_rot), by repeated
-        // f32 multiplication as ggml computes them (Gemma's sliding layers have a base of their
-        // own).
-        let angles = |base: f32, freq_scale: f32| {
-            let theta_scale = base.powf(-2.0 / c.n_rot as f32);
-            let mut cos_sin = vec![(0f32, 0f32); total * c.n_rot / 2];
-            for (i, &p) in positions.iter().enumerate() {
-                let mut theta = p as f32;
-                for k in 0..c.n_rot / 2 {
-                    // ggml: theta = freq_scale * (p * theta_scale^k / freq_factor_k); unscaled,
-                    // bit for bit the old angle.
-                    let t = match &c.freq_factors {
-                        Some(f) => theta / f[k],
-                        None => theta,
-                    };
-                    let t = if freq_scale == 1.0 { t } else { freq_scale * t };
-                    cos_sin[i * c.n_rot / 2 + k] = if c.rope_mscale == 1.0 {
-                        (t.cos(), t.sin())
-                    } else {
-                        (t.cos() * c.rope_mscale, t.sin() * c.rope_mscale)
-                    };
-                    theta *= theta_scale;
-                }
-            }
-            cos_sin
-        };
-        let global_cs = angles(c.freq_base, c.freq_scale);
-        let local_cs = c.sliding.as_ref().map(|w| angles(w.base, w.scale));
+        let tokens: Vec<u32> = items.iter().flat_map(|it| it.tokens).copied().collect();
+        let mut x = self.embed(&tokens)?;
+        let (global_cs, local_cs) = self.rope_tables(&positions);
         let group = c.n_head / c.n_head_kv;
         let scale = if c.scale_queries { 1.0 } else { c.attn_scale };
         // The rows that go on past the last layer's attention: the last of each item that
@@ -1722,6 +1855,18 @@ pub(crate) mod tests {
     /// corral's mean KL divergence from an exact (f64, dequantized weights) forward pass, and
     /// llama.cpp's, over the same 128 next-token distributions (scripts/kl-reference.py).
     fn kl_against_exact(model: &std::path::Path) -> (f64, f64) {
+        kl_against_exact_with(model, &|m, cache, tokens, pos| {
+            let cache = cache.get_or_insert_with(|| m.new_cache());
+            m.forward(cache, tokens, pos).unwrap()
+        })
+    }
+
+    /// One step of a forward pass for [`kl_against_exact_with`]: the logits of the last of
+    /// `tokens` placed at `pos`, the sequence's cache made on its first step.
+    pub(crate) type Step<'a> = dyn Fn(&Llama, &mut Option<KvCache>, &[u32], usize) -> Vec<f32> + 'a;
+
+    /// [`kl_against_exact`] of any pass over the model's weights.
+    pub(crate) fn kl_against_exact_with(model: &std::path::Path, step: &Step<'_>) -> (f64, f64) {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let dir = root.join("target/kl");
         std::fs::create_dir_all(&dir).unwrap();
@@ -1763,9 +1908,9 @@ pub(crate) mod tests {
         for c in meta["cases"].as_array().unwrap() {
             let prompt = ids(&c["prompt_ids"]);
             let gen = ids(&c["greedy_ids"]);
-            let mut cache = m.new_cache();
-            let mut logits = m.forward(&mut cache, &prompt, 0).unwrap();
-            for (step, tok) in gen.iter().enumerate() {
+            let mut cache = None;
+            let mut logits = step(&m, &mut cache, &prompt, 0);
+            for (i, tok) in gen.iter().enumerate() {
                 let row = &exact[kls.len() * n_vocab..][..n_vocab];
                 let max = logits.iter().fold(f64::MIN, |a, b| a.max(f64::from(*b)));
                 let lse = max
@@ -1783,7 +1928,7 @@ pub(crate) mod tests {
                     })
                     .sum();
                 kls.push(kl);
-                logits = m.forward(&mut cache, &[*tok], prompt.len() + step).unwrap();
+                logits = step(&m, &mut cache, &[*tok], prompt.len() + i);
             }
         }
         let mean = kls.iter().sum::<f64>() / kls.len() as f64;

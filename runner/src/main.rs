@@ -13,6 +13,7 @@ mod constrain;
 mod engine;
 mod files;
 mod ggml_math;
+mod gpu;
 mod harden;
 mod hf;
 mod kernels;
@@ -278,6 +279,19 @@ fn run() -> anyhow::Result<()> {
         model::Model::load_gguf(&args.model, &bytes, &device)?
     };
     phase("weights and tokenizer");
+    // A GPU when the sandbox handed one over (or CORRAL_DEVICE says); the weights go there now.
+    let choice = gpu::Choice::from_env(
+        std::env::var("CORRAL_DEVICE").ok().as_deref(),
+        std::env::var("CORRAL_GPUS").ok().as_deref(),
+    )?;
+    let mut model = model;
+    model.place(
+        choice,
+        gpu::memory_cap(std::env::var("CORRAL_GPU_MEMORY_MB").ok().as_deref())?,
+    )?;
+    if choice != gpu::Choice::Cpu {
+        phase("weights on the device");
+    }
     let name = |id: Option<u32>| {
         id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
             .unwrap_or_default()
@@ -298,6 +312,7 @@ fn run() -> anyhow::Result<()> {
         has_chat_template: template.from_model,
         threads: threads as u32,
         kernels: kernels::kernel_isa().name().to_string(),
+        device: model.device_name(),
         load_ms: started.elapsed().as_secs_f64() * 1e3,
         slots: 1,
         kv_bytes_per_token: 0,
@@ -332,7 +347,15 @@ fn run() -> anyhow::Result<()> {
         kv_budget_mb: (engine.kv_budget >> 20) as u64,
         ..ready
     };
-    if args.tighten {
+    if args.tighten && choice != gpu::Choice::Cpu {
+        // The CUDA driver runs threads of its own (Landlock would confine only this one, and
+        // `forbid_file_access` refuses to leave others out) and opens device files as it goes:
+        // a GPU runner keeps the sandbox's layers as launched, without this extra one.
+        eprintln!(
+            "corral-runner: on a GPU: file access is not tightened after load (the sandbox's \
+             layers stay as launched)"
+        );
+    } else if args.tighten {
         // Everything is in memory now: no further file system access at all.
         harden::forbid_file_access().context("tightening the sandbox after load")?;
     }

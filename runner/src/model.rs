@@ -16,6 +16,8 @@ const MAX_CONTEXT: usize = 4096;
 
 pub struct Model {
     weights: crate::llama::Llama,
+    /// The weights on a device and the pass there (`gpu.rs`), when the runner computes on one.
+    pub(crate) device: Option<Box<dyn crate::gpu::DeviceForward>>,
     pub architecture: String,
     pub context_length: usize,
     pub quantization: String,
@@ -26,6 +28,7 @@ impl std::fmt::Debug for Model {
         f.debug_struct("Model")
             .field("architecture", &self.architecture)
             .field("context_length", &self.context_length)
+            .field("device", &self.device_name())
             .finish()
     }
 }
@@ -136,6 +139,7 @@ impl Model {
         Ok((
             Model {
                 weights: weights?,
+                device: None,
                 architecture,
                 context_length,
                 quantization,
@@ -145,12 +149,40 @@ impl Model {
         ))
     }
 
-    /// Several sequences in one pass ([`crate::llama::Llama::forward_batch`]).
+    /// Moves the computation to the device chosen (nothing for the CPU): the weights are
+    /// uploaded, the CPU model keeps the embedding table and the tokenizer's side.
+    pub fn place(
+        &mut self,
+        choice: crate::gpu::Choice,
+        cap_mb: Option<usize>,
+    ) -> anyhow::Result<()> {
+        self.device = crate::gpu::open(choice, &self.weights, cap_mb)?;
+        Ok(())
+    }
+
+    /// The CPU model (tests build device models from it).
+    #[cfg(test)]
+    pub(crate) fn weights_for_tests(&self) -> &crate::llama::Llama {
+        &self.weights
+    }
+
+    /// The device computing, for logs ("cpu" when none).
+    pub fn device_name(&self) -> String {
+        match &self.device {
+            Some(d) => d.describe(),
+            None => "cpu".into(),
+        }
+    }
+
+    /// Several sequences in one pass ([`crate::llama::Llama::forward_batch`], or the device's).
     pub fn forward_batch(
         &self,
         items: &mut [crate::llama::Item<'_>],
     ) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
-        self.weights.forward_batch(items)
+        match &self.device {
+            Some(d) => d.forward_batch(&self.weights, items),
+            None => self.weights.forward_batch(items),
+        }
     }
 
     /// Bytes the grouped copies of the weights take once batched products have run.
@@ -160,7 +192,10 @@ impl Model {
 
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> crate::llama::KvCache {
-        self.weights.new_cache()
+        match &self.device {
+            Some(d) => d.new_cache(&self.weights),
+            None => self.weights.new_cache(),
+        }
     }
 
     /// Bytes a sequence's cache takes per position.
@@ -191,6 +226,7 @@ impl Model {
         let weights = crate::llama::Llama::from_tensors(&ct, tensors, device, context_length)?;
         Ok(Model {
             weights,
+            device: None,
             architecture: arch.to_string(),
             context_length,
             quantization,

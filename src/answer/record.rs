@@ -38,6 +38,7 @@ pub fn slm_json(run: &SlmRun, method: Method) -> Value {
             "quantization": ready.map(|r| r.quantization.as_str()),
             "threads": ready.map(|r| r.threads),
             "kernels": ready.map(|r| r.kernels.as_str()),
+            "device": ready.map(|r| r.device.as_str()),
         },
     });
     if let Some(calls) = done.map(|d| &d.tool_calls).filter(|c| !c.is_empty()) {

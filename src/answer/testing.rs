@@ -167,6 +167,7 @@ impl LocalModel for ScriptedModel {
                     has_chat_template: true,
                     threads: 1,
                     kernels: String::new(),
+                    device: String::new(),
                     load_ms: 0.0,
                     slots: 1,
                     kv_bytes_per_token: 0,

@@ -668,7 +668,7 @@ impl Worker {
         self.loaded.fetch_add(1, Ordering::AcqRel);
         self.metrics
             .gauge_add("corral_runners", &[("pool", &self.pool)], 1.0);
-        tracing::info!(pool = %self.pool, pid = r.pid(), load_ms = r.ready.load_ms, kernels = %r.ready.kernels, "runner ready");
+        tracing::info!(pool = %self.pool, pid = r.pid(), load_ms = r.ready.load_ms, kernels = %r.ready.kernels, device = %r.ready.device, "runner ready");
         Ok(r)
     }
 

@@ -280,6 +280,7 @@ impl Runner {
                 has_chat_template: false,
                 threads: 0,
                 kernels: String::new(),
+                device: String::new(),
                 load_ms: 0.0,
                 slots: 1,
                 kv_bytes_per_token: 0,

@@ -273,6 +273,10 @@ pub struct Ready {
     /// empty from runners before it).
     #[serde(default)]
     pub kernels: String,
+    /// Where the forward pass runs: `cpu`, or the GPU and its memory (empty from runners
+    /// before it).
+    #[serde(default)]
+    pub device: String,
     pub load_ms: f64,
     /// Requests the runner decodes together at most (`--slots`; 1 for runners before it).
     #[serde(default = "one_slot")]
