@@ -5,7 +5,8 @@
 //
 // Compiled to PTX by NVRTC when the runner is built with the `cuda` feature (build.rs); the
 // driver compiles the PTX for the GPU at load. No headers beyond NVRTC's own: f16 rounding is
-// the PTX conversion instruction.
+// the PTX conversion instruction. With CORRAL_EMULATE the same source compiles as C++ for
+// `emulate.cpp`, which runs it on CPU threads in tests.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -15,11 +16,15 @@ typedef unsigned long long u64;
 // x rounded to the nearest f16 (ties to even) and back, as the F16C instruction the CPU
 // path uses.
 __device__ __forceinline__ float round_f16(float x) {
+#ifdef CORRAL_EMULATE
+    return (float)(_Float16)x;
+#else
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     float y;
     asm("cvt.f32.f16 %0, %1;" : "=f"(y) : "h"(h));
     return y;
+#endif
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -210,7 +215,11 @@ extern "C" __global__ void softcap(float* x, u32 n, float cap) {
 extern "C" __global__ void attention(float* out, const float* q, const float* kc, const float* vc,
                                      u32 q_row, u32 pos, u32 n_head, u32 group, u32 head_dim,
                                      u32 kv_dim, float scale, float softcap, u32 window) {
+#ifdef CORRAL_EMULATE
+    float* smem = emulated_dynamic_shared();
+#else
     extern __shared__ float smem[];
+#endif
     __shared__ double part[32];
     __shared__ float partf[32];
     u32 i = blockIdx.x, hh = blockIdx.y;

@@ -29,7 +29,10 @@ use crate::llama::{Item, KvCache, Llama};
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(test)]
+mod emulate;
+#[cfg(test)]
 pub mod host;
+pub mod kernels;
 
 /// One layer's weights in f32; matrices row-major `[out][in]`, fused ones split.
 pub(crate) struct HostLayer {
@@ -655,7 +658,7 @@ pub fn open(
         Choice::Cpu => Ok(None),
         #[cfg(feature = "cuda")]
         Choice::Cuda => {
-            let b = cuda::Cuda::new(0)?;
+            let b = kernels::Kernels(cuda::Cuda::new(0)?);
             Ok(Some(Box::new(DeviceModel::new(b, host, cap_mb)?)))
         }
         #[cfg(not(feature = "cuda"))]

@@ -1,0 +1,317 @@
+//! The [`Backend`] operations as launches of `kernels.cu`, written once over a [`Device`] that
+//! moves memory and launches a kernel by name: CUDA (`cuda.rs`) in the runner, a CPU emulation
+//! of CUDA's execution model (`emulate.rs`) in tests. The launch shapes and argument lists the
+//! tests run are the ones the GPU runs.
+
+use super::{AttnShape, Backend};
+
+/// A kernel argument, in the kernel's parameter order.
+pub enum Arg<'a, B> {
+    Buf(&'a B),
+    Out(&'a mut B),
+    U32(u32),
+    F32(f32),
+}
+
+/// A grid of blocks of `block` threads (one dimension each), with `smem` bytes of dynamic
+/// shared memory per block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: (u32, u32),
+    pub block: u32,
+    pub smem: u32,
+}
+
+/// Memory and launches on a device.
+pub trait Device: Send + Sync + 'static {
+    type Buf: Send + Sync + 'static;
+    fn describe(&self) -> String;
+    fn free_bytes(&self) -> Option<usize>;
+    fn upload(&self, data: &[f32]) -> anyhow::Result<Self::Buf>;
+    fn zeros(&self, n: usize) -> anyhow::Result<Self::Buf>;
+    fn download(&self, b: &Self::Buf, from: usize, n: usize) -> anyhow::Result<Vec<f32>>;
+    fn copy(
+        &self,
+        src: &Self::Buf,
+        from: usize,
+        dst: &mut Self::Buf,
+        to: usize,
+        n: usize,
+    ) -> anyhow::Result<()>;
+    fn launch(
+        &self,
+        kernel: &'static str,
+        at: Launch,
+        args: &mut [Arg<'_, Self::Buf>],
+    ) -> anyhow::Result<()>;
+}
+
+/// Every kernel of `kernels.cu`.
+pub const NAMES: &[&str] = &[
+    "matvec",
+    "matmul",
+    "rms_norm",
+    "add_rows",
+    "add",
+    "scale",
+    "round_f16_all",
+    "rope",
+    "gated",
+    "softcap",
+    "attention",
+];
+
+/// Threads per block of the element-wise kernels.
+const BLOCK: u32 = 256;
+/// Rows up to which a product reads each weight once for all rows (`matvec`).
+pub const MATVEC_ROWS: usize = 8;
+
+fn u(n: usize) -> anyhow::Result<u32> {
+    u32::try_from(n).map_err(|_| anyhow::anyhow!("{n} is too large for a kernel argument"))
+}
+
+fn elems(n: usize) -> anyhow::Result<Launch> {
+    Ok(Launch {
+        grid: (u(n)?.div_ceil(BLOCK).max(1), 1),
+        block: BLOCK,
+        smem: 0,
+    })
+}
+
+/// The operations on a [`Device`].
+#[derive(Debug)]
+pub struct Kernels<D>(pub D);
+
+impl<D: Device> Kernels<D> {
+    fn each(
+        &self,
+        kernel: &'static str,
+        n: usize,
+        args: &mut [Arg<'_, D::Buf>],
+    ) -> anyhow::Result<()> {
+        self.0.launch(kernel, elems(n)?, args)
+    }
+}
+
+impl<D: Device> Backend for Kernels<D> {
+    type Buf = D::Buf;
+
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+
+    fn free_bytes(&self) -> Option<usize> {
+        self.0.free_bytes()
+    }
+
+    fn upload(&self, data: &[f32]) -> anyhow::Result<D::Buf> {
+        self.0.upload(data)
+    }
+
+    fn zeros(&self, n: usize) -> anyhow::Result<D::Buf> {
+        self.0.zeros(n)
+    }
+
+    fn download(&self, b: &D::Buf, from: usize, n: usize) -> anyhow::Result<Vec<f32>> {
+        self.0.download(b, from, n)
+    }
+
+    fn copy(
+        &self,
+        src: &D::Buf,
+        from: usize,
+        dst: &mut D::Buf,
+        to: usize,
+        n: usize,
+    ) -> anyhow::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.0.copy(src, from, dst, to, n)
+    }
+
+    fn matmul(
+        &self,
+        x: &D::Buf,
+        w: &D::Buf,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> anyhow::Result<D::Buf> {
+        let mut out = self.0.zeros(rows * n)?;
+        let (kernel, at) = if rows <= MATVEC_ROWS {
+            // One warp per weight row, eight warps a block.
+            (
+                "matvec",
+                Launch {
+                    grid: (u(n)?.div_ceil(8), 1),
+                    block: 256,
+                    smem: 0,
+                },
+            )
+        } else {
+            // 64 x 64 output tiles.
+            (
+                "matmul",
+                Launch {
+                    grid: (u(n)?.div_ceil(64), u(rows)?.div_ceil(64)),
+                    block: 256,
+                    smem: 0,
+                },
+            )
+        };
+        self.0.launch(
+            kernel,
+            at,
+            &mut [
+                Arg::Out(&mut out),
+                Arg::Buf(x),
+                Arg::Buf(w),
+                Arg::U32(u(rows)?),
+                Arg::U32(u(k)?),
+                Arg::U32(u(n)?),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &D::Buf,
+        w: &D::Buf,
+        rows: usize,
+        n: usize,
+        eps: f32,
+    ) -> anyhow::Result<D::Buf> {
+        let mut out = self.0.zeros(rows * n)?;
+        self.0.launch(
+            "rms_norm",
+            Launch {
+                grid: (u(rows)?.max(1), 1),
+                block: 256,
+                smem: 0,
+            },
+            &mut [
+                Arg::Out(&mut out),
+                Arg::Buf(x),
+                Arg::Buf(w),
+                Arg::U32(u(n)?),
+                Arg::F32(eps),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn add_rows(&self, x: &mut D::Buf, b: &D::Buf, rows: usize, n: usize) -> anyhow::Result<()> {
+        self.each(
+            "add_rows",
+            rows * n,
+            &mut [
+                Arg::Out(x),
+                Arg::Buf(b),
+                Arg::U32(u(rows * n)?),
+                Arg::U32(u(n)?),
+            ],
+        )
+    }
+
+    fn add(&self, x: &mut D::Buf, y: &D::Buf, n: usize) -> anyhow::Result<()> {
+        self.each("add", n, &mut [Arg::Out(x), Arg::Buf(y), Arg::U32(u(n)?)])
+    }
+
+    fn scale(&self, x: &mut D::Buf, n: usize, s: f32) -> anyhow::Result<()> {
+        self.each("scale", n, &mut [Arg::Out(x), Arg::U32(u(n)?), Arg::F32(s)])
+    }
+
+    fn round_f16(&self, x: &mut D::Buf, n: usize) -> anyhow::Result<()> {
+        self.each("round_f16_all", n, &mut [Arg::Out(x), Arg::U32(u(n)?)])
+    }
+
+    fn rope(
+        &self,
+        x: &mut D::Buf,
+        cos_sin: &D::Buf,
+        rows: usize,
+        n_head: usize,
+        head_dim: usize,
+        n_rot: usize,
+        neox: bool,
+    ) -> anyhow::Result<()> {
+        self.each(
+            "rope",
+            rows * n_head * (n_rot / 2),
+            &mut [
+                Arg::Out(x),
+                Arg::Buf(cos_sin),
+                Arg::U32(u(rows)?),
+                Arg::U32(u(n_head)?),
+                Arg::U32(u(head_dim)?),
+                Arg::U32(u(n_rot)?),
+                Arg::U32(u32::from(neox)),
+            ],
+        )
+    }
+
+    fn gated(&self, g: &mut D::Buf, up: &D::Buf, n: usize, gelu: bool) -> anyhow::Result<()> {
+        self.each(
+            "gated",
+            n,
+            &mut [
+                Arg::Out(g),
+                Arg::Buf(up),
+                Arg::U32(u(n)?),
+                Arg::U32(u32::from(gelu)),
+            ],
+        )
+    }
+
+    fn softcap(&self, x: &mut D::Buf, n: usize, cap: f32) -> anyhow::Result<()> {
+        self.each(
+            "softcap",
+            n,
+            &mut [Arg::Out(x), Arg::U32(u(n)?), Arg::F32(cap)],
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &D::Buf,
+        kc: &D::Buf,
+        vc: &D::Buf,
+        a: &AttnShape,
+        out: &mut D::Buf,
+    ) -> anyhow::Result<()> {
+        // Dynamic shared memory: the query (head_dim) and the scores of the longest row's
+        // window (pos + rows keys).
+        let smem = (a.head_dim + a.pos + a.rows) * 4;
+        if smem > 48 << 10 {
+            anyhow::bail!(
+                "{} positions are more than the GPU attention kernel holds (48 KiB of scores)",
+                a.pos + a.rows
+            );
+        }
+        self.0.launch(
+            "attention",
+            Launch {
+                grid: (u(a.rows)?, u(a.n_head)?),
+                block: 128,
+                smem: u(smem)?,
+            },
+            &mut [
+                Arg::Out(out),
+                Arg::Buf(q),
+                Arg::Buf(kc),
+                Arg::Buf(vc),
+                Arg::U32(u(a.q_row)?),
+                Arg::U32(u(a.pos)?),
+                Arg::U32(u(a.n_head)?),
+                Arg::U32(u(a.group)?),
+                Arg::U32(u(a.head_dim)?),
+                Arg::U32(u(a.kv_dim)?),
+                Arg::F32(a.scale),
+                Arg::F32(a.softcap),
+                Arg::U32(u(a.window)?),
+            ],
+        )
+    }
+}
