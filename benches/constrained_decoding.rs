@@ -56,6 +56,7 @@ fn main() {
         sha256: None,
         binary: corral::slm::runner::runner_binary(),
         slots: 1,
+        gpu: None,
     };
     let profile = corral::profile::ProfileRegistry::builtin()
         .resolve("secure")

@@ -222,6 +222,7 @@ fn answer_all(
         sha256: model.sha256.clone(),
         binary: runner_binary(),
         slots: samples.max(1),
+        gpu: model.resource_requirements.gpu_requirements.clone(),
     };
     let mut runner =
         Runner::start(&spec, &profile, &config.sandbox, &HostSupport::probe()).expect("runner");

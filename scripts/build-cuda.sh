@@ -6,6 +6,8 @@
 #
 #   scripts/build-cuda.sh           # -> target/cuda/release/corral-runner
 #   scripts/build-cuda.sh --strip   # also a stripped copy, target/cuda/corral-runner
+#   scripts/build-cuda.sh --clippy  # no binary: compiles the kernels and lints the GPU code
+#                                   # (what scripts/test.sh runs)
 #
 # The CPU-only build (plain `cargo build`) stays the default. A separate target directory keeps
 # the two runners apart.
@@ -20,6 +22,11 @@ nvrtc="$PWD/$tools/nvidia/cuda_nvrtc/lib"
 # cudarc looks for libnvrtc.so (unversioned) among its names too; the wheel has only .so.12.
 [ -e "$nvrtc/libnvrtc.so" ] || ln -s libnvrtc.so.12 "$nvrtc/libnvrtc.so"
 export LD_LIBRARY_PATH="$nvrtc${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if [ "${1:-}" = "--clippy" ]; then
+    cargo clippy --release -p corral-runner --features cuda --target-dir target/cuda \
+        --all-targets -- -D warnings
+    exit 0
+fi
 cargo build --release -p corral-runner --features cuda --target-dir target/cuda
 if [ "${1:-}" = "--strip" ]; then
     strip -o target/cuda/corral-runner target/cuda/release/corral-runner

@@ -25,6 +25,10 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 if cargo fmt --version >/dev/null 2>&1; then
     cargo fmt --all -- --check
 fi
+# The GPU runner (the `cuda` feature) keeps compiling: NVRTC (from PyPI) compiles its kernels and
+# clippy lints its code. Its kernels run in the tests below under an emulation of CUDA; on a GPU,
+# scripts/gpu-check.sh.
+scripts/build-cuda.sh --clippy
 scripts/fetch-model.sh
 scripts/fetch-model.sh gemma3-270m   # the second model (tests/gemma3.rs)
 # tests/serve.rs drives `corral serve` with the official OpenAI Python client, and checks

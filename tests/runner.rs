@@ -29,6 +29,7 @@ fn start_with(slots: usize, edit: impl FnOnce(&mut corral::profile::Profile)) ->
         sha256: Some(SHA.into()),
         binary: corral::slm::runner::runner_binary(),
         slots,
+        gpu: None,
     };
     Runner::start(
         &spec,
@@ -1026,4 +1027,40 @@ fn requests_decoded_together_answer_as_they_do_alone() {
         }
     }
     r.shutdown();
+}
+
+/// A catalog entry with GPU requirements is refused, before anything is launched, under a
+/// profile that hands over no GPU; the message names both sides.
+#[test]
+fn a_model_that_needs_a_gpu_is_refused_under_a_profile_without_one() {
+    let profile = corral::profile::ProfileRegistry::builtin()
+        .resolve("secure")
+        .unwrap();
+    let spec = corral::slm::runner::RunnerSpec {
+        model_path: model_file(),
+        sha256: Some(SHA.into()),
+        binary: corral::slm::runner::runner_binary(),
+        slots: 1,
+        gpu: Some(corral::catalog::GpuRequirements {
+            min_vram_mb: 2048,
+            compute_capability: Some("8.0".into()),
+        }),
+    };
+    let started = Instant::now();
+    let err = Runner::start(
+        &spec,
+        &profile,
+        &corral::sandbox::SandboxConfig::default(),
+        &corral::sandbox::HostSupport::probe(),
+    )
+    .expect_err("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("needs a GPU") && msg.contains("'secure'") && msg.contains("gpu_access"),
+        "{msg}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused before launching"
+    );
 }

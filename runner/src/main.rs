@@ -44,6 +44,8 @@ struct Args {
     kv_budget_mb: Option<usize>,
     memory_limit_mb: Option<usize>,
     tighten: bool,
+    /// The catalog entry's GPU requirements (`resource_requirements.gpu_requirements`).
+    gpu: gpu::Requirements,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -55,6 +57,7 @@ fn parse_args() -> anyhow::Result<Args> {
         kv_budget_mb: None,
         memory_limit_mb: None,
         tighten: true,
+        gpu: gpu::Requirements::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -85,6 +88,19 @@ fn parse_args() -> anyhow::Result<Args> {
                 )
             }
             "--no-tighten" => a.tighten = false,
+            "--gpu-min-vram-mb" => {
+                a.gpu.min_vram_mb = Some(
+                    it.next()
+                        .context("--gpu-min-vram-mb needs a number")?
+                        .parse()?,
+                )
+            }
+            "--gpu-compute-capability" => {
+                let v = it
+                    .next()
+                    .context("--gpu-compute-capability needs MAJOR.MINOR")?;
+                a.gpu.compute = Some(gpu::parse_capability(&v)?);
+            }
             other => bail!("unknown argument '{other}'"),
         }
     }
@@ -288,6 +304,7 @@ fn run() -> anyhow::Result<()> {
     model.place(
         choice,
         gpu::memory_cap(std::env::var("CORRAL_GPU_MEMORY_MB").ok().as_deref())?,
+        &args.gpu,
     )?;
     if choice != gpu::Choice::Cpu {
         phase("weights on the device");

@@ -155,8 +155,9 @@ impl Model {
         &mut self,
         choice: crate::gpu::Choice,
         cap_mb: Option<usize>,
+        needs: &crate::gpu::Requirements,
     ) -> anyhow::Result<()> {
-        self.device = crate::gpu::open(choice, &self.weights, cap_mb)?;
+        self.device = crate::gpu::open(choice, &self.weights, cap_mb, needs)?;
         Ok(())
     }
 

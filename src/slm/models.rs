@@ -83,6 +83,7 @@ pub fn runner_spec(
         sha256: m.sha256.clone(),
         binary: super::runner::runner_binary(),
         slots: 1,
+        gpu: m.resource_requirements.gpu_requirements.clone(),
     })
 }
 

@@ -94,6 +94,9 @@ pub struct RunnerSpec {
     pub binary: PathBuf,
     /// Requests the runner decodes together at most (`server.pool.slots`).
     pub slots: usize,
+    /// The catalog entry's GPU requirements: the profile must hand over a GPU, and the runner
+    /// checks the GPU against them.
+    pub gpu: Option<crate::catalog::GpuRequirements>,
 }
 
 /// Reads frames from a pipe with a deadline.
@@ -226,6 +229,19 @@ impl Runner {
         host: &HostSupport,
     ) -> Result<Runner> {
         let started = Instant::now();
+        if let (Some(g), crate::profile::schema::GpuAccess::None) = (&spec.gpu, &profile.gpu_access)
+        {
+            return Err(RunnerError::Load(format!(
+                "the model needs a GPU (gpu_requirements: {} MB{}) and profile '{}' grants none \
+                 (resources.gpu_access is None): use a profile with GPU access, e.g. `gpu`",
+                g.min_vram_mb,
+                g.compute_capability
+                    .as_ref()
+                    .map(|c| format!(", compute capability {c}"))
+                    .unwrap_or_default(),
+                profile.name
+            )));
+        }
         let mut argv: Vec<std::ffi::OsString> = vec![
             spec.binary.clone().into(),
             "--model".into(),
@@ -238,6 +254,14 @@ impl Runner {
         if spec.slots > 1 {
             argv.push("--slots".into());
             argv.push(spec.slots.to_string().into());
+        }
+        if let Some(g) = &spec.gpu {
+            argv.push("--gpu-min-vram-mb".into());
+            argv.push(g.min_vram_mb.to_string().into());
+            if let Some(c) = &g.compute_capability {
+                argv.push("--gpu-compute-capability".into());
+                argv.push(c.into());
+            }
         }
         if profile.max_memory_mb > 0 {
             // The runner sizes its KV budget from what this leaves beside the loaded model.

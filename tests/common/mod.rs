@@ -254,6 +254,7 @@ pub fn start_runner(
         sha256: Some(sha256.into()),
         binary: corral::slm::runner::runner_binary(),
         slots: 1,
+        gpu: None,
     };
     corral::slm::runner::Runner::start(
         &spec,

@@ -23,6 +23,8 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 
 pub struct Cuda {
     ctx: Arc<CudaContext>,
+    capability: (u32, u32),
+    total: usize,
     stream: Arc<CudaStream>,
     functions: HashMap<&'static str, CudaFunction>,
     name: String,
@@ -63,17 +65,34 @@ impl Cuda {
             functions.insert(*name, f);
         }
         let (major, minor) = ctx.compute_capability()?;
+        let total = ctx.total_mem()?;
         let name = format!(
             "cuda:{ordinal} {} (compute {major}.{minor}, {} MB)",
             ctx.name()?,
-            ctx.total_mem()? >> 20
+            total >> 20
         );
         Ok(Cuda {
             ctx,
+            capability: (u32::try_from(major)?, u32::try_from(minor)?),
+            total,
             stream,
             functions,
             name,
         })
+    }
+}
+
+impl Cuda {
+    pub fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    pub fn capability(&self) -> (u32, u32) {
+        self.capability
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.total
     }
 }
 
