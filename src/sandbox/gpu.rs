@@ -213,9 +213,51 @@ pub fn driver_libraries() -> Vec<PathBuf> {
     out
 }
 
+/// The directories of the driver's libraries that the dynamic loader does not search by
+/// default, joined for `LD_LIBRARY_PATH` (empty when the driver lies in a default one).
+pub fn driver_library_path() -> String {
+    library_path_of(&driver_libraries())
+}
+
+fn library_path_of(libs: &[PathBuf]) -> String {
+    let defaults = [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/lib",
+        "/lib64",
+    ];
+    let mut dirs: Vec<&Path> = libs
+        .iter()
+        .filter(|l| l.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libcuda.so")))
+        .filter_map(|l| l.parent())
+        .filter(|d| !defaults.iter().any(|x| Path::new(x) == *d))
+        .collect();
+    dirs.dedup();
+    dirs.iter()
+        .map(|d| d.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The runner finds a driver in a container's /usr/local/nvidia/lib64 through the library
+    /// path; one in the loader's own directories needs none.
+    #[test]
+    fn driver_library_path_names_only_directories_the_loader_does_not_search() {
+        let libs = [
+            PathBuf::from("/usr/local/nvidia/lib64/libcuda.so.1"),
+            PathBuf::from("/usr/local/nvidia/lib64/libcuda.so.580.159.04"),
+            PathBuf::from("/usr/local/nvidia/lib64/libnvidia-ml.so.1"),
+            PathBuf::from("/usr/lib/x86_64-linux-gnu/libcuda.so.1"),
+        ];
+        assert_eq!(library_path_of(&libs), "/usr/local/nvidia/lib64");
+        assert_eq!(library_path_of(&libs[3..]), "");
+    }
 
     fn mknod(dir: &Path, name: &str, major: u32, minor: u32) -> PathBuf {
         let p = dir.join(name);

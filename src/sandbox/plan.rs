@@ -809,6 +809,12 @@ fn environment(
     if let Some(g) = gpu {
         let list: Vec<String> = g.indices.iter().map(u32::to_string).collect();
         env.push(("CORRAL_GPUS".into(), list.join(",").into()));
+        // A driver outside the loader's default directories (/usr/local/nvidia/lib64 in
+        // containers, WSL's) is found through the library path, as on the host.
+        let extra = gpu::driver_library_path();
+        if !extra.is_empty() {
+            env.push(("LD_LIBRARY_PATH".into(), extra.into()));
+        }
         if let GpuAccess::Shared { max_memory_mb } = profile.gpu_access {
             env.push((
                 "CORRAL_GPU_MEMORY_MB".into(),
