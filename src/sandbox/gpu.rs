@@ -230,7 +230,10 @@ fn library_path_of(libs: &[PathBuf]) -> String {
     ];
     let mut dirs: Vec<&Path> = libs
         .iter()
-        .filter(|l| l.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libcuda.so")))
+        .filter(|l| {
+            l.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libcuda.so"))
+        })
         .filter_map(|l| l.parent())
         .filter(|d| !defaults.iter().any(|x| Path::new(x) == *d))
         .collect();
