@@ -19,11 +19,12 @@ mod cuda {
             .map_err(|e| format!("src/gpu/kernels.cu: {e}"))?;
         let opts = cudarc::nvrtc::CompileOptions {
             arch: Some("compute_80"),
-            // IEEE division and square root, no flush to zero: the CPU path's arithmetic.
+            // IEEE division and square root, no flush to zero, no multiply-adds but the
+            // kernels' explicit `fmaf`s: the CPU path's arithmetic.
             ftz: Some(false),
             prec_div: Some(true),
             prec_sqrt: Some(true),
-            fmad: Some(true),
+            fmad: Some(false),
             options: vec!["--std=c++17".into()],
             ..Default::default()
         };

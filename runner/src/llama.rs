@@ -40,6 +40,17 @@ enum Mat {
 
 #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
 impl Mat {
+    /// Values per row.
+    fn cols(&self) -> usize {
+        match self {
+            Mat::Own(m) => m.cols,
+            Mat::Candle(QMatMul::QTensor(t)) => t.shape().dims().last().copied().unwrap_or(0),
+            Mat::Candle(QMatMul::Tensor(t)) | Mat::Candle(QMatMul::TensorF16(t)) => {
+                t.dims().last().copied().unwrap_or(0)
+            }
+        }
+    }
+
     /// The matrix in f32, row-major: each quantized value as ggml dequantizes it.
     fn to_f32(&self) -> anyhow::Result<Vec<f32>> {
         match self {
@@ -873,6 +884,12 @@ impl Llama {
     }
 
     #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    /// The feed-forward width (the down projection's input).
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    pub(crate) fn ffn_width(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.w_down.cols())
+    }
+
     /// Layer `l`'s weights in f32 (dequantized; fused matrices split), for a device.
     pub(crate) fn export_layer(&self, l: usize) -> anyhow::Result<crate::gpu::HostLayer> {
         let c = &self.cfg;

@@ -305,6 +305,7 @@ fn run() -> anyhow::Result<()> {
         choice,
         gpu::memory_cap(std::env::var("CORRAL_GPU_MEMORY_MB").ok().as_deref())?,
         &args.gpu,
+        args.slots,
     )?;
     if choice != gpu::Choice::Cpu {
         phase("weights on the device");
@@ -357,6 +358,11 @@ fn run() -> anyhow::Result<()> {
         (None, None) => (2048usize << 20).saturating_sub(grouped),
     }
     .max(16 << 20);
+    if let Some(room) = engine.model.device_kv_room() {
+        // The caches live on the GPU: its memory cap bounds them (the engine then admits and
+        // keeps no more than fits, instead of a pass failing at the cap).
+        engine.kv_budget = engine.kv_budget.min(room);
+    }
     let kv_per_token = engine.model.kv_bytes_per_token();
     let ready = Ready {
         slots: slots as u32,

@@ -156,9 +156,15 @@ impl Model {
         choice: crate::gpu::Choice,
         cap_mb: Option<usize>,
         needs: &crate::gpu::Requirements,
+        slots: usize,
     ) -> anyhow::Result<()> {
-        self.device = crate::gpu::open(choice, &self.weights, cap_mb, needs)?;
+        self.device = crate::gpu::open(choice, &self.weights, cap_mb, needs, slots)?;
         Ok(())
+    }
+
+    /// Bytes of KV cache a device's memory cap leaves (None on the CPU or without a cap).
+    pub fn device_kv_room(&self) -> Option<usize> {
+        self.device.as_ref().and_then(|d| d.kv_room())
     }
 
     /// The CPU model (tests build device models from it).

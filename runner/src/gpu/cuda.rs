@@ -53,6 +53,10 @@ impl Cuda {
                      reachable from the sandbox (a profile with gpu_access)"
             )
         })?;
+        // One stream, in order: the per-buffer events cudarc would record on every launch
+        // to order several streams are of no use here.
+        // SAFETY: every buffer is used on this one stream only.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(PTX))

@@ -89,6 +89,9 @@ impl<D: Device> Kernels<D> {
         n: usize,
         args: &mut [Arg<'_, D::Buf>],
     ) -> anyhow::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
         self.0.launch(kernel, elems(n)?, args)
     }
 }
@@ -139,6 +142,9 @@ impl<D: Device> Backend for Kernels<D> {
         n: usize,
     ) -> anyhow::Result<D::Buf> {
         let mut out = self.0.zeros(rows * n)?;
+        if rows == 0 || n == 0 {
+            return Ok(out);
+        }
         let (kernel, at) = if rows <= MATVEC_ROWS {
             // One warp per weight row, eight warps a block.
             (
@@ -184,6 +190,9 @@ impl<D: Device> Backend for Kernels<D> {
         eps: f32,
     ) -> anyhow::Result<D::Buf> {
         let mut out = self.0.zeros(rows * n)?;
+        if rows == 0 || n == 0 {
+            return Ok(out);
+        }
         self.0.launch(
             "rms_norm",
             Launch {
@@ -284,7 +293,9 @@ impl<D: Device> Backend for Kernels<D> {
         // Dynamic shared memory: the query (head_dim) and the scores of the longest row's
         // window (pos + rows keys).
         let smem = (a.head_dim + a.pos + a.rows) * 4;
-        if smem > 48 << 10 {
+        // 48 KiB a block without opting in, less the kernel's static shared memory (two
+        // reduction arrays: 384 bytes).
+        if smem + 384 > 48 << 10 {
             anyhow::bail!(
                 "{} positions are more than the GPU attention kernel holds (48 KiB of scores)",
                 a.pos + a.rows

@@ -185,6 +185,8 @@ pub trait DeviceForward: Send + Sync {
     ) -> anyhow::Result<Vec<Option<Vec<f32>>>>;
     fn new_cache(&self, host: &Llama) -> KvCache;
     fn describe(&self) -> String;
+    /// Bytes of KV cache the cap leaves (None without a cap).
+    fn kv_room(&self) -> Option<usize>;
 }
 
 struct DevLayer<B: Backend> {
@@ -216,6 +218,8 @@ pub struct DeviceModel<B: Backend> {
     weight_bytes: usize,
     /// The advisory cap, in bytes (`CORRAL_GPU_MEMORY_MB`).
     cap: Option<usize>,
+    /// What the largest pass's buffers take ([`pass_bytes`]), kept free under the cap.
+    pub(crate) pass_reserve: usize,
     /// Bytes held by every sequence's cache.
     kv_bytes: Arc<AtomicUsize>,
 }
@@ -226,11 +230,20 @@ impl<B: Backend> DeviceModel<B> {
     /// Uploads `host`'s weights (a layer at a time, dequantized to f32). `cap_mb`: the memory
     /// the model may use on the device; the load fails when the weights and one full context's
     /// cache would not fit under it.
-    pub fn new(b: B, host: &Llama, cap_mb: Option<usize>) -> anyhow::Result<DeviceModel<B>> {
+    /// The largest pass is `max_rows` rows with logits for `max_items` of them.
+    pub fn new(
+        b: B,
+        host: &Llama,
+        cap_mb: Option<usize>,
+        (max_rows, max_items): (usize, usize),
+    ) -> anyhow::Result<DeviceModel<B>> {
         let c = host.config().clone();
         let kv_dim = c.n_head_kv * c.head_dim;
         let cap = cap_mb.map(|m| m.saturating_mul(MB));
-        let context_bytes = 2 * c.n_layer * kv_dim * c.max_seq * 4;
+        let n_ff = host.ffn_width();
+        let pass_reserve = pass_bytes(&c, n_ff, host.vocab_size(), max_rows, max_items);
+        // One full context and the largest pass beside the weights.
+        let context_bytes = 2 * c.n_layer * kv_dim * c.max_seq * 4 + pass_reserve;
         let mut weight_bytes = 0usize;
         let check = |weight_bytes: usize| -> anyhow::Result<()> {
             if let Some(cap) = cap {
@@ -238,7 +251,7 @@ impl<B: Backend> DeviceModel<B> {
                     anyhow::bail!(
                         "the model needs more than the GPU memory cap of {} MB \
                          (CORRAL_GPU_MEMORY_MB): its weights in f32 take {} MB or more, and one \
-                         context of {} positions {} MB",
+                         context of {} positions with a pass's buffers {} MB",
                         cap / MB,
                         weight_bytes.div_ceil(MB),
                         c.max_seq,
@@ -301,6 +314,7 @@ impl<B: Backend> DeviceModel<B> {
             vocab,
             weight_bytes,
             cap,
+            pass_reserve,
             kv_bytes: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -311,8 +325,10 @@ impl<B: Backend> DeviceModel<B> {
         self.weight_bytes
     }
 
-    /// Makes room in `kv` for `need` positions (at least what the engine reserved), keeping
-    /// the first `keep`; within the cap.
+    /// Makes room in `kv` for `need` positions (what the engine reserved, or twice the room it
+    /// has, when that fits under the cap; else exactly `need`), keeping the first `keep`. The
+    /// old cache stays whole until the new one is made, so a failure leaves it as it was; the
+    /// cap counts both while the positions are copied.
     fn ensure_room(
         &self,
         kv: &mut DevKv,
@@ -325,30 +341,39 @@ impl<B: Backend> DeviceModel<B> {
         if kv.layers.is_some() && kv.cap >= need {
             return Ok(());
         }
-        let new_cap = need
+        let preferred = need
             .max(kv.want)
             .max(if kv.cap > 0 { kv.cap * 2 } else { 0 })
             .min(max_seq)
             .max(need);
-        let bytes = 2 * n_layer * kv_dim * new_cap * 4;
-        let grow = bytes.saturating_sub(kv.bytes);
-        if let Some(cap) = self.cap {
-            let held = self.kv_bytes.load(Ordering::Relaxed);
-            if self.weight_bytes + held + grow > cap {
-                anyhow::bail!(
-                    "the GPU memory cap of {} MB (CORRAL_GPU_MEMORY_MB) is reached: the weights \
-                     take {} MB, caches {} MB, and this sequence needs {} MB more",
-                    cap / MB,
-                    self.weight_bytes.div_ceil(MB),
-                    held.div_ceil(MB),
-                    grow.div_ceil(MB)
-                );
-            }
-        }
-        let old: Option<Vec<(B::Buf, B::Buf)>> = match kv.layers.take() {
+        let bytes_for = |positions: usize| 2 * n_layer * kv_dim * positions * 4;
+        let held = self.kv_bytes.load(Ordering::Relaxed);
+        let fits = |bytes: usize| match self.cap {
+            Some(cap) => self.weight_bytes + self.pass_reserve + held + bytes <= cap,
+            None => true,
+        };
+        let new_cap = if fits(bytes_for(preferred)) {
+            preferred
+        } else if fits(bytes_for(need)) {
+            need
+        } else {
+            let cap = self.cap.unwrap_or(0);
+            anyhow::bail!(
+                "the GPU memory cap of {} MB (CORRAL_GPU_MEMORY_MB) is reached: the weights take \
+                 {} MB, a pass's buffers up to {} MB, caches {} MB, and this sequence needs {} MB \
+                 more",
+                cap / MB,
+                self.weight_bytes.div_ceil(MB),
+                self.pass_reserve.div_ceil(MB),
+                held.div_ceil(MB),
+                bytes_for(need).div_ceil(MB)
+            );
+        };
+        let bytes = bytes_for(new_cap);
+        let old = match kv.layers.as_ref() {
             Some(l) => Some(
-                *l.downcast::<Vec<(B::Buf, B::Buf)>>()
-                    .map_err(|_| anyhow::anyhow!("a cache made by another device"))?,
+                l.downcast_ref::<Vec<(B::Buf, B::Buf)>>()
+                    .ok_or_else(|| anyhow::anyhow!("a cache made by another device"))?,
             ),
             None => None,
         };
@@ -356,26 +381,51 @@ impl<B: Backend> DeviceModel<B> {
         for l in 0..n_layer {
             let mut k = self.b.zeros(new_cap * kv_dim)?;
             let mut v = self.b.zeros(new_cap * kv_dim)?;
-            if let Some(old) = &old {
-                let n = keep.min(kv.cap) * kv_dim;
-                if n > 0 {
-                    self.b.copy(&old[l].0, 0, &mut k, 0, n)?;
-                    self.b.copy(&old[l].1, 0, &mut v, 0, n)?;
-                }
+            if let Some(old) = old {
+                let n = keep.min(kv.cap).min(kv.len) * kv_dim;
+                self.b.copy(&old[l].0, 0, &mut k, 0, n)?;
+                self.b.copy(&old[l].1, 0, &mut v, 0, n)?;
             }
             layers.push((k, v));
         }
-        drop(old);
+        kv.layers = Some(Box::new(layers));
         self.kv_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.kv_bytes.fetch_sub(kv.bytes, Ordering::Relaxed);
         kv.bytes = bytes;
         kv.cap = new_cap;
-        kv.layers = Some(Box::new(layers));
         Ok(())
+    }
+
+    /// Bytes of KV cache the engine may hold on the device (every sequence's and the kept
+    /// prompt states'): the cap less the weights and a pass's buffers.
+    pub fn kv_room(&self) -> Option<usize> {
+        self.cap.map(|c| {
+            c.saturating_sub(self.weight_bytes)
+                .saturating_sub(self.pass_reserve)
+        })
     }
 }
 
+/// Bytes a pass's own buffers take at most on the device: `rows` rows through every layer (the
+/// residual, norms, products and their outputs, all alive until the layer ends) and `logits`
+/// rows of logits.
+fn pass_bytes(
+    c: &crate::llama::Config,
+    n_ff: usize,
+    vocab: usize,
+    rows: usize,
+    logits: usize,
+) -> usize {
+    let kv_dim = c.n_head_kv * c.head_dim;
+    let widths = 8 * c.n_embd + 3 * c.q_dim + 4 * kv_dim + 3 * n_ff + c.n_rot;
+    rows * widths * 4 + logits * vocab * 4 + logits * c.n_embd * 8
+}
+
 impl<B: Backend> DeviceForward for DeviceModel<B> {
+    fn kv_room(&self) -> Option<usize> {
+        DeviceModel::kv_room(self)
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} ({} MB of weights in f32{}{})",
@@ -435,6 +485,8 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
             if it.pos > kv.len {
                 anyhow::bail!("a cache that does not belong to this sequence");
             }
+            // Positions from `pos` on are rewritten now: not valid until the pass ends.
+            kv.len = it.pos;
             let need = it.pos + it.tokens.len();
             self.ensure_room(kv, need, it.pos, c.n_layer, kv_dim, c.max_seq)?;
             let from = positions.len();
@@ -443,20 +495,20 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
         }
         let total = positions.len();
         let tokens: Vec<u32> = items.iter().flat_map(|it| it.tokens).copied().collect();
-        if let Some(cap) = self.cap {
-            // The pass's own buffers, at their widest.
-            let n_ff = self.layers.first().map_or(0, |l| l.n_ff);
-            let widths = 3 * c.n_embd + 2 * c.q_dim + 2 * kv_dim + 2 * n_ff;
-            let pass = total * widths * 4 + items.len() * self.vocab * 4;
-            let held = self.kv_bytes.load(Ordering::Relaxed);
-            if self.weight_bytes + held + pass > cap {
-                anyhow::bail!(
-                    "the GPU memory cap of {} MB (CORRAL_GPU_MEMORY_MB) is reached: a pass of \
-                     {total} tokens needs {} MB beside the weights and caches",
-                    cap / MB,
-                    pass.div_ceil(MB)
-                );
-            }
+        let logit_rows = items.iter().filter(|it| it.logits).count();
+        if self.cap.is_some()
+            && pass_bytes(
+                c,
+                self.layers.first().map_or(0, |l| l.n_ff),
+                self.vocab,
+                total,
+                logit_rows,
+            ) > self.pass_reserve
+        {
+            anyhow::bail!(
+                "a pass of {total} tokens is larger than the GPU memory cap \
+                 (CORRAL_GPU_MEMORY_MB) leaves room for"
+            );
         }
         let mut x = b.upload(&host.embed(&tokens)?)?;
         let flat =
@@ -698,12 +750,16 @@ pub fn parse_capability(v: &str) -> anyhow::Result<(u32, u32)> {
 
 /// A device model for `host` on the device chosen, or None for the CPU. A model with GPU
 /// requirements is refused on the CPU, and on a GPU that does not meet them.
+/// `slots`: sequences the runner decodes together at most.
 pub fn open(
     choice: Choice,
     host: &Llama,
     cap_mb: Option<usize>,
     needs: &Requirements,
+    slots: usize,
 ) -> anyhow::Result<Option<Box<dyn DeviceForward>>> {
+    // The largest pass the engine makes: a step's prompt budget beside every decoding row.
+    let largest = (crate::engine::PREFILL_MAX + slots, slots);
     match choice {
         Choice::Cpu if needs.any() => anyhow::bail!(
             "the model needs a GPU (its catalog entry has gpu_requirements) and this runner was \
@@ -718,11 +774,12 @@ pub fn open(
                 kernels::Kernels(d),
                 host,
                 cap_mb,
+                largest,
             )?)))
         }
         #[cfg(not(feature = "cuda"))]
         Choice::Cuda => {
-            let _ = (host, cap_mb);
+            let _ = (host, cap_mb, largest);
             anyhow::bail!(
                 "a GPU was asked for (CORRAL_GPUS or CORRAL_DEVICE=cuda), but this corral-runner \
                  was built without CUDA: build it with scripts/build-cuda.sh"
@@ -810,7 +867,7 @@ mod tests {
             let cpu = teacher_forced(&mut model.new_cache(), &step(&model), &ids, prompt);
             runs.push((ids, prompt, cpu));
         }
-        let dev = DeviceModel::new(Host, model.weights_for_tests(), None).unwrap();
+        let dev = DeviceModel::new(Host, model.weights_for_tests(), None, (512, 4)).unwrap();
         model.device = Some(Box::new(dev));
         let (mut worst, mut sum, mut n) = (0f64, 0f64, 0usize);
         for (ids, prompt, cpu) in &runs {
@@ -879,7 +936,7 @@ mod tests {
     fn batched_and_resumed_device_passes_match_single_ones() {
         let (model, tok) = load("SmolLM2-135M-Instruct.Q4_1.gguf", "scripts/fetch-model.sh");
         let host = model.weights_for_tests();
-        let dev = DeviceModel::new(Host, host, None).unwrap();
+        let dev = DeviceModel::new(Host, host, None, (512, 4)).unwrap();
         let a = tok.encode("Once upon a time there was", false, true);
         let b = tok.encode("2 + 2 =", false, true);
         let alone = |ids: &[u32]| {
@@ -946,12 +1003,14 @@ mod tests {
     }
 
     /// `CORRAL_GPU_MEMORY_MB` is enforced: a cap below the weights fails the load naming it; a
-    /// cap with room for one context only fails the second sequence's cache, not the first.
+    /// sequence that cannot get even the room it needs now fails with the cap named and its
+    /// cache untouched, and gets it once another's cache is gone; one that cannot get the room
+    /// it reserved gets what it needs now.
     #[test]
     fn the_gpu_memory_cap_is_enforced_at_load_and_per_sequence() {
         let (model, tok) = load("SmolLM2-135M-Instruct.Q4_1.gguf", "scripts/fetch-model.sh");
         let host = model.weights_for_tests();
-        let err = DeviceModel::new(Host, host, Some(64))
+        let err = DeviceModel::new(Host, host, Some(64), (512, 4))
             .err()
             .expect("64 MB is too little");
         let msg = format!("{err}");
@@ -959,42 +1018,65 @@ mod tests {
             msg.contains("CORRAL_GPU_MEMORY_MB") && msg.contains("64 MB"),
             "{msg}"
         );
-        let free = DeviceModel::new(Host, host, None).unwrap();
+        let free = DeviceModel::new(Host, host, None, (512, 4)).unwrap();
         let c = host.config();
         let context = 2 * c.n_layer * c.n_head_kv * c.head_dim * c.max_seq * 4;
-        let cap_mb = (free.weight_bytes() + context + context / 2) / MB;
-        let dev = DeviceModel::new(Host, host, Some(cap_mb)).unwrap();
-        let ids = tok.encode("Hello", false, true);
+        let per_token = context / c.max_seq;
+        let needed = free.weight_bytes() + free.pass_reserve + context;
+        let step = |dev: &DeviceModel<Host>, cache: &mut KvCache, ids: &[u32]| {
+            let mut items = [Item {
+                cache,
+                tokens: ids,
+                pos: 0,
+                logits: true,
+            }];
+            dev.forward_batch(host, &mut items).map(|_| ())
+        };
+        let hello = tok.encode("Hello", false, true);
+        let long = tok.encode(
+            &"the quick brown fox jumps over the lazy dog ".repeat(4),
+            false,
+            true,
+        );
+        assert!(
+            long.len() * per_token > MB,
+            "the long prompt needs more than 1 MB"
+        );
+
+        // Room for exactly one context (and less than 1 MB beside it).
+        let dev = DeviceModel::new(Host, host, Some(needed.div_ceil(MB)), (512, 4)).unwrap();
+        let room = dev.kv_room().unwrap();
+        assert!(
+            room >= context && room < context + MB,
+            "{room} for a context of {context}"
+        );
         let mut first = dev.new_cache(host);
         first.reserve(c.max_seq);
-        let mut items = [Item {
-            cache: &mut first,
-            tokens: &ids,
-            pos: 0,
-            logits: true,
-        }];
-        dev.forward_batch(host, &mut items).unwrap();
+        step(&dev, &mut first, &hello).unwrap();
+        assert_eq!(
+            first.bytes(),
+            context,
+            "the reserved room, allocated at once"
+        );
         let mut second = dev.new_cache(host);
         second.reserve(c.max_seq);
-        let mut items = [Item {
-            cache: &mut second,
-            tokens: &ids,
-            pos: 0,
-            logits: true,
-        }];
-        let err = dev
-            .forward_batch(host, &mut items)
-            .expect_err("over the cap");
+        let err = step(&dev, &mut second, &long).expect_err("over the cap");
         assert!(format!("{err}").contains("CORRAL_GPU_MEMORY_MB"), "{err}");
-        // Once the first sequence's cache is gone, its room is free again.
+        assert_eq!((second.len(), second.bytes()), (0, 0));
         drop(first);
-        let mut items = [Item {
-            cache: &mut second,
-            tokens: &ids,
-            pos: 0,
-            logits: true,
-        }];
-        dev.forward_batch(host, &mut items).unwrap();
+        step(&dev, &mut second, &long).unwrap();
+        assert_eq!(second.len(), long.len());
+
+        // Room for one and a half: the second gets what it needs now, not its reservation.
+        let dev =
+            DeviceModel::new(Host, host, Some((needed + context / 2) / MB), (512, 4)).unwrap();
+        let mut first = dev.new_cache(host);
+        first.reserve(c.max_seq);
+        step(&dev, &mut first, &hello).unwrap();
+        let mut second = dev.new_cache(host);
+        second.reserve(c.max_seq);
+        step(&dev, &mut second, &long).unwrap();
+        assert_eq!(second.bytes(), long.len() * per_token);
     }
 
     #[test]
@@ -1020,7 +1102,7 @@ mod tests {
             min_vram_mb: Some(4096),
             compute: Some(parse_capability("8.0").unwrap()),
         };
-        let err = open(Choice::Cpu, model.weights_for_tests(), None, &needs)
+        let err = open(Choice::Cpu, model.weights_for_tests(), None, &needs, 1)
             .err()
             .expect("a model that needs a GPU is refused on the CPU");
         assert!(format!("{err}").contains("gpu_requirements"), "{err}");
@@ -1028,7 +1110,8 @@ mod tests {
             Choice::Cpu,
             model.weights_for_tests(),
             None,
-            &Requirements::default()
+            &Requirements::default(),
+            1
         )
         .unwrap()
         .is_none());
@@ -1054,6 +1137,7 @@ mod tests {
             model.weights_for_tests(),
             None,
             &Requirements::default(),
+            1,
         )
         .err()
         .unwrap();
@@ -1078,7 +1162,7 @@ mod exact {
         );
         let dev = std::sync::OnceLock::new();
         let (ours, llama_cpp) = crate::llama::tests::kl_against_exact_with(&path, &|m, c, t, p| {
-            let dev = dev.get_or_init(|| DeviceModel::new(Host, m, None).unwrap());
+            let dev = dev.get_or_init(|| DeviceModel::new(Host, m, None, (512, 4)).unwrap());
             let c = c.get_or_insert_with(|| dev.new_cache(m));
             let mut items = [Item {
                 cache: c,
