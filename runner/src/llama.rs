@@ -161,6 +161,8 @@ struct Layer {
 /// a plain f32 table for other types.
 enum Embedding {
     Quant(QMat),
+    /// The rows of the output matrix (a tied table on our own kernels, laid out once).
+    Output,
     F32(Vec<f32>),
     /// Another quantized type, kept as the file has it and dequantized a row at a time by
     /// Candle (a 262k-token table widened to f32 would take 671 MB).
@@ -628,7 +630,18 @@ impl Llama {
             .ok_or_else(|| anyhow::anyhow!("tensor token_embd.weight is missing"))?;
         let embd_dtype = embd_info.ggml_dtype;
         used.borrow_mut().insert("token_embd.weight".into());
+        // Gemma 2 always ties the output to the embedding (llama.cpp ignores an output.weight).
+        let tied = arch == "gemma2" || !ct.tensor_infos.contains_key("output.weight");
+        // A tied table on our own kernels is laid out once, as the output matrix, and the
+        // embedding reads its rows there (Gemma 3's is 178 MB: laid out twice, it cost a fifth
+        // of the load and as much memory again).
+        let mut tied_output = None;
         let (embd, vocab) = match own("token_embd.weight")? {
+            Some(m) if tied => {
+                let v = m.rows;
+                tied_output = Some(m);
+                (Embedding::Output, v)
+            }
             Some(m) => {
                 let v = m.rows;
                 (Embedding::Quant(m), v)
@@ -736,8 +749,6 @@ impl Llama {
         }
         shape("output_norm.weight", 1, n_embd)?;
         shape("token_embd.weight", vocab, n_embd)?;
-        // Gemma 2 always ties the output to the embedding (llama.cpp ignores an output.weight).
-        let tied = arch == "gemma2" || !has("output.weight");
         if !tied {
             shape("output.weight", vocab, n_embd)?;
         }
@@ -839,14 +850,17 @@ impl Llama {
         }
         let norm = norm_vec(r, "output_norm.weight")?;
         // Tied embeddings: no output.weight, the token embedding doubles as the output matrix.
-        let output = mm(
-            r,
-            if tied {
-                "token_embd.weight"
-            } else {
-                "output.weight"
-            },
-        )?;
+        let output = match tied_output {
+            Some(m) => Mat::Own(m),
+            None => mm(
+                r,
+                if tied {
+                    "token_embd.weight"
+                } else {
+                    "output.weight"
+                },
+            )?,
+        };
         let output_bias = if has("output.bias") {
             Some(norm_vec(r, "output.bias")?)
         } else {
@@ -1059,6 +1073,10 @@ impl Llama {
             let dst = &mut x[i * c.n_embd..(i + 1) * c.n_embd];
             match &self.embd {
                 Embedding::Quant(m) => dst.copy_from_slice(&m.row_f32(t)),
+                Embedding::Output => match &self.output {
+                    Mat::Own(m) => dst.copy_from_slice(&m.row_f32(t)),
+                    Mat::Candle(_) => anyhow::bail!("a tied embedding without its table"),
+                },
                 Embedding::F32(e) => dst.copy_from_slice(&e[t * c.n_embd..(t + 1) * c.n_embd]),
                 Embedding::Rows {
                     dtype,
