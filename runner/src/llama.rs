@@ -271,6 +271,22 @@ pub struct Item<'a> {
     pub logits: bool,
 }
 
+impl Item<'_> {
+    /// Refuses an item with no tokens, or one that would pass the context.
+    pub(crate) fn check(&self, max_seq: usize) -> anyhow::Result<()> {
+        if self.tokens.is_empty() {
+            anyhow::bail!("no tokens to feed");
+        }
+        if self.pos + self.tokens.len() > max_seq {
+            anyhow::bail!(
+                "position {} exceeds the context of {max_seq}",
+                self.pos + self.tokens.len()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The bytes `from..from + len` of a tensor's data in the file, if the arithmetic stays in range.
 fn span(
     ct: &gguf_file::Content,
@@ -1158,16 +1174,7 @@ impl Llama {
         let mut spans = Vec::with_capacity(items.len());
         let mut positions = Vec::new();
         for it in items.iter_mut() {
-            if it.tokens.is_empty() {
-                anyhow::bail!("no tokens to feed");
-            }
-            if it.pos + it.tokens.len() > c.max_seq {
-                anyhow::bail!(
-                    "position {} exceeds the context of {}",
-                    it.pos + it.tokens.len(),
-                    c.max_seq
-                );
-            }
+            it.check(c.max_seq)?;
             if it.cache.k.len() != c.n_layer || it.cache.kv_dim != kv_dim || it.pos > it.cache.len()
             {
                 anyhow::bail!("a cache that does not belong to this sequence");

@@ -469,16 +469,7 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
         let mut spans = Vec::with_capacity(items.len());
         let mut positions = Vec::new();
         for it in items.iter_mut() {
-            if it.tokens.is_empty() {
-                anyhow::bail!("no tokens to feed");
-            }
-            if it.pos + it.tokens.len() > c.max_seq {
-                anyhow::bail!(
-                    "position {} exceeds the context of {}",
-                    it.pos + it.tokens.len(),
-                    c.max_seq
-                );
-            }
+            it.check(c.max_seq)?;
             let Some(kv) = it.cache.dev.as_mut() else {
                 anyhow::bail!("a cache that does not belong to this device");
             };
