@@ -1171,3 +1171,105 @@ mod exact {
         assert!(ours <= llama_cpp, "device {ours} vs llama.cpp {llama_cpp}");
     }
 }
+
+#[cfg(test)]
+mod checkpoints {
+    use super::host::Host;
+    use super::*;
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    use candle_core::{DType, Device};
+
+    /// The default model's weights as an f16 or bf16 checkpoint holds them (the types
+    /// safetensors models come in), on the device graph and on the CPU pass: the same next
+    /// token after each prefix of a prompt, distributions within a small KL divergence.
+    fn half_checkpoint_agrees(dtype: DType, ggml: GgmlDType) {
+        let path = crate::llama::tests::model_named(
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "scripts/fetch-model.sh",
+        );
+        let mut f = std::fs::File::open(&path).unwrap();
+        let ct = gguf_file::Content::read(&mut f).unwrap();
+        let mut tensors = std::collections::HashMap::new();
+        let mut infos = std::collections::HashMap::new();
+        for (name, info) in &ct.tensor_infos {
+            let t = ct
+                .tensor(&mut f, name, &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap();
+            let matrix = t.dims().len() == 2;
+            let t = if matrix {
+                t.to_dtype(dtype).unwrap()
+            } else {
+                t
+            };
+            infos.insert(
+                name.clone(),
+                gguf_file::TensorInfo {
+                    ggml_dtype: if matrix { ggml } else { GgmlDType::F32 },
+                    shape: info.shape.clone(),
+                    offset: 0,
+                },
+            );
+            tensors.insert(name.clone(), t);
+        }
+        let half_ct = gguf_file::Content {
+            magic: ct.magic,
+            metadata: ct.metadata.clone(),
+            tensor_infos: infos,
+            tensor_data_offset: 0,
+        };
+        let cpu = Llama::from_tensors(&half_ct, tensors, &Device::Cpu, 512).unwrap();
+        let dev = DeviceModel::new(Host, &cpu, None, (512, 4)).unwrap();
+        let tokens: Vec<u32> = (0..12).map(|i| 2 + (i * 7919) % 40000).collect();
+        let (mut c1, mut c2) = (cpu.new_cache(), dev.new_cache(&cpu));
+        let mut worst = 0f64;
+        for (i, t) in tokens.iter().enumerate() {
+            let a = cpu.forward(&mut c1, &[*t], i).unwrap();
+            let mut items = [Item {
+                cache: &mut c2,
+                tokens: std::slice::from_ref(t),
+                pos: i,
+                logits: true,
+            }];
+            let b = dev
+                .forward_batch(&cpu, &mut items)
+                .unwrap()
+                .pop()
+                .unwrap()
+                .unwrap();
+            let lsm = |l: &[f32]| -> Vec<f64> {
+                let mx = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let z = l.iter().map(|v| (*v as f64 - mx).exp()).sum::<f64>().ln() + mx;
+                l.iter().map(|v| *v as f64 - z).collect()
+            };
+            let (p, q) = (lsm(&a), lsm(&b));
+            let kl: f64 = p.iter().zip(&q).map(|(p, q)| p.exp() * (p - q)).sum();
+            worst = worst.max(kl);
+            let top = |v: &[f64]| {
+                v.iter()
+                    .enumerate()
+                    .max_by(|x, y| x.1.total_cmp(y.1))
+                    .map(|x| x.0)
+            };
+            let mut sorted = p.clone();
+            sorted.sort_by(|x, y| y.total_cmp(x));
+            if sorted[0] - sorted[1] > 0.5 {
+                assert_eq!(
+                    top(&p),
+                    top(&q),
+                    "{dtype:?}: next token after {} tokens",
+                    i + 1
+                );
+            }
+        }
+        eprintln!("{dtype:?} checkpoint: largest KL divergence device vs CPU {worst:.5}");
+        assert!(worst < 0.02, "{dtype:?}: KL divergence {worst}");
+    }
+
+    #[test]
+    fn f16_and_bf16_checkpoints_run_on_the_device_graph() {
+        half_checkpoint_agrees(DType::F16, GgmlDType::F16);
+        half_checkpoint_agrees(DType::BF16, GgmlDType::BF16);
+    }
+}
