@@ -12,6 +12,7 @@
    outside the profile unreadable, no network).
 
     python3 scripts/gpu-check.py MODEL.gguf GPU_RUNNER CPU_RUNNER CORRAL
+    python3 scripts/gpu-check.py --layers CORRAL      # step 3's layers only (no model)
 
 Prints one report; exits 1 when a correctness check fails. `GPU_CHECK_DEVICE=cpu` runs the GPU
 side on the CPU (a dry run of the script on a machine without a GPU)."""
@@ -145,13 +146,17 @@ def sandboxed(corral, model, gpu_runner):
     device = json.dumps(d)
     check(bool(d.get("text")), f"corral run -p gpu answers: {d.get('text')!r}")
     check("cuda" in device, "the sandboxed runner computed on the GPU (record's device)")
+
+
+def layers(corral):
+    """The sandbox's layers as seen from inside a `gpu` sandbox (no model needed)."""
     inside = ("grep -E '^(Seccomp|NoNewPrivs|CapEff):' /proc/self/status; "
               "cat /etc/shadow >/dev/null 2>&1 && echo SHADOW-READABLE; "
               "ls /dev/nvidia*; [ -c /dev/nvidiactl ] && echo HAS-NVIDIACTL; "
               "(exec 3<>/dev/tcp/1.1.1.1/443) 2>/dev/null && echo NETWORK-REACHABLE; "
               "echo INSIDE-DONE")
     r = subprocess.run([corral, "sandbox", "exec", "-p", "gpu", "--", "/bin/bash", "-c", inside],
-                       env=env, capture_output=True, text=True)
+                       capture_output=True, text=True)
     out = r.stdout
     print((r.stdout + r.stderr).strip(), flush=True)
     if not check(r.returncode == 0 and "INSIDE-DONE" in out, "corral sandbox exec -p gpu ran"):
@@ -165,6 +170,10 @@ def sandboxed(corral, model, gpu_runner):
 
 
 def main():
+    if sys.argv[1] == "--layers":
+        layers(sys.argv[2])
+        print(f"{len(failures)} check(s) failed" if failures else "all checks passed", flush=True)
+        sys.exit(1 if failures else 0)
     model, gpu_runner, cpu_runner, corral = sys.argv[1:5]
     device = os.environ.get("GPU_CHECK_DEVICE", "cuda")
     gpu = start(gpu_runner, model, device)
@@ -181,6 +190,7 @@ def main():
         if t:
             print(f"corral GPU decode / PyTorch generate: {g / t:.2f}x", flush=True)
     sandboxed(corral, model, gpu_runner)
+    layers(corral)
     print(f"{len(failures)} check(s) failed" if failures else "all checks passed", flush=True)
     sys.exit(1 if failures else 0)
 

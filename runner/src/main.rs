@@ -88,6 +88,11 @@ fn parse_args() -> anyhow::Result<Args> {
                 )
             }
             "--no-tighten" => a.tighten = false,
+            "--gpu-self-test" => {
+                // Every GPU kernel against the CPU reference, no model needed.
+                gpu::self_test()?;
+                std::process::exit(0);
+            }
             "--gpu-min-vram-mb" => {
                 a.gpu.min_vram_mb = Some(
                     it.next()

@@ -178,162 +178,23 @@ impl Device for Emulated {
 
 #[cfg(test)]
 mod tests {
-    use super::super::host::Host;
-    use super::super::kernels::{Kernels, MATVEC_ROWS};
-    use super::super::{AttnShape, Backend};
+    use super::super::kernels::Kernels;
+    use super::super::selftest;
     use super::*;
 
-    /// Deterministic values in [-scale, scale).
-    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
-
-    fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            let ok = (g - w).abs() <= tol * (1.0 + w.abs()) || (g.is_nan() && w.is_nan());
-            assert!(ok, "{what}: element {i} is {g}, the host computes {w}");
-        }
-    }
-
-    /// The products: one row, the most rows `matvec` takes, one more (the tiled kernel), many
-    /// rows; widths that are not multiples of the warp, the 16-wide k step or the 64-wide tile.
+    /// Every kernel, launched as the GPU would launch it, computes what the host computes
+    /// (`selftest.rs`: the shapes and tolerances `corral-runner --gpu-self-test` uses on a GPU).
     #[test]
-    fn emulated_products_compute_what_the_host_computes() {
-        let (dev, host) = (Kernels(Emulated::new()), Host);
-        for (rows, k, n) in [
-            (1, 70, 37),
-            (MATVEC_ROWS, 64, 9),
-            (MATVEC_ROWS + 1, 33, 65),
-            (70, 17, 130),
-        ] {
-            let x = values(rows * k, 1, 1.0);
-            let w = values(n * k, 2, 0.5);
-            let got = dev.matmul(&x, &w, rows, k, n).unwrap();
-            let want = host.matmul(&x, &w, rows, k, n).unwrap();
-            close(
-                &got[..rows * n],
-                &want,
-                1e-5,
-                &format!("matmul {rows}x{k} . {n}x{k}"),
-            );
-        }
-    }
-
-    #[test]
-    fn emulated_norms_and_element_wise_kernels_compute_what_the_host_computes() {
-        let (dev, host) = (Kernels(Emulated::new()), Host);
-        // rows of a length the block does not divide (and longer than it)
-        for (rows, n) in [(3, 576), (5, 64), (2, 1000)] {
-            let x = values(rows * n, 3, 4.0);
-            let w = values(n, 4, 1.0);
-            let got = dev.rms_norm(&x, &w, rows, n, 1e-6).unwrap();
-            let want = host.rms_norm(&x, &w, rows, n, 1e-6).unwrap();
-            close(&got, &want, 1e-6, &format!("rms_norm {rows}x{n}"));
-        }
-        let n = 1000;
-        let x = values(n, 5, 12.0);
-        let y = values(n, 6, 2.0);
-        let b = values(40, 7, 1.0);
-        type Op<'a> = (
-            &'a str,
-            Box<dyn Fn(&dyn Backend<Buf = Vec<f32>>, &mut Vec<f32>) + 'a>,
-        );
-        let ops: Vec<Op<'_>> = vec![
-            ("add", Box::new(|d, v| d.add(v, &y, n).unwrap())),
-            (
-                "add_rows",
-                Box::new(|d, v| d.add_rows(v, &b, n / 40, 40).unwrap()),
-            ),
-            ("scale", Box::new(|d, v| d.scale(v, n, 0.125).unwrap())),
-            ("round_f16", Box::new(|d, v| d.round_f16(v, n).unwrap())),
-            ("softcap", Box::new(|d, v| d.softcap(v, n, 5.0).unwrap())),
-            ("silu", Box::new(|d, v| d.gated(v, &y, n, false).unwrap())),
-            ("gelu", Box::new(|d, v| d.gated(v, &y, n, true).unwrap())),
-        ];
-        for (name, op) in &ops {
-            let (mut got, mut want) = (x.clone(), x.clone());
-            op(&dev, &mut got);
-            op(&host, &mut want);
-            close(&got, &want, 1e-6, name);
-        }
-    }
-
-    #[test]
-    fn emulated_rotations_compute_what_the_host_computes() {
-        let (dev, host) = (Kernels(Emulated::new()), Host);
-        for (neox, n_rot) in [(false, 64), (true, 64), (true, 32)] {
-            let (rows, n_head, head_dim) = (3, 4, 64);
-            let x = values(rows * n_head * head_dim, 8, 2.0);
-            let cs: Vec<f32> = (0..rows * n_rot / 2)
-                .flat_map(|i| {
-                    let t = i as f32 * 0.37;
-                    [t.cos(), t.sin()]
-                })
-                .collect();
-            let (mut got, mut want) = (x.clone(), x.clone());
-            dev.rope(&mut got, &cs, rows, n_head, head_dim, n_rot, neox)
-                .unwrap();
-            host.rope(&mut want, &cs, rows, n_head, head_dim, n_rot, neox)
-                .unwrap();
-            close(
-                &got,
-                &want,
-                1e-6,
-                &format!("rope neox={neox} n_rot={n_rot}"),
-            );
-        }
-    }
-
-    /// Attention: a prompt chunk after earlier positions, grouped heads, a sliding window
-    /// shorter than the context, Gemma 2's cap, and a single decoding row; scores that the
-    /// 128 threads of a block share unevenly.
-    #[test]
-    fn emulated_attention_computes_what_the_host_computes() {
-        let (dev, host) = (Kernels(Emulated::new()), Host);
-        for (rows, pos, group, window, softcap) in [
-            (1, 0, 1, 0, 0.0),
-            (4, 150, 3, 0, 0.0),
-            (5, 200, 2, 64, 0.0),
-            (3, 20, 1, 0, 50.0),
-        ] {
-            let (n_head, head_dim) = (6, 64);
-            let kv_dim = n_head / group * head_dim;
-            let q_dim = n_head * head_dim;
-            let q_row = 2;
-            let q = values((q_row + rows) * q_dim, 9, 3.0);
-            let k = values((pos + rows) * kv_dim, 10, 3.0);
-            let v = values((pos + rows) * kv_dim, 11, 1.0);
-            let a = AttnShape {
-                q_row,
-                rows,
-                pos,
-                n_head,
-                group,
-                head_dim,
-                kv_dim,
-                scale: 0.125,
-                softcap,
-                window,
-            };
-            let mut got = vec![7.0; (q_row + rows) * q_dim];
-            let mut want = got.clone();
-            dev.attention(&q, &k, &v, &a, &mut got).unwrap();
-            host.attention(&q, &k, &v, &a, &mut want).unwrap();
-            // The weights are rounded to f16 after sums in another order: a weight can land on
-            // the neighbouring f16 value.
-            close(&got, &want, 2e-3, &format!("attention {a:?}"));
+    fn every_emulated_kernel_computes_what_the_host_computes() {
+        let checks = selftest::run(&Kernels(Emulated::new())).unwrap();
+        assert!(checks.len() > 20, "{} checks", checks.len());
+        for c in &checks {
             assert!(
-                got[..q_row * q_dim].iter().all(|x| *x == 7.0),
-                "rows before q_row written"
+                c.ok(),
+                "{}: off by {} (tolerance {})",
+                c.name,
+                c.worst,
+                c.tol
             );
         }
     }

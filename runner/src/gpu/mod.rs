@@ -30,9 +30,11 @@ use crate::llama::{Item, KvCache, Llama};
 pub mod cuda;
 #[cfg(test)]
 mod emulate;
-#[cfg(test)]
+#[cfg(any(test, feature = "cuda"))]
 pub mod host;
 pub mod kernels;
+#[cfg(any(test, feature = "cuda"))]
+pub mod selftest;
 
 /// One layer's weights in f32; matrices row-major `[out][in]`, fused ones split.
 pub(crate) struct HostLayer {
@@ -737,6 +739,37 @@ pub fn parse_capability(v: &str) -> anyhow::Result<(u32, u32)> {
         (Ok(a), Ok(b)) => Ok((a, b)),
         _ => anyhow::bail!("'{v}' is not a compute capability (MAJOR.MINOR, e.g. 8.0)"),
     }
+}
+
+/// `corral-runner --gpu-self-test`: every kernel on the GPU against the host reference,
+/// printed one line each; an error when any is off.
+pub fn self_test() -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let d = kernels::Kernels(cuda::Cuda::new(0)?);
+        println!("{}", Backend::describe(&d));
+        let t = std::time::Instant::now();
+        let checks = selftest::run(&d)?;
+        let bad = checks.iter().filter(|c| !c.ok()).count();
+        for c in &checks {
+            let mark = if c.ok() { "ok  " } else { "FAIL" };
+            println!(
+                "{mark} {}: off by {:.2e} (tolerance {:.0e})",
+                c.name, c.worst, c.tol
+            );
+        }
+        println!(
+            "{} kernel checks, {bad} failed, {:.0} ms",
+            checks.len(),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        if bad > 0 {
+            anyhow::bail!("{bad} GPU kernel check(s) failed");
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("this corral-runner was built without CUDA: build it with scripts/build-cuda.sh")
 }
 
 /// A device model for `host` on the device chosen, or None for the CPU. A model with GPU
