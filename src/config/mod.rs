@@ -513,6 +513,23 @@ fn validate_model(
     let profile = profiles
         .resolve(profile_name)
         .map_err(|e| (".sandbox_profile".to_string(), e.to_string()))?;
+    if let Some(c) = m
+        .resource_requirements
+        .gpu_requirements
+        .as_ref()
+        .and_then(|g| g.compute_capability.as_deref())
+    {
+        let ok = match c.split_once('.') {
+            Some((a, b)) => a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok(),
+            None => c.parse::<u32>().is_ok(),
+        };
+        if !ok {
+            return Err((
+                ".resource_requirements.gpu_requirements.compute_capability".into(),
+                format!("'{c}' is not a compute capability (MAJOR.MINOR, e.g. \"8.0\")"),
+            ));
+        }
+    }
     if m.resource_requirements.min_memory_mb > profile.max_memory_mb {
         return Err((
             ".resource_requirements.min_memory_mb".into(),
@@ -774,5 +791,21 @@ resource_requirements = { min_memory_mb = 4096 }
 "#;
         let err = load(text, &[]).unwrap_err().to_string();
         assert!(err.contains("global_models[0].resource_requirements.min_memory_mb: 4096 MiB exceeds profile 'tiny'"), "{err}");
+        let text = r#"
+[[slm.model_allow_lists.global_models]]
+id = "gpu-model"
+name = "GPU model"
+provider = { LocalFile = { file_path = "/models/g.gguf" } }
+resource_requirements = { gpu_requirements = { min_vram_mb = 2048, compute_capability = "eight" } }
+"#;
+        let err = load(text, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "gpu_requirements.compute_capability: 'eight' is not a compute capability"
+            ),
+            "{err}"
+        );
+        let ok = text.replace("\"eight\"", "\"8.0\"");
+        load(&ok, &[]).unwrap();
     }
 }
