@@ -144,8 +144,19 @@ def sandboxed(corral, model, gpu_runner):
     except ValueError:
         d = {}
     device = json.dumps(d)
+    if not d.get("text"):
+        kernel_log()
     check(bool(d.get("text")), f"corral run -p gpu answers: {d.get('text')!r}")
     check("cuda" in device, "the sandboxed runner computed on the GPU (record's device)")
+
+
+def kernel_log():
+    """The kernel's last words on a failed sandboxed run: a seccomp kill is logged there with its
+    system call (audit type 1326), which is what the driver needed and the filter refused."""
+    r = subprocess.run(["dmesg"], capture_output=True, text=True)
+    lines = [l for l in r.stdout.splitlines() if "seccomp" in l or "audit" in l or "landlock" in l.lower()]
+    print("dmesg (seccomp/audit/landlock):\n" + "\n".join(lines[-20:]) if lines
+          else f"dmesg: nothing about seccomp ({r.stderr.strip() or 'no lines'})", flush=True)
 
 
 def layers(corral):
@@ -160,6 +171,7 @@ def layers(corral):
     out = r.stdout
     print((r.stdout + r.stderr).strip(), flush=True)
     if not check(r.returncode == 0 and "INSIDE-DONE" in out, "corral sandbox exec -p gpu ran"):
+        kernel_log()
         return
     check("Seccomp:\t2" in out, "seccomp filter on inside (Seccomp: 2)")
     check("NoNewPrivs:\t1" in out, "no new privileges inside")
