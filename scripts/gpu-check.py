@@ -150,13 +150,22 @@ def sandboxed(corral, model, gpu_runner):
     check("cuda" in device, "the sandboxed runner computed on the GPU (record's device)")
 
 
-def kernel_log():
-    """The kernel's last words on a failed sandboxed run: a seccomp kill is logged there with its
-    system call (audit type 1326), which is what the driver needed and the filter refused."""
+def dmesg_lines():
     r = subprocess.run(["dmesg"], capture_output=True, text=True)
-    lines = [l for l in r.stdout.splitlines() if "seccomp" in l or "audit" in l or "landlock" in l.lower()]
-    print("dmesg (seccomp/audit/landlock):\n" + "\n".join(lines[-20:]) if lines
-          else f"dmesg: nothing about seccomp ({r.stderr.strip() or 'no lines'})", flush=True)
+    return r.stdout.splitlines()
+
+
+DMESG_BEFORE = len(dmesg_lines())
+
+
+def kernel_log():
+    """What the kernel logged since the check began, on a failed sandboxed run: a system call
+    the seccomp filter refused is logged with its number (audit type 1326; code 0x50000 is an
+    errno answer, such as clone3's, 0x80000000 a kill): what the driver needed."""
+    lines = [l for l in dmesg_lines()[DMESG_BEFORE:] if "type=1326" in l or "seccomp" in l
+             or "landlock" in l.lower() or "nvidia" in l.lower() or "NVRM" in l]
+    print("dmesg since the check began:\n" + "\n".join(lines[-30:]) if lines
+          else "dmesg: nothing new about seccomp, Landlock or the driver", flush=True)
 
 
 def layers(corral):
