@@ -914,6 +914,14 @@ impl Llama {
     }
 
     #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    /// Frees the layers' weights once a device holds them (the device pass reads only the
+    /// embedding, the configuration and the rotary tables here); this model's own pass refuses
+    /// to run after it.
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    pub(crate) fn release_layers(&mut self) {
+        self.layers = Vec::new();
+    }
+
     /// The feed-forward width (the down projection's input).
     #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
     pub(crate) fn ffn_width(&self) -> usize {
@@ -1165,6 +1173,9 @@ impl Llama {
     /// arithmetic differs in the last digits (as in llama.cpp's batches).
     pub fn forward_batch(&self, items: &mut [Item<'_>]) -> anyhow::Result<Vec<Option<Vec<f32>>>> {
         let c = &self.cfg;
+        if self.layers.len() != c.n_layer {
+            anyhow::bail!("this model's layers were handed to a device");
+        }
         let kv_dim = c.n_head_kv * c.head_dim;
         // Rows of several sequences (decoding, or prompt chunks beside them): the grouped
         // products. A lone sequence, prompt or decode, keeps the exact one-row and tiled

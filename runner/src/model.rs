@@ -17,7 +17,7 @@ const MAX_CONTEXT: usize = 4096;
 pub struct Model {
     weights: crate::llama::Llama,
     /// The weights on a device and the pass there (`gpu.rs`), when the runner computes on one.
-    pub(crate) device: Option<Box<dyn crate::gpu::DeviceForward>>,
+    device: Option<Box<dyn crate::gpu::DeviceForward>>,
     pub architecture: String,
     pub context_length: usize,
     pub quantization: String,
@@ -158,8 +158,17 @@ impl Model {
         needs: &crate::gpu::Requirements,
         slots: usize,
     ) -> anyhow::Result<()> {
-        self.device = crate::gpu::open(choice, &self.weights, cap_mb, needs, slots)?;
+        if let Some(d) = crate::gpu::open(choice, &self.weights, cap_mb, needs, slots)? {
+            self.attach(d);
+        }
         Ok(())
+    }
+
+    /// Computes on `device` from now on. The CPU model keeps only what the device pass reads
+    /// on the host (the embedding table, the configuration); its layers are freed.
+    pub(crate) fn attach(&mut self, device: Box<dyn crate::gpu::DeviceForward>) {
+        self.device = Some(device);
+        self.weights.release_layers();
     }
 
     /// Bytes of KV cache a device's memory cap leaves (None on the CPU or without a cap).

@@ -892,7 +892,16 @@ mod tests {
             runs.push((ids, prompt, cpu));
         }
         let dev = DeviceModel::new(Host, model.weights_for_tests(), None, (512, 4)).unwrap();
-        model.device = Some(Box::new(dev));
+        model.attach(Box::new(dev));
+        // What the device pass reads on the host survives; the CPU pass's layers do not.
+        let mut c = crate::llama::KvCache::default();
+        let mut items = [Item {
+            cache: &mut c,
+            tokens: &[1],
+            pos: 0,
+            logits: true,
+        }];
+        assert!(model.weights_for_tests().forward_batch(&mut items).is_err());
         let (mut worst, mut sum, mut n) = (0f64, 0f64, 0usize);
         for (ids, prompt, cpu) in &runs {
             let mut cache = model.new_cache();
