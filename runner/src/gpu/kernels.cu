@@ -232,18 +232,22 @@ extern "C" __global__ void attention(float* out, const float* q, const float* kc
     const float* qr = q + ((u64)(q_row + i)) * q_dim + (u64)hh * head_dim;
     for (u32 d = threadIdx.x; d < head_dim; d += blockDim.x) q16[d] = round_f16(qr[d]);
     __syncthreads();
+    // Scores: one warp per key, its lanes across the head (each key row read in one coalesced
+    // sweep), summed across the warp.
+    u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float local_max = NEG_INF;
-    for (u32 j = threadIdx.x; j < n_ctx; j += blockDim.x) {
+    for (u32 j = warp; j < n_ctx; j += warps) {
         float v;
         if (j < lo) {
             v = NEG_INF;
         } else {
             const float* kr = kc + (u64)j * kv_dim + (u64)kvh * head_dim;
             float dot = 0.f;
-            for (u32 d = 0; d < head_dim; d++) dot = fmaf(kr[d], q16[d], dot);
+            for (u32 d = lane; d < head_dim; d += 32) dot = fmaf(kr[d], q16[d], dot);
+            dot = warp_sum(dot);
             v = softcap > 0.f ? tanhf(dot * (1.f / softcap)) * softcap * scale : dot * scale;
         }
-        s[j] = v;
+        if (lane == 0) s[j] = v;
         local_max = fmaxf(local_max, v);
     }
     float mx = block_max(local_max, partf);
