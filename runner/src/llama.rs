@@ -271,6 +271,40 @@ pub struct Item<'a> {
     pub logits: bool,
 }
 
+/// A batch's rows, in the order of its items: each item's range of rows, each row's position
+/// and token, and the rows that go on past the last layer's attention (the last of each item
+/// that wants logits).
+pub(crate) struct Rows {
+    pub spans: Vec<std::ops::Range<usize>>,
+    pub positions: Vec<usize>,
+    pub tokens: Vec<u32>,
+    pub wanted: Vec<usize>,
+}
+
+impl Rows {
+    pub(crate) fn of(items: &[Item<'_>]) -> Rows {
+        let mut spans = Vec::with_capacity(items.len());
+        let mut positions = Vec::new();
+        for it in items {
+            let from = positions.len();
+            positions.extend(it.pos..it.pos + it.tokens.len());
+            spans.push(from..positions.len());
+        }
+        let wanted = items
+            .iter()
+            .zip(&spans)
+            .filter(|(it, _)| it.logits)
+            .map(|(_, s)| s.end - 1)
+            .collect();
+        Rows {
+            spans,
+            positions,
+            tokens: items.iter().flat_map(|it| it.tokens).copied().collect(),
+            wanted,
+        }
+    }
+}
+
 impl Item<'_> {
     /// Refuses an item with no tokens, or one that would pass the context.
     pub(crate) fn check(&self, max_seq: usize) -> anyhow::Result<()> {
@@ -1182,8 +1216,6 @@ impl Llama {
         // arithmetic.
         let batched = items.len() > 1;
         // Row ranges of each item in the batch, and each row's position.
-        let mut spans = Vec::with_capacity(items.len());
-        let mut positions = Vec::new();
         for it in items.iter_mut() {
             it.check(c.max_seq)?;
             if it.cache.k.len() != c.n_layer || it.cache.kv_dim != kv_dim || it.pos > it.cache.len()
@@ -1194,24 +1226,18 @@ impl Llama {
                 it.cache.k[l].truncate(it.pos * kv_dim);
                 it.cache.v[l].truncate(it.pos * kv_dim);
             }
-            let from = positions.len();
-            positions.extend(it.pos..it.pos + it.tokens.len());
-            spans.push(from..positions.len());
         }
+        let Rows {
+            spans,
+            positions,
+            tokens,
+            wanted,
+        } = Rows::of(items);
         let total = positions.len();
-        let tokens: Vec<u32> = items.iter().flat_map(|it| it.tokens).copied().collect();
         let mut x = self.embed(&tokens)?;
         let (global_cs, local_cs) = self.rope_tables(&positions);
         let group = c.n_head / c.n_head_kv;
         let scale = if c.scale_queries { 1.0 } else { c.attn_scale };
-        // The rows that go on past the last layer's attention: the last of each item that
-        // wants logits.
-        let wanted: Vec<usize> = items
-            .iter()
-            .zip(&spans)
-            .filter(|(it, _)| it.logits)
-            .map(|(_, s)| s.end - 1)
-            .collect();
         for l in 0..c.n_layer {
             let layer = &self.layers[l];
             let window = c.sliding.as_ref().filter(|w| w.layers[l]).map(|w| w.window);

@@ -16,6 +16,7 @@ use cudarc::driver::{
 };
 
 use super::kernels::{Arg, Device, Launch, NAMES};
+use super::Memory;
 
 /// The kernels, as NVRTC compiled them for `compute_80` (the driver compiles the PTX for the
 /// GPU it finds: Ampere, Hopper and later).
@@ -100,7 +101,7 @@ impl Cuda {
     }
 }
 
-impl Device for Cuda {
+impl Memory for Cuda {
     type Buf = CudaSlice<f32>;
 
     fn describe(&self) -> String {
@@ -131,11 +132,16 @@ impl Device for Cuda {
         to: usize,
         n: usize,
     ) -> anyhow::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
         self.stream
             .memcpy_dtod(&src.slice(from..from + n), &mut dst.slice_mut(to..to + n))?;
         Ok(())
     }
+}
 
+impl Device for Cuda {
     fn launch(
         &self,
         kernel: &'static str,

@@ -61,41 +61,13 @@ impl Emulated {
     }
 }
 
-impl Device for Emulated {
-    type Buf = Vec<f32>;
-
-    fn describe(&self) -> String {
+impl super::OnHost for Emulated {
+    fn name(&self) -> String {
         "emulated CUDA".into()
     }
+}
 
-    fn free_bytes(&self) -> Option<usize> {
-        None
-    }
-
-    fn upload(&self, data: &[f32]) -> anyhow::Result<Vec<f32>> {
-        Ok(data.to_vec())
-    }
-
-    fn zeros(&self, n: usize) -> anyhow::Result<Vec<f32>> {
-        Ok(vec![0.0; n.max(1)])
-    }
-
-    fn download(&self, b: &Vec<f32>, from: usize, n: usize) -> anyhow::Result<Vec<f32>> {
-        Ok(b[from..from + n].to_vec())
-    }
-
-    fn copy(
-        &self,
-        src: &Vec<f32>,
-        from: usize,
-        dst: &mut Vec<f32>,
-        to: usize,
-        n: usize,
-    ) -> anyhow::Result<()> {
-        dst[to..to + n].copy_from_slice(&src[from..from + n]);
-        Ok(())
-    }
-
+impl Device for Emulated {
     fn launch(
         &self,
         kernel: &'static str,
@@ -178,7 +150,6 @@ impl Device for Emulated {
 
 #[cfg(test)]
 mod tests {
-    use super::super::kernels::Kernels;
     use super::super::selftest;
     use super::*;
 
@@ -186,7 +157,7 @@ mod tests {
     /// (`selftest.rs`: the shapes and tolerances `corral-runner --gpu-self-test` uses on a GPU).
     #[test]
     fn every_emulated_kernel_computes_what_the_host_computes() {
-        let checks = selftest::run(&Kernels(Emulated::new())).unwrap();
+        let checks = selftest::run(&Emulated::new()).unwrap();
         assert!(checks.len() > 20, "{} checks", checks.len());
         for c in &checks {
             assert!(

@@ -3,7 +3,7 @@
 //! rounding where the kernels round): the device graph runs here in tests, on machines without
 //! a GPU, against the CPU forward pass.
 
-use super::{AttnShape, Backend};
+use super::{AttnShape, Backend, OnHost};
 use half::f16;
 
 #[derive(Debug, Default)]
@@ -13,29 +13,13 @@ fn r16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
-impl Backend for Host {
-    type Buf = Vec<f32>;
-
-    fn describe(&self) -> String {
+impl OnHost for Host {
+    fn name(&self) -> String {
         "host reference".into()
     }
+}
 
-    fn free_bytes(&self) -> Option<usize> {
-        None
-    }
-
-    fn upload(&self, data: &[f32]) -> anyhow::Result<Vec<f32>> {
-        Ok(data.to_vec())
-    }
-
-    fn zeros(&self, n: usize) -> anyhow::Result<Vec<f32>> {
-        Ok(vec![0.0; n])
-    }
-
-    fn download(&self, b: &Vec<f32>, from: usize, n: usize) -> anyhow::Result<Vec<f32>> {
-        Ok(b[from..from + n].to_vec())
-    }
-
+impl Backend for Host {
     fn matmul(
         &self,
         x: &Vec<f32>,
@@ -159,18 +143,6 @@ impl Backend for Host {
         x[..n]
             .iter_mut()
             .for_each(|v| *v = (*v * (1.0 / cap)).tanh() * cap);
-        Ok(())
-    }
-
-    fn copy(
-        &self,
-        src: &Vec<f32>,
-        from: usize,
-        dst: &mut Vec<f32>,
-        to: usize,
-        n: usize,
-    ) -> anyhow::Result<()> {
-        dst[to..to + n].copy_from_slice(&src[from..from + n]);
         Ok(())
     }
 

@@ -1,9 +1,9 @@
-//! The [`Backend`] operations as launches of `kernels.cu`, written once over a [`Device`] that
-//! moves memory and launches a kernel by name: CUDA (`cuda.rs`) in the runner, a CPU emulation
+//! The [`Backend`] operations as launches of `kernels.cu`, written once for every [`Device`]
+//! (memory, and a kernel launched by name): CUDA (`cuda.rs`) in the runner, a CPU emulation
 //! of CUDA's execution model (`emulate.rs`) in tests. The launch shapes and argument lists the
 //! tests run are the ones the GPU runs.
 
-use super::{AttnShape, Backend};
+use super::{AttnShape, Backend, Memory};
 
 /// A kernel argument, in the kernel's parameter order.
 pub enum Arg<'a, B> {
@@ -22,22 +22,8 @@ pub struct Launch {
     pub smem: u32,
 }
 
-/// Memory and launches on a device.
-pub trait Device: Send + Sync + 'static {
-    type Buf: Send + Sync + 'static;
-    fn describe(&self) -> String;
-    fn free_bytes(&self) -> Option<usize>;
-    fn upload(&self, data: &[f32]) -> anyhow::Result<Self::Buf>;
-    fn zeros(&self, n: usize) -> anyhow::Result<Self::Buf>;
-    fn download(&self, b: &Self::Buf, from: usize, n: usize) -> anyhow::Result<Vec<f32>>;
-    fn copy(
-        &self,
-        src: &Self::Buf,
-        from: usize,
-        dst: &mut Self::Buf,
-        to: usize,
-        n: usize,
-    ) -> anyhow::Result<()>;
+/// A device that launches the kernels of `kernels.cu` by name.
+pub trait Device: Memory {
     fn launch(
         &self,
         kernel: &'static str,
@@ -78,70 +64,30 @@ fn elems(n: usize) -> anyhow::Result<Launch> {
     })
 }
 
-/// The operations on a [`Device`].
-#[derive(Debug)]
-pub struct Kernels<D>(pub D);
-
-impl<D: Device> Kernels<D> {
-    fn each(
-        &self,
-        kernel: &'static str,
-        n: usize,
-        args: &mut [Arg<'_, D::Buf>],
-    ) -> anyhow::Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        self.0.launch(kernel, elems(n)?, args)
+/// An element-wise kernel over `n` values (nothing to launch for none).
+fn each<D: Device>(
+    d: &D,
+    kernel: &'static str,
+    n: usize,
+    args: &mut [Arg<'_, D::Buf>],
+) -> anyhow::Result<()> {
+    if n == 0 {
+        return Ok(());
     }
+    d.launch(kernel, elems(n)?, args)
 }
 
-impl<D: Device> Backend for Kernels<D> {
-    type Buf = D::Buf;
-
-    fn describe(&self) -> String {
-        self.0.describe()
-    }
-
-    fn free_bytes(&self) -> Option<usize> {
-        self.0.free_bytes()
-    }
-
-    fn upload(&self, data: &[f32]) -> anyhow::Result<D::Buf> {
-        self.0.upload(data)
-    }
-
-    fn zeros(&self, n: usize) -> anyhow::Result<D::Buf> {
-        self.0.zeros(n)
-    }
-
-    fn download(&self, b: &D::Buf, from: usize, n: usize) -> anyhow::Result<Vec<f32>> {
-        self.0.download(b, from, n)
-    }
-
-    fn copy(
-        &self,
-        src: &D::Buf,
-        from: usize,
-        dst: &mut D::Buf,
-        to: usize,
-        n: usize,
-    ) -> anyhow::Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        self.0.copy(src, from, dst, to, n)
-    }
-
+/// The operations on a [`Device`].
+impl<D: Device> Backend for D {
     fn matmul(
         &self,
-        x: &D::Buf,
-        w: &D::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
         rows: usize,
         k: usize,
         n: usize,
-    ) -> anyhow::Result<D::Buf> {
-        let mut out = self.0.zeros(rows * n)?;
+    ) -> anyhow::Result<Self::Buf> {
+        let mut out = self.zeros(rows * n)?;
         if rows == 0 || n == 0 {
             return Ok(out);
         }
@@ -166,7 +112,7 @@ impl<D: Device> Backend for Kernels<D> {
                 },
             )
         };
-        self.0.launch(
+        self.launch(
             kernel,
             at,
             &mut [
@@ -183,17 +129,17 @@ impl<D: Device> Backend for Kernels<D> {
 
     fn rms_norm(
         &self,
-        x: &D::Buf,
-        w: &D::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
         rows: usize,
         n: usize,
         eps: f32,
-    ) -> anyhow::Result<D::Buf> {
-        let mut out = self.0.zeros(rows * n)?;
+    ) -> anyhow::Result<Self::Buf> {
+        let mut out = self.zeros(rows * n)?;
         if rows == 0 || n == 0 {
             return Ok(out);
         }
-        self.0.launch(
+        self.launch(
             "rms_norm",
             Launch {
                 grid: (u(rows)?.max(1), 1),
@@ -211,8 +157,15 @@ impl<D: Device> Backend for Kernels<D> {
         Ok(out)
     }
 
-    fn add_rows(&self, x: &mut D::Buf, b: &D::Buf, rows: usize, n: usize) -> anyhow::Result<()> {
-        self.each(
+    fn add_rows(
+        &self,
+        x: &mut Self::Buf,
+        b: &Self::Buf,
+        rows: usize,
+        n: usize,
+    ) -> anyhow::Result<()> {
+        each(
+            self,
             "add_rows",
             rows * n,
             &mut [
@@ -224,29 +177,45 @@ impl<D: Device> Backend for Kernels<D> {
         )
     }
 
-    fn add(&self, x: &mut D::Buf, y: &D::Buf, n: usize) -> anyhow::Result<()> {
-        self.each("add", n, &mut [Arg::Out(x), Arg::Buf(y), Arg::U32(u(n)?)])
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf, n: usize) -> anyhow::Result<()> {
+        each(
+            self,
+            "add",
+            n,
+            &mut [Arg::Out(x), Arg::Buf(y), Arg::U32(u(n)?)],
+        )
     }
 
-    fn scale(&self, x: &mut D::Buf, n: usize, s: f32) -> anyhow::Result<()> {
-        self.each("scale", n, &mut [Arg::Out(x), Arg::U32(u(n)?), Arg::F32(s)])
+    fn scale(&self, x: &mut Self::Buf, n: usize, s: f32) -> anyhow::Result<()> {
+        each(
+            self,
+            "scale",
+            n,
+            &mut [Arg::Out(x), Arg::U32(u(n)?), Arg::F32(s)],
+        )
     }
 
-    fn round_f16(&self, x: &mut D::Buf, n: usize) -> anyhow::Result<()> {
-        self.each("round_f16_all", n, &mut [Arg::Out(x), Arg::U32(u(n)?)])
+    fn round_f16(&self, x: &mut Self::Buf, n: usize) -> anyhow::Result<()> {
+        each(
+            self,
+            "round_f16_all",
+            n,
+            &mut [Arg::Out(x), Arg::U32(u(n)?)],
+        )
     }
 
     fn rope(
         &self,
-        x: &mut D::Buf,
-        cos_sin: &D::Buf,
+        x: &mut Self::Buf,
+        cos_sin: &Self::Buf,
         rows: usize,
         n_head: usize,
         head_dim: usize,
         n_rot: usize,
         neox: bool,
     ) -> anyhow::Result<()> {
-        self.each(
+        each(
+            self,
             "rope",
             rows * n_head * (n_rot / 2),
             &mut [
@@ -261,8 +230,9 @@ impl<D: Device> Backend for Kernels<D> {
         )
     }
 
-    fn gated(&self, g: &mut D::Buf, up: &D::Buf, n: usize, gelu: bool) -> anyhow::Result<()> {
-        self.each(
+    fn gated(&self, g: &mut Self::Buf, up: &Self::Buf, n: usize, gelu: bool) -> anyhow::Result<()> {
+        each(
+            self,
             "gated",
             n,
             &mut [
@@ -274,8 +244,9 @@ impl<D: Device> Backend for Kernels<D> {
         )
     }
 
-    fn softcap(&self, x: &mut D::Buf, n: usize, cap: f32) -> anyhow::Result<()> {
-        self.each(
+    fn softcap(&self, x: &mut Self::Buf, n: usize, cap: f32) -> anyhow::Result<()> {
+        each(
+            self,
             "softcap",
             n,
             &mut [Arg::Out(x), Arg::U32(u(n)?), Arg::F32(cap)],
@@ -284,11 +255,11 @@ impl<D: Device> Backend for Kernels<D> {
 
     fn attention(
         &self,
-        q: &D::Buf,
-        kc: &D::Buf,
-        vc: &D::Buf,
+        q: &Self::Buf,
+        kc: &Self::Buf,
+        vc: &Self::Buf,
         a: &AttnShape,
-        out: &mut D::Buf,
+        out: &mut Self::Buf,
     ) -> anyhow::Result<()> {
         // Dynamic shared memory: the query (head_dim) and the scores of the longest row's
         // window (pos + rows keys).
@@ -301,7 +272,7 @@ impl<D: Device> Backend for Kernels<D> {
                 a.pos + a.rows
             );
         }
-        self.0.launch(
+        self.launch(
             "attention",
             Launch {
                 grid: (u(a.rows)?, u(a.n_head)?),

@@ -24,7 +24,7 @@ use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::llama::{Item, KvCache, Llama};
+use crate::llama::{Item, KvCache, Llama, Rows};
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -74,9 +74,8 @@ pub struct AttnShape {
     pub window: usize,
 }
 
-/// The operations the graph needs, on buffers of f32 of the backend's own. Lengths are passed
-/// explicitly; every buffer is at least as long as the operation reads or writes.
-pub trait Backend: Send + Sync + 'static {
+/// Buffers of f32 on a device: made, filled, read back, copied.
+pub trait Memory: Send + Sync + 'static {
     type Buf: Send + Sync + 'static;
     /// The device, for logs and `ready`.
     fn describe(&self) -> String;
@@ -85,6 +84,61 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, data: &[f32]) -> anyhow::Result<Self::Buf>;
     fn zeros(&self, n: usize) -> anyhow::Result<Self::Buf>;
     fn download(&self, b: &Self::Buf, from: usize, n: usize) -> anyhow::Result<Vec<f32>>;
+    /// `dst[to..to + n] = src[from..from + n]`.
+    fn copy(
+        &self,
+        src: &Self::Buf,
+        from: usize,
+        dst: &mut Self::Buf,
+        to: usize,
+        n: usize,
+    ) -> anyhow::Result<()>;
+}
+
+/// Memory that is a `Vec<f32>` on the host: the reference backend's and the emulator's.
+pub trait OnHost: Send + Sync + 'static {
+    fn name(&self) -> String;
+}
+
+impl<T: OnHost> Memory for T {
+    type Buf = Vec<f32>;
+
+    fn describe(&self) -> String {
+        self.name()
+    }
+
+    fn free_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    fn upload(&self, data: &[f32]) -> anyhow::Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
+    fn zeros(&self, n: usize) -> anyhow::Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn download(&self, b: &Vec<f32>, from: usize, n: usize) -> anyhow::Result<Vec<f32>> {
+        Ok(b[from..from + n].to_vec())
+    }
+
+    fn copy(
+        &self,
+        src: &Vec<f32>,
+        from: usize,
+        dst: &mut Vec<f32>,
+        to: usize,
+        n: usize,
+    ) -> anyhow::Result<()> {
+        dst[to..to + n].copy_from_slice(&src[from..from + n]);
+        Ok(())
+    }
+}
+
+/// The operations the graph needs, on a device's buffers. Lengths are passed explicitly; every
+/// buffer is at least as long as the operation reads or writes.
+pub trait Backend: Memory {
     /// `out[r][j] = Σ_i x[r][i] · w[j][i]`: `rows` rows of `k` values, `n` weight rows.
     fn matmul(
         &self,
@@ -130,15 +184,6 @@ pub trait Backend: Send + Sync + 'static {
     /// `g = act(g) · u`: GELU (tanh, ggml's f16 table) or SiLU.
     fn gated(&self, g: &mut Self::Buf, u: &Self::Buf, n: usize, gelu: bool) -> anyhow::Result<()>;
     fn softcap(&self, x: &mut Self::Buf, n: usize, cap: f32) -> anyhow::Result<()>;
-    /// `dst[to..to + n] = src[from..from + n]`.
-    fn copy(
-        &self,
-        src: &Self::Buf,
-        from: usize,
-        dst: &mut Self::Buf,
-        to: usize,
-        n: usize,
-    ) -> anyhow::Result<()>;
     /// One sequence's attention rows into `out` (same rows as in `q`).
     fn attention(
         &self,
@@ -468,8 +513,6 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
         let b = &self.b;
         let c = host.config();
         let kv_dim = c.n_head_kv * c.head_dim;
-        let mut spans = Vec::with_capacity(items.len());
-        let mut positions = Vec::new();
         for it in items.iter_mut() {
             it.check(c.max_seq)?;
             let Some(kv) = it.cache.dev.as_mut() else {
@@ -482,13 +525,15 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
             kv.len = it.pos;
             let need = it.pos + it.tokens.len();
             self.ensure_room(kv, need, it.pos, c.n_layer, kv_dim, c.max_seq)?;
-            let from = positions.len();
-            positions.extend(it.pos..need);
-            spans.push(from..positions.len());
         }
+        let Rows {
+            spans,
+            positions,
+            tokens,
+            wanted,
+        } = Rows::of(items);
         let total = positions.len();
-        let tokens: Vec<u32> = items.iter().flat_map(|it| it.tokens).copied().collect();
-        let logit_rows = items.iter().filter(|it| it.logits).count();
+        let logit_rows = wanted.len();
         if self.cap.is_some()
             && pass_bytes(
                 c,
@@ -511,12 +556,6 @@ impl<B: Backend> DeviceForward for DeviceModel<B> {
         let local = local.map(|l| b.upload(&flat(&l))).transpose()?;
         let group = c.n_head / c.n_head_kv;
         let scale = if c.scale_queries { 1.0 } else { c.attn_scale };
-        let wanted: Vec<usize> = items
-            .iter()
-            .zip(&spans)
-            .filter(|(it, _)| it.logits)
-            .map(|(_, s)| s.end - 1)
-            .collect();
         let mut rows = total;
         for (l, layer) in self.layers.iter().enumerate() {
             let window = c.sliding.as_ref().filter(|w| w.layers[l]).map(|w| w.window);
@@ -746,8 +785,8 @@ pub fn parse_capability(v: &str) -> anyhow::Result<(u32, u32)> {
 pub fn self_test() -> anyhow::Result<()> {
     #[cfg(feature = "cuda")]
     {
-        let d = kernels::Kernels(cuda::Cuda::new(0)?);
-        println!("{}", Backend::describe(&d));
+        let d = cuda::Cuda::new(0)?;
+        println!("{}", d.describe());
         let t = std::time::Instant::now();
         let checks = selftest::run(&d)?;
         let bad = checks.iter().filter(|c| !c.ok()).count();
@@ -794,12 +833,7 @@ pub fn open(
         Choice::Cuda => {
             let d = cuda::Cuda::new(0)?;
             needs.check(&d.name(), d.capability(), d.total_bytes())?;
-            Ok(Some(Box::new(DeviceModel::new(
-                kernels::Kernels(d),
-                host,
-                cap_mb,
-                largest,
-            )?)))
+            Ok(Some(Box::new(DeviceModel::new(d, host, cap_mb, largest)?)))
         }
         #[cfg(not(feature = "cuda"))]
         Choice::Cuda => {
