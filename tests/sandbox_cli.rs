@@ -171,6 +171,50 @@ fn child_processes_follow_max_child_processes() {
     assert_eq!(v["ok"], false, "{v}");
 }
 
+/// A program that leaves a child running and exits: the child dies with it (it was in the
+/// program's PID namespace), the command returns at once, and nothing of it remains.
+#[test]
+fn children_left_running_die_with_the_program() {
+    let s = Scratch::new();
+    let p = s.profile("kids", "[process_limits]\nmax_child_processes = 4\n");
+    let started = Instant::now();
+    let child = corral_cmd()
+        .args(["sandbox", "exec", "-p"])
+        .arg(&p)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "/bin/sleep 37.25 & /bin/sleep 0.1; kill -0 $! && echo started",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // The background sleep holds the output pipe: reading to its end waits for it to die.
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "started");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the background child outlived the program: {:?}",
+        started.elapsed()
+    );
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("sleep 37.25"))
+        .collect();
+    assert!(survivors.is_empty(), "still running: {survivors:?}");
+    assert!(
+        cgroups_of(pid).is_empty(),
+        "cgroup left behind: {:?}",
+        cgroups_of(pid)
+    );
+}
+
 fn cgroups_of(pid: u32) -> Vec<std::path::PathBuf> {
     sandbox_cgroups()
         .into_iter()

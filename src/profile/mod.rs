@@ -18,6 +18,7 @@ pub mod validate;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 pub use schema::RawProfile;
 pub use validate::Profile;
@@ -89,7 +90,26 @@ struct Entry {
     origin: Origin,
     /// Key prefix inside the origin file (`slm.sandbox_profiles.NAME.` for inline profiles).
     key_prefix: String,
-    table: toml::Table,
+    /// The profile's table; a built-in's is parsed from its text when first needed.
+    table: OnceLock<toml::Table>,
+    /// The compiled profile, once `resolve` has compiled it (the configuration checks every
+    /// profile at load, then each launch resolves its own: compiled once, cloned after).
+    compiled: OnceLock<Profile>,
+}
+
+impl Entry {
+    fn table(&self) -> &toml::Table {
+        self.table.get_or_init(|| match self.origin {
+            // The built-ins are part of the binary and checked by the test suite.
+            Origin::Builtin(name) => BUILTIN
+                .iter()
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, text)| toml::from_str(text).ok())
+                .unwrap_or_default(),
+            // Files and inline profiles are read when the registry is loaded.
+            Origin::File(_) | Origin::Inline { .. } => toml::Table::new(),
+        })
+    }
 }
 
 /// All profiles known to one configuration, by name.
@@ -103,15 +123,14 @@ impl ProfileRegistry {
     /// The built-in profiles only.
     pub fn builtin() -> Self {
         let mut builtins = BTreeMap::new();
-        for (name, text) in BUILTIN {
-            // The built-ins are part of the binary and checked by the test suite.
-            let table: toml::Table = toml::from_str(text).unwrap_or_default();
+        for (name, _) in BUILTIN {
             builtins.insert(
                 (*name).to_string(),
                 Entry {
                     origin: Origin::Builtin(name),
                     key_prefix: String::new(),
-                    table,
+                    table: OnceLock::new(),
+                    compiled: OnceLock::new(),
                 },
             );
         }
@@ -156,7 +175,8 @@ impl ProfileRegistry {
                     Entry {
                         origin: Origin::File(path),
                         key_prefix: String::new(),
-                        table,
+                        table: OnceLock::from(table),
+                        compiled: OnceLock::new(),
                     },
                 );
             }
@@ -188,7 +208,8 @@ impl ProfileRegistry {
                         config: config_path.clone(),
                     },
                     key_prefix: format!("slm.sandbox_profiles.{name}."),
-                    table: table.clone(),
+                    table: OnceLock::from(table.clone()),
+                    compiled: OnceLock::new(),
                 },
             );
         }
@@ -197,6 +218,13 @@ impl ProfileRegistry {
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.entries.keys().map(String::as_str)
+    }
+
+    /// Whether `name` is a built-in profile not overridden by a file or the configuration.
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.entries
+            .get(name)
+            .is_some_and(|e| matches!(e.origin, Origin::Builtin(_)))
     }
 
     /// Where `name` is defined, for messages.
@@ -217,7 +245,8 @@ impl ProfileRegistry {
             let entry = Entry {
                 origin: Origin::File(path),
                 key_prefix: String::new(),
-                table,
+                table: OnceLock::from(table),
+                compiled: OnceLock::new(),
             };
             return self.compile(&name, &entry);
         }
@@ -228,7 +257,11 @@ impl ProfileRegistry {
                 name: name_or_path.to_string(),
                 known: self.entries.keys().cloned().collect::<Vec<_>>().join(", "),
             })?;
-        self.compile(name_or_path, entry)
+        if let Some(p) = entry.compiled.get() {
+            return Ok(p.clone());
+        }
+        let p = self.compile(name_or_path, entry)?;
+        Ok(entry.compiled.get_or_init(|| p).clone())
     }
 
     fn compile(&self, name: &str, entry: &Entry) -> Result<Profile> {
@@ -257,7 +290,7 @@ impl ProfileRegistry {
 
     /// `entry` merged onto its base chain, `extends` removed.
     fn merged(&self, name: &str, entry: &Entry, chain: &mut Vec<String>) -> Result<toml::Table> {
-        let mut table = entry.table.clone();
+        let mut table = entry.table().clone();
         let extends = match table.remove("extends") {
             None => None,
             Some(toml::Value::String(s)) => Some(s),

@@ -4,7 +4,6 @@
 //! (`process_limits.allowed_syscalls[2]: unknown syscall 'fooo'`); the caller prefixes the file.
 
 use std::path::{Component, Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use syscalls::Sysno;
@@ -218,7 +217,7 @@ pub fn validate(name: &str, origin: &str, raw: RawProfile) -> Result<Profile, In
     let mut allowed_syscalls = Vec::with_capacity(pl.allowed_syscalls.len());
     for (i, name) in pl.allowed_syscalls.iter().enumerate() {
         let key = format!("process_limits.allowed_syscalls[{i}]");
-        let sysno = Sysno::from_str(name.trim()).map_err(|_| {
+        let sysno = seccomp::sysno(name.trim()).ok_or_else(|| {
             invalid(
                 &key,
                 format!("unknown syscall '{name}' on {}", std::env::consts::ARCH),

@@ -276,6 +276,8 @@ pub struct Cgroup {
     pids: Option<(Version, PathBuf)>,
     cpuacct: Option<(Version, PathBuf)>,
     dirs: Vec<PathBuf>,
+    /// The cgroup v2 directory among `dirs`, if any (at most one: there is one v2 hierarchy).
+    v2: Option<PathBuf>,
 }
 
 const BASE: &str = "corral";
@@ -289,6 +291,7 @@ impl Cgroup {
             pids: None,
             cpuacct: None,
             dirs: Vec::new(),
+            v2: None,
         };
         let result = cg.create_inner(host, name, limits);
         if let Err(e) = result {
@@ -311,6 +314,9 @@ impl Cgroup {
         }
         mkdir(&dir)?;
         self.dirs.push(dir.clone());
+        if h.version == Version::V2 {
+            self.v2 = Some(dir.clone());
+        }
         Ok(dir)
     }
 
@@ -438,8 +444,8 @@ impl Cgroup {
     pub fn self_join_files(&self) -> Vec<PathBuf> {
         self.dirs
             .iter()
+            .filter(|d| Some(*d) != self.v2.as_ref())
             .map(|d| d.join("tasks"))
-            .filter(|t| t.exists())
             .collect()
     }
 
@@ -482,18 +488,13 @@ impl Cgroup {
 
     /// The cgroup v2 directory, if this cgroup has one (for `CLONE_INTO_CGROUP`).
     pub fn v2_dir(&self) -> Option<&Path> {
-        self.dirs
-            .iter()
-            .find(|d| !d.join("tasks").exists())
-            .map(PathBuf::as_path)
+        self.v2.as_deref()
     }
 
     /// Adds `pid` to the hierarchies [`Cgroup::self_join_files`] does not cover (cgroup v2).
     pub fn add_remaining(&self, pid: i32) -> Result<()> {
-        for dir in &self.dirs {
-            if !dir.join("tasks").exists() {
-                write(&dir.join("cgroup.procs"), &pid.to_string())?;
-            }
+        if let Some(dir) = &self.v2 {
+            write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
     }
@@ -525,12 +526,24 @@ impl Cgroup {
         s
     }
 
+    /// Whether any process is still in the cgroup (read from one hierarchy: they all hold the
+    /// same processes). An unreadable list counts as populated.
+    pub fn populated(&self) -> bool {
+        self.dirs.first().is_some_and(|d| {
+            fs::read_to_string(d.join("cgroup.procs")).map_or(true, |s| !s.trim().is_empty())
+        })
+    }
+
     /// SIGKILLs every process still in the cgroup.
     pub fn kill_all(&self) {
-        for dir in &self.dirs {
+        // Every hierarchy holds the same processes (the child joins them all, its descendants
+        // inherit them): a v2 `cgroup.kill` (Linux 5.14+) reaches all of them at once.
+        if let Some(dir) = &self.v2 {
             if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-                continue;
+                return;
             }
+        }
+        for dir in &self.dirs {
             for pid in fs::read_to_string(dir.join("cgroup.procs"))
                 .unwrap_or_default()
                 .lines()
@@ -546,6 +559,7 @@ impl Cgroup {
     /// Kills what is left and removes the directories (retrying while the kernel reaps).
     pub fn remove(&mut self) -> Result<()> {
         let mut first_err = None;
+        self.v2 = None;
         for dir in std::mem::take(&mut self.dirs).into_iter().rev() {
             if let Err(e) = remove_dir(&dir) {
                 first_err.get_or_insert(e);

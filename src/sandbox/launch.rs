@@ -269,11 +269,6 @@ pub fn spawn(
     host: &HostSupport,
     stdio: [Option<OwnedFd>; 3],
 ) -> Result<Sandbox, SandboxError> {
-    SWEEP.call_once(|| {
-        for dir in cgroup::sweep_stale(&host.cgroups) {
-            tracing::info!(cgroup = %dir.display(), "removed a stale sandbox cgroup left by a dead supervisor");
-        }
-    });
     let t_start = Instant::now();
     let root = root_dir(cfg)?;
     let progress = Progress::new()?;
@@ -472,6 +467,15 @@ pub fn spawn(
         times = ?sandbox.times,
         "sandbox started"
     );
+    // Cgroups of dead supervisors go once per process, after the first launch rather than
+    // before it: the program is already running (on a second core) while the directories of
+    // every hierarchy are read, and the names cannot collide (they carry the owner's pid and
+    // start time).
+    SWEEP.call_once(|| {
+        for dir in cgroup::sweep_stale(&host.cgroups) {
+            tracing::info!(cgroup = %dir.display(), "removed a stale sandbox cgroup left by a dead supervisor");
+        }
+    });
     Ok(sandbox)
 }
 
@@ -770,8 +774,12 @@ impl Sandbox {
         } else {
             Exit::Code(libc::WEXITSTATUS(status))
         };
-        // Anything the program left behind (children under max_child_processes) dies with it.
-        if let Some(cg) = &self.cgroup {
+        // Anything the program left behind (children under max_child_processes) has died with
+        // it: the program was pid 1 of its own PID namespace, and the kernel kills and reaps
+        // every other process of that namespace before it reports pid 1's exit. Nothing else
+        // can join the sandbox's cgroups, so they are empty; checked all the same (one read
+        // instead of a kill pass over every hierarchy: ~0.3 ms of each launch's teardown).
+        if let Some(cg) = self.cgroup.as_ref().filter(|cg| cg.populated()) {
             cg.kill_all();
         }
         let stats = self.stats();

@@ -1112,6 +1112,30 @@ struct Tree {
     nodes: BTreeMap<PathBuf, Node>,
     /// The profile's write paths (as written and resolved): symlinks below them are refused.
     writable: Vec<PathBuf>,
+    /// What `lstat` (and `readlink`) said of each path walked so far in this plan: `None` for
+    /// absent, `Some(None)` for not a symlink, `Some(Some(target))` for a symlink. A plan walks
+    /// `/usr`, `/lib` and the library directories once per file under them; the child opens
+    /// every bound path again itself (`openat2`, no symlinks followed), so nothing relies on
+    /// this staying true after planning.
+    seen: std::cell::RefCell<std::collections::HashMap<PathBuf, Option<Option<PathBuf>>>>,
+}
+
+impl Tree {
+    fn lstat(&self, path: &Path) -> std::io::Result<Option<Option<PathBuf>>> {
+        if let Some(known) = self.seen.borrow().get(path) {
+            return Ok(known.clone());
+        }
+        let found = match fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => Some(Some(fs::read_link(path)?)),
+            Ok(_) => Some(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        self.seen
+            .borrow_mut()
+            .insert(path.to_path_buf(), found.clone());
+        Ok(found)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1164,9 +1188,13 @@ impl Tree {
                 continue;
             }
             let next = cur.join(&comp);
-            let meta = match fs::symlink_metadata(&next) {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            let target = match self.lstat(&next) {
+                Ok(None) => return Ok(None),
+                Ok(Some(None)) => {
+                    cur = next;
+                    continue;
+                }
+                Ok(Some(Some(target))) => target,
                 Err(e) => {
                     return Err(SandboxError::Path {
                         path: p.into(),
@@ -1174,10 +1202,6 @@ impl Tree {
                     })
                 }
             };
-            if !meta.file_type().is_symlink() {
-                cur = next;
-                continue;
-            }
             hops += 1;
             if hops > 40 {
                 return Err(SandboxError::Path {
@@ -1185,10 +1209,6 @@ impl Tree {
                     reason: "too many levels of symbolic links".into(),
                 });
             }
-            let target = fs::read_link(&next).map_err(|e| SandboxError::Path {
-                path: next.clone(),
-                reason: e.to_string(),
-            })?;
             // A symlink inside a tree a sandbox can write to may have been planted by an earlier
             // run to widen this one: never follow it.
             if self
