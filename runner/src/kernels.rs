@@ -553,7 +553,37 @@ impl QMat {
             threads * 2
         };
         let chunk = total.div_ceil(tasks).max(1);
-        let mut all = vec![0f32; total * n];
+        // Each matrix's output, `[activation][row]`: every task computes its rows
+        // `[row][activation]` into a buffer of its own and writes them here itself, while they
+        // are in its cache (a separate transpose pass over the whole product was 7% of a
+        // prefill, and its buffer as large again as the output).
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
+        let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+        let scatter = |g0: usize, dst: &[f32]| {
+            let here = dst.len() / n;
+            let mut k = 0;
+            while k < here {
+                let mi = starts.iter().rposition(|s| *s <= g0 + k).unwrap_or(0);
+                let (rows, first) = (mats[mi].rows, starts[mi]);
+                let end = (first + rows - g0).min(here);
+                let base = ptrs[mi];
+                // Eight activations at a time: each pass reads `dst` in order and writes eight
+                // output rows in order.
+                for j0 in (0..n).step_by(8) {
+                    let j1 = (j0 + 8).min(n);
+                    for kk in k..end {
+                        let r = g0 + kk - first;
+                        for (j, v) in (j0..j1).zip(&dst[kk * n + j0..kk * n + j1]) {
+                            // SAFETY: `outs[mi]` holds `n * rows` values and outlives the
+                            // tasks; row `r` of matrix `mi` is computed by this task alone,
+                            // so no other task writes `j * rows + r`.
+                            unsafe { *base.0.add(j * rows + r) = *v };
+                        }
+                    }
+                }
+                k = end;
+            }
+        };
         // Prefill: tiles of weight rows against activation rows (AVX-512: four rows against
         // eight, `avx512_wide`; AVX2: one row against eight, `tile32_row8`; each result
         // computed exactly as the one-by-one product). Decoding (one activation row) goes row
@@ -666,45 +696,20 @@ impl QMat {
                 }
             }
         };
-        if tasks == 1 {
-            compute(0, &mut all);
+        let task = |ci: usize| {
+            let rows = chunk.min(total - ci * chunk);
+            let mut dst = vec![0f32; rows * n];
+            compute(ci, &mut dst);
+            scatter(ci * chunk, &dst);
+        };
+        let count = total.div_ceil(chunk);
+        if tasks == 1 || count == 1 {
+            (0..count).for_each(task);
         } else {
-            all.par_chunks_mut(chunk * n)
-                .enumerate()
-                .for_each(|(ci, dst)| compute(ci, dst));
+            (0..count).into_par_iter().for_each(task);
         }
-        mats.iter()
-            .zip(&starts)
-            .map(|(m, s)| {
-                let part = &all[s * n..(s + m.rows) * n];
-                if n == 1 {
-                    return part.to_vec();
-                }
-                // [row][activation] to [activation][row], eight activation rows at a time (each
-                // pass reads `part` in order and writes eight output rows in order).
-                let mut out = vec![0f32; n * m.rows];
-                let transpose = |c: usize, outs: &mut [f32]| {
-                    let i0 = c * 8;
-                    let w = outs.len() / m.rows;
-                    for (r, src) in part.chunks_exact(n).enumerate() {
-                        for (k, v) in src[i0..i0 + w].iter().enumerate() {
-                            outs[k * m.rows + r] = *v;
-                        }
-                    }
-                };
-                if tasks == 1 {
-                    for (c, outs) in out.chunks_mut((8 * m.rows).max(1)).enumerate() {
-                        transpose(c, outs);
-                    }
-                } else {
-                    // On every thread too: serial, it was 3% of a prefill.
-                    out.par_chunks_mut((8 * m.rows).max(1))
-                        .enumerate()
-                        .for_each(|(c, outs)| transpose(c, outs));
-                }
-                out
-            })
-            .collect()
+        drop(ptrs);
+        outs
     }
 
     /// `x` holds `n` rows of `cols` values; returns `n` rows of `rows` values.
@@ -877,6 +882,15 @@ fn per_row<T: Send>(
         x.chunks_exact(cols).take(n).map(f).collect()
     }
 }
+
+/// Where a product's tasks write their rows of one output matrix (each task its own rows).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the pointer is only written through at indices one task owns (see `scatter` in
+// `matmul_many_batched`), while the vector it points into is alive and not otherwise touched.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
 
 /// `R` rows of one block-32 type against every activation row, four at a time (`tile`):
 /// `dst[r * n + i]` gets row `r`'s product with activation row `i`.
