@@ -537,15 +537,18 @@ fn serve(
 /// raised only to the largest block freed so far) with a fresh `mmap` and returns the heap's top
 /// above its trim threshold at every `free`, so each of those buffers came back as new pages:
 /// a page fault and the kernel's zeroing per 4 KB, 8% of a 315-token prefill's time in page
-/// faults and 10% in `memset` (`perf`, Q8_0). With blocks up to 64 MiB served from the heap and
-/// up to 64 MiB of free heap kept, the same prefill takes 24% less time. Larger blocks (the
-/// weights) still get their own mappings, and the most memory kept unused is bounded.
+/// faults and 10% in `memset` (`perf`, Q8_0). With blocks up to 32 MiB (the most glibc
+/// documents for 64-bit hosts) served from the heap and up to 64 MiB of free heap kept, the same
+/// prefill takes 24% less time. Larger blocks (the weights) still get their own mappings, and
+/// the most memory kept unused is bounded. Where glibc refuses the threshold, nothing is changed
+/// (setting only the trim threshold would also stop the mmap threshold's own growth).
 fn keep_freed_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets the allocator's parameters; called before any thread starts.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        if libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1 {
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        }
     }
 }
 
