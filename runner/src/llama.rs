@@ -1748,7 +1748,6 @@ fn softcap(x: &mut [f32], cap: f32) {
     x.iter_mut().for_each(|v| *v = (*v * inv).tanh() * cap);
 }
 
-/// Row-wise RMS norm times `w`; the sum of squares accumulates in f64 as in ggml.
 /// Fewest values for which a row-wise step of the forward pass goes to the compute pool: below
 /// it (decoding, short prompts) a parallel region costs more than the work.
 const PAR_ROWS_MIN: usize = 16_384;
@@ -1778,6 +1777,7 @@ fn for_rows(x: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync + 
         });
 }
 
+/// Row-wise RMS norm times `w`; the sum of squares accumulates in f64 as in ggml.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
     let mut out = vec![0f32; x.len()];

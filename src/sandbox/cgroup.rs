@@ -276,8 +276,8 @@ pub struct Cgroup {
     pids: Option<(Version, PathBuf)>,
     cpuacct: Option<(Version, PathBuf)>,
     dirs: Vec<PathBuf>,
-    /// The cgroup v2 directory among `dirs`, if any (at most one: there is one v2 hierarchy).
-    v2: Option<PathBuf>,
+    /// The cgroup v2 directories among `dirs` (one, unless cgroup2 is mounted twice).
+    v2: Vec<PathBuf>,
 }
 
 const BASE: &str = "corral";
@@ -291,7 +291,7 @@ impl Cgroup {
             pids: None,
             cpuacct: None,
             dirs: Vec::new(),
-            v2: None,
+            v2: Vec::new(),
         };
         let result = cg.create_inner(host, name, limits);
         if let Err(e) = result {
@@ -315,7 +315,7 @@ impl Cgroup {
         mkdir(&dir)?;
         self.dirs.push(dir.clone());
         if h.version == Version::V2 {
-            self.v2 = Some(dir.clone());
+            self.v2.push(dir.clone());
         }
         Ok(dir)
     }
@@ -444,7 +444,7 @@ impl Cgroup {
     pub fn self_join_files(&self) -> Vec<PathBuf> {
         self.dirs
             .iter()
-            .filter(|d| Some(*d) != self.v2.as_ref())
+            .filter(|d| !self.v2.contains(d))
             .map(|d| d.join("tasks"))
             .collect()
     }
@@ -488,12 +488,12 @@ impl Cgroup {
 
     /// The cgroup v2 directory, if this cgroup has one (for `CLONE_INTO_CGROUP`).
     pub fn v2_dir(&self) -> Option<&Path> {
-        self.v2.as_deref()
+        self.v2.first().map(PathBuf::as_path)
     }
 
     /// Adds `pid` to the hierarchies [`Cgroup::self_join_files`] does not cover (cgroup v2).
     pub fn add_remaining(&self, pid: i32) -> Result<()> {
-        if let Some(dir) = &self.v2 {
+        for dir in &self.v2 {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
@@ -538,7 +538,7 @@ impl Cgroup {
     pub fn kill_all(&self) {
         // Every hierarchy holds the same processes (the child joins them all, its descendants
         // inherit them): a v2 `cgroup.kill` (Linux 5.14+) reaches all of them at once.
-        if let Some(dir) = &self.v2 {
+        if let Some(dir) = self.v2.first() {
             if fs::write(dir.join("cgroup.kill"), "1").is_ok() {
                 return;
             }
@@ -559,7 +559,7 @@ impl Cgroup {
     /// Kills what is left and removes the directories (retrying while the kernel reaps).
     pub fn remove(&mut self) -> Result<()> {
         let mut first_err = None;
-        self.v2 = None;
+        self.v2.clear();
         for dir in std::mem::take(&mut self.dirs).into_iter().rev() {
             if let Err(e) = remove_dir(&dir) {
                 first_err.get_or_insert(e);
@@ -720,7 +720,9 @@ pub fn sweep_stale(host: &CgroupHost) -> Vec<PathBuf> {
             ) else {
                 continue;
             };
-            if process_start_time(pid) == Some(start) {
+            // This process's own (a name with start time 0 where /proc could not tell it) are
+            // never stale: the sweep runs while its first sandbox is running.
+            if pid == std::process::id() || process_start_time(pid) == Some(start) {
                 continue; // owner alive
             }
             let dir = entry.path();
