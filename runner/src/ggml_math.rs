@@ -132,32 +132,7 @@ pub fn dot(a: &[f32], b: &[f32], order: Order) -> f32 {
 /// overlap instead of waiting on one another.
 #[inline(always)]
 pub fn dot_many_tinyblas<const P: usize>(a: &[f32], bs: [&[f32]; P]) -> [f32; P] {
-    let n = bs.iter().fold(a.len(), |n, b| n.min(b.len()));
-    let mut acc = [[0f32; 8]; P];
-    let full = n / 8 * 8;
-    for g in (0..full).step_by(8) {
-        let Ok(x) = <&[f32; 8]>::try_from(&a[g..g + 8]) else {
-            continue;
-        };
-        for (acc, b) in acc.iter_mut().zip(&bs) {
-            if let Ok(y) = <&[f32; 8]>::try_from(&b[g..g + 8]) {
-                fma8(acc, x, y);
-            }
-        }
-    }
-    if full < n {
-        let mut x = [0f32; 8];
-        x[..n - full].copy_from_slice(&a[full..n]);
-        for (acc, b) in acc.iter_mut().zip(&bs) {
-            let mut y = [0f32; 8];
-            y[..n - full].copy_from_slice(&b[full..n]);
-            fma8(acc, &x, &y);
-        }
-    }
-    let mut out = [0f32; P];
-    for (o, a) in out.iter_mut().zip(&acc) {
-        *o = hsum8(a);
-    }
+    let [out] = dot_tile_tinyblas([a], bs);
     out
 }
 
